@@ -1,0 +1,77 @@
+//! [`ApiError`]: every error answer is JSON `{"error":{"code","message"}}` with a fitting
+//! status, so clients can branch on `code` and show `message`.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use fanout::{BusError, ChannelError};
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_channel(err: ChannelError) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_channel", err.to_string())
+    }
+
+    pub fn invalid_json(err: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body must be one JSON value: {err}"),
+        )
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        )
+    }
+}
+
+impl From<BusError> for ApiError {
+    fn from(err: BusError) -> Self {
+        tracing::warn!(%err, "publish not acknowledged");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            err.to_string(),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}

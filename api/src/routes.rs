@@ -1,0 +1,177 @@
+//! The HTTP endpoints. Each one validates, publishes through [`fanout::Bus`] and answers;
+//! none keeps state between requests.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | POST | `/v1/channels/{channel}/events` | 202 `{"id","channel","seq"}` |
+//! | POST | `/v1/broadcast` | 202, to the `broadcast` channel |
+//! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
+//! | GET | `/healthz` | 200 while the process runs |
+//! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection, rejection::PathRejection},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use bytes::Bytes;
+use fanout::{Bus, Channel, Published};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{ApiError, Config};
+
+/// Longest accepted `Idempotency-Key`, bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    bus: Bus,
+    body_limit: usize,
+}
+
+impl AppState {
+    pub fn new(bus: Bus, config: &Config) -> Self {
+        AppState {
+            bus,
+            body_limit: config.body_limit_bytes,
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.body_limit;
+    Router::new()
+        .route("/v1/channels/{channel}/events", post(publish_event))
+        .route("/v1/broadcast", post(publish_broadcast))
+        .route("/ping", post(ping))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The `202 Accepted` answer to a publish.
+#[derive(Debug, Serialize)]
+struct Accepted {
+    id: String,
+    channel: Channel,
+    seq: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+async fn publish_event(
+    State(state): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Path(channel) = channel
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
+    let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
+    publish(&state, channel, &headers, body).await
+}
+
+async fn publish_broadcast(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    publish(&state, Channel::broadcast(), &headers, body).await
+}
+
+async fn publish(
+    state: &AppState,
+    channel: Channel,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(state.body_limit)
+        } else {
+            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice::<&serde_json::value::RawValue>(&body)
+        .map_err(ApiError::invalid_json)?;
+    let key = idempotency_key(headers)?;
+    let Published { id, seq, duplicate } = state.bus.publish(&channel, body, key).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            id,
+            channel,
+            seq,
+            duplicate,
+        }),
+    ))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            format!("Idempotency-Key {why}"),
+        )
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| invalid("must be printable ASCII"))?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(invalid(&format!("must be 1-{MAX_IDEMPOTENCY_KEY} bytes")));
+    }
+    if key
+        .chars()
+        .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        return Err(invalid("must not contain whitespace"));
+    }
+    Ok(Some(key))
+}
+
+/// The scaling-ws demo's endpoint: broadcasts `{"sendTime": "<now, Go time.ANSIC>"}`.
+async fn ping(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let data = serde_json::to_vec(&json!({"sendTime": fanout::time::ansic(now)}))
+        .expect("a JSON object always serializes");
+    state
+        .bus
+        .publish(&Channel::broadcast(), Bytes::from(data), None)
+        .await?;
+    Ok(Json(json!({"message": "pong"})))
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let ready = state.bus.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "nats": state.bus.state(),
+        "stream": state.bus.stream_name(),
+        "stream_ready": state.bus.stream_ready(),
+    });
+    (status, Json(body))
+}

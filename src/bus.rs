@@ -1,0 +1,491 @@
+//! The NATS bus: the only module that imports `async_nats`.
+//!
+//! It owns three things:
+//! - **subjects**: every subject is built here. The API publishes to `<prefix>.in.<channel>`;
+//!   the stream republishes each stored event to `<prefix>.out.<channel>`, which ws nodes
+//!   subscribe to (compare centrifugo's `natsbroker`, which names `prefix.client.<ch>` in one
+//!   place).
+//! - **the stream** (`<PREFIX>`): captures `<prefix>.in.>`, keeps the history window and
+//!   RePublishes every stored message with `Nats-Sequence` / `Nats-Last-Sequence` headers.
+//!   Whichever process starts first creates it; every process re-applies its settings after
+//!   each (re)connect, so a NATS server that lost its state is repaired without a restart.
+//! - **the connection**: reconnects forever with capped, jittered backoff; the state is
+//!   readable at any time for `/readyz` and for failing fast with [`BusError::Unavailable`].
+//!
+//! It does not know about HTTP, WebSocket clients or which channels anyone wants: callers
+//! say what to publish and what to subscribe to.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::{
+    ConnectOptions, HeaderMap, ServerAddr,
+    connection::State,
+    jetstream::{
+        self,
+        context::PublishErrorKind,
+        stream::{self, Republish, StorageType},
+    },
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Channel, Common,
+    envelope::{Envelope, HEADER_ID, HEADER_TS},
+    time::now_ms,
+};
+
+// Header names JetStream reads or writes.
+const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
+const NATS_SEQUENCE: &str = "Nats-Sequence";
+const NATS_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Errors at the NATS boundary. Callers map them to their own answers (the API: 503).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid NATS server URL {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the NATS client: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("NATS is not available: {0}")]
+    Unavailable(&'static str),
+    #[error("no acknowledgement from the stream within {0:?}")]
+    Timeout(Duration),
+    #[error("publish failed: {0}")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+    #[error("subscribe failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot create or update stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+}
+
+/// The stream's answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event id (for a duplicate: the id of the event first stored under that key).
+    pub id: String,
+    /// Stream sequence of the stored event.
+    pub seq: u64,
+    /// True when the `Idempotency-Key` was seen within the duplicate window and nothing new was
+    /// stored.
+    pub duplicate: bool,
+}
+
+/// Subject names, all derived from the prefix.
+#[derive(Debug, Clone)]
+struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    fn inbound(&self, channel: &Channel) -> String {
+        format!("{}.in.{channel}", self.prefix)
+    }
+    fn outbound(&self, channel: &Channel) -> String {
+        format!("{}.out.{channel}", self.prefix)
+    }
+    fn inbound_all(&self) -> String {
+        format!("{}.in.>", self.prefix)
+    }
+    fn outbound_all(&self) -> String {
+        format!("{}.out.>", self.prefix)
+    }
+    /// Nobody answers here: a request to it comes back at once as "no responders", which
+    /// proves the server has processed everything this connection sent before.
+    fn sync(&self) -> String {
+        format!("{}.sync", self.prefix)
+    }
+    fn stream_name(&self) -> String {
+        self.prefix.replace('.', "_").to_ascii_uppercase()
+    }
+}
+
+/// A handle on the NATS connection and the stream. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream: stream::Config,
+    publish_timeout: Duration,
+    /// Set once the stream is known to exist with our settings; cleared when a publish finds
+    /// it missing. A std atomic: read on every publish and every `/readyz`.
+    stream_ready: AtomicBool,
+    /// Wakes the stream keeper: after a (re)connect, or when the stream went missing.
+    check_stream: Arc<Notify>,
+    closed: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl Bus {
+    /// Starts the NATS client. Returns at once, even when no server is reachable yet: the
+    /// client keeps trying forever and [`Bus::is_ready`] says when it got there.
+    pub async fn connect(common: &Common) -> Result<Bus, BusError> {
+        let servers = common
+            .nats_servers()
+            .into_iter()
+            .map(|url| {
+                url.parse::<ServerAddr>()
+                    .map_err(|source| BusError::InvalidUrl { url, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let check_stream = Arc::new(Notify::new());
+        let on_event = check_stream.clone();
+        let node = common.node_id.clone();
+        let options = ConnectOptions::new()
+            .name(&common.node_id)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let on_event = on_event.clone();
+                let node = node.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(%node, "NATS connected");
+                            on_event.notify_one();
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(%node, "NATS disconnected; reconnecting")
+                        }
+                        other => tracing::info!(%node, "NATS: {other}"),
+                    }
+                }
+            });
+        let client = async_nats::connect_with_options(servers, options).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(common.publish_timeout());
+
+        let subjects = Subjects {
+            prefix: common.prefix.clone(),
+        };
+        let stream = stream::Config {
+            name: subjects.stream_name(),
+            subjects: vec![subjects.inbound_all()],
+            republish: Some(Republish {
+                source: subjects.inbound_all(),
+                destination: subjects.outbound_all(),
+                headers_only: false,
+            }),
+            max_age: Duration::from_secs(common.history_max_age_secs),
+            max_messages_per_subject: common.history_max_messages,
+            storage: match common.history_storage.as_str() {
+                "memory" => StorageType::Memory,
+                _ => StorageType::File,
+            },
+            num_replicas: common.history_replicas,
+            allow_direct: true,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        let bus = Bus {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                subjects,
+                stream,
+                publish_timeout: common.publish_timeout(),
+                stream_ready: AtomicBool::new(false),
+                check_stream,
+                closed: CancellationToken::new(),
+            }),
+        };
+        tokio::spawn(keep_stream(Arc::downgrade(&bus.inner)));
+        // `retry_on_initial_connect` may have connected before the callback was in place.
+        bus.inner.check_stream.notify_one();
+        Ok(bus)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The stream was found (or made) with our settings since the last (re)connect.
+    pub fn stream_ready(&self) -> bool {
+        self.inner.stream_ready.load(Ordering::Acquire)
+    }
+
+    /// Connected, and the stream exists with our settings.
+    pub fn is_ready(&self) -> bool {
+        self.is_connected() && self.stream_ready()
+    }
+
+    /// `connected`, `disconnected` or `connecting`, for health and debug output.
+    pub fn state(&self) -> &'static str {
+        match self.inner.client.connection_state() {
+            State::Connected => "connected",
+            State::Disconnected => "disconnected",
+            State::Pending => "connecting",
+        }
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.inner.stream.name
+    }
+
+    /// Creates the stream, or brings an existing one to our settings. Idempotent.
+    pub async fn ensure_stream(&self) -> Result<(), BusError> {
+        ensure_stream(&self.inner).await
+    }
+
+    /// Stores `data` (valid JSON) on `channel` and waits for the stream's acknowledgement.
+    ///
+    /// `idempotency_key` becomes `Nats-Msg-Id`: a repeat within [`DUPLICATE_WINDOW`] stores
+    /// nothing and answers the first event's id and sequence with `duplicate: true`.
+    pub async fn publish(
+        &self,
+        channel: &Channel,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, BusError> {
+        let inner = &self.inner;
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected"));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_ID, id.as_str());
+        headers.insert(HEADER_TS, now_ms().to_string().as_str());
+        headers.insert(NATS_MESSAGE_ID, idempotency_key.unwrap_or(&id));
+        let ack = inner
+            .js
+            .publish_with_headers(inner.subjects.inbound(channel), headers, data)
+            .await
+            .map_err(|err| self.publish_error(err))?
+            .await
+            .map_err(|err| self.publish_error(err))?;
+        let id = if ack.duplicate {
+            self.stored_id(ack.sequence).await.unwrap_or(id)
+        } else {
+            id
+        };
+        Ok(Published {
+            id,
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    fn publish_error(&self, err: async_nats::jetstream::context::PublishError) -> BusError {
+        match err.kind() {
+            PublishErrorKind::StreamNotFound => {
+                self.inner.stream_ready.store(false, Ordering::Release);
+                self.inner.check_stream.notify_one();
+                BusError::Unavailable("the stream does not exist (yet)")
+            }
+            PublishErrorKind::TimedOut => BusError::Timeout(self.inner.publish_timeout),
+            PublishErrorKind::BrokenPipe => BusError::Unavailable("connection lost"),
+            _ => BusError::Publish(err),
+        }
+    }
+
+    /// The event id stored at `seq` (for answering a duplicate publish).
+    async fn stored_id(&self, seq: u64) -> Option<String> {
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(&self.inner.stream.name)
+            .await
+            .ok()?;
+        let message = stream.direct_get(seq).await.ok()?;
+        Some(message.headers.get(HEADER_ID)?.as_str().to_string())
+    }
+
+    /// Subscribes to the events of `channel` (core NATS, no consumer state on the server).
+    ///
+    /// Returns once the server has registered the interest, so an event stored after this
+    /// returns is delivered. When NATS is down it returns at once; the client re-subscribes
+    /// on reconnect.
+    pub async fn subscribe(&self, channel: &Channel) -> Result<Subscription, BusError> {
+        let inner = &self.inner;
+        let subscriber = inner
+            .client
+            .subscribe(inner.subjects.outbound(channel))
+            .await?;
+        if self.is_connected() {
+            // Any answer (normally "no responders") proves the SUB was processed.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                inner.client.request(inner.subjects.sync(), Bytes::new()),
+            )
+            .await;
+        }
+        Ok(Subscription {
+            channel: channel.clone(),
+            subscriber,
+        })
+    }
+
+    /// Stops the stream keeper, finishes in-flight publishes and closes the connection.
+    pub async fn drain(&self) {
+        self.inner.closed.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
+        if let Err(err) = self.inner.client.drain().await {
+            tracing::debug!(%err, "NATS drain");
+        }
+    }
+}
+
+fn reconnect_delay(attempts: usize) -> Duration {
+    // 0, 100, 200, 400, 800 ms, then 2 s, each with up to 25% jitter, so that a fleet of
+    // nodes does not reconnect in lockstep after a NATS restart.
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let base = (100u64 << (attempts - 2).min(5)).min(2_000);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % (base as u128 / 4 + 1)) as u64;
+    Duration::from_millis(base + jitter)
+}
+
+async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
+    inner
+        .js
+        .create_or_update_stream(inner.stream.clone())
+        .await
+        .map_err(|source| BusError::Stream {
+            stream: inner.stream.name.clone(),
+            source,
+        })?;
+    inner.stream_ready.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Background task: after every (re)connect, or when asked, makes sure the stream exists
+/// with our settings, retrying until it does. Ends when the bus is dropped or drained.
+async fn keep_stream(inner: std::sync::Weak<Inner>) {
+    let Some((notify, closed)) = inner
+        .upgrade()
+        .map(|i| (i.check_stream.clone(), i.closed.clone()))
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = closed.cancelled() => return,
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.client.connection_state() != State::Connected {
+                break; // the next Connected event wakes us again
+            }
+            match ensure_stream(&inner).await {
+                Ok(()) => {
+                    tracing::info!(stream = %inner.stream.name, "stream ready");
+                    break;
+                }
+                Err(err) => tracing::warn!(%err, "retrying in {delay:?}"),
+            }
+            drop(inner);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = closed.cancelled() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Events of one channel, in stream order, decoded into [`Envelope`]s.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    channel: Channel,
+    subscriber: async_nats::Subscriber,
+}
+
+/// A message on an event subject that is not a well-formed stored event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("no valid Nats-Sequence header: not a message republished by the stream")]
+    NoSequence,
+}
+
+impl Subscription {
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The next event; `None` once the subscription is closed (drain or shutdown).
+    pub async fn next(&mut self) -> Option<Result<Envelope, DecodeError>> {
+        let message = self.subscriber.next().await?;
+        Some(decode(&self.channel, message))
+    }
+}
+
+fn decode(channel: &Channel, message: async_nats::Message) -> Result<Envelope, DecodeError> {
+    let headers = message.headers.unwrap_or_default();
+    let header = |name: &str| headers.get(name).map(|v| v.as_str());
+    let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+    let seq = number(NATS_SEQUENCE).ok_or(DecodeError::NoSequence)?;
+    Ok(Envelope {
+        channel: channel.clone(),
+        seq,
+        last_seq: number(NATS_LAST_SEQUENCE).unwrap_or(0),
+        id: header(HEADER_ID)
+            .or_else(|| header(NATS_MESSAGE_ID))
+            .unwrap_or_default()
+            .to_string(),
+        ts: number(HEADER_TS).unwrap_or_else(now_ms),
+        data: message.payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_come_from_the_prefix() {
+        let s = Subjects {
+            prefix: "acme.rt".into(),
+        };
+        let ch = Channel::parse("room:1.a").unwrap();
+        assert_eq!(s.inbound(&ch), "acme.rt.in.room:1.a");
+        assert_eq!(s.outbound(&ch), "acme.rt.out.room:1.a");
+        assert_eq!(s.inbound_all(), "acme.rt.in.>");
+        assert_eq!(s.outbound_all(), "acme.rt.out.>");
+        assert_eq!(s.stream_name(), "ACME_RT");
+    }
+
+    #[test]
+    fn reconnect_delay_is_capped_and_jittered() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        for attempts in 2..50 {
+            let d = reconnect_delay(attempts);
+            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(2_500));
+        }
+    }
+}

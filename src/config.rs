@@ -1,0 +1,308 @@
+//! Settings: documented defaults < optional TOML file < `FANOUT_*` environment variables.
+//!
+//! Each binary has one serde `Config` of its own; the settings both share live in [`Common`].
+//! A binary deserializes the same sources twice, once into [`Common`] and once into its own
+//! struct, so every setting keeps a flat name: the TOML key `nats_url` is the environment
+//! variable `FANOUT_NATS_URL`. (Flat structs rather than `#[serde(flatten)]`, because
+//! flattening loses the string-to-number conversion environment values need.)
+//!
+//! This module validates what it owns and names the offending setting in every error; it does
+//! not connect to anything.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, de::DeserializeOwned};
+
+/// Prefix of every environment variable.
+pub const ENV_PREFIX: &str = "FANOUT";
+
+/// A setting that is missing, malformed or out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting {setting} ({env}): {message}", env = env_name(setting))]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ConfigError {
+    pub fn invalid(setting: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+/// The environment variable that sets `key`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.to_ascii_uppercase())
+}
+
+/// Reads `--config FILE` (or `--config=FILE`) from the command line, else `FANOUT_CONFIG`.
+/// Any other argument is an error, so a typo never goes unnoticed.
+pub fn file_from_args(
+    mut args: impl Iterator<Item = String>,
+    usage: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let mut file = None;
+    while let Some(arg) = args.next() {
+        if arg == "--config" {
+            let path = args
+                .next()
+                .ok_or_else(|| ConfigError::Usage(format!("--config needs a file\n{usage}")))?;
+            file = Some(PathBuf::from(path));
+        } else if let Some(path) = arg.strip_prefix("--config=") {
+            file = Some(PathBuf::from(path));
+        } else if arg == "-h" || arg == "--help" {
+            return Err(ConfigError::Usage(usage.to_string()));
+        } else {
+            return Err(ConfigError::Usage(format!(
+                "unknown argument {arg:?}\n{usage}"
+            )));
+        }
+    }
+    Ok(file.or_else(|| std::env::var_os(env_name("config")).map(PathBuf::from)))
+}
+
+/// Deserializes defaults (the struct's `Default`) < `file` < environment into `T`.
+pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, ConfigError> {
+    let mut builder = config::Config::builder();
+    if let Some(file) = file {
+        builder = builder.add_source(
+            config::File::from(file)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let sources = builder
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__"),
+        )
+        .build()?;
+    Ok(sources.try_deserialize()?)
+}
+
+/// Settings both binaries share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Common {
+    /// NATS servers, comma-separated (`nats://a:4222,nats://b:4222`). The client connects to
+    /// one and fails over to the others.
+    pub nats_url: String,
+    /// This process's name in logs, in NATS (`/connz`) and in the `welcome` frame.
+    /// Default: the host name.
+    pub node_id: String,
+    /// First token(s) of every NATS subject and of the stream name.
+    pub prefix: String,
+    /// How long the stream keeps an event (history window), seconds.
+    pub history_max_age_secs: u64,
+    /// How many events the stream keeps per channel.
+    pub history_max_messages: i64,
+    /// Stream replicas: 1 for a single NATS server, 3 in a three-node cluster.
+    pub history_replicas: usize,
+    /// `file` (survives a NATS restart) or `memory`.
+    pub history_storage: String,
+    /// How long a publish waits for the stream's acknowledgement, milliseconds.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            node_id: default_node_id(),
+            prefix: "fanout".into(),
+            history_max_age_secs: 600,
+            history_max_messages: 1000,
+            history_replicas: 1,
+            history_storage: "file".into(),
+            publish_timeout_ms: 5000,
+        }
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "fanout".into())
+}
+
+impl Common {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nats_servers().is_empty() {
+            return Err(ConfigError::invalid("nats_url", "no server given"));
+        }
+        let id_ok = !self.node_id.is_empty()
+            && self.node_id.len() <= 64
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !id_ok {
+            return Err(ConfigError::invalid(
+                "node_id",
+                format!(
+                    "{:?}: use 1-64 letters, digits, '_', '-' or '.'",
+                    self.node_id
+                ),
+            ));
+        }
+        let prefix_ok = self.prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        });
+        if !prefix_ok {
+            return Err(ConfigError::invalid(
+                "prefix",
+                format!(
+                    "{:?}: use NATS subject tokens of letters, digits, '_' or '-', separated by '.'",
+                    self.prefix
+                ),
+            ));
+        }
+        if self.history_max_age_secs == 0 {
+            return Err(ConfigError::invalid(
+                "history_max_age_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.history_max_messages < 1 {
+            return Err(ConfigError::invalid(
+                "history_max_messages",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=5).contains(&self.history_replicas) {
+            return Err(ConfigError::invalid(
+                "history_replicas",
+                "must be between 1 and 5",
+            ));
+        }
+        if !matches!(self.history_storage.as_str(), "file" | "memory") {
+            return Err(ConfigError::invalid(
+                "history_storage",
+                format!("{:?}: use \"file\" or \"memory\"", self.history_storage),
+            ));
+        }
+        if self.publish_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "publish_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The servers of [`Common::nats_url`], trimmed, empty entries dropped.
+    pub fn nats_servers(&self) -> Vec<String> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+/// Parses a `listen` setting (`host:port`, port 0 for any free port).
+pub fn parse_listen(value: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            ConfigError::invalid("listen", format!("{value:?} is not a host:port address"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Common::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let common = Common {
+            prefix: "fan.*".into(),
+            ..Common::default()
+        };
+        let err = common.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("prefix") && err.contains("FANOUT_PREFIX"),
+            "{err}"
+        );
+
+        let common = Common {
+            history_storage: "disk".into(),
+            ..Common::default()
+        };
+        let err = common.validate().unwrap_err().to_string();
+        assert!(err.contains("FANOUT_HISTORY_STORAGE"), "{err}");
+
+        let err = parse_listen("nope").unwrap_err().to_string();
+        assert!(err.contains("FANOUT_LISTEN"), "{err}");
+        assert_eq!(parse_listen("127.0.0.1:0").unwrap().port(), 0);
+    }
+
+    #[test]
+    fn servers_are_comma_separated() {
+        let common = Common {
+            nats_url: " nats://a:1, nats://b:2 ,".into(),
+            ..Common::default()
+        };
+        assert_eq!(common.nats_servers(), ["nats://a:1", "nats://b:2"]);
+    }
+
+    #[test]
+    fn toml_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fanout.toml");
+        std::fs::write(&path, "prefix = \"fromfile\"\nhistory_max_messages = 7\n").unwrap();
+        let common: Common = load(Some(&path)).unwrap();
+        assert_eq!(common.prefix, "fromfile");
+        assert_eq!(common.history_max_messages, 7);
+        assert_eq!(common.history_max_age_secs, 600);
+        let missing = load::<Common>(Some(&dir.path().join("missing.toml")));
+        assert!(missing.is_err());
+    }
+
+    #[test]
+    fn args_name_the_config_file() {
+        let args = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let file = file_from_args(args(&["--config", "a.toml"]), "usage").unwrap();
+        assert_eq!(file, Some(PathBuf::from("a.toml")));
+        let file = file_from_args(args(&["--config=b.toml"]), "usage").unwrap();
+        assert_eq!(file, Some(PathBuf::from("b.toml")));
+        assert!(file_from_args(args(&["--bogus"]), "usage").is_err());
+    }
+}

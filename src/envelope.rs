@@ -1,0 +1,40 @@
+//! The event as it travels from the API through NATS to the WebSocket nodes.
+//!
+//! The stored NATS message carries the event's data (the JSON the publisher posted, byte for
+//! byte) as its payload and everything else in headers, so the payload is never re-encoded:
+//!
+//! | header | set by | meaning |
+//! |---|---|---|
+//! | `Fanout-Id` | API | event id (UUID v4) |
+//! | `Fanout-Ts` | API | unix milliseconds at publish |
+//! | `Nats-Msg-Id` | API | the `Idempotency-Key`, or the event id; JetStream de-duplicates on it |
+//! | `Nats-Sequence` | JetStream RePublish | the event's stream sequence (`seq`) |
+//! | `Nats-Last-Sequence` | JetStream RePublish | previous sequence on the same channel, or 0 |
+//!
+//! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
+//! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
+
+use bytes::Bytes;
+
+use crate::Channel;
+
+/// Header carrying the event id.
+pub const HEADER_ID: &str = "Fanout-Id";
+/// Header carrying the publish time, unix milliseconds.
+pub const HEADER_TS: &str = "Fanout-Ts";
+
+/// One stored event, as a ws node receives it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub channel: Channel,
+    /// Stream sequence: increases across the whole stream, so per channel it increases with gaps.
+    pub seq: u64,
+    /// The previous sequence stored on the same channel, or 0 for the first one.
+    pub last_seq: u64,
+    pub id: String,
+    /// Unix milliseconds at publish.
+    pub ts: u64,
+    /// The event's data as published. The API accepts only JSON; the ws node checks it
+    /// again when it embeds it in the `event` frame, since anyone with NATS access can publish.
+    pub data: Bytes,
+}

@@ -1,0 +1,30 @@
+//! fanout's core library: the pieces both servers share.
+//!
+//! # Layout
+//!
+//! - [`config`]: loading settings (defaults < TOML file < `FANOUT_*` environment) and the
+//!   settings both binaries share ([`config::Common`]).
+//! - [`channel`]: what a channel name may be ([`Channel`]), and the reserved `broadcast`.
+//! - [`envelope`]: the event as it travels through NATS ([`Envelope`]) and the header names
+//!   that carry its id and timestamp.
+//! - [`bus`]: the only module that talks to NATS. It builds every subject, owns the
+//!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
+//! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
+//! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
+//! - [`telemetry`]: log output set-up.
+//!
+//! The HTTP API (`fanout-api`) and the WebSocket node (`fanout-ws`) are crates of their own
+//! that build on this one.
+
+pub mod bus;
+pub mod channel;
+pub mod config;
+pub mod envelope;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use bus::{Bus, BusError, Published, Subscription};
+pub use channel::{Channel, ChannelError};
+pub use config::{Common, ConfigError};
+pub use envelope::Envelope;

@@ -1,0 +1,101 @@
+//! `fanout-ws`'s settings: [`fanout::Common`] plus what only a WebSocket node uses.
+
+use std::{path::Path, time::Duration};
+
+use fanout::{Common, ConfigError, config};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    #[serde(skip)]
+    pub common: Common,
+    /// Address to serve `/ws` on (`FANOUT_LISTEN`); port 0 picks a free one.
+    pub listen: String,
+    /// Seconds between server pings; a client that has not answered by the next one is
+    /// closed (4002). Sent to clients in `welcome`.
+    pub heartbeat_secs: u64,
+    /// Channels one connection may be in at once.
+    pub max_subscriptions: usize,
+    /// Largest frame a client may send, bytes; larger ones close the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Frames queued per connection before it counts as a slow consumer and is closed (4001).
+    pub queue_capacity: usize,
+    /// WebSocket read and write buffer size per connection, bytes. The library default
+    /// (128 KiB each, allocated up front) would cost ~134 KiB per idle connection.
+    pub ws_buffer_bytes: usize,
+    /// How long shutdown waits for connections to close before giving up, seconds.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            common: Common::default(),
+            listen: "0.0.0.0:8081".into(),
+            heartbeat_secs: 25,
+            max_subscriptions: 128,
+            max_message_bytes: 64 * 1024,
+            queue_capacity: 512,
+            ws_buffer_bytes: 4 * 1024,
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults < `file` < environment, validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config: Config = config::load(file)?;
+        config.common = config::load(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.common.validate()?;
+        config::parse_listen(&self.listen)?;
+        let ranges: [(&'static str, usize, usize, usize); 6] = [
+            ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
+            ("max_subscriptions", self.max_subscriptions, 1, 100_000),
+            ("max_message_bytes", self.max_message_bytes, 128, 16 << 20),
+            ("queue_capacity", self.queue_capacity, 1, 1 << 20),
+            ("ws_buffer_bytes", self.ws_buffer_bytes, 256, 1 << 20),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout_secs as usize,
+                1,
+                3600,
+            ),
+        ];
+        for (setting, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{value} is outside {min}..={max}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_ranges_are_checked() {
+        Config::default().validate().unwrap();
+        let config = Config {
+            queue_capacity: 0,
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("FANOUT_QUEUE_CAPACITY"), "{err}");
+    }
+}

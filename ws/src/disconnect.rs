@@ -1,0 +1,71 @@
+//! WebSocket close codes fanout sends, in one place (compare centrifuge's `disconnect.go`).
+//!
+//! | code | name | client should |
+//! |---|---|---|
+//! | 1000 | normal | not reconnect (the client asked to close) |
+//! | 1001 | going away | reconnect, to this or another node (the node is shutting down) |
+//! | 1009 | message too big | fix the client: a frame exceeded the size limit; reconnect |
+//! | 1011 | internal error | reconnect with backoff |
+//! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
+//! | 4001 | slow consumer | the client did not read fast enough and its queue overflowed |
+//! | 4002 | heartbeat timeout | the client did not answer a ping within one heartbeat |
+//! | 4500–4999 | fanout, terminal | not reconnect without changing something (reserved) |
+
+/// A close code with its reason text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disconnect {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+pub const NORMAL: Disconnect = Disconnect {
+    code: 1000,
+    reason: "normal closure",
+};
+pub const GOING_AWAY: Disconnect = Disconnect {
+    code: 1001,
+    reason: "server shutting down",
+};
+pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {
+    code: 1009,
+    reason: "frame larger than the size limit",
+};
+pub const INTERNAL: Disconnect = Disconnect {
+    code: 1011,
+    reason: "internal error",
+};
+pub const SLOW_CONSUMER: Disconnect = Disconnect {
+    code: 4001,
+    reason: "slow consumer",
+};
+pub const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
+    code: 4002,
+    reason: "heartbeat timeout",
+};
+
+impl Disconnect {
+    /// Whether a client should reconnect after this close.
+    pub fn reconnect(&self) -> bool {
+        !matches!(self.code, 1000 | 4500..=4999)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_say_whether_to_reconnect() {
+        assert!(SLOW_CONSUMER.reconnect());
+        assert!(HEARTBEAT_TIMEOUT.reconnect());
+        assert!(GOING_AWAY.reconnect());
+        assert!(!NORMAL.reconnect());
+        assert!(
+            !Disconnect {
+                code: 4500,
+                reason: ""
+            }
+            .reconnect()
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! `fanout-ws`: a WebSocket node. It holds browser connections, subscribes in NATS only to
+//! the channels its clients want, and fans every event out to its local clients.
+//!
+//! # Layout (one idea per file, after centrifuge)
+//! - [`transport`]: the axum upgrade and the per-socket loop. Knows WebSocket, not NATS.
+//! - [`hub`]: this node's connections and their channels; reports first/last local subscriber.
+//! - [`node`]: wires the bus and the hub together; only events cross between them.
+//! - [`protocol`]: the JSON frames.
+//! - [`disconnect`]: the close codes and what they ask of a client.
+//! - [`config`]: this binary's settings.
+
+pub mod config;
+pub mod disconnect;
+pub mod hub;
+pub mod node;
+pub mod protocol;
+pub mod transport;
+
+pub use config::Config;
+
+use std::time::Duration;
+
+use fanout::{Bus, BusError};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Why the node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("HTTP server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `/ws` on `listener` until `shutdown` is cancelled; then stops accepting, closes
+/// every client with 1001 (going away), waits for them (bounded) and drains NATS.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let bus = Bus::connect(&config.common).await?;
+    let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
+    let tasks = TaskTracker::new();
+    let node = node::Node::start(config, bus.clone(), shutdown.clone(), &tasks);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node_id = %node.id(), "fanout-ws listening");
+    let app = transport::router(node.clone(), tasks.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+    tasks.close();
+    if tokio::time::timeout(shutdown_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = node.hub().connections(),
+            "connections still open after {shutdown_timeout:?}; exiting anyway"
+        );
+    }
+    bus.drain().await;
+    tracing::info!("fanout-ws stopped");
+    Ok(())
+}

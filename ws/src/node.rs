@@ -1,0 +1,200 @@
+//! The node wires the NATS bus and the hub together: it turns the hub's [`Interest`] reports
+//! into NATS subscriptions, and each subscription's events into frames for the hub.
+//!
+//! Only [`fanout::Envelope`] crosses from the bus to the hub, as an encoded frame: one
+//! encoding per event, whatever the number of recipients. One reader task per subscribed
+//! channel keeps each channel's events in stream order.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use fanout::{Bus, Channel, Subscription};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    Config,
+    hub::{ConnId, Hub, Interest, SubscribeError},
+    protocol,
+};
+
+/// How long a `subscribe` waits for the NATS subscription before answering anyway (it is
+/// registered and becomes live when NATS allows).
+const LIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Node {
+    config: Config,
+    hub: Arc<Hub>,
+    bus: Bus,
+    started: Instant,
+    shutdown: CancellationToken,
+    /// True once the always-on `broadcast` subscription is in place.
+    broadcast_live: Arc<AtomicBool>,
+}
+
+impl Node {
+    /// Creates the hub and starts the node's background tasks on `tracker`: the interest
+    /// loop and the `broadcast` reader. They end when `shutdown` is cancelled.
+    pub fn start(
+        config: Config,
+        bus: Bus,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Arc<Node> {
+        let (interest_tx, interest_rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(config.max_subscriptions, interest_tx));
+        let node = Arc::new(Node {
+            config,
+            hub: hub.clone(),
+            bus: bus.clone(),
+            started: Instant::now(),
+            shutdown: shutdown.clone(),
+            broadcast_live: Arc::new(AtomicBool::new(false)),
+        });
+        let span = tracing::info_span!("node", node_id = %node.id());
+        tracker.spawn(
+            follow_interest(bus.clone(), hub.clone(), interest_rx, shutdown.clone())
+                .instrument(span.clone()),
+        );
+        let live = node.broadcast_live.clone();
+        tracker.spawn(
+            async move {
+                let subscription = match bus.subscribe(&Channel::broadcast()).await {
+                    Ok(subscription) => subscription,
+                    Err(err) => return tracing::error!(%err, "cannot subscribe to broadcast"),
+                };
+                live.store(true, Ordering::Release);
+                tokio::select! {
+                    _ = read(subscription, hub) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+        node
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.common.node_id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn nats_state(&self) -> &'static str {
+        self.bus.state()
+    }
+
+    /// NATS connected, the stream present and `broadcast` subscribed.
+    pub fn is_ready(&self) -> bool {
+        self.bus.is_ready() && self.broadcast_live.load(Ordering::Acquire)
+    }
+
+    /// Subscribes connection `conn` to `channel` and returns once the node receives the
+    /// channel's events (or after [`LIVE_TIMEOUT`]). `broadcast` needs no subscription.
+    pub async fn subscribe(&self, conn: ConnId, channel: &Channel) -> Result<(), SubscribeError> {
+        if channel.is_broadcast() {
+            return Ok(());
+        }
+        let mut live = self.hub.subscribe(conn, channel)?;
+        // An error means the channel's interest ended meanwhile: nothing to wait for.
+        let _ = tokio::time::timeout(LIVE_TIMEOUT, live.wait_for(|live| *live)).await;
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {
+        self.hub.unsubscribe(conn, channel);
+    }
+}
+
+/// Applies the hub's interest reports in order: subscribe in NATS on `Add`, drop the
+/// subscription (which unsubscribes) on `Remove`.
+async fn follow_interest(
+    bus: Bus,
+    hub: Arc<Hub>,
+    mut reports: mpsc::UnboundedReceiver<Interest>,
+    shutdown: CancellationToken,
+) {
+    let mut readers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
+    loop {
+        let report = tokio::select! {
+            report = reports.recv() => report,
+            _ = shutdown.cancelled() => None,
+        };
+        match report {
+            Some(Interest::Add {
+                channel,
+                generation,
+            }) => {
+                match bus.subscribe(&channel).await {
+                    Ok(subscription) => {
+                        tracing::debug!(%channel, "subscribed in NATS");
+                        let reader =
+                            tokio::spawn(read(subscription, hub.clone()).in_current_span());
+                        if let Some(stale) = readers.insert(channel.clone(), reader) {
+                            stale.abort();
+                        }
+                    }
+                    Err(err) => tracing::error!(%channel, %err, "cannot subscribe in NATS"),
+                }
+                hub.set_live(&channel, generation);
+            }
+            Some(Interest::Remove { channel }) => {
+                if let Some(reader) = readers.remove(&channel) {
+                    tracing::debug!(%channel, "unsubscribed in NATS");
+                    reader.abort();
+                }
+            }
+            None => break,
+        }
+    }
+    for reader in readers.into_values() {
+        reader.abort();
+    }
+}
+
+/// Delivers one subscription's events to the hub until the subscription ends.
+async fn read(mut subscription: Subscription, hub: Arc<Hub>) {
+    let channel = subscription.channel().clone();
+    while let Some(event) = subscription.next().await {
+        let frame = match event
+            .map_err(|e| e.to_string())
+            .and_then(|envelope| protocol::event(&envelope).map_err(|e| e.to_string()))
+        {
+            Ok(frame) => frame,
+            Err(err) => {
+                tracing::warn!(%channel, %err, "dropping a malformed event");
+                continue;
+            }
+        };
+        let outcome = if channel.is_broadcast() {
+            hub.broadcast(&frame)
+        } else {
+            hub.deliver(&channel, &frame)
+        };
+        if outcome.slow > 0 {
+            tracing::info!(%channel, slow = outcome.slow, "cut off slow consumers");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The JSON frames of the WebSocket protocol: parsing what clients send and encoding what the
+//! node answers. Pure functions, no I/O (the transport moves the bytes).
+//!
+//! Client → node: `subscribe`, `unsubscribe`, `ping`, each with an optional `id` (a JSON
+//! number or string) that the reply echoes. Node → client: `welcome`, `subscribed`,
+//! `unsubscribed`, `pong`, `event`, `error`.
+
+use axum::extract::ws::Utf8Bytes;
+use fanout::{Channel, Envelope};
+use serde::Serialize;
+use serde_json::{Value, value::RawValue};
+
+/// A text frame's payload, reference-counted: one event frame is built once and the same
+/// bytes are queued for every recipient.
+pub type Frame = Utf8Bytes;
+
+/// A request id as the client sent it: a JSON number or string, echoed verbatim.
+pub type RequestId = Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Subscribe(Channel),
+    Unsubscribe(Channel),
+    Ping,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<RequestId>,
+    pub op: Op,
+}
+
+/// A request the node cannot act on. Encoded as an `error` frame; the connection stays open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub code: &'static str,
+    pub message: String,
+    /// The `op` of the offending request, when it had one.
+    pub op: Option<String>,
+    pub id: Option<RequestId>,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+            op: None,
+            id: None,
+        }
+    }
+
+    fn about(mut self, op: Option<&str>, id: Option<&RequestId>) -> Self {
+        self.op = op.map(String::from);
+        self.id = id.cloned();
+        self
+    }
+
+    pub fn encode(&self) -> String {
+        #[derive(Serialize)]
+        struct ErrorFrame<'a> {
+            op: &'static str,
+            code: &'static str,
+            message: &'a str,
+            #[serde(rename = "ref")]
+            reference: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a RequestId>,
+        }
+        to_json(&ErrorFrame {
+            op: "error",
+            code: self.code,
+            message: &self.message,
+            reference: self.op.as_deref(),
+            id: self.id.as_ref(),
+        })
+    }
+}
+
+/// Parses one text frame from a client.
+pub fn parse(text: &str) -> Result<Request, Rejection> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Rejection::new("invalid_json", format!("not valid JSON: {e}")))?;
+    let Value::Object(mut fields) = value else {
+        return Err(Rejection::new(
+            "invalid_json",
+            "a request must be a JSON object",
+        ));
+    };
+    let id = match fields.remove("id") {
+        None => None,
+        Some(id @ (Value::Number(_) | Value::String(_))) => Some(id),
+        Some(_) => {
+            return Err(Rejection::new(
+                "invalid_request",
+                "\"id\" must be a number or a string",
+            ));
+        }
+    };
+    let op = match fields.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        _ => {
+            return Err(
+                Rejection::new("invalid_request", "a request needs \"op\", a string")
+                    .about(None, id.as_ref()),
+            );
+        }
+    };
+    let channel = || match fields.get("channel") {
+        Some(Value::String(name)) => {
+            Channel::parse(name).map_err(|e| Rejection::new("invalid_channel", e.to_string()))
+        }
+        Some(_) => Err(Rejection::new(
+            "invalid_channel",
+            "\"channel\" must be a string",
+        )),
+        None => Err(Rejection::new(
+            "invalid_request",
+            format!("{op:?} needs \"channel\""),
+        )),
+    };
+    let parsed = match op {
+        "subscribe" => channel().map(Op::Subscribe),
+        "unsubscribe" => channel().map(Op::Unsubscribe),
+        "ping" => Ok(Op::Ping),
+        _ => Err(Rejection::new(
+            "unknown_op",
+            format!("unknown op {op:?}; expected subscribe, unsubscribe or ping"),
+        )),
+    };
+    match parsed {
+        Ok(op) => Ok(Request { id, op }),
+        Err(rejection) => Err(rejection.about(Some(op), id.as_ref())),
+    }
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("protocol frames always serialize")
+}
+
+pub fn welcome(node: &str, conn: &str, heartbeat_secs: u64) -> String {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        op: &'static str,
+        node: &'a str,
+        conn: &'a str,
+        heartbeat: u64,
+    }
+    to_json(&Welcome {
+        op: "welcome",
+        node,
+        conn,
+        heartbeat: heartbeat_secs,
+    })
+}
+
+/// `subscribed` / `unsubscribed`: the reply to a channel request.
+pub fn channel_reply(op: &'static str, channel: &Channel, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        op: &'static str,
+        channel: &'a Channel,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Reply { op, channel, id })
+}
+
+pub fn pong(id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Pong<'a> {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Pong { op: "pong", id })
+}
+
+/// The `event` frame. `data` is embedded as published, without re-encoding.
+pub fn event(envelope: &Envelope) -> Result<Frame, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Event<'a> {
+        op: &'static str,
+        channel: &'a Channel,
+        seq: u64,
+        id: &'a str,
+        ts: u64,
+        data: &'a RawValue,
+    }
+    let data: &RawValue = serde_json::from_slice(&envelope.data)?;
+    let frame = serde_json::to_string(&Event {
+        op: "event",
+        channel: &envelope.channel,
+        seq: envelope.seq,
+        id: &envelope.id,
+        ts: envelope.ts,
+        data,
+    })?;
+    Ok(Frame::from(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reject(text: &str) -> Value {
+        serde_json::from_str(&parse(text).unwrap_err().encode()).unwrap()
+    }
+
+    #[test]
+    fn parses_requests() {
+        let r = parse(r#"{"op":"subscribe","channel":"maths","id":7}"#).unwrap();
+        assert_eq!(r.op, Op::Subscribe(Channel::parse("maths").unwrap()));
+        assert_eq!(r.id, Some(json!(7)));
+        let r = parse(r#"{"op":"unsubscribe","channel":"a.b","id":"x"}"#).unwrap();
+        assert_eq!(r.op, Op::Unsubscribe(Channel::parse("a.b").unwrap()));
+        assert_eq!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping);
+    }
+
+    #[test]
+    fn rejections_are_error_frames() {
+        let e = reject("{nope");
+        assert_eq!(e["op"], "error");
+        assert_eq!(e["code"], "invalid_json");
+        assert_eq!(e["ref"], Value::Null);
+        assert_eq!(reject("[1]")["code"], "invalid_json");
+        assert_eq!(reject(r#"{"channel":"x"}"#)["code"], "invalid_request");
+        let e = reject(r#"{"op":"dance","id":3}"#);
+        assert_eq!(
+            (e["code"].clone(), e["ref"].clone(), e["id"].clone()),
+            (json!("unknown_op"), json!("dance"), json!(3))
+        );
+        let e = reject(r#"{"op":"subscribe","channel":"a b"}"#);
+        assert_eq!(
+            (e["code"].clone(), e["ref"].clone()),
+            (json!("invalid_channel"), json!("subscribe"))
+        );
+        assert_eq!(
+            reject(r#"{"op":"subscribe","channel":5}"#)["code"],
+            "invalid_channel"
+        );
+        assert_eq!(reject(r#"{"op":"subscribe"}"#)["code"], "invalid_request");
+        assert_eq!(
+            reject(r#"{"op":"ping","id":{"a":1}}"#)["code"],
+            "invalid_request"
+        );
+    }
+
+    #[test]
+    fn event_frame_embeds_data_verbatim() {
+        let envelope = Envelope {
+            channel: Channel::parse("maths").unwrap(),
+            seq: 42,
+            last_seq: 41,
+            id: "abc".into(),
+            ts: 1_700_000_000_000,
+            data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
+        };
+        let frame = event(&envelope).unwrap();
+        assert_eq!(
+            frame.as_str(),
+            r#"{"op":"event","channel":"maths","seq":42,"id":"abc","ts":1700000000000,"data":{"x": [1, 2.50]}}"#
+        );
+    }
+
+    #[test]
+    fn replies_echo_the_id() {
+        let ch = Channel::parse("maths").unwrap();
+        assert_eq!(
+            channel_reply("subscribed", &ch, Some(&json!("r1"))),
+            r#"{"op":"subscribed","channel":"maths","id":"r1"}"#
+        );
+        assert_eq!(pong(None), r#"{"op":"pong"}"#);
+        assert_eq!(
+            welcome("ws-1", "c", 25),
+            r#"{"op":"welcome","node":"ws-1","conn":"c","heartbeat":25}"#
+        );
+    }
+}
