@@ -180,6 +180,11 @@ impl Bus {
                         async_nats::Event::Disconnected => {
                             tracing::warn!(%node, "NATS disconnected; reconnecting")
                         }
+                        event @ (async_nats::Event::ClientError(_)
+                        | async_nats::Event::ServerError(_)
+                        | async_nats::Event::SlowConsumer(_)) => {
+                            tracing::warn!(%node, "NATS: {event}")
+                        }
                         other => tracing::info!(%node, "NATS: {other}"),
                     }
                 }
@@ -352,7 +357,9 @@ impl Bus {
     /// Stops the stream keeper, finishes in-flight publishes and closes the connection.
     pub async fn drain(&self) {
         self.inner.closed.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
+        if self.is_connected() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
+        }
         if let Err(err) = self.inner.client.drain().await {
             tracing::debug!(%err, "NATS drain");
         }

@@ -22,8 +22,9 @@ pub const ENV_PREFIX: &str = "FANOUT";
 /// A setting that is missing, malformed or out of range.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The message already includes the cause, so it is not repeated as a source.
     #[error("cannot read configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     #[error("invalid setting {setting} ({env}): {message}", env = env_name(setting))]
     Invalid {
         setting: &'static str,
@@ -31,6 +32,17 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(err: config::ConfigError) -> Self {
+        let message = err.to_string();
+        ConfigError::Load(if message.contains("for key `") {
+            format!("{message} (a key `name` is set by the variable {ENV_PREFIX}_NAME)")
+        } else {
+            message
+        })
+    }
 }
 
 impl ConfigError {

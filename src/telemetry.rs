@@ -1,5 +1,7 @@
-//! Log output. Human-readable lines on stderr; the level comes from `RUST_LOG`
-//! (default `info`).
+//! Log output. Human-readable lines on stderr (coloured only on a terminal); the level comes
+//! from `RUST_LOG` (default `info`).
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -10,5 +12,6 @@ pub fn init_logging() {
     let _ = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -128,7 +128,8 @@ async fn a_channel_arrives_in_order_without_gaps() {
 async fn nats_subscriptions_follow_local_interest() {
     let nats = NatsServer::start();
     let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
-    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    // Kept alive (not `_`): ws-2 must be running for "ws-2 holds no subscription" to mean anything.
+    let _ws2 = start_ws(&nats, "ws-2", |_| {}).await;
     let subject = "fanout.out.room:7";
     let has = |node: &'static str| {
         let nats = &nats;

@@ -176,6 +176,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server this test did not start in-process (a child process, say).
+    pub fn external(addr: SocketAddr) -> Self {
+        Server {
+            addr,
+            shutdown: CancellationToken::new(),
+            handle: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

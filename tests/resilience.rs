@@ -1,0 +1,289 @@
+//! Losing NATS, and the real binaries: configuration from the environment, signals, exit codes.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Publishes to `channel` until `client` receives one of those events (each attempt waits
+/// briefly): proves delivery works end to end again after an outage.
+async fn until_delivered(api: &Server, client: &mut Client, channel: &str) -> Value {
+    within("delivery to resume", async {
+        for attempt in 0.. {
+            let (status, _) = post_raw(
+                api,
+                &format!("/v1/channels/{channel}/events"),
+                json!({"attempt": attempt}).to_string(),
+            )
+            .await;
+            if status != 202 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let wait = Duration::from_millis(500);
+            if let Ok(event) = tokio::time::timeout(wait, client.event()).await {
+                return event;
+            }
+        }
+        unreachable!()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_gives_503_then_delivery_resumes() {
+    let mut nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws = start_ws(&nats, "ws-1", |_| {}).await;
+    let mut client = Client::connect(&ws).await;
+    client.subscribe("news").await;
+    publish(&api, "news", &json!("before")).await;
+    assert_eq!(client.event().await["data"], "before");
+
+    nats.stop();
+    let (status, body) = post_raw(&api, "/v1/channels/news/events", "\"during\"").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "bus_unavailable");
+    let (status, body) = post_raw(&api, "/ping", "").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("bus_unavailable"))
+    );
+    for server in [&api, &ws] {
+        let url = server.url("/readyz");
+        eventually("/readyz to report NATS down", || async {
+            reqwest::get(&url).await.unwrap().status() == 503
+        })
+        .await;
+    }
+    // The ws node keeps its clients while NATS is away.
+    assert_eq!(
+        client.request(json!({"op": "ping"})).await,
+        json!({"op": "pong"})
+    );
+
+    nats.restart();
+    wait_ready(&api).await;
+    wait_ready(&ws).await;
+    // The node re-subscribed on its own: the client, subscribed before the outage, gets news.
+    let event = until_delivered(&api, &mut client, "news").await;
+    assert_eq!(event["channel"], "news");
+    // File storage: the stream and its sequence survived the restart.
+    assert!(event["seq"].as_u64().unwrap() >= 2, "{event}");
+}
+
+/// Where `cargo build` put the workspace's binaries (next to this test's `deps/` folder).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A server binary running as a child process; killed on drop if still running.
+struct Process {
+    child: Child,
+    addr: String,
+}
+
+impl Process {
+    /// Starts `name` with `env`, and reads its log until it says where it listens.
+    fn start(name: &str, env: &[(&str, String)]) -> Process {
+        let mut child = Command::new(binary(name))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("{name} exited before listening"))
+                .unwrap();
+            if line.contains("listening")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                break addr.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Process { child, addr }
+    }
+
+    fn server(&self) -> Server {
+        Server::external(self.addr.parse().unwrap())
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self) -> i32 {
+        within("the process to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status.code().unwrap_or(-1);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_read_the_environment_and_stop_cleanly_on_sigterm() {
+    let nats = NatsServer::start();
+    let env = |node: &str| {
+        vec![
+            (
+                "FANOUT_NATS_URL",
+                format!("nats://127.0.0.1:1,{}", nats.url()),
+            ),
+            ("FANOUT_NODE_ID", node.to_string()),
+            ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
+            ("FANOUT_PREFIX", "acme".to_string()),
+        ]
+    };
+    let mut api = Process::start("fanout-api", &env("proc-api"));
+    let mut ws = Process::start("fanout-ws", &env("proc-ws"));
+    let (api_server, ws_server) = (api.server(), ws.server());
+    wait_ready(&api_server).await;
+    wait_ready(&ws_server).await;
+
+    // FANOUT_PREFIX and FANOUT_NODE_ID took effect.
+    let subjects = node_subjects(&nats, "proc-ws").await;
+    assert!(
+        subjects.contains(&"acme.out.broadcast".to_string()),
+        "{subjects:?}"
+    );
+    let mut client = Client::connect(&ws_server).await;
+    assert_eq!(client.welcome["node"], "proc-ws");
+    let (status, _) = post_raw(&api_server, "/ping", "").await;
+    assert_eq!(status, 200);
+    assert!(client.event().await["data"]["sendTime"].is_string());
+
+    // SIGTERM: the client is told "going away", the process exits 0.
+    ws.signal("-TERM");
+    assert_eq!(
+        client.closed().await,
+        Closed::Code(1001, "server shutting down".into())
+    );
+    assert_eq!(ws.exit_code().await, 0);
+    api.signal("-TERM");
+    assert_eq!(api.exit_code().await, 0);
+}
+
+/// Runs `name` with `env` and `args`, expecting it to refuse to start; returns its stderr.
+fn refused(name: &str, env: &[(&str, &str)], args: &[&str]) -> String {
+    let output = Command::new(binary(name))
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "{name} started with {env:?} {args:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A binary, its environment, and what its error must mention.
+type BadSetting<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn invalid_settings_fail_at_start_naming_the_setting() {
+    let cases: [BadSetting; 7] = [
+        (
+            "fanout-ws",
+            &[("FANOUT_HEARTBEAT_SECS", "0")],
+            "FANOUT_HEARTBEAT_SECS",
+        ),
+        (
+            "fanout-ws",
+            &[("FANOUT_QUEUE_CAPACITY", "lots")],
+            "queue_capacity",
+        ),
+        (
+            "fanout-ws",
+            &[("FANOUT_LISTEN", "nowhere")],
+            "FANOUT_LISTEN",
+        ),
+        (
+            "fanout-api",
+            &[("FANOUT_NATS_URL", " , ")],
+            "FANOUT_NATS_URL",
+        ),
+        ("fanout-api", &[("FANOUT_PREFIX", "a.*")], "FANOUT_PREFIX"),
+        (
+            "fanout-api",
+            &[("FANOUT_NODE_ID", "has space")],
+            "FANOUT_NODE_ID",
+        ),
+        (
+            "fanout-api",
+            &[("FANOUT_HISTORY_STORAGE", "tape")],
+            "FANOUT_HISTORY_STORAGE",
+        ),
+    ];
+    for (name, env, expected) in cases {
+        let stderr = refused(name, env, &[]);
+        assert!(stderr.contains(expected), "{name} {env:?}: {stderr}");
+    }
+    let stderr = refused("fanout-api", &[], &["--config", "/nonexistent/fanout.toml"]);
+    assert!(stderr.contains("/nonexistent/fanout.toml"), "{stderr}");
+    let stderr = refused("fanout-api", &[], &["--bogus"]);
+    assert!(stderr.contains("usage"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toml_file_configures_a_binary_and_the_environment_overrides_it() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ws.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "nats_url = \"{}\"\nnode_id = \"from-file\"\nlisten = \"127.0.0.1:0\"\nheartbeat_secs = 7\n",
+            nats.url()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("FANOUT_CONFIG", file.display().to_string()),
+        ("FANOUT_NODE_ID", "from-env".to_string()),
+    ];
+    let ws = Process::start("fanout-ws", &env);
+    let server = ws.server();
+    wait_ready(&server).await;
+    let client = Client::connect(&server).await;
+    assert_eq!(client.welcome["node"], "from-env");
+    assert_eq!(client.welcome["heartbeat"], 7);
+}
