@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The whole tier without Docker: one nats-server (JetStream, data in .run/), one fanout-api
+# on :8080 and $WS fanout-ws nodes on :8081, :8082, ... (ids ws-1, ws-2, ...).
+# Each process's log lines are prefixed with its name; ctrl-c stops everything.
+# Run it through `make run` (which builds the binaries and installs nats-server first).
+set -euo pipefail
+# Job control: each child gets its own process group, so ctrl-c reaches only this script,
+# which then stops the servers in order (fanout first, NATS last).
+set -m
+cd "$(dirname "$0")/.."
+
+WS=${WS:-3}
+API_PORT=${API_PORT:-8080}
+NATS_PORT=${NATS_PORT:-4222}
+NATS_MONITOR_PORT=${NATS_MONITOR_PORT:-8222}
+NATS_SERVER=${NATS_SERVER_BIN:-.tools/bin/nats-server}
+BIN=${BIN:-target/debug}
+RUN_DIR=.run
+
+if ! [[ "$WS" =~ ^[1-9][0-9]?$ ]]; then
+  echo "run: WS must be a number of ws nodes from 1 to 99 (got '$WS')" >&2
+  exit 2
+fi
+for bin in "$NATS_SERVER" "$BIN/fanout-api" "$BIN/fanout-ws"; do
+  [[ -x "$bin" ]] || { echo "run: $bin is missing; use 'make run'" >&2; exit 2; }
+done
+
+ws_port() { echo $((API_PORT + $1)); }
+
+# A port is taken if something accepts a connection on it.
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ports=("$NATS_PORT" "$NATS_MONITOR_PORT" "$API_PORT")
+for i in $(seq 1 "$WS"); do ports+=("$(ws_port "$i")"); done
+for port in "${ports[@]}"; do
+  if in_use "$port"; then
+    echo "run: port $port is already in use; stop what holds it (e.g. an earlier 'make run') or set API_PORT / NATS_PORT / NATS_MONITOR_PORT" >&2
+    exit 1
+  fi
+done
+
+pids=()     # fanout processes
+nats_pid=""
+stop() {
+  trap - INT TERM EXIT
+  echo "[run] stopping"
+  if ((${#pids[@]})); then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+  if [[ -n "$nats_pid" ]]; then
+    kill -TERM "$nats_pid" 2>/dev/null || true
+    wait "$nats_pid" 2>/dev/null || true
+  fi
+  echo "[run] stopped"
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
+
+# start NAME COMMAND...: runs COMMAND with its output prefixed by [NAME]; $! is COMMAND itself.
+# The prefixing sed ignores ctrl-c so that it prints the servers' last lines.
+start() {
+  local name=$1
+  shift
+  "$@" > >(trap '' INT; exec sed -u "s/^/[$name] /") 2>&1 &
+}
+
+wait_ready() {
+  local name=$1 url=$2
+  for _ in $(seq 1 100); do
+    if curl -fsS -o /dev/null "$url" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "[run] $name did not become ready at $url" >&2
+  exit 1
+}
+
+mkdir -p "$RUN_DIR/nats"
+start nats "$NATS_SERVER" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" -js -sd "$RUN_DIR/nats" -n fanout-nats
+nats_pid=$!
+wait_ready nats "http://127.0.0.1:$NATS_MONITOR_PORT/healthz"
+
+export FANOUT_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+FANOUT_NODE_ID=api-1 FANOUT_LISTEN="0.0.0.0:$API_PORT" start api "$BIN/fanout-api"
+pids+=($!)
+for i in $(seq 1 "$WS"); do
+  FANOUT_NODE_ID="ws-$i" FANOUT_LISTEN="0.0.0.0:$(ws_port "$i")" start "ws-$i" "$BIN/fanout-ws"
+  pids+=($!)
+done
+
+wait_ready api "http://127.0.0.1:$API_PORT/readyz"
+for i in $(seq 1 "$WS"); do wait_ready "ws-$i" "http://127.0.0.1:$(ws_port "$i")/readyz"; done
+
+echo "[run] ready:"
+echo "[run]   API        http://localhost:$API_PORT   (try: curl -X POST localhost:$API_PORT/ping)"
+for i in $(seq 1 "$WS"); do
+  echo "[run]   ws-$i       ws://localhost:$(ws_port "$i")/ws"
+done
+echo "[run]   NATS       nats://localhost:$NATS_PORT  (monitoring http://localhost:$NATS_MONITOR_PORT)"
+echo "[run] ctrl-c stops everything"
+wait -n "${pids[@]}" "$nats_pid" || true
+echo "[run] a process exited; stopping the rest" >&2
+exit 1
