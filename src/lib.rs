@@ -11,6 +11,7 @@
 //!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
 //! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
+//! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
 //! - [`telemetry`]: log output set-up.
 //!
 //! The HTTP API (`fanout-api`) and the WebSocket node (`fanout-ws`) are crates of their own
@@ -20,6 +21,7 @@ pub mod bus;
 pub mod channel;
 pub mod config;
 pub mod envelope;
+pub mod process;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -11,18 +11,16 @@ use serde_json::json;
 /// reaches both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ping_reaches_clients_on_every_node() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
-    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
-    let mut a = Client::connect(&ws1).await;
-    let mut b = Client::connect(&ws2).await;
+    let tier = Tier::start(2).await;
+    let api = &tier.api;
+    let mut a = tier.client(0).await;
+    let mut b = tier.client(1).await;
     assert_eq!(a.welcome["node"], "ws-1");
     assert_eq!(b.welcome["node"], "ws-2");
     assert_eq!(a.welcome["heartbeat"], 25);
     assert_ne!(a.welcome["conn"], b.welcome["conn"]);
 
-    let (status, body) = post_raw(&api, "/ping", "").await;
+    let (status, body) = post_raw(api, "/ping", "").await;
     assert_eq!((status, body), (200, json!({"message": "pong"})));
 
     for client in [&mut a, &mut b] {
@@ -41,19 +39,17 @@ async fn one_ping_reaches_clients_on_every_node() {
 /// reaches everyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_are_isolated_across_nodes() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
-    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
-    let mut maths1 = Client::connect(&ws1).await;
-    let mut maths2 = Client::connect(&ws2).await;
-    let mut art1 = Client::connect(&ws1).await;
-    let mut idle1 = Client::connect(&ws1).await;
+    let tier = Tier::start(2).await;
+    let api = &tier.api;
+    let mut maths1 = tier.client(0).await;
+    let mut maths2 = tier.client(1).await;
+    let mut art1 = tier.client(0).await;
+    let mut idle1 = tier.client(0).await;
     maths1.subscribe("maths").await;
     maths2.subscribe("maths").await;
     art1.subscribe("art").await;
 
-    let seq = publish(&api, "maths", &json!({"q": "2+2"})).await;
+    let seq = publish(api, "maths", &json!({"q": "2+2"})).await;
     for client in [&mut maths1, &mut maths2] {
         let event = client.event().await;
         assert_eq!(
@@ -61,12 +57,12 @@ async fn channels_are_isolated_across_nodes() {
             (&json!("maths"), &json!(seq), &json!({"q": "2+2"}))
         );
     }
-    let art_seq = publish(&api, "art", &json!("monet")).await;
+    let art_seq = publish(api, "art", &json!("monet")).await;
     assert_eq!(art1.event().await["seq"], art_seq);
 
     // The maths event was fanned out on ws-1 (maths1 got it) before this broadcast was even
     // published, so had it been queued for art1 or idle1 it would come before the marker.
-    let (status, _) = post_raw(&api, "/v1/broadcast", r#"{"marker":1}"#).await;
+    let (status, _) = post_raw(api, "/v1/broadcast", r#"{"marker":1}"#).await;
     assert_eq!(status, 202);
     for client in [&mut art1, &mut idle1, &mut maths1, &mut maths2] {
         let event = client.event().await;
@@ -82,9 +78,9 @@ async fn channels_are_isolated_across_nodes() {
         reply,
         json!({"op": "unsubscribed", "channel": "maths", "id": "u1"})
     );
-    let seq = publish(&api, "maths", &json!(2)).await;
+    let seq = publish(api, "maths", &json!(2)).await;
     assert_eq!(maths2.event().await["seq"], seq);
-    post_raw(&api, "/v1/broadcast", "2").await;
+    post_raw(api, "/v1/broadcast", "2").await;
     assert_eq!(maths1.event().await["channel"], "broadcast");
 }
 
@@ -92,15 +88,13 @@ async fn channels_are_isolated_across_nodes() {
 /// sequences the API acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_arrives_in_order_without_gaps() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
-    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
-    let mut a = Client::connect(&ws1).await;
-    let mut b = Client::connect(&ws2).await;
+    let tier = Tier::start(2).await;
+    let mut a = tier.client(0).await;
+    let mut b = tier.client(1).await;
     a.subscribe("orders").await;
     b.subscribe("orders").await;
 
+    let api = Server::external(tier.api.addr);
     let publisher = tokio::spawn(async move {
         let mut acked = Vec::new();
         for i in 0..1000 {

@@ -227,29 +227,21 @@ fn logs() {
     }
 }
 
-async fn listener() -> tokio::net::TcpListener {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
-
-/// Starts `fanout-api` against `nats` and waits until `/readyz` says ready.
-pub async fn start_api(nats: &NatsServer) -> Server {
-    let config = fanout_api::Config {
-        common: common(nats, "api-1"),
-        listen: "127.0.0.1:0".into(),
-        ..fanout_api::Config::default()
-    };
-    start_api_with(config).await
-}
-
-pub async fn start_api_with(config: fanout_api::Config) -> Server {
+/// Runs a server's `run` on a fresh `127.0.0.1:0` listener and waits until `/readyz` says
+/// ready.
+async fn spawn_server<Fut, E>(
+    run: impl FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
+) -> Server
+where
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Debug,
+{
     logs();
-    let listener = listener().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let handle = tokio::spawn(async move {
-        fanout_api::run(config, listener, token).await.unwrap();
-    });
+    let serving = run(listener, shutdown.clone());
+    let handle = tokio::spawn(async move { serving.await.unwrap() });
     let server = Server {
         addr,
         shutdown,
@@ -259,8 +251,17 @@ pub async fn start_api_with(config: fanout_api::Config) -> Server {
     server
 }
 
-/// Starts a `fanout-ws` node against `nats`, lets `tweak` adjust its settings, and waits
-/// until `/readyz` says ready.
+/// Starts `fanout-api` against `nats`.
+pub async fn start_api(nats: &NatsServer) -> Server {
+    let config = fanout_api::Config {
+        common: common(nats, "api-1"),
+        listen: "127.0.0.1:0".into(),
+        ..fanout_api::Config::default()
+    };
+    spawn_server(|listener, token| fanout_api::run(config, listener, token)).await
+}
+
+/// Starts a `fanout-ws` node against `nats`; `tweak` adjusts its settings first.
 pub async fn start_ws(
     nats: &NatsServer,
     node_id: &str,
@@ -272,21 +273,35 @@ pub async fn start_ws(
         ..fanout_ws::Config::default()
     };
     tweak(&mut config);
-    logs();
-    let listener = listener().await;
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let handle = tokio::spawn(async move {
-        fanout_ws::run(config, listener, token).await.unwrap();
-    });
-    let server = Server {
-        addr,
-        shutdown,
-        handle: Some(handle),
-    };
-    wait_ready(&server).await;
-    server
+    spawn_server(|listener, token| fanout_ws::run(config, listener, token)).await
+}
+
+/// The usual topology: one nats-server, one API, and ws nodes `ws-1` … `ws-N`.
+pub struct Tier {
+    pub nats: NatsServer,
+    pub api: Server,
+    pub nodes: Vec<Server>,
+}
+
+impl Tier {
+    pub async fn start(nodes: usize) -> Tier {
+        let nats = NatsServer::start();
+        let api = start_api(&nats).await;
+        let mut servers = Vec::new();
+        for i in 1..=nodes {
+            servers.push(start_ws(&nats, &format!("ws-{i}"), |_| {}).await);
+        }
+        Tier {
+            nats,
+            api,
+            nodes: servers,
+        }
+    }
+
+    /// A client connected to node `i` (0-based).
+    pub async fn client(&self, i: usize) -> Client {
+        Client::connect(&self.nodes[i]).await
+    }
 }
 
 pub async fn wait_ready(server: &Server) {
