@@ -80,7 +80,10 @@ nats_pid=$!
 wait_ready nats "http://127.0.0.1:$NATS_MONITOR_PORT/healthz"
 
 export FANOUT_NATS_URL="nats://127.0.0.1:$NATS_PORT"
-FANOUT_NODE_ID=api-1 FANOUT_LISTEN="0.0.0.0:$API_PORT" start api "$BIN/fanout-api"
+# The page offers these nodes; {host} is the host the browser loaded the page from.
+ws_urls=""
+for i in $(seq 1 "$WS"); do ws_urls+="${ws_urls:+,}ws-$i=ws://{host}:$(ws_port "$i")/ws"; done
+FANOUT_NODE_ID=api-1 FANOUT_LISTEN="0.0.0.0:$API_PORT" FANOUT_WS_URLS="$ws_urls" start api "$BIN/fanout-api"
 pids+=($!)
 for i in $(seq 1 "$WS"); do
   FANOUT_NODE_ID="ws-$i" FANOUT_LISTEN="0.0.0.0:$(ws_port "$i")" start "ws-$i" "$BIN/fanout-ws"
@@ -91,6 +94,7 @@ wait_ready api "http://127.0.0.1:$API_PORT/readyz"
 for i in $(seq 1 "$WS"); do wait_ready "ws-$i" "http://127.0.0.1:$(ws_port "$i")/readyz"; done
 
 echo "[run] ready:"
+echo "[run]   open       http://localhost:$API_PORT/?node=1  and  http://localhost:$API_PORT/?node=2  in two tabs"
 echo "[run]   API        http://localhost:$API_PORT   (try: curl -X POST localhost:$API_PORT/ping)"
 for i in $(seq 1 "$WS"); do
   echo "[run]   ws-$i       ws://localhost:$(ws_port "$i")/ws"

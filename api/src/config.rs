@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use fanout::{Common, ConfigError, config};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -14,6 +14,17 @@ pub struct Config {
     pub listen: String,
     /// Largest accepted event body, bytes (`FANOUT_BODY_LIMIT_BYTES`). Larger bodies get 413.
     pub body_limit_bytes: usize,
+    /// The ws nodes the demo page offers (`FANOUT_WS_URLS`): comma-separated `[name=]url`,
+    /// e.g. `ws-1=ws://{host}:8081/ws,ws-2=ws://{host}:8082/ws`. `{host}` becomes the host
+    /// the page was loaded from.
+    pub ws_urls: String,
+}
+
+/// One entry of [`Config::ws_urls`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WsNode {
+    pub name: String,
+    pub url: String,
 }
 
 impl Default for Config {
@@ -22,6 +33,7 @@ impl Default for Config {
             common: Common::default(),
             listen: "0.0.0.0:8080".into(),
             body_limit_bytes: 64 * 1024,
+            ws_urls: String::new(),
         }
     }
 }
@@ -44,6 +56,77 @@ impl Config {
                 "must be between 1 and 1048576 (NATS's default max_payload)",
             ));
         }
+        self.ws_nodes()?;
         Ok(())
+    }
+
+    /// Parses [`Config::ws_urls`]; unnamed entries are called `node-1`, `node-2`, ...
+    pub fn ws_nodes(&self) -> Result<Vec<WsNode>, ConfigError> {
+        let entries = self
+            .ws_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty());
+        entries
+            .enumerate()
+            .map(|(i, entry)| {
+                let (name, url) = match entry.split_once('=') {
+                    Some((name, url)) if !name.contains("://") => (name.trim(), url.trim()),
+                    _ => ("", entry),
+                };
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(ConfigError::invalid(
+                        "ws_urls",
+                        format!("{entry:?}: each entry is [name=]ws://… or [name=]wss://…"),
+                    ));
+                }
+                let name = if name.is_empty() {
+                    format!("node-{}", i + 1)
+                } else {
+                    name.to_string()
+                };
+                Ok(WsNode {
+                    name,
+                    url: url.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_urls_are_named_entries() {
+        let config = Config {
+            ws_urls: "ws-1=ws://{host}:8081/ws, wss://b.example/ws ,".into(),
+            ..Config::default()
+        };
+        let nodes = config.ws_nodes().unwrap();
+        assert_eq!(
+            nodes,
+            [
+                WsNode {
+                    name: "ws-1".into(),
+                    url: "ws://{host}:8081/ws".into()
+                },
+                WsNode {
+                    name: "node-2".into(),
+                    url: "wss://b.example/ws".into()
+                },
+            ]
+        );
+        let bad = Config {
+            ws_urls: "http://x".into(),
+            ..Config::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("FANOUT_WS_URLS")
+        );
     }
 }

@@ -5,12 +5,14 @@
 //! - [`config`]: this binary's settings.
 //! - [`error`]: [`ApiError`], the one JSON error answer.
 //! - [`routes`]: the HTTP endpoints.
+//! - [`web`]: the demo page and the JavaScript client, compiled in.
 //!
 //! It holds no state of its own beyond the NATS connection: run as many as you like.
 
 pub mod config;
 pub mod error;
 pub mod routes;
+pub mod web;
 
 pub use config::Config;
 pub use error::ApiError;

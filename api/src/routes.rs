@@ -8,6 +8,7 @@
 //! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
+//! | GET | `/`, `/v1/config` | the demo page and its node list ([`crate::web`]) |
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,7 +24,7 @@ use fanout::{Bus, Channel, Published};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::{ApiError, Config};
+use crate::{ApiError, Config, config::WsNode};
 
 /// Longest accepted `Idempotency-Key`, bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
@@ -32,14 +33,21 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 pub struct AppState {
     bus: Bus,
     body_limit: usize,
+    ws_nodes: std::sync::Arc<[WsNode]>,
 }
 
 impl AppState {
+    /// `config` must be validated (its `ws_urls` parse).
     pub fn new(bus: Bus, config: &Config) -> Self {
         AppState {
             bus,
             body_limit: config.body_limit_bytes,
+            ws_nodes: config.ws_nodes().unwrap_or_default().into(),
         }
+    }
+
+    pub fn ws_nodes(&self) -> &[WsNode] {
+        &self.ws_nodes
     }
 }
 
@@ -51,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ping", post(ping))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))

@@ -1,0 +1,57 @@
+//! The demo page and the client library, served at `/` from files compiled into the binary
+//! (`web/` in the repository), so a deployed API needs nothing next to it.
+//! Also `GET /v1/config`: which ws nodes the page may connect to.
+
+use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
+use serde_json::json;
+
+use crate::routes::AppState;
+
+/// `(path, content type, body)` of every page file.
+const FILES: [(&str, &str, &str); 4] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../../web/index.html"),
+    ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/app.js"),
+    ),
+    (
+        "/fanout.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/fanout.js"),
+    ),
+    (
+        "/style.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/style.css"),
+    ),
+];
+
+pub fn router() -> Router<AppState> {
+    let mut router = Router::new().route("/v1/config", get(config));
+    for (path, content_type, body) in FILES {
+        router = router.route(
+            path,
+            get(move || async move {
+                (
+                    [
+                        (header::CONTENT_TYPE, content_type),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    body,
+                )
+            }),
+        );
+    }
+    router
+}
+
+/// `{"nodes":[{"name","url"}]}` from `FANOUT_WS_URLS`. A URL may contain `{host}`, which the
+/// page replaces with the host it was loaded from.
+async fn config(State(state): State<AppState>) -> impl IntoResponse {
+    Json(json!({ "nodes": state.ws_nodes() }))
+}

@@ -1,0 +1,190 @@
+// The demo page: pins this tab to a ws node, shows what arrives, and calls the HTTP API.
+import { FanoutClient } from "./fanout.js";
+
+const $ = (id) => document.getElementById(id);
+const MAX_LOG = 200;
+
+/** Node URLs may say `{host}`: the host this page was loaded from. */
+function resolve(url) {
+  return url.replaceAll("{host}", location.hostname);
+}
+
+/** Which URLs this tab connects to: `?ws=<url>`, `?node=<n or name>`, else every node. */
+function choose(nodes, params) {
+  if (params.get("ws")) return { urls: [params.get("ws")], pinned: "ws" };
+  const wanted = params.get("node");
+  if (wanted) {
+    const index = /^\d+$/.test(wanted) ? Number(wanted) - 1 : nodes.findIndex((n) => n.name === wanted);
+    if (nodes[index]) return { urls: [nodes[index].url], pinned: String(index + 1) };
+  }
+  return { urls: nodes.map((n) => n.url), pinned: null };
+}
+
+function renderNodes(nodes, pinned) {
+  const nav = $("nodes");
+  nav.replaceChildren();
+  const link = (label, href, active, title) => {
+    const a = document.createElement("a");
+    a.textContent = label;
+    a.href = href;
+    a.title = title;
+    a.className = "node-button" + (active ? " active" : "");
+    if (active) a.setAttribute("aria-current", "page");
+    nav.append(a);
+  };
+  link("any node", "?", pinned === null, "fail over across all nodes");
+  nodes.forEach((node, i) => link(node.name, `?node=${i + 1}`, pinned === String(i + 1), node.url));
+}
+
+function showState({ state, attempt, delay, url }) {
+  const labels = {
+    connecting: `connecting to ${url}…`,
+    open: "connected",
+    reconnecting: delay !== undefined
+      ? `reconnecting in ${(delay / 1000).toFixed(1)} s (attempt ${attempt})`
+      : `reconnecting to ${url}… (attempt ${attempt})`,
+    closed: "closed",
+  };
+  $("conn").dataset.state = state;
+  $("state").textContent = labels[state] ?? state;
+  if (state !== "open") $("node").textContent = "—";
+}
+
+function addEvent(event) {
+  const latency = Date.now() - event.ts;
+  const li = document.createElement("li");
+  li.className = "event";
+  li.dataset.channel = event.channel;
+  li.dataset.seq = event.seq;
+  const head = document.createElement("div");
+  head.className = "event-head";
+  const channel = document.createElement("span");
+  channel.className = "channel" + (event.channel === "broadcast" ? " broadcast" : "");
+  channel.textContent = event.channel;
+  const seq = document.createElement("span");
+  seq.className = "seq";
+  seq.textContent = `#${event.seq}`;
+  const lat = document.createElement("span");
+  lat.className = "latency";
+  lat.textContent = `${Math.max(0, latency)} ms`;
+  lat.title = "receive time − publish time (ts)";
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString();
+  head.append(channel, seq, lat, time);
+  const data = document.createElement("code");
+  data.className = "data";
+  data.textContent = JSON.stringify(event.data);
+  li.append(head, data);
+  const log = $("log");
+  log.prepend(li);
+  while (log.children.length > MAX_LOG) log.lastElementChild.remove();
+  $("empty").hidden = true;
+  $("count").textContent = `(${log.children.length})`;
+}
+
+function result(text, ok) {
+  const p = $("result");
+  p.textContent = text;
+  p.className = "result " + (ok ? "ok" : "bad");
+}
+
+async function post(path, body) {
+  const response = await fetch(path, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body,
+  });
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = answer.error ?? { code: response.status, message: response.statusText };
+    throw new Error(`${error.code}: ${error.message}`);
+  }
+  return answer;
+}
+
+function renderChannels(client) {
+  const list = $("channels");
+  list.replaceChildren();
+  for (const channel of client.channels) {
+    const li = document.createElement("li");
+    li.textContent = channel;
+    const x = document.createElement("button");
+    x.type = "button";
+    x.textContent = "×";
+    x.title = `unsubscribe from ${channel}`;
+    x.onclick = async () => {
+      await client.unsubscribe(channel).catch(() => {});
+      renderChannels(client);
+    };
+    li.append(x);
+    list.append(li);
+  }
+}
+
+async function main() {
+  const config = await fetch("/v1/config").then((r) => r.json());
+  const nodes = config.nodes.map((n) => ({ name: n.name, url: resolve(n.url) }));
+  const params = new URLSearchParams(location.search);
+  const { urls, pinned } = choose(nodes, params);
+  renderNodes(nodes, pinned);
+  if (urls.length === 0) {
+    showState({ state: "closed" });
+    result("The API knows no ws nodes: set FANOUT_WS_URLS, or open ?ws=ws://host:port/ws", false);
+    return;
+  }
+
+  const client = new FanoutClient(urls);
+  client.on("state", (s) => {
+    showState(s);
+    $("url").textContent = s.url ? `(${s.url})` : "";
+  });
+  client.on("welcome", (w) => {
+    $("node").textContent = w.node;
+    document.title = `fanout · ${w.node}`;
+  });
+  client.on("event", addEvent);
+  client.on("error", (e) => result(`${e.code ?? "error"}: ${e.message ?? e}`, false));
+  client.connect();
+
+  $("call-api").onclick = async () => {
+    try {
+      await post("/ping", "");
+      result("POST /ping → pong", true);
+    } catch (error) {
+      result(`POST /ping failed: ${error.message}`, false);
+    }
+  };
+  $("subscribe-form").onsubmit = async (e) => {
+    e.preventDefault();
+    const channel = $("sub-channel").value.trim();
+    try {
+      await client.subscribe(channel);
+      result(`subscribed to ${channel}`, true);
+      $("sub-channel").value = "";
+      if (!$("pub-channel").value) $("pub-channel").value = channel;
+    } catch (error) {
+      result(`${error.code ?? "error"}: ${error.message}`, false);
+    }
+    renderChannels(client);
+  };
+  $("publish-form").onsubmit = async (e) => {
+    e.preventDefault();
+    const channel = $("pub-channel").value.trim();
+    try {
+      const answer = await post(`/v1/channels/${encodeURIComponent(channel)}/events`, $("pub-data").value);
+      result(`published to ${answer.channel} as #${answer.seq}`, true);
+    } catch (error) {
+      result(`publish failed: ${error.message}`, false);
+    }
+  };
+  $("clear").onclick = () => {
+    $("log").replaceChildren();
+    $("count").textContent = "";
+    $("empty").hidden = false;
+  };
+}
+
+main().catch((error) => {
+  showState({ state: "closed" });
+  result(`cannot start: ${error.message}`, false);
+});

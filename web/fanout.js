@@ -1,0 +1,253 @@
+// fanout.js: a small, dependency-free client for fanout's WebSocket protocol.
+// Copy it into your app, or import it from a fanout API server (`/fanout.js`).
+//
+//   import { FanoutClient } from "./fanout.js";
+//   const client = new FanoutClient(["ws://localhost:8081/ws", "ws://localhost:8082/ws"]);
+//   client.on("state", ({ state }) => console.log(state));
+//   client.subscribe("maths", (event) => console.log(event.seq, event.data));
+//   client.connect();
+//
+// It reconnects by itself with exponential backoff and jitter (so a node's restart does not
+// make all its clients reconnect at the same instant), moves to the next URL of the list on
+// every attempt (fail-over), and subscribes again to every channel after each reconnect.
+// The protocol itself is described in docs/protocol.md.
+
+/** Connection states, as reported by the `state` event and `client.state`. */
+export const State = Object.freeze({
+  CONNECTING: "connecting",
+  OPEN: "open",
+  RECONNECTING: "reconnecting",
+  CLOSED: "closed",
+});
+
+/** Whether a close code asks the client to reconnect (docs/protocol.md, "Close codes"). */
+export function shouldReconnect(code) {
+  return !(code === 1000 || (code >= 4500 && code <= 4999));
+}
+
+/**
+ * Delay before reconnect attempt `attempt` (1, 2, ...): exponential from `minDelay`, capped at
+ * `maxDelay`, with "equal jitter" (a random point in the upper half), so clients that lost
+ * the same node spread out instead of returning together.
+ */
+export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math.random) {
+  const base = Math.min(maxDelay, minDelay * 2 ** Math.max(0, attempt - 1));
+  return Math.round(base / 2 + random() * (base / 2));
+}
+
+export class FanoutClient {
+  /**
+   * @param {string|string[]} urls  WebSocket URLs of fanout nodes (`ws://host:port/ws`).
+   * @param {object} [options]
+   * @param {number} [options.minDelay=500]        first reconnect delay (ms, before jitter)
+   * @param {number} [options.maxDelay=15000]      longest reconnect delay (ms)
+   * @param {number} [options.connectTimeout=10000] give up on a connection attempt without `welcome` (ms)
+   * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (default: the global one)
+   */
+  constructor(urls, options = {}) {
+    this.urls = (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
+    if (this.urls.length === 0) throw new Error("fanout: give at least one WebSocket URL");
+    this.options = {
+      minDelay: 500,
+      maxDelay: 15000,
+      connectTimeout: 10000,
+      WebSocket: globalThis.WebSocket,
+      ...options,
+    };
+    /** One of {@link State}. */
+    this.state = State.CLOSED;
+    /** From the last `welcome`: the node's id and this connection's id. */
+    this.node = null;
+    this.conn = null;
+    /** The URL of the current (or last) connection attempt. */
+    this.url = null;
+    /** Reconnect attempts since the last `welcome`. */
+    this.attempt = 0;
+    this._urlIndex = 0;
+    this._socket = null;
+    this._timer = null;
+    this._wanted = false;
+    this._channels = new Map(); // channel -> Set of callbacks
+    this._listeners = new Map(); // event name -> Set of callbacks
+    this._pending = new Map(); // request id -> { resolve, reject }
+    this._nextId = 1;
+  }
+
+  /**
+   * Listens to `state` ({state, attempt, delay?, url}), `welcome` (the frame), `event` (every
+   * event frame, `broadcast` included), `close` ({code, reason, url}) and `error` (error
+   * frames, and failures). Returns a function that removes the listener.
+   */
+  on(name, callback) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(callback);
+    return () => this._listeners.get(name)?.delete(callback);
+  }
+
+  /** Opens the connection (and keeps it open until {@link close}). */
+  connect() {
+    this._wanted = true;
+    if (!this._socket && !this._timer) this._open();
+    return this;
+  }
+
+  /** Closes the connection for good (no reconnect). */
+  close() {
+    this._wanted = false;
+    clearTimeout(this._timer);
+    this._timer = null;
+    const socket = this._socket;
+    this._socket = null;
+    if (socket) socket.close(1000, "client closed");
+    this._failPending(new Error("fanout: connection closed"));
+    this._setState(State.CLOSED);
+  }
+
+  /**
+   * Subscribes to `channel`; `callback` (optional) receives that channel's events. The
+   * subscription is renewed after every reconnect. Resolves with the `subscribed` reply once
+   * the node confirms (immediately if not connected: it is sent on connect); rejects with the
+   * error frame if the node refuses.
+   */
+  subscribe(channel, callback) {
+    if (!this._channels.has(channel)) this._channels.set(channel, new Set());
+    if (callback) this._channels.get(channel).add(callback);
+    if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", channel });
+    return this.request({ op: "subscribe", channel }).catch((error) => {
+      this._channels.delete(channel);
+      throw error;
+    });
+  }
+
+  /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
+  unsubscribe(channel) {
+    this._channels.delete(channel);
+    if (this.state !== State.OPEN) return Promise.resolve({ op: "unsubscribed", channel });
+    return this.request({ op: "unsubscribe", channel });
+  }
+
+  /** The channels this client is (or will be, once connected) subscribed to. */
+  get channels() {
+    return [...this._channels.keys()];
+  }
+
+  /** Sends a request with a fresh `id`; resolves with the reply, rejects with an error frame. */
+  request(frame) {
+    if (this.state !== State.OPEN) return Promise.reject(new Error("fanout: not connected"));
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      this._socket.send(JSON.stringify({ ...frame, id }));
+    });
+  }
+
+  _emit(name, value) {
+    for (const callback of this._listeners.get(name) ?? []) {
+      try {
+        callback(value);
+      } catch (error) {
+        console.error("fanout: listener failed", error);
+      }
+    }
+  }
+
+  _setState(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, attempt: this.attempt, url: this.url, ...extra });
+  }
+
+  _open() {
+    this._timer = null;
+    this.url = this.urls[this._urlIndex % this.urls.length];
+    this._setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
+    let socket;
+    try {
+      socket = new this.options.WebSocket(this.url);
+    } catch (error) {
+      this._emit("error", { code: "connect_failed", message: String(error) });
+      this._scheduleReconnect();
+      return;
+    }
+    this._socket = socket;
+    const timeout = setTimeout(() => socket.close(), this.options.connectTimeout);
+    socket.onmessage = (message) => {
+      if (socket === this._socket) this._onFrame(message.data, timeout);
+    };
+    socket.onclose = (event) => {
+      clearTimeout(timeout);
+      if (socket === this._socket) this._onClose(event);
+    };
+  }
+
+  _onFrame(text, connectTimeout) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      this._emit("error", { code: "invalid_frame", message: "the server sent invalid JSON" });
+      return;
+    }
+    switch (frame.op) {
+      case "welcome":
+        clearTimeout(connectTimeout);
+        this.node = frame.node;
+        this.conn = frame.conn;
+        this.attempt = 0;
+        this._setState(State.OPEN);
+        this._emit("welcome", frame);
+        for (const channel of this._channels.keys()) {
+          this.request({ op: "subscribe", channel }).catch((error) => {
+            this._channels.delete(channel);
+            this._emit("error", error);
+          });
+        }
+        return;
+      case "event":
+        for (const callback of this._channels.get(frame.channel) ?? []) {
+          try {
+            callback(frame);
+          } catch (error) {
+            console.error("fanout: subscriber failed", error);
+          }
+        }
+        this._emit("event", frame);
+        return;
+      default: {
+        const pending = frame.id !== undefined && this._pending.get(frame.id);
+        if (pending) {
+          this._pending.delete(frame.id);
+          if (frame.op === "error") pending.reject(frame);
+          else pending.resolve(frame);
+        } else if (frame.op === "error") {
+          this._emit("error", frame);
+        }
+      }
+    }
+  }
+
+  _onClose(event) {
+    this._socket = null;
+    this._failPending(new Error("fanout: connection lost"));
+    this._emit("close", { code: event.code, reason: event.reason, url: this.url });
+    if (!this._wanted) return;
+    if (!shouldReconnect(event.code)) {
+      this._wanted = false;
+      this._setState(State.CLOSED, { code: event.code, reason: event.reason });
+      return;
+    }
+    this._scheduleReconnect();
+  }
+
+  _scheduleReconnect() {
+    this.attempt += 1;
+    this._urlIndex += 1; // fail over: the next attempt goes to the next URL of the list
+    const delay = backoff(this.attempt, this.options.minDelay, this.options.maxDelay);
+    this._setState(State.RECONNECTING, { delay, next: this.urls[this._urlIndex % this.urls.length] });
+    this._timer = setTimeout(() => this._open(), delay);
+  }
+
+  _failPending(error) {
+    for (const { reject } of this._pending.values()) reject(error);
+    this._pending.clear();
+  }
+}
