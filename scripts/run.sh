@@ -15,7 +15,7 @@ NATS_PORT=${NATS_PORT:-4222}
 NATS_MONITOR_PORT=${NATS_MONITOR_PORT:-8222}
 NATS_SERVER=${NATS_SERVER_BIN:-.tools/bin/nats-server}
 BIN=${BIN:-target/debug}
-RUN_DIR=.run
+RUN_DIR=${RUN_DIR:-.run}
 
 if ! [[ "$WS" =~ ^[1-9][0-9]?$ ]]; then
   echo "run: WS must be a number of ws nodes from 1 to 99 (got '$WS')" >&2

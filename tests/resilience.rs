@@ -2,12 +2,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use common::*;
 use serde_json::{Value, json};
@@ -77,84 +72,6 @@ async fn nats_outage_gives_503_then_delivery_resumes() {
     assert_eq!(event["channel"], "news");
     // File storage: the stream and its sequence survived the restart.
     assert!(event["seq"].as_u64().unwrap() >= 2, "{event}");
-}
-
-/// Where `cargo build` put the workspace's binaries (next to this test's `deps/` folder).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (`make test` does)",
-        path.display()
-    );
-    path
-}
-
-/// A server binary running as a child process; killed on drop if still running.
-struct Process {
-    child: Child,
-    addr: String,
-}
-
-impl Process {
-    /// Starts `name` with `env`, and reads its log until it says where it listens.
-    fn start(name: &str, env: &[(&str, String)]) -> Process {
-        let mut child = Command::new(binary(name))
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("{name} exited before listening"))
-                .unwrap();
-            if line.contains("listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                break addr.split_whitespace().next().unwrap().to_string();
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Process { child, addr }
-    }
-
-    fn server(&self) -> Server {
-        Server::external(self.addr.parse().unwrap())
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    async fn exit_code(&mut self) -> i32 {
-        within("the process to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return status.code().unwrap_or(-1);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::{
+    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -253,11 +254,20 @@ where
 
 /// Starts `fanout-api` against `nats`.
 pub async fn start_api(nats: &NatsServer) -> Server {
-    let config = fanout_api::Config {
+    start_api_with(nats, |_| {}).await
+}
+
+/// Starts `fanout-api` against `nats`; `tweak` adjusts its settings first.
+pub async fn start_api_with(
+    nats: &NatsServer,
+    tweak: impl FnOnce(&mut fanout_api::Config),
+) -> Server {
+    let mut config = fanout_api::Config {
         common: common(nats, "api-1"),
         listen: "127.0.0.1:0".into(),
         ..fanout_api::Config::default()
     };
+    tweak(&mut config);
     spawn_server(|listener, token| fanout_api::run(config, listener, token)).await
 }
 
@@ -458,4 +468,82 @@ pub async fn node_subjects(nats: &NatsServer, node_id: &str) -> Vec<String> {
         })
         .filter_map(|s| s.as_str().map(String::from))
         .collect()
+}
+
+/// Where `cargo build` put the workspace's binaries (next to this test's `deps/` folder).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (`make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A server binary running as a child process; killed on drop if still running.
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Process {
+    /// Starts `name` with `env`, and reads its log until it says where it listens.
+    pub fn start(name: &str, env: &[(&str, String)]) -> Process {
+        let mut child = Command::new(binary(name))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("{name} exited before listening"))
+                .unwrap();
+            if line.contains("listening")
+                && let Some(addr) = line.split("addr=").nth(1)
+            {
+                break addr.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Process { child, addr }
+    }
+
+    pub fn server(&self) -> Server {
+        Server::external(self.addr.parse().unwrap())
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn exit_code(&mut self) -> i32 {
+        within("the process to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status.code().unwrap_or(-1);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,279 @@
+//! The demo page in real headless Chromium (Debian's `chromium`, driven over WebDriver by
+//! Debian's `chromedriver`) against a real tier: nats-server, the API, two ws node processes.
+//!
+//! Tab A is pinned to node 1, tab B to node 2. "Call API" in tab A reaches both tabs. Then
+//! node 2 is killed: tab B shows it reconnecting, and once node 2 is back on its port, tab B
+//! receives the next event. Screenshots go to `target/screenshots/`.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use fantoccini::{Client as Browser, ClientBuilder, Locator, wd::WindowHandle};
+use serde_json::{Value, json};
+
+/// `$CHROMIUM_BIN` or Debian's `/usr/bin/chromium`; `make test` installs it when missing.
+fn chromium() -> String {
+    std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into())
+}
+
+fn chromedriver() -> String {
+    std::env::var("CHROMEDRIVER_BIN").unwrap_or_else(|_| "/usr/bin/chromedriver".into())
+}
+
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(chromedriver())
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; `make test` installs Debian's chromium and chromium-driver",
+                    chromedriver()
+                )
+            });
+        eventually("chromedriver to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Driver { child, port }
+    }
+
+    async fn browser(&self, profile: &std::path::Path) -> Browser {
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            // Background tabs keep their timers, so tab B reconnects on schedule.
+            "--disable-background-timer-throttling",
+            "--disable-renderer-backgrounding",
+            "--disable-backgrounding-occluded-windows",
+            "--window-size=1200,820",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([format!("--user-data-dir={}", profile.display())])
+        .collect::<Vec<_>>();
+        let capabilities = json!({
+            "goog:chromeOptions": { "binary": chromium(), "args": args }
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        within(
+            "a browser session",
+            ClientBuilder::new(connector)
+                .capabilities(capabilities)
+                .connect(&format!("http://127.0.0.1:{}", self.port)),
+        )
+        .await
+        .expect("chromedriver could not start chromium")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One tab of the browser session.
+struct Tab<'a> {
+    browser: &'a Browser,
+    handle: WindowHandle,
+    name: &'static str,
+}
+
+impl Tab<'_> {
+    async fn focus(&self) {
+        self.browser
+            .switch_to_window(self.handle.clone())
+            .await
+            .unwrap();
+    }
+
+    /// Runs `script` (a function body) in this tab and returns its value.
+    async fn eval(&self, script: &str) -> Value {
+        self.focus().await;
+        self.browser.execute(script, vec![]).await.unwrap()
+    }
+
+    async fn state(&self) -> (String, String) {
+        let v = self
+            .eval("return [document.getElementById('conn').dataset.state, document.getElementById('node').textContent]")
+            .await;
+        (v[0].as_str().unwrap().into(), v[1].as_str().unwrap().into())
+    }
+
+    /// Waits until the tab shows `state` (and, when open, `node`).
+    async fn wait_for(&self, state: &str, node: Option<&str>) {
+        let what = format!("tab {} to show {state} {node:?}", self.name);
+        eventually(&what, || async {
+            let (s, n) = self.state().await;
+            s == state && node.is_none_or(|node| n == node)
+        })
+        .await;
+    }
+
+    /// The (channel, seq) of every event in the tab's log, newest first.
+    async fn events(&self) -> Vec<(String, u64)> {
+        let v = self
+            .eval("return [...document.querySelectorAll('#log li')].map(li => [li.dataset.channel, Number(li.dataset.seq)])")
+            .await;
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_u64().unwrap()))
+            .collect()
+    }
+
+    async fn wait_for_event(&self, seq: u64) {
+        let what = format!("tab {} to show event #{seq}", self.name);
+        eventually(&what, || async {
+            self.events().await.iter().any(|(_, s)| *s == seq)
+        })
+        .await;
+    }
+
+    async fn click(&self, id: &str) {
+        self.focus().await;
+        self.browser
+            .find(Locator::Id(id))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    async fn screenshot(&self, file: &str) -> PathBuf {
+        self.focus().await;
+        let png = self.browser.screenshot().await.unwrap();
+        let dir = workspace().join("target/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(file);
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+}
+
+/// The newest broadcast seq the API stored, read back from a fresh test client: the event
+/// that "Call API" produced.
+async fn newest_broadcast(listener: &mut Client) -> u64 {
+    let event = listener.event().await;
+    assert_eq!(event["channel"], "broadcast");
+    event["seq"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
+    let nats = NatsServer::start();
+    let ws_env = |node: &str, listen: &str| {
+        vec![
+            ("FANOUT_NATS_URL", nats.url()),
+            ("FANOUT_NODE_ID", node.to_string()),
+            ("FANOUT_LISTEN", listen.to_string()),
+            ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
+        ]
+    };
+    let ws1 = Process::start("fanout-ws", &ws_env("ws-1", "127.0.0.1:0"));
+    let mut ws2 = Process::start("fanout-ws", &ws_env("ws-2", "127.0.0.1:0"));
+    let ws2_addr = ws2.addr.clone();
+    wait_ready(&ws1.server()).await;
+    wait_ready(&ws2.server()).await;
+    let ws_urls = format!("ws-1=ws://{}/ws,ws-2=ws://{}/ws", ws1.addr, ws2.addr);
+    let api = start_api_with(&nats, |c| c.ws_urls = ws_urls).await;
+    // Reads each broadcast as it is stored, to know which seq the page should show.
+    let mut listener = Client::connect(&ws1.server()).await;
+
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    let page = api.url("/");
+    browser.goto(&format!("{page}?node=1")).await.unwrap();
+    let a = Tab {
+        browser: &browser,
+        handle: browser.window().await.unwrap(),
+        name: "A",
+    };
+    let b = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "B",
+    };
+    b.focus().await;
+    browser.goto(&format!("{page}?node=2")).await.unwrap();
+
+    a.wait_for("open", Some("ws-1")).await;
+    b.wait_for("open", Some("ws-2")).await;
+
+    // One click in tab A reaches both tabs, through two different nodes.
+    a.click("call-api").await;
+    let first = newest_broadcast(&mut listener).await;
+    a.wait_for_event(first).await;
+    b.wait_for_event(first).await;
+    assert_eq!(a.events().await, [("broadcast".to_string(), first)]);
+    assert_eq!(b.events().await, [("broadcast".to_string(), first)]);
+    a.screenshot("tab-a-ws-1.png").await;
+    b.screenshot("tab-b-ws-2.png").await;
+
+    // Node 2 dies: tab B says it is reconnecting.
+    ws2.signal("-KILL");
+    ws2.exit_code().await;
+    b.wait_for("reconnecting", None).await;
+    b.screenshot("tab-b-reconnecting.png").await;
+
+    // Node 2 comes back on its port: tab B reconnects to it and gets the next event.
+    let ws2 = Process::start("fanout-ws", &ws_env("ws-2", &ws2_addr));
+    wait_ready(&ws2.server()).await;
+    b.wait_for("open", Some("ws-2")).await;
+    a.click("call-api").await;
+    let second = newest_broadcast(&mut listener).await;
+    b.wait_for_event(second).await;
+    a.wait_for_event(second).await;
+    assert_eq!(b.events().await[0], ("broadcast".to_string(), second));
+    b.screenshot("tab-b-after-restart.png").await;
+
+    // A 375 px phone: nothing sticks out sideways.
+    a.focus().await;
+    browser.set_window_size(375, 812).await.unwrap();
+    let widths = a
+        .eval("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        .await;
+    assert!(
+        widths[0].as_u64() <= widths[1].as_u64(),
+        "horizontal overflow at 375 px: {widths}"
+    );
+    assert!(
+        widths[1].as_u64().unwrap() <= 400,
+        "the window did not shrink: {widths}"
+    );
+    a.screenshot("tab-a-phone.png").await;
+
+    browser.close().await.unwrap();
+}
