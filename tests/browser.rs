@@ -10,7 +10,6 @@ mod common;
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::Duration,
 };
 
 use common::*;
