@@ -1,0 +1,180 @@
+//! `make run`'s script, started as a person would: it prints where to go, one POST reaches a
+//! client on each node, and ctrl-c (SIGINT to its process group) leaves no process behind.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::*;
+
+/// A base port with `count` free ports after it (this checks, it cannot reserve).
+fn free_ports(count: u16) -> u16 {
+    for base in (20_000..40_000).step_by(97) {
+        let free = (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no {count} free consecutive ports");
+}
+
+/// Every descendant of `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let parent = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Alive and not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .map(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
+    let base = free_ports(5); // API, 2 ws nodes, NATS, NATS monitoring
+    let run_dir = tempfile::tempdir().unwrap();
+    // `env --default-signal=INT`: a shell started with SIGINT ignored (as CI may do for
+    // background jobs) could not trap it; a terminal's ctrl-c always arrives.
+    let mut child = Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(workspace().join("scripts/run.sh"))
+        .env("WS", "2")
+        .env("API_PORT", base.to_string())
+        .env("NATS_PORT", (base + 3).to_string())
+        .env("NATS_MONITOR_PORT", (base + 4).to_string())
+        .env("RUN_DIR", run_dir.path())
+        .env("NATS_SERVER_BIN", nats_server_bin())
+        .env("BIN", binary("fanout-ws").parent().unwrap())
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut output = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !output
+        .iter()
+        .any(|l: &String| l.contains("ctrl-c stops everything"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => output.push(line),
+            Err(_) => panic!("make run did not get ready:\n{}", output.join("\n")),
+        }
+    }
+    let text = output.join("\n");
+    assert!(
+        text.contains(&format!("http://localhost:{base}/?node=1")),
+        "{text}"
+    );
+    for prefix in ["[nats]", "[api]", "[ws-1]", "[ws-2]"] {
+        assert!(text.contains(prefix), "no {prefix} lines:\n{text}");
+    }
+
+    let api = Server::external(format!("127.0.0.1:{base}").parse().unwrap());
+    let mut clients = Vec::new();
+    for (i, port) in [(1, base + 1), (2, base + 2)] {
+        let client = Client::connect_url(&format!("ws://127.0.0.1:{port}/ws")).await;
+        assert_eq!(client.welcome["node"], format!("ws-{i}"));
+        clients.push(client);
+    }
+    let (status, _) = post_raw(&api, "/ping", "").await;
+    assert_eq!(status, 200);
+    for client in &mut clients {
+        assert!(client.event().await["data"]["sendTime"].is_string());
+    }
+    // The page is served, with the nodes make run started.
+    let config: serde_json::Value = reqwest::get(api.url("/v1/config"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["nodes"][1]["name"], "ws-2");
+
+    let tree = descendants(child.id());
+    assert!(
+        tree.len() >= 4,
+        "expected nats, api and two nodes: {tree:?}"
+    );
+    let status = Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = within("make run to stop", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exit.success(), "run.sh exited with {exit}");
+    // The servers are gone when the script exits; the log-prefixing seds follow on EOF.
+    let tree = &tree;
+    eventually("every process of make run to end", || async move {
+        tree.iter().all(|pid| !running(*pid))
+    })
+    .await;
+    for client in &mut clients {
+        assert_eq!(
+            client.closed().await,
+            Closed::Code(1001, "server shutting down".into())
+        );
+    }
+}
