@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Prefix of every environment variable.
 pub const ENV_PREFIX: &str = "FANOUT";
@@ -52,6 +52,18 @@ impl ConfigError {
             message: message.into(),
         }
     }
+}
+
+/// The environment variables a settings struct reads: one per field, plus `FANOUT_CONFIG`.
+/// (Serializes `settings` to learn its field names, so the list cannot drift from the code.)
+pub fn env_names(settings: &impl Serialize) -> Vec<String> {
+    let value = serde_json::to_value(settings).expect("settings serialize");
+    let mut names: Vec<String> = value
+        .as_object()
+        .map(|fields| fields.keys().map(|key| env_name(key)).collect())
+        .unwrap_or_default();
+    names.push(env_name("config"));
+    names
 }
 
 /// The environment variable that sets `key`.
@@ -106,7 +118,7 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, ConfigError> 
 }
 
 /// Settings both binaries share.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Common {
     /// NATS servers, comma-separated (`nats://a:4222,nats://b:4222`). The client connects to

@@ -5,7 +5,7 @@ use std::path::Path;
 use fanout::{Common, ConfigError, config};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     #[serde(skip)]
@@ -45,6 +45,15 @@ impl Config {
         config.common = config::load(file)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Every environment variable this binary reads.
+    pub fn env_names() -> Vec<String> {
+        let mut names = config::env_names(&Common::default());
+        names.extend(config::env_names(&Config::default()));
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

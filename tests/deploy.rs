@@ -1,0 +1,279 @@
+//! The Docker side, checked without a Docker engine: `nats.conf` through `nats-server -t`,
+//! and `docker-compose.yml` / `Dockerfile` parsed and compared with what the README promises
+//! and with the settings the binaries really read.
+
+mod common;
+
+use std::{collections::BTreeSet, process::Command};
+
+use common::*;
+use serde_norway::Value;
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(workspace().join("docker-compose.yml")).unwrap();
+    let mut value: Value = serde_norway::from_str(&text).unwrap();
+    // Resolve the `<<: *anchor` merge keys, which also appear nested (environment:).
+    fn merge_all(value: &mut Value) {
+        value.apply_merge().unwrap();
+        match value {
+            Value::Mapping(map) => map.values_mut().for_each(merge_all),
+            Value::Sequence(seq) => seq.iter_mut().for_each(merge_all),
+            _ => {}
+        }
+    }
+    merge_all(&mut value);
+    value
+}
+
+fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
+    let service = &compose["services"][name];
+    assert!(
+        service.is_mapping(),
+        "docker-compose.yml has no service {name}"
+    );
+    service
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("expected a scalar, got {other:?}"),
+    }
+}
+
+fn environment(service: &Value) -> Vec<(String, String)> {
+    service["environment"]
+        .as_mapping()
+        .map(|env| env.iter().map(|(k, v)| (text(k), text(v))).collect())
+        .unwrap_or_default()
+}
+
+fn ports(service: &Value) -> Vec<String> {
+    service["ports"]
+        .as_sequence()
+        .map(|ports| ports.iter().map(text).collect())
+        .unwrap_or_default()
+}
+
+/// The NATS version `make test` installs (and the tests run against).
+fn tested_nats_version() -> String {
+    let makefile = std::fs::read_to_string(workspace().join("Makefile")).unwrap();
+    makefile
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_VERSION"))
+        .and_then(|l| l.split('=').nth(1))
+        .map(|v| v.trim().to_string())
+        .expect("Makefile sets NATS_VERSION")
+}
+
+#[test]
+fn nats_conf_is_valid_for_every_cluster_node() {
+    for name in ["nats-1", "nats-2", "nats-3"] {
+        let output = Command::new(nats_server_bin())
+            .args(["-t", "-c"])
+            .arg(workspace().join("nats.conf"))
+            .env("NATS_SERVER_NAME", name)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "nats-server -t for {name}: {said}");
+        assert!(said.contains("is valid"), "{said}");
+    }
+    let conf = std::fs::read_to_string(workspace().join("nats.conf")).unwrap();
+    for route in [
+        "nats-route://nats-1:6222",
+        "nats-route://nats-2:6222",
+        "nats-route://nats-3:6222",
+    ] {
+        assert!(conf.contains(route), "nats.conf lacks the route {route}");
+    }
+    assert!(
+        conf.contains("jetstream"),
+        "nats.conf must enable JetStream"
+    );
+    assert!(conf.contains("server_name: $NATS_SERVER_NAME"));
+}
+
+#[test]
+fn compose_has_the_promised_topology() {
+    let compose = compose();
+    let services: BTreeSet<String> = compose["services"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(text)
+        .collect();
+    let expected = ["api", "jaeger", "nats-1", "nats-2", "nats-3", "ws"];
+    assert_eq!(services, expected.iter().map(|s| s.to_string()).collect());
+
+    // The NATS cluster: the version the tests use, nats.conf, a name each, JetStream storage.
+    let version = tested_nats_version();
+    for name in ["nats-1", "nats-2", "nats-3"] {
+        let nats = service(&compose, name);
+        let image = text(&nats["image"]);
+        assert!(
+            image.starts_with(&format!("nats:{version}")),
+            "{name} runs {image}, tests use {version}"
+        );
+        let command: Vec<String> = nats["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        assert_eq!(command, ["--config", "/etc/nats/nats.conf"]);
+        let volumes: Vec<String> = nats["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        assert!(
+            volumes.contains(&"./nats.conf:/etc/nats/nats.conf:ro".to_string()),
+            "{volumes:?}"
+        );
+        assert!(
+            volumes.contains(&format!("{name}:/data")),
+            "{name} keeps JetStream data in a volume"
+        );
+        assert_eq!(
+            environment(nats),
+            [("NATS_SERVER_NAME".to_string(), name.to_string())]
+        );
+        let check = nats["healthcheck"]["test"].as_sequence().unwrap();
+        assert!(
+            text(check.last().unwrap()).contains(":8222/healthz"),
+            "{check:?}"
+        );
+    }
+
+    // Jaeger v2, with OTLP and the UI.
+    let jaeger = service(&compose, "jaeger");
+    assert!(text(&jaeger["image"]).starts_with("jaegertracing/jaeger:2."));
+    assert_eq!(ports(jaeger), ["16686:16686", "4317:4317", "4318:4318"]);
+
+    // fanout: both talk to all three NATS servers and keep 3 stream replicas.
+    let api = service(&compose, "api");
+    let ws = service(&compose, "ws");
+    for (name, svc) in [("api", api), ("ws", ws)] {
+        let env: std::collections::HashMap<_, _> = environment(svc).into_iter().collect();
+        assert_eq!(
+            env["FANOUT_NATS_URL"], "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222",
+            "{name}"
+        );
+        assert_eq!(env["FANOUT_HISTORY_REPLICAS"], "3", "{name}");
+        assert_eq!(text(&svc["build"]["target"]), name);
+        for nats in ["nats-1", "nats-2", "nats-3"] {
+            assert_eq!(
+                text(&svc["depends_on"][nats]["condition"]),
+                "service_healthy"
+            );
+        }
+    }
+    assert_eq!(ports(api), ["8080:8080"]);
+
+    // ws replicas: each on its own host port, from a range at least as long as the replicas,
+    // and the page offers exactly those ports.
+    let replicas = ws["deploy"]["replicas"].as_u64().unwrap();
+    assert!(replicas >= 2, "{replicas} ws replicas");
+    let [ws_ports] = ports(ws).try_into().unwrap();
+    let (range, container) = ws_ports.split_once(':').unwrap();
+    let (first, last) = range
+        .split_once('-')
+        .expect("ws publishes a host port range");
+    let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+    assert!(u64::from(last - first + 1) >= replicas);
+    let ws_env: std::collections::HashMap<_, _> = environment(ws).into_iter().collect();
+    assert!(ws_env["FANOUT_LISTEN"].ends_with(&format!(":{container}")));
+    assert!(
+        !ws_env.contains_key("FANOUT_NODE_ID"),
+        "replicas must not share a node id"
+    );
+    let api_env: std::collections::HashMap<_, _> = environment(api).into_iter().collect();
+    let offered: Vec<u16> = api_env["FANOUT_WS_URLS"]
+        .split(',')
+        .map(|entry| {
+            entry
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .trim_end_matches("/ws")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(offered, (first..=last).collect::<Vec<_>>());
+}
+
+#[test]
+fn compose_and_dockerfile_only_set_variables_the_binaries_read() {
+    let api_reads = fanout_api::Config::env_names();
+    let ws_reads = fanout_ws::Config::env_names();
+    let compose = compose();
+    for (name, reads) in [("api", &api_reads), ("ws", &ws_reads)] {
+        for (key, _) in environment(service(&compose, name)) {
+            if key.starts_with("FANOUT_") {
+                assert!(
+                    reads.contains(&key),
+                    "compose sets {key} on {name}, which fanout-{name} does not read"
+                );
+            }
+        }
+    }
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
+    for line in dockerfile.lines().filter(|l| l.starts_with("ENV FANOUT_")) {
+        let key = line["ENV ".len()..].split('=').next().unwrap();
+        assert!(
+            api_reads.contains(&key.to_string()) && ws_reads.contains(&key.to_string()),
+            "{line}"
+        );
+    }
+    // And the README documents every variable either binary reads.
+    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
+    for key in api_reads.iter().chain(&ws_reads) {
+        assert!(
+            readme.contains(&format!("`{key}`")),
+            "README does not document {key}"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_builds_small_non_root_images_with_health_checks() {
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(stages, ["build", "runtime", "api", "ws"]);
+    assert!(dockerfile.contains("FROM debian:bookworm-slim AS runtime"));
+    assert!(
+        dockerfile.contains("USER 10001:10001"),
+        "runtime images run as a non-root user"
+    );
+    // Dependencies are built from the manifests alone, before the sources are copied.
+    let deps = dockerfile.find("cargo build").unwrap();
+    assert!(deps < dockerfile.find("COPY src src").unwrap());
+    for (port, binary) in [(8080, "fanout-api"), (8081, "fanout-ws")] {
+        assert!(dockerfile.contains(&format!("curl -fsS http://127.0.0.1:{port}/readyz")));
+        assert!(dockerfile.contains(&format!("ENTRYPOINT [\"{binary}\"]")));
+    }
+    let rust = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .unwrap();
+    let toolchain = String::from_utf8(
+        Command::new("rustc")
+            .arg("--version")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        toolchain.starts_with(&format!("rustc {rust}")),
+        "Dockerfile builds with Rust {rust}, tests use {toolchain}"
+    );
+}
