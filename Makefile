@@ -33,9 +33,10 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
 
-# Unit and integration tests. The integration tests start real nats-server processes and the
-# built binaries, so build those first.
+# Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
+# integration tests start real nats-server processes and the built binaries, so build those first.
 test: $(NATS_SERVER) browser
+	node --test web/
 	cargo build --workspace --bins
 	cargo test --workspace
 

@@ -1,0 +1,147 @@
+// Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
+import { test, mock } from "node:test";
+import assert from "node:assert/strict";
+import { FanoutClient, backoff, shouldReconnect } from "./fanout.js";
+
+/** A WebSocket stand-in that records what is sent and lets the test play the server. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    this.closed = null;
+    FakeSocket.all.push(this);
+  }
+  send(text) { this.sent.push(JSON.parse(text)); }
+  close(code = 1005, reason = "") { this.closed = { code, reason }; }
+  // server side
+  frame(value) { this.onmessage?.({ data: JSON.stringify(value) }); }
+  welcome(node) { this.frame({ op: "welcome", node, conn: `c-${node}`, heartbeat: 25 }); }
+  drop(code = 1006, reason = "") { this.onclose?.({ code, reason }); }
+}
+
+function setup(urls, options = {}) {
+  FakeSocket.all = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const client = new FanoutClient(urls, { WebSocket: FakeSocket, ...options });
+  const states = [];
+  client.on("state", (s) => states.push(s));
+  return { client, states, sockets: FakeSocket.all, last: () => FakeSocket.all.at(-1) };
+}
+
+test("backoff grows exponentially, is capped, and jitters within the upper half", () => {
+  const low = () => 0;
+  const high = () => 1;
+  assert.deepEqual([1, 2, 3, 4].map((a) => backoff(a, 500, 15000, low)), [250, 500, 1000, 2000]);
+  assert.deepEqual([1, 2, 3, 4].map((a) => backoff(a, 500, 15000, high)), [500, 1000, 2000, 4000]);
+  assert.equal(backoff(30, 500, 15000, high), 15000);
+  // 1,000 clients dropped by one node restart: their first retries spread over the window.
+  const delays = Array.from({ length: 1000 }, () => backoff(1));
+  const buckets = new Set(delays.map((d) => Math.floor(d / 25)));
+  assert.ok(Math.min(...delays) >= 250 && Math.max(...delays) <= 500);
+  assert.ok(buckets.size >= 9, `delays bunch up: ${[...buckets]}`);
+});
+
+test("close codes: reconnect unless 1000 or 4500-4999", () => {
+  for (const code of [1001, 1006, 1009, 1011, 4001, 4002, 4499]) assert.ok(shouldReconnect(code), code);
+  for (const code of [1000, 4500, 4999]) assert.ok(!shouldReconnect(code), code);
+});
+
+test("reconnects with growing delays, failing over to the next URL each attempt", () => {
+  const { client, states, sockets, last } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 100 });
+  try {
+    client.connect();
+    assert.equal(last().url, "ws://a/ws");
+    last().welcome("ws-a");
+    assert.equal(client.state, "open");
+    assert.equal(client.node, "ws-a");
+
+    last().drop(1001, "server shutting down");
+    const waiting = states.at(-1);
+    assert.equal(waiting.state, "reconnecting");
+    assert.equal(waiting.next, "ws://b/ws");
+    assert.ok(waiting.delay >= 50 && waiting.delay <= 100, waiting.delay);
+    mock.timers.tick(100);
+    assert.equal(last().url, "ws://b/ws");
+
+    last().drop(1006); // b is down too: back to a, after a longer wait
+    const second = states.at(-1);
+    assert.ok(second.delay >= 100 && second.delay <= 200, second.delay);
+    mock.timers.tick(200);
+    assert.equal(last().url, "ws://a/ws");
+    last().welcome("ws-a");
+    assert.equal(client.attempt, 0, "a welcome resets the backoff");
+    assert.equal(sockets.length, 3);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("subscriptions are renewed after every reconnect; events reach their callbacks", async () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    const seen = [];
+    client.connect();
+    client.subscribe("maths", (e) => seen.push(e.seq)); // before welcome: sent on welcome
+    last().welcome("ws-1");
+    assert.deepEqual(last().sent.map((f) => [f.op, f.channel]), [["subscribe", "maths"]]);
+    const id = last().sent[0].id;
+    last().frame({ op: "subscribed", channel: "maths", id });
+    last().frame({ op: "event", channel: "maths", seq: 7, id: "e", ts: 1, data: 1 });
+    last().frame({ op: "event", channel: "other", seq: 8, id: "f", ts: 1, data: 2 });
+    assert.deepEqual(seen, [7]);
+
+    last().drop(4001, "slow consumer");
+    mock.timers.tick(10);
+    last().welcome("ws-1");
+    assert.deepEqual(last().sent.map((f) => [f.op, f.channel]), [["subscribe", "maths"]]);
+
+    // A refused subscription rejects with the error frame and is forgotten.
+    const refused = client.subscribe("bad channel");
+    const request = last().sent.at(-1);
+    last().frame({ op: "error", code: "invalid_channel", message: "no", ref: "subscribe", id: request.id });
+    await assert.rejects(refused, (e) => e.code === "invalid_channel");
+    assert.deepEqual(client.channels, ["maths"]);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("terminal close codes and close() stop reconnecting", () => {
+  const { client, sockets, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    client.connect();
+    last().welcome("ws-1");
+    last().drop(4500, "forbidden");
+    assert.equal(client.state, "closed");
+    mock.timers.tick(60_000);
+    assert.equal(sockets.length, 1);
+
+    client.connect();
+    assert.equal(sockets.length, 2);
+    client.close();
+    assert.deepEqual(last().closed, { code: 1000, reason: "client closed" });
+    mock.timers.tick(60_000);
+    assert.equal(sockets.length, 2);
+  } finally {
+    mock.timers.reset();
+  }
+});
+
+test("an attempt that gets no welcome in time is abandoned and retried", () => {
+  const { client, sockets, last } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 10, connectTimeout: 1000 });
+  try {
+    client.connect();
+    mock.timers.tick(1000);
+    assert.ok(last().closed, "the silent attempt was closed");
+    last().drop(1006); // what the browser reports after close()
+    mock.timers.tick(10);
+    assert.equal(sockets.length, 2);
+    assert.equal(last().url, "ws://b/ws");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
