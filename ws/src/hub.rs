@@ -255,24 +255,18 @@ impl Hub {
         }
     }
 
-    /// Offers `frame` to every subscriber of `channel`.
+    /// Offers `frame` to every subscriber of `channel`; for `broadcast`, to every connection.
     pub fn deliver(&self, channel: &Channel, frame: &Frame) -> Delivery {
         let mut outcome = Delivery::default();
         let state = self.lock();
-        if let Some(entry) = state.channels.get(channel) {
+        if channel.is_broadcast() {
+            for conn in state.conns.values() {
+                conn.recipient.offer(frame, &mut outcome);
+            }
+        } else if let Some(entry) = state.channels.get(channel) {
             for recipient in entry.subscribers.values() {
                 recipient.offer(frame, &mut outcome);
             }
-        }
-        outcome
-    }
-
-    /// Offers `frame` to every connection (the `broadcast` channel).
-    pub fn broadcast(&self, frame: &Frame) -> Delivery {
-        let mut outcome = Delivery::default();
-        let state = self.lock();
-        for conn in state.conns.values() {
-            conn.recipient.offer(frame, &mut outcome);
         }
         outcome
     }
@@ -400,7 +394,7 @@ mod tests {
         assert_eq!(f.hub.deliver(&ch("y"), &frame).delivered, 0);
         assert_eq!(ra.try_recv().unwrap(), "e1");
         assert!(rb.try_recv().is_err());
-        assert_eq!(f.hub.broadcast(&Frame::from("b1")).delivered, 2);
+        assert_eq!(f.hub.deliver(&Channel::broadcast(), &Frame::from("b1")).delivered, 2);
         assert_eq!(ra.try_recv().unwrap(), "b1");
         assert_eq!(rb.try_recv().unwrap(), "b1");
     }

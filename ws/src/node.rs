@@ -188,11 +188,7 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>) {
                 continue;
             }
         };
-        let outcome = if channel.is_broadcast() {
-            hub.broadcast(&frame)
-        } else {
-            hub.deliver(&channel, &frame)
-        };
+        let outcome = hub.deliver(&channel, &frame);
         if outcome.slow > 0 {
             tracing::info!(%channel, slow = outcome.slow, "cut off slow consumers");
         }
