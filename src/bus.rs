@@ -37,9 +37,12 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use tracing::{Instrument, field::Empty};
+
 use crate::{
     Channel, Common,
     envelope::{Envelope, HEADER_ID, HEADER_TS},
+    telemetry,
     time::now_ms,
 };
 
@@ -77,6 +80,21 @@ pub enum BusError {
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
+}
+
+impl BusError {
+    /// A short, stable name for metrics labels and span attributes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BusError::InvalidUrl { .. } => "invalid_url",
+            BusError::Connect(_) => "connect",
+            BusError::Unavailable(_) => "unavailable",
+            BusError::Timeout(_) => "timeout",
+            BusError::Publish(_) => "publish",
+            BusError::Subscribe(_) => "subscribe",
+            BusError::Stream { .. } => "stream",
+        }
+    }
 }
 
 /// The stream's answer to a publish.
@@ -281,17 +299,56 @@ impl Bus {
             return Err(BusError::Unavailable("not connected"));
         }
         let id = uuid::Uuid::new_v4().to_string();
+        let subject = inner.subjects.inbound(channel);
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_ID, id.as_str());
         headers.insert(HEADER_TS, now_ms().to_string().as_str());
         headers.insert(NATS_MESSAGE_ID, idempotency_key.unwrap_or(&id));
-        let ack = inner
-            .js
-            .publish_with_headers(inner.subjects.inbound(channel), headers, data)
-            .await
-            .map_err(|err| self.publish_error(err))?
-            .await
-            .map_err(|err| self.publish_error(err))?;
+        let span = if telemetry::tracing_enabled() {
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = %format_args!("publish {subject}"),
+                otel.kind = "producer",
+                otel.status_code = Empty,
+                messaging.system = "nats",
+                messaging.operation.type = "publish",
+                messaging.operation.name = "publish",
+                messaging.destination.name = %subject,
+                messaging.message.id = %id,
+                fanout.channel = %channel,
+                fanout.seq = Empty,
+                error.type = Empty,
+                trace_id = Empty,
+            );
+            // The stored message, and so the republished copy, carries the context.
+            telemetry::inject(&span, |name, value| headers.insert(name, value.as_str()));
+            telemetry::record_trace_id(&span);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let acknowledged = async {
+            inner
+                .js
+                .publish_with_headers(subject, headers, data)
+                .await
+                .map_err(|err| self.publish_error(err))?
+                .await
+                .map_err(|err| self.publish_error(err))
+        }
+        .instrument(span.clone())
+        .await;
+        let ack = match acknowledged {
+            Ok(ack) => {
+                span.record("fanout.seq", ack.sequence);
+                ack
+            }
+            Err(err) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", err.kind());
+                return Err(err);
+            }
+        };
         let id = if ack.duplicate {
             self.stored_id(ack.sequence).await.unwrap_or(id)
         } else {
@@ -350,6 +407,7 @@ impl Bus {
         }
         Ok(Subscription {
             channel: channel.clone(),
+            subject: inner.subjects.outbound(channel),
             subscriber,
         })
     }
@@ -432,6 +490,7 @@ async fn keep_stream(inner: std::sync::Weak<Inner>) {
 #[derive(Debug)]
 pub struct Subscription {
     channel: Channel,
+    subject: String,
     subscriber: async_nats::Subscriber,
 }
 
@@ -445,6 +504,11 @@ pub enum DecodeError {
 impl Subscription {
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// The NATS subject it listens on.
+    pub fn subject(&self) -> &str {
+        &self.subject
     }
 
     /// The next event; `None` once the subscription is closed (drain or shutdown).
@@ -468,6 +532,8 @@ fn decode(channel: &Channel, message: async_nats::Message) -> Result<Envelope, D
             .unwrap_or_default()
             .to_string(),
         ts: number(HEADER_TS).unwrap_or_else(now_ms),
+        traceparent: header("traceparent").map(String::from),
+        tracestate: header("tracestate").map(String::from),
         data: message.payload,
     })
 }

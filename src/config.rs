@@ -139,6 +139,11 @@ pub struct Common {
     pub history_storage: String,
     /// How long a publish waits for the stream's acknowledgement, milliseconds.
     pub publish_timeout_ms: u64,
+    /// OTLP/HTTP collector base URL (`http://jaeger:4318`); `/v1/traces` is appended. Empty:
+    /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` decides, and without it tracing is off.
+    pub otlp_endpoint: String,
+    /// `text` (default) or `json` log lines.
+    pub log_format: String,
 }
 
 impl Default for Common {
@@ -152,6 +157,8 @@ impl Default for Common {
             history_replicas: 1,
             history_storage: "file".into(),
             publish_timeout_ms: 5000,
+            otlp_endpoint: String::new(),
+            log_format: "text".into(),
         }
     }
 }
@@ -222,6 +229,20 @@ impl Common {
             return Err(ConfigError::invalid(
                 "history_storage",
                 format!("{:?}: use \"file\" or \"memory\"", self.history_storage),
+            ));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::invalid(
+                "log_format",
+                format!("{:?}: use \"text\" or \"json\"", self.log_format),
+            ));
+        }
+        let endpoint = self.otlp_endpoint.trim();
+        let http = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !(endpoint.is_empty() || http) {
+            return Err(ConfigError::invalid(
+                "otlp_endpoint",
+                format!("{endpoint:?}: give the collector's base URL, e.g. http://jaeger:4318"),
             ));
         }
         if self.publish_timeout_ms == 0 {

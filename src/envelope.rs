@@ -10,6 +10,7 @@
 //! | `Nats-Msg-Id` | API | the `Idempotency-Key`, or the event id; JetStream de-duplicates on it |
 //! | `Nats-Sequence` | JetStream RePublish | the event's stream sequence (`seq`) |
 //! | `Nats-Last-Sequence` | JetStream RePublish | previous sequence on the same channel, or 0 |
+//! | `traceparent`, `tracestate` | API, when tracing | W3C trace context of the API's `publish` span |
 //!
 //! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
 //! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
@@ -34,6 +35,9 @@ pub struct Envelope {
     pub id: String,
     /// Unix milliseconds at publish.
     pub ts: u64,
+    /// W3C trace context of the publish, when the publisher traced it.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     /// The event's data as published. The API accepts only JSON; the ws node checks it
     /// again when it embeds it in the `event` frame, since anyone with NATS access can publish.
     pub data: Bytes,

@@ -1,44 +1,59 @@
-//! What every fanout binary's `main` does: logs, settings, the listening socket, signals, and
-//! an exit code with a one-line error. Each binary's `main.rs` is one call to [`main`].
+//! What every fanout binary's `main` does: settings, telemetry, the listening socket, signals,
+//! and an exit code with a one-line error. Each binary's `main.rs` is one call to [`main`].
 
 use std::{future::Future, path::Path, process::ExitCode};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConfigError, config};
+use crate::{Common, ConfigError, config, telemetry};
 
-/// Runs a server binary: reads `--config FILE` / `FANOUT_CONFIG` and the environment with
-/// `load`, binds `listen(&config)`, and runs `run` until SIGTERM or ctrl-c.
-/// Any error ends the process with status 1 and one line on stderr naming the cause.
+/// A binary's settings, as [`main`] needs them.
+pub trait Settings: Sized {
+    /// Defaults < `file` < environment, validated.
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError>;
+    fn common(&self) -> &Common;
+    /// The `listen` setting (`host:port`).
+    fn listen(&self) -> &str;
+}
+
+/// Runs a server binary: reads `--config FILE` / `FANOUT_CONFIG` and the environment, starts
+/// logging and tracing, binds the listen address, and runs `run` until SIGTERM or ctrl-c;
+/// then flushes pending spans. Any error ends the process with status 1 and one line on
+/// stderr naming the cause.
 pub async fn main<C, Fut, E>(
-    name: &str,
-    load: impl FnOnce(Option<&Path>) -> Result<C, ConfigError>,
-    listen: impl FnOnce(&C) -> &str,
+    name: &'static str,
     run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
 ) -> ExitCode
 where
+    C: Settings,
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + 'static,
 {
-    crate::telemetry::init_logging();
     let usage = format!(
         "usage: {name} [--config FILE]\n\
          settings come from FILE (TOML) and FANOUT_* environment variables; see README.md"
     );
     let started = async {
         let file = config::file_from_args(std::env::args().skip(1), &usage)?;
-        let config = load(file.as_deref())?;
-        let addr = config::parse_listen(listen(&config))?;
+        let config = C::load(file.as_deref())?;
+        let addr = config::parse_listen(config.listen())?;
         let listener = TcpListener::bind(addr).await.map_err(|err| {
             ConfigError::invalid("listen", format!("cannot listen on {addr}: {err}"))
         })?;
         Ok::<_, ConfigError>((config, listener))
     };
     let outcome = match started.await {
-        Ok((config, listener)) => run(config, listener, crate::shutdown::on_signal())
-            .await
-            .map_err(|err| chain(&err)),
+        Ok((config, listener)) => match telemetry::init(name, config.common()) {
+            Ok(telemetry) => {
+                telemetry::init_metrics();
+                let served = run(config, listener, crate::shutdown::on_signal()).await;
+                // The exporter blocks while it flushes; keep that off the runtime's workers.
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+                served.map_err(|err| chain(&err))
+            }
+            Err(err) => Err(chain(&err)),
+        },
         Err(err) => Err(chain(&err)),
     };
     match outcome {

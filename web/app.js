@@ -3,6 +3,7 @@ import { FanoutClient } from "./fanout.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LOG = 200;
+let jaegerUi = "";
 
 /** Node URLs may say `{host}`: the host this page was loaded from. */
 function resolve(url) {
@@ -71,6 +72,16 @@ function addEvent(event) {
   const time = document.createElement("time");
   time.textContent = new Date().toLocaleTimeString();
   head.append(channel, seq, lat, time);
+  if (event.trace && jaegerUi) {
+    const link = document.createElement("a");
+    link.className = "trace";
+    link.href = `${jaegerUi}/trace/${event.trace}`;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = "trace";
+    link.title = `open trace ${event.trace} in Jaeger`;
+    head.append(link);
+  }
   const data = document.createElement("code");
   data.className = "data";
   data.textContent = JSON.stringify(event.data);
@@ -124,6 +135,7 @@ function renderChannels(client) {
 async function main() {
   const config = await fetch("/v1/config").then((r) => r.json());
   const nodes = config.nodes.map((n) => ({ name: n.name, url: resolve(n.url) }));
+  jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
   const params = new URLSearchParams(location.search);
   const { urls, pinned } = choose(nodes, params);
   renderNodes(nodes, pinned);

@@ -18,6 +18,9 @@ pub struct Config {
     /// e.g. `ws-1=ws://{host}:8081/ws,ws-2=ws://{host}:8082/ws`. `{host}` becomes the host
     /// the page was loaded from.
     pub ws_urls: String,
+    /// Jaeger UI base URL (`FANOUT_JAEGER_UI`, e.g. `http://{host}:16686`): the page links each
+    /// traced event to its trace there. Needs `FANOUT_EVENT_TRACE_ID=true` on the ws nodes.
+    pub jaeger_ui: String,
 }
 
 /// One entry of [`Config::ws_urls`].
@@ -34,7 +37,20 @@ impl Default for Config {
             listen: "0.0.0.0:8080".into(),
             body_limit_bytes: 64 * 1024,
             ws_urls: String::new(),
+            jaeger_ui: String::new(),
         }
+    }
+}
+
+impl fanout::process::Settings for Config {
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Config::load(file)
+    }
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn listen(&self) -> &str {
+        &self.listen
     }
 }
 

@@ -2,11 +2,5 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    fanout::process::main(
-        "fanout-api",
-        fanout_api::Config::load,
-        |config| &config.listen,
-        fanout_api::run,
-    )
-    .await
+    fanout::process::main::<fanout_api::Config, _, _>("fanout-api", fanout_api::run).await
 }

@@ -14,15 +14,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Path, State, rejection::BytesRejection, rejection::PathRejection},
+    extract::{
+        DefaultBodyLimit, MatchedPath, Path, Request, State, rejection::BytesRejection,
+        rejection::PathRejection,
+    },
     http::{HeaderMap, StatusCode},
-    response::IntoResponse,
+    middleware::Next,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use bytes::Bytes;
-use fanout::{Bus, Channel, Published};
+use fanout::{Bus, Channel, Published, telemetry};
 use serde::Serialize;
 use serde_json::json;
+use tracing::{Instrument, field::Empty};
 
 use crate::{ApiError, Config, config::WsNode};
 
@@ -34,6 +39,7 @@ pub struct AppState {
     bus: Bus,
     body_limit: usize,
     ws_nodes: std::sync::Arc<[WsNode]>,
+    jaeger_ui: std::sync::Arc<str>,
 }
 
 impl AppState {
@@ -43,7 +49,13 @@ impl AppState {
             bus,
             body_limit: config.body_limit_bytes,
             ws_nodes: config.ws_nodes().unwrap_or_default().into(),
+            jaeger_ui: config.jaeger_ui.trim_end_matches('/').into(),
         }
+    }
+
+    /// Jaeger UI base URL for trace links on the page, or empty.
+    pub fn jaeger_ui(&self) -> &str {
+        &self.jaeger_ui
     }
 
     pub fn ws_nodes(&self) -> &[WsNode] {
@@ -57,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/channels/{channel}/events", post(publish_event))
         .route("/v1/broadcast", post(publish_broadcast))
         .route("/ping", post(ping))
+        .route_layer(axum::middleware::from_fn(http_span))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(crate::web::router())
@@ -64,6 +77,41 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// The HTTP server span of a publishing request (when tracing is on), continuing the
+/// caller's trace if the request carries `traceparent`.
+async fn http_span(request: Request, next: Next) -> Response {
+    if !telemetry::tracing_enabled() {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || request.uri().path().to_owned(),
+        |p| p.as_str().to_owned(),
+    );
+    let name = format!("{method} {route}");
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %name,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = Empty,
+        trace_id = Empty,
+    );
+    let headers = request.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    telemetry::continue_trace(&span, header("traceparent"), header("tracestate"));
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }
 
 /// The `202 Accepted` answer to a publish.

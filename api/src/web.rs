@@ -50,8 +50,9 @@ pub fn router() -> Router<AppState> {
     router
 }
 
-/// `{"nodes":[{"name","url"}]}` from `FANOUT_WS_URLS`. A URL may contain `{host}`, which the
-/// page replaces with the host it was loaded from.
+/// `{"nodes":[{"name","url"}],"jaeger_ui":"..."}` from `FANOUT_WS_URLS` and
+/// `FANOUT_JAEGER_UI`. A URL may contain `{host}`, which the page replaces with the host it
+/// was loaded from.
 async fn config(State(state): State<AppState>) -> impl IntoResponse {
-    Json(json!({ "nodes": state.ws_nodes() }))
+    Json(json!({ "nodes": state.ws_nodes(), "jaeger_ui": state.jaeger_ui() }))
 }

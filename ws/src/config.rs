@@ -26,6 +26,8 @@ pub struct Config {
     pub ws_buffer_bytes: usize,
     /// How long shutdown waits for connections to close before giving up, seconds.
     pub shutdown_timeout_secs: u64,
+    /// Put the trace id in `event` frames (`"trace"`), so a page can link to the trace.
+    pub event_trace_id: bool,
 }
 
 impl Default for Config {
@@ -39,7 +41,20 @@ impl Default for Config {
             queue_capacity: 512,
             ws_buffer_bytes: 4 * 1024,
             shutdown_timeout_secs: 10,
+            event_trace_id: false,
         }
+    }
+}
+
+impl fanout::process::Settings for Config {
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Config::load(file)
+    }
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn listen(&self) -> &str {
+        &self.listen
     }
 }
 

@@ -394,7 +394,12 @@ mod tests {
         assert_eq!(f.hub.deliver(&ch("y"), &frame).delivered, 0);
         assert_eq!(ra.try_recv().unwrap(), "e1");
         assert!(rb.try_recv().is_err());
-        assert_eq!(f.hub.deliver(&Channel::broadcast(), &Frame::from("b1")).delivered, 2);
+        assert_eq!(
+            f.hub
+                .deliver(&Channel::broadcast(), &Frame::from("b1"))
+                .delivered,
+            2
+        );
         assert_eq!(ra.try_recv().unwrap(), "b1");
         assert_eq!(rb.try_recv().unwrap(), "b1");
     }

@@ -2,11 +2,5 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    fanout::process::main(
-        "fanout-ws",
-        fanout_ws::Config::load,
-        |config| &config.listen,
-        fanout_ws::run,
-    )
-    .await
+    fanout::process::main::<fanout_ws::Config, _, _>("fanout-ws", fanout_ws::run).await
 }

@@ -14,10 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fanout::{Bus, Channel, Subscription};
+use fanout::{Bus, Channel, Envelope, Subscription, telemetry};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
+use tracing::{Instrument, field::Empty};
 
 use crate::{
     Config,
@@ -61,10 +61,17 @@ impl Node {
         });
         let span = tracing::info_span!("node", node_id = %node.id());
         tracker.spawn(
-            follow_interest(bus.clone(), hub.clone(), interest_rx, shutdown.clone())
-                .instrument(span.clone()),
+            follow_interest(
+                bus.clone(),
+                hub.clone(),
+                interest_rx,
+                shutdown.clone(),
+                node.config.event_trace_id,
+            )
+            .instrument(span.clone()),
         );
         let live = node.broadcast_live.clone();
+        let with_trace = node.config.event_trace_id;
         tracker.spawn(
             async move {
                 let subscription = match bus.subscribe(&Channel::broadcast()).await {
@@ -73,7 +80,7 @@ impl Node {
                 };
                 live.store(true, Ordering::Release);
                 tokio::select! {
-                    _ = read(subscription, hub) => {}
+                    _ = read(subscription, hub, with_trace) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -135,6 +142,7 @@ async fn follow_interest(
     hub: Arc<Hub>,
     mut reports: mpsc::UnboundedReceiver<Interest>,
     shutdown: CancellationToken,
+    with_trace: bool,
 ) {
     let mut readers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
     loop {
@@ -150,8 +158,9 @@ async fn follow_interest(
                 match bus.subscribe(&channel).await {
                     Ok(subscription) => {
                         tracing::debug!(%channel, "subscribed in NATS");
-                        let reader =
-                            tokio::spawn(read(subscription, hub.clone()).in_current_span());
+                        let reader = tokio::spawn(
+                            read(subscription, hub.clone(), with_trace).in_current_span(),
+                        );
                         if let Some(stale) = readers.insert(channel.clone(), reader) {
                             stale.abort();
                         }
@@ -175,22 +184,65 @@ async fn follow_interest(
 }
 
 /// Delivers one subscription's events to the hub until the subscription ends.
-async fn read(mut subscription: Subscription, hub: Arc<Hub>) {
+async fn read(mut subscription: Subscription, hub: Arc<Hub>, with_trace: bool) {
     let channel = subscription.channel().clone();
     while let Some(event) = subscription.next().await {
-        let frame = match event
-            .map_err(|e| e.to_string())
-            .and_then(|envelope| protocol::event(&envelope).map_err(|e| e.to_string()))
-        {
+        let envelope = match event {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                tracing::warn!(%channel, %err, "dropping a malformed message");
+                continue;
+            }
+        };
+        // One span per event and node, never per recipient; none at all when tracing is off.
+        let span = if telemetry::tracing_enabled() {
+            process_span(subscription.subject(), &envelope)
+        } else {
+            tracing::Span::none()
+        };
+        let _entered = span.enter();
+        let started = Instant::now();
+        let frame = match protocol::event(&envelope, with_trace) {
             Ok(frame) => frame,
             Err(err) => {
-                tracing::warn!(%channel, %err, "dropping a malformed event");
+                tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
                 continue;
             }
         };
         let outcome = hub.deliver(&channel, &frame);
+        if !span.is_none() {
+            span.record("fanout.recipients", outcome.delivered as u64);
+            span.record("fanout.dropped", outcome.slow as u64);
+            span.record("fanout.fanout_seconds", started.elapsed().as_secs_f64());
+        }
         if outcome.slow > 0 {
             tracing::info!(%channel, slow = outcome.slow, "cut off slow consumers");
         }
     }
+}
+
+/// The `process` span of one event on this node, a child of the API's `publish` span.
+fn process_span(subject: &str, envelope: &Envelope) -> tracing::Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format_args!("process {subject}"),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %subject,
+        messaging.message.id = %envelope.id,
+        fanout.channel = %envelope.channel,
+        fanout.seq = envelope.seq,
+        fanout.recipients = Empty,
+        fanout.dropped = Empty,
+        fanout.fanout_seconds = Empty,
+        trace_id = Empty,
+    );
+    telemetry::continue_trace(
+        &span,
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
+    span
 }

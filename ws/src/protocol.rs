@@ -176,8 +176,9 @@ pub fn pong(id: Option<&RequestId>) -> String {
     to_json(&Pong { op: "pong", id })
 }
 
-/// The `event` frame. `data` is embedded as published, without re-encoding.
-pub fn event(envelope: &Envelope) -> Result<Frame, serde_json::Error> {
+/// The `event` frame. `data` is embedded as published, without re-encoding. With
+/// `with_trace`, a traced event also carries `"trace": "<trace id>"`.
+pub fn event(envelope: &Envelope, with_trace: bool) -> Result<Frame, serde_json::Error> {
     #[derive(Serialize)]
     struct Event<'a> {
         op: &'static str,
@@ -185,15 +186,26 @@ pub fn event(envelope: &Envelope) -> Result<Frame, serde_json::Error> {
         seq: u64,
         id: &'a str,
         ts: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace: Option<&'a str>,
         data: &'a RawValue,
     }
     let data: &RawValue = serde_json::from_slice(&envelope.data)?;
+    let trace = with_trace
+        .then(|| {
+            envelope
+                .traceparent
+                .as_deref()
+                .and_then(fanout::telemetry::trace_id_of)
+        })
+        .flatten();
     let frame = serde_json::to_string(&Event {
         op: "event",
         channel: &envelope.channel,
         seq: envelope.seq,
         id: &envelope.id,
         ts: envelope.ts,
+        trace,
         data,
     })?;
     Ok(Frame::from(frame))
@@ -255,12 +267,19 @@ mod tests {
             last_seq: 41,
             id: "abc".into(),
             ts: 1_700_000_000_000,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: None,
             data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
         };
-        let frame = event(&envelope).unwrap();
+        let frame = event(&envelope, false).unwrap();
         assert_eq!(
             frame.as_str(),
             r#"{"op":"event","channel":"maths","seq":42,"id":"abc","ts":1700000000000,"data":{"x": [1, 2.50]}}"#
+        );
+        let frame = event(&envelope, true).unwrap();
+        assert!(
+            frame.contains(r#""trace":"4bf92f3577b34da6a3ce929d0e0e4736","data""#),
+            "{frame}"
         );
     }
 
