@@ -46,7 +46,6 @@ where
     let outcome = match started.await {
         Ok((config, listener)) => match telemetry::init(name, config.common()) {
             Ok(telemetry) => {
-                telemetry::init_metrics();
                 let served = run(config, listener, crate::shutdown::on_signal()).await;
                 // The exporter blocks while it flushes; keep that off the runtime's workers.
                 let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

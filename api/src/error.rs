@@ -71,6 +71,7 @@ impl From<BusError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        metrics::counter!("fanout_api_errors_total", "code" => self.code).increment(1);
         let body = json!({"error": {"code": self.code, "message": self.message}});
         (self.status, Json(body)).into_response()
     }

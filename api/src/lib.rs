@@ -37,6 +37,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    fanout::telemetry::init_metrics();
     let bus = Bus::connect(&config.common).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");

@@ -8,6 +8,7 @@
 //! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
+//! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/`, `/v1/config` | the demo page and its node list ([`crate::web`]) |
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn(http_span))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -160,7 +162,18 @@ async fn publish(
     serde_json::from_slice::<&serde_json::value::RawValue>(&body)
         .map_err(ApiError::invalid_json)?;
     let key = idempotency_key(headers)?;
+    let started = std::time::Instant::now();
     let Published { id, seq, duplicate } = state.bus.publish(&channel, body, key).await?;
+    metrics::histogram!("fanout_api_publish_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let class = if channel.is_broadcast() {
+        "broadcast"
+    } else {
+        "channel"
+    };
+    let duplicate_label = if duplicate { "true" } else { "false" };
+    metrics::counter!("fanout_api_events_accepted_total", "class" => class, "duplicate" => duplicate_label)
+        .increment(1);
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
@@ -206,11 +219,28 @@ async fn ping(State(state): State<AppState>) -> Result<impl IntoResponse, ApiErr
         .unwrap_or(0);
     let data = serde_json::to_vec(&json!({"sendTime": fanout::time::ansic(now)}))
         .expect("a JSON object always serializes");
+    let started = std::time::Instant::now();
     state
         .bus
         .publish(&Channel::broadcast(), Bytes::from(data), None)
         .await?;
+    metrics::histogram!("fanout_api_publish_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("fanout_api_events_accepted_total", "class" => "ping", "duplicate" => "false")
+        .increment(1);
     Ok(Json(json!({"message": "pong"})))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let connected = if state.bus.is_connected() { 1.0 } else { 0.0 };
+    metrics::gauge!("fanout_nats_connected").set(connected);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        telemetry::render_metrics(),
+    )
 }
 
 async fn healthz() -> impl IntoResponse {

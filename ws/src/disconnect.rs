@@ -16,31 +16,39 @@
 pub struct Disconnect {
     pub code: u16,
     pub reason: &'static str,
+    /// Label for `fanout_ws_connections_closed_total{reason}`.
+    pub name: &'static str,
 }
 
 pub const NORMAL: Disconnect = Disconnect {
     code: 1000,
     reason: "normal closure",
+    name: "normal",
 };
 pub const GOING_AWAY: Disconnect = Disconnect {
     code: 1001,
     reason: "server shutting down",
+    name: "shutdown",
 };
 pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {
     code: 1009,
     reason: "frame larger than the size limit",
+    name: "message_too_big",
 };
 pub const INTERNAL: Disconnect = Disconnect {
     code: 1011,
     reason: "internal error",
+    name: "internal",
 };
 pub const SLOW_CONSUMER: Disconnect = Disconnect {
     code: 4001,
     reason: "slow consumer",
+    name: "slow_consumer",
 };
 pub const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
     code: 4002,
     reason: "heartbeat timeout",
+    name: "heartbeat_timeout",
 };
 
 impl Disconnect {
@@ -63,7 +71,8 @@ mod tests {
         assert!(
             !Disconnect {
                 code: 4500,
-                reason: ""
+                reason: "",
+                name: "",
             }
             .reconnect()
         );

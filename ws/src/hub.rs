@@ -21,6 +21,7 @@ use std::{
 };
 
 use fanout::Channel;
+use metrics::gauge;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -167,6 +168,7 @@ impl Hub {
     }
 
     pub fn add_conn(&self, id: ConnId, recipient: Recipient) {
+        gauge!("fanout_ws_connections").increment(1.0);
         self.lock().conns.insert(
             id,
             ConnEntry {
@@ -182,6 +184,7 @@ impl Hub {
         let Some(conn) = state.conns.remove(&id) else {
             return;
         };
+        gauge!("fanout_ws_connections").decrement(1.0);
         for channel in conn.channels {
             self.leave(&mut state, id, &channel);
         }
@@ -202,8 +205,10 @@ impl Hub {
                 return Err(SubscribeError::TooMany(self.max_subscriptions));
             }
             conn.channels.insert(channel.clone());
+            gauge!("fanout_ws_subscriptions").increment(1.0);
         }
         let entry = channels.entry(channel.clone()).or_insert_with(|| {
+            gauge!("fanout_ws_channels").increment(1.0);
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
             let _ = self.interest.send(Interest::Add {
                 channel: channel.clone(),
@@ -233,10 +238,12 @@ impl Hub {
     }
 
     fn leave(&self, state: &mut State, id: ConnId, channel: &Channel) {
+        gauge!("fanout_ws_subscriptions").decrement(1.0);
         if let Some(entry) = state.channels.get_mut(channel) {
             entry.subscribers.remove(&id);
             if entry.subscribers.is_empty() {
                 state.channels.remove(channel);
+                gauge!("fanout_ws_channels").decrement(1.0);
                 let _ = self.interest.send(Interest::Remove {
                     channel: channel.clone(),
                 });

@@ -40,6 +40,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    fanout::telemetry::init_metrics();
     let bus = Bus::connect(&config.common).await?;
     let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
     let tasks = TaskTracker::new();

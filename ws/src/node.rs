@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fanout::{Bus, Channel, Envelope, Subscription, telemetry};
+use fanout::{Bus, Channel, Envelope, Subscription, telemetry, time::now_ms};
+use metrics::{counter, gauge, histogram};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, field::Empty};
@@ -79,6 +80,7 @@ impl Node {
                     Err(err) => return tracing::error!(%err, "cannot subscribe to broadcast"),
                 };
                 live.store(true, Ordering::Release);
+                gauge!("fanout_ws_nats_subscriptions").increment(1.0);
                 tokio::select! {
                     _ = read(subscription, hub, with_trace) => {}
                     _ = shutdown.cancelled() => {}
@@ -111,6 +113,10 @@ impl Node {
 
     pub fn nats_state(&self) -> &'static str {
         self.bus.state()
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
     }
 
     /// NATS connected, the stream present and `broadcast` subscribed.
@@ -161,8 +167,9 @@ async fn follow_interest(
                         let reader = tokio::spawn(
                             read(subscription, hub.clone(), with_trace).in_current_span(),
                         );
-                        if let Some(stale) = readers.insert(channel.clone(), reader) {
-                            stale.abort();
+                        match readers.insert(channel.clone(), reader) {
+                            Some(stale) => stale.abort(),
+                            None => gauge!("fanout_ws_nats_subscriptions").increment(1.0),
                         }
                     }
                     Err(err) => tracing::error!(%channel, %err, "cannot subscribe in NATS"),
@@ -173,6 +180,7 @@ async fn follow_interest(
                 if let Some(reader) = readers.remove(&channel) {
                     tracing::debug!(%channel, "unsubscribed in NATS");
                     reader.abort();
+                    gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
                 }
             }
             None => break,
@@ -180,20 +188,31 @@ async fn follow_interest(
     }
     for reader in readers.into_values() {
         reader.abort();
+        gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
     }
 }
 
 /// Delivers one subscription's events to the hub until the subscription ends.
 async fn read(mut subscription: Subscription, hub: Arc<Hub>, with_trace: bool) {
     let channel = subscription.channel().clone();
+    // Metric handles are looked up once here, not once per event.
+    let received = counter!("fanout_ws_events_received_total");
+    let malformed = counter!("fanout_ws_events_malformed_total");
+    let delivered = counter!("fanout_ws_frames_delivered_total");
+    let bytes_out = counter!("fanout_ws_bytes_out_total");
+    let slow = counter!("fanout_ws_slow_consumer_disconnects_total");
+    let latency = histogram!("fanout_ws_event_latency_seconds");
     while let Some(event) = subscription.next().await {
         let envelope = match event {
             Ok(envelope) => envelope,
             Err(err) => {
+                malformed.increment(1);
                 tracing::warn!(%channel, %err, "dropping a malformed message");
                 continue;
             }
         };
+        received.increment(1);
+        latency.record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
         // One span per event and node, never per recipient; none at all when tracing is off.
         let span = if telemetry::tracing_enabled() {
             process_span(subscription.subject(), &envelope)
@@ -205,11 +224,15 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, with_trace: bool) {
         let frame = match protocol::event(&envelope, with_trace) {
             Ok(frame) => frame,
             Err(err) => {
+                malformed.increment(1);
                 tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
                 continue;
             }
         };
         let outcome = hub.deliver(&channel, &frame);
+        delivered.increment(outcome.delivered as u64);
+        bytes_out.increment((outcome.delivered * frame.len()) as u64);
+        slow.increment(outcome.slow as u64);
         if !span.is_none() {
             span.record("fanout.recipients", outcome.delivered as u64);
             span.record("fanout.dropped", outcome.slow as u64);

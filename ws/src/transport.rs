@@ -14,11 +14,13 @@ use axum::{
         State, WebSocketUpgrade,
         ws::{CloseFrame, Message, WebSocket, rejection::WebSocketUpgradeRejection},
     },
-    http::StatusCode,
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use fanout::telemetry;
 use futures_util::SinkExt;
+use metrics::{counter, gauge};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -49,6 +51,8 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker) -> Router {
         .route("/ws", get(upgrade))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/debug/state", get(debug_state))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(AppState { node, sockets })
 }
@@ -72,6 +76,45 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "nats": node.nats_state(),
     });
     (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    gauge!("fanout_nats_connected").set(if state.node.bus().is_connected() {
+        1.0
+    } else {
+        0.0
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        telemetry::render_metrics(),
+    )
+        .into_response()
+}
+
+/// What an operator looks at instead of attaching a debugger.
+async fn debug_state(State(state): State<AppState>) -> Response {
+    let node = &state.node;
+    let channels: Vec<_> = node
+        .hub()
+        .channels()
+        .into_iter()
+        .map(|(channel, subscribers)| json!({"channel": channel, "subscribers": subscribers}))
+        .collect();
+    Json(json!({
+        "node": node.id(),
+        "uptime_secs": node.uptime().as_secs(),
+        "connections": node.hub().connections(),
+        "channels": channels,
+        "nats": {
+            "state": node.nats_state(),
+            "stream": node.bus().stream_name(),
+            "stream_ready": node.bus().stream_ready(),
+        },
+    }))
+    .into_response()
 }
 
 async fn upgrade(
@@ -117,9 +160,15 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId) {
     let (queue, frames) = mpsc::channel(node.config().queue_capacity);
     node.hub()
         .add_conn(conn, Recipient::new(queue, kick.clone()));
+    counter!("fanout_ws_connections_opened_total").increment(1);
     tracing::debug!("connected");
     let end = session(&mut socket, &node, conn, &kick, frames).await;
     node.hub().remove_conn(conn);
+    let reason = match &end {
+        End::Gone => "client",
+        End::Close(disconnect) => disconnect.name,
+    };
+    counter!("fanout_ws_connections_closed_total", "reason" => reason).increment(1);
     match end {
         End::Close(reason) => {
             tracing::debug!(code = reason.code, reason = reason.reason, "closing");
