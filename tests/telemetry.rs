@@ -303,17 +303,17 @@ async fn metrics_expose_the_families_and_move_with_events() {
     post_raw(&api, "/v1/channels/m/events", "{broken").await;
 
     let text = scrape(&ws).await;
-    let ws_expect: &[(&str, &[(&str, &str)], f64)] = &[
-        ("fanout_ws_connections", &[], 1.0),
-        ("fanout_ws_connections_opened_total", &[], 1.0),
-        ("fanout_ws_subscriptions", &[], 1.0),
-        ("fanout_ws_channels", &[], 1.0),
-        ("fanout_ws_nats_subscriptions", &[], 2.0), // broadcast and m
-        ("fanout_ws_events_received_total", &[], 3.0),
-        ("fanout_ws_frames_delivered_total", &[], 3.0),
-        ("fanout_ws_slow_consumer_disconnects_total", &[], 0.0),
-        ("fanout_ws_event_latency_seconds_count", &[], 3.0),
-        ("fanout_nats_connected", &[], 1.0),
+    let ws_expect: &[(&str, f64)] = &[
+        ("fanout_ws_connections", 1.0),
+        ("fanout_ws_connections_opened_total", 1.0),
+        ("fanout_ws_subscriptions", 1.0),
+        ("fanout_ws_channels", 1.0),
+        ("fanout_ws_nats_subscriptions", 2.0), // broadcast and m
+        ("fanout_ws_events_received_total", 3.0),
+        ("fanout_ws_frames_delivered_total", 3.0),
+        ("fanout_ws_slow_consumer_disconnects_total", 0.0),
+        ("fanout_ws_event_latency_seconds_count", 3.0),
+        ("fanout_nats_connected", 1.0),
     ];
     for (name, labels, want) in ws_expect {
         assert_eq!(
