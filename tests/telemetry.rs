@@ -388,3 +388,38 @@ async fn debug_state_shows_the_node() {
     assert_eq!(state["nats"]["stream_ready"], true);
     assert!(state["uptime_secs"].is_u64());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_trace_id_inside_traced_requests() {
+    let nats = NatsServer::start();
+    let (_receiver, otlp) = Receiver::start("127.0.0.1:0").await;
+    let extra = [
+        ("FANOUT_LOG_FORMAT", "json".to_string()),
+        ("FANOUT_OTLP_ENDPOINT", format!("http://{otlp}")),
+        // Nothing answers here: the publish fails and the API logs why, inside its span.
+        ("FANOUT_NATS_URL", "nats://127.0.0.1:1".to_string()),
+    ];
+    let api = Process::start("fanout-api", &env(&nats, "api-1", &extra));
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let response = reqwest::Client::new()
+        .post(api.server().url("/v1/channels/x/events"))
+        .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let api = &api;
+    eventually("the failure to be logged", || async move {
+        api.log().iter().any(|l| l.contains("not acknowledged"))
+    })
+    .await;
+    let line = api
+        .log()
+        .into_iter()
+        .find(|l| l.contains("not acknowledged"))
+        .unwrap();
+    let line: Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["span"]["trace_id"], trace, "{line}");
+}

@@ -486,10 +486,12 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Process {
     pub child: Child,
     pub addr: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Process {
-    /// Starts `name` with `env`, and reads its log until it says where it listens.
+    /// Starts `name` with `env`, and reads its log until it says where it listens
+    /// (text `addr=…` or JSON `"addr":"…"`).
     pub fn start(name: &str, env: &[(&str, String)]) -> Process {
         let mut child = Command::new(binary(name))
             .env_clear()
@@ -500,20 +502,41 @@ impl Process {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let addr = loop {
             let line = lines
                 .next()
                 .unwrap_or_else(|| panic!("{name} exited before listening"))
                 .unwrap();
-            if line.contains("listening")
-                && let Some(addr) = line.split("addr=").nth(1)
-            {
-                break addr.split_whitespace().next().unwrap().to_string();
+            log.lock().unwrap().push(line.clone());
+            if !line.contains("listening") {
+                continue;
+            }
+            let text = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next());
+            let json = line
+                .split("\"addr\":\"")
+                .nth(1)
+                .and_then(|a| a.split('"').next());
+            if let Some(addr) = text.or(json) {
+                break addr.to_string();
             }
         };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Process { child, addr }
+        // Keep reading so the child never blocks on a full pipe; keep the lines for tests.
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        Process { child, addr, log }
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn server(&self) -> Server {
