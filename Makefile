@@ -9,7 +9,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server browser clean
+.PHONY: all build test run lint fmt nats-server browser bench-tracing clean
 
 all: build
 
@@ -44,6 +44,11 @@ test: $(NATS_SERVER) browser
 run: $(NATS_SERVER)
 	cargo build --workspace --bins
 	WS=$(WS) ./scripts/run.sh
+
+# Fan-out throughput with tracing off, then on (OTLP export, sampling 1.0), in one run.
+bench-tracing: $(NATS_SERVER)
+	cargo build --release --workspace --bins
+	target/release/fanout-bench tracing $(BENCH_ARGS)
 
 lint:
 	cargo fmt --all -- --check

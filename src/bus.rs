@@ -311,7 +311,9 @@ impl Bus {
                 otel.kind = "producer",
                 otel.status_code = Empty,
                 messaging.system = "nats",
-                messaging.operation.type = "publish",
+                // Semantic conventions: the operation type is `send` (formerly `publish`); its
+                // name, and so the span's, stays `publish`.
+                messaging.operation.type = "send",
                 messaging.operation.name = "publish",
                 messaging.destination.name = %subject,
                 messaging.message.id = %id,

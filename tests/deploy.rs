@@ -163,7 +163,10 @@ fn compose_has_the_promised_topology() {
             "{name}"
         );
         assert_eq!(env["FANOUT_HISTORY_REPLICAS"], "3", "{name}");
-        assert_eq!(env["FANOUT_OTLP_ENDPOINT"], "http://jaeger:4318", "{name} traces to Jaeger");
+        assert_eq!(
+            env["FANOUT_OTLP_ENDPOINT"], "http://jaeger:4318",
+            "{name} traces to Jaeger"
+        );
         assert_eq!(text(&svc["build"]["target"]), name);
         for nats in ["nats-1", "nats-2", "nats-3"] {
             assert_eq!(
@@ -206,7 +209,10 @@ fn compose_has_the_promised_topology() {
         .collect();
     assert_eq!(offered, (first..=last).collect::<Vec<_>>());
     let jaeger_ui = &api_env["FANOUT_JAEGER_UI"];
-    assert!(jaeger_ui.ends_with(":16686"), "the page links traces to Jaeger's UI: {jaeger_ui}");
+    assert!(
+        jaeger_ui.ends_with(":16686"),
+        "the page links traces to Jaeger's UI: {jaeger_ui}"
+    );
 }
 
 #[test]

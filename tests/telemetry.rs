@@ -211,7 +211,8 @@ async fn one_post_is_one_trace_across_the_api_and_every_node() {
     assert_eq!(publish.parent_span_id, http.span_id);
     assert_eq!(publish.name, "publish fanout.in.traced");
     assert_eq!(publish.attributes["messaging.system"], "nats");
-    assert_eq!(publish.attributes["messaging.operation.type"], "publish");
+    assert_eq!(publish.attributes["messaging.operation.type"], "send");
+    assert_eq!(publish.attributes["messaging.operation.name"], "publish");
     assert_eq!(
         publish.attributes["messaging.destination.name"],
         "fanout.in.traced"
@@ -236,6 +237,34 @@ async fn one_post_is_one_trace_across_the_api_and_every_node() {
     }
     // One span per node for the event, not one per client.
     assert_eq!(spans.iter().filter(|s| s.kind == CONSUMER).count(), 2);
+    // Connections leave no spans either (their span only labels log lines). Close them, wait
+    // until both nodes have no connection left, then trace a second event: spans are exported
+    // in the order they end, so a connection's span would arrive no later than that event's.
+    drop((a, b));
+    for node in [&ws1s, &ws2s] {
+        let url = node.url("/v1/debug/state");
+        eventually("the connections to close", || async {
+            let state: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            state["connections"] == 0
+        })
+        .await;
+    }
+    let seq = common::publish(&api, "traced", &json!("second"))
+        .await
+        .to_string();
+    let seq = &seq;
+    eventually("the second event's spans", || async move {
+        receiver
+            .spans()
+            .iter()
+            .any(|s| s.kind == PRODUCER && s.attributes.get("fanout.seq") == Some(seq))
+    })
+    .await;
+    let names: Vec<String> = receiver.spans().iter().map(|s| s.name.clone()).collect();
+    assert!(
+        !names.iter().any(|n| n == "conn" || n == "node"),
+        "{names:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,7 +60,8 @@ impl Node {
             shutdown: shutdown.clone(),
             broadcast_live: Arc::new(AtomicBool::new(false)),
         });
-        let span = tracing::info_span!("node", node_id = %node.id());
+        let span =
+            tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
         tracker.spawn(
             follow_interest(
                 bus.clone(),

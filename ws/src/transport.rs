@@ -141,7 +141,7 @@ async fn upgrade(
         // the tracker is how shutdown waits for them.
         .on_upgrade(move |socket| {
             let conn = Uuid::new_v4();
-            let span = tracing::info_span!("conn", node_id = %node.id(), %conn);
+            let span = tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn);
             sockets.track_future(serve(socket, node, conn).instrument(span))
         })
 }

@@ -1,0 +1,141 @@
+//! Starting the real processes a benchmark measures: nats-server, fanout-api and fanout-ws
+//! nodes (release builds), on loopback, each killed when dropped; and reading their CPU time.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A child process that is killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// User + system CPU seconds so far, from /proc/<pid>/stat.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
+}
+
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3; utime and stime are fields 14 and 15 (1-based).
+    let ticks = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// Where the workspace's release binaries and tools are.
+pub struct Paths {
+    pub bin: PathBuf,
+    pub nats_server: PathBuf,
+}
+
+impl Paths {
+    pub fn find() -> Paths {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin = std::env::var_os("FANOUT_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/release"));
+        let nats_server = std::env::var_os("NATS_SERVER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".tools/bin/nats-server"));
+        for path in [
+            &bin.join("fanout-api"),
+            &bin.join("fanout-ws"),
+            &nats_server,
+        ] {
+            assert!(
+                path.exists(),
+                "{} is missing: run `make bench`",
+                path.display()
+            );
+        }
+        Paths { bin, nats_server }
+    }
+}
+
+pub fn start_nats(paths: &Paths, dir: &Path) -> Proc {
+    let ports = dir.join("ports");
+    std::fs::create_dir_all(&ports).unwrap();
+    let child = Command::new(&paths.nats_server)
+        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+        .arg(dir.join("js"))
+        .arg("--ports_file_dir")
+        .arg(&ports)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        let file = std::fs::read_dir(&ports).unwrap().flatten().next();
+        if let Some(text) = file.and_then(|f| std::fs::read_to_string(f.path()).ok())
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            break v["nats"][0].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Proc { child, addr }
+}
+
+/// Starts a fanout binary with `env` and waits for the address it logs.
+pub fn start_fanout(paths: &Paths, binary: &str, name: &str, env: &[(String, String)]) -> Proc {
+    let mut child = Command::new(paths.bin.join(binary))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("FANOUT_NODE_ID", name)
+        .env("FANOUT_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn,fanout_api=info,fanout_ws=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the process exited").unwrap();
+        if line.contains("listening")
+            && let Some(addr) = line.split("addr=").nth(1)
+        {
+            break addr.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, addr }
+}
+
+pub async fn wait_ready(addr: &str) {
+    let url = format!("http://{addr}/readyz");
+    for _ in 0..500 {
+        if let Ok(response) = reqwest::get(&url).await
+            && response.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{url} never became ready");
+}
