@@ -11,14 +11,17 @@ WORKDIR /src
 
 # Dependencies first, in a layer that changes only with the manifests: a code change
 # rebuilds fanout's own crates, not the ~300 dependencies.
+# Every workspace member's manifest must be here for cargo to load the workspace.
 COPY Cargo.toml Cargo.lock ./
 COPY api/Cargo.toml api/
 COPY ws/Cargo.toml ws/
-RUN mkdir -p src api/src ws/src \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src api/src ws/src bench/src \
  && touch src/lib.rs api/src/lib.rs ws/src/lib.rs \
  && echo 'fn main() {}' > api/src/main.rs \
  && echo 'fn main() {}' > ws/src/main.rs \
- && cargo build --release --locked --bins \
+ && echo 'fn main() {}' > bench/src/main.rs \
+ && cargo build --release --locked -p fanout-api -p fanout-ws \
  && rm -rf src api/src ws/src
 
 COPY src src
@@ -27,7 +30,7 @@ COPY ws/src ws/src
 # The demo page is compiled into fanout-api.
 COPY web web
 RUN touch src/lib.rs api/src/lib.rs ws/src/lib.rs \
- && cargo build --release --locked --bins \
+ && cargo build --release --locked -p fanout-api -p fanout-ws \
  && mkdir /out && cp target/release/fanout-api target/release/fanout-ws /out/
 
 # ---- runtime base: small, non-root -----------------------------------------------------------

@@ -262,6 +262,20 @@ fn dockerfile_builds_small_non_root_images_with_health_checks() {
         dockerfile.contains("USER 10001:10001"),
         "runtime images run as a non-root user"
     );
+    // Cargo loads the whole workspace: every member's manifest must be in the build stage.
+    let manifest = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("the workspace lists its members");
+    for member in members.trim_matches(|c| c == '[' || c == ']').split(',') {
+        let member = member.trim().trim_matches('"');
+        if member != "." {
+            let copy = format!("COPY {member}/Cargo.toml {member}/");
+            let present = dockerfile.lines().any(|line| line.trim() == copy);
+            assert!(present, "the Dockerfile misses `{copy}`");
+        }
+    }
     // Dependencies are built from the manifests alone, before the sources are copied.
     let deps = dockerfile.find("cargo build").unwrap();
     assert!(deps < dockerfile.find("COPY src src").unwrap());
