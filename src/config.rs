@@ -117,6 +117,36 @@ pub fn load<T: DeserializeOwned>(file: Option<&Path>) -> Result<T, ConfigError> 
     Ok(sources.try_deserialize()?)
 }
 
+/// One binary's settings: [`Common`] plus its own. The defaults of [`Settings::load`] and
+/// [`Settings::env_names`] are the same for every binary.
+pub trait Settings: Default + Serialize + DeserializeOwned {
+    fn common(&self) -> &Common;
+    fn common_mut(&mut self) -> &mut Common;
+    /// The `listen` setting (`host:port`).
+    fn listen(&self) -> &str;
+    /// Checks this binary's own settings (the common ones are checked by [`Settings::load`]).
+    fn validate(&self) -> Result<(), ConfigError>;
+
+    /// Defaults < `file` < environment, validated.
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut settings: Self = load(file)?;
+        *settings.common_mut() = load(file)?;
+        settings.common().validate()?;
+        parse_listen(settings.listen())?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every environment variable this binary reads.
+    fn env_names() -> Vec<String> {
+        let mut names = env_names(&Common::default());
+        names.extend(env_names(&Self::default()));
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
 /// Settings both binaries share.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]

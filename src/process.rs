@@ -1,21 +1,16 @@
 //! What every fanout binary's `main` does: settings, telemetry, the listening socket, signals,
 //! and an exit code with a one-line error. Each binary's `main.rs` is one call to [`main`].
 
-use std::{future::Future, path::Path, process::ExitCode};
+use std::{future::Future, process::ExitCode};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Common, ConfigError, config, telemetry};
-
-/// A binary's settings, as [`main`] needs them.
-pub trait Settings: Sized {
-    /// Defaults < `file` < environment, validated.
-    fn load(file: Option<&Path>) -> Result<Self, ConfigError>;
-    fn common(&self) -> &Common;
-    /// The `listen` setting (`host:port`).
-    fn listen(&self) -> &str;
-}
+use crate::{
+    ConfigError,
+    config::{self, Settings},
+    telemetry,
+};
 
 /// Runs a server binary: reads `--config FILE` / `FANOUT_CONFIG` and the environment, starts
 /// logging and tracing, binds the listen address, and runs `run` until SIGTERM or ctrl-c;

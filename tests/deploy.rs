@@ -7,6 +7,7 @@ mod common;
 use std::{collections::BTreeSet, process::Command};
 
 use common::*;
+use fanout::config::Settings;
 use serde_norway::Value;
 
 fn compose() -> Value {

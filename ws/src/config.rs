@@ -1,8 +1,8 @@
 //! `fanout-ws`'s settings: [`fanout::Common`] plus what only a WebSocket node uses.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use fanout::{Common, ConfigError, config};
+use fanout::{Common, ConfigError, config::Settings};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -46,39 +46,24 @@ impl Default for Config {
     }
 }
 
-impl fanout::process::Settings for Config {
-    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Config::load(file)
-    }
+impl Settings for Config {
     fn common(&self) -> &Common {
         &self.common
+    }
+    fn common_mut(&mut self) -> &mut Common {
+        &mut self.common
     }
     fn listen(&self) -> &str {
         &self.listen
     }
+    fn validate(&self) -> Result<(), ConfigError> {
+        Config::validate(self)
+    }
 }
 
 impl Config {
-    /// Defaults < `file` < environment, validated.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut config: Config = config::load(file)?;
-        config.common = config::load(file)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Every environment variable this binary reads.
-    pub fn env_names() -> Vec<String> {
-        let mut names = config::env_names(&Common::default());
-        names.extend(config::env_names(&Config::default()));
-        names.sort();
-        names.dedup();
-        names
-    }
-
+    /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.common.validate()?;
-        config::parse_listen(&self.listen)?;
         let ranges: [(&'static str, usize, usize, usize); 6] = [
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
             ("max_subscriptions", self.max_subscriptions, 1, 100_000),
