@@ -29,7 +29,7 @@ use async_nats::{
     jetstream::{
         self,
         context::PublishErrorKind,
-        stream::{self, Republish, StorageType},
+        stream::{self, DirectGetErrorKind, Republish, StorageType},
     },
 };
 use bytes::Bytes;
@@ -74,6 +74,8 @@ pub enum BusError {
     Publish(#[source] async_nats::jetstream::context::PublishError),
     #[error("subscribe failed: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot read the stream's history: {0}")]
+    History(#[source] async_nats::jetstream::stream::DirectGetError),
     #[error("cannot create or update stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -92,6 +94,7 @@ impl BusError {
             BusError::Timeout(_) => "timeout",
             BusError::Publish(_) => "publish",
             BusError::Subscribe(_) => "subscribe",
+            BusError::History(_) => "history",
             BusError::Stream { .. } => "stream",
         }
     }
@@ -150,12 +153,19 @@ struct Inner {
     js: jetstream::Context,
     subjects: Subjects,
     stream: stream::Config,
+    /// Handle for direct gets on the stream (history, duplicates).
+    stream_handle: stream::Stream<()>,
     publish_timeout: Duration,
     /// Set once the stream is known to exist with our settings; cleared when a publish finds
     /// it missing. A std atomic: read on every publish and every `/readyz`.
     stream_ready: AtomicBool,
     /// Wakes the stream keeper: after a (re)connect, or when the stream went missing.
     check_stream: Arc<Notify>,
+    /// The stream's identity: its creation time. Changes when the stream is recreated (and
+    /// sequences restart), which makes every client's `since` meaningless.
+    epoch: std::sync::RwLock<String>,
+    /// Counts (re)connections to NATS; subscribers catch up on each change.
+    connections: Arc<tokio::sync::watch::Sender<u64>>,
     closed: CancellationToken,
 }
 
@@ -179,6 +189,8 @@ impl Bus {
             .collect::<Result<Vec<_>, _>>()?;
         let check_stream = Arc::new(Notify::new());
         let on_event = check_stream.clone();
+        let connections = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let on_connect = connections.clone();
         let node = common.node_id.clone();
         let options = ConnectOptions::new()
             .name(&common.node_id)
@@ -188,12 +200,14 @@ impl Bus {
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
                 let on_event = on_event.clone();
+                let on_connect = on_connect.clone();
                 let node = node.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!(%node, "NATS connected");
                             on_event.notify_one();
+                            on_connect.send_modify(|n| *n += 1);
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(%node, "NATS disconnected; reconnecting")
@@ -234,15 +248,22 @@ impl Bus {
                 .min(Duration::from_secs(common.history_max_age_secs)),
             ..Default::default()
         };
+        let stream_handle = js
+            .get_stream_no_info(&stream.name)
+            .await
+            .expect("the stream name is derived from a validated prefix");
         let bus = Bus {
             inner: Arc::new(Inner {
                 client,
                 js,
                 subjects,
                 stream,
+                stream_handle,
                 publish_timeout: common.publish_timeout(),
                 stream_ready: AtomicBool::new(false),
                 check_stream,
+                epoch: std::sync::RwLock::new(String::new()),
+                connections,
                 closed: CancellationToken::new(),
             }),
         };
@@ -378,14 +399,91 @@ impl Bus {
 
     /// The event id stored at `seq` (for answering a duplicate publish).
     async fn stored_id(&self, seq: u64) -> Option<String> {
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(&self.inner.stream.name)
-            .await
-            .ok()?;
-        let message = stream.direct_get(seq).await.ok()?;
+        let message = self.inner.stream_handle.direct_get(seq).await.ok()?;
         Some(message.headers.get(HEADER_ID)?.as_str().to_string())
+    }
+
+    /// The stream's identity (empty until the stream is known). A client's `since` is only
+    /// meaningful within one epoch.
+    pub fn epoch(&self) -> String {
+        self.inner
+            .epoch
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the stream's identity again (after a sequence anomaly) and returns it.
+    pub async fn refresh_epoch(&self) -> String {
+        if let Ok(info) = self.inner.stream_handle.get_info().await {
+            self.inner.set_epoch(epoch_of(&info));
+        }
+        self.epoch()
+    }
+
+    /// Changes on every (re)connection to NATS: what was published meanwhile must be fetched
+    /// from the stream.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.connections.subscribe()
+    }
+
+    /// The stored events of `channel` with `after < seq <= until` (no upper bound if `until`
+    /// is `None`), in order. One direct get per event, so it is meant for the bounded ranges
+    /// a replay or a gap repair needs (at most the per-channel history limit).
+    pub async fn history(
+        &self,
+        channel: &Channel,
+        after: u64,
+        until: Option<u64>,
+    ) -> Result<Vec<Envelope>, BusError> {
+        let subject = self.inner.subjects.inbound(channel);
+        let mut events = Vec::new();
+        let mut next = after + 1;
+        while until.is_none_or(|until| next <= until) {
+            let found = self
+                .inner
+                .stream_handle
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await;
+            let message = match found {
+                Ok(message) => message,
+                Err(err) if err.kind() == DirectGetErrorKind::NotFound => break,
+                Err(err) => return Err(BusError::History(err)),
+            };
+            if until.is_some_and(|until| message.sequence > until) {
+                break;
+            }
+            next = message.sequence + 1;
+            events.push(envelope(
+                channel,
+                message.sequence,
+                0,
+                &message.headers,
+                message.payload,
+            ));
+        }
+        Ok(events)
+    }
+
+    /// Whether the event at `seq` on `channel` is still stored. Limits remove the oldest
+    /// events first, so if it is, every later event of the channel is too.
+    pub async fn is_stored(&self, channel: &Channel, seq: u64) -> Result<bool, BusError> {
+        match self.inner.stream_handle.direct_get(seq).await {
+            Ok(message) => Ok(message.subject.as_str() == self.inner.subjects.inbound(channel)),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(err) => Err(BusError::History(err)),
+        }
+    }
+
+    /// The stream's first stored sequence (1 while nothing has ever been removed).
+    pub async fn first_sequence(&self) -> Result<u64, BusError> {
+        let info = self
+            .inner
+            .stream_handle
+            .get_info()
+            .await
+            .map_err(|_| BusError::Unavailable("no stream info"))?;
+        Ok(info.state.first_sequence)
     }
 
     /// Subscribes to the events of `channel` (core NATS, no consumer state on the server).
@@ -438,7 +536,7 @@ fn reconnect_delay(attempts: usize) -> Duration {
 }
 
 async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
-    inner
+    let info = inner
         .js
         .create_or_update_stream(inner.stream.clone())
         .await
@@ -446,8 +544,24 @@ async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
             stream: inner.stream.name.clone(),
             source,
         })?;
+    inner.set_epoch(epoch_of(&info));
     inner.stream_ready.store(true, Ordering::Release);
     Ok(())
+}
+
+/// A stream's identity: its creation time in nanoseconds, as hex.
+fn epoch_of(info: &stream::Info) -> String {
+    format!("{:x}", info.created.unix_timestamp_nanos())
+}
+
+impl Inner {
+    fn set_epoch(&self, epoch: String) {
+        let mut current = self.epoch.write().unwrap_or_else(|e| e.into_inner());
+        if !current.is_empty() && *current != epoch {
+            tracing::warn!(stream = %self.stream.name, "the stream was recreated: sequences restarted");
+        }
+        *current = epoch;
+    }
 }
 
 /// Background task: after every (re)connect, or when asked, makes sure the stream exists
@@ -522,22 +636,40 @@ impl Subscription {
 
 fn decode(channel: &Channel, message: async_nats::Message) -> Result<Envelope, DecodeError> {
     let headers = message.headers.unwrap_or_default();
-    let header = |name: &str| headers.get(name).map(|v| v.as_str());
-    let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+    };
     let seq = number(NATS_SEQUENCE).ok_or(DecodeError::NoSequence)?;
-    Ok(Envelope {
+    let last_seq = number(NATS_LAST_SEQUENCE).unwrap_or(0);
+    Ok(envelope(channel, seq, last_seq, &headers, message.payload))
+}
+
+/// An envelope from a message's headers: live (republished) or read back from the stream.
+fn envelope(
+    channel: &Channel,
+    seq: u64,
+    last_seq: u64,
+    headers: &HeaderMap,
+    data: Bytes,
+) -> Envelope {
+    let header = |name: &str| headers.get(name).map(|v| v.as_str());
+    Envelope {
         channel: channel.clone(),
         seq,
-        last_seq: number(NATS_LAST_SEQUENCE).unwrap_or(0),
+        last_seq,
         id: header(HEADER_ID)
             .or_else(|| header(NATS_MESSAGE_ID))
             .unwrap_or_default()
             .to_string(),
-        ts: number(HEADER_TS).unwrap_or_else(now_ms),
+        ts: header(HEADER_TS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(now_ms),
         traceparent: header("traceparent").map(String::from),
         tracestate: header("tracestate").map(String::from),
-        data: message.payload,
-    })
+        data,
+    }
 }
 
 #[cfg(test)]

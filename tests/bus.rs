@@ -47,3 +47,60 @@ async fn republished_events_carry_sequence_and_the_channels_previous_sequence() 
     assert!(e3.ts >= e1.ts);
     bus.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_back_one_channel_in_order() {
+    let nats = NatsServer::start();
+    let bus = Bus::connect(&common(&nats, "bus-test")).await.unwrap();
+    eventually("the bus to be ready", || async { bus.is_ready() }).await;
+    let a = Channel::parse("a").unwrap();
+    let b = Channel::parse("b").unwrap();
+    let mut seqs_a = Vec::new();
+    for i in 0..5 {
+        seqs_a.push(
+            bus.publish(&a, Bytes::from(i.to_string()), None)
+                .await
+                .unwrap()
+                .seq,
+        );
+        bus.publish(&b, Bytes::from_static(b"0"), None)
+            .await
+            .unwrap();
+    }
+    let all: Vec<u64> = bus
+        .history(&a, 0, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(all, seqs_a, "only channel a, in order");
+    let after: Vec<u64> = bus
+        .history(&a, seqs_a[1], Some(seqs_a[3]))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(after, &seqs_a[2..=3], "after < seq <= until");
+    let events = bus.history(&a, seqs_a[3], None).await.unwrap();
+    assert_eq!(&events[0].data[..], b"4");
+    assert!(!events[0].id.is_empty() && events[0].ts > 0);
+    assert!(
+        bus.history(&a, *seqs_a.last().unwrap(), None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(bus.is_stored(&a, seqs_a[0]).await.unwrap());
+    assert!(
+        !bus.is_stored(&b, seqs_a[0]).await.unwrap(),
+        "that seq belongs to another channel"
+    );
+    assert!(!bus.is_stored(&a, 10_000).await.unwrap());
+    let epoch = bus.epoch();
+    assert!(!epoch.is_empty());
+    assert_eq!(bus.refresh_epoch().await, epoch);
+    assert_eq!(bus.first_sequence().await.unwrap(), 1);
+}
