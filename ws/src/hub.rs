@@ -44,21 +44,35 @@ pub enum Interest {
     Remove { channel: Channel },
 }
 
+/// An event frame waiting in a connection's queue, with what the connection needs to skip
+/// events it already got from a replay.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub channel: Channel,
+    pub seq: u64,
+    pub frame: Frame,
+}
+
 /// How the hub reaches one connection: its queue and its cut-off switch.
 #[derive(Debug, Clone)]
 pub struct Recipient {
-    queue: mpsc::Sender<Frame>,
+    queue: mpsc::Sender<Queued>,
     kick: Kick,
 }
 
 impl Recipient {
-    pub fn new(queue: mpsc::Sender<Frame>, kick: Kick) -> Self {
+    pub fn new(queue: mpsc::Sender<Queued>, kick: Kick) -> Self {
         Recipient { queue, kick }
     }
 
     /// Queues `frame` without waiting; a full queue cuts the connection off.
-    fn offer(&self, frame: &Frame, outcome: &mut Delivery) {
-        match self.queue.try_send(frame.clone()) {
+    fn offer(&self, channel: &Channel, seq: u64, frame: &Frame, outcome: &mut Delivery) {
+        let queued = Queued {
+            channel: channel.clone(),
+            seq,
+            frame: frame.clone(),
+        };
+        match self.queue.try_send(queued) {
             Ok(()) => outcome.delivered += 1,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if self.kick.kick(disconnect::SLOW_CONSUMER) {
@@ -262,17 +276,18 @@ impl Hub {
         }
     }
 
-    /// Offers `frame` to every subscriber of `channel`; for `broadcast`, to every connection.
-    pub fn deliver(&self, channel: &Channel, frame: &Frame) -> Delivery {
+    /// Offers event `seq`'s `frame` to every subscriber of `channel`; for `broadcast`, to
+    /// every connection.
+    pub fn deliver(&self, channel: &Channel, seq: u64, frame: &Frame) -> Delivery {
         let mut outcome = Delivery::default();
         let state = self.lock();
         if channel.is_broadcast() {
             for conn in state.conns.values() {
-                conn.recipient.offer(frame, &mut outcome);
+                conn.recipient.offer(channel, seq, frame, &mut outcome);
             }
         } else if let Some(entry) = state.channels.get(channel) {
             for recipient in entry.subscribers.values() {
-                recipient.offer(frame, &mut outcome);
+                recipient.offer(channel, seq, frame, &mut outcome);
             }
         }
         outcome
@@ -313,7 +328,7 @@ mod tests {
         }
     }
 
-    fn conn(hub: &Hub, queue: usize) -> (ConnId, mpsc::Receiver<Frame>, Kick) {
+    fn conn(hub: &Hub, queue: usize) -> (ConnId, mpsc::Receiver<Queued>, Kick) {
         let id = Uuid::new_v4();
         let (tx, rx) = mpsc::channel(queue);
         let kick = Kick::new(CancellationToken::new());
@@ -397,18 +412,16 @@ mod tests {
         let (_b, mut rb, _) = conn(&f.hub, 4);
         f.hub.subscribe(a, &ch("x")).unwrap();
         let frame = Frame::from("e1");
-        assert_eq!(f.hub.deliver(&ch("x"), &frame).delivered, 1);
-        assert_eq!(f.hub.deliver(&ch("y"), &frame).delivered, 0);
-        assert_eq!(ra.try_recv().unwrap(), "e1");
+        assert_eq!(f.hub.deliver(&ch("x"), 1, &frame).delivered, 1);
+        assert_eq!(f.hub.deliver(&ch("y"), 2, &frame).delivered, 0);
+        let queued = ra.try_recv().unwrap();
+        assert_eq!((queued.frame.as_str(), queued.seq), ("e1", 1));
+        assert_eq!(queued.channel, ch("x"));
         assert!(rb.try_recv().is_err());
-        assert_eq!(
-            f.hub
-                .deliver(&Channel::broadcast(), &Frame::from("b1"))
-                .delivered,
-            2
-        );
-        assert_eq!(ra.try_recv().unwrap(), "b1");
-        assert_eq!(rb.try_recv().unwrap(), "b1");
+        let b1 = Frame::from("b1");
+        assert_eq!(f.hub.deliver(&Channel::broadcast(), 3, &b1).delivered, 2);
+        assert_eq!(ra.try_recv().unwrap().frame, "b1");
+        assert_eq!(rb.try_recv().unwrap().frame, "b1");
     }
 
     #[test]
@@ -420,9 +433,9 @@ mod tests {
         f.hub.subscribe(fast, &ch("x")).unwrap();
         let mut slow_count = 0;
         for i in 0..5 {
-            let outcome = f.hub.deliver(&ch("x"), &Frame::from(format!("e{i}")));
+            let outcome = f.hub.deliver(&ch("x"), i, &Frame::from(format!("e{i}")));
             slow_count += outcome.slow;
-            assert_eq!(fast_rx.try_recv().unwrap(), format!("e{i}").as_str());
+            assert_eq!(fast_rx.try_recv().unwrap().frame, format!("e{i}").as_str());
         }
         assert_eq!(slow_count, 1, "kicked once, however many frames overflow");
         assert!(slow_kick.token().is_cancelled());

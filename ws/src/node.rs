@@ -83,7 +83,7 @@ impl Node {
                 live.store(true, Ordering::Release);
                 gauge!("fanout_ws_nats_subscriptions").increment(1.0);
                 tokio::select! {
-                    _ = read(subscription, hub, with_trace) => {}
+                    _ = read(subscription, hub, bus, with_trace) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -137,8 +137,65 @@ impl Node {
         Ok(())
     }
 
+    /// The stream epoch clients' sequences belong to.
+    pub fn epoch(&self) -> String {
+        self.bus.epoch()
+    }
+
+    /// The stored events of `channel` after `since`, for a resuming client whose `since`
+    /// belongs to `epoch`.
+    pub async fn replay(&self, channel: &Channel, since: u64, epoch: Option<&str>) -> Replay {
+        let current = self.bus.epoch();
+        if epoch.is_some_and(|epoch| epoch != current) {
+            // The stream was recreated: `since` counts in sequences that no longer exist.
+            return Replay::lost(current);
+        }
+        let recovered = if since == 0 {
+            self.bus.first_sequence().await.map(|first| first <= 1)
+        } else {
+            self.bus.is_stored(channel, since).await
+        };
+        match (recovered, self.bus.history(channel, since, None).await) {
+            (Ok(recovered), Ok(events)) => {
+                counter!("fanout_ws_replayed_events_total").increment(events.len() as u64);
+                Replay {
+                    skip_upto: Some(events.last().map_or(since, |e| e.seq)),
+                    events,
+                    recovered,
+                    epoch: current,
+                }
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(%channel, since, %err, "cannot replay");
+                Replay::lost(current)
+            }
+        }
+    }
+
     pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {
         self.hub.unsubscribe(conn, channel);
+    }
+}
+
+/// What [`Node::replay`] found.
+#[derive(Debug)]
+pub struct Replay {
+    pub events: Vec<Envelope>,
+    pub recovered: bool,
+    pub epoch: String,
+    /// Live events of the channel up to this seq were replayed (or seen by the client
+    /// before): the connection skips them. `None` when `since` meant nothing.
+    pub skip_upto: Option<u64>,
+}
+
+impl Replay {
+    fn lost(epoch: String) -> Replay {
+        Replay {
+            events: Vec::new(),
+            recovered: false,
+            epoch,
+            skip_upto: None,
+        }
     }
 }
 
@@ -166,7 +223,8 @@ async fn follow_interest(
                     Ok(subscription) => {
                         tracing::debug!(%channel, "subscribed in NATS");
                         let reader = tokio::spawn(
-                            read(subscription, hub.clone(), with_trace).in_current_span(),
+                            read(subscription, hub.clone(), bus.clone(), with_trace)
+                                .in_current_span(),
                         );
                         match readers.insert(channel.clone(), reader) {
                             Some(stale) => stale.abort(),
@@ -193,53 +251,147 @@ async fn follow_interest(
     }
 }
 
-/// Delivers one subscription's events to the hub until the subscription ends.
-async fn read(mut subscription: Subscription, hub: Arc<Hub>, with_trace: bool) {
+/// Delivers one subscription's events to the hub until the subscription ends: in stream
+/// order, each once, and without gaps. NATS may drop messages (a slow subscription, a
+/// reconnect): a live event whose `Nats-Last-Sequence` is not the last one delivered reveals
+/// a gap, which is filled from the stream before the event is delivered; after a reconnect,
+/// what was stored meanwhile is fetched at once.
+async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trace: bool) {
     let channel = subscription.channel().clone();
-    // Metric handles are looked up once here, not once per event.
-    let received = counter!("fanout_ws_events_received_total");
+    let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
     let malformed = counter!("fanout_ws_events_malformed_total");
-    let delivered = counter!("fanout_ws_frames_delivered_total");
-    let bytes_out = counter!("fanout_ws_bytes_out_total");
-    let slow = counter!("fanout_ws_slow_consumer_disconnects_total");
-    let latency = histogram!("fanout_ws_event_latency_seconds");
-    while let Some(event) = subscription.next().await {
-        let envelope = match event {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                malformed.increment(1);
-                tracing::warn!(%channel, %err, "dropping a malformed message");
+    let repairs = counter!("fanout_ws_gap_repairs_total");
+    let repaired = counter!("fanout_ws_events_repaired_total");
+    let mut connections = bus.connections();
+    connections.borrow_and_update();
+    let mut epoch = bus.epoch();
+    // The last sequence delivered; none until the first event.
+    let mut cursor: Option<u64> = None;
+    loop {
+        let envelope = tokio::select! {
+            event = subscription.next() => match event {
+                None => break,
+                Some(Ok(envelope)) => envelope,
+                Some(Err(err)) => {
+                    malformed.increment(1);
+                    tracing::warn!(%channel, %err, "dropping a malformed message");
+                    continue;
+                }
+            },
+            changed = connections.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // Reconnected: nothing published meanwhile reached this subscription.
+                if let Some(last) = cursor {
+                    match bus.history(&channel, last, None).await {
+                        Ok(missed) if !missed.is_empty() => {
+                            repairs.increment(1);
+                            repaired.increment(missed.len() as u64);
+                            for event in &missed {
+                                reader.deliver(event);
+                                cursor = Some(event.seq);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(%channel, %err, "cannot catch up after reconnecting"),
+                    }
+                }
                 continue;
             }
         };
-        received.increment(1);
-        latency.record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
+        if let Some(last) = cursor {
+            if envelope.seq <= last {
+                // Delivered already (a repair fetched it), unless the stream was recreated:
+                // then sequences restarted and this is a channel's first event again.
+                if envelope.last_seq != 0 || bus.refresh_epoch().await == epoch {
+                    continue;
+                }
+                epoch = bus.epoch();
+                tracing::warn!(%channel, "the stream was recreated; following its new sequences");
+            } else if envelope.last_seq > last {
+                match bus.history(&channel, last, Some(envelope.seq - 1)).await {
+                    Ok(missing) => {
+                        repairs.increment(1);
+                        repaired.increment(missing.len() as u64);
+                        tracing::info!(%channel, missing = missing.len(), "repaired a gap");
+                        for event in &missing {
+                            reader.deliver(event);
+                        }
+                    }
+                    Err(err) => tracing::warn!(%channel, %err, "cannot repair a gap"),
+                }
+            }
+        }
+        reader.deliver(&envelope);
+        cursor = Some(envelope.seq);
+    }
+}
+
+/// Turns events into frames for the hub, with the per-event metrics and span.
+struct Reader {
+    channel: Channel,
+    subject: String,
+    hub: Arc<Hub>,
+    with_trace: bool,
+    // Metric handles are looked up once, not once per event.
+    received: metrics::Counter,
+    malformed: metrics::Counter,
+    delivered: metrics::Counter,
+    bytes_out: metrics::Counter,
+    slow: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Reader {
+    fn new(channel: Channel, hub: Arc<Hub>, with_trace: bool, subject: &str) -> Reader {
+        Reader {
+            channel,
+            subject: subject.to_string(),
+            hub,
+            with_trace,
+            received: counter!("fanout_ws_events_received_total"),
+            malformed: counter!("fanout_ws_events_malformed_total"),
+            delivered: counter!("fanout_ws_frames_delivered_total"),
+            bytes_out: counter!("fanout_ws_bytes_out_total"),
+            slow: counter!("fanout_ws_slow_consumer_disconnects_total"),
+            latency: histogram!("fanout_ws_event_latency_seconds"),
+        }
+    }
+
+    fn deliver(&mut self, envelope: &Envelope) {
+        self.received.increment(1);
+        self.latency
+            .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
         // One span per event and node, never per recipient; none at all when tracing is off.
         let span = if telemetry::tracing_enabled() {
-            process_span(subscription.subject(), &envelope)
+            process_span(&self.subject, envelope)
         } else {
             tracing::Span::none()
         };
         let _entered = span.enter();
         let started = Instant::now();
-        let frame = match protocol::event(&envelope, with_trace) {
+        let frame = match protocol::event(envelope, self.with_trace) {
             Ok(frame) => frame,
             Err(err) => {
-                malformed.increment(1);
+                self.malformed.increment(1);
+                let channel = &self.channel;
                 tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
-                continue;
+                return;
             }
         };
-        let outcome = hub.deliver(&channel, &frame);
-        delivered.increment(outcome.delivered as u64);
-        bytes_out.increment((outcome.delivered * frame.len()) as u64);
-        slow.increment(outcome.slow as u64);
+        let outcome = self.hub.deliver(&self.channel, envelope.seq, &frame);
+        self.delivered.increment(outcome.delivered as u64);
+        self.bytes_out
+            .increment((outcome.delivered * frame.len()) as u64);
+        self.slow.increment(outcome.slow as u64);
         if !span.is_none() {
             span.record("fanout.recipients", outcome.delivered as u64);
             span.record("fanout.dropped", outcome.slow as u64);
             span.record("fanout.fanout_seconds", started.elapsed().as_secs_f64());
         }
         if outcome.slow > 0 {
+            let channel = &self.channel;
             tracing::info!(%channel, slow = outcome.slow, "cut off slow consumers");
         }
     }

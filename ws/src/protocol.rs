@@ -19,9 +19,25 @@ pub type RequestId = Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Subscribe(Channel),
+    /// With `since`, the node first replays the stored events after it (resume).
+    Subscribe {
+        channel: Channel,
+        since: Option<u64>,
+        /// The stream epoch the client's `since` belongs to (from `welcome`/`subscribed`).
+        epoch: Option<String>,
+    },
     Unsubscribe(Channel),
     Ping,
+}
+
+/// What a resuming `subscribe` found, for its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumed<'a> {
+    /// False when history no longer reaches back to `since` (or `since` belongs to another
+    /// epoch): events may be missing and the client must reload its state another way.
+    pub recovered: bool,
+    pub replayed: usize,
+    pub epoch: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,8 +135,31 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
             format!("{op:?} needs \"channel\""),
         )),
     };
+    let since = match fields.get("since") {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value.as_u64().map(Some).ok_or_else(|| {
+            Rejection::new(
+                "invalid_request",
+                "\"since\" must be a non-negative integer (a seq)",
+            )
+        }),
+    };
+    let epoch = match fields.get("epoch") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(epoch)) => Ok(Some(epoch.clone())),
+        Some(_) => Err(Rejection::new(
+            "invalid_request",
+            "\"epoch\" must be a string",
+        )),
+    };
     let parsed = match op {
-        "subscribe" => channel().map(Op::Subscribe),
+        "subscribe" => channel().and_then(|channel| {
+            Ok(Op::Subscribe {
+                channel,
+                since: since?,
+                epoch: epoch?,
+            })
+        }),
         "unsubscribe" => channel().map(Op::Unsubscribe),
         "ping" => Ok(Op::Ping),
         _ => Err(Rejection::new(
@@ -138,24 +177,59 @@ fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("protocol frames always serialize")
 }
 
-pub fn welcome(node: &str, conn: &str, heartbeat_secs: u64) -> String {
+pub fn welcome(node: &str, conn: &str, heartbeat_secs: u64, epoch: &str) -> String {
     #[derive(Serialize)]
     struct Welcome<'a> {
         op: &'static str,
         node: &'a str,
         conn: &'a str,
         heartbeat: u64,
+        epoch: &'a str,
     }
     to_json(&Welcome {
         op: "welcome",
         node,
         conn,
         heartbeat: heartbeat_secs,
+        epoch,
     })
 }
 
-/// `subscribed` / `unsubscribed`: the reply to a channel request.
-pub fn channel_reply(op: &'static str, channel: &Channel, id: Option<&RequestId>) -> String {
+/// `subscribed`, with what a resume found when the request had `since`.
+pub fn subscribed(
+    channel: &Channel,
+    id: Option<&RequestId>,
+    resumed: Option<Resumed<'_>>,
+) -> String {
+    #[derive(Serialize)]
+    struct Subscribed<'a> {
+        op: &'static str,
+        channel: &'a Channel,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replayed: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Subscribed {
+        op: "subscribed",
+        channel,
+        recovered: resumed.as_ref().map(|r| r.recovered),
+        replayed: resumed.as_ref().map(|r| r.replayed),
+        epoch: resumed.as_ref().map(|r| r.epoch),
+        id,
+    })
+}
+
+/// `unsubscribed`: the reply to leaving a channel.
+pub fn unsubscribed(channel: &Channel, id: Option<&RequestId>) -> String {
+    channel_reply("unsubscribed", channel, id)
+}
+
+fn channel_reply(op: &'static str, channel: &Channel, id: Option<&RequestId>) -> String {
     #[derive(Serialize)]
     struct Reply<'a> {
         op: &'static str,
@@ -223,8 +297,25 @@ mod tests {
     #[test]
     fn parses_requests() {
         let r = parse(r#"{"op":"subscribe","channel":"maths","id":7}"#).unwrap();
-        assert_eq!(r.op, Op::Subscribe(Channel::parse("maths").unwrap()));
+        let maths = Channel::parse("maths").unwrap();
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: maths.clone(),
+                since: None,
+                epoch: None
+            }
+        );
         assert_eq!(r.id, Some(json!(7)));
+        let r = parse(r#"{"op":"subscribe","channel":"maths","since":41,"epoch":"e1"}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Subscribe {
+                channel: maths,
+                since: Some(41),
+                epoch: Some("e1".into())
+            }
+        );
         let r = parse(r#"{"op":"unsubscribe","channel":"a.b","id":"x"}"#).unwrap();
         assert_eq!(r.op, Op::Unsubscribe(Channel::parse("a.b").unwrap()));
         assert_eq!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping);
@@ -287,13 +378,26 @@ mod tests {
     fn replies_echo_the_id() {
         let ch = Channel::parse("maths").unwrap();
         assert_eq!(
-            channel_reply("subscribed", &ch, Some(&json!("r1"))),
+            subscribed(&ch, Some(&json!("r1")), None),
             r#"{"op":"subscribed","channel":"maths","id":"r1"}"#
+        );
+        let resumed = Resumed {
+            recovered: true,
+            replayed: 3,
+            epoch: "e1",
+        };
+        assert_eq!(
+            subscribed(&ch, None, Some(resumed)),
+            r#"{"op":"subscribed","channel":"maths","recovered":true,"replayed":3,"epoch":"e1"}"#
+        );
+        assert_eq!(
+            unsubscribed(&ch, None),
+            r#"{"op":"unsubscribed","channel":"maths"}"#
         );
         assert_eq!(pong(None), r#"{"op":"pong"}"#);
         assert_eq!(
-            welcome("ws-1", "c", 25),
-            r#"{"op":"welcome","node":"ws-1","conn":"c","heartbeat":25}"#
+            welcome("ws-1", "c", 25, "e1"),
+            r#"{"op":"welcome","node":"ws-1","conn":"c","heartbeat":25,"epoch":"e1"}"#
         );
     }
 }

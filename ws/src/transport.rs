@@ -6,7 +6,7 @@
 //! socket, a bounded queue and a cancellation token. Every write races the connection's token,
 //! so a client that stopped reading cannot hold its task once the hub has cut it off.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -18,7 +18,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use fanout::telemetry;
+use fanout::{Channel, telemetry};
 use futures_util::SinkExt;
 use metrics::{counter, gauge};
 use serde_json::json;
@@ -29,9 +29,9 @@ use uuid::Uuid;
 
 use crate::{
     disconnect::{self, Disconnect},
-    hub::{ConnId, Kick, Recipient, SubscribeError},
+    hub::{ConnId, Kick, Queued, Recipient, SubscribeError},
     node::Node,
-    protocol::{self, Frame, Op, Rejection, Request},
+    protocol::{self, Frame, Op, Rejection, Request, Resumed},
 };
 
 /// Most queued frames written before one flush (one write syscall, as far as the buffer allows).
@@ -187,6 +187,10 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId) {
     }
 }
 
+/// Per channel, the seq up to which this connection already has the events (from a replay,
+/// or before it resumed): queued live events up to it are skipped. Empty unless resumed.
+type Replayed = HashMap<Channel, u64>;
+
 /// The connection's life: welcome, then requests, queued frames and heartbeats until one
 /// side ends it.
 async fn session(
@@ -194,10 +198,15 @@ async fn session(
     node: &Node,
     conn: ConnId,
     kick: &Kick,
-    mut frames: mpsc::Receiver<Frame>,
+    mut frames: mpsc::Receiver<Queued>,
 ) -> End {
     let config = node.config();
-    let welcome = protocol::welcome(node.id(), &conn.to_string(), config.heartbeat_secs);
+    let welcome = protocol::welcome(
+        node.id(),
+        &conn.to_string(),
+        config.heartbeat_secs,
+        &node.epoch(),
+    );
     if let Err(end) = send(socket, kick, Message::Text(welcome.into())).await {
         return end;
     }
@@ -205,15 +214,18 @@ async fn session(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
+    let mut replayed = Replayed::new();
     loop {
         let step = tokio::select! {
             biased;
             _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
             incoming = socket.recv() => {
                 awaiting_pong = false;
-                on_incoming(socket, node, conn, kick, incoming).await
+                on_incoming(socket, node, conn, kick, incoming, &mut replayed).await
             }
-            Some(first) = frames.recv() => write_frames(socket, kick, first, &mut frames).await,
+            Some(first) = frames.recv() => {
+                write_frames(socket, kick, first, &mut frames, &replayed).await
+            }
             _ = ticker.tick() => {
                 if awaiting_pong {
                     Err(End::Close(disconnect::HEARTBEAT_TIMEOUT))
@@ -235,19 +247,31 @@ async fn on_incoming(
     conn: ConnId,
     kick: &Kick,
     incoming: Option<Result<Message, axum::Error>>,
+    replayed: &mut Replayed,
 ) -> Result<(), End> {
-    let reply = match incoming {
+    let replies = match incoming {
         None | Some(Ok(Message::Close(_))) => return Err(End::Gone),
         Some(Err(err)) => return Err(read_error(err)),
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
-        Some(Ok(Message::Binary(_))) => Rejection::new(
-            "unsupported_frame",
-            "binary frames are not supported; send JSON text frames",
-        )
-        .encode(),
-        Some(Ok(Message::Text(text))) => answer(node, conn, &text).await,
+        Some(Ok(Message::Binary(_))) => vec![Frame::from(
+            Rejection::new(
+                "unsupported_frame",
+                "binary frames are not supported; send JSON text frames",
+            )
+            .encode(),
+        )],
+        Some(Ok(Message::Text(text))) => answer(node, conn, &text, replayed).await,
     };
-    send(socket, kick, Message::Text(reply.into())).await
+    let batch = async {
+        for reply in replies {
+            socket.feed(Message::Text(reply)).await?;
+        }
+        socket.flush().await
+    };
+    tokio::select! {
+        sent = batch => sent.map_err(|_| End::Gone),
+        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
+    }
 }
 
 /// A read error: an oversized frame gets 1009; anything else means the socket is gone.
@@ -262,29 +286,59 @@ fn read_error(err: axum::Error) -> End {
     }
 }
 
-/// Acts on one request and returns the reply frame.
-async fn answer(node: &Node, conn: ConnId, text: &str) -> String {
+/// Acts on one request and returns the frames to send: the reply, then (for a resuming
+/// `subscribe`) the replayed events.
+async fn answer(node: &Node, conn: ConnId, text: &str, replayed: &mut Replayed) -> Vec<Frame> {
     let Request { id, op } = match protocol::parse(text) {
         Ok(request) => request,
-        Err(rejection) => return rejection.encode(),
+        Err(rejection) => return vec![rejection.encode().into()],
     };
     let reject = |code, message: String, op: &str| {
         let mut rejection = Rejection::new(code, message);
         rejection.op = Some(op.to_string());
         rejection.id = id.clone();
-        rejection.encode()
+        vec![Frame::from(rejection.encode())]
     };
     match op {
-        Op::Ping => protocol::pong(id.as_ref()),
-        Op::Subscribe(channel) => match node.subscribe(conn, &channel).await {
-            Ok(()) => protocol::channel_reply("subscribed", &channel, id.as_ref()),
-            Err(err @ SubscribeError::TooMany(_)) => {
-                reject("too_many_subscriptions", err.to_string(), "subscribe")
+        Op::Ping => vec![protocol::pong(id.as_ref()).into()],
+        Op::Subscribe {
+            channel,
+            since,
+            epoch,
+        } => {
+            if let Err(err) = node.subscribe(conn, &channel).await {
+                let code = match err {
+                    SubscribeError::TooMany(_) => "too_many_subscriptions",
+                    SubscribeError::UnknownConn => "internal",
+                };
+                return reject(code, err.to_string(), "subscribe");
             }
-            Err(err @ SubscribeError::UnknownConn) => {
-                reject("internal", err.to_string(), "subscribe")
-            }
-        },
+            let Some(since) = since else {
+                return vec![protocol::subscribed(&channel, id.as_ref(), None).into()];
+            };
+            // Live events are queued from here on; the replay covers what came before, and
+            // the queue skips what the replay (or the client) already has.
+            let replay = node.replay(&channel, since, epoch.as_deref()).await;
+            let resumed = Resumed {
+                recovered: replay.recovered,
+                replayed: replay.events.len(),
+                epoch: &replay.epoch,
+            };
+            let mut frames =
+                vec![protocol::subscribed(&channel, id.as_ref(), Some(resumed)).into()];
+            let with_trace = node.config().event_trace_id;
+            frames.extend(
+                replay
+                    .events
+                    .iter()
+                    .filter_map(|event| protocol::event(event, with_trace).ok()),
+            );
+            match replay.skip_upto {
+                Some(upto) => replayed.insert(channel, upto),
+                None => replayed.remove(&channel),
+            };
+            frames
+        }
         Op::Unsubscribe(channel) if channel.is_broadcast() => reject(
             "reserved_channel",
             "every connection receives \"broadcast\"; it cannot be unsubscribed".into(),
@@ -292,7 +346,8 @@ async fn answer(node: &Node, conn: ConnId, text: &str) -> String {
         ),
         Op::Unsubscribe(channel) => {
             node.unsubscribe(conn, &channel);
-            protocol::channel_reply("unsubscribed", &channel, id.as_ref())
+            replayed.remove(&channel);
+            vec![protocol::unsubscribed(&channel, id.as_ref()).into()]
         }
     }
 }
@@ -305,18 +360,31 @@ async fn send(socket: &mut WebSocket, kick: &Kick, message: Message) -> Result<(
     }
 }
 
-/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
+/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush, leaving
+/// out events the connection already got from a replay.
 async fn write_frames(
     socket: &mut WebSocket,
     kick: &Kick,
-    first: Frame,
-    frames: &mut mpsc::Receiver<Frame>,
+    first: Queued,
+    frames: &mut mpsc::Receiver<Queued>,
+    replayed: &Replayed,
 ) -> Result<(), End> {
+    let fresh = |queued: &Queued| {
+        replayed
+            .get(&queued.channel)
+            .is_none_or(|&upto| queued.seq > upto)
+    };
     let batch = async {
-        socket.feed(Message::Text(first)).await?;
-        for _ in 1..MAX_BATCH {
-            let Ok(frame) = frames.try_recv() else { break };
-            socket.feed(Message::Text(frame)).await?;
+        let mut written = 0;
+        let mut next = Some(first);
+        while let Some(queued) = next.take() {
+            if fresh(&queued) {
+                socket.feed(Message::Text(queued.frame)).await?;
+                written += 1;
+            }
+            if written < MAX_BATCH {
+                next = frames.try_recv().ok();
+            }
         }
         socket.flush().await
     };
