@@ -174,7 +174,7 @@ async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
     for client in &mut clients {
         assert_eq!(
             client.closed().await,
-            Closed::Code(1001, "server shutting down".into())
+            Closed::Code(1001, "server shutting down: reconnect elsewhere".into())
         );
     }
 }

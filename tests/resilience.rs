@@ -110,7 +110,7 @@ async fn binaries_read_the_environment_and_stop_cleanly_on_sigterm() {
     ws.signal("-TERM");
     assert_eq!(
         client.closed().await,
-        Closed::Code(1001, "server shutting down".into())
+        Closed::Code(1001, "server shutting down: reconnect elsewhere".into())
     );
     assert_eq!(ws.exit_code().await, 0);
     api.signal("-TERM");

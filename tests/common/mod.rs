@@ -210,8 +210,13 @@ impl Drop for Server {
 }
 
 pub fn common(nats: &NatsServer, node_id: &str) -> fanout::Common {
+    common_at(&nats.url(), node_id)
+}
+
+/// Test settings for a process that reaches NATS at `nats_url` (comma-separated servers).
+pub fn common_at(nats_url: &str, node_id: &str) -> fanout::Common {
     fanout::Common {
-        nats_url: nats.url(),
+        nats_url: nats_url.into(),
         node_id: node_id.into(),
         // Tests restart NATS and need no more than a few events of history.
         history_max_age_secs: 60,
@@ -231,6 +236,7 @@ fn logs() {
 /// Runs a server's `run` on a fresh `127.0.0.1:0` listener and waits until `/readyz` says
 /// ready.
 async fn spawn_server<Fut, E>(
+    bound: Duration,
     run: impl FnOnce(tokio::net::TcpListener, CancellationToken) -> Fut,
 ) -> Server
 where
@@ -248,8 +254,24 @@ where
         shutdown,
         handle: Some(handle),
     };
-    wait_ready(&server).await;
+    wait_ready_for(&server, bound).await;
     server
+}
+
+/// Starts `fanout-api` with exactly `config`; waits at most `bound` for it to be ready.
+pub async fn spawn_api(config: fanout_api::Config, bound: Duration) -> Server {
+    spawn_server(bound, |listener, token| {
+        fanout_api::run(config, listener, token)
+    })
+    .await
+}
+
+/// Starts `fanout-ws` with exactly `config`; waits at most `bound` for it to be ready.
+pub async fn spawn_ws(config: fanout_ws::Config, bound: Duration) -> Server {
+    spawn_server(bound, |listener, token| {
+        fanout_ws::run(config, listener, token)
+    })
+    .await
 }
 
 /// Starts `fanout-api` against `nats`.
@@ -268,7 +290,10 @@ pub async fn start_api_with(
         ..fanout_api::Config::default()
     };
     tweak(&mut config);
-    spawn_server(|listener, token| fanout_api::run(config, listener, token)).await
+    spawn_server(WAIT, |listener, token| {
+        fanout_api::run(config, listener, token)
+    })
+    .await
 }
 
 /// Starts a `fanout-ws` node against `nats`; `tweak` adjusts its settings first.
@@ -283,7 +308,10 @@ pub async fn start_ws(
         ..fanout_ws::Config::default()
     };
     tweak(&mut config);
-    spawn_server(|listener, token| fanout_ws::run(config, listener, token)).await
+    spawn_server(WAIT, |listener, token| {
+        fanout_ws::run(config, listener, token)
+    })
+    .await
 }
 
 /// The usual topology: one nats-server, one API, and ws nodes `ws-1` … `ws-N`.
@@ -315,11 +343,21 @@ impl Tier {
 }
 
 pub async fn wait_ready(server: &Server) {
+    wait_ready_for(server, WAIT).await;
+}
+
+/// [`wait_ready`] with a longer bound, for what legitimately takes long on a loaded machine
+/// (a NATS cluster electing its JetStream leaders).
+pub async fn wait_ready_for(server: &Server, bound: Duration) {
     let url = server.url("/readyz");
-    eventually(&format!("{url} to answer 200"), || async {
-        matches!(reqwest::get(&url).await, Ok(r) if r.status() == 200)
-    })
-    .await;
+    let ready = async {
+        while !matches!(reqwest::get(&url).await, Ok(r) if r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(bound, ready)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {url} to answer 200"));
 }
 
 /// POSTs `body` (raw bytes) to `path` and returns status and JSON answer.
@@ -568,5 +606,334 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A client that resumes, as `web/fanout.js` does: on any disconnect it moves to the next URL
+/// and subscribes with `since` = the last seq it received (0 before the first: the test
+/// channels are fresh). It records every delivery as it arrives, duplicates included.
+pub struct Resumer {
+    handle: JoinHandle<Received>,
+    stop: tokio::sync::watch::Sender<bool>,
+    pub count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `subscribed` replies so far: 1 after the first subscribe, +1 per resume.
+    pub subscribed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What a [`Resumer`] saw.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub seqs: Vec<u64>,
+    pub reconnects: usize,
+    pub not_recovered: usize,
+    pub close_codes: Vec<u16>,
+}
+
+/// Options of a [`Resumer`].
+#[derive(Debug, Clone, Default)]
+pub struct ResumerOptions {
+    /// Stop reading for this long once, after this many events (to become a slow consumer).
+    pub stall: Option<(usize, Duration)>,
+    /// Disconnect after this many events and stay away this long before resuming.
+    pub offline: Option<(usize, Duration)>,
+}
+
+impl Resumer {
+    /// Connects to `urls[first]` (then the next ones on each reconnect) and subscribes.
+    /// Returns once subscribed.
+    pub async fn start(
+        urls: Vec<String>,
+        first: usize,
+        channel: &str,
+        options: ResumerOptions,
+    ) -> Resumer {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(resume_loop(
+            urls,
+            first,
+            channel.to_string(),
+            options,
+            stopped,
+            (count.clone(), subscribed.clone()),
+            ready_tx,
+        ));
+        within("the resuming client to subscribe", ready_rx)
+            .await
+            .unwrap();
+        Resumer {
+            handle,
+            stop,
+            count,
+            subscribed,
+        }
+    }
+
+    pub fn received(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub async fn stop(self) -> Received {
+        let _ = self.stop.send(true);
+        within("the resuming client to stop", self.handle)
+            .await
+            .unwrap()
+    }
+}
+
+async fn resume_loop(
+    urls: Vec<String>,
+    first: usize,
+    channel: String,
+    mut options: ResumerOptions,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    (count, subscribed): (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ),
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Received {
+    let mut ready = Some(ready);
+    let mut received = Received::default();
+    let mut epoch: Option<String> = None;
+    let mut attempt = first;
+    'connect: loop {
+        if *stopped.borrow() {
+            break;
+        }
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        let connected = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await;
+        let Ok(Ok((mut socket, _))) = connected else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let since = received.seqs.iter().copied().max().unwrap_or(0);
+        let mut request =
+            serde_json::json!({"op": "subscribe", "channel": channel, "since": since});
+        if let Some(epoch) = &epoch {
+            request["epoch"] = serde_json::json!(epoch);
+        }
+        if socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        loop {
+            let message = tokio::select! {
+                message = socket.next() => message,
+                _ = stopped.changed() => break 'connect,
+            };
+            let text = match message {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Close(frame))) => {
+                    received
+                        .close_codes
+                        .push(frame.map_or(1005, |f| f.code.into()));
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                _ => break,
+            };
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            match frame["op"].as_str() {
+                Some("welcome") => epoch = frame["epoch"].as_str().map(String::from),
+                Some("subscribed") => {
+                    if frame["recovered"] == false {
+                        received.not_recovered += 1;
+                    }
+                    subscribed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                }
+                Some("event") => {
+                    received.seqs.push(frame["seq"].as_u64().unwrap());
+                    let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if let Some((after, pause)) = options.stall
+                        && n >= after
+                    {
+                        options.stall = None;
+                        tokio::time::sleep(pause).await;
+                    }
+                    if let Some((after, away)) = options.offline
+                        && n >= after
+                    {
+                        options.offline = None;
+                        drop(socket);
+                        tokio::time::sleep(away).await;
+                        received.reconnects += 1;
+                        continue 'connect;
+                    }
+                }
+                _ => {}
+            }
+        }
+        received.reconnects += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    received
+}
+
+/// Publishes `count` events to `channel` at `rate` per second; each event is retried with
+/// the same `Idempotency-Key` until the API acknowledges it (an outage gives 503s).
+/// Returns the acknowledged sequences, in publish order.
+pub fn steady_publisher(
+    api: SocketAddr,
+    channel: &str,
+    rate: u32,
+    count: usize,
+    pad: usize,
+) -> JoinHandle<Vec<u64>> {
+    let url = format!("http://{api}/v1/channels/{channel}/events");
+    let pad = "x".repeat(pad);
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let start = tokio::time::Instant::now();
+        let mut acked = Vec::with_capacity(count);
+        for i in 0..count {
+            tokio::time::sleep_until(start + Duration::from_secs(1) * i as u32 / rate).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let sent = http
+                    .post(&url)
+                    .header("Idempotency-Key", format!("event-{i}"))
+                    .timeout(Duration::from_secs(3))
+                    .body(format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+                    .send()
+                    .await;
+                if let Ok(response) = sent
+                    && response.status() == 202
+                {
+                    let body: Value = response.json().await.unwrap();
+                    acked.push(body["seq"].as_u64().unwrap());
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "event {i} never acknowledged"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        acked
+    })
+}
+
+/// Compares what each client got with what the API acknowledged, prints the totals, and
+/// fails on any missing, duplicate or reordered delivery.
+pub fn verify(scenario: &str, acked: &[u64], clients: &[Received]) {
+    let mut bad = Vec::new();
+    println!("{scenario}: acknowledged {}", acked.len());
+    for (i, client) in clients.iter().enumerate() {
+        let got: std::collections::HashSet<u64> = client.seqs.iter().copied().collect();
+        let missing = acked.iter().filter(|s| !got.contains(s)).count();
+        let duplicates = client.seqs.len() - got.len();
+        let out_of_order = client.seqs.windows(2).filter(|w| w[0] >= w[1]).count();
+        let unexpected = got.iter().filter(|s| !acked.contains(s)).count();
+        println!(
+            "{scenario}: client {i}: delivered {}, missing {missing}, duplicates {duplicates}, out of order {out_of_order}, unexpected {unexpected}, reconnects {}, not recovered {}, close codes {:?}",
+            client.seqs.len(),
+            client.reconnects,
+            client.not_recovered,
+            client.close_codes
+        );
+        if missing + duplicates + out_of_order + unexpected > 0 {
+            bad.push(i);
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{scenario}: clients {bad:?} did not get every event exactly once, in order"
+    );
+}
+
+/// How long each fault scenario publishes (`FAULT_SECONDS`, default 3; `make soak` sets more).
+pub fn fault_seconds() -> u32 {
+    std::env::var("FAULT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+}
+
+/// Three nats-servers with JetStream, clustered over loopback routes.
+pub struct NatsCluster {
+    pub servers: Vec<Option<Child>>,
+    pub ports: Vec<u16>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let free = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let ports: Vec<u16> = (0..3).map(free).collect();
+        let cluster: Vec<u16> = (0..3).map(free).collect();
+        let routes = cluster
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let servers = (0..3)
+            .map(|i| {
+                let log = std::fs::File::create(dir.path().join(format!("nats-{i}.log"))).unwrap();
+                Some(
+                    Command::new(nats_server_bin())
+                        .args(["-a", "127.0.0.1", "-p", &ports[i].to_string(), "-js", "-n"])
+                        .arg(format!("nats-{i}"))
+                        .arg("-sd")
+                        .arg(dir.path().join(format!("js-{i}")))
+                        .args(["--cluster_name", "fanout", "--cluster"])
+                        .arg(format!("nats://127.0.0.1:{}", cluster[i]))
+                        .args(["--routes", &routes])
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        NatsCluster {
+            servers,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// Client URLs, starting with server `first`.
+    pub fn urls(&self, first: usize) -> String {
+        (0..3)
+            .map(|i| format!("nats://127.0.0.1:{}", self.ports[(first + i) % 3]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
     }
 }

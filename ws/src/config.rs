@@ -24,7 +24,10 @@ pub struct Config {
     /// WebSocket read and write buffer size per connection, bytes. The library default
     /// (128 KiB each, allocated up front) would cost ~134 KiB per idle connection.
     pub ws_buffer_bytes: usize,
-    /// How long shutdown waits for connections to close before giving up, seconds.
+    /// On shutdown, clients are closed (1001) spread over this window, milliseconds, so they
+    /// reconnect to the other nodes gradually. 0 closes them all at once.
+    pub drain_window_ms: u64,
+    /// How long shutdown waits for connections to close after the drain, seconds.
     pub shutdown_timeout_secs: u64,
     /// Put the trace id in `event` frames (`"trace"`), so a page can link to the trace.
     pub event_trace_id: bool,
@@ -40,6 +43,7 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             queue_capacity: 512,
             ws_buffer_bytes: 4 * 1024,
+            drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
         }
@@ -64,7 +68,7 @@ impl Settings for Config {
 impl Config {
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 6] = [
+        let ranges: [(&'static str, usize, usize, usize); 7] = [
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
             ("max_subscriptions", self.max_subscriptions, 1, 100_000),
             ("max_message_bytes", self.max_message_bytes, 128, 16 << 20),
@@ -76,6 +80,7 @@ impl Config {
                 1,
                 3600,
             ),
+            ("drain_window_ms", self.drain_window_ms as usize, 0, 600_000),
         ];
         for (setting, value, min, max) in ranges {
             if !(min..=max).contains(&value) {

@@ -3,7 +3,7 @@
 //! | code | name | client should |
 //! |---|---|---|
 //! | 1000 | normal | not reconnect (the client asked to close) |
-//! | 1001 | going away | reconnect, to this or another node (the node is shutting down) |
+//! | 1001 | going away | reconnect elsewhere now, and resume (the node is draining) |
 //! | 1009 | message too big | fix the client: a frame exceeded the size limit; reconnect |
 //! | 1011 | internal error | reconnect with backoff |
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
@@ -27,7 +27,7 @@ pub const NORMAL: Disconnect = Disconnect {
 };
 pub const GOING_AWAY: Disconnect = Disconnect {
     code: 1001,
-    reason: "server shutting down",
+    reason: "server shutting down: reconnect elsewhere",
     name: "shutdown",
 };
 pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {

@@ -293,6 +293,16 @@ impl Hub {
         outcome
     }
 
+    /// Every connection's cut-off switch (for draining).
+    pub fn kicks(&self) -> Vec<Kick> {
+        let state = self.lock();
+        state
+            .conns
+            .values()
+            .map(|c| c.recipient.kick.clone())
+            .collect()
+    }
+
     /// Number of connections.
     pub fn connections(&self) -> usize {
         self.lock().conns.len()

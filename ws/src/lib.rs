@@ -33,8 +33,9 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `/ws` on `listener` until `shutdown` is cancelled; then stops accepting, closes
-/// every client with 1001 (going away), waits for them (bounded) and drains NATS.
+/// Serves `/ws` on `listener` until `shutdown` is cancelled; then stops accepting, drains
+/// (closes every client with 1001, spread over `drain_window_ms`), waits for the connections
+/// (bounded) and drains NATS.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -44,13 +45,15 @@ pub async fn run(
     let bus = Bus::connect(&config.common).await?;
     let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
     let tasks = TaskTracker::new();
-    let node = node::Node::start(config, bus.clone(), shutdown.clone(), &tasks);
+    let drain_window = Duration::from_millis(config.drain_window_ms);
+    let node = node::Node::start(config, bus.clone(), &tasks);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %node.id(), "fanout-ws listening");
     let app = transport::router(node.clone(), tasks.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
+    node.drain(drain_window).await;
     tasks.close();
     if tokio::time::timeout(shutdown_timeout, tasks.wait())
         .await

@@ -36,20 +36,20 @@ pub struct Node {
     hub: Arc<Hub>,
     bus: Bus,
     started: Instant,
-    shutdown: CancellationToken,
+    /// Cancelled when the node has finished draining: its tasks stop and any connection
+    /// still open is closed at once.
+    closing: CancellationToken,
+    /// Set while draining: `/readyz` answers 503 so load balancers move on.
+    draining: AtomicBool,
     /// True once the always-on `broadcast` subscription is in place.
     broadcast_live: Arc<AtomicBool>,
 }
 
 impl Node {
     /// Creates the hub and starts the node's background tasks on `tracker`: the interest
-    /// loop and the `broadcast` reader. They end when `shutdown` is cancelled.
-    pub fn start(
-        config: Config,
-        bus: Bus,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
-    ) -> Arc<Node> {
+    /// loop and the `broadcast` reader. They end when [`Node::drain`] has finished.
+    pub fn start(config: Config, bus: Bus, tracker: &TaskTracker) -> Arc<Node> {
+        let shutdown = CancellationToken::new();
         let (interest_tx, interest_rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(config.max_subscriptions, interest_tx));
         let node = Arc::new(Node {
@@ -57,7 +57,8 @@ impl Node {
             hub: hub.clone(),
             bus: bus.clone(),
             started: Instant::now(),
-            shutdown: shutdown.clone(),
+            closing: shutdown.clone(),
+            draining: AtomicBool::new(false),
             broadcast_live: Arc::new(AtomicBool::new(false)),
         });
         let span =
@@ -104,8 +105,25 @@ impl Node {
         &self.hub
     }
 
-    pub fn shutdown_token(&self) -> &CancellationToken {
-        &self.shutdown
+    /// The token every connection's own token descends from.
+    pub fn closing_token(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    /// Closes every connection with 1001 ("reconnect elsewhere"), spread evenly over
+    /// `window` so that the clients do not all land on the other nodes at the same instant,
+    /// then stops the node's tasks. Events keep flowing to connections not yet closed.
+    pub async fn drain(&self, window: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let kicks = self.hub.kicks();
+        tracing::info!(connections = kicks.len(), ?window, "draining");
+        let start = tokio::time::Instant::now();
+        let count = kicks.len() as u32;
+        for (i, kick) in kicks.into_iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / count.max(1)).await;
+            kick.kick(crate::disconnect::GOING_AWAY);
+        }
+        self.closing.cancel();
     }
 
     pub fn uptime(&self) -> Duration {
@@ -120,9 +138,11 @@ impl Node {
         &self.bus
     }
 
-    /// NATS connected, the stream present and `broadcast` subscribed.
+    /// NATS connected, the stream present, `broadcast` subscribed, and not draining.
     pub fn is_ready(&self) -> bool {
-        self.bus.is_ready() && self.broadcast_live.load(Ordering::Acquire)
+        self.bus.is_ready()
+            && self.broadcast_live.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
     }
 
     /// Subscribes connection `conn` to `channel` and returns once the node receives the

@@ -156,7 +156,7 @@ enum End {
 }
 
 async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId) {
-    let kick = Kick::new(node.shutdown_token().child_token());
+    let kick = Kick::new(node.closing_token().child_token());
     let (queue, frames) = mpsc::channel(node.config().queue_capacity);
     node.hub()
         .add_conn(conn, Recipient::new(queue, kick.clone()));

@@ -1,0 +1,236 @@
+//! Fault scenarios: clients that resume (like `web/fanout.js`), a publisher at a steady rate
+//! (200 events/s for `FAULT_SECONDS`, default 3), a fault in the middle, and at the end, per
+//! client: every acknowledged event, once, in order. Each prints its totals
+//! (`cargo test --test faults -- --nocapture`). Loopback only; every wait bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const RATE: u32 = 200;
+
+fn total() -> usize {
+    (RATE * fault_seconds()) as usize
+}
+
+fn ws_env(nats_url: &str, node: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("FANOUT_NATS_URL", nats_url.to_string()),
+        ("FANOUT_NODE_ID", node.to_string()),
+        ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
+        // The same stream settings as the in-process API (tests/common `common_at`).
+        ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
+        ("FANOUT_PUBLISH_TIMEOUT_MS", "2000".to_string()),
+        ("FANOUT_DRAIN_WINDOW_MS", "500".to_string()),
+    ]
+}
+
+fn ws_url(server: &Server) -> String {
+    server.ws_url()
+}
+
+/// `n` resuming clients over `urls`, spread across them.
+async fn clients(
+    urls: &[String],
+    n: usize,
+    channel: &str,
+    options: ResumerOptions,
+) -> Vec<Resumer> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        clients.push(Resumer::start(urls.to_vec(), i, channel, options.clone()).await);
+    }
+    clients
+}
+
+/// Waits until `client` has received `n` events.
+async fn until_received(client: &Resumer, n: usize) {
+    eventually(&format!("{n} deliveries"), || async {
+        client.received() >= n
+    })
+    .await;
+}
+
+/// Waits for the publisher and for the clients to catch up (bounded), stops them, verifies.
+async fn finish(
+    scenario: &str,
+    publisher: tokio::task::JoinHandle<Vec<u64>>,
+    clients: Vec<Resumer>,
+) -> Vec<Received> {
+    let acked = within("the publisher", publisher).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while clients.iter().any(|c| c.received() < acked.len())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut received = Vec::new();
+    for client in clients {
+        received.push(client.stop().await);
+    }
+    verify(scenario, &acked, &received);
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_ws_node_clients_fail_over() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws1 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-1"));
+    let ws2 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-2"));
+    wait_ready(&ws1.server()).await;
+    wait_ready(&ws2.server()).await;
+    let urls = [ws_url(&ws1.server()), ws_url(&ws2.server())];
+    let clients = clients(&urls, 4, "k9", ResumerOptions::default()).await;
+    let publisher = steady_publisher(api.addr, "k9", RATE, total(), 0);
+    until_received(&clients[0], total() / 3).await;
+    ws1.signal("-KILL");
+    let received = finish("kill -9 a ws node", publisher, clients).await;
+    assert!(
+        received[0].reconnects >= 1,
+        "client 0 was on ws-1 and failed over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_ws_node_without_loss() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let mut ws1 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-1"));
+    let ws2 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-2"));
+    wait_ready(&ws1.server()).await;
+    wait_ready(&ws2.server()).await;
+    let urls = [ws_url(&ws1.server()), ws_url(&ws2.server())];
+    let clients = clients(&urls, 4, "drain", ResumerOptions::default()).await;
+    let publisher = steady_publisher(api.addr, "drain", RATE, total(), 0);
+    until_received(&clients[0], total() / 3).await;
+    ws1.signal("-TERM");
+    let received = finish("SIGTERM drain", publisher, clients).await;
+    assert_eq!(ws1.exit_code().await, 0);
+    for client in [&received[0], &received[2]] {
+        assert_eq!(
+            client.close_codes,
+            [1001],
+            "drained with 1001 (reconnect elsewhere)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_cluster_loses_a_server() {
+    let mut cluster = NatsCluster::start();
+    let mut api = fanout_api::Config {
+        common: common_at(&cluster.urls(0), "api-1"),
+        listen: "127.0.0.1:0".into(),
+        ..fanout_api::Config::default()
+    };
+    api.common.history_replicas = 3;
+    // A three-node cluster elects its JetStream leaders first; on a loaded machine that takes
+    // a while.
+    let formation = Duration::from_secs(60);
+    let api = spawn_api(api, formation).await;
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let mut config = fanout_ws::Config {
+            common: common_at(&cluster.urls(i), &format!("ws-{i}")),
+            listen: "127.0.0.1:0".into(),
+            ..fanout_ws::Config::default()
+        };
+        config.common.history_replicas = 3;
+        nodes.push(spawn_ws(config, formation).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(ws_url).collect();
+    let clients = clients(&urls, 4, "cluster", ResumerOptions::default()).await;
+    let publisher = steady_publisher(api.addr, "cluster", RATE, total(), 0);
+    until_received(&clients[0], total() / 3).await;
+    // ws-1 is connected to server 1: it must reconnect elsewhere and catch up on its own.
+    cluster.kill(1);
+    let received = finish("NATS cluster loses a server", publisher, clients).await;
+    assert!(
+        received.iter().all(|c| c.reconnects == 0),
+        "the ws nodes kept their clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nats_server_restarts() {
+    let mut nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let urls = [ws_url(&ws1), ws_url(&ws2)];
+    let clients = clients(&urls, 4, "restart", ResumerOptions::default()).await;
+    let publisher = steady_publisher(api.addr, "restart", RATE, total(), 0);
+    until_received(&clients[0], total() / 3).await;
+    nats.restart();
+    finish("NATS restart", publisher, clients).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_and_resumes_complete() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws = start_ws(&nats, "ws-1", |c| c.queue_capacity = 8).await;
+    let urls = [ws_url(&ws)];
+    let normal = Resumer::start(urls.to_vec(), 0, "slow", ResumerOptions::default()).await;
+    // Stops reading for 2.5 s after 100 events: 500 events of 32 KiB overflow every buffer.
+    let stall = ResumerOptions {
+        stall: Some((100, Duration::from_millis(2500))),
+        ..ResumerOptions::default()
+    };
+    let slow = Resumer::start(urls.to_vec(), 0, "slow", stall).await;
+    let publisher = steady_publisher(api.addr, "slow", RATE, total().max(800), 32 * 1024);
+    let received = finish("slow consumer", publisher, vec![normal, slow]).await;
+    assert_eq!(
+        received[0].reconnects, 0,
+        "the normal client was not disturbed"
+    );
+    assert!(
+        received[1].reconnects >= 1,
+        "the slow client was cut off: {:?}",
+        received[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offline_within_the_window_resumes_complete() {
+    let tier = Tier::start(1).await;
+    let urls = [ws_url(&tier.nodes[0])];
+    let away = ResumerOptions {
+        offline: Some((100, Duration::from_secs(1))),
+        ..ResumerOptions::default()
+    };
+    let client = Resumer::start(urls.to_vec(), 0, "offline", away).await;
+    let publisher = steady_publisher(tier.api.addr, "offline", RATE, total(), 0);
+    let received = finish("offline within the window", publisher, vec![client]).await;
+    assert_eq!((received[0].reconnects, received[0].not_recovered), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offline_longer_than_the_window_is_told_so() {
+    let nats = NatsServer::start();
+    let api = start_api_with(&nats, |c| c.common.history_max_age_secs = 1).await;
+    let ws = start_ws(&nats, "ws-1", |c| c.common.history_max_age_secs = 1).await;
+    let away = ResumerOptions {
+        offline: Some((20, Duration::from_secs(3))),
+        ..ResumerOptions::default()
+    };
+    let client = Resumer::start(vec![ws_url(&ws)], 0, "expired", away).await;
+    let publisher = steady_publisher(api.addr, "expired", RATE, 100, 0);
+    let acked = within("the publisher", publisher).await.unwrap();
+    let resumed = || async { client.subscribed.load(std::sync::atomic::Ordering::SeqCst) >= 2 };
+    eventually("the client's resume to be answered", resumed).await;
+    let client_count = client.received();
+    let received = client.stop().await;
+    println!(
+        "offline longer than the window: acknowledged {}, delivered {client_count}, not recovered {}",
+        acked.len(),
+        received.not_recovered
+    );
+    assert_eq!(
+        received.not_recovered, 1,
+        "the history no longer reaches its since: recovered false"
+    );
+}
