@@ -155,6 +155,14 @@ async function main() {
     document.title = `fanout · ${w.node}`;
   });
   client.on("event", addEvent);
+  client.on("resumed", ({ channel, recovered, replayed }) => {
+    result(
+      recovered
+        ? `resumed ${channel}, ${replayed} replayed`
+        : `resumed ${channel}, ${replayed} replayed: older events are gone (history window)`,
+      recovered,
+    );
+  });
   client.on("error", (e) => result(`${e.code ?? "error"}: ${e.message ?? e}`, false));
   client.connect();
 

@@ -9,7 +9,10 @@
 //
 // It reconnects by itself with exponential backoff and jitter (so a node's restart does not
 // make all its clients reconnect at the same instant), moves to the next URL of the list on
-// every attempt (fail-over), and subscribes again to every channel after each reconnect.
+// every attempt (fail-over), and subscribes again to every channel after each reconnect,
+// resuming from the last `seq` it received on each (broadcast included): the node replays
+// what was missed, so nothing is lost within the history window. A `resumed` event says how
+// many events were replayed, and `recovered: false` when some could not be.
 // The protocol itself is described in docs/protocol.md.
 
 /** Connection states, as reported by the `state` event and `client.state`. */
@@ -71,12 +74,16 @@ export class FanoutClient {
     this._listeners = new Map(); // event name -> Set of callbacks
     this._pending = new Map(); // request id -> { resolve, reject }
     this._nextId = 1;
+    this._last = new Map(); // channel -> last seq received
+    /** The stream epoch the remembered sequences belong to (from `welcome`). */
+    this.epoch = null;
   }
 
   /**
    * Listens to `state` ({state, attempt, delay?, url}), `welcome` (the frame), `event` (every
-   * event frame, `broadcast` included), `close` ({code, reason, url}) and `error` (error
-   * frames, and failures). Returns a function that removes the listener.
+   * event frame, `broadcast` included), `resumed` ({channel, recovered, replayed} after a
+   * reconnect), `close` ({code, reason, url}) and `error` (error frames, and failures).
+   * Returns a function that removes the listener.
    */
   on(name, callback) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
@@ -107,14 +114,16 @@ export class FanoutClient {
    * Subscribes to `channel`; `callback` (optional) receives that channel's events. The
    * subscription is renewed after every reconnect. Resolves with the `subscribed` reply once
    * the node confirms (immediately if not connected: it is sent on connect); rejects with the
-   * error frame if the node refuses.
+   * error frame if the node refuses (and the channel is dropped), or with an Error if the
+   * connection is lost first (the channel is kept and renewed on reconnect).
    */
   subscribe(channel, callback) {
     if (!this._channels.has(channel)) this._channels.set(channel, new Set());
     if (callback) this._channels.get(channel).add(callback);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", channel });
     return this.request({ op: "subscribe", channel }).catch((error) => {
-      this._channels.delete(channel);
+      // Forget the channel only if the node refused it; a lost connection re-subscribes.
+      if (error.op === "error") this._channels.delete(channel);
       throw error;
     });
   }
@@ -122,6 +131,7 @@ export class FanoutClient {
   /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
   unsubscribe(channel) {
     this._channels.delete(channel);
+    this._last.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "unsubscribed", channel });
     return this.request({ op: "unsubscribe", channel });
   }
@@ -188,21 +198,25 @@ export class FanoutClient {
       return;
     }
     switch (frame.op) {
-      case "welcome":
+      case "welcome": {
         clearTimeout(connectTimeout);
         this.node = frame.node;
         this.conn = frame.conn;
         this.attempt = 0;
+        // Remembered sequences belong to the epoch we had; the node judges them against it.
+        const epoch = this.epoch;
+        this.epoch = frame.epoch ?? null;
         this._setState(State.OPEN);
         this._emit("welcome", frame);
-        for (const channel of this._channels.keys()) {
-          this.request({ op: "subscribe", channel }).catch((error) => {
-            this._channels.delete(channel);
-            this._emit("error", error);
-          });
-        }
+        const channels = new Set(this._channels.keys());
+        if (this._last.has("broadcast")) channels.add("broadcast");
+        for (const channel of channels) this._resubscribe(channel, epoch);
         return;
-      case "event":
+      }
+      case "event": {
+        const last = this._last.get(frame.channel);
+        if (last !== undefined && frame.seq <= last) return; // had it already
+        this._last.set(frame.channel, frame.seq);
         for (const callback of this._channels.get(frame.channel) ?? []) {
           try {
             callback(frame);
@@ -212,6 +226,7 @@ export class FanoutClient {
         }
         this._emit("event", frame);
         return;
+      }
       default: {
         const pending = frame.id !== undefined && this._pending.get(frame.id);
         if (pending) {
@@ -223,6 +238,27 @@ export class FanoutClient {
         }
       }
     }
+  }
+
+  /** Subscribes again after a reconnect, resuming from the last seq received if any. */
+  _resubscribe(channel, epoch) {
+    const since = this._last.get(channel);
+    const request = { op: "subscribe", channel };
+    if (since !== undefined) Object.assign(request, { since, ...(epoch ? { epoch } : {}) });
+    this.request(request)
+      .then((reply) => {
+        if (since === undefined) return;
+        // A new epoch means the stream was recreated: old sequences mean nothing now.
+        if (reply.epoch !== undefined && reply.epoch !== epoch) this._last.delete(channel);
+        this._emit("resumed", { channel, recovered: reply.recovered, replayed: reply.replayed });
+      })
+      .catch((error) => {
+        // A refusal drops the channel; a lost connection will re-subscribe on the next welcome.
+        if (error.op === "error") {
+          this._channels.delete(channel);
+          this._emit("error", error);
+        }
+      });
   }
 
   _onClose(event) {

@@ -109,6 +109,24 @@ test("subscriptions are renewed after every reconnect; events reach their callba
   }
 });
 
+test("a subscription whose reply was lost with the connection is renewed", () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    client.connect();
+    last().welcome("ws-1");
+    const pending = client.subscribe("maths"); // no reply before the connection drops
+    pending.catch(() => {}); // rejects with "connection lost"; the channel is kept
+    last().drop(1006);
+    mock.timers.tick(10);
+    last().welcome("ws-1");
+    assert.deepEqual(last().sent.map((f) => f.channel), ["maths"]);
+    assert.deepEqual(client.channels, ["maths"]);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
 test("terminal close codes and close() stop reconnecting", () => {
   const { client, sockets, last } = setup("ws://a/ws", { minDelay: 10 });
   try {
@@ -140,6 +158,69 @@ test("an attempt that gets no welcome in time is abandoned and retried", () => {
     mock.timers.tick(10);
     assert.equal(sockets.length, 2);
     assert.equal(last().url, "ws://b/ws");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("after a reconnect it resumes each channel from the last seq, broadcast included", () => {
+  const { client, last } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 10 });
+  try {
+    const seen = [];
+    const resumed = [];
+    client.on("event", (e) => seen.push(`${e.channel}#${e.seq}`));
+    client.on("resumed", (r) => resumed.push(r));
+    client.subscribe("maths");
+    client.connect();
+    last().frame({ op: "welcome", node: "ws-a", conn: "c1", heartbeat: 25, epoch: "E1" });
+    last().frame({ op: "event", channel: "maths", seq: 5, id: "x", ts: 1, data: 1 });
+    last().frame({ op: "event", channel: "broadcast", seq: 6, id: "y", ts: 1, data: 2 });
+    last().frame({ op: "event", channel: "maths", seq: 5, id: "x", ts: 1, data: 1 }); // duplicate
+    assert.deepEqual(seen, ["maths#5", "broadcast#6"]);
+
+    last().drop(1001, "server shutting down: reconnect elsewhere");
+    mock.timers.tick(10);
+    last().frame({ op: "welcome", node: "ws-b", conn: "c2", heartbeat: 25, epoch: "E1" });
+    const sent = last().sent.map(({ id, ...rest }) => rest);
+    assert.deepEqual(sent, [
+      { op: "subscribe", channel: "maths", since: 5, epoch: "E1" },
+      { op: "subscribe", channel: "broadcast", since: 6, epoch: "E1" },
+    ]);
+    const [maths, broadcast] = last().sent;
+    last().frame({ op: "subscribed", channel: "maths", recovered: true, replayed: 2, epoch: "E1", id: maths.id });
+    last().frame({ op: "subscribed", channel: "broadcast", recovered: true, replayed: 0, epoch: "E1", id: broadcast.id });
+    return Promise.resolve().then(() => {
+      assert.deepEqual(resumed, [
+        { channel: "maths", recovered: true, replayed: 2 },
+        { channel: "broadcast", recovered: true, replayed: 0 },
+      ]);
+    });
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("a new stream epoch resets the remembered sequences", async () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    const seen = [];
+    client.subscribe("maths", (e) => seen.push(e.seq));
+    client.connect();
+    last().frame({ op: "welcome", node: "n", conn: "c", heartbeat: 25, epoch: "E1" });
+    last().frame({ op: "event", channel: "maths", seq: 900, id: "x", ts: 1, data: 1 });
+    last().drop(1006);
+    mock.timers.tick(10);
+    last().frame({ op: "welcome", node: "n", conn: "c", heartbeat: 25, epoch: "E2" });
+    const request = last().sent[0];
+    assert.deepEqual([request.since, request.epoch], [900, "E1"]);
+    last().frame({ op: "subscribed", channel: "maths", recovered: false, replayed: 0, epoch: "E2", id: request.id });
+    // Frames are separate tasks in a browser: the reply's continuation runs before the next.
+    await new Promise((resolve) => setImmediate(resolve));
+    // The recreated stream counts from 1 again: seq 1 is new, not a duplicate of 900.
+    last().frame({ op: "event", channel: "maths", seq: 1, id: "y", ts: 1, data: 2 });
+    assert.deepEqual(seen, [900, 1]);
   } finally {
     client.close();
     mock.timers.reset();
