@@ -9,7 +9,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server browser bench-tracing clean
+.PHONY: all build test run lint fmt nats-server browser bench-tracing soak clean
 
 all: build
 
@@ -49,6 +49,13 @@ run: $(NATS_SERVER)
 bench-tracing: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench tracing $(BENCH_ARGS)
+
+# The fault scenarios of tests/faults.rs, each publishing for SOAK_SECONDS (default 60)
+# instead of 3, with their totals printed.
+SOAK_SECONDS ?= 60
+soak: $(NATS_SERVER)
+	cargo build --workspace --bins
+	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test faults -- --nocapture --test-threads=1
 
 lint:
 	cargo fmt --all -- --check

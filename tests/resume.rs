@@ -142,3 +142,52 @@ async fn broadcast_resumes_too() {
     let (_, body) = post_raw(&tier.api, "/v1/broadcast", "\"live\"").await;
     assert_eq!(client.event().await["seq"], body["seq"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_is_followed_and_old_sequences_are_not_recovered() {
+    let tier = Tier::start(1).await;
+    let mut client = tier.client(0).await;
+    client.subscribe("re").await;
+    let old_epoch = client.welcome["epoch"].as_str().unwrap().to_string();
+    let mut last = 0;
+    for i in 0..3 {
+        last = publish(&tier.api, "re", &json!(i)).await;
+        assert_eq!(client.event().await["seq"], last);
+    }
+
+    // Someone deletes the stream; the next publish recreates it and sequences restart.
+    let nats = async_nats::connect(tier.nats.url()).await.unwrap();
+    async_nats::jetstream::new(nats)
+        .delete_stream("FANOUT")
+        .await
+        .unwrap();
+    let api = &tier.api;
+    let first = within("a publish into the recreated stream", async {
+        loop {
+            let (status, body) = post_raw(api, "/v1/channels/re/events", "\"new\"").await;
+            if status == 202 {
+                return body["seq"].as_u64().unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(first < last, "sequences restarted: {first} after {last}");
+    // The node follows the new stream instead of taking its events for duplicates.
+    let event = client.event().await;
+    assert_eq!(
+        (event["seq"].as_u64(), &event["data"]),
+        (Some(first), &json!("new"))
+    );
+
+    // A client resuming with a since from the old stream is told it cannot be recovered.
+    let mut late = tier.client(0).await;
+    let new_epoch = late.welcome["epoch"].as_str().unwrap().to_string();
+    assert_ne!(new_epoch, old_epoch);
+    let reply = resume(&mut late, "re", last, Some(&old_epoch)).await;
+    assert_eq!(
+        (reply["recovered"].as_bool(), reply["replayed"].as_u64()),
+        (Some(false), Some(0))
+    );
+    assert_eq!(reply["epoch"], new_epoch.as_str());
+}
