@@ -2,8 +2,9 @@
 //! Debian's `chromedriver`) against a real tier: nats-server, the API, two ws node processes.
 //!
 //! Tab A is pinned to node 1, tab B to node 2. "Call API" in tab A reaches both tabs. Then
-//! node 2 is killed: tab B shows it reconnecting, and once node 2 is back on its port, tab B
-//! receives the next event. Screenshots go to `target/screenshots/`.
+//! node 2 is killed: tab B shows it reconnecting; an event published meanwhile is replayed to
+//! tab B when node 2 is back on its port (it resumes), and the next one arrives live.
+//! Screenshots go to `target/screenshots/`.
 
 mod common;
 
@@ -247,15 +248,31 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     b.wait_for("reconnecting", None).await;
     b.screenshot("tab-b-reconnecting.png").await;
 
-    // Node 2 comes back on its port: tab B reconnects to it and gets the next event.
+    // While node 2 is down, tab A calls the API again: tab B misses that event...
+    a.click("call-api").await;
+    let missed = newest_broadcast(&mut listener).await;
+    a.wait_for_event(missed).await;
+
+    // ...until node 2 comes back on its port: tab B reconnects, resumes, and gets the missed
+    // event replayed, then the next one live.
     let ws2 = Process::start("fanout-ws", &ws_env("ws-2", &ws2_addr));
     wait_ready(&ws2.server()).await;
     b.wait_for("open", Some("ws-2")).await;
+    b.wait_for_event(missed).await;
+    let shown = b
+        .eval("return document.getElementById('result').textContent")
+        .await;
+    assert_eq!(shown, "resumed broadcast, 1 replayed");
     a.click("call-api").await;
     let second = newest_broadcast(&mut listener).await;
     b.wait_for_event(second).await;
     a.wait_for_event(second).await;
-    assert_eq!(b.events().await[0], ("broadcast".to_string(), second));
+    let seqs: Vec<u64> = b.events().await.iter().map(|(_, seq)| *seq).collect();
+    assert_eq!(
+        seqs,
+        [second, missed, first],
+        "tab B has every event, once, newest first"
+    );
     b.screenshot("tab-b-after-restart.png").await;
 
     // A 375 px phone: nothing sticks out sideways.

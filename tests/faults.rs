@@ -172,7 +172,9 @@ async fn a_single_nats_server_restarts() {
 async fn a_slow_consumer_is_cut_off_and_resumes_complete() {
     let nats = NatsServer::start();
     let api = start_api(&nats).await;
-    let ws = start_ws(&nats, "ws-1", |c| c.queue_capacity = 8).await;
+    // A small queue (64 frames of 32 KiB), so the stall below overflows it; large enough to
+    // absorb the live events that arrive while a resume's replay is written.
+    let ws = start_ws(&nats, "ws-1", |c| c.queue_capacity = 64).await;
     let urls = [ws_url(&ws)];
     let normal = Resumer::start(urls.to_vec(), 0, "slow", ResumerOptions::default()).await;
     // Stops reading for 2.5 s after 100 events: 500 events of 32 KiB overflow every buffer.
