@@ -191,3 +191,50 @@ async fn a_recreated_stream_is_followed_and_old_sequences_are_not_recovered() {
     );
     assert_eq!(reply["epoch"], new_epoch.as_str());
 }
+
+/// Forges the live copy of a stored event, as JetStream's RePublish would send it.
+async fn forge(nats: &async_nats::Client, channel: &str, seq: u64, last_seq: u64, data: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Last-Sequence", last_seq.to_string().as_str());
+    headers.insert("Fanout-Id", format!("forged-{seq}").as_str());
+    let subject = format!("fanout.out.{channel}");
+    nats.publish_with_headers(subject, headers, data.to_string().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_live_delivery_is_repaired_from_the_stream() {
+    let tier = Tier::start(1).await;
+    // Three events stored while nobody listened.
+    let mut seqs = Vec::new();
+    for data in ["e1", "e2", "e3"] {
+        seqs.push(publish(&tier.api, "gap", &json!(data)).await);
+    }
+    let mut client = tier.client(0).await;
+    client.subscribe("gap").await;
+    let nats = async_nats::connect(tier.nats.url()).await.unwrap();
+    // The node gets E1 live, then E3 whose previous event (E2) it never got: a gap.
+    forge(&nats, "gap", seqs[0], 0, "\"e1\"").await;
+    forge(&nats, "gap", seqs[2], seqs[1], "\"e3\"").await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let event = client.event().await;
+        got.push((event["seq"].as_u64().unwrap(), event["data"].clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            (seqs[0], json!("e1")),
+            (seqs[1], json!("e2")),
+            (seqs[2], json!("e3"))
+        ],
+        "E2 was fetched from the stream and delivered in order"
+    );
+    // A duplicate of what was delivered is dropped, not sent again.
+    forge(&nats, "gap", seqs[1], seqs[0], "\"e2 again\"").await;
+    let marker = publish(&tier.api, "gap", &json!("next")).await;
+    assert_eq!(client.event().await["seq"], marker);
+}
