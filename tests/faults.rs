@@ -74,8 +74,9 @@ async fn finish(
     received
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_a_ws_node_clients_fail_over() {
+/// Two ws node processes, four resuming clients across them and a steady publisher; a third
+/// of the way through, node 1 gets `signal`. Returns what the clients got, and node 1.
+async fn signal_a_node(scenario: &str, channel: &str, signal: &str) -> (Vec<Received>, Process) {
     let nats = NatsServer::start();
     let api = start_api(&nats).await;
     let ws1 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-1"));
@@ -83,11 +84,16 @@ async fn kill_9_a_ws_node_clients_fail_over() {
     wait_ready(&ws1.server()).await;
     wait_ready(&ws2.server()).await;
     let urls = [ws_url(&ws1.server()), ws_url(&ws2.server())];
-    let clients = clients(&urls, 4, "k9", ResumerOptions::default()).await;
-    let publisher = steady_publisher(api.addr, "k9", RATE, total(), 0);
+    let clients = clients(&urls, 4, channel, ResumerOptions::default()).await;
+    let publisher = steady_publisher(api.addr, channel, RATE, total(), 0);
     until_received(&clients[0], total() / 3).await;
-    ws1.signal("-KILL");
-    let received = finish("kill -9 a ws node", publisher, clients).await;
+    ws1.signal(signal);
+    (finish(scenario, publisher, clients).await, ws1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_ws_node_clients_fail_over() {
+    let (received, _) = signal_a_node("kill -9 a ws node", "k9", "-KILL").await;
     assert!(
         received[0].reconnects >= 1,
         "client 0 was on ws-1 and failed over"
@@ -96,19 +102,9 @@ async fn kill_9_a_ws_node_clients_fail_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_ws_node_without_loss() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let mut ws1 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-1"));
-    let ws2 = Process::start("fanout-ws", &ws_env(&nats.url(), "ws-2"));
-    wait_ready(&ws1.server()).await;
-    wait_ready(&ws2.server()).await;
-    let urls = [ws_url(&ws1.server()), ws_url(&ws2.server())];
-    let clients = clients(&urls, 4, "drain", ResumerOptions::default()).await;
-    let publisher = steady_publisher(api.addr, "drain", RATE, total(), 0);
-    until_received(&clients[0], total() / 3).await;
-    ws1.signal("-TERM");
-    let received = finish("SIGTERM drain", publisher, clients).await;
+    let (received, mut ws1) = signal_a_node("SIGTERM drain", "drain", "-TERM").await;
     assert_eq!(ws1.exit_code().await, 0);
+    // Clients 0 and 2 started on ws-1.
     for client in [&received[0], &received[2]] {
         assert_eq!(
             client.close_codes,
