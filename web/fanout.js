@@ -46,6 +46,9 @@ export class FanoutClient {
    * @param {number} [options.maxDelay=15000]      longest reconnect delay (ms)
    * @param {number} [options.connectTimeout=10000] give up on a connection attempt without `welcome` (ms)
    * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (default: the global one)
+   * @param {() => (string|Promise<string>)} [options.getToken] returns a JWT, for nodes with
+   *   `FANOUT_AUTH=jwt`: called for every connection attempt (sent as `?token=`) and before
+   *   the token expires (sent as a `refresh`)
    */
   constructor(urls, options = {}) {
     this.urls = (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
@@ -98,10 +101,21 @@ export class FanoutClient {
     return this;
   }
 
+  /** The `exp` claim of a JWT (unix seconds), or undefined. */
+  static tokenExpiry(token) {
+    try {
+      const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(atob(payload)).exp;
+    } catch {
+      return undefined;
+    }
+  }
+
   /** Closes the connection for good (no reconnect). */
   close() {
     this._wanted = false;
     clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
     this._timer = null;
     const socket = this._socket;
     this._socket = null;
@@ -170,9 +184,47 @@ export class FanoutClient {
     this._timer = null;
     this.url = this.urls[this._urlIndex % this.urls.length];
     this._setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
+    if (!this.options.getToken) {
+      this._connect(this.url);
+      return;
+    }
+    Promise.resolve()
+      .then(() => this.options.getToken())
+      .then((token) => {
+        if (!this._wanted) return;
+        this._token = token;
+        const separator = this.url.includes("?") ? "&" : "?";
+        this._connect(`${this.url}${separator}token=${encodeURIComponent(token)}`);
+      })
+      .catch((error) => {
+        this._emit("error", { code: "token_unavailable", message: String(error) });
+        if (this._wanted) this._scheduleReconnect();
+      });
+  }
+
+  /** Sends a fresh token at 80% of the current one's remaining lifetime. */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    const exp = this._token && FanoutClient.tokenExpiry(this._token);
+    if (!exp || !this.options.getToken) return;
+    const left = exp * 1000 - Date.now();
+    this._refreshTimer = setTimeout(async () => {
+      try {
+        const token = await this.options.getToken();
+        await this.request({ op: "refresh", token });
+        this._token = token;
+        this._scheduleRefresh();
+      } catch (error) {
+        // If it cannot be refreshed, the node closes with 4004 at expiry and we reconnect.
+        this._emit("error", { code: "refresh_failed", message: error.message ?? String(error) });
+      }
+    }, Math.max(0, left * 0.8));
+  }
+
+  _connect(url) {
     let socket;
     try {
-      socket = new this.options.WebSocket(this.url);
+      socket = new this.options.WebSocket(url);
     } catch (error) {
       this._emit("error", { code: "connect_failed", message: String(error) });
       this._scheduleReconnect();
@@ -208,6 +260,7 @@ export class FanoutClient {
         this.epoch = frame.epoch ?? null;
         this._setState(State.OPEN);
         this._emit("welcome", frame);
+        this._scheduleRefresh();
         const channels = new Set(this._channels.keys());
         if (this._last.has("broadcast")) channels.add("broadcast");
         for (const channel of channels) this._resubscribe(channel, epoch);
@@ -263,6 +316,7 @@ export class FanoutClient {
 
   _onClose(event) {
     this._socket = null;
+    clearTimeout(this._refreshTimer);
     this._failPending(new Error("fanout: connection lost"));
     this._emit("close", { code: event.code, reason: event.reason, url: this.url });
     if (!this._wanted) return;

@@ -226,3 +226,31 @@ test("a new stream epoch resets the remembered sequences", async () => {
     mock.timers.reset();
   }
 });
+
+test("getToken: a token for every connection attempt, and a refresh before it expires", async () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    const exp = Math.floor(Date.now() / 1000) + 100;
+    const jwt = (n) => `h.${btoa(JSON.stringify({ sub: "ada", exp, n }))}.s`;
+    let issued = 0;
+    client.options.getToken = () => jwt(++issued);
+    client.connect();
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(last().url, `ws://a/ws?token=${encodeURIComponent(jwt(1))}`);
+    last().welcome("ws-1");
+    // 80% of the 100 s left: the refresh goes out with a new token.
+    mock.timers.tick(80_000);
+    await new Promise((resolve) => setImmediate(resolve));
+    const refresh = last().sent.find((f) => f.op === "refresh");
+    assert.equal(refresh.token, jwt(2));
+    last().frame({ op: "refreshed", expires_at: exp, id: refresh.id });
+    // Token expired (4004): the reconnect asks for a new token.
+    last().drop(4004, "token expired");
+    mock.timers.tick(10);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(last().url, `ws://a/ws?token=${encodeURIComponent(jwt(3))}`);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});

@@ -19,6 +19,11 @@ pub struct Config {
     /// Jaeger UI base URL (`FANOUT_JAEGER_UI`, e.g. `http://{host}:16686`): the page links each
     /// traced event to its trace there. Needs `FANOUT_EVENT_TRACE_ID=true` on the ws nodes.
     pub jaeger_ui: String,
+    /// API keys, comma-separated (`FANOUT_API_KEYS`). When set, every `/v1` endpoint and
+    /// `POST /ping` need `Authorization: Bearer <key>`.
+    pub api_keys: String,
+    /// Keep `POST /ping` (the demo) open even when API keys are set (`FANOUT_PUBLIC_PING`).
+    pub public_ping: bool,
 }
 
 /// One entry of [`Config::ws_urls`].
@@ -36,6 +41,8 @@ impl Default for Config {
             body_limit_bytes: 64 * 1024,
             ws_urls: String::new(),
             jaeger_ui: String::new(),
+            api_keys: String::new(),
+            public_ping: false,
         }
     }
 }
@@ -66,6 +73,16 @@ impl Config {
         }
         self.ws_nodes()?;
         Ok(())
+    }
+
+    /// The configured API keys.
+    pub fn keys(&self) -> Vec<String> {
+        self.api_keys
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect()
     }
 
     /// Parses [`Config::ws_urls`]; unnamed entries are called `node-1`, `node-2`, ...

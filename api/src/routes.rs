@@ -41,6 +41,8 @@ pub struct AppState {
     body_limit: usize,
     ws_nodes: std::sync::Arc<[WsNode]>,
     jaeger_ui: std::sync::Arc<str>,
+    api_keys: std::sync::Arc<[String]>,
+    public_ping: bool,
 }
 
 impl AppState {
@@ -51,6 +53,8 @@ impl AppState {
             body_limit: config.body_limit_bytes,
             ws_nodes: config.ws_nodes().unwrap_or_default().into(),
             jaeger_ui: config.jaeger_ui.trim_end_matches('/').into(),
+            api_keys: config.keys().into(),
+            public_ping: config.public_ping,
         }
     }
 
@@ -77,8 +81,64 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// With API keys configured, `/v1/*` and `POST /ping` (unless `public_ping`) need
+/// `Authorization: Bearer <key>`: missing → 401, unknown → 403.
+async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let guarded = path.starts_with("/v1/") || (path == "/ping" && !state.public_ping);
+    if state.api_keys.is_empty() || !guarded {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs Authorization: Bearer <API key>",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+        // Every key is compared, in constant time, so timing tells nothing.
+        Some(key)
+            if state
+                .api_keys
+                .iter()
+                .fold(false, |ok, k| ok | same(k.as_bytes(), key.as_bytes())) =>
+        {
+            next.run(request).await
+        }
+        Some(_) => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "unknown API key").into_response()
+        }
+    }
+}
+
+/// Equality whose time depends only on the lengths.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
 }
 
 /// The HTTP server span of a publishing request (when tracing is on), continuing the

@@ -31,6 +31,19 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Put the trace id in `event` frames (`"trace"`), so a page can link to the trace.
     pub event_trace_id: bool,
+    /// `none` (anyone, as `?user=`: development only) or `jwt` (see [`crate::auth`]).
+    pub auth: String,
+    /// HS256 secret, with `auth = "jwt"`.
+    pub jwt_secret: String,
+    /// Path of a PEM public key (RSA for RS256, Ed25519 for EdDSA), with `auth = "jwt"`.
+    pub jwt_public_key: String,
+    /// Browser origins allowed to connect, comma-separated (`https://app.example`); empty:
+    /// any. Requests without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: String,
+    /// Connections one IP address may hold at once; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Events one connection may publish per second (and in a burst); over it: `rate_limited`.
+    pub publish_rate_per_sec: u32,
 }
 
 impl Default for Config {
@@ -46,6 +59,12 @@ impl Default for Config {
             drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
+            auth: "none".into(),
+            jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            allowed_origins: String::new(),
+            max_connections_per_ip: 0,
+            publish_rate_per_sec: 10,
         }
     }
 }
@@ -82,6 +101,12 @@ impl Config {
             ),
             ("drain_window_ms", self.drain_window_ms as usize, 0, 600_000),
         ];
+        if !matches!(self.auth.as_str(), "none" | "jwt") {
+            return Err(ConfigError::invalid(
+                "auth",
+                format!("{:?}: use \"none\" or \"jwt\"", self.auth),
+            ));
+        }
         for (setting, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
                 return Err(ConfigError::invalid(
@@ -91,6 +116,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The allowed origins, parsed; empty means any.
+    pub fn origins(&self) -> Vec<String> {
+        self.allowed_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect()
     }
 
     pub fn heartbeat(&self) -> Duration {

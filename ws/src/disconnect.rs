@@ -9,6 +9,7 @@
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
 //! | 4001 | slow consumer | the client did not read fast enough and its queue overflowed |
 //! | 4002 | heartbeat timeout | the client did not answer a ping within one heartbeat |
+//! | 4004 | token expired | get a new token (and reconnect with it); send `refresh` before `exp` to avoid this |
 //! | 4500–4999 | fanout, terminal | not reconnect without changing something (reserved) |
 
 /// A close code with its reason text.
@@ -44,6 +45,11 @@ pub const SLOW_CONSUMER: Disconnect = Disconnect {
     code: 4001,
     reason: "slow consumer",
     name: "slow_consumer",
+};
+pub const TOKEN_EXPIRED: Disconnect = Disconnect {
+    code: 4004,
+    reason: "token expired",
+    name: "token_expired",
 };
 pub const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
     code: 4002,

@@ -7,8 +7,10 @@
 //! - [`node`]: wires the bus and the hub together; only events cross between them.
 //! - [`protocol`]: the JSON frames.
 //! - [`disconnect`]: the close codes and what they ask of a client.
+//! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
 
+pub mod auth;
 pub mod config;
 pub mod disconnect;
 pub mod hub;
@@ -28,6 +30,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    Config(#[from] fanout::ConfigError),
+    #[error(transparent)]
     Bus(#[from] BusError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
@@ -42,17 +46,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     fanout::telemetry::init_metrics();
+    let verifier = auth::Verifier::from_config(&config)?;
     let bus = Bus::connect(&config.common).await?;
     let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
     let tasks = TaskTracker::new();
     let drain_window = Duration::from_millis(config.drain_window_ms);
-    let node = node::Node::start(config, bus.clone(), &tasks);
+    let node = node::Node::start(config, bus.clone(), verifier, &tasks);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %node.id(), "fanout-ws listening");
     let app = transport::router(node.clone(), tasks.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await?;
     node.drain(drain_window).await;
     tasks.close();
     if tokio::time::timeout(shutdown_timeout, tasks.wait())

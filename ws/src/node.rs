@@ -20,8 +20,11 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, field::Empty};
 
+use std::net::IpAddr;
+
 use crate::{
     Config,
+    auth::Verifier,
     hub::{ConnId, Hub, Interest, SubscribeError},
     protocol,
 };
@@ -41,6 +44,9 @@ pub struct Node {
     closing: CancellationToken,
     /// Set while draining: `/readyz` answers 503 so load balancers move on.
     draining: AtomicBool,
+    verifier: Verifier,
+    /// Open connections per IP address, for `max_connections_per_ip`.
+    per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     /// True once the always-on `broadcast` subscription is in place.
     broadcast_live: Arc<AtomicBool>,
 }
@@ -48,7 +54,7 @@ pub struct Node {
 impl Node {
     /// Creates the hub and starts the node's background tasks on `tracker`: the interest
     /// loop and the `broadcast` reader. They end when [`Node::drain`] has finished.
-    pub fn start(config: Config, bus: Bus, tracker: &TaskTracker) -> Arc<Node> {
+    pub fn start(config: Config, bus: Bus, verifier: Verifier, tracker: &TaskTracker) -> Arc<Node> {
         let shutdown = CancellationToken::new();
         let (interest_tx, interest_rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(config.max_subscriptions, interest_tx));
@@ -59,6 +65,8 @@ impl Node {
             started: Instant::now(),
             closing: shutdown.clone(),
             draining: AtomicBool::new(false),
+            verifier,
+            per_ip: Arc::default(),
             broadcast_live: Arc::new(AtomicBool::new(false)),
         });
         let span =
@@ -157,6 +165,35 @@ impl Node {
         Ok(())
     }
 
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// Counts a connection from `ip`, unless it already holds `max_connections_per_ip`.
+    /// The permit gives the slot back when dropped.
+    pub fn admit(&self, ip: IpAddr) -> Option<IpPermit> {
+        let limit = self.config.max_connections_per_ip;
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if limit > 0 && *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(IpPermit {
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+
+    /// Publishes `data` to `channel` from a client, through the same JetStream path as the API.
+    pub async fn publish(
+        &self,
+        channel: &Channel,
+        data: bytes::Bytes,
+    ) -> Result<fanout::Published, fanout::BusError> {
+        self.bus.publish(channel, data, None).await
+    }
+
     /// The stream epoch clients' sequences belong to.
     pub fn epoch(&self) -> String {
         self.bus.epoch()
@@ -194,6 +231,25 @@ impl Node {
 
     pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {
         self.hub.unsubscribe(conn, channel);
+    }
+}
+
+/// A connection's slot in the per-IP count.
+#[derive(Debug)]
+pub struct IpPermit {
+    ip: IpAddr,
+    per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -28,6 +28,15 @@ pub enum Op {
     },
     Unsubscribe(Channel),
     Ping,
+    /// Publish `data` (any JSON) to `channel` through the stream, like the HTTP API.
+    Publish {
+        channel: Channel,
+        data: Value,
+    },
+    /// A fresh token before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// What a resuming `subscribe` found, for its reply.
@@ -162,9 +171,28 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         }),
         "unsubscribe" => channel().map(Op::Unsubscribe),
         "ping" => Ok(Op::Ping),
+        "publish" => channel().and_then(|channel| match fields.get("data") {
+            Some(data) => Ok(Op::Publish {
+                channel,
+                data: data.clone(),
+            }),
+            None => Err(Rejection::new(
+                "invalid_request",
+                "\"publish\" needs \"data\"",
+            )),
+        }),
+        "refresh" => match fields.get("token") {
+            Some(Value::String(token)) => Ok(Op::Refresh {
+                token: token.clone(),
+            }),
+            _ => Err(Rejection::new(
+                "invalid_request",
+                "\"refresh\" needs \"token\", a string",
+            )),
+        },
         _ => Err(Rejection::new(
             "unknown_op",
-            format!("unknown op {op:?}; expected subscribe, unsubscribe or ping"),
+            format!("unknown op {op:?}; expected subscribe, unsubscribe, publish, refresh or ping"),
         )),
     };
     match parsed {
@@ -177,21 +205,62 @@ fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("protocol frames always serialize")
 }
 
-pub fn welcome(node: &str, conn: &str, heartbeat_secs: u64, epoch: &str) -> String {
+/// The first frame: who the node is, who the connection is.
+#[derive(Debug, Serialize)]
+pub struct Welcome<'a> {
+    pub node: &'a str,
+    pub conn: &'a str,
+    pub user: &'a str,
+    pub heartbeat: u64,
+    pub epoch: &'a str,
+}
+
+pub fn welcome(welcome: &Welcome<'_>) -> String {
     #[derive(Serialize)]
-    struct Welcome<'a> {
+    struct Frame<'a> {
         op: &'static str,
-        node: &'a str,
-        conn: &'a str,
-        heartbeat: u64,
-        epoch: &'a str,
+        #[serde(flatten)]
+        welcome: &'a Welcome<'a>,
     }
-    to_json(&Welcome {
+    to_json(&Frame {
         op: "welcome",
-        node,
-        conn,
-        heartbeat: heartbeat_secs,
-        epoch,
+        welcome,
+    })
+}
+
+/// `published`: a client's event was stored.
+pub fn published(channel: &Channel, seq: u64, event_id: &str, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Published<'a> {
+        op: &'static str,
+        channel: &'a Channel,
+        seq: u64,
+        event: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Published {
+        op: "published",
+        channel,
+        seq,
+        event: event_id,
+        id,
+    })
+}
+
+/// `refreshed`: the connection now runs on the new token.
+pub fn refreshed(expires_at: Option<u64>, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Refreshed<'a> {
+        op: &'static str,
+        expires_at: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Refreshed {
+        op: "refreshed",
+        expires_at,
+        id,
     })
 }
 
@@ -319,6 +388,18 @@ mod tests {
         let r = parse(r#"{"op":"unsubscribe","channel":"a.b","id":"x"}"#).unwrap();
         assert_eq!(r.op, Op::Unsubscribe(Channel::parse("a.b").unwrap()));
         assert_eq!(parse(r#"{"op":"ping"}"#).unwrap().op, Op::Ping);
+        let r = parse(r#"{"op":"publish","channel":"a","data":{"x":1}}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Publish {
+                channel: Channel::parse("a").unwrap(),
+                data: json!({"x": 1})
+            }
+        );
+        assert_eq!(
+            parse(r#"{"op":"refresh","token":"t"}"#).unwrap().op,
+            Op::Refresh { token: "t".into() }
+        );
     }
 
     #[test]
@@ -395,9 +476,20 @@ mod tests {
             r#"{"op":"unsubscribed","channel":"maths"}"#
         );
         assert_eq!(pong(None), r#"{"op":"pong"}"#);
+        let w = Welcome {
+            node: "ws-1",
+            conn: "c",
+            user: "ada",
+            heartbeat: 25,
+            epoch: "e1",
+        };
         assert_eq!(
-            welcome("ws-1", "c", 25, "e1"),
-            r#"{"op":"welcome","node":"ws-1","conn":"c","heartbeat":25,"epoch":"e1"}"#
+            welcome(&w),
+            r#"{"op":"welcome","node":"ws-1","conn":"c","user":"ada","heartbeat":25,"epoch":"e1"}"#
+        );
+        assert_eq!(
+            published(&ch, 7, "e", None),
+            r#"{"op":"published","channel":"maths","seq":7,"event":"e"}"#
         );
     }
 }

@@ -6,15 +6,15 @@
 //! socket, a bounded queue and a cancellation token. Every write races the connection's token,
 //! so a client that stopped reading cannot hold its task once the hub has cut it off.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
     extract::{
-        State, WebSocketUpgrade,
+        ConnectInfo, Query, State, WebSocketUpgrade,
         ws::{CloseFrame, Message, WebSocket, rejection::WebSocketUpgradeRejection},
     },
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -28,6 +28,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    auth::Identity,
     disconnect::{self, Disconnect},
     hub::{ConnId, Kick, Queued, Recipient, SubscribeError},
     node::Node,
@@ -119,6 +120,9 @@ async fn debug_state(State(state): State<AppState>) -> Response {
 
 async fn upgrade(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -131,7 +135,40 @@ async fn upgrade(
             );
         }
     };
-    let config = state.node.config();
+    let node = &state.node;
+    let origins = node.config().origins();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+        if !origins.is_empty() && !origins.iter().any(|allowed| allowed == origin) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                &format!("origin {origin:?} may not connect (FANOUT_ALLOWED_ORIGINS)"),
+            );
+        }
+    }
+    let identity = match node.verifier().identify(
+        params.get("token").map(String::as_str),
+        params.get("user").map(String::as_str),
+    ) {
+        Ok(identity) => identity,
+        Err(err) => {
+            counter!("fanout_ws_auth_failures_total", "code" => err.code).increment(1);
+            return error(StatusCode::UNAUTHORIZED, err.code, &err.message);
+        }
+    };
+    let Some(permit) = node.admit(peer.ip()) else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            &format!(
+                "{} already holds {} connections (FANOUT_MAX_CONNECTIONS_PER_IP)",
+                peer.ip(),
+                node.config().max_connections_per_ip
+            ),
+        );
+    };
+    let config = node.config();
     let AppState { node, sockets } = state.clone();
     ws.read_buffer_size(config.ws_buffer_bytes)
         .write_buffer_size(config.ws_buffer_bytes)
@@ -141,8 +178,14 @@ async fn upgrade(
         // the tracker is how shutdown waits for them.
         .on_upgrade(move |socket| {
             let conn = Uuid::new_v4();
-            let span = tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn);
-            sockets.track_future(serve(socket, node, conn).instrument(span))
+            let span = tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn, user = %identity.user);
+            sockets.track_future(
+                async move {
+                    serve(socket, node, conn, identity).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            )
         })
 }
 
@@ -155,14 +198,14 @@ enum End {
     Close(Disconnect),
 }
 
-async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId) {
+async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let kick = Kick::new(node.closing_token().child_token());
     let (queue, frames) = mpsc::channel(node.config().queue_capacity);
     node.hub()
         .add_conn(conn, Recipient::new(queue, kick.clone()));
     counter!("fanout_ws_connections_opened_total").increment(1);
     tracing::debug!("connected");
-    let end = session(&mut socket, &node, conn, &kick, frames).await;
+    let end = session(&mut socket, &node, conn, &kick, frames, identity).await;
     node.hub().remove_conn(conn);
     let reason = match &end {
         End::Gone => "client",
@@ -187,6 +230,49 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId) {
     }
 }
 
+/// What a connection's requests change.
+struct Session {
+    identity: Identity,
+    replayed: Replayed,
+    publish_budget: Bucket,
+}
+
+/// A token bucket: `rate` per second, bursts up to `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The instant a unix time (seconds) falls at.
+fn deadline(unix_secs: u64) -> tokio::time::Instant {
+    let left = unix_secs.saturating_sub(fanout::time::now_ms() / 1000);
+    tokio::time::Instant::now() + Duration::from_secs(left)
+}
+
 /// Per channel, the seq up to which this connection already has the events (from a replay,
 /// or before it resumed): queued live events up to it are skipped. Empty unless resumed.
 type Replayed = HashMap<Channel, u64>;
@@ -199,14 +285,16 @@ async fn session(
     conn: ConnId,
     kick: &Kick,
     mut frames: mpsc::Receiver<Queued>,
+    identity: Identity,
 ) -> End {
     let config = node.config();
-    let welcome = protocol::welcome(
-        node.id(),
-        &conn.to_string(),
-        config.heartbeat_secs,
-        &node.epoch(),
-    );
+    let welcome = protocol::welcome(&protocol::Welcome {
+        node: node.id(),
+        conn: &conn.to_string(),
+        user: &identity.user,
+        heartbeat: config.heartbeat_secs,
+        epoch: &node.epoch(),
+    });
     if let Err(end) = send(socket, kick, Message::Text(welcome.into())).await {
         return end;
     }
@@ -214,17 +302,25 @@ async fn session(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
-    let mut replayed = Replayed::new();
+    let mut state = Session {
+        identity,
+        replayed: Replayed::new(),
+        publish_budget: Bucket::new(config.publish_rate_per_sec),
+    };
     loop {
+        let expiry = state.identity.expires_at.map(deadline);
         let step = tokio::select! {
             biased;
             _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
+            _ = async { tokio::time::sleep_until(expiry.unwrap()).await }, if expiry.is_some() => {
+                Err(End::Close(disconnect::TOKEN_EXPIRED))
+            }
             incoming = socket.recv() => {
                 awaiting_pong = false;
-                on_incoming(socket, node, conn, kick, incoming, &mut replayed).await
+                on_incoming(socket, node, conn, kick, incoming, &mut state).await
             }
             Some(first) = frames.recv() => {
-                write_frames(socket, kick, first, &mut frames, &replayed).await
+                write_frames(socket, kick, first, &mut frames, &state.replayed).await
             }
             _ = ticker.tick() => {
                 if awaiting_pong {
@@ -247,7 +343,7 @@ async fn on_incoming(
     conn: ConnId,
     kick: &Kick,
     incoming: Option<Result<Message, axum::Error>>,
-    replayed: &mut Replayed,
+    state: &mut Session,
 ) -> Result<(), End> {
     let replies = match incoming {
         None | Some(Ok(Message::Close(_))) => return Err(End::Gone),
@@ -260,7 +356,7 @@ async fn on_incoming(
             )
             .encode(),
         )],
-        Some(Ok(Message::Text(text))) => answer(node, conn, &text, replayed).await,
+        Some(Ok(Message::Text(text))) => answer(node, conn, &text, state).await,
     };
     let batch = async {
         for reply in replies {
@@ -288,7 +384,12 @@ fn read_error(err: axum::Error) -> End {
 
 /// Acts on one request and returns the frames to send: the reply, then (for a resuming
 /// `subscribe`) the replayed events.
-async fn answer(node: &Node, conn: ConnId, text: &str, replayed: &mut Replayed) -> Vec<Frame> {
+async fn answer(node: &Node, conn: ConnId, text: &str, state: &mut Session) -> Vec<Frame> {
+    let Session {
+        identity,
+        replayed,
+        publish_budget,
+    } = state;
     let Request { id, op } = match protocol::parse(text) {
         Ok(request) => request,
         Err(rejection) => return vec![rejection.encode().into()],
@@ -301,6 +402,11 @@ async fn answer(node: &Node, conn: ConnId, text: &str, replayed: &mut Replayed) 
     };
     match op {
         Op::Ping => vec![protocol::pong(id.as_ref()).into()],
+        Op::Subscribe { channel, .. } if !identity.may_subscribe(&channel) => reject(
+            "forbidden",
+            format!("your token does not allow subscribing to {channel:?}"),
+            "subscribe",
+        ),
         Op::Subscribe {
             channel,
             since,
@@ -339,6 +445,44 @@ async fn answer(node: &Node, conn: ConnId, text: &str, replayed: &mut Replayed) 
             };
             frames
         }
+        Op::Publish { channel, .. } if !identity.may_publish(&channel) => reject(
+            "forbidden",
+            format!("your token does not allow publishing to {channel:?}"),
+            "publish",
+        ),
+        Op::Publish { .. } if !publish_budget.take() => reject(
+            "rate_limited",
+            format!(
+                "at most {} publishes per second (FANOUT_PUBLISH_RATE_PER_SEC)",
+                node.config().publish_rate_per_sec
+            ),
+            "publish",
+        ),
+        Op::Publish { channel, data } => {
+            let data = serde_json::to_vec(&data).expect("a JSON value serializes");
+            match node.publish(&channel, data.into()).await {
+                Ok(published) => {
+                    counter!("fanout_ws_client_publishes_total").increment(1);
+                    vec![
+                        protocol::published(&channel, published.seq, &published.id, id.as_ref())
+                            .into(),
+                    ]
+                }
+                Err(err) => reject("bus_unavailable", err.to_string(), "publish"),
+            }
+        }
+        Op::Refresh { token } => match node.verifier().identify(Some(&token), None) {
+            Ok(fresh) if fresh.user == identity.user => {
+                *identity = fresh;
+                vec![protocol::refreshed(identity.expires_at, id.as_ref()).into()]
+            }
+            Ok(_) => reject(
+                "invalid_token",
+                "the new token is for another user".into(),
+                "refresh",
+            ),
+            Err(err) => reject(err.code, err.message, "refresh"),
+        },
         Op::Unsubscribe(channel) if channel.is_broadcast() => reject(
             "reserved_channel",
             "every connection receives \"broadcast\"; it cannot be unsubscribed".into(),

@@ -1,0 +1,270 @@
+//! Who a connection is, and what it may do.
+//!
+//! With `auth = "jwt"` a connection presents a JWT as `?token=` (browsers cannot set headers
+//! on a WebSocket): HS256 with `jwt_secret`, or RS256 / EdDSA with the public key in
+//! `jwt_public_key` (a PEM file), for setups where only the application backend can mint
+//! tokens. One algorithm is accepted, fixed by the configured key. Claims: `sub` (the user id,
+//! required), `exp` (required), and optionally `info` (JSON shown to others in presence),
+//! `channels` and `publish` (patterns of the channels the user may subscribe and publish to).
+//! With `auth = "none"` (development only) anyone connects, as `?user=` or a generated id,
+//! and may do everything.
+//!
+//! Patterns: `*` matches every channel, `room:*` every channel starting with `room:`, anything
+//! else exactly that channel. `broadcast` is always allowed to subscribe.
+
+use fanout::{Channel, ConfigError};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::Config;
+
+/// Checks tokens (or lets everyone in).
+pub enum Verifier {
+    Anonymous,
+    Jwt {
+        key: DecodingKey,
+        validation: Box<Validation>,
+    },
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verifier::Anonymous => f.write_str("Verifier::Anonymous"),
+            Verifier::Jwt { validation, .. } => {
+                write!(f, "Verifier::Jwt({:?})", validation.algorithms)
+            }
+        }
+    }
+}
+
+/// Why a connection was refused. `code` and `message` go to the client as JSON (401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AuthError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl AuthError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        AuthError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    info: Option<Value>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+}
+
+/// Channel patterns a connection may use; `None` means every channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patterns(Option<Vec<String>>);
+
+impl Patterns {
+    pub fn all() -> Self {
+        Patterns(None)
+    }
+
+    pub fn allows(&self, channel: &Channel) -> bool {
+        let Some(patterns) = &self.0 else { return true };
+        let name = channel.as_str();
+        patterns
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => pattern == name,
+            })
+    }
+}
+
+/// A connection's identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    pub user: String,
+    /// Shown to other members in presence.
+    pub info: Option<Value>,
+    pub subscribe: Patterns,
+    pub publish: Patterns,
+    /// Unix seconds after which the connection must present a fresh token (or be closed).
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    pub fn may_subscribe(&self, channel: &Channel) -> bool {
+        channel.is_broadcast() || self.subscribe.allows(channel)
+    }
+
+    pub fn may_publish(&self, channel: &Channel) -> bool {
+        self.publish.allows(channel)
+    }
+}
+
+/// Longest accepted user id (anonymous `?user=` or a token's `sub`).
+const MAX_USER: usize = 128;
+
+impl Verifier {
+    /// Builds the verifier the settings describe; errors name the setting.
+    pub fn from_config(config: &Config) -> Result<Verifier, ConfigError> {
+        match config.auth.as_str() {
+            "none" => Ok(Verifier::Anonymous),
+            "jwt" => {
+                let (key, algorithm) = match (
+                    config.jwt_secret.is_empty(),
+                    config.jwt_public_key.is_empty(),
+                ) {
+                    (false, true) => (
+                        DecodingKey::from_secret(config.jwt_secret.as_bytes()),
+                        Algorithm::HS256,
+                    ),
+                    (true, false) => public_key(&config.jwt_public_key)?,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "auth",
+                            "\"jwt\" needs exactly one of FANOUT_JWT_SECRET (HS256) or FANOUT_JWT_PUBLIC_KEY (RS256/EdDSA)",
+                        ));
+                    }
+                };
+                let mut validation = Validation::new(algorithm);
+                validation.leeway = 5;
+                Ok(Verifier::Jwt {
+                    key,
+                    validation: Box::new(validation),
+                })
+            }
+            other => Err(ConfigError::invalid(
+                "auth",
+                format!("{other:?}: use \"none\" or \"jwt\""),
+            )),
+        }
+    }
+
+    /// The identity of a connection presenting `token` (jwt) or `user` (none).
+    pub fn identify(&self, token: Option<&str>, user: Option<&str>) -> Result<Identity, AuthError> {
+        match self {
+            Verifier::Anonymous => {
+                let user = match user {
+                    Some(user) if valid_user(user) => user.to_string(),
+                    Some(_) => {
+                        return Err(AuthError::new(
+                            "invalid_user",
+                            format!("?user= must be 1-{MAX_USER} printable characters"),
+                        ));
+                    }
+                    None => format!("anon-{}", uuid::Uuid::new_v4().simple()),
+                };
+                Ok(Identity {
+                    user,
+                    info: None,
+                    subscribe: Patterns::all(),
+                    publish: Patterns::all(),
+                    expires_at: None,
+                })
+            }
+            Verifier::Jwt { key, validation } => {
+                let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                    AuthError::new("missing_token", "this node requires a JWT as ?token=")
+                })?;
+                let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
+                    .map_err(|err| match err.kind() {
+                        ErrorKind::ExpiredSignature => {
+                            AuthError::new("token_expired", "the token has expired")
+                        }
+                        ErrorKind::InvalidSignature => AuthError::new(
+                            "invalid_signature",
+                            "the token's signature does not verify",
+                        ),
+                        ErrorKind::InvalidAlgorithm => AuthError::new(
+                            "wrong_algorithm",
+                            format!(
+                                "the token is not signed with {:?}",
+                                validation.algorithms[0]
+                            ),
+                        ),
+                        ErrorKind::MissingRequiredClaim(claim) => AuthError::new(
+                            "invalid_token",
+                            format!("the token has no \"{claim}\" claim"),
+                        ),
+                        _ => AuthError::new(
+                            "invalid_token",
+                            format!("the token cannot be used: {err}"),
+                        ),
+                    })?
+                    .claims;
+                if !valid_user(&claims.sub) {
+                    return Err(AuthError::new(
+                        "invalid_token",
+                        format!("\"sub\" must be 1-{MAX_USER} printable characters"),
+                    ));
+                }
+                Ok(Identity {
+                    user: claims.sub,
+                    info: claims.info,
+                    subscribe: Patterns(claims.channels),
+                    publish: Patterns(claims.publish.or(Some(Vec::new()))),
+                    expires_at: Some(claims.exp),
+                })
+            }
+        }
+    }
+}
+
+fn valid_user(user: &str) -> bool {
+    !user.is_empty() && user.len() <= MAX_USER && !user.chars().any(char::is_control)
+}
+
+fn public_key(path: &str) -> Result<(DecodingKey, Algorithm), ConfigError> {
+    let pem = std::fs::read(path).map_err(|err| {
+        ConfigError::invalid("jwt_public_key", format!("cannot read {path}: {err}"))
+    })?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((key, Algorithm::RS256));
+    }
+    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+        return Ok((key, Algorithm::EdDSA));
+    }
+    Err(ConfigError::invalid(
+        "jwt_public_key",
+        format!("{path} is neither an RSA nor an Ed25519 public key in PEM"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(name: &str) -> Channel {
+        Channel::parse(name).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_exactly_or_by_prefix() {
+        let p = Patterns(Some(vec!["room:*".into(), "user:42".into()]));
+        assert!(p.allows(&ch("room:maths")));
+        assert!(p.allows(&ch("user:42")));
+        assert!(!p.allows(&ch("user:421")));
+        assert!(!p.allows(&ch("roomx")));
+        assert!(Patterns(Some(vec!["*".into()])).allows(&ch("any")));
+        assert!(!Patterns(Some(vec![])).allows(&ch("any")));
+        assert!(Patterns::all().allows(&ch("any")));
+    }
+
+    #[test]
+    fn anonymous_users_get_an_id() {
+        let v = Verifier::Anonymous;
+        assert_eq!(v.identify(None, Some("ada")).unwrap().user, "ada");
+        assert!(v.identify(None, None).unwrap().user.starts_with("anon-"));
+        assert_eq!(v.identify(None, Some("")).unwrap_err().code, "invalid_user");
+    }
+}
