@@ -9,6 +9,7 @@
 //!   that carry its id and timestamp.
 //! - [`bus`]: the only module that talks to NATS. It builds every subject, owns the
 //!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
+//! - [`discovery`]: what ws nodes announce about themselves, and the API's directory of them.
 //! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
 //! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
@@ -20,6 +21,7 @@
 pub mod bus;
 pub mod channel;
 pub mod config;
+pub mod discovery;
 pub mod envelope;
 pub mod process;
 pub mod shutdown;

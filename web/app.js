@@ -134,7 +134,12 @@ function renderChannels(client) {
 
 async function main() {
   const config = await fetch("/v1/config").then((r) => r.json());
-  const nodes = config.nodes.map((n) => ({ name: n.name, url: resolve(n.url) }));
+  // Live discovery first; the configured list (FANOUT_WS_URLS) when no node announced itself.
+  const live = await fetch("/v1/nodes")
+    .then((r) => (r.ok ? r.json() : { nodes: [] }))
+    .catch(() => ({ nodes: [] }));
+  const listed = live.nodes.length ? live.nodes.map((n) => ({ name: n.id, url: n.url })) : config.nodes;
+  const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url) }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
   const params = new URLSearchParams(location.search);
   const { urls, pinned } = choose(nodes, params);

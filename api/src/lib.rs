@@ -41,7 +41,9 @@ pub async fn run(
     let bus = Bus::connect(&config.common).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");
-    let app = routes::router(routes::AppState::new(bus.clone(), &config));
+    let state = routes::AppState::new(bus.clone(), &config);
+    bus.follow_nodes(state.directory()).await?;
+    let app = routes::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

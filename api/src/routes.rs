@@ -9,6 +9,7 @@
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
 //! | GET | `/metrics` | Prometheus text format |
+//! | GET | `/v1/nodes` | the live ws nodes (discovery) |
 //! | GET | `/`, `/v1/config` | the demo page and its node list ([`crate::web`]) |
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,6 +44,7 @@ pub struct AppState {
     jaeger_ui: std::sync::Arc<str>,
     api_keys: std::sync::Arc<[String]>,
     public_ping: bool,
+    nodes: std::sync::Arc<fanout::discovery::Directory>,
 }
 
 impl AppState {
@@ -55,7 +57,13 @@ impl AppState {
             jaeger_ui: config.jaeger_ui.trim_end_matches('/').into(),
             api_keys: config.keys().into(),
             public_ping: config.public_ping,
+            nodes: std::sync::Arc::default(),
         }
+    }
+
+    /// The live ws nodes, fed by their announcements.
+    pub fn directory(&self) -> std::sync::Arc<fanout::discovery::Directory> {
+        self.nodes.clone()
     }
 
     /// Jaeger UI base URL for trace links on the page, or empty.
@@ -78,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/nodes", get(nodes))
         .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -301,6 +310,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         )],
         telemetry::render_metrics(),
     )
+}
+
+/// The ws nodes that announced themselves within the last few seconds.
+async fn nodes(State(state): State<AppState>) -> impl IntoResponse {
+    Json(json!({ "nodes": state.nodes.live() }))
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -44,6 +44,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Events one connection may publish per second (and in a burst); over it: `rate_limited`.
     pub publish_rate_per_sec: u32,
+    /// Where browsers reach this node, announced for discovery (`GET /v1/nodes`). Empty:
+    /// `ws://{host}:<listening port>/ws`, where the page replaces `{host}` with its own host.
+    pub public_url: String,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             allowed_origins: String::new(),
             max_connections_per_ip: 0,
             publish_rate_per_sec: 10,
+            public_url: String::new(),
         }
     }
 }

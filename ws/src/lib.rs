@@ -54,6 +54,11 @@ pub async fn run(
     let node = node::Node::start(config, bus.clone(), verifier, &tasks);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %node.id(), "fanout-ws listening");
+    let public_url = match node.config().public_url.trim() {
+        "" => format!("ws://{{host}}:{}/ws", addr.port()),
+        url => url.to_string(),
+    };
+    node.announce(public_url, &tasks);
     let app = transport::router(node.clone(), tasks.clone());
     axum::serve(
         listener,

@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fanout::{Bus, Channel, Envelope, Subscription, telemetry, time::now_ms};
+use fanout::{
+    Bus, Channel, Envelope, Subscription,
+    discovery::{ANNOUNCE_EVERY, NodeInfo},
+    telemetry,
+    time::now_ms,
+};
 use metrics::{counter, gauge, histogram};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -45,6 +50,8 @@ pub struct Node {
     /// Set while draining: `/readyz` answers 503 so load balancers move on.
     draining: AtomicBool,
     verifier: Verifier,
+    /// What this node announces for discovery, once it knows its address.
+    announcement: std::sync::Mutex<Option<NodeInfo>>,
     /// Open connections per IP address, for `max_connections_per_ip`.
     per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     /// True once the always-on `broadcast` subscription is in place.
@@ -66,6 +73,7 @@ impl Node {
             closing: shutdown.clone(),
             draining: AtomicBool::new(false),
             verifier,
+            announcement: std::sync::Mutex::new(None),
             per_ip: Arc::default(),
             broadcast_live: Arc::new(AtomicBool::new(false)),
         });
@@ -123,6 +131,16 @@ impl Node {
     /// then stops the node's tasks. Events keep flowing to connections not yet closed.
     pub async fn drain(&self, window: Duration) {
         self.draining.store(true, Ordering::Release);
+        // Clone out first: the lock must not be held across the await.
+        let announcement = self
+            .announcement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(mut info) = announcement {
+            info.leaving = true;
+            self.bus.announce(&info).await;
+        }
         let kicks = self.hub.kicks();
         tracing::info!(connections = kicks.len(), ?window, "draining");
         let start = tokio::time::Instant::now();
@@ -163,6 +181,37 @@ impl Node {
         // An error means the channel's interest ended meanwhile: nothing to wait for.
         let _ = tokio::time::timeout(LIVE_TIMEOUT, live.wait_for(|live| *live)).await;
         Ok(())
+    }
+
+    /// Announces this node every [`ANNOUNCE_EVERY`] (on `tracker`) until it drains, as
+    /// reachable at `url`.
+    pub fn announce(self: &Arc<Self>, url: String, tracker: &TaskTracker) {
+        let info = NodeInfo {
+            id: self.id().to_string(),
+            url,
+            connections: 0,
+            started_at: now_ms(),
+            leaving: false,
+        };
+        *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+        let node = self.clone();
+        tracker.spawn(async move {
+            let mut every = tokio::time::interval(ANNOUNCE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = node.closing.cancelled() => return,
+                }
+                if node.draining.load(Ordering::Acquire) {
+                    return;
+                }
+                let info = NodeInfo {
+                    connections: node.hub.connections(),
+                    ..info.clone()
+                };
+                node.bus.announce(&info).await;
+            }
+        });
     }
 
     pub fn verifier(&self) -> &Verifier {
