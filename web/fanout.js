@@ -97,7 +97,7 @@ export class FanoutClient {
   /** Opens the connection (and keeps it open until {@link close}). */
   connect() {
     this._wanted = true;
-    if (!this._socket && !this._timer) this._open();
+    if (!this._socket && !this._timer && !this._opening) this._open();
     return this;
   }
 
@@ -188,8 +188,12 @@ export class FanoutClient {
       this._connect(this.url);
       return;
     }
+    this._opening = true;
     Promise.resolve()
       .then(() => this.options.getToken())
+      .finally(() => {
+        this._opening = false;
+      })
       .then((token) => {
         if (!this._wanted) return;
         this._token = token;

@@ -235,7 +235,9 @@ test("getToken: a token for every connection attempt, and a refresh before it ex
     let issued = 0;
     client.options.getToken = () => jwt(++issued);
     client.connect();
+    client.connect(); // a second call while the token is on its way opens nothing more
     await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(issued, 1);
     assert.equal(last().url, `ws://a/ws?token=${encodeURIComponent(jwt(1))}`);
     last().welcome("ws-1");
     // 80% of the 100 s left: the refresh goes out with a new token.

@@ -12,6 +12,7 @@ use axum::{
     Json, Router,
     extract::{
         ConnectInfo, Query, State, WebSocketUpgrade,
+        rejection::QueryRejection,
         ws::{CloseFrame, Message, WebSocket, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -122,9 +123,19 @@ async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(params): Query<HashMap<String, String>>,
+    params: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                &rejection.body_text(),
+            );
+        }
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
