@@ -328,7 +328,10 @@ async fn session(
             }
             incoming = socket.recv() => {
                 awaiting_pong = false;
-                on_incoming(socket, node, conn, kick, incoming, &mut state).await
+                // Boxed: answering a request may await a publish or a replay, whose futures are
+                // large; inline they would sit in every idle connection's task (measured:
+                // 13.2 instead of 8.7 KiB per connection).
+                Box::pin(on_incoming(socket, node, conn, kick, incoming, &mut state)).await
             }
             Some(first) = frames.recv() => {
                 write_frames(socket, kick, first, &mut frames, &state.replayed).await
