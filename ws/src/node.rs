@@ -384,7 +384,6 @@ async fn follow_interest(
 async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trace: bool) {
     let channel = subscription.channel().clone();
     let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
-    let malformed = counter!("fanout_ws_events_malformed_total");
     let repairs = counter!("fanout_ws_gap_repairs_total");
     let repaired = counter!("fanout_ws_events_repaired_total");
     let mut connections = bus.connections();
@@ -398,7 +397,7 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
                 None => break,
                 Some(Ok(envelope)) => envelope,
                 Some(Err(err)) => {
-                    malformed.increment(1);
+                    reader.malformed.increment(1);
                     tracing::warn!(%channel, %err, "dropping a malformed message");
                     continue;
                 }
