@@ -286,17 +286,22 @@ impl Common {
 
     /// The servers of [`Common::nats_url`], trimmed, empty entries dropped.
     pub fn nats_servers(&self) -> Vec<String> {
-        self.nats_url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
+        list(&self.nats_url)
     }
 
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
+}
+
+/// The entries of a comma-separated setting, trimmed, empty ones dropped.
+pub fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Parses a `listen` setting (`host:port`, port 0 for any free port).

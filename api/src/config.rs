@@ -77,27 +77,18 @@ impl Config {
 
     /// The configured API keys.
     pub fn keys(&self) -> Vec<String> {
-        self.api_keys
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(String::from)
-            .collect()
+        fanout::config::list(&self.api_keys)
     }
 
     /// Parses [`Config::ws_urls`]; unnamed entries are called `node-1`, `node-2`, ...
     pub fn ws_nodes(&self) -> Result<Vec<WsNode>, ConfigError> {
-        let entries = self
-            .ws_urls
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty());
-        entries
+        fanout::config::list(&self.ws_urls)
+            .into_iter()
             .enumerate()
             .map(|(i, entry)| {
                 let (name, url) = match entry.split_once('=') {
                     Some((name, url)) if !name.contains("://") => (name.trim(), url.trim()),
-                    _ => ("", entry),
+                    _ => ("", entry.as_str()),
                 };
                 if !(url.starts_with("ws://") || url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(

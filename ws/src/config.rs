@@ -124,10 +124,10 @@ impl Config {
 
     /// The allowed origins, parsed; empty means any.
     pub fn origins(&self) -> Vec<String> {
-        self.allowed_origins
-            .split(',')
-            .map(|o| o.trim().trim_end_matches('/').to_string())
-            .filter(|o| !o.is_empty())
+        fanout::config::list(&self.allowed_origins)
+            .into_iter()
+            .map(|origin| origin.trim_end_matches('/').to_string())
+            .filter(|origin| !origin.is_empty())
             .collect()
     }
 
