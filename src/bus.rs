@@ -16,6 +16,7 @@
 //! say what to publish and what to subscribe to.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -41,8 +42,9 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     Channel, Common,
+    discovery::Directory,
     envelope::{Envelope, HEADER_ID, HEADER_TS},
-    telemetry,
+    presence, telemetry,
     time::now_ms,
 };
 
@@ -139,6 +141,14 @@ impl Subjects {
     /// ws nodes announce themselves here (core NATS, not stored).
     fn nodes(&self) -> String {
         format!("{}.nodes", self.prefix)
+    }
+    /// Presence changes of one channel (core NATS): the frames clients receive.
+    fn presence(&self, channel: &Channel) -> String {
+        format!("{}.presence.{channel}", self.prefix)
+    }
+    /// Presence queries, answered by every ws node (no queue group).
+    fn presence_query(&self) -> String {
+        format!("{}.presence_query", self.prefix)
     }
     fn stream_name(&self) -> String {
         self.prefix.replace('.', "_").to_ascii_uppercase()
@@ -501,14 +511,7 @@ impl Bus {
             .client
             .subscribe(inner.subjects.outbound(channel))
             .await?;
-        if self.is_connected() {
-            // Any answer (normally "no responders") proves the SUB was processed.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                inner.client.request(inner.subjects.sync(), Bytes::new()),
-            )
-            .await;
-        }
+        self.sync().await;
         Ok(Subscription {
             channel: channel.clone(),
             subject: inner.subjects.outbound(channel),
@@ -548,6 +551,145 @@ impl Bus {
             }
         });
         Ok(())
+    }
+
+    /// Publishes a presence change of `channel` (fire and forget: core NATS, not stored).
+    pub async fn publish_presence(&self, channel: &Channel, frame: Bytes) {
+        let subject = self.inner.subjects.presence(channel);
+        if let Err(err) = self.inner.client.publish(subject, frame).await {
+            tracing::debug!(%channel, %err, "presence change not sent");
+        }
+    }
+
+    /// Follows the presence changes of `channel`. Returns once the server has registered the
+    /// interest (like [`Bus::subscribe`]).
+    pub async fn subscribe_presence(&self, channel: &Channel) -> Result<PresenceChanges, BusError> {
+        let inner = &self.inner;
+        let subscriber = inner
+            .client
+            .subscribe(inner.subjects.presence(channel))
+            .await?;
+        self.sync().await;
+        Ok(PresenceChanges { subscriber })
+    }
+
+    /// Answers every presence query with `answer(query)`, the parts of this node's answer,
+    /// until the bus closes.
+    pub async fn answer_presence<F>(&self, answer: F) -> Result<(), BusError>
+    where
+        F: Fn(presence::Query) -> Vec<Bytes> + Send + 'static,
+    {
+        let mut queries = self
+            .inner
+            .client
+            .subscribe(self.inner.subjects.presence_query())
+            .await?;
+        let client = self.inner.client.clone();
+        tokio::spawn(async move {
+            while let Some(message) = queries.next().await {
+                let Some(reply) = message.reply else { continue };
+                let query = match serde_json::from_slice(&message.payload) {
+                    Ok(query) => query,
+                    Err(err) => {
+                        tracing::debug!(%err, "ignoring a malformed presence query");
+                        continue;
+                    }
+                };
+                for part in answer(query) {
+                    if let Err(err) = client.publish(reply.clone(), part).await {
+                        tracing::debug!(%err, "presence answer not sent");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Asks every ws node who is in `channel` (or only how many) and gathers the answers:
+    /// until every node in `directory` has answered, or [`presence::QUERY_TIMEOUT`] (then
+    /// the answer is partial). One request whatever the number of members.
+    pub async fn presence(
+        &self,
+        channel: &Channel,
+        count_only: bool,
+        directory: &Directory,
+    ) -> Result<presence::Presence, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS"));
+        }
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        let query = presence::Query {
+            channel: channel.to_string(),
+            count_only,
+        };
+        let payload = serde_json::to_vec(&query).expect("a query serializes");
+        client
+            .publish_with_reply(self.inner.subjects.presence_query(), inbox, payload.into())
+            .await
+            .map_err(|_| BusError::Unavailable("cannot send the presence query"))?;
+        let deadline = tokio::time::Instant::now() + presence::QUERY_TIMEOUT;
+        // Per node: its count, and whether its last part came.
+        let mut nodes: HashMap<String, (usize, bool)> = HashMap::new();
+        let mut members = Vec::new();
+        let complete = |nodes: &HashMap<String, (usize, bool)>| {
+            directory.is_complete()
+                && directory
+                    .live()
+                    .iter()
+                    .all(|node| nodes.get(&node.id).is_some_and(|(_, done)| *done))
+                && nodes.values().all(|(_, done)| *done)
+        };
+        let partial = loop {
+            if complete(&nodes) {
+                break false;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break true;
+            }
+            // Wake now and then: discovery may forget a crashed node meanwhile.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let Ok(Some(message)) = tokio::time::timeout(wait, answers.next()).await else {
+                continue;
+            };
+            match serde_json::from_slice::<presence::Part>(&message.payload) {
+                Ok(part) => {
+                    let entry = nodes.entry(part.node).or_default();
+                    *entry = (part.count, part.last);
+                    if !count_only {
+                        members.extend(part.members);
+                    }
+                }
+                Err(err) => tracing::debug!(%err, "ignoring a malformed presence answer"),
+            }
+        };
+        Ok(presence::Presence {
+            channel: channel.clone(),
+            count: nodes.values().map(|(count, _)| count).sum(),
+            members: (!count_only).then_some(members),
+            partial,
+            nodes: nodes
+                .into_iter()
+                .filter_map(|(node, (_, done))| done.then_some(node))
+                .collect(),
+        })
+    }
+
+    /// Waits until the server has processed everything this connection sent so far.
+    async fn sync(&self) {
+        if self.is_connected() {
+            // Any answer (normally "no responders") proves the server got here.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.inner
+                    .client
+                    .request(self.inner.subjects.sync(), Bytes::new()),
+            )
+            .await;
+        }
     }
 
     /// Stops the stream keeper, finishes in-flight publishes and closes the connection.
@@ -636,6 +778,18 @@ async fn keep_stream(inner: std::sync::Weak<Inner>) {
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// The presence changes of one channel, as encoded frames. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct PresenceChanges {
+    subscriber: async_nats::Subscriber,
+}
+
+impl PresenceChanges {
+    pub async fn next(&mut self) -> Option<Bytes> {
+        self.subscriber.next().await.map(|message| message.payload)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Live node discovery: ws nodes announce themselves on NATS every [`ANNOUNCE_EVERY`]; the
-//! API keeps a [`Directory`] of the nodes heard from within [`FORGET_AFTER`]. A node that
-//! drains announces that it is leaving and drops out at once; one that crashes drops out
-//! within [`FORGET_AFTER`].
+//! API and the ws nodes keep a [`Directory`] of the nodes heard from within [`FORGET_AFTER`].
+//! A node that drains announces that it is leaving and drops out of [`Directory::live`] at
+//! once (no new clients), but stays [`Directory::alive`] (its clients are still leaving)
+//! until it has not been heard from for [`FORGET_AFTER`]; one that crashes drops out within
+//! [`FORGET_AFTER`].
 //!
 //! The bus carries the announcements; this module defines them and the directory.
 
@@ -33,28 +35,58 @@ pub struct NodeInfo {
 }
 
 /// The live nodes, as heard from their announcements.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Directory {
     nodes: Mutex<HashMap<String, (NodeInfo, Instant)>>,
+    /// When following began: until every node had a chance to announce itself, the
+    /// directory may not know them all.
+    since: Instant,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory {
+            nodes: Mutex::default(),
+            since: Instant::now(),
+        }
+    }
 }
 
 impl Directory {
     pub fn heard(&self, info: NodeInfo) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        if info.leaving {
-            nodes.remove(&info.id);
-        } else {
-            nodes.insert(info.id.clone(), (info, Instant::now()));
-        }
+        nodes.insert(info.id.clone(), (info, Instant::now()));
     }
 
-    /// The nodes heard from within [`FORGET_AFTER`], by id.
-    pub fn live(&self) -> Vec<NodeInfo> {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (NodeInfo, Instant)>> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes.retain(|_, (_, seen)| seen.elapsed() < FORGET_AFTER);
-        let mut live: Vec<NodeInfo> = nodes.values().map(|(info, _)| info.clone()).collect();
+        nodes
+    }
+
+    /// The nodes heard from within [`FORGET_AFTER`] and not leaving, by id: where new
+    /// clients may connect, and who must answer a presence query.
+    pub fn live(&self) -> Vec<NodeInfo> {
+        let mut live: Vec<NodeInfo> = self
+            .nodes()
+            .values()
+            .filter(|(info, _)| !info.leaving)
+            .map(|(info, _)| info.clone())
+            .collect();
         live.sort_by(|a, b| a.id.cmp(&b.id));
         live
+    }
+
+    /// Whether node `id` was heard from within [`FORGET_AFTER`], leaving or not: its
+    /// clients may still be connected.
+    pub fn alive(&self, id: &str) -> bool {
+        self.nodes().contains_key(id)
+    }
+
+    /// True once following has lasted long enough for every running node to have announced
+    /// itself at least once.
+    pub fn is_complete(&self) -> bool {
+        self.since.elapsed() >= ANNOUNCE_EVERY + ANNOUNCE_EVERY / 4
     }
 }
 
@@ -81,5 +113,10 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         directory.heard(node("a", true));
         assert_eq!(directory.live(), [node("b", false)]);
+        assert!(
+            directory.alive("a"),
+            "a leaving node's clients are still leaving"
+        );
+        assert!(!directory.alive("c"));
     }
 }

@@ -9,7 +9,8 @@
 //!   that carry its id and timestamp.
 //! - [`bus`]: the only module that talks to NATS. It builds every subject, owns the
 //!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
-//! - [`discovery`]: what ws nodes announce about themselves, and the API's directory of them.
+//! - [`discovery`]: what ws nodes announce about themselves, and the directory of them.
+//! - [`presence`]: who is in a channel across nodes: the query, the answers, their parts.
 //! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
 //! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
@@ -23,12 +24,13 @@ pub mod channel;
 pub mod config;
 pub mod discovery;
 pub mod envelope;
+pub mod presence;
 pub mod process;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 
-pub use bus::{Bus, BusError, Published, Subscription};
+pub use bus::{Bus, BusError, PresenceChanges, Published, Subscription};
 pub use channel::{Channel, ChannelError};
 pub use config::{Common, ConfigError};
 pub use envelope::Envelope;

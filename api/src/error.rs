@@ -60,7 +60,7 @@ impl ApiError {
 
 impl From<BusError> for ApiError {
     fn from(err: BusError) -> Self {
-        tracing::warn!(%err, "publish not acknowledged");
+        tracing::warn!(%err, "NATS request failed");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "bus_unavailable",

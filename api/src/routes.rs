@@ -10,6 +10,7 @@
 //! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/v1/nodes` | the live ws nodes (discovery) |
+//! | GET | `/v1/channels/{channel}/presence` | who is in the channel across every ws node; `?count_only=true`: how many |
 //! | GET | `/`, `/v1/config` | the demo page and its node list ([`crate::web`]) |
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/channels/{channel}/presence", get(presence))
         .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -310,6 +312,38 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         )],
         telemetry::render_metrics(),
     )
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PresenceParams {
+    #[serde(default)]
+    count_only: bool,
+}
+
+/// `{"channel","count","members":[{user,conn,node,info,joined_at}],"partial"}`, or without
+/// `members` for `?count_only=true`. One NATS request whatever the number of members.
+async fn presence(
+    State(state): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+    params: Result<axum::extract::Query<PresenceParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(channel) = channel
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
+    let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
+    if channel.is_broadcast() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "reserved_channel",
+            "\"broadcast\" reaches every connection; it has no presence",
+        ));
+    }
+    let axum::extract::Query(params) = params
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let answer = state
+        .bus
+        .presence(&channel, params.count_only, &state.nodes)
+        .await?;
+    Ok(Json(answer).into_response())
 }
 
 /// The ws nodes that announced themselves within the last few seconds.

@@ -10,6 +10,11 @@
 //! full is cut off as a slow consumer (tokio-console's `Watch::update` drops full watchers)
 //! instead of slowing the node or the other clients.
 //!
+//! It is also where presence starts: every subscriber of a channel is a member of it; the hub
+//! reports each membership change ([`Membership`]) in order, and `Watch` / `Unwatch` interest
+//! when a channel gets its first / loses its last local client that asked for presence
+//! changes.
+//!
 //! It knows neither NATS nor WebSocket: frames are opaque shared bytes.
 
 use std::{
@@ -20,9 +25,10 @@ use std::{
     },
 };
 
-use fanout::Channel;
+use fanout::{Channel, time::now_ms};
 use metrics::gauge;
-use tokio::sync::{mpsc, watch};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -42,7 +48,65 @@ pub enum Interest {
     Add { channel: Channel, generation: u64 },
     /// The channel's last local subscriber left.
     Remove { channel: Channel },
+    /// A local client asked for the channel's presence changes, the first one to. Pass
+    /// `generation` to [`Hub::set_watch_live`] once the changes are followed.
+    Watch { channel: Channel, generation: u64 },
+    /// The channel's last local client that asked for presence changes stopped.
+    Unwatch { channel: Channel },
 }
+
+/// Who a connection is, as presence shows it.
+#[derive(Debug)]
+pub struct Profile {
+    pub user: Arc<str>,
+    pub info: Option<Box<RawValue>>,
+}
+
+/// What happened to a membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Join,
+    Leave,
+    /// The member's info changed.
+    Update,
+}
+
+impl Change {
+    /// The `op` of the frame that tells clients.
+    pub fn op(self) -> &'static str {
+        match self {
+            Change::Join => "join",
+            Change::Leave => "leave",
+            Change::Update => "update",
+        }
+    }
+}
+
+/// A membership change, reported in the order the hub saw it.
+#[derive(Debug)]
+pub enum Membership {
+    Changed {
+        change: Change,
+        channel: Channel,
+        conn: ConnId,
+        profile: Arc<Profile>,
+        joined_at: u64,
+    },
+    /// Every change before this one has been handled (for shutdown).
+    Flush(oneshot::Sender<()>),
+}
+
+/// One local member, as a presence answer lists it.
+#[derive(Debug)]
+pub struct LocalMember {
+    pub conn: ConnId,
+    pub profile: Arc<Profile>,
+    pub joined_at: u64,
+}
+
+/// The `seq` of a queued frame that is not an event (a presence change): never skipped as
+/// replayed. Stream sequences start at 1.
+pub const PRESENCE_SEQ: u64 = 0;
 
 /// An event frame waiting in a connection's queue, with what the connection needs to skip
 /// events it already got from a replay.
@@ -141,6 +205,7 @@ pub struct Hub {
     /// map operations or a loop of non-blocking `try_send`s (mini-redis `db.rs` reasoning).
     state: Mutex<State>,
     interest: mpsc::UnboundedSender<Interest>,
+    membership: mpsc::UnboundedSender<Membership>,
     next_generation: AtomicU64,
     max_subscriptions: usize,
 }
@@ -155,21 +220,49 @@ struct State {
 struct ConnEntry {
     recipient: Recipient,
     channels: HashSet<Channel>,
+    profile: Arc<Profile>,
 }
 
 #[derive(Debug)]
 struct ChannelEntry {
-    subscribers: HashMap<ConnId, Recipient>,
+    subscribers: HashMap<ConnId, Subscriber>,
     generation: u64,
     /// True once the upstream subscription for this generation is in place.
     live: watch::Sender<bool>,
+    /// Subscribers that asked for presence changes.
+    watchers: usize,
+    watch_generation: u64,
+    /// True once the presence changes of this watch generation are followed.
+    watch_live: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    recipient: Recipient,
+    joined_at: u64,
+    /// Wants the channel's presence changes.
+    watching: bool,
+}
+
+/// What [`Hub::subscribe`] hands back to wait on.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// Turns `true` once the node receives the channel's events.
+    pub live: watch::Receiver<bool>,
+    /// With presence: turns `true` once the node follows the channel's presence changes.
+    pub watch_live: Option<watch::Receiver<bool>>,
 }
 
 impl Hub {
-    pub fn new(max_subscriptions: usize, interest: mpsc::UnboundedSender<Interest>) -> Self {
+    pub fn new(
+        max_subscriptions: usize,
+        interest: mpsc::UnboundedSender<Interest>,
+        membership: mpsc::UnboundedSender<Membership>,
+    ) -> Self {
         Hub {
             state: Mutex::default(),
             interest,
+            membership,
             next_generation: AtomicU64::new(1),
             max_subscriptions,
         }
@@ -181,15 +274,33 @@ impl Hub {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn add_conn(&self, id: ConnId, recipient: Recipient) {
+    pub fn add_conn(&self, id: ConnId, recipient: Recipient, profile: Profile) {
         gauge!("fanout_ws_connections").increment(1.0);
         self.lock().conns.insert(
             id,
             ConnEntry {
                 recipient,
                 channels: HashSet::new(),
+                profile: Arc::new(profile),
             },
         );
+    }
+
+    fn report(
+        &self,
+        change: Change,
+        channel: &Channel,
+        conn: ConnId,
+        profile: &Arc<Profile>,
+        joined_at: u64,
+    ) {
+        let _ = self.membership.send(Membership::Changed {
+            change,
+            channel: channel.clone(),
+            conn,
+            profile: profile.clone(),
+            joined_at,
+        });
     }
 
     /// Forgets a connection and leaves all its channels.
@@ -200,21 +311,23 @@ impl Hub {
         };
         gauge!("fanout_ws_connections").decrement(1.0);
         for channel in conn.channels {
-            self.leave(&mut state, id, &channel);
+            self.leave(&mut state, id, &channel, &conn.profile);
         }
     }
 
-    /// Adds `id` to `channel`. Idempotent. The returned receiver turns `true` once the node
-    /// receives the channel's events.
+    /// Adds `id` to `channel` (a join) and, with `presence`, has it receive the channel's
+    /// presence changes; subscribing again only changes `presence`.
     pub fn subscribe(
         &self,
         id: ConnId,
         channel: &Channel,
-    ) -> Result<watch::Receiver<bool>, SubscribeError> {
+        presence: bool,
+    ) -> Result<Subscribed, SubscribeError> {
         let mut state = self.lock();
         let State { conns, channels } = &mut *state;
         let conn = conns.get_mut(&id).ok_or(SubscribeError::UnknownConn)?;
-        if !conn.channels.contains(channel) {
+        let joins = !conn.channels.contains(channel);
+        if joins {
             if conn.channels.len() >= self.max_subscriptions {
                 return Err(SubscribeError::TooMany(self.max_subscriptions));
             }
@@ -232,29 +345,79 @@ impl Hub {
                 subscribers: HashMap::new(),
                 generation,
                 live: watch::Sender::new(false),
+                watchers: 0,
+                watch_generation: 0,
+                watch_live: watch::Sender::new(false),
             }
         });
-        entry.subscribers.insert(id, conn.recipient.clone());
-        Ok(entry.live.subscribe())
+        let subscriber = entry.subscribers.entry(id).or_insert_with(|| Subscriber {
+            recipient: conn.recipient.clone(),
+            joined_at: now_ms(),
+            watching: false,
+        });
+        if joins {
+            self.report(
+                Change::Join,
+                channel,
+                id,
+                &conn.profile,
+                subscriber.joined_at,
+            );
+        }
+        if subscriber.watching != presence {
+            subscriber.watching = presence;
+            if presence {
+                entry.watchers += 1;
+                if entry.watchers == 1 {
+                    entry.watch_generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                    entry.watch_live = watch::Sender::new(false);
+                    let _ = self.interest.send(Interest::Watch {
+                        channel: channel.clone(),
+                        generation: entry.watch_generation,
+                    });
+                }
+            } else {
+                self.unwatch(entry, channel);
+            }
+        }
+        Ok(Subscribed {
+            live: entry.live.subscribe(),
+            watch_live: presence.then(|| entry.watch_live.subscribe()),
+        })
+    }
+
+    fn unwatch(&self, entry: &mut ChannelEntry, channel: &Channel) {
+        entry.watchers -= 1;
+        if entry.watchers == 0 {
+            let _ = self.interest.send(Interest::Unwatch {
+                channel: channel.clone(),
+            });
+        }
     }
 
     /// Removes `id` from `channel`. Returns whether it was subscribed.
     pub fn unsubscribe(&self, id: ConnId, channel: &Channel) -> bool {
         let mut state = self.lock();
-        let was = state
-            .conns
-            .get_mut(&id)
-            .is_some_and(|conn| conn.channels.remove(channel));
-        if was {
-            self.leave(&mut state, id, channel);
+        let Some(conn) = state.conns.get_mut(&id) else {
+            return false;
+        };
+        if !conn.channels.remove(channel) {
+            return false;
         }
-        was
+        let profile = conn.profile.clone();
+        self.leave(&mut state, id, channel, &profile);
+        true
     }
 
-    fn leave(&self, state: &mut State, id: ConnId, channel: &Channel) {
+    fn leave(&self, state: &mut State, id: ConnId, channel: &Channel, profile: &Arc<Profile>) {
         gauge!("fanout_ws_subscriptions").decrement(1.0);
         if let Some(entry) = state.channels.get_mut(channel) {
-            entry.subscribers.remove(&id);
+            if let Some(subscriber) = entry.subscribers.remove(&id) {
+                self.report(Change::Leave, channel, id, profile, subscriber.joined_at);
+                if subscriber.watching {
+                    self.unwatch(entry, channel);
+                }
+            }
             if entry.subscribers.is_empty() {
                 state.channels.remove(channel);
                 gauge!("fanout_ws_channels").decrement(1.0);
@@ -276,6 +439,86 @@ impl Hub {
         }
     }
 
+    /// Marks `channel`'s presence changes as followed, if `generation` is still the current
+    /// stretch of watching.
+    pub fn set_watch_live(&self, channel: &Channel, generation: u64) {
+        let state = self.lock();
+        if let Some(entry) = state.channels.get(channel)
+            && entry.watchers > 0
+            && entry.watch_generation == generation
+        {
+            entry.watch_live.send_replace(true);
+        }
+    }
+
+    /// Replaces connection `id`'s presence info and reports an update in each of its
+    /// channels. Returns false for an unknown connection.
+    pub fn set_info(&self, id: ConnId, info: Option<Box<RawValue>>) -> bool {
+        let mut state = self.lock();
+        let State { conns, channels } = &mut *state;
+        let Some(conn) = conns.get_mut(&id) else {
+            return false;
+        };
+        conn.profile = Arc::new(Profile {
+            user: conn.profile.user.clone(),
+            info,
+        });
+        for channel in &conn.channels {
+            if let Some(subscriber) = channels.get(channel).and_then(|e| e.subscribers.get(&id)) {
+                self.report(
+                    Change::Update,
+                    channel,
+                    id,
+                    &conn.profile,
+                    subscriber.joined_at,
+                );
+            }
+        }
+        true
+    }
+
+    /// This node's members of `channel`.
+    pub fn members(&self, channel: &Channel) -> Vec<LocalMember> {
+        let state = self.lock();
+        let Some(entry) = state.channels.get(channel) else {
+            return Vec::new();
+        };
+        entry
+            .subscribers
+            .iter()
+            .filter_map(|(conn, subscriber)| {
+                Some(LocalMember {
+                    conn: *conn,
+                    profile: state.conns.get(conn)?.profile.clone(),
+                    joined_at: subscriber.joined_at,
+                })
+            })
+            .collect()
+    }
+
+    /// How many members `channel` has on this node.
+    pub fn member_count(&self, channel: &Channel) -> usize {
+        self.lock()
+            .channels
+            .get(channel)
+            .map_or(0, |entry| entry.subscribers.len())
+    }
+
+    /// Offers a presence change's `frame` to the subscribers of `channel` that asked for
+    /// presence changes.
+    pub fn deliver_presence(&self, channel: &Channel, frame: &Frame) -> Delivery {
+        let mut outcome = Delivery::default();
+        let state = self.lock();
+        if let Some(entry) = state.channels.get(channel) {
+            for subscriber in entry.subscribers.values().filter(|s| s.watching) {
+                subscriber
+                    .recipient
+                    .offer(channel, PRESENCE_SEQ, frame, &mut outcome);
+            }
+        }
+        outcome
+    }
+
     /// Offers event `seq`'s `frame` to every subscriber of `channel`; for `broadcast`, to
     /// every connection.
     pub fn deliver(&self, channel: &Channel, seq: u64, frame: &Frame) -> Delivery {
@@ -286,8 +529,10 @@ impl Hub {
                 conn.recipient.offer(channel, seq, frame, &mut outcome);
             }
         } else if let Some(entry) = state.channels.get(channel) {
-            for recipient in entry.subscribers.values() {
-                recipient.offer(channel, seq, frame, &mut outcome);
+            for subscriber in entry.subscribers.values() {
+                subscriber
+                    .recipient
+                    .offer(channel, seq, frame, &mut outcome);
             }
         }
         outcome
@@ -328,13 +573,16 @@ mod tests {
     struct Fixture {
         hub: Hub,
         interest: mpsc::UnboundedReceiver<Interest>,
+        membership: mpsc::UnboundedReceiver<Membership>,
     }
 
     fn fixture(max_subscriptions: usize) -> Fixture {
         let (tx, interest) = mpsc::unbounded_channel();
+        let (members_tx, membership) = mpsc::unbounded_channel();
         Fixture {
-            hub: Hub::new(max_subscriptions, tx),
+            hub: Hub::new(max_subscriptions, tx, members_tx),
             interest,
+            membership,
         }
     }
 
@@ -342,8 +590,27 @@ mod tests {
         let id = Uuid::new_v4();
         let (tx, rx) = mpsc::channel(queue);
         let kick = Kick::new(CancellationToken::new());
-        hub.add_conn(id, Recipient::new(tx, kick.clone()));
+        let profile = Profile {
+            user: format!("user-{id}").into(),
+            info: None,
+        };
+        hub.add_conn(id, Recipient::new(tx, kick.clone()), profile);
         (id, rx, kick)
+    }
+
+    /// The membership changes reported so far, as (change, channel, conn).
+    fn changes(rx: &mut mpsc::UnboundedReceiver<Membership>) -> Vec<(Change, String, ConnId)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m {
+                Membership::Changed {
+                    change,
+                    channel,
+                    conn,
+                    ..
+                } => Some((change, channel.to_string(), conn)),
+                Membership::Flush(_) => None,
+            })
+            .collect()
     }
 
     fn ch(name: &str) -> Channel {
@@ -370,16 +637,16 @@ mod tests {
         let mut f = fixture(10);
         let (a, _ra, _) = conn(&f.hub, 4);
         let (b, _rb, _) = conn(&f.hub, 4);
-        f.hub.subscribe(a, &ch("x")).unwrap();
-        f.hub.subscribe(b, &ch("x")).unwrap();
-        f.hub.subscribe(a, &ch("x")).unwrap(); // idempotent
+        f.hub.subscribe(a, &ch("x"), false).unwrap();
+        f.hub.subscribe(b, &ch("x"), false).unwrap();
+        f.hub.subscribe(a, &ch("x"), false).unwrap(); // idempotent
         assert_eq!(drain(&mut f.interest), [add("x", 1)]);
         assert!(f.hub.unsubscribe(a, &ch("x")));
         assert!(!f.hub.unsubscribe(a, &ch("x")));
         assert_eq!(drain(&mut f.interest), []);
         f.hub.remove_conn(b);
         assert_eq!(drain(&mut f.interest), [remove("x")]);
-        f.hub.subscribe(a, &ch("x")).unwrap();
+        f.hub.subscribe(a, &ch("x"), false).unwrap();
         assert_eq!(drain(&mut f.interest), [add("x", 2)]);
         assert_eq!(f.hub.channels(), [(ch("x"), 1)]);
     }
@@ -388,9 +655,9 @@ mod tests {
     fn live_only_for_the_current_generation() {
         let f = fixture(10);
         let (a, _ra, _) = conn(&f.hub, 4);
-        let first = f.hub.subscribe(a, &ch("x")).unwrap();
+        let first = f.hub.subscribe(a, &ch("x"), false).unwrap().live;
         f.hub.unsubscribe(a, &ch("x"));
-        let second = f.hub.subscribe(a, &ch("x")).unwrap();
+        let second = f.hub.subscribe(a, &ch("x"), false).unwrap().live;
         f.hub.set_live(&ch("x"), 1); // the ended stretch: no effect
         assert!(!*second.borrow());
         f.hub.set_live(&ch("x"), 2);
@@ -402,15 +669,17 @@ mod tests {
     fn limits_subscriptions_per_connection() {
         let f = fixture(2);
         let (a, _ra, _) = conn(&f.hub, 4);
-        f.hub.subscribe(a, &ch("x")).unwrap();
-        f.hub.subscribe(a, &ch("y")).unwrap();
+        f.hub.subscribe(a, &ch("x"), false).unwrap();
+        f.hub.subscribe(a, &ch("y"), false).unwrap();
         assert_eq!(
-            f.hub.subscribe(a, &ch("z")).unwrap_err(),
+            f.hub.subscribe(a, &ch("z"), false).unwrap_err(),
             SubscribeError::TooMany(2)
         );
-        f.hub.subscribe(a, &ch("y")).unwrap(); // re-subscribing is not a new one
+        f.hub.subscribe(a, &ch("y"), false).unwrap(); // re-subscribing is not a new one
         assert_eq!(
-            f.hub.subscribe(Uuid::new_v4(), &ch("x")).unwrap_err(),
+            f.hub
+                .subscribe(Uuid::new_v4(), &ch("x"), false)
+                .unwrap_err(),
             SubscribeError::UnknownConn
         );
     }
@@ -420,7 +689,7 @@ mod tests {
         let f = fixture(10);
         let (a, mut ra, _) = conn(&f.hub, 4);
         let (_b, mut rb, _) = conn(&f.hub, 4);
-        f.hub.subscribe(a, &ch("x")).unwrap();
+        f.hub.subscribe(a, &ch("x"), false).unwrap();
         let frame = Frame::from("e1");
         assert_eq!(f.hub.deliver(&ch("x"), 1, &frame).delivered, 1);
         assert_eq!(f.hub.deliver(&ch("y"), 2, &frame).delivered, 0);
@@ -439,8 +708,8 @@ mod tests {
         let f = fixture(10);
         let (slow, _keep_open, slow_kick) = conn(&f.hub, 2);
         let (fast, mut fast_rx, fast_kick) = conn(&f.hub, 2);
-        f.hub.subscribe(slow, &ch("x")).unwrap();
-        f.hub.subscribe(fast, &ch("x")).unwrap();
+        f.hub.subscribe(slow, &ch("x"), false).unwrap();
+        f.hub.subscribe(fast, &ch("x"), false).unwrap();
         let mut slow_count = 0;
         for i in 0..5 {
             let outcome = f.hub.deliver(&ch("x"), i, &Frame::from(format!("e{i}")));
@@ -451,5 +720,65 @@ mod tests {
         assert!(slow_kick.token().is_cancelled());
         assert_eq!(slow_kick.reason(), disconnect::SLOW_CONSUMER);
         assert!(!fast_kick.token().is_cancelled());
+    }
+
+    #[test]
+    fn reports_joins_leaves_and_watch_interest() {
+        let mut f = fixture(10);
+        let (a, _ra, _) = conn(&f.hub, 4);
+        let (b, mut rb, _) = conn(&f.hub, 4);
+        f.hub.subscribe(a, &ch("x"), false).unwrap();
+        let watching = f.hub.subscribe(b, &ch("x"), true).unwrap();
+        f.hub.subscribe(b, &ch("x"), true).unwrap(); // no second join, no second watch
+        assert_eq!(
+            changes(&mut f.membership),
+            [(Change::Join, "x".into(), a), (Change::Join, "x".into(), b)]
+        );
+        assert_eq!(
+            drain(&mut f.interest),
+            [
+                add("x", 1),
+                Interest::Watch {
+                    channel: ch("x"),
+                    generation: 2
+                }
+            ]
+        );
+        let watch_live = watching.watch_live.unwrap();
+        f.hub.set_watch_live(&ch("x"), 2);
+        assert!(*watch_live.borrow());
+        assert_eq!(f.hub.member_count(&ch("x")), 2);
+        assert_eq!(f.hub.members(&ch("x")).len(), 2);
+
+        // Presence changes reach only the watching subscriber, never skipped as replayed.
+        let frame = Frame::from("join");
+        assert_eq!(f.hub.deliver_presence(&ch("x"), &frame).delivered, 1);
+        assert_eq!(rb.try_recv().unwrap().seq, PRESENCE_SEQ);
+
+        assert!(
+            f.hub
+                .set_info(a, Some(RawValue::from_string("{\"n\":1}".into()).unwrap()))
+        );
+        assert_eq!(
+            changes(&mut f.membership),
+            [(Change::Update, "x".into(), a)]
+        );
+        let info = f
+            .hub
+            .members(&ch("x"))
+            .into_iter()
+            .find(|m| m.conn == a)
+            .unwrap();
+        assert_eq!(info.profile.info.as_ref().unwrap().get(), "{\"n\":1}");
+
+        f.hub.remove_conn(b);
+        assert_eq!(changes(&mut f.membership), [(Change::Leave, "x".into(), b)]);
+        assert_eq!(
+            drain(&mut f.interest),
+            [Interest::Unwatch { channel: ch("x") }]
+        );
+        f.hub.unsubscribe(a, &ch("x"));
+        assert_eq!(changes(&mut f.membership), [(Change::Leave, "x".into(), a)]);
+        assert_eq!(drain(&mut f.interest), [remove("x")]);
     }
 }

@@ -5,6 +5,8 @@
 //! - [`transport`]: the axum upgrade and the per-socket loop. Knows WebSocket, not NATS.
 //! - [`hub`]: this node's connections and their channels; reports first/last local subscriber.
 //! - [`node`]: wires the bus and the hub together; only events cross between them.
+//! - [`presence`]: publishing this node's membership changes, answering presence queries,
+//!   following other nodes' changes (and their crashes) for local clients.
 //! - [`protocol`]: the JSON frames.
 //! - [`disconnect`]: the close codes and what they ask of a client.
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
@@ -15,6 +17,7 @@ pub mod config;
 pub mod disconnect;
 pub mod hub;
 pub mod node;
+pub mod presence;
 pub mod protocol;
 pub mod transport;
 
@@ -77,6 +80,8 @@ pub async fn run(
             "connections still open after {shutdown_timeout:?}; exiting anyway"
         );
     }
+    // The closed connections' leaves, then everything else, reach NATS before we go.
+    node.flush_presence().await;
     bus.drain().await;
     tracing::info!("fanout-ws stopped");
     Ok(())

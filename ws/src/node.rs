@@ -16,11 +16,12 @@ use std::{
 
 use fanout::{
     Bus, Channel, Envelope, Subscription,
-    discovery::{ANNOUNCE_EVERY, NodeInfo},
+    discovery::{ANNOUNCE_EVERY, Directory, NodeInfo},
     telemetry,
     time::now_ms,
 };
 use metrics::{counter, gauge, histogram};
+use serde_json::value::RawValue;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, field::Empty};
@@ -30,8 +31,8 @@ use std::net::IpAddr;
 use crate::{
     Config,
     auth::Verifier,
-    hub::{ConnId, Hub, Interest, SubscribeError},
-    protocol,
+    hub::{ConnId, Hub, Interest, Membership, SubscribeError},
+    presence, protocol,
 };
 
 /// How long a `subscribe` waits for the NATS subscription before answering anyway (it is
@@ -56,6 +57,10 @@ pub struct Node {
     per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     /// True once the always-on `broadcast` subscription is in place.
     broadcast_live: Arc<AtomicBool>,
+    /// The live ws nodes: who must answer a presence query, whose members are gone.
+    directory: Arc<Directory>,
+    /// Where the hub reports membership changes (kept to flush them at shutdown).
+    membership: mpsc::UnboundedSender<Membership>,
 }
 
 impl Node {
@@ -64,7 +69,13 @@ impl Node {
     pub fn start(config: Config, bus: Bus, verifier: Verifier, tracker: &TaskTracker) -> Arc<Node> {
         let shutdown = CancellationToken::new();
         let (interest_tx, interest_rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(config.max_subscriptions, interest_tx));
+        let (membership, changes) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(
+            config.max_subscriptions,
+            interest_tx,
+            membership.clone(),
+        ));
+        let directory = Arc::new(Directory::default());
         let node = Arc::new(Node {
             config,
             hub: hub.clone(),
@@ -76,13 +87,39 @@ impl Node {
             announcement: std::sync::Mutex::new(None),
             per_ip: Arc::default(),
             broadcast_live: Arc::new(AtomicBool::new(false)),
+            directory: directory.clone(),
+            membership,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
+        let node_id: Arc<str> = node.id().into();
+        // Not on `tracker`: these end with the bus (or the hub), after the connections' leaves.
+        tokio::spawn(
+            presence::publish_changes(bus.clone(), node_id.clone(), changes)
+                .instrument(span.clone()),
+        );
+        tokio::spawn({
+            let (bus, hub, directory, node_id) =
+                (bus.clone(), hub.clone(), directory.clone(), node_id.clone());
+            async move {
+                if let Err(err) = bus.follow_nodes(directory).await {
+                    tracing::error!(%err, "cannot follow node announcements");
+                }
+                let answer = move |query| presence::answer(&hub, &node_id, query);
+                if let Err(err) = bus.answer_presence(answer).await {
+                    tracing::error!(%err, "cannot answer presence queries");
+                }
+            }
+            .instrument(span.clone())
+        });
         tracker.spawn(
             follow_interest(
-                bus.clone(),
-                hub.clone(),
+                Watching {
+                    bus: bus.clone(),
+                    hub: hub.clone(),
+                    directory,
+                    node: node_id,
+                },
                 interest_rx,
                 shutdown.clone(),
                 node.config.event_trace_id,
@@ -171,16 +208,53 @@ impl Node {
             && !self.draining.load(Ordering::Acquire)
     }
 
-    /// Subscribes connection `conn` to `channel` and returns once the node receives the
-    /// channel's events (or after [`LIVE_TIMEOUT`]). `broadcast` needs no subscription.
-    pub async fn subscribe(&self, conn: ConnId, channel: &Channel) -> Result<(), SubscribeError> {
+    /// Subscribes connection `conn` to `channel` (with `presence`, to its presence changes
+    /// too) and returns once the node receives them (or after [`LIVE_TIMEOUT`]).
+    /// `broadcast` needs no subscription.
+    pub async fn subscribe(
+        &self,
+        conn: ConnId,
+        channel: &Channel,
+        presence: bool,
+    ) -> Result<(), SubscribeError> {
         if channel.is_broadcast() {
             return Ok(());
         }
-        let mut live = self.hub.subscribe(conn, channel)?;
-        // An error means the channel's interest ended meanwhile: nothing to wait for.
-        let _ = tokio::time::timeout(LIVE_TIMEOUT, live.wait_for(|live| *live)).await;
+        let mut subscribed = self.hub.subscribe(conn, channel, presence)?;
+        // An error means the interest ended meanwhile: nothing to wait for.
+        let _ = tokio::time::timeout(LIVE_TIMEOUT, async {
+            let _ = subscribed.live.wait_for(|live| *live).await;
+            if let Some(watch_live) = &mut subscribed.watch_live {
+                let _ = watch_live.wait_for(|live| *live).await;
+            }
+        })
+        .await;
         Ok(())
+    }
+
+    /// Who is in `channel` across every node, or only how many.
+    pub async fn presence(
+        &self,
+        channel: &Channel,
+        count_only: bool,
+    ) -> Result<fanout::presence::Presence, fanout::BusError> {
+        self.bus
+            .presence(channel, count_only, &self.directory)
+            .await
+    }
+
+    /// Replaces connection `conn`'s presence info; its channels' watchers are told.
+    pub fn set_info(&self, conn: ConnId, info: Option<Box<RawValue>>) {
+        self.hub.set_info(conn, info);
+    }
+
+    /// Waits until every membership change so far (the leaves of closed connections
+    /// included) has been handed to NATS.
+    pub async fn flush_presence(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.membership.send(Membership::Flush(done)).is_ok() {
+            let _ = flushed.await;
+        }
     }
 
     /// Announces this node every [`ANNOUNCE_EVERY`] (on `tracker`) until it drains, as
@@ -324,16 +398,27 @@ impl Replay {
     }
 }
 
-/// Applies the hub's interest reports in order: subscribe in NATS on `Add`, drop the
-/// subscription (which unsubscribes) on `Remove`.
-async fn follow_interest(
+/// What a presence watcher needs.
+struct Watching {
     bus: Bus,
     hub: Arc<Hub>,
+    directory: Arc<Directory>,
+    node: Arc<str>,
+}
+
+/// Applies the hub's interest reports in order: subscribe in NATS on `Add`, drop the
+/// subscription (which unsubscribes) on `Remove`; follow presence changes from `Watch` to
+/// `Unwatch`.
+async fn follow_interest(
+    watching: Watching,
     mut reports: mpsc::UnboundedReceiver<Interest>,
     shutdown: CancellationToken,
     with_trace: bool,
 ) {
+    let Watching { bus, hub, .. } = &watching;
+    let (bus, hub) = (bus.clone(), hub.clone());
     let mut readers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
+    let mut watchers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
     loop {
         let report = tokio::select! {
             report = reports.recv() => report,
@@ -367,8 +452,35 @@ async fn follow_interest(
                     gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
                 }
             }
+            Some(Interest::Watch {
+                channel,
+                generation,
+            }) => {
+                let watcher = tokio::spawn(
+                    presence::watch(
+                        bus.clone(),
+                        hub.clone(),
+                        watching.directory.clone(),
+                        watching.node.clone(),
+                        channel.clone(),
+                        generation,
+                    )
+                    .in_current_span(),
+                );
+                if let Some(stale) = watchers.insert(channel, watcher) {
+                    stale.abort();
+                }
+            }
+            Some(Interest::Unwatch { channel }) => {
+                if let Some(watcher) = watchers.remove(&channel) {
+                    watcher.abort();
+                }
+            }
             None => break,
         }
+    }
+    for watcher in watchers.into_values() {
+        watcher.abort();
     }
     for reader in readers.into_values() {
         reader.abort();

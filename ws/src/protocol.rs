@@ -1,14 +1,19 @@
 //! The JSON frames of the WebSocket protocol: parsing what clients send and encoding what the
 //! node answers. Pure functions, no I/O (the transport moves the bytes).
 //!
-//! Client → node: `subscribe`, `unsubscribe`, `ping`, each with an optional `id` (a JSON
-//! number or string) that the reply echoes. Node → client: `welcome`, `subscribed`,
-//! `unsubscribed`, `pong`, `event`, `error`.
+//! Client → node: `subscribe`, `unsubscribe`, `ping`, `publish`, `refresh`, `presence`,
+//! `info`, each with an optional `id` (a JSON number or string) that the reply echoes.
+//! Node → client: `welcome`, the replies (`subscribed`, `unsubscribed`, `pong`, `published`,
+//! `refreshed`, `presence`, `info_updated`), `event`, the presence changes (`join`, `leave`,
+//! `update`) and `error`.
 
 use axum::extract::ws::Utf8Bytes;
 use fanout::{Channel, Envelope};
 use serde::Serialize;
 use serde_json::{Value, value::RawValue};
+
+/// Largest presence `info` a client may set, in bytes of JSON.
+pub const MAX_INFO_BYTES: usize = 2048;
 
 /// A text frame's payload, reference-counted: one event frame is built once and the same
 /// bytes are queued for every recipient.
@@ -25,6 +30,17 @@ pub enum Op {
         since: Option<u64>,
         /// The stream epoch the client's `since` belongs to (from `welcome`/`subscribed`).
         epoch: Option<String>,
+        /// Also receive the channel's `join` / `leave` / `update` frames.
+        presence: bool,
+    },
+    /// Who is in `channel`, across every node (or only how many).
+    Presence {
+        channel: Channel,
+        count_only: bool,
+    },
+    /// Replace this connection's presence info (a JSON object, or null), as JSON text.
+    Info {
+        info: Option<String>,
     },
     Unsubscribe(Channel),
     Ping,
@@ -161,14 +177,47 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
             "\"epoch\" must be a string",
         )),
     };
+    let flag = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(flag)) => Ok(*flag),
+        Some(_) => Err(Rejection::new(
+            "invalid_request",
+            format!("{name:?} must be true or false"),
+        )),
+    };
     let parsed = match op {
         "subscribe" => channel().and_then(|channel| {
             Ok(Op::Subscribe {
                 channel,
                 since: since?,
                 epoch: epoch?,
+                presence: flag("presence")?,
             })
         }),
+        "presence" => channel().and_then(|channel| {
+            Ok(Op::Presence {
+                channel,
+                count_only: flag("count_only")?,
+            })
+        }),
+        "info" => match fields.get("info") {
+            Some(Value::Null) => Ok(Op::Info { info: None }),
+            Some(info @ Value::Object(_)) => {
+                let info = info.to_string();
+                if info.len() > MAX_INFO_BYTES {
+                    Err(Rejection::new(
+                        "info_too_large",
+                        format!("\"info\" may be at most {MAX_INFO_BYTES} bytes of JSON"),
+                    ))
+                } else {
+                    Ok(Op::Info { info: Some(info) })
+                }
+            }
+            _ => Err(Rejection::new(
+                "invalid_request",
+                "\"info\" needs \"info\", a JSON object or null",
+            )),
+        },
         "unsubscribe" => channel().map(Op::Unsubscribe),
         "ping" => Ok(Op::Ping),
         "publish" => channel().and_then(|channel| match fields.get("data") {
@@ -192,7 +241,10 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         },
         _ => Err(Rejection::new(
             "unknown_op",
-            format!("unknown op {op:?}; expected subscribe, unsubscribe, publish, refresh or ping"),
+            format!(
+                "unknown op {op:?}; expected subscribe, unsubscribe, publish, presence, info, \
+                 refresh or ping"
+            ),
         )),
     };
     match parsed {
@@ -293,6 +345,56 @@ pub fn subscribed(
     })
 }
 
+/// A presence change (`join`, `leave`, `update`) of one member, as every watching client
+/// receives it.
+#[derive(Debug, Serialize)]
+pub struct PresenceChange<'a> {
+    pub op: &'static str,
+    pub channel: &'a str,
+    pub user: &'a str,
+    pub conn: &'a str,
+    pub node: &'a str,
+    pub info: Option<&'a RawValue>,
+    pub joined_at: u64,
+}
+
+pub fn presence_change(change: &PresenceChange<'_>) -> String {
+    to_json(change)
+}
+
+/// The reply to `presence`: the members across every node, or only their count.
+pub fn presence(answer: &fanout::presence::Presence, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        op: &'static str,
+        #[serde(flatten)]
+        answer: &'a fanout::presence::Presence,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Reply {
+        op: "presence",
+        answer,
+        id,
+    })
+}
+
+/// `info_updated`: the connection's presence info is now `info`.
+pub fn info_updated(info: Option<&RawValue>, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        op: &'static str,
+        info: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    }
+    to_json(&Reply {
+        op: "info_updated",
+        info,
+        id,
+    })
+}
+
 /// `unsubscribed`: the reply to leaving a channel.
 pub fn unsubscribed(channel: &Channel, id: Option<&RequestId>) -> String {
     channel_reply("unsubscribed", channel, id)
@@ -372,7 +474,8 @@ mod tests {
             Op::Subscribe {
                 channel: maths.clone(),
                 since: None,
-                epoch: None
+                epoch: None,
+                presence: false,
             }
         );
         assert_eq!(r.id, Some(json!(7)));
@@ -380,9 +483,26 @@ mod tests {
         assert_eq!(
             r.op,
             Op::Subscribe {
-                channel: maths,
+                channel: maths.clone(),
                 since: Some(41),
-                epoch: Some("e1".into())
+                epoch: Some("e1".into()),
+                presence: false,
+            }
+        );
+        let r = parse(r#"{"op":"subscribe","channel":"maths","presence":true}"#).unwrap();
+        assert!(matches!(r.op, Op::Subscribe { presence: true, .. }));
+        let r = parse(r#"{"op":"presence","channel":"maths","count_only":true}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::Presence {
+                channel: maths,
+                count_only: true
+            }
+        );
+        assert_eq!(
+            parse(r#"{"op":"info","info":{"name":"Ada"}}"#).unwrap().op,
+            Op::Info {
+                info: Some(r#"{"name":"Ada"}"#.into())
             }
         );
         let r = parse(r#"{"op":"unsubscribe","channel":"a.b","id":"x"}"#).unwrap();
@@ -429,6 +549,19 @@ mod tests {
             reject(r#"{"op":"ping","id":{"a":1}}"#)["code"],
             "invalid_request"
         );
+        assert_eq!(
+            reject(r#"{"op":"subscribe","channel":"a","presence":"yes"}"#)["code"],
+            "invalid_request"
+        );
+        assert_eq!(
+            reject(r#"{"op":"info","info":[1]}"#)["code"],
+            "invalid_request"
+        );
+        let big = format!(
+            r#"{{"op":"info","info":{{"x":"{}"}}}}"#,
+            "a".repeat(MAX_INFO_BYTES)
+        );
+        assert_eq!(reject(&big)["code"], "info_too_large");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use axum::{
 use fanout::{Channel, telemetry};
 use futures_util::SinkExt;
 use metrics::{counter, gauge};
-use serde_json::json;
+use serde_json::{json, value::RawValue};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::{
     auth::Identity,
     disconnect::{self, Disconnect},
-    hub::{ConnId, Kick, Queued, Recipient, SubscribeError},
+    hub::{ConnId, Kick, PRESENCE_SEQ, Profile, Queued, Recipient, SubscribeError},
     node::Node,
     protocol::{self, Frame, Op, Rejection, Request, Resumed},
 };
@@ -212,8 +212,15 @@ enum End {
 async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let kick = Kick::new(node.closing_token().child_token());
     let (queue, frames) = mpsc::channel(node.config().queue_capacity);
+    let profile = Profile {
+        user: identity.user.as_str().into(),
+        info: identity
+            .info
+            .as_ref()
+            .and_then(|info| serde_json::value::to_raw_value(info).ok()),
+    };
     node.hub()
-        .add_conn(conn, Recipient::new(queue, kick.clone()));
+        .add_conn(conn, Recipient::new(queue, kick.clone()), profile);
     counter!("fanout_ws_connections_opened_total").increment(1);
     tracing::debug!("connected");
     let end = session(&mut socket, &node, conn, &kick, frames, identity).await;
@@ -423,10 +430,20 @@ async fn answer(node: &Node, conn: ConnId, text: &str, state: &mut Session) -> V
         ),
         Op::Subscribe {
             channel,
+            presence: true,
+            ..
+        } if channel.is_broadcast() => reject(
+            "reserved_channel",
+            "\"broadcast\" reaches every connection; it has no presence".into(),
+            "subscribe",
+        ),
+        Op::Subscribe {
+            channel,
             since,
             epoch,
+            presence,
         } => {
-            if let Err(err) = node.subscribe(conn, &channel).await {
+            if let Err(err) = node.subscribe(conn, &channel, presence).await {
                 let code = match err {
                     SubscribeError::TooMany(_) => "too_many_subscriptions",
                     SubscribeError::UnknownConn => "internal",
@@ -485,6 +502,37 @@ async fn answer(node: &Node, conn: ConnId, text: &str, state: &mut Session) -> V
                 Err(err) => reject("bus_unavailable", err.to_string(), "publish"),
             }
         }
+        Op::Presence { channel, .. } if channel.is_broadcast() => reject(
+            "reserved_channel",
+            "\"broadcast\" reaches every connection; it has no presence".into(),
+            "presence",
+        ),
+        Op::Presence { channel, .. } if !identity.may_subscribe(&channel) => reject(
+            "forbidden",
+            format!("your token does not allow subscribing to {channel:?}"),
+            "presence",
+        ),
+        Op::Presence {
+            channel,
+            count_only,
+        } => match node.presence(&channel, count_only).await {
+            Ok(answer) => vec![protocol::presence(&answer, id.as_ref()).into()],
+            Err(err) => reject("bus_unavailable", err.to_string(), "presence"),
+        },
+        Op::Info { .. } if !publish_budget.take() => reject(
+            "rate_limited",
+            format!(
+                "at most {} publishes and info updates per second (FANOUT_PUBLISH_RATE_PER_SEC)",
+                node.config().publish_rate_per_sec
+            ),
+            "info",
+        ),
+        Op::Info { info } => {
+            let info = info.and_then(|info| RawValue::from_string(info).ok());
+            let reply = protocol::info_updated(info.as_deref(), id.as_ref());
+            node.set_info(conn, info);
+            vec![reply.into()]
+        }
         Op::Refresh { token } => match node.verifier().identify(Some(&token), None) {
             Ok(fresh) if fresh.user == identity.user => {
                 *identity = fresh;
@@ -528,9 +576,10 @@ async fn write_frames(
     replayed: &Replayed,
 ) -> Result<(), End> {
     let fresh = |queued: &Queued| {
-        replayed
-            .get(&queued.channel)
-            .is_none_or(|&upto| queued.seq > upto)
+        queued.seq == PRESENCE_SEQ
+            || replayed
+                .get(&queued.channel)
+                .is_none_or(|&upto| queued.seq > upto)
     };
     let batch = async {
         let mut written = 0;

@@ -1,0 +1,399 @@
+//! Presence on a ws node: publishing its members' changes, answering queries about them, and
+//! following other nodes' changes for the local clients that asked.
+//!
+//! - [`publish_changes`] turns the hub's [`Membership`] reports into `join` / `leave` /
+//!   `update` frames on NATS, in order. A node that shuts down reports a `leave` as each
+//!   client goes.
+//! - [`answer`] answers presence queries from the hub: this node's members of a channel, or
+//!   their count (one map lookup).
+//! - [`watch`] follows one channel's changes while a local client asked for them, and keeps a
+//!   [`Replica`] of the channel's members on other nodes, seeded by a query. It is what makes
+//!   crashed nodes' members leave: when discovery forgets a node, the watcher tells its own
+//!   clients that the node's members left. Every watching node does so for its own clients,
+//!   so nobody needs to speak for the dead node. Bound: [`FORGET_AFTER`] after the node's last
+//!   announcement plus one [`SWEEP_EVERY`], at most 7 s after a crash.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use fanout::{
+    Bus, Channel,
+    discovery::{Directory, FORGET_AFTER},
+    presence::{self, Member, Presence},
+};
+use metrics::counter;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::{
+    hub::{Hub, LocalMember, Membership},
+    protocol::{self, Frame, PresenceChange},
+};
+
+/// How often a watcher looks for members of nodes discovery has forgotten.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the hub's membership changes until the hub is gone.
+pub async fn publish_changes(
+    bus: Bus,
+    node: Arc<str>,
+    mut changes: mpsc::UnboundedReceiver<Membership>,
+) {
+    let published = counter!("fanout_ws_presence_changes_total");
+    while let Some(membership) = changes.recv().await {
+        match membership {
+            Membership::Changed {
+                change,
+                channel,
+                conn,
+                profile,
+                joined_at,
+            } => {
+                let frame = protocol::presence_change(&PresenceChange {
+                    op: change.op(),
+                    channel: channel.as_str(),
+                    user: &profile.user,
+                    conn: &conn.to_string(),
+                    node: &node,
+                    info: profile.info.as_deref(),
+                    joined_at,
+                });
+                bus.publish_presence(&channel, frame.into()).await;
+                published.increment(1);
+            }
+            Membership::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// A local member as a presence answer lists it.
+#[derive(Serialize)]
+struct Listed<'a> {
+    user: &'a str,
+    conn: String,
+    node: &'a str,
+    info: Option<&'a RawValue>,
+    joined_at: u64,
+}
+
+/// This node's part of the answer to `query`.
+pub fn answer(hub: &Hub, node: &str, query: presence::Query) -> Vec<Bytes> {
+    let Ok(channel) = Channel::parse(&query.channel) else {
+        return presence::encode_answer::<Listed>(node, 0, &[]);
+    };
+    if query.count_only {
+        return presence::encode_answer::<Listed>(node, hub.member_count(&channel), &[]);
+    }
+    let members: Vec<LocalMember> = hub.members(&channel);
+    let listed: Vec<Listed> = members
+        .iter()
+        .map(|member| Listed {
+            user: &member.profile.user,
+            conn: member.conn.to_string(),
+            node,
+            info: member.profile.info.as_deref(),
+            joined_at: member.joined_at,
+        })
+        .collect();
+    presence::encode_answer(node, listed.len(), &listed)
+}
+
+/// A presence change as it arrives from NATS.
+#[derive(Deserialize)]
+struct Incoming {
+    op: String,
+    user: String,
+    conn: String,
+    node: String,
+    info: Option<Box<RawValue>>,
+    joined_at: u64,
+}
+
+/// What a watching node knows of a channel's members on every node: enough to say they left
+/// if their node dies.
+#[derive(Debug, Default)]
+pub struct Replica {
+    nodes: HashMap<String, Group>,
+    /// False until seeded by a complete answer: until then a `leave` for a member it does not
+    /// know may still be news.
+    complete: bool,
+}
+
+#[derive(Debug)]
+struct Group {
+    /// When this node first appeared here: a node discovery has never heard of is given
+    /// [`FORGET_AFTER`] from then to announce itself.
+    since: Instant,
+    members: HashMap<String, Known>,
+}
+
+#[derive(Debug)]
+struct Known {
+    user: String,
+    info: Option<Box<RawValue>>,
+    joined_at: u64,
+}
+
+impl Replica {
+    fn group(&mut self, node: &str) -> &mut Group {
+        self.nodes.entry(node.to_string()).or_insert_with(|| Group {
+            since: Instant::now(),
+            members: HashMap::new(),
+        })
+    }
+
+    /// Applies one change from NATS. Returns whether watchers should see it: not a `leave`
+    /// of a member already said to have left.
+    pub fn apply(&mut self, change: &[u8]) -> bool {
+        let Ok(change) = serde_json::from_slice::<Incoming>(change) else {
+            return false;
+        };
+        match change.op.as_str() {
+            "join" | "update" => {
+                self.group(&change.node).members.insert(
+                    change.conn,
+                    Known {
+                        user: change.user,
+                        info: change.info,
+                        joined_at: change.joined_at,
+                    },
+                );
+                true
+            }
+            "leave" => {
+                let known = self
+                    .nodes
+                    .get_mut(&change.node)
+                    .and_then(|group| group.members.remove(&change.conn))
+                    .is_some();
+                known || !self.complete
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces what is known of the nodes that answered `answer` with their answer; with
+    /// `tell`, returns the changes that makes (after a NATS outage, when changes were lost).
+    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<Frame> {
+        let mut fresh: HashMap<String, HashMap<String, Known>> = HashMap::new();
+        for node in &answer.nodes {
+            fresh.entry(node.clone()).or_default();
+        }
+        for Member {
+            user,
+            conn,
+            node,
+            info,
+            joined_at,
+        } in answer.members.unwrap_or_default()
+        {
+            if let Some(members) = fresh.get_mut(&node) {
+                members.insert(
+                    conn,
+                    Known {
+                        user,
+                        info,
+                        joined_at,
+                    },
+                );
+            }
+        }
+        let mut frames = Vec::new();
+        for (node, members) in fresh {
+            let group = self.group(&node);
+            let old = std::mem::replace(&mut group.members, members);
+            if tell {
+                for (conn, known) in &old {
+                    if !group.members.contains_key(conn) {
+                        frames.push(change_frame("leave", channel, &node, conn, known));
+                    }
+                }
+                for (conn, known) in &group.members {
+                    if !old.contains_key(conn) {
+                        frames.push(change_frame("join", channel, &node, conn, known));
+                    }
+                }
+            }
+        }
+        self.complete = !answer.partial;
+        frames
+    }
+
+    /// Forgets the members of nodes that discovery no longer hears from (besides `this`
+    /// node, which is alive by definition) and returns their `leave` frames.
+    pub fn sweep(&mut self, channel: &Channel, directory: &Directory, this: &str) -> Vec<Frame> {
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(node, group)| {
+                node.as_str() != this
+                    && group.since.elapsed() >= FORGET_AFTER
+                    && !directory.alive(node)
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut frames = Vec::new();
+        for node in gone {
+            let group = self.nodes.remove(&node).expect("listed above");
+            for (conn, known) in &group.members {
+                frames.push(change_frame("leave", channel, &node, conn, known));
+            }
+        }
+        frames
+    }
+}
+
+fn change_frame(
+    op: &'static str,
+    channel: &Channel,
+    node: &str,
+    conn: &str,
+    known: &Known,
+) -> Frame {
+    Frame::from(protocol::presence_change(&PresenceChange {
+        op,
+        channel: channel.as_str(),
+        user: &known.user,
+        conn,
+        node,
+        info: known.info.as_deref(),
+        joined_at: known.joined_at,
+    }))
+}
+
+/// Follows `channel`'s presence changes for the local clients that asked, until aborted:
+/// forwards each change, seeds the [`Replica`] with a query (and again after every NATS
+/// reconnect), and says `leave` for the members of nodes that died.
+pub async fn watch(
+    bus: Bus,
+    hub: Arc<Hub>,
+    directory: Arc<Directory>,
+    node: Arc<str>,
+    channel: Channel,
+    generation: u64,
+) {
+    let mut changes = match bus.subscribe_presence(&channel).await {
+        Ok(changes) => changes,
+        Err(err) => {
+            tracing::error!(%channel, %err, "cannot follow presence changes");
+            return;
+        }
+    };
+    hub.set_watch_live(&channel, generation);
+    let ghosts = counter!("fanout_ws_presence_ghost_leaves_total");
+    let deliver = |frame: &Frame| {
+        hub.deliver_presence(&channel, frame);
+    };
+    let mut replica = Replica::default();
+    let mut connections = bus.connections();
+    connections.borrow_and_update();
+    let query = || {
+        let (bus, directory, channel) = (bus.clone(), directory.clone(), channel.clone());
+        Box::pin(async move { bus.presence(&channel, false, &directory).await })
+    };
+    // Changes that arrive while a seeding query runs wait for its answer, then apply on top.
+    let mut seeding = Some((query(), false));
+    let mut waiting: Vec<Bytes> = Vec::new();
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { break };
+                if seeding.is_some() {
+                    waiting.push(change);
+                } else if replica.apply(&change) && let Ok(frame) = Frame::try_from(change) {
+                    deliver(&frame);
+                }
+            }
+            answer = async { (&mut seeding.as_mut().expect("guarded").0).await }, if seeding.is_some() => {
+                let tell = seeding.take().expect("guarded").1;
+                match answer {
+                    Ok(answer) => {
+                        for frame in replica.seed(&channel, answer, tell) {
+                            deliver(&frame);
+                        }
+                    }
+                    Err(err) => tracing::warn!(%channel, %err, "cannot seed presence"),
+                }
+                for change in waiting.drain(..) {
+                    if replica.apply(&change) && let Ok(frame) = Frame::try_from(change) {
+                        deliver(&frame);
+                    }
+                }
+            }
+            changed = connections.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // Changes published while NATS was unreachable are lost: ask again and tell
+                // the difference.
+                seeding = Some((query(), true));
+            }
+            _ = sweep.tick() => {
+                let frames = replica.sweep(&channel, &directory, &node);
+                if !frames.is_empty() {
+                    tracing::info!(%channel, leaves = frames.len(), "members of a node that is gone left");
+                    ghosts.increment(frames.len() as u64);
+                }
+                for frame in &frames {
+                    deliver(frame);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(op: &str, node: &str, conn: &str) -> Vec<u8> {
+        format!(
+            r#"{{"op":"{op}","channel":"x","user":"u-{conn}","conn":"{conn}","node":"{node}","info":null,"joined_at":1}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_leave_is_told_once() {
+        let mut replica = Replica {
+            complete: true,
+            ..Replica::default()
+        };
+        assert!(replica.apply(&change("join", "ws-1", "a")));
+        assert!(replica.apply(&change("leave", "ws-1", "a")));
+        assert!(
+            !replica.apply(&change("leave", "ws-1", "a")),
+            "already left"
+        );
+        assert!(!replica.apply(b"not json"));
+    }
+
+    #[test]
+    fn members_of_forgotten_nodes_leave() {
+        let channel = Channel::parse("x").unwrap();
+        let mut replica = Replica::default();
+        replica.apply(&change("join", "ws-1", "a"));
+        replica.apply(&change("join", "ws-2", "b"));
+        replica.apply(&change("join", "ws-2", "c"));
+        for group in replica.nodes.values_mut() {
+            group.since -= FORGET_AFTER;
+        }
+        let directory = Directory::default();
+        let frames = replica.sweep(&channel, &directory, "ws-1");
+        assert_eq!(frames.len(), 2, "ws-1 is this node: alive");
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.contains(r#""op":"leave""#) && f.contains("ws-2"))
+        );
+        assert!(replica.sweep(&channel, &directory, "ws-1").is_empty());
+    }
+}
