@@ -160,6 +160,18 @@ impl Tab<'_> {
         .await;
     }
 
+    /// The lobby's member list as the tab shows it: "name-or-user · node".
+    async fn members(&self) -> Vec<String> {
+        let v = self
+            .eval("return [...document.querySelectorAll('#members li')].map(li => li.textContent)")
+            .await;
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect()
+    }
+
     async fn click(&self, id: &str) {
         self.focus().await;
         self.browser
@@ -239,6 +251,32 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     b.wait_for_event(first).await;
     assert_eq!(a.events().await, [("broadcast".to_string(), first)]);
     assert_eq!(b.events().await, [("broadcast".to_string(), first)]);
+
+    // Presence: each tab lists both tabs, across the two nodes; a name set in tab A shows
+    // in tab B.
+    for tab in [&a, &b] {
+        eventually("both tabs in the member list", || async {
+            let members = tab.members().await;
+            members.len() == 2
+                && members.iter().any(|m| m.ends_with("· ws-1"))
+                && members.iter().any(|m| m.ends_with("· ws-2"))
+        })
+        .await;
+    }
+    a.focus().await;
+    let name = browser.find(Locator::Id("name")).await.unwrap();
+    name.send_keys("Ada").await.unwrap();
+    browser
+        .find(Locator::Css("#name-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually("tab B to show tab A's name", || async {
+        b.members().await.contains(&"Ada · ws-1".to_string())
+    })
+    .await;
     a.screenshot("tab-a-ws-1.png").await;
     b.screenshot("tab-b-ws-2.png").await;
 

@@ -132,6 +132,40 @@ function renderChannels(client) {
   }
 }
 
+/** The lobby's members, by connection, kept current by presence changes. */
+const LOBBY = "lobby";
+const members = new Map();
+
+function renderMembers(client, partial = false) {
+  const list = $("members");
+  list.replaceChildren();
+  const sorted = [...members.values()].sort((a, b) => a.joined_at - b.joined_at);
+  for (const member of sorted) {
+    const li = document.createElement("li");
+    // Generated anonymous ids are long; their start is enough to tell tabs apart.
+    const user = member.user.length > 16 ? `${member.user.slice(0, 13)}…` : member.user;
+    li.textContent = `${member.info?.name ?? user} · ${member.node}`;
+    li.title = `user ${member.user}, connection ${member.conn}`;
+    if (member.conn === client.conn) li.className = "me";
+    list.append(li);
+  }
+  // Partial: a node did not answer in time; the list may miss its members.
+  $("here-count").textContent = partial ? `(${members.size}, partial)` : `(${members.size})`;
+}
+
+async function refreshMembers(client) {
+  try {
+    const answer = await client.presence(LOBBY);
+    members.clear();
+    for (const member of answer.members) members.set(member.conn, member);
+    renderMembers(client, answer.partial);
+    // A node did not answer (one just started or died): ask again once discovery settles.
+    if (answer.partial) setTimeout(() => refreshMembers(client), 3000);
+  } catch {
+    // Not connected: the next welcome asks again.
+  }
+}
+
 async function main() {
   const config = await fetch("/v1/config").then((r) => r.json());
   // Live discovery first; the configured list (FANOUT_WS_URLS) when no node announced itself.
@@ -169,7 +203,28 @@ async function main() {
     );
   });
   client.on("error", (e) => result(`${e.code ?? "error"}: ${e.message ?? e}`, false));
+  client.on("presence", (change) => {
+    if (change.channel !== LOBBY) return;
+    if (change.op === "leave") members.delete(change.conn);
+    else members.set(change.conn, change);
+    renderMembers(client);
+  });
+  // Changes are not replayed: after every (re)connect, ask who is here.
+  client.on("welcome", () => {
+    client.subscribe(LOBBY, null, { presence: true }).then(() => refreshMembers(client), () => {});
+  });
+  client.subscribe(LOBBY, null, { presence: true });
   client.connect();
+  $("name-form").onsubmit = async (e) => {
+    e.preventDefault();
+    const name = $("name").value.trim();
+    try {
+      await client.setInfo(name ? { name } : null);
+      result(name ? `others now see you as ${name}` : "name cleared", true);
+    } catch (error) {
+      result(`${error.code ?? "error"}: ${error.message}`, false);
+    }
+  };
 
   $("call-api").onclick = async () => {
     try {

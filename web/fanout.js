@@ -7,6 +7,11 @@
 //   client.subscribe("maths", (event) => console.log(event.seq, event.data));
 //   client.connect();
 //
+// Presence: `client.subscribe("room:maths", cb, { presence: true })` adds `presence` events
+// (join, leave, update of any member on any node), `client.presence("room:maths")` lists the
+// members, and `client.setInfo({ name: "Ada" })` changes what others see of this client (it
+// is set again after every reconnect).
+//
 // It reconnects by itself with exponential backoff and jitter (so a node's restart does not
 // make all its clients reconnect at the same instant), moves to the next URL of the list on
 // every attempt (fail-over), and subscribes again to every channel after each reconnect,
@@ -78,6 +83,8 @@ export class FanoutClient {
     this._pending = new Map(); // request id -> { resolve, reject }
     this._nextId = 1;
     this._last = new Map(); // channel -> last seq received
+    this._watching = new Set(); // channels subscribed with presence: true
+    this._info = undefined; // presence info set with setInfo, re-applied on reconnect
     /** The stream epoch the remembered sequences belong to (from `welcome`). */
     this.epoch = null;
   }
@@ -85,7 +92,10 @@ export class FanoutClient {
   /**
    * Listens to `state` ({state, attempt, delay?, url}), `welcome` (the frame), `event` (every
    * event frame, `broadcast` included), `resumed` ({channel, recovered, replayed} after a
-   * reconnect), `close` ({code, reason, url}) and `error` (error frames, and failures).
+   * reconnect), `presence` (a `join`, `leave` or `update` frame: {op, channel, user, conn,
+   * node, info, joined_at}), `close` ({code, reason, url}) and `error` (error frames, and
+   * failures). Presence changes are not replayed: after a reconnect (`welcome`), ask
+   * {@link presence} again.
    * Returns a function that removes the listener.
    */
   on(name, callback) {
@@ -130,21 +140,50 @@ export class FanoutClient {
    * the node confirms (immediately if not connected: it is sent on connect); rejects with the
    * error frame if the node refuses (and the channel is dropped), or with an Error if the
    * connection is lost first (the channel is kept and renewed on reconnect).
+   * With `{ presence: true }`, the channel's join/leave/update frames come as `presence` events.
    */
-  subscribe(channel, callback) {
+  subscribe(channel, callback, { presence = false } = {}) {
     if (!this._channels.has(channel)) this._channels.set(channel, new Set());
     if (callback) this._channels.get(channel).add(callback);
+    if (presence) this._watching.add(channel);
+    else this._watching.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", channel });
-    return this.request({ op: "subscribe", channel }).catch((error) => {
-      // Forget the channel only if the node refused it; a lost connection re-subscribes.
-      if (error.op === "error") this._channels.delete(channel);
-      throw error;
-    });
+    return this.request({ op: "subscribe", channel, ...(presence ? { presence } : {}) }).catch(
+      (error) => {
+        // Forget the channel only if the node refused it; a lost connection re-subscribes.
+        if (error.op === "error") {
+          this._channels.delete(channel);
+          this._watching.delete(channel);
+        }
+        throw error;
+      },
+    );
+  }
+
+  /**
+   * Who is in `channel` across every node: resolves with `{channel, count, members:[{user,
+   * conn, node, info, joined_at}], partial}` (`partial: true` when a node did not answer), or
+   * with `{channel, count, partial}` when `countOnly`.
+   */
+  presence(channel, { countOnly = false } = {}) {
+    return this.request({ op: "presence", channel, ...(countOnly ? { count_only: true } : {}) });
+  }
+
+  /**
+   * Sets what other members see of this connection (a JSON object, or null). Kept and set
+   * again after every reconnect. Resolves with the `info_updated` reply (at once when not
+   * connected).
+   */
+  setInfo(info) {
+    this._info = info;
+    if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", info });
+    return this.request({ op: "info", info });
   }
 
   /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
   unsubscribe(channel) {
     this._channels.delete(channel);
+    this._watching.delete(channel);
     this._last.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "unsubscribed", channel });
     return this.request({ op: "unsubscribe", channel });
@@ -265,6 +304,12 @@ export class FanoutClient {
         this._setState(State.OPEN);
         this._emit("welcome", frame);
         this._scheduleRefresh();
+        // Before the subscriptions, so that this connection's joins carry its info.
+        if (this._info !== undefined) {
+          this.request({ op: "info", info: this._info }).catch((error) => {
+            if (error.op === "error") this._emit("error", error);
+          });
+        }
         const channels = new Set(this._channels.keys());
         if (this._last.has("broadcast")) channels.add("broadcast");
         for (const channel of channels) this._resubscribe(channel, epoch);
@@ -284,6 +329,11 @@ export class FanoutClient {
         this._emit("event", frame);
         return;
       }
+      case "join":
+      case "leave":
+      case "update":
+        this._emit("presence", frame);
+        return;
       default: {
         const pending = frame.id !== undefined && this._pending.get(frame.id);
         if (pending) {
@@ -301,6 +351,7 @@ export class FanoutClient {
   _resubscribe(channel, epoch) {
     const since = this._last.get(channel);
     const request = { op: "subscribe", channel };
+    if (this._watching.has(channel)) request.presence = true;
     if (since !== undefined) Object.assign(request, { since, ...(epoch ? { epoch } : {}) });
     this.request(request)
       .then((reply) => {

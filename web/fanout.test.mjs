@@ -256,3 +256,35 @@ test("getToken: a token for every connection attempt, and a refresh before it ex
     mock.timers.reset();
   }
 });
+
+test("presence: changes come as events; info and presence flags survive a reconnect", async () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    const changes = [];
+    client.on("presence", (change) => changes.push([change.op, change.user]));
+    client.connect();
+    client.subscribe("room", null, { presence: true });
+    client.subscribe("quiet");
+    client.setInfo({ name: "Ada" });
+    last().welcome("ws-1");
+    const sent = () => last().sent.map((f) => [f.op, f.channel ?? f.info?.name, f.presence]);
+    assert.deepEqual(sent(), [["info", "Ada", undefined], ["subscribe", "room", true], ["subscribe", "quiet", undefined]]);
+    last().frame({ op: "join", channel: "room", user: "bob", conn: "c", node: "ws-2", info: null, joined_at: 1 });
+    last().frame({ op: "leave", channel: "room", user: "bob", conn: "c", node: "ws-2", info: null, joined_at: 1 });
+    assert.deepEqual(changes, [["join", "bob"], ["leave", "bob"]]);
+
+    const asked = client.presence("room", { countOnly: true });
+    const query = last().sent.at(-1);
+    assert.deepEqual([query.op, query.channel, query.count_only], ["presence", "room", true]);
+    last().frame({ op: "presence", channel: "room", count: 2, partial: false, id: query.id });
+    assert.equal((await asked).count, 2);
+
+    last().drop(1001);
+    mock.timers.tick(10);
+    last().welcome("ws-2");
+    assert.deepEqual(sent(), [["info", "Ada", undefined], ["subscribe", "room", true], ["subscribe", "quiet", undefined]]);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});

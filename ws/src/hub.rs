@@ -104,8 +104,8 @@ pub struct LocalMember {
     pub joined_at: u64,
 }
 
-/// The `seq` of a queued frame that is not an event (a presence change): never skipped as
-/// replayed. Stream sequences start at 1.
+/// The `seq` of a queued frame that is not an event (a presence change, a reply computed off
+/// the connection's task): never skipped as replayed. Stream sequences start at 1.
 pub const PRESENCE_SEQ: u64 = 0;
 
 /// An event frame waiting in a connection's queue, with what the connection needs to skip

@@ -212,6 +212,7 @@ enum End {
 async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let kick = Kick::new(node.closing_token().child_token());
     let (queue, frames) = mpsc::channel(node.config().queue_capacity);
+    let replies = queue.clone();
     let profile = Profile {
         user: identity.user.as_str().into(),
         info: identity
@@ -223,7 +224,7 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: I
         .add_conn(conn, Recipient::new(queue, kick.clone()), profile);
     counter!("fanout_ws_connections_opened_total").increment(1);
     tracing::debug!("connected");
-    let end = session(&mut socket, &node, conn, &kick, frames, identity).await;
+    let end = session(&mut socket, &node, conn, &kick, (replies, frames), identity).await;
     node.hub().remove_conn(conn);
     let reason = match &end {
         End::Gone => "client",
@@ -252,8 +253,17 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: I
 struct Session {
     identity: Identity,
     replayed: Replayed,
+    /// Publishes, info updates and presence queries.
     publish_budget: Bucket,
+    /// Where answers computed off the connection's task go (presence): its own queue, so
+    /// they are written in order with the events.
+    replies: mpsc::Sender<Queued>,
+    /// Presence queries in flight; created on the first one.
+    queries: Option<Arc<tokio::sync::Semaphore>>,
 }
+
+/// Most presence queries one connection may have in flight.
+const MAX_QUERIES: usize = 4;
 
 /// A token bucket: `rate` per second, bursts up to `rate`.
 struct Bucket {
@@ -299,10 +309,10 @@ type Replayed = HashMap<Channel, u64>;
 /// side ends it.
 async fn session(
     socket: &mut WebSocket,
-    node: &Node,
+    node: &Arc<Node>,
     conn: ConnId,
     kick: &Kick,
-    mut frames: mpsc::Receiver<Queued>,
+    (replies, mut frames): (mpsc::Sender<Queued>, mpsc::Receiver<Queued>),
     identity: Identity,
 ) -> End {
     let config = node.config();
@@ -324,6 +334,8 @@ async fn session(
         identity,
         replayed: Replayed::new(),
         publish_budget: Bucket::new(config.publish_rate_per_sec),
+        replies,
+        queries: None,
     };
     loop {
         let expiry = state.identity.expires_at.map(deadline);
@@ -360,7 +372,7 @@ async fn session(
 
 async fn on_incoming(
     socket: &mut WebSocket,
-    node: &Node,
+    node: &Arc<Node>,
     conn: ConnId,
     kick: &Kick,
     incoming: Option<Result<Message, axum::Error>>,
@@ -405,11 +417,13 @@ fn read_error(err: axum::Error) -> End {
 
 /// Acts on one request and returns the frames to send: the reply, then (for a resuming
 /// `subscribe`) the replayed events.
-async fn answer(node: &Node, conn: ConnId, text: &str, state: &mut Session) -> Vec<Frame> {
+async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session) -> Vec<Frame> {
     let Session {
         identity,
         replayed,
         publish_budget,
+        replies,
+        queries,
     } = state;
     let Request { id, op } = match protocol::parse(text) {
         Ok(request) => request,
@@ -512,21 +526,59 @@ async fn answer(node: &Node, conn: ConnId, text: &str, state: &mut Session) -> V
             format!("your token does not allow subscribing to {channel:?}"),
             "presence",
         ),
+        Op::Presence { .. } | Op::Info { .. } if !publish_budget.take() => reject(
+            "rate_limited",
+            format!(
+                "at most {} publishes, info updates and presence queries per second \
+                 (FANOUT_PUBLISH_RATE_PER_SEC)",
+                node.config().publish_rate_per_sec
+            ),
+            if matches!(op, Op::Info { .. }) {
+                "info"
+            } else {
+                "presence"
+            },
+        ),
         Op::Presence {
             channel,
             count_only,
-        } => match node.presence(&channel, count_only).await {
-            Ok(answer) => vec![protocol::presence(&answer, id.as_ref()).into()],
-            Err(err) => reject("bus_unavailable", err.to_string(), "presence"),
-        },
-        Op::Info { .. } if !publish_budget.take() => reject(
-            "rate_limited",
-            format!(
-                "at most {} publishes and info updates per second (FANOUT_PUBLISH_RATE_PER_SEC)",
-                node.config().publish_rate_per_sec
-            ),
-            "info",
-        ),
+        } => {
+            // A query may wait for a slow node (up to the query timeout): answer it off this
+            // task, so events keep flowing meanwhile.
+            let in_flight =
+                queries.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_QUERIES)));
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                return reject(
+                    "too_many_requests",
+                    format!("at most {MAX_QUERIES} presence queries in flight per connection"),
+                    "presence",
+                );
+            };
+            let (node, replies) = (node.clone(), replies.clone());
+            tokio::spawn(
+                async move {
+                    let frame = match node.presence(&channel, count_only).await {
+                        Ok(answer) => protocol::presence(&answer, id.as_ref()),
+                        Err(err) => {
+                            let mut rejection = Rejection::new("bus_unavailable", err.to_string());
+                            rejection.op = Some("presence".into());
+                            rejection.id = id;
+                            rejection.encode()
+                        }
+                    };
+                    let reply = Queued {
+                        channel,
+                        seq: PRESENCE_SEQ,
+                        frame: frame.into(),
+                    };
+                    // Fails only when the connection is gone.
+                    let _ = replies.send(reply).await;
+                    drop(permit);
+                }
+                .in_current_span(),
+            );
+            Vec::new()
+        }
         Op::Info { info } => {
             let info = info.and_then(|info| RawValue::from_string(info).ok());
             let reply = protocol::info_updated(info.as_deref(), id.as_ref());
