@@ -9,7 +9,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server browser bench-tracing soak clean
+.PHONY: all build test run lint fmt nats-server browser bench-tracing bench-presence soak clean
 
 all: build
 
@@ -49,6 +49,11 @@ run: $(NATS_SERVER)
 bench-tracing: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench tracing $(BENCH_ARGS)
+
+# Presence query times with 100,000 members on 3 nodes.
+bench-presence: $(NATS_SERVER)
+	cargo build --release --workspace --bins
+	target/release/fanout-bench presence $(BENCH_ARGS)
 
 # The fault scenarios of tests/faults.rs, each publishing for SOAK_SECONDS (default 60)
 # instead of 3, with their totals printed.

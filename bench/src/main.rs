@@ -4,6 +4,7 @@
 //! ```text
 //! fanout-bench fanout  [--clients 200] [--nodes 2] [--publishers 16] [--duration 5] [--payload 100] [--tracing]
 //! fanout-bench tracing [same options]   # fanout twice, tracing off then on (sampling 1.0), and the ratio
+//! fanout-bench presence [--members 100000] [--nodes 3]   # presence query times (see presence.rs)
 //! ```
 //!
 //! Fan-out: `clients` WebSocket clients spread over `nodes` ws nodes all subscribe to one
@@ -13,6 +14,7 @@
 //! duplicate deliveries, and the servers' CPU time per delivery (from /proc), the figure that
 //! holds best on a machine the load generator shares with the servers.
 
+mod presence;
 mod tier;
 
 use std::{
@@ -37,6 +39,7 @@ struct Params {
     duration: Duration,
     payload: usize,
     tracing: bool,
+    members: usize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -323,6 +326,7 @@ fn parse(args: &[String]) -> Result<Params, String> {
         duration: Duration::from_secs(5),
         payload: 100,
         tracing: false,
+        members: 100_000,
     };
     let mut i = 0;
     while i < args.len() {
@@ -337,6 +341,7 @@ fn parse(args: &[String]) -> Result<Params, String> {
             "--publishers" => params.publishers = value()?.max(1),
             "--duration" => params.duration = Duration::from_secs(value()? as u64),
             "--payload" => params.payload = value()?,
+            "--members" => params.members = value()?,
             "--tracing" => {
                 params.tracing = true;
                 i += 1;
@@ -349,7 +354,7 @@ fn parse(args: &[String]) -> Result<Params, String> {
     Ok(params)
 }
 
-const USAGE: &str = "usage: fanout-bench fanout|tracing [--clients N] [--nodes K] [--publishers P] [--duration S] [--payload BYTES] [--tracing]";
+const USAGE: &str = "usage: fanout-bench fanout|tracing [--clients N] [--nodes K] [--publishers P] [--duration S] [--payload BYTES] [--tracing]\n       fanout-bench presence [--members N] [--nodes K]";
 
 #[tokio::main]
 async fn main() {
@@ -363,6 +368,12 @@ async fn main() {
         std::process::exit(2);
     });
     let paths = tier::Paths::find();
+    if command == "presence" {
+        let nodes = if rest.iter().any(|a| a == "--nodes") { params.nodes } else { 3 };
+        let results = presence::run(&paths, params.members, nodes).await;
+        save(command, &results);
+        return;
+    }
     println!(
         "fan-out: {} clients on {} nodes, {} publishers for {:?}, {}-byte events, {} cores",
         params.clients,
@@ -432,12 +443,17 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    save(command, &results);
+}
+
+/// Writes `results` to `target/bench/<command>.json`.
+fn save(command: &str, results: &serde_json::Value) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     let file = out.join(format!("{command}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    std::fs::write(&file, serde_json::to_string_pretty(results).unwrap()).unwrap();
     println!("results: {}", file.display());
 }
