@@ -347,6 +347,19 @@ async fn api_keys_guard_the_http_api() {
         401,
         "the demo ping is guarded too"
     );
+    // Presence and discovery are /v1 endpoints too.
+    for path in ["/v1/channels/x/presence", "/v1/nodes"] {
+        let status = |key: Option<&'static str>| {
+            let mut request = http.get(guarded.url(path));
+            if let Some(key) = key {
+                request = request.header("Authorization", format!("Bearer {key}"));
+            }
+            async move { request.send().await.unwrap().status().as_u16() }
+        };
+        assert_eq!(status(None).await, 401, "{path}");
+        assert_eq!(status(Some("nope")).await, 403, "{path}");
+        assert_eq!(status(Some("key-one")).await, 200, "{path}");
+    }
     assert_eq!(
         reqwest::get(guarded.url("/healthz"))
             .await

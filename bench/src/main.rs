@@ -369,7 +369,11 @@ async fn main() {
     });
     let paths = tier::Paths::find();
     if command == "presence" {
-        let nodes = if rest.iter().any(|a| a == "--nodes") { params.nodes } else { 3 };
+        let nodes = if rest.iter().any(|a| a == "--nodes") {
+            params.nodes
+        } else {
+            3
+        };
         let results = presence::run(&paths, params.members, nodes).await;
         save(command, &results);
         return;

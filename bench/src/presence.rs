@@ -77,7 +77,11 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
             info,
         };
         let hub = node.hub();
-        hub.add_conn(conn, Recipient::new(queue, Kick::new(CancellationToken::new())), profile);
+        hub.add_conn(
+            conn,
+            Recipient::new(queue, Kick::new(CancellationToken::new())),
+            profile,
+        );
         hub.subscribe(conn, &channel, false).unwrap();
         keep.push(frames);
     }
