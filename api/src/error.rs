@@ -60,7 +60,7 @@ impl ApiError {
 
 impl From<BusError> for ApiError {
     fn from(err: BusError) -> Self {
-        tracing::warn!(%err, "NATS request failed");
+        tracing::warn!(%err, "publish not acknowledged");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "bus_unavailable",

@@ -342,7 +342,14 @@ async fn presence(
     let answer = state
         .bus
         .presence(&channel, params.count_only, &state.nodes)
-        .await?;
+        .await
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                err.to_string(),
+            )
+        })?;
     Ok(Json(answer).into_response())
 }
 
