@@ -1,463 +1,190 @@
 //! `fanout-bench`: measures a real fanout tier (release builds of nats-server, fanout-api and
-//! fanout-ws, all on loopback) from the outside.
+//! fanout-ws, all on loopback) from the outside, side by side with nats-server's native
+//! WebSocket port.
 //!
 //! ```text
-//! fanout-bench fanout  [--clients 200] [--nodes 2] [--publishers 16] [--duration 5] [--payload 100] [--tracing]
-//! fanout-bench tracing [same options]   # fanout twice, tracing off then on (sampling 1.0), and the ratio
-//! fanout-bench presence [--members 100000] [--nodes 3]   # presence query times (see presence.rs)
+//! fanout-bench suite [--quick]           # what `make bench` runs: every scenario, a table, JSON
+//! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--target both]
+//! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
+//! fanout-bench storm    [--clients 20000] [--target both]
+//! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
+//! fanout-bench presence [--members 100000] [--nodes 3]
+//! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
 //! ```
 //!
-//! Fan-out: `clients` WebSocket clients spread over `nodes` ws nodes all subscribe to one
-//! channel; `publishers` HTTP loops POST events to the API as fast as it acknowledges them for
-//! `duration` seconds. Each event carries its send time, so every delivery gives an end-to-end
-//! latency (HTTP POST → client). Reported: deliveries/s, latency percentiles, missing and
-//! duplicate deliveries, and the servers' CPU time per delivery (from /proc), the figure that
-//! holds best on a machine the load generator shares with the servers.
+//! `--shared N` turns fan-out into "many channels": each client in its own channel plus one
+//! of N shared ones. `--target` is `fanout`, `nats` or `both`.
+//!
+//! Clients live in worker processes (`fanout-bench worker`, see [`worker`]), several when
+//! needed, each from its own 127.0.0.x source address; the coordinator publishes and reads
+//! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`).
 
+mod hist;
+mod load;
 mod presence;
+mod saturate;
+mod suite;
 mod tier;
+mod worker;
 
-use std::{
-    collections::HashSet,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::collections::HashMap;
 
-use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
-use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::{Value, json};
+use worker::Target;
 
-#[derive(Debug, Clone)]
-struct Params {
-    clients: usize,
-    nodes: usize,
-    publishers: usize,
-    duration: Duration,
-    payload: usize,
-    tracing: bool,
-    members: usize,
-}
+const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | publish | presence | saturate | tracing [options]; see bench/src/main.rs";
 
-#[derive(Debug, Default, Clone)]
-struct Outcome {
-    acked: usize,
-    deliveries: usize,
-    missing: usize,
-    duplicates: usize,
-    seconds: f64,
-    latencies_us: Vec<u64>,
-    server_cpu: f64,
-    spans: usize,
-}
+/// `--name value` options, as numbers, with `--target` and flags kept as text.
+struct Options(HashMap<String, String>);
 
-impl Outcome {
-    fn per_second(&self) -> f64 {
-        self.deliveries as f64 / self.seconds
-    }
-    fn cpu_us_per_delivery(&self) -> f64 {
-        self.server_cpu * 1e6 / self.deliveries.max(1) as f64
-    }
-    fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
-    }
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-}
-
-#[derive(Deserialize)]
-struct Frame {
-    op: String,
-    seq: Option<u64>,
-    data: Option<Data>,
-}
-
-#[derive(Deserialize)]
-struct Data {
-    t: u64,
-}
-
-/// A WebSocket client: subscribes, then records every event until told to stop.
-async fn client(
-    url: String,
-    subscribed: Arc<AtomicUsize>,
-    received: Arc<AtomicUsize>,
-    mut stop: watch::Receiver<bool>,
-) -> (Vec<u64>, Vec<u64>) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    ws.send(Message::Text(
-        r#"{"op":"subscribe","channel":"bench"}"#.into(),
-    ))
-    .await
-    .unwrap();
-    let (mut seqs, mut latencies) = (Vec::new(), Vec::new());
-    loop {
-        tokio::select! {
-            message = ws.next() => match message {
-                Some(Ok(Message::Text(text))) => {
-                    let Ok(frame) = serde_json::from_str::<Frame>(&text) else { continue };
-                    match frame.op.as_str() {
-                        "subscribed" => { subscribed.fetch_add(1, Ordering::SeqCst); }
-                        "event" => {
-                            if let (Some(seq), Some(data)) = (frame.seq, frame.data) {
-                                seqs.push(seq);
-                                latencies.push(now_us().saturating_sub(data.t));
-                                received.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        _ => {}
-                    }
+impl Options {
+    fn parse(args: &[String]) -> Options {
+        let mut map = HashMap::new();
+        let mut i = 0;
+        while i < args.len() {
+            let key = args[i].trim_start_matches("--").to_string();
+            match args.get(i + 1) {
+                Some(value) if !value.starts_with("--") => {
+                    map.insert(key, value.clone());
+                    i += 2;
                 }
-                Some(Ok(_)) => {}
-                _ => break,
-            },
-            _ = stop.changed() => break,
-        }
-    }
-    (seqs, latencies)
-}
-
-/// An OTLP/HTTP sink that counts the spans it is sent.
-async fn otlp_sink() -> (String, Arc<AtomicUsize>) {
-    use axum::{Router, body::Bytes, extract::State, routing::post};
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message as _;
-    let spans = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route(
-            "/v1/traces",
-            post(
-                |State(spans): State<Arc<AtomicUsize>>, body: Bytes| async move {
-                    if let Ok(request) = ExportTraceServiceRequest::decode(body) {
-                        let n: usize = request
-                            .resource_spans
-                            .iter()
-                            .flat_map(|r| &r.scope_spans)
-                            .map(|s| s.spans.len())
-                            .sum();
-                        spans.fetch_add(n, Ordering::Relaxed);
-                    }
-                    ""
-                },
-            ),
-        )
-        .with_state(spans.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), spans)
-}
-
-async fn fanout(paths: &tier::Paths, params: &Params) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = tier::start_nats(paths, dir.path());
-    let mut env = vec![
-        ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
-        ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
-        ("FANOUT_HISTORY_STORAGE".to_string(), "memory".to_string()),
-        ("FANOUT_QUEUE_CAPACITY".to_string(), "4096".to_string()),
-    ];
-    let mut spans = None;
-    if params.tracing {
-        let (endpoint, counter) = otlp_sink().await;
-        env.push(("FANOUT_OTLP_ENDPOINT".into(), endpoint));
-        env.push(("OTEL_TRACES_SAMPLER".into(), "always_on".into()));
-        spans = Some(counter);
-    }
-    let api = tier::start_fanout(paths, "fanout-api", "api-1", &env);
-    let nodes: Vec<_> = (1..=params.nodes)
-        .map(|i| tier::start_fanout(paths, "fanout-ws", &format!("ws-{i}"), &env))
-        .collect();
-    tier::wait_ready(&api.addr).await;
-    for node in &nodes {
-        tier::wait_ready(&node.addr).await;
-    }
-
-    let subscribed = Arc::new(AtomicUsize::new(0));
-    let received = Arc::new(AtomicUsize::new(0));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let clients: Vec<_> = (0..params.clients)
-        .map(|i| {
-            let url = format!("ws://{}/ws", nodes[i % nodes.len()].addr);
-            tokio::spawn(client(
-                url,
-                subscribed.clone(),
-                received.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
-    while subscribed.load(Ordering::SeqCst) < params.clients {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-
-    let servers: Vec<&tier::Proc> = nodes.iter().chain([&api, &nats]).collect();
-    let cpu = |servers: &[&tier::Proc]| servers.iter().map(|p| p.cpu_seconds()).sum::<f64>();
-    let cpu_before = cpu(&servers);
-    let started = Instant::now();
-    let deadline = started + params.duration;
-    let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/channels/bench/events", api.addr);
-    let pad = "x".repeat(params.payload.saturating_sub(40));
-    let publishers: Vec<_> = (0..params.publishers)
-        .map(|_| {
-            let (http, url, pad) = (http.clone(), url.clone(), pad.clone());
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                while Instant::now() < deadline {
-                    let body = format!(r#"{{"t":{},"pad":"{pad}"}}"#, now_us());
-                    if let Ok(response) = http.post(&url).body(body).send().await
-                        && response.status() == 202
-                        && let Ok(bytes) = response.bytes().await
-                        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    {
-                        acked.push(v["seq"].as_u64().unwrap());
-                    }
+                _ => {
+                    map.insert(key, "true".into());
+                    i += 1;
                 }
-                acked
+            }
+        }
+        Options(map)
+    }
+
+    fn num(&self, key: &str, default: usize) -> usize {
+        self.0.get(key).map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("fanout-bench: --{key} needs a number\n{USAGE}");
+                std::process::exit(2)
             })
         })
-        .collect();
-    let mut acked = Vec::new();
-    for publisher in publishers {
-        acked.extend(publisher.await.unwrap());
     }
-    // Let the backlog drain: stop once every delivery arrived, or none arrived for 2 s.
-    let expected = acked.len() * params.clients;
-    let (mut last, mut since) = (usize::MAX, Instant::now());
-    loop {
-        let now = received.load(Ordering::Relaxed);
-        if now >= expected || since.elapsed() > Duration::from_secs(2) {
-            break;
-        }
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let server_cpu = cpu(&servers) - cpu_before;
-    let _ = stop_tx.send(true);
-    let acked_set: HashSet<u64> = acked.iter().copied().collect();
-    let mut outcome = Outcome {
-        acked: acked.len(),
-        seconds,
-        server_cpu,
-        ..Outcome::default()
-    };
-    for client in clients {
-        let (seqs, latencies) = client.await.unwrap();
-        let unique: HashSet<u64> = seqs.iter().copied().collect();
-        outcome.deliveries += seqs.len();
-        outcome.duplicates += seqs.len() - unique.len();
-        outcome.missing += acked_set.difference(&unique).count();
-        outcome.latencies_us.extend(latencies);
-    }
-    outcome.latencies_us.sort_unstable();
-    if let Some(spans) = spans {
-        // The exporter sends its batch every 5 s; wait for the last one (bounded).
-        let expected = outcome.acked * (2 + params.nodes);
-        for _ in 0..100 {
-            if spans.load(Ordering::Relaxed) >= expected {
-                break;
+
+    fn targets(&self) -> Vec<Target> {
+        match self.0.get("target").map(String::as_str) {
+            None | Some("both") => vec![Target::Fanout, Target::Nats],
+            Some("fanout") => vec![Target::Fanout],
+            Some("nats") => vec![Target::Nats],
+            Some(other) => {
+                eprintln!("fanout-bench: unknown target {other}\n{USAGE}");
+                std::process::exit(2)
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        outcome.spans = spans.load(Ordering::Relaxed);
     }
-    outcome
 }
 
-fn report(label: &str, params: &Params, o: &Outcome) {
-    println!(
-        "{label:<12} {:>6} ev acked  {:>9} deliveries  {:>9.0} deliveries/s  p50 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  missing {}  dup {}  server CPU {:.2} s = {:.2} µs/delivery{}",
-        o.acked,
-        o.deliveries,
-        o.per_second(),
-        o.percentile(0.50),
-        o.percentile(0.99),
-        o.percentile(1.0),
-        o.missing,
-        o.duplicates,
-        o.server_cpu,
-        o.cpu_us_per_delivery(),
-        if params.tracing {
-            format!(
-                "  spans exported {} of {}",
-                o.spans,
-                o.acked * (2 + params.nodes)
-            )
-        } else {
-            String::new()
-        }
-    );
-}
-
-fn json(o: &Outcome) -> serde_json::Value {
-    serde_json::json!({
-        "acked": o.acked, "deliveries": o.deliveries, "deliveries_per_sec": o.per_second(),
-        "p50_ms": o.percentile(0.5), "p90_ms": o.percentile(0.9), "p99_ms": o.percentile(0.99),
-        "p999_ms": o.percentile(0.999), "max_ms": o.percentile(1.0),
-        "missing": o.missing, "duplicates": o.duplicates,
-        "server_cpu_seconds": o.server_cpu, "server_cpu_us_per_delivery": o.cpu_us_per_delivery(),
-        "spans_exported": o.spans,
-    })
-}
-
-fn parse(args: &[String]) -> Result<Params, String> {
-    let mut params = Params {
-        clients: 200,
-        nodes: 2,
-        publishers: 16,
-        duration: Duration::from_secs(5),
-        payload: 100,
-        tracing: false,
-        members: 100_000,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        let value = || {
-            args.get(i + 1)
-                .and_then(|v| v.parse::<usize>().ok())
-                .ok_or(format!("{} needs a number", args[i]))
-        };
-        match args[i].as_str() {
-            "--clients" => params.clients = value()?,
-            "--nodes" => params.nodes = value()?.max(1),
-            "--publishers" => params.publishers = value()?.max(1),
-            "--duration" => params.duration = Duration::from_secs(value()? as u64),
-            "--payload" => params.payload = value()?,
-            "--members" => params.members = value()?,
-            "--tracing" => {
-                params.tracing = true;
-                i += 1;
-                continue;
-            }
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
-    Ok(params)
-}
-
-const USAGE: &str = "usage: fanout-bench fanout|tracing [--clients N] [--nodes K] [--publishers P] [--duration S] [--payload BYTES] [--tracing]\n       fanout-bench presence [--members N] [--nodes K]";
-
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((command, rest)) = args.split_first() else {
         eprintln!("{USAGE}");
         std::process::exit(2);
     };
-    let params = parse(rest).unwrap_or_else(|e| {
-        eprintln!("fanout-bench: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
-    let paths = tier::Paths::find();
-    if command == "presence" {
-        let nodes = if rest.iter().any(|a| a == "--nodes") {
-            params.nodes
-        } else {
-            3
-        };
-        let results = presence::run(&paths, params.members, nodes).await;
-        save(command, &results);
+    if command == "worker" {
+        let job = serde_json::from_str(rest.first().map_or("", String::as_str))
+            .expect("a worker needs its job as JSON");
+        worker::run(job);
         return;
     }
-    println!(
-        "fan-out: {} clients on {} nodes, {} publishers for {:?}, {}-byte events, {} cores",
-        params.clients,
-        params.nodes,
-        params.publishers,
-        params.duration,
-        params.payload,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    let results = match command.as_str() {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(coordinate(command, rest));
+}
+
+async fn coordinate(command: &str, rest: &[String]) {
+    let paths = tier::Paths::find();
+    let o = Options::parse(rest);
+    let label = |t: Target| {
+        if t == Target::Fanout {
+            "fanout"
+        } else {
+            "NATS"
+        }
+    };
+    let results: Value = match command {
+        "suite" => {
+            let (results, table) = suite::run(&paths, o.0.contains_key("quick")).await;
+            println!("\n{table}");
+            write("suite.md", &table);
+            results
+        }
         "fanout" => {
-            let o = fanout(&paths, &params).await;
-            report(
-                if params.tracing {
-                    "tracing on"
-                } else {
-                    "fan-out"
-                },
-                &params,
-                &o,
-            );
-            serde_json::json!({"params": format!("{params:?}"), "fanout": json(&o)})
+            let spec = suite::Spec {
+                clients: o.num("clients", 300),
+                nodes: o.num("nodes", 3),
+                rate: o.num("rate", 100) as u64,
+                secs: o.num("duration", 10) as u64,
+                payload: o.num("payload", 100),
+                shared: o.num("shared", 0),
+            };
+            println!("fan-out: {spec:?}");
+            let mut results = serde_json::Map::new();
+            for target in o.targets() {
+                let run = suite::fan_out(&paths, spec, target).await;
+                suite::describe(label(target), &run);
+                results.insert(label(target).into(), run.json());
+            }
+            Value::Object(results)
         }
-        "tracing" => {
-            let off = fanout(
+        "idle" => {
+            let mut results = serde_json::Map::new();
+            for target in o.targets() {
+                let r =
+                    suite::idle(&paths, target, o.num("clients", 45_000), o.num("nodes", 3)).await;
+                println!("{} {r}", label(target));
+                results.insert(label(target).into(), r);
+            }
+            Value::Object(results)
+        }
+        "storm" => {
+            let mut results = serde_json::Map::new();
+            for target in o.targets() {
+                let r = suite::storm(&paths, target, o.num("clients", 20_000)).await;
+                println!("{} {r}", label(target));
+                results.insert(label(target).into(), r);
+            }
+            Value::Object(results)
+        }
+        "publish" => {
+            let r = suite::publish(
                 &paths,
-                &Params {
-                    tracing: false,
-                    ..params.clone()
-                },
+                o.num("publishers", 16),
+                o.num("duration", 5) as u64,
+                o.num("payload", 100),
             )
             .await;
-            report(
-                "tracing off",
-                &Params {
-                    tracing: false,
-                    ..params.clone()
-                },
-                &off,
-            );
-            let on = fanout(
-                &paths,
-                &Params {
-                    tracing: true,
-                    ..params.clone()
-                },
-            )
-            .await;
-            report(
-                "tracing on",
-                &Params {
-                    tracing: true,
-                    ..params.clone()
-                },
-                &on,
-            );
-            let throughput = on.per_second() / off.per_second();
-            let cpu = on.cpu_us_per_delivery() / off.cpu_us_per_delivery();
-            println!(
-                "tracing on / off: throughput {throughput:.2}x, server CPU per delivery {cpu:.2}x"
-            );
-            serde_json::json!({"params": format!("{params:?}"), "off": json(&off), "on": json(&on),
-                "throughput_ratio": throughput, "cpu_per_delivery_ratio": cpu})
+            println!("{r}");
+            r
         }
+        "presence" => presence::run(&paths, o.num("members", 100_000), o.num("nodes", 3)).await,
+        "saturate" | "tracing" => saturate::run(&paths, command, rest).await,
         other => {
             eprintln!("fanout-bench: unknown command {other}\n{USAGE}");
             std::process::exit(2);
         }
     };
-    save(command, &results);
+    let file = write(
+        &format!("{command}.json"),
+        &serde_json::to_string_pretty(&json!(results)).unwrap(),
+    );
+    println!("results: {}", file.display());
 }
 
-/// Writes `results` to `target/bench/<command>.json`.
-fn save(command: &str, results: &serde_json::Value) {
+/// Writes `target/bench/<name>`.
+fn write(name: &str, contents: &str) -> std::path::PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
-    let file = out.join(format!("{command}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(results).unwrap()).unwrap();
-    println!("results: {}", file.display());
+    let file = out.join(name);
+    std::fs::write(&file, contents).unwrap();
+    file
 }

@@ -26,6 +26,94 @@ impl Proc {
     pub fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.child.id())
     }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A 3-node (`n`-node) nats-server cluster with a WebSocket port on each node
+/// (`websocket { no_tls: true }`): the baseline. Returns the nodes, their client URLs and
+/// their WebSocket URLs.
+pub fn start_nats_ws_cluster(
+    paths: &Paths,
+    dir: &Path,
+    n: usize,
+) -> (Vec<Proc>, Vec<String>, Vec<String>) {
+    let ports: Vec<(u16, u16, u16, u16)> = (0..n)
+        .map(|_| (free_port(), free_port(), free_port(), free_port()))
+        .collect();
+    let mut procs = Vec::new();
+    for (i, (client, ws, cluster, http)) in ports.iter().enumerate() {
+        let routes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| format!("\"nats-route://127.0.0.1:{}\"", p.2))
+            .collect();
+        let conf = format!(
+            "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{http}\"\n\
+             websocket {{ listen: \"127.0.0.1:{ws}\", no_tls: true }}\n\
+             cluster {{ name: \"bench\", listen: \"127.0.0.1:{cluster}\", routes: [{}] }}\n",
+            routes.join(", ")
+        );
+        let file = dir.join(format!("n{i}.conf"));
+        std::fs::write(&file, conf).unwrap();
+        let child = Command::new(&paths.nats_server)
+            .arg("-c")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        procs.push(Proc {
+            child,
+            addr: format!("nats://127.0.0.1:{client}"),
+        });
+    }
+    // Ready when every node routes to every other.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (_, _, _, http) in &ports {
+        loop {
+            let routes = http_get(*http, "/routez")
+                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|v| v["num_routes"].as_u64())
+                .unwrap_or(0);
+            if routes as usize >= n - 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the NATS cluster did not form");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let clients = ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{}", p.0))
+        .collect();
+    let ws = ports
+        .iter()
+        .map(|p| format!("ws://127.0.0.1:{}", p.1))
+        .collect();
+    (procs, clients, ws)
 }
 
 pub fn cpu_seconds(pid: u32) -> f64 {
@@ -138,4 +226,18 @@ pub async fn wait_ready(addr: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{url} never became ready");
+}
+
+/// The body of `GET http://127.0.0.1:<port><path>` (HTTP/1.0, blocking), if any.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
 }

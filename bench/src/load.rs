@@ -1,0 +1,333 @@
+//! The coordinator's side of the load: worker processes holding the clients, and the
+//! publishers (HTTP to fanout's API, or core NATS for the baseline).
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    hist::Histogram,
+    tier,
+    worker::{Job, Mode, Out, Report, Stop, Target, now_us},
+};
+
+/// Most clients one worker process holds (the open-file limit is 20,000 per process).
+const PER_WORKER: usize = 15_000;
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<Out>,
+    received: u64,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The load generator's worker processes.
+pub struct Workers {
+    workers: Vec<Worker>,
+}
+
+/// What the workers saw, merged.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub received: u64,
+    pub duplicates: u64,
+    pub missing: u64,
+    pub lost: usize,
+    pub hist: Histogram,
+}
+
+impl Workers {
+    /// Starts enough workers for `clients` (at least `min_workers`), each from its own
+    /// source address 127.0.0.(10+i), and waits until every client is connected (and
+    /// subscribed). Returns them with the slowest worker's connect time.
+    pub fn start(
+        target: Target,
+        mode: Mode,
+        urls: &[String],
+        clients: usize,
+        shared: usize,
+        min_workers: usize,
+        concurrency: usize,
+    ) -> (Workers, f64) {
+        let count = clients.div_ceil(PER_WORKER).max(min_workers).max(1);
+        let mut workers = Vec::new();
+        let mut first = 0;
+        for w in 0..count {
+            let share = clients / count + usize::from(w < clients % count);
+            let job = Job {
+                target,
+                mode,
+                urls: urls.to_vec(),
+                source: format!("127.0.0.{}", 10 + w).parse().unwrap(),
+                first,
+                clients: share,
+                shared,
+                concurrency,
+            };
+            first += share;
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .arg("worker")
+                .arg(serde_json::to_string(&job).unwrap())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start a worker");
+            let stdin = child.stdin.take().unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(out) = serde_json::from_str(&line)
+                        && tx.send(out).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            workers.push(Worker {
+                child,
+                stdin,
+                lines,
+                received: 0,
+            });
+        }
+        let mut slowest: f64 = 0.0;
+        let (mut ok, mut failed) = (0, 0);
+        for worker in &mut workers {
+            loop {
+                match worker.lines.recv_timeout(Duration::from_secs(300)) {
+                    Ok(Out::Ready {
+                        ok: o,
+                        failed: f,
+                        secs,
+                    }) => {
+                        ok += o;
+                        failed += f;
+                        slowest = slowest.max(secs);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => panic!("a worker did not get ready"),
+                }
+            }
+        }
+        if failed > 0 {
+            eprintln!("  {failed} of {} connections failed", ok + failed);
+        }
+        (Workers { workers }, slowest)
+    }
+
+    /// Deliveries so far (from the workers' progress reports).
+    pub fn received(&mut self) -> u64 {
+        for worker in &mut self.workers {
+            while let Ok(out) = worker.lines.try_recv() {
+                if let Out::Progress { received } = out {
+                    worker.received = received;
+                }
+            }
+        }
+        self.workers.iter().map(|w| w.received).sum()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.child.id()).collect()
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(tier::cpu_seconds).sum()
+    }
+
+    /// Waits until `expected` deliveries arrived, or none for `quiet`; returns when the
+    /// last one arrived.
+    pub async fn settle(&mut self, expected: u64, quiet: Duration) -> Instant {
+        let (mut last, mut at) = (self.received(), Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.received();
+            if now != last {
+                (last, at) = (now, Instant::now());
+            }
+            if now >= expected || at.elapsed() > quiet {
+                return at;
+            }
+        }
+    }
+
+    /// Tells the workers what was published, and merges their reports.
+    pub fn stop(mut self, published: &HashMap<String, u64>) -> Seen {
+        let line = serde_json::to_string(&Stop {
+            published: published.clone(),
+        })
+        .unwrap();
+        for worker in &mut self.workers {
+            let _ = writeln!(worker.stdin, "{line}");
+        }
+        let mut seen = Seen::default();
+        for worker in &mut self.workers {
+            let report: Report = loop {
+                match worker.lines.recv_timeout(Duration::from_secs(60)) {
+                    Ok(Out::Done(report)) => break report,
+                    Ok(_) => {}
+                    Err(_) => panic!("a worker did not report"),
+                }
+            };
+            seen.received += report.received;
+            seen.duplicates += report.duplicates;
+            seen.missing += report.missing;
+            seen.lost += report.lost;
+            seen.hist
+                .merge(&Histogram::from_sparse(&report.buckets, report.max));
+        }
+        seen
+    }
+}
+
+/// The payload of event `n`: send time, index, padding to `size` bytes.
+fn body(n: u64, size: usize) -> String {
+    let head = format!(r#"{{"t":{},"n":{n},"p":""#, now_us());
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+/// Counts per channel.
+pub type Published = HashMap<String, u64>;
+
+/// Publishes `rate` events per second for `duration`, round-robin over `channels`, through
+/// fanout's HTTP API (open loop: sends on schedule whatever the answers). Returns how many
+/// were acknowledged per channel, and the acknowledgement latency.
+pub async fn publish_http(
+    api: &str,
+    channels: &[String],
+    rate: u64,
+    duration: Duration,
+    size: usize,
+) -> (Published, Histogram) {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let total = rate * duration.as_secs();
+    let counters: Arc<Vec<AtomicU64>> =
+        Arc::new(channels.iter().map(|_| AtomicU64::new(0)).collect());
+    let acked: Arc<Vec<AtomicU64>> = Arc::new(channels.iter().map(|_| AtomicU64::new(0)).collect());
+    let acks = Arc::new(Mutex::new(Histogram::default()));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for k in 0..total {
+        tokio::time::sleep_until(start + period * k as u32).await;
+        let c = (k as usize) % channels.len();
+        let n = counters[c].fetch_add(1, Ordering::Relaxed);
+        let url = format!("{api}/v1/channels/{}/events", channels[c]);
+        let (http, acked, acks) = (http.clone(), acked.clone(), acks.clone());
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
+        let payload = body(n, size);
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            if let Ok(response) = http.post(url).body(payload).send().await
+                && response.status() == 202
+            {
+                acked[c].fetch_add(1, Ordering::Relaxed);
+                acks.lock()
+                    .unwrap()
+                    .record(sent.elapsed().as_micros() as u64);
+            }
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let published = channels
+        .iter()
+        .zip(acked.iter())
+        .map(|(c, n)| (c.clone(), n.load(Ordering::Relaxed)))
+        .collect();
+    let acks = acks.lock().unwrap().clone();
+    (published, acks)
+}
+
+/// The same schedule published over core NATS (the baseline).
+pub async fn publish_nats(
+    url: &str,
+    channels: &[String],
+    rate: u64,
+    duration: Duration,
+    size: usize,
+) -> Published {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let total = rate * duration.as_secs();
+    let mut counters = vec![0u64; channels.len()];
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    for k in 0..total {
+        tokio::time::sleep_until(start + period * k as u32).await;
+        let c = (k as usize) % channels.len();
+        let payload = body(counters[c], size);
+        counters[c] += 1;
+        client
+            .publish(channels[c].clone(), payload.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    channels.iter().cloned().zip(counters).collect()
+}
+
+/// Closed loop: `publishers` tasks each POST one event at a time for `duration`. Returns
+/// (acknowledged events, errors, acknowledgement latency).
+pub async fn publish_closed_loop(
+    api: &str,
+    publishers: usize,
+    duration: Duration,
+    size: usize,
+) -> (u64, u64, Histogram) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..publishers)
+        .map(|p| {
+            let (http, url) = (http.clone(), format!("{api}/v1/channels/pub{p}/events"));
+            tokio::spawn(async move {
+                let (mut acked, mut errors, mut hist) = (0, 0, Histogram::default());
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match http.post(&url).body(body(n, size)).send().await {
+                        Ok(r) if r.status() == 202 => {
+                            acked += 1;
+                            hist.record(sent.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                    n += 1;
+                }
+                (acked, errors, hist)
+            })
+        })
+        .collect();
+    let (mut acked, mut errors, mut hist) = (0, 0, Histogram::default());
+    for task in tasks {
+        let (a, e, h) = task.await.unwrap();
+        acked += a;
+        errors += e;
+        hist.merge(&h);
+    }
+    (acked, errors, hist)
+}

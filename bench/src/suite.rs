@@ -1,0 +1,585 @@
+//! The scenarios, each run against fanout and (fan-out, idle, storm) against nats-server's
+//! native WebSocket port, and the suite that `make bench` runs.
+
+use std::{collections::HashMap, time::Duration};
+
+use serde_json::{Value, json};
+
+use crate::{
+    hist::Histogram,
+    load::{self, Workers},
+    tier::{self, Paths, Proc},
+    worker::{Mode, Target},
+};
+
+/// fanout's processes: nats-server (JetStream), the API, the ws nodes.
+pub struct FanoutTier {
+    pub nats: Proc,
+    pub api: Proc,
+    pub nodes: Vec<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+impl FanoutTier {
+    pub async fn start(paths: &Paths, nodes: usize) -> FanoutTier {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = tier::start_nats(paths, dir.path());
+        let env = vec![
+            ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
+            ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
+        ];
+        let api = tier::start_fanout(paths, "fanout-api", "api-1", &env);
+        let nodes: Vec<Proc> = (1..=nodes)
+            .map(|i| tier::start_fanout(paths, "fanout-ws", &format!("ws-{i}"), &env))
+            .collect();
+        tier::wait_ready(&api.addr).await;
+        for node in &nodes {
+            tier::wait_ready(&node.addr).await;
+        }
+        FanoutTier {
+            nats,
+            api,
+            nodes,
+            _dir: dir,
+        }
+    }
+
+    pub fn servers(&self) -> Vec<&Proc> {
+        self.nodes.iter().chain([&self.api, &self.nats]).collect()
+    }
+
+    pub fn ws_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("ws://{}/ws", n.addr))
+            .collect()
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api.addr)
+    }
+}
+
+/// The baseline: nats-server nodes in a cluster, each with a WebSocket port.
+pub struct NatsTier {
+    pub nodes: Vec<Proc>,
+    pub clients: Vec<String>,
+    pub ws: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsTier {
+    pub fn start(paths: &Paths, nodes: usize) -> NatsTier {
+        let dir = tempfile::tempdir().unwrap();
+        let (nodes, clients, ws) = tier::start_nats_ws_cluster(paths, dir.path(), nodes);
+        NatsTier {
+            nodes,
+            clients,
+            ws,
+            _dir: dir,
+        }
+    }
+}
+
+fn cpu(servers: &[&Proc]) -> f64 {
+    servers.iter().map(|p| p.cpu_seconds()).sum()
+}
+
+fn self_cpu() -> f64 {
+    tier::cpu_seconds(std::process::id())
+}
+
+/// A fan-out run: `clients` over `nodes`, `rate` events/s for `secs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub clients: usize,
+    pub nodes: usize,
+    pub rate: u64,
+    pub secs: u64,
+    pub payload: usize,
+    /// 0: one channel. Otherwise each client in its own channel plus one of `shared`.
+    pub shared: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct FanOut {
+    pub published: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub lost: usize,
+    pub seconds: f64,
+    pub server_cpu: f64,
+    pub loadgen_cpu: f64,
+    pub latency: Histogram,
+    /// fanout only: HTTP acknowledgement times.
+    pub acks: Option<Histogram>,
+}
+
+impl FanOut {
+    pub fn per_second(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+    /// Server CPU time per delivery, µs.
+    pub fn cpu_us(&self) -> f64 {
+        self.server_cpu * 1e6 / self.received.max(1) as f64
+    }
+    pub fn json(&self) -> Value {
+        let l = &self.latency;
+        json!({
+            "published": self.published, "expected_deliveries": self.expected,
+            "deliveries": self.received, "deliveries_per_sec": self.per_second(),
+            "missing": self.missing, "duplicates": self.duplicates, "connections_lost": self.lost,
+            "latency_ms": {"p50": l.quantile_ms(0.5), "p90": l.quantile_ms(0.9), "p99": l.quantile_ms(0.99),
+                "p999": l.quantile_ms(0.999), "max": l.quantile_ms(1.0)},
+            "server_cpu_seconds": self.server_cpu,
+            "server_cpu_seconds_per_million_deliveries": self.cpu_us(),
+            "server_cpu_us_per_delivery": self.cpu_us(),
+            "loadgen_cpu_seconds": self.loadgen_cpu,
+            "seconds": self.seconds,
+            "ack_ms": self.acks.as_ref().map(|a| json!({"p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99)})),
+        })
+    }
+}
+
+fn channels(spec: &Spec) -> Vec<String> {
+    if spec.shared == 0 {
+        vec!["bench".to_string()]
+    } else {
+        (0..spec.clients)
+            .map(|i| format!("c{i}"))
+            .chain((0..spec.shared).map(|j| format!("s{j}")))
+            .collect()
+    }
+}
+
+fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
+    (0..spec.clients)
+        .flat_map(|i| crate::worker::channels_of(i, spec.shared))
+        .map(|c| published.get(&c).copied().unwrap_or(0))
+        .sum()
+}
+
+pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
+    let (fanout, nats) = match target {
+        Target::Fanout => (Some(FanoutTier::start(paths, spec.nodes).await), None),
+        Target::Nats => (None, Some(NatsTier::start(paths, spec.nodes))),
+    };
+    let urls = match (&fanout, &nats) {
+        (Some(t), _) => t.ws_urls(),
+        (_, Some(n)) => n.ws.clone(),
+        _ => unreachable!(),
+    };
+    let servers: Vec<&Proc> = match (&fanout, &nats) {
+        (Some(t), _) => t.servers(),
+        (_, Some(n)) => n.nodes.iter().collect(),
+        _ => unreachable!(),
+    };
+    let (mut workers, _) = Workers::start(
+        target,
+        Mode::Record,
+        &urls,
+        spec.clients,
+        spec.shared,
+        2,
+        200,
+    );
+    let channels = channels(&spec);
+    let duration = Duration::from_secs(spec.secs);
+    let (server_before, loadgen_before) = (cpu(&servers), workers.cpu_seconds() + self_cpu());
+    let started = std::time::Instant::now();
+    let (published, acks) = match (&fanout, &nats) {
+        (Some(t), _) => {
+            let (p, a) =
+                load::publish_http(&t.api_url(), &channels, spec.rate, duration, spec.payload)
+                    .await;
+            (p, Some(a))
+        }
+        (_, Some(n)) => (
+            load::publish_nats(&n.clients[0], &channels, spec.rate, duration, spec.payload).await,
+            None,
+        ),
+        _ => unreachable!(),
+    };
+    let expected = expected(&spec, &published);
+    let last = workers.settle(expected, Duration::from_secs(2)).await;
+    let seconds = last.duration_since(started).as_secs_f64();
+    let server_cpu = cpu(&servers) - server_before;
+    let loadgen_cpu = workers.cpu_seconds() + self_cpu() - loadgen_before;
+    let seen = workers.stop(&published);
+    FanOut {
+        published: published.values().sum(),
+        expected,
+        received: seen.received,
+        missing: seen.missing,
+        duplicates: seen.duplicates,
+        lost: seen.lost,
+        seconds,
+        server_cpu,
+        loadgen_cpu,
+        latency: seen.hist,
+        acks,
+    }
+}
+
+/// Idle memory: RSS growth per connection on each node.
+pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Value {
+    let (fanout, nats) = match target {
+        Target::Fanout => (Some(FanoutTier::start(paths, nodes).await), None),
+        Target::Nats => (None, Some(NatsTier::start(paths, nodes))),
+    };
+    let (holders, urls): (Vec<&Proc>, Vec<String>) = match (&fanout, &nats) {
+        (Some(t), _) => (t.nodes.iter().collect(), t.ws_urls()),
+        (_, Some(n)) => (n.nodes.iter().collect(), n.ws.clone()),
+        _ => unreachable!(),
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
+    let (workers, secs) = Workers::start(target, Mode::Idle, &urls, connections, 0, 1, 500);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
+    let per_node = connections as f64 / nodes as f64;
+    let kib: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / per_node)
+        .collect();
+    drop(workers.stop(&HashMap::new()));
+    json!({
+        "connections": connections, "nodes": nodes, "connect_seconds": secs,
+        "kib_per_connection": kib,
+        "kib_per_connection_mean": kib.iter().sum::<f64>() / kib.len() as f64,
+        "rss_before_kib": before, "rss_after_kib": after,
+    })
+}
+
+/// Connect storm: connections per second one node accepts (handshake + first frame).
+pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
+    let (fanout, nats) = match target {
+        Target::Fanout => (Some(FanoutTier::start(paths, 1).await), None),
+        Target::Nats => (None, Some(NatsTier::start(paths, 1))),
+    };
+    let urls = match (&fanout, &nats) {
+        (Some(t), _) => t.ws_urls(),
+        (_, Some(n)) => n.ws.clone(),
+        _ => unreachable!(),
+    };
+    let (workers, secs) = Workers::start(target, Mode::Storm, &urls, connections, 0, 2, 256);
+    drop(workers.stop(&HashMap::new()));
+    json!({"connections": connections, "seconds": secs, "per_second": connections as f64 / secs})
+}
+
+/// The API alone: acknowledged events/s with `publishers` closed-loop publishers.
+pub async fn publish(paths: &Paths, publishers: usize, secs: u64, payload: usize) -> Value {
+    let tier = FanoutTier::start(paths, 1).await;
+    let servers = [&tier.api, &tier.nats];
+    let before = cpu(&servers);
+    let (acked, errors, hist) = load::publish_closed_loop(
+        &tier.api_url(),
+        publishers,
+        Duration::from_secs(secs),
+        payload,
+    )
+    .await;
+    let used = cpu(&servers) - before;
+    json!({
+        "publishers": publishers, "seconds": secs, "acked": acked, "errors": errors,
+        "acked_per_sec": acked as f64 / secs as f64,
+        "ack_ms": {"p50": hist.quantile_ms(0.5), "p99": hist.quantile_ms(0.99), "max": hist.quantile_ms(1.0)},
+        "server_cpu_us_per_event": used * 1e6 / acked.max(1) as f64,
+    })
+}
+
+pub fn describe(label: &str, o: &FanOut) {
+    let l = &o.latency;
+    println!(
+        "  {label:<7} {:>9.0} deliveries/s  p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms  \
+         missing {} dup {} lost {}  server CPU {:.2} µs/delivery  loadgen CPU {:.1} s",
+        o.per_second(),
+        l.quantile_ms(0.5),
+        l.quantile_ms(0.9),
+        l.quantile_ms(0.99),
+        l.quantile_ms(0.999),
+        l.quantile_ms(1.0),
+        o.missing,
+        o.duplicates,
+        o.lost,
+        o.cpu_us(),
+        o.loadgen_cpu,
+    );
+}
+
+/// `make bench`: every scenario, the table, the JSON.
+pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let scale = |n: usize| if quick { n / 10 } else { n };
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    let mut results = serde_json::Map::new();
+    let row = |rows: &mut Vec<[String; 6]>, cells: [&str; 6]| {
+        rows.push(cells.map(String::from));
+    };
+
+    println!("publish: 16 closed-loop publishers through the API");
+    let p = publish(paths, 16, 5, 100).await;
+    println!("  {p}");
+    row(
+        &mut rows,
+        [
+            "publish (16 publishers)",
+            "acknowledged events/s",
+            &format!("{:.0}", p["acked_per_sec"].as_f64().unwrap()),
+            "",
+            "",
+            "≥ 5,000",
+        ],
+    );
+    results.insert("publish".into(), p);
+
+    let specs = [
+        (
+            "latency",
+            Spec {
+                clients: 300,
+                nodes: 3,
+                rate: 100,
+                secs: 10,
+                payload: 100,
+                shared: 0,
+            },
+        ),
+        (
+            "cpu",
+            Spec {
+                clients: scale(3000),
+                nodes: 3,
+                rate: 100,
+                secs: 10,
+                payload: 100,
+                shared: 0,
+            },
+        ),
+        (
+            "throughput",
+            Spec {
+                clients: scale(3000),
+                nodes: 3,
+                rate: 1000,
+                secs: 5,
+                payload: 100,
+                shared: 0,
+            },
+        ),
+    ];
+    let mut fan = HashMap::new();
+    for (name, spec) in specs {
+        println!(
+            "fan-out ({name}): {} clients on {} nodes, {} events/s for {} s",
+            spec.clients, spec.nodes, spec.rate, spec.secs
+        );
+        let f = fan_out(paths, spec, Target::Fanout).await;
+        describe("fanout", &f);
+        let n = fan_out(paths, spec, Target::Nats).await;
+        describe("NATS", &n);
+        results.insert(
+            format!("fanout_{name}"),
+            json!({"spec": format!("{spec:?}"), "fanout": f.json(), "nats": n.json()}),
+        );
+        fan.insert(name, (spec, f, n));
+    }
+    let (spec, f, n) = &fan["latency"];
+    row(
+        &mut rows,
+        [
+            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
+            "p50 / p99 / p99.9 latency, ms",
+            &format!(
+                "{:.2} / {:.2} / {:.2}",
+                f.latency.quantile_ms(0.5),
+                f.latency.quantile_ms(0.99),
+                f.latency.quantile_ms(0.999)
+            ),
+            &format!(
+                "{:.2} / {:.2} / {:.2}",
+                n.latency.quantile_ms(0.5),
+                n.latency.quantile_ms(0.99),
+                n.latency.quantile_ms(0.999)
+            ),
+            &format!(
+                "{:.2}",
+                f.latency.quantile_ms(0.99) / n.latency.quantile_ms(0.99)
+            ),
+            "p99 ≤ 2 ms",
+        ],
+    );
+    let (spec, f, n) = &fan["cpu"];
+    row(
+        &mut rows,
+        [
+            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
+            "server CPU µs per delivery",
+            &format!("{:.2}", f.cpu_us()),
+            &format!("{:.2}", n.cpu_us()),
+            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
+            "≤ 0.5×",
+        ],
+    );
+    row(
+        &mut rows,
+        [
+            "",
+            "p99 latency, ms",
+            &format!("{:.2}", f.latency.quantile_ms(0.99)),
+            &format!("{:.2}", n.latency.quantile_ms(0.99)),
+            "",
+            "",
+        ],
+    );
+    let (spec, f, n) = &fan["throughput"];
+    row(
+        &mut rows,
+        [
+            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
+            "deliveries/s (missing)",
+            &format!("{:.0} ({})", f.per_second(), f.missing),
+            &format!("{:.0} ({})", n.per_second(), n.missing),
+            &format!("{:.2}", f.per_second() / n.per_second()),
+            "≥ 1×, 0 missing",
+        ],
+    );
+    row(
+        &mut rows,
+        [
+            "",
+            "server CPU µs per delivery",
+            &format!("{:.2}", f.cpu_us()),
+            &format!("{:.2}", n.cpu_us()),
+            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
+            "",
+        ],
+    );
+
+    let spec = Spec {
+        clients: scale(1000),
+        nodes: 3,
+        rate: 1000,
+        secs: 5,
+        payload: 100,
+        shared: 10,
+    };
+    println!(
+        "many channels: {} clients, each in its own channel and one of {} shared, {} events/s",
+        spec.clients, spec.shared, spec.rate
+    );
+    let f = fan_out(paths, spec, Target::Fanout).await;
+    describe("fanout", &f);
+    row(
+        &mut rows,
+        [
+            &format!("many channels ({} + {} shared)", spec.clients, spec.shared),
+            "deliveries/s, p99 ms (missing)",
+            &format!(
+                "{:.0}, {:.2} ({})",
+                f.per_second(),
+                f.latency.quantile_ms(0.99),
+                f.missing
+            ),
+            "",
+            "",
+            "",
+        ],
+    );
+    results.insert(
+        "many_channels".into(),
+        json!({"spec": format!("{spec:?}"), "fanout": f.json()}),
+    );
+
+    let idle_conns = scale(45_000);
+    println!("idle: {idle_conns} connections on 3 nodes");
+    let f = idle(paths, Target::Fanout, idle_conns, 3).await;
+    println!("  fanout {f}");
+    let n = idle(paths, Target::Nats, idle_conns, 3).await;
+    println!("  NATS   {n}");
+    let (fk, nk) = (
+        f["kib_per_connection_mean"].as_f64().unwrap(),
+        n["kib_per_connection_mean"].as_f64().unwrap(),
+    );
+    row(
+        &mut rows,
+        [
+            &format!("idle, 3 × {}", idle_conns / 3),
+            "RSS KiB per connection",
+            &format!("{fk:.2}"),
+            &format!("{nk:.2}"),
+            &format!("{:.2}", fk / nk),
+            "≤ 6 KiB",
+        ],
+    );
+    results.insert("idle".into(), json!({"fanout": f, "nats": n}));
+
+    let storm_conns = scale(20_000);
+    println!("connect storm: {storm_conns} connections to one node");
+    let f = storm(paths, Target::Fanout, storm_conns).await;
+    println!("  fanout {f}");
+    let n = storm(paths, Target::Nats, storm_conns).await;
+    println!("  NATS   {n}");
+    let (fs, ns) = (
+        f["per_second"].as_f64().unwrap(),
+        n["per_second"].as_f64().unwrap(),
+    );
+    row(
+        &mut rows,
+        [
+            &format!("connect storm, {storm_conns} to one node"),
+            "connections/s",
+            &format!("{fs:.0}"),
+            &format!("{ns:.0}"),
+            &format!("{:.2}", fs / ns),
+            "≥ 10,000/s",
+        ],
+    );
+    results.insert("storm".into(), json!({"fanout": f, "nats": n}));
+
+    let members = if quick { 10_000 } else { 100_000 };
+    println!("presence: {members} members on 3 nodes");
+    let p = crate::presence::run(paths, members, 3).await;
+    row(
+        &mut rows,
+        [
+            &format!("presence, {members} members"),
+            "count-only query, median ms",
+            &format!("{:.2}", p["count_only_ms"]["median"].as_f64().unwrap()),
+            "",
+            "",
+            "milliseconds",
+        ],
+    );
+    results.insert("presence".into(), p);
+
+    let header = [
+        "scenario",
+        "figure",
+        "fanout",
+        "NATS WebSocket",
+        "fanout / NATS",
+        "target",
+    ];
+    let mut table = String::new();
+    table.push_str(&format!("| {} |\n", header.join(" | ")));
+    table.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for r in &rows {
+        table.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    let machine = format!(
+        "{cores} cores, {} (load generator on the same cores)",
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+            .unwrap_or_default()
+    );
+    results.insert("machine".into(), json!(machine));
+    (Value::Object(results), format!("{machine}\n\n{table}"))
+}

@@ -1,0 +1,506 @@
+//! A load-generator worker: a child process (`fanout-bench worker '<job>'`) that holds its
+//! share of the WebSocket clients, from its own source address (one address gives ~28,000
+//! ephemeral ports, one process ~20,000 open files on this machine).
+//!
+//! Talks to the coordinator with JSON lines: it prints `Ready` once its clients are connected
+//! (and subscribed), then `Progress` every 250 ms; a line on stdin (the [`Stop`]: how many
+//! events were published on each channel) makes it print `Done` with its counts and latency
+//! histogram, and exit.
+//!
+//! Clients speak either fanout's protocol or, for the baseline, NATS's own protocol over
+//! nats-server's WebSocket port (`CONNECT`, `SUB`, `PING`; events arrive as `MSG`, several
+//! per frame when the server has them).
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::AsyncBufReadExt,
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
+
+use crate::hist::Histogram;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    Fanout,
+    Nats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Subscribe and record every event.
+    Record,
+    /// Subscribe and hold the connection.
+    Idle,
+    /// Connect as fast as possible (handshake + first frame) and hold.
+    Storm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub target: Target,
+    pub mode: Mode,
+    pub urls: Vec<String>,
+    pub source: IpAddr,
+    /// Global index of this worker's first client (channels depend on it).
+    pub first: usize,
+    pub clients: usize,
+    /// 0: every client in `bench`. Otherwise each client in its own channel `c<i>` and in
+    /// one of `shared` shared channels `s<i % shared>`.
+    pub shared: usize,
+    /// Connection attempts in flight.
+    pub concurrency: usize,
+}
+
+/// The channels of client `i`.
+pub fn channels_of(i: usize, shared: usize) -> Vec<String> {
+    if shared == 0 {
+        vec!["bench".to_string()]
+    } else {
+        vec![format!("c{i}"), format!("s{}", i % shared)]
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Out {
+    Ready { ok: usize, failed: usize, secs: f64 },
+    Progress { received: u64 },
+    Done(Report),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub received: u64,
+    pub duplicates: u64,
+    pub missing: u64,
+    /// Connections the server closed (slow consumer, ...) or that failed.
+    pub lost: usize,
+    pub buckets: Vec<(u32, u64)>,
+    pub max: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stop {
+    pub published: HashMap<String, u64>,
+}
+
+fn say(out: &Out) {
+    println!("{}", serde_json::to_string(out).unwrap());
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// What one client saw, per channel.
+#[derive(Default)]
+struct Seen {
+    channels: Vec<(String, Vec<u64>, u64)>, // name, bitset of n, distinct
+    received: u64,
+    duplicates: u64,
+}
+
+impl Seen {
+    fn new(channels: Vec<String>) -> Seen {
+        Seen {
+            channels: channels.into_iter().map(|c| (c, Vec::new(), 0)).collect(),
+            ..Seen::default()
+        }
+    }
+
+    fn saw(&mut self, channel: &[u8], n: u64) {
+        self.received += 1;
+        let Some((_, bits, distinct)) = self
+            .channels
+            .iter_mut()
+            .find(|(name, _, _)| name.as_bytes() == channel)
+        else {
+            return;
+        };
+        let (word, bit) = ((n / 64) as usize, n % 64);
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        if bits[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+        } else {
+            bits[word] |= 1 << bit;
+            *distinct += 1;
+        }
+    }
+}
+
+struct Shared {
+    hist: Histogram,
+    received: u64,
+    report: Report,
+}
+
+/// Finds `key` (e.g. `"n":`) in `text` from `from` and parses the number after it.
+fn number_after(text: &[u8], key: &[u8], from: usize) -> Option<(u64, usize)> {
+    let at = from + text[from..].windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let n = std::str::from_utf8(&text[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()?;
+    Some((n, at + digits))
+}
+
+/// `{"t":<send µs>,"n":<index>,...}`: the payload every benchmark event carries.
+fn payload(text: &[u8], from: usize) -> Option<(u64, u64)> {
+    let (t, at) = number_after(text, b"{\"t\":", from)?;
+    let (n, _) = number_after(text, b"\"n\":", at)?;
+    Some((t, n))
+}
+
+/// A fanout event frame: (channel, t, n). Fast path: no JSON parse.
+fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
+    if !text.starts_with(br#"{"op":"event","channel":""#) {
+        return None;
+    }
+    let start = br#"{"op":"event","channel":""#.len();
+    let end = start + text[start..].iter().position(|&b| b == b'"')?;
+    let data = end + text[end..].windows(8).position(|w| w == b"\"data\":{")? + 7;
+    let (t, n) = payload(text, data)?;
+    Some((&text[start..end], t, n))
+}
+
+async fn open(url: &str, source: IpAddr) -> Result<WebSocketStream<TcpStream>, String> {
+    let authority = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .ok_or("bad url")?;
+    let addr: SocketAddr = authority.parse().map_err(|e| format!("{url}: {e}"))?;
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| e.to_string())?;
+    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(64 << 20));
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+/// Reads frames until `predicate` accepts one (or the connection ends).
+async fn until<F: FnMut(&[u8]) -> bool>(
+    ws: &mut WebSocketStream<TcpStream>,
+    mut predicate: F,
+) -> Result<(), String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if predicate(t.as_bytes()) => return Ok(()),
+            Some(Ok(Message::Binary(b))) if predicate(&b) => return Ok(()),
+            Some(Ok(_)) => {}
+            other => return Err(format!("connection ended: {other:?}")),
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Connects one client and gets it to the point the mode asks for.
+async fn connect(job: &Job, i: usize) -> Result<WebSocketStream<TcpStream>, String> {
+    let url = &job.urls[i % job.urls.len()];
+    let mut ws = open(url, job.source).await?;
+    let subscribe = job.mode != Mode::Storm;
+    match job.target {
+        Target::Fanout => {
+            until(&mut ws, |f| contains(f, b"\"welcome\"")).await?;
+            if subscribe {
+                let channels = channels_of(job.first + i, job.shared);
+                for channel in &channels {
+                    let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
+                    ws.send(Message::Text(request.into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                let mut left = channels.len();
+                until(&mut ws, |f| {
+                    if contains(f, b"\"subscribed\"") {
+                        left -= 1;
+                    }
+                    left == 0
+                })
+                .await?;
+            }
+        }
+        Target::Nats => {
+            until(&mut ws, |f| f.starts_with(b"INFO")).await?;
+            let mut hello = String::from(
+                "CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false,\"name\":\"bench\",\"lang\":\"rust\",\"version\":\"0\"}\r\n",
+            );
+            if subscribe {
+                for (sid, channel) in channels_of(job.first + i, job.shared).iter().enumerate() {
+                    hello.push_str(&format!("SUB {channel} {}\r\n", sid + 1));
+                }
+            }
+            hello.push_str("PING\r\n");
+            ws.send(Message::Binary(hello.into_bytes().into()))
+                .await
+                .map_err(|e| e.to_string())?;
+            // The PONG proves the server processed the SUBs.
+            until(&mut ws, |f| contains(f, b"PONG")).await?;
+        }
+    }
+    Ok(ws)
+}
+
+/// Records events until `stop`.
+async fn record(
+    mut ws: WebSocketStream<TcpStream>,
+    target: Target,
+    mut seen: Seen,
+    shared: Rc<RefCell<Shared>>,
+    mut stop: watch::Receiver<Option<Rc<Stop>>>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            message = ws.next() => {
+                let data: &[u8] = match &message {
+                    Some(Ok(Message::Text(t))) => t.as_bytes(),
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(_)) => continue,
+                    _ => { lost = true; break; }
+                };
+                let now = now_us();
+                let mut shared = shared.borrow_mut();
+                match target {
+                    Target::Fanout => {
+                        if let Some((channel, t, n)) = fanout_event(data) {
+                            shared.hist.record(now.saturating_sub(t));
+                            shared.received += 1;
+                            seen.saw(channel, n);
+                        }
+                    }
+                    Target::Nats => {
+                        pending.extend_from_slice(data);
+                        let mut pong = false;
+                        let used = nats_messages(&pending, |subject, payload_bytes| match payload_bytes {
+                            Some(p) => {
+                                if let Some((t, n)) = payload(p, 0) {
+                                    shared.hist.record(now.saturating_sub(t));
+                                    shared.received += 1;
+                                    seen.saw(subject, n);
+                                }
+                            }
+                            None => pong = true,
+                        });
+                        pending.drain(..used);
+                        drop(shared);
+                        if pong {
+                            let _ = ws.send(Message::Binary(b"PONG\r\n".to_vec().into())).await;
+                        }
+                    }
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    // Wait for the stop (if the connection was lost first), then account.
+    let stop = loop {
+        if let Some(stop) = stop.borrow().clone() {
+            break stop;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    };
+    let mut shared = shared.borrow_mut();
+    let report = &mut shared.report;
+    report.received += seen.received;
+    report.duplicates += seen.duplicates;
+    report.lost += usize::from(lost);
+    for (channel, _, distinct) in &seen.channels {
+        let published = stop.published.get(channel).copied().unwrap_or(0);
+        report.missing += published.saturating_sub(*distinct);
+    }
+}
+
+/// Parses complete NATS protocol lines in `buf`: calls `on` with (subject, Some(payload)) for
+/// each `MSG` and (b"", None) for each `PING`. Returns the bytes consumed.
+fn nats_messages<F: FnMut(&[u8], Option<&[u8]>)>(buf: &[u8], mut on: F) -> usize {
+    let mut at = 0;
+    while let Some(end) = buf[at..].windows(2).position(|w| w == b"\r\n") {
+        let line = &buf[at..at + end];
+        if let Some(rest) = line.strip_prefix(b"MSG ") {
+            let fields: Vec<&[u8]> = rest.split(|&b| b == b' ').collect();
+            let size: usize = std::str::from_utf8(fields.last().copied().unwrap_or(b"0"))
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = at + end + 2;
+            if buf.len() < body + size + 2 {
+                return at; // the payload is not all here yet
+            }
+            on(fields[0], Some(&buf[body..body + size]));
+            at = body + size + 2;
+        } else {
+            if line == b"PING" {
+                on(b"", None);
+            }
+            at += end + 2;
+        }
+    }
+    at
+}
+
+/// Runs one job (the `worker` command).
+pub fn run(job: Job) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, work(job));
+}
+
+async fn work(job: Job) {
+    let shared = Rc::new(RefCell::new(Shared {
+        hist: Histogram::default(),
+        received: 0,
+        report: Report::default(),
+    }));
+    let (stop_tx, stop_rx) = watch::channel::<Option<Rc<Stop>>>(None);
+    let started = Instant::now();
+    let mut held = Vec::new();
+    let mut failed = 0;
+    let mut next = 0;
+    let mut connecting = futures_util::stream::FuturesUnordered::new();
+    let job = Rc::new(job);
+    let mut tasks = Vec::new();
+    while next < job.clients || !connecting.is_empty() {
+        while next < job.clients && connecting.len() < job.concurrency {
+            let (job, i) = (job.clone(), next);
+            connecting.push(async move { (i, connect(&job, i).await) });
+            next += 1;
+        }
+        match connecting.next().await {
+            Some((i, Ok(ws))) => match job.mode {
+                Mode::Record => {
+                    let seen = Seen::new(channels_of(job.first + i, job.shared));
+                    tasks.push(tokio::task::spawn_local(record(
+                        ws,
+                        job.target,
+                        seen,
+                        shared.clone(),
+                        stop_rx.clone(),
+                    )));
+                }
+                Mode::Idle | Mode::Storm => held.push(ws),
+            },
+            Some((_, Err(err))) => {
+                if failed < 3 {
+                    eprintln!("worker: {err}");
+                }
+                failed += 1;
+            }
+            None => {}
+        }
+    }
+    say(&Out::Ready {
+        ok: held.len() + tasks.len(),
+        failed,
+        secs: started.elapsed().as_secs_f64(),
+    });
+    // Held connections: answer NATS pings so the server keeps them.
+    let target = job.target;
+    for mut ws in held {
+        let stop = stop_rx.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut stop = stop;
+            loop {
+                tokio::select! {
+                    message = ws.next() => match message {
+                        Some(Ok(Message::Binary(b))) if target == Target::Nats && contains(&b, b"PING\r\n") => {
+                            let _ = ws.send(Message::Binary(b"PONG\r\n".to_vec().into())).await;
+                        }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        }));
+    }
+    let progress = {
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let received = shared.borrow().received;
+                say(&Out::Progress { received });
+            }
+        })
+    };
+    let mut line = String::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let _ = stdin.read_line(&mut line).await;
+    let stop: Stop = serde_json::from_str(&line).unwrap_or(Stop {
+        published: HashMap::new(),
+    });
+    progress.abort();
+    let _ = stop_tx.send(Some(Rc::new(stop)));
+    for task in tasks {
+        let _ = task.await;
+    }
+    let mut shared = shared.borrow_mut();
+    let hist = std::mem::take(&mut shared.hist);
+    let mut report = std::mem::take(&mut shared.report);
+    report.buckets = hist.sparse();
+    report.max = hist.max;
+    say(&Out::Done(report));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_events_without_json() {
+        let frame = br#"{"op":"event","channel":"c7","seq":12,"id":"x","ts":1,"data":{"t":1700000000000000,"n":42,"p":"xx"}}"#;
+        assert_eq!(
+            fanout_event(frame),
+            Some((&b"c7"[..], 1_700_000_000_000_000, 42))
+        );
+        assert_eq!(fanout_event(br#"{"op":"subscribed","channel":"c7"}"#), None);
+        let stream =
+            b"MSG bench 1 19\r\n{\"t\":5,\"n\":7,\"p\":1}\r\nPING\r\nMSG bench 1 18\r\n{\"t\":6,";
+        let mut seen = Vec::new();
+        let used = nats_messages(stream, |s, p| {
+            seen.push((s.to_vec(), p.and_then(|p| payload(p, 0))))
+        });
+        assert_eq!(
+            seen,
+            [(b"bench".to_vec(), Some((5, 7))), (Vec::new(), None)]
+        );
+        assert_eq!(&stream[used..], b"MSG bench 1 18\r\n{\"t\":6,");
+    }
+}
