@@ -39,6 +39,8 @@ impl Drop for Worker {
 /// The load generator's worker processes.
 pub struct Workers {
     workers: Vec<Worker>,
+    /// Clients that connected (and subscribed).
+    pub connected: usize,
 }
 
 /// What the workers saw, merged.
@@ -53,8 +55,9 @@ pub struct Seen {
 
 impl Workers {
     /// Starts enough workers for `clients` (at least `min_workers`), each from its own
-    /// source address 127.0.0.(10+i), and waits until every client is connected (and
-    /// subscribed). Returns them with the slowest worker's connect time.
+    /// source address in 127.0.0.0/8 (fresh ones each run: closed connections leave their
+    /// ports in TIME_WAIT), and waits until every client is connected (and subscribed).
+    /// Returns them with the slowest worker's connect time.
     pub fn start(
         target: Target,
         mode: Mode,
@@ -67,13 +70,20 @@ impl Workers {
         let count = clients.div_ceil(PER_WORKER).max(min_workers).max(1);
         let mut workers = Vec::new();
         let mut first = 0;
+        // 127.<a>.<b>.<10+w>, <a>.<b> from the clock: a new range each run.
+        let salt = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 60_000) as u32;
+        let (a, b) = (1 + salt / 250 % 250, salt % 250);
         for w in 0..count {
             let share = clients / count + usize::from(w < clients % count);
             let job = Job {
                 target,
                 mode,
                 urls: urls.to_vec(),
-                source: format!("127.0.0.{}", 10 + w).parse().unwrap(),
+                source: format!("127.{a}.{b}.{}", 10 + w).parse().unwrap(),
                 first,
                 clients: share,
                 shared,
@@ -130,7 +140,13 @@ impl Workers {
         if failed > 0 {
             eprintln!("  {failed} of {} connections failed", ok + failed);
         }
-        (Workers { workers }, slowest)
+        (
+            Workers {
+                workers,
+                connected: ok,
+            },
+            slowest,
+        )
     }
 
     /// Deliveries so far (from the workers' progress reports).

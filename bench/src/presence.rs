@@ -15,8 +15,9 @@ use std::{
 use fanout::{Bus, Channel, discovery::Directory};
 use fanout_ws::{
     auth::Verifier,
-    hub::{Kick, Profile, Recipient},
+    hub::{Kick, Profile},
     node::Node,
+    outbox::Outbox,
 };
 use serde_json::{Value, json, value::RawValue};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -66,10 +67,8 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
     }
     let channel = Channel::parse("room:big").unwrap();
     let started = Instant::now();
-    let mut keep = Vec::with_capacity(members);
     for k in 0..members {
         let node = &ws[k % nodes];
-        let (queue, frames) = tokio::sync::mpsc::channel(1);
         let conn = uuid::Uuid::new_v4();
         let info = RawValue::from_string(json!({"name": format!("member {k}")}).to_string()).ok();
         let profile = Profile {
@@ -77,13 +76,9 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
             info,
         };
         let hub = node.hub();
-        hub.add_conn(
-            conn,
-            Recipient::new(queue, Kick::new(CancellationToken::new())),
-            profile,
-        );
+        let outbox = Outbox::sink(Kick::new(CancellationToken::new()));
+        hub.add_conn(conn, Arc::new(outbox), profile);
         hub.subscribe(conn, &channel, false).unwrap();
-        keep.push(frames);
     }
     let registered = started.elapsed();
 

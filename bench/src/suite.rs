@@ -236,18 +236,21 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
-    let (workers, secs) = Workers::start(target, Mode::Idle, &urls, connections, 0, 1, 500);
+    let concurrency = 500;
+    let (workers, secs) = Workers::start(target, Mode::Idle, &urls, connections, 0, 1, concurrency);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
-    let per_node = connections as f64 / nodes as f64;
+    // Per connection actually held (clients spread evenly over the nodes).
+    let per_node = workers.connected as f64 / nodes as f64;
     let kib: Vec<f64> = before
         .iter()
         .zip(&after)
         .map(|(b, a)| a.saturating_sub(*b) as f64 / per_node)
         .collect();
+    let connected = workers.connected;
     drop(workers.stop(&HashMap::new()));
     json!({
-        "connections": connections, "nodes": nodes, "connect_seconds": secs,
+        "connections": connections, "connected": connected, "nodes": nodes, "connect_seconds": secs,
         "kib_per_connection": kib,
         "kib_per_connection_mean": kib.iter().sum::<f64>() / kib.len() as f64,
         "rss_before_kib": before, "rss_after_kib": after,
@@ -266,8 +269,10 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
         _ => unreachable!(),
     };
     let (workers, secs) = Workers::start(target, Mode::Storm, &urls, connections, 0, 2, 256);
+    let connected = workers.connected;
     drop(workers.stop(&HashMap::new()));
-    json!({"connections": connections, "seconds": secs, "per_second": connections as f64 / secs})
+    json!({"connections": connections, "connected": connected, "seconds": secs,
+        "per_second": connected as f64 / secs})
 }
 
 /// The API alone: acknowledged events/s with `publishers` closed-loop publishers.

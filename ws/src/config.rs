@@ -21,9 +21,6 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Frames queued per connection before it counts as a slow consumer and is closed (4001).
     pub queue_capacity: usize,
-    /// WebSocket read and write buffer size per connection, bytes. The library default
-    /// (128 KiB each, allocated up front) would cost ~134 KiB per idle connection.
-    pub ws_buffer_bytes: usize,
     /// On shutdown, clients are closed (1001) spread over this window, milliseconds, so they
     /// reconnect to the other nodes gradually. 0 closes them all at once.
     pub drain_window_ms: u64,
@@ -58,7 +55,6 @@ impl Default for Config {
             max_subscriptions: 128,
             max_message_bytes: 64 * 1024,
             queue_capacity: 512,
-            ws_buffer_bytes: 4 * 1024,
             drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
@@ -91,12 +87,11 @@ impl Settings for Config {
 impl Config {
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 7] = [
+        let ranges: [(&'static str, usize, usize, usize); 6] = [
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
             ("max_subscriptions", self.max_subscriptions, 1, 100_000),
             ("max_message_bytes", self.max_message_bytes, 128, 16 << 20),
             ("queue_capacity", self.queue_capacity, 1, 1 << 20),
-            ("ws_buffer_bytes", self.ws_buffer_bytes, 256, 1 << 20),
             (
                 "shutdown_timeout_secs",
                 self.shutdown_timeout_secs as usize,

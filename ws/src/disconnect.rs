@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | 1000 | normal | not reconnect (the client asked to close) |
 //! | 1001 | going away | reconnect elsewhere now, and resume (the node is draining) |
+//! | 1002 | protocol error | fix the client: its frames break the WebSocket protocol |
+//! | 1007 | invalid data | fix the client: a text message that is not UTF-8 |
 //! | 1009 | message too big | fix the client: a frame exceeded the size limit; reconnect |
 //! | 1011 | internal error | reconnect with backoff |
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
@@ -30,6 +32,16 @@ pub const GOING_AWAY: Disconnect = Disconnect {
     code: 1001,
     reason: "server shutting down: reconnect elsewhere",
     name: "shutdown",
+};
+pub const PROTOCOL_ERROR: Disconnect = Disconnect {
+    code: 1002,
+    reason: "WebSocket protocol error",
+    name: "protocol_error",
+};
+pub const INVALID_DATA: Disconnect = Disconnect {
+    code: 1007,
+    reason: "text message is not UTF-8",
+    name: "invalid_data",
 };
 pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {
     code: 1009,

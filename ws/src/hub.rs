@@ -6,16 +6,18 @@
 //! The messages are sent while the hub's lock is held, so `Add` and `Remove` of a channel
 //! always alternate in the order the hub saw them.
 //!
-//! Delivery never waits: each connection has a bounded queue, and a connection whose queue is
-//! full is cut off as a slow consumer (tokio-console's `Watch::update` drops full watchers)
-//! instead of slowing the node or the other clients.
+//! Delivery never waits: each event frame is written straight into each subscriber's socket
+//! ([`Outbox`]), queued only when the socket is full, and a connection whose queue is full is
+//! cut off as a slow consumer (tokio-console's `Watch::update` drops full watchers) instead of
+//! slowing the node or the other clients. Each channel's members have their own lock, so
+//! writing one channel's event does not hold up the rest of the hub.
 //!
 //! It is also where presence starts: every subscriber of a channel is a member of it; the hub
 //! reports each membership change ([`Membership`]) in order, and `Watch` / `Unwatch` interest
 //! when a channel gets its first / loses its last local client that asked for presence
 //! changes.
 //!
-//! It knows neither NATS nor WebSocket: frames are opaque shared bytes.
+//! It knows neither NATS nor the WebSocket protocol: frames are opaque shared bytes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,6 +27,7 @@ use std::{
     },
 };
 
+use bytes::Bytes;
 use fanout::{Channel, time::now_ms};
 use metrics::gauge;
 use serde_json::value::RawValue;
@@ -34,7 +37,7 @@ use uuid::Uuid;
 
 use crate::{
     disconnect::{self, Disconnect},
-    protocol::Frame,
+    outbox::{ChannelKey, NOT_AN_EVENT, Outbox},
 };
 
 /// A connection's id: the `conn` of its `welcome` frame.
@@ -104,51 +107,6 @@ pub struct LocalMember {
     pub joined_at: u64,
 }
 
-/// The `seq` of a queued frame that is not an event (a presence change, a reply computed off
-/// the connection's task): never skipped as replayed. Stream sequences start at 1.
-pub const PRESENCE_SEQ: u64 = 0;
-
-/// An event frame waiting in a connection's queue, with what the connection needs to skip
-/// events it already got from a replay.
-#[derive(Debug, Clone)]
-pub struct Queued {
-    pub channel: Channel,
-    pub seq: u64,
-    pub frame: Frame,
-}
-
-/// How the hub reaches one connection: its queue and its cut-off switch.
-#[derive(Debug, Clone)]
-pub struct Recipient {
-    queue: mpsc::Sender<Queued>,
-    kick: Kick,
-}
-
-impl Recipient {
-    pub fn new(queue: mpsc::Sender<Queued>, kick: Kick) -> Self {
-        Recipient { queue, kick }
-    }
-
-    /// Queues `frame` without waiting; a full queue cuts the connection off.
-    fn offer(&self, channel: &Channel, seq: u64, frame: &Frame, outcome: &mut Delivery) {
-        let queued = Queued {
-            channel: channel.clone(),
-            seq,
-            frame: frame.clone(),
-        };
-        match self.queue.try_send(queued) {
-            Ok(()) => outcome.delivered += 1,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.kick.kick(disconnect::SLOW_CONSUMER) {
-                    outcome.slow += 1;
-                }
-            }
-            // The connection is on its way out; the hub hears of it next.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-}
-
 /// Asks a connection to close with a given code. The connection's task watches the token.
 #[derive(Debug, Clone)]
 pub struct Kick {
@@ -185,8 +143,12 @@ impl Kick {
 /// What happened to one frame offered to a channel's subscribers.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
-    /// Queued for this many connections.
+    /// Frames written (or queued), over all connections.
     pub delivered: usize,
+    /// Connections that got them.
+    pub recipients: usize,
+    /// Bytes of those frames.
+    pub bytes: usize,
     /// This many connections were cut off as slow consumers.
     pub slow: usize,
 }
@@ -218,14 +180,21 @@ struct State {
 
 #[derive(Debug)]
 struct ConnEntry {
-    recipient: Recipient,
+    outbox: Arc<Outbox>,
     channels: HashSet<Channel>,
     profile: Arc<Profile>,
 }
 
+/// A channel's local subscribers, under their own lock (taken after the hub's, never before).
+type Members = Arc<Mutex<HashMap<ConnId, Subscriber>>>;
+
+fn lock_members(members: &Members) -> std::sync::MutexGuard<'_, HashMap<ConnId, Subscriber>> {
+    members.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Debug)]
 struct ChannelEntry {
-    subscribers: HashMap<ConnId, Subscriber>,
+    subscribers: Members,
     generation: u64,
     /// True once the upstream subscription for this generation is in place.
     live: watch::Sender<bool>,
@@ -238,7 +207,7 @@ struct ChannelEntry {
 
 #[derive(Debug)]
 struct Subscriber {
-    recipient: Recipient,
+    outbox: Arc<Outbox>,
     joined_at: u64,
     /// Wants the channel's presence changes.
     watching: bool,
@@ -274,12 +243,12 @@ impl Hub {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn add_conn(&self, id: ConnId, recipient: Recipient, profile: Profile) {
+    pub fn add_conn(&self, id: ConnId, outbox: Arc<Outbox>, profile: Profile) {
         gauge!("fanout_ws_connections").increment(1.0);
         self.lock().conns.insert(
             id,
             ConnEntry {
-                recipient,
+                outbox,
                 channels: HashSet::new(),
                 profile: Arc::new(profile),
             },
@@ -342,7 +311,7 @@ impl Hub {
                 generation,
             });
             ChannelEntry {
-                subscribers: HashMap::new(),
+                subscribers: Members::default(),
                 generation,
                 live: watch::Sender::new(false),
                 watchers: 0,
@@ -350,8 +319,9 @@ impl Hub {
                 watch_live: watch::Sender::new(false),
             }
         });
-        let subscriber = entry.subscribers.entry(id).or_insert_with(|| Subscriber {
-            recipient: conn.recipient.clone(),
+        let mut members = lock_members(&entry.subscribers);
+        let subscriber = members.entry(id).or_insert_with(|| Subscriber {
+            outbox: conn.outbox.clone(),
             joined_at: now_ms(),
             watching: false,
         });
@@ -364,8 +334,10 @@ impl Hub {
                 subscriber.joined_at,
             );
         }
-        if subscriber.watching != presence {
-            subscriber.watching = presence;
+        let flip = subscriber.watching != presence;
+        subscriber.watching = presence;
+        drop(members);
+        if flip {
             if presence {
                 entry.watchers += 1;
                 if entry.watchers == 1 {
@@ -412,13 +384,18 @@ impl Hub {
     fn leave(&self, state: &mut State, id: ConnId, channel: &Channel, profile: &Arc<Profile>) {
         gauge!("fanout_ws_subscriptions").decrement(1.0);
         if let Some(entry) = state.channels.get_mut(channel) {
-            if let Some(subscriber) = entry.subscribers.remove(&id) {
+            let (left, empty) = {
+                let mut members = lock_members(&entry.subscribers);
+                let left = members.remove(&id);
+                (left, members.is_empty())
+            };
+            if let Some(subscriber) = left {
                 self.report(Change::Leave, channel, id, profile, subscriber.joined_at);
                 if subscriber.watching {
                     self.unwatch(entry, channel);
                 }
             }
-            if entry.subscribers.is_empty() {
+            if empty {
                 state.channels.remove(channel);
                 gauge!("fanout_ws_channels").decrement(1.0);
                 let _ = self.interest.send(Interest::Remove {
@@ -464,14 +441,11 @@ impl Hub {
             info,
         });
         for channel in &conn.channels {
-            if let Some(subscriber) = channels.get(channel).and_then(|e| e.subscribers.get(&id)) {
-                self.report(
-                    Change::Update,
-                    channel,
-                    id,
-                    &conn.profile,
-                    subscriber.joined_at,
-                );
+            let joined_at = channels
+                .get(channel)
+                .and_then(|e| lock_members(&e.subscribers).get(&id).map(|s| s.joined_at));
+            if let Some(joined_at) = joined_at {
+                self.report(Change::Update, channel, id, &conn.profile, joined_at);
             }
         }
         true
@@ -483,8 +457,7 @@ impl Hub {
         let Some(entry) = state.channels.get(channel) else {
             return Vec::new();
         };
-        entry
-            .subscribers
+        lock_members(&entry.subscribers)
             .iter()
             .filter_map(|(conn, subscriber)| {
                 Some(LocalMember {
@@ -501,38 +474,58 @@ impl Hub {
         self.lock()
             .channels
             .get(channel)
-            .map_or(0, |entry| entry.subscribers.len())
+            .map_or(0, |entry| lock_members(&entry.subscribers).len())
     }
 
     /// Offers a presence change's `frame` to the subscribers of `channel` that asked for
     /// presence changes.
-    pub fn deliver_presence(&self, channel: &Channel, frame: &Frame) -> Delivery {
+    pub fn deliver_presence(&self, channel: &Channel, frame: &Bytes) -> Delivery {
         let mut outcome = Delivery::default();
-        let state = self.lock();
-        if let Some(entry) = state.channels.get(channel) {
-            for subscriber in entry.subscribers.values().filter(|s| s.watching) {
-                subscriber
-                    .recipient
-                    .offer(channel, PRESENCE_SEQ, frame, &mut outcome);
-            }
+        let Some(members) = self.members_of(channel) else {
+            return outcome;
+        };
+        for subscriber in lock_members(&members).values().filter(|s| s.watching) {
+            subscriber
+                .outbox
+                .offer(NOT_AN_EVENT, 0, frame, &mut outcome);
         }
         outcome
     }
 
-    /// Offers event `seq`'s `frame` to every subscriber of `channel`; for `broadcast`, to
-    /// every connection.
-    pub fn deliver(&self, channel: &Channel, seq: u64, frame: &Frame) -> Delivery {
-        let mut outcome = Delivery::default();
+    fn members_of(&self, channel: &Channel) -> Option<Members> {
         let state = self.lock();
+        state.channels.get(channel).map(|e| e.subscribers.clone())
+    }
+
+    /// Offers event `seq`'s encoded `frame` (of the channel `key` names) to every subscriber
+    /// of `channel`; for `broadcast`, to every connection.
+    pub fn deliver(&self, channel: &Channel, key: ChannelKey, seq: u64, frame: &Bytes) -> Delivery {
+        self.deliver_batch(channel, key, &[(seq, frame.clone())])
+    }
+
+    /// Offers consecutive events of `channel`, as (seq, encoded frame), to every subscriber
+    /// (for `broadcast`, every connection): each gets them with one write. Only the channel's
+    /// own lock is held while writing.
+    pub fn deliver_batch(
+        &self,
+        channel: &Channel,
+        key: ChannelKey,
+        frames: &[(u64, Bytes)],
+    ) -> Delivery {
+        let mut outcome = Delivery::default();
         if channel.is_broadcast() {
-            for conn in state.conns.values() {
-                conn.recipient.offer(channel, seq, frame, &mut outcome);
+            let everyone: Vec<Arc<Outbox>> = self
+                .lock()
+                .conns
+                .values()
+                .map(|c| c.outbox.clone())
+                .collect();
+            for outbox in everyone {
+                outbox.offer_batch(key, frames, &mut outcome);
             }
-        } else if let Some(entry) = state.channels.get(channel) {
-            for subscriber in entry.subscribers.values() {
-                subscriber
-                    .recipient
-                    .offer(channel, seq, frame, &mut outcome);
+        } else if let Some(members) = self.members_of(channel) {
+            for subscriber in lock_members(&members).values() {
+                subscriber.outbox.offer_batch(key, frames, &mut outcome);
             }
         }
         outcome
@@ -544,7 +537,7 @@ impl Hub {
         state
             .conns
             .values()
-            .map(|c| c.recipient.kick.clone())
+            .map(|c| c.outbox.kick().clone())
             .collect()
     }
 
@@ -559,7 +552,7 @@ impl Hub {
         let mut channels: Vec<_> = state
             .channels
             .iter()
-            .map(|(channel, entry)| (channel.clone(), entry.subscribers.len()))
+            .map(|(channel, entry)| (channel.clone(), lock_members(&entry.subscribers).len()))
             .collect();
         channels.sort();
         channels
@@ -586,17 +579,46 @@ mod tests {
         }
     }
 
-    fn conn(hub: &Hub, queue: usize) -> (ConnId, mpsc::Receiver<Queued>, Kick) {
+    /// A connection over a real loopback socket; the client end reads what it gets.
+    async fn conn(hub: &Hub, capacity: usize) -> (ConnId, tokio::net::TcpStream, Kick) {
+        let (id, client, kick, _) = conn_with_outbox(hub, capacity).await;
+        (id, client, kick)
+    }
+
+    async fn conn_with_outbox(
+        hub: &Hub,
+        capacity: usize,
+    ) -> (ConnId, tokio::net::TcpStream, Kick, Arc<Outbox>) {
         let id = Uuid::new_v4();
-        let (tx, rx) = mpsc::channel(queue);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
         let kick = Kick::new(CancellationToken::new());
         let profile = Profile {
             user: format!("user-{id}").into(),
             info: None,
         };
-        hub.add_conn(id, Recipient::new(tx, kick.clone()), profile);
-        (id, rx, kick)
+        let outbox = Arc::new(Outbox::new(server, kick.clone(), capacity));
+        hub.add_conn(id, outbox.clone(), profile);
+        (id, client, kick, outbox)
     }
+
+    /// What the client end has received so far.
+    fn received(client: &tokio::net::TcpStream) -> String {
+        let mut buf = vec![0; 1 << 20];
+        match client.try_read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(_) => String::new(),
+        }
+    }
+
+    fn bytes(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    const KEY: ChannelKey = 7;
 
     /// The membership changes reported so far, as (change, channel, conn).
     fn changes(rx: &mut mpsc::UnboundedReceiver<Membership>) -> Vec<(Change, String, ConnId)> {
@@ -632,11 +654,11 @@ mod tests {
         std::iter::from_fn(|| rx.try_recv().ok()).collect()
     }
 
-    #[test]
-    fn reports_first_and_last_local_subscriber() {
+    #[tokio::test]
+    async fn reports_first_and_last_local_subscriber() {
         let mut f = fixture(10);
-        let (a, _ra, _) = conn(&f.hub, 4);
-        let (b, _rb, _) = conn(&f.hub, 4);
+        let (a, _ra, _) = conn(&f.hub, 4).await;
+        let (b, _rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         f.hub.subscribe(b, &ch("x"), false).unwrap();
         f.hub.subscribe(a, &ch("x"), false).unwrap(); // idempotent
@@ -651,10 +673,10 @@ mod tests {
         assert_eq!(f.hub.channels(), [(ch("x"), 1)]);
     }
 
-    #[test]
-    fn live_only_for_the_current_generation() {
+    #[tokio::test]
+    async fn live_only_for_the_current_generation() {
         let f = fixture(10);
-        let (a, _ra, _) = conn(&f.hub, 4);
+        let (a, _ra, _) = conn(&f.hub, 4).await;
         let first = f.hub.subscribe(a, &ch("x"), false).unwrap().live;
         f.hub.unsubscribe(a, &ch("x"));
         let second = f.hub.subscribe(a, &ch("x"), false).unwrap().live;
@@ -665,10 +687,10 @@ mod tests {
         assert!(!*first.borrow());
     }
 
-    #[test]
-    fn limits_subscriptions_per_connection() {
+    #[tokio::test]
+    async fn limits_subscriptions_per_connection() {
         let f = fixture(2);
-        let (a, _ra, _) = conn(&f.hub, 4);
+        let (a, _ra, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         f.hub.subscribe(a, &ch("y"), false).unwrap();
         assert_eq!(
@@ -684,49 +706,64 @@ mod tests {
         );
     }
 
-    #[test]
-    fn delivers_to_subscribers_only_and_broadcasts_to_all() {
+    #[tokio::test]
+    async fn delivers_to_subscribers_only_and_broadcasts_to_all() {
         let f = fixture(10);
-        let (a, mut ra, _) = conn(&f.hub, 4);
-        let (_b, mut rb, _) = conn(&f.hub, 4);
+        let (a, ra, _) = conn(&f.hub, 4).await;
+        let (_b, rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
-        let frame = Frame::from("e1");
-        assert_eq!(f.hub.deliver(&ch("x"), 1, &frame).delivered, 1);
-        assert_eq!(f.hub.deliver(&ch("y"), 2, &frame).delivered, 0);
-        let queued = ra.try_recv().unwrap();
-        assert_eq!((queued.frame.as_str(), queued.seq), ("e1", 1));
-        assert_eq!(queued.channel, ch("x"));
-        assert!(rb.try_recv().is_err());
-        let b1 = Frame::from("b1");
-        assert_eq!(f.hub.deliver(&Channel::broadcast(), 3, &b1).delivered, 2);
-        assert_eq!(ra.try_recv().unwrap().frame, "b1");
-        assert_eq!(rb.try_recv().unwrap().frame, "b1");
+        let frame = bytes("e1;");
+        assert_eq!(f.hub.deliver(&ch("x"), KEY, 1, &frame).delivered, 1);
+        assert_eq!(f.hub.deliver(&ch("y"), KEY, 2, &frame).delivered, 0);
+        let b1 = bytes("b1;");
+        assert_eq!(
+            f.hub.deliver(&Channel::broadcast(), KEY, 3, &b1).delivered,
+            2
+        );
+        ra.readable().await.unwrap();
+        assert_eq!(received(&ra), "e1;b1;");
+        rb.readable().await.unwrap();
+        assert_eq!(received(&rb), "b1;");
     }
 
-    #[test]
-    fn a_full_queue_cuts_off_only_that_connection() {
+    #[tokio::test]
+    async fn a_full_queue_cuts_off_only_that_connection() {
         let f = fixture(10);
-        let (slow, _keep_open, slow_kick) = conn(&f.hub, 2);
-        let (fast, mut fast_rx, fast_kick) = conn(&f.hub, 2);
+        let (slow, _never_reads, slow_kick) = conn(&f.hub, 2).await;
+        let (fast, mut fast_rx, fast_kick, fast_outbox) = conn_with_outbox(&f.hub, 64).await;
         f.hub.subscribe(slow, &ch("x"), false).unwrap();
         f.hub.subscribe(fast, &ch("x"), false).unwrap();
+        // What the fast connection's task would do: write out what waits.
+        tokio::spawn(async move {
+            loop {
+                fast_outbox.waiting().await;
+                let _ = fast_outbox.flush().await;
+            }
+        });
+        let frame = Bytes::from(vec![b'x'; 64 * 1024]);
+        let rounds = 200;
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0; rounds * 64 * 1024];
+            fast_rx.read_exact(&mut buf).await.unwrap();
+        });
         let mut slow_count = 0;
-        for i in 0..5 {
-            let outcome = f.hub.deliver(&ch("x"), i, &Frame::from(format!("e{i}")));
-            slow_count += outcome.slow;
-            assert_eq!(fast_rx.try_recv().unwrap().frame, format!("e{i}").as_str());
+        for seq in 1..=rounds as u64 {
+            slow_count += f.hub.deliver(&ch("x"), KEY, seq, &frame).slow;
+            tokio::task::yield_now().await;
         }
+        reader.await.unwrap();
         assert_eq!(slow_count, 1, "kicked once, however many frames overflow");
         assert!(slow_kick.token().is_cancelled());
         assert_eq!(slow_kick.reason(), disconnect::SLOW_CONSUMER);
         assert!(!fast_kick.token().is_cancelled());
     }
 
-    #[test]
-    fn reports_joins_leaves_and_watch_interest() {
+    #[tokio::test]
+    async fn reports_joins_leaves_and_watch_interest() {
         let mut f = fixture(10);
-        let (a, _ra, _) = conn(&f.hub, 4);
-        let (b, mut rb, _) = conn(&f.hub, 4);
+        let (a, _ra, _) = conn(&f.hub, 4).await;
+        let (b, rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         let watching = f.hub.subscribe(b, &ch("x"), true).unwrap();
         f.hub.subscribe(b, &ch("x"), true).unwrap(); // no second join, no second watch
@@ -751,9 +788,10 @@ mod tests {
         assert_eq!(f.hub.members(&ch("x")).len(), 2);
 
         // Presence changes reach only the watching subscriber, never skipped as replayed.
-        let frame = Frame::from("join");
+        let frame = bytes("join;");
         assert_eq!(f.hub.deliver_presence(&ch("x"), &frame).delivered, 1);
-        assert_eq!(rb.try_recv().unwrap().seq, PRESENCE_SEQ);
+        rb.readable().await.unwrap();
+        assert_eq!(received(&rb), "join;");
 
         assert!(
             f.hub

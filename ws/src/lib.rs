@@ -2,7 +2,9 @@
 //! the channels its clients want, and fans every event out to its local clients.
 //!
 //! # Layout (one idea per file, after centrifuge)
-//! - [`transport`]: the axum upgrade and the per-socket loop. Knows WebSocket, not NATS.
+//! - [`transport`]: the upgrade and the per-socket loop. Knows WebSocket, not NATS.
+//! - [`outbox`]: a connection's socket, written directly by fan-out; a backlog only when full.
+//! - [`frame`]: WebSocket framing: encoding the node's frames, decoding the clients'.
 //! - [`hub`]: this node's connections and their channels; reports first/last local subscriber.
 //! - [`node`]: wires the bus and the hub together; only events cross between them.
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
@@ -15,8 +17,10 @@
 pub mod auth;
 pub mod config;
 pub mod disconnect;
+pub mod frame;
 pub mod hub;
 pub mod node;
+pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod transport;
@@ -65,7 +69,7 @@ pub async fn run(
     let app = transport::router(node.clone(), tasks.clone());
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app.into_make_service_with_connect_info::<transport::Peer>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned())
     .await?;

@@ -6,7 +6,7 @@
 //! channel keeps each channel's events in stream order.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,6 +20,7 @@ use fanout::{
     telemetry,
     time::now_ms,
 };
+use futures_util::FutureExt;
 use metrics::{counter, gauge, histogram};
 use serde_json::value::RawValue;
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -503,8 +504,15 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
     let mut epoch = bus.epoch();
     // The last sequence delivered; none until the first event.
     let mut cursor: Option<u64> = None;
+    // Events that arrived together, delivered together: each recipient gets them with one
+    // write. Nothing waits for a batch to fill: it is whatever NATS has already handed over.
+    let mut ready: VecDeque<Envelope> = VecDeque::new();
     loop {
-        let envelope = tokio::select! {
+        let envelope = if let Some(envelope) = ready.pop_front() {
+            envelope
+        } else {
+            reader.flush();
+            let first = tokio::select! {
             event = subscription.next() => match event {
                 None => break,
                 Some(Ok(envelope)) => envelope,
@@ -525,7 +533,7 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
                             repairs.increment(1);
                             repaired.increment(missed.len() as u64);
                             for event in &missed {
-                                reader.deliver(event);
+                                reader.push(event);
                                 cursor = Some(event.seq);
                             }
                         }
@@ -535,6 +543,18 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
                 }
                 continue;
             }
+            };
+            while ready.len() < MAX_BATCH - 1 {
+                match subscription.next().now_or_never() {
+                    Some(Some(Ok(envelope))) => ready.push_back(envelope),
+                    Some(Some(Err(err))) => {
+                        reader.malformed.increment(1);
+                        tracing::warn!(%channel, %err, "dropping a malformed message");
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            first
         };
         if let Some(last) = cursor {
             if envelope.seq <= last {
@@ -552,21 +572,30 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
                         repaired.increment(missing.len() as u64);
                         tracing::info!(%channel, missing = missing.len(), "repaired a gap");
                         for event in &missing {
-                            reader.deliver(event);
+                            reader.push(event);
                         }
                     }
                     Err(err) => tracing::warn!(%channel, %err, "cannot repair a gap"),
                 }
             }
         }
-        reader.deliver(&envelope);
+        reader.push(&envelope);
         cursor = Some(envelope.seq);
     }
+    reader.flush();
 }
+
+/// Most events delivered together.
+const MAX_BATCH: usize = 64;
 
 /// Turns events into frames for the hub, with the per-event metrics and span.
 struct Reader {
     channel: Channel,
+    /// The channel's key in connections' replay filters.
+    key: crate::outbox::ChannelKey,
+    /// Encoded events waiting for the next flush, and their spans.
+    frames: Vec<(u64, bytes::Bytes)>,
+    spans: Vec<(tracing::Span, Instant)>,
     subject: String,
     hub: Arc<Hub>,
     with_trace: bool,
@@ -582,6 +611,9 @@ struct Reader {
 impl Reader {
     fn new(channel: Channel, hub: Arc<Hub>, with_trace: bool, subject: &str) -> Reader {
         Reader {
+            key: crate::outbox::channel_key(channel.as_str()),
+            frames: Vec::new(),
+            spans: Vec::new(),
             channel,
             subject: subject.to_string(),
             hub,
@@ -595,7 +627,8 @@ impl Reader {
         }
     }
 
-    fn deliver(&mut self, envelope: &Envelope) {
+    /// Encodes one event for delivery with the next [`Reader::flush`].
+    fn push(&mut self, envelope: &Envelope) {
         self.received.increment(1);
         self.latency
             .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
@@ -605,9 +638,8 @@ impl Reader {
         } else {
             tracing::Span::none()
         };
-        let _entered = span.enter();
         let started = Instant::now();
-        let frame = match protocol::event(envelope, self.with_trace) {
+        let frame = match span.in_scope(|| protocol::event(envelope, self.with_trace)) {
             Ok(frame) => frame,
             Err(err) => {
                 self.malformed.increment(1);
@@ -616,13 +648,27 @@ impl Reader {
                 return;
             }
         };
-        let outcome = self.hub.deliver(&self.channel, envelope.seq, &frame);
-        self.delivered.increment(outcome.delivered as u64);
-        self.bytes_out
-            .increment((outcome.delivered * frame.len()) as u64);
-        self.slow.increment(outcome.slow as u64);
+        // Encoded once, as the WebSocket frame every recipient's socket gets.
+        self.frames.push((envelope.seq, crate::frame::text(&frame)));
         if !span.is_none() {
-            span.record("fanout.recipients", outcome.delivered as u64);
+            self.spans.push((span, started));
+        }
+    }
+
+    /// Delivers the events pushed since the last flush.
+    fn flush(&mut self) {
+        if self.frames.is_empty() {
+            return;
+        }
+        let outcome = self
+            .hub
+            .deliver_batch(&self.channel, self.key, &self.frames);
+        self.frames.clear();
+        self.delivered.increment(outcome.delivered as u64);
+        self.bytes_out.increment(outcome.bytes as u64);
+        self.slow.increment(outcome.slow as u64);
+        for (span, started) in self.spans.drain(..) {
+            span.record("fanout.recipients", outcome.recipients as u64);
             span.record("fanout.dropped", outcome.slow as u64);
             span.record("fanout.fanout_seconds", started.elapsed().as_secs_f64());
         }

@@ -288,8 +288,8 @@ pub async fn watch(
     };
     hub.set_watch_live(&channel, generation);
     let ghosts = counter!("fanout_ws_presence_ghost_leaves_total");
-    let deliver = |frame: &Frame| {
-        hub.deliver_presence(&channel, frame);
+    let deliver = |frame: &str| {
+        hub.deliver_presence(&channel, &crate::frame::text(frame));
     };
     let mut replica = Replica::default();
     let mut connections = bus.connections();
@@ -308,8 +308,8 @@ pub async fn watch(
                 let Some(change) = change else { break };
                 if seeding.is_some() {
                     waiting.push(change);
-                } else if replica.apply(&change) && let Ok(frame) = Frame::try_from(change) {
-                    deliver(&frame);
+                } else if replica.apply(&change) && let Ok(frame) = std::str::from_utf8(&change) {
+                    deliver(frame);
                 }
             }
             answer = async { (&mut seeding.as_mut().expect("guarded").0).await }, if seeding.is_some() => {
@@ -323,8 +323,8 @@ pub async fn watch(
                     Err(err) => tracing::warn!(%channel, %err, "cannot seed presence"),
                 }
                 for change in waiting.drain(..) {
-                    if replica.apply(&change) && let Ok(frame) = Frame::try_from(change) {
-                        deliver(&frame);
+                    if replica.apply(&change) && let Ok(frame) = std::str::from_utf8(&change) {
+                        deliver(frame);
                     }
                 }
             }

@@ -1,29 +1,41 @@
 //! The WebSocket transport: the axum routes, the upgrade, and one task per socket that reads
-//! requests, writes queued frames in batches, and keeps the heartbeat. It knows WebSocket and
-//! the [`Node`]'s API, not NATS.
+//! requests, answers them and keeps the heartbeat. It knows WebSocket and the [`Node`]'s API,
+//! not NATS.
 //!
-//! One task per connection (not a reader and a writer) keeps an idle connection small: the
-//! socket, a bounded queue and a cancellation token. Every write races the connection's token,
-//! so a client that stopped reading cannot hold its task once the hub has cut it off.
+//! The upgrade is done here rather than by a WebSocket library, so that the connection's
+//! socket can be shared: fan-out writes events into it directly ([`Outbox`]), and the
+//! connection's task only reads, answers, and writes out what the socket could not take at
+//! once. An idle connection is its task, its socket and a few hub entries: no read or write
+//! buffers are kept while nothing is in flight.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
+    body::Body,
     extract::{
-        ConnectInfo, Query, State, WebSocketUpgrade,
+        ConnectInfo, Query, Request as HttpRequest, State, connect_info::Connected,
         rejection::QueryRejection,
-        ws::{CloseFrame, Message, WebSocket, rejection::WebSocketUpgradeRejection},
     },
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
+    serve::IncomingStream,
 };
-use fanout::{Channel, telemetry};
-use futures_util::SinkExt;
+use bytes::Bytes;
+use fanout::telemetry;
+use hyper_util::rt::TokioIo;
 use metrics::{counter, gauge};
 use serde_json::{json, value::RawValue};
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -31,15 +43,39 @@ use uuid::Uuid;
 use crate::{
     auth::Identity,
     disconnect::{self, Disconnect},
-    hub::{ConnId, Kick, PRESENCE_SEQ, Profile, Queued, Recipient, SubscribeError},
+    frame::{self, Decoder, FrameError, Incoming},
+    hub::{ConnId, Kick, Profile, SubscribeError},
     node::Node,
+    outbox::{Outbox, channel_key},
     protocol::{self, Frame, Op, Rejection, Request, Resumed},
 };
 
-/// Most queued frames written before one flush (one write syscall, as far as the buffer allows).
-const MAX_BATCH: usize = 64;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the node knows of a TCP connection when a request arrives on it: the peer's address,
+/// and a duplicate of the socket that `/ws` takes to write to it directly. (The HTTP server
+/// keeps the original until the upgrade hands it over; then it is closed.)
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    socket: Arc<Mutex<Option<OwnedFd>>>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer {
+            addr: *stream.remote_addr(),
+            socket: Arc::new(Mutex::new(stream.io().as_fd().try_clone_to_owned().ok())),
+        }
+    }
+}
+
+impl Peer {
+    fn take_socket(&self) -> Option<OwnedFd> {
+        self.socket.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 #[derive(Debug, Clone)]
 struct AppState {
@@ -121,10 +157,10 @@ async fn debug_state(State(state): State<AppState>) -> Response {
 
 async fn upgrade(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: HttpRequest,
 ) -> Response {
     let Query(params) = match params {
         Ok(params) => params,
@@ -136,15 +172,9 @@ async fn upgrade(
             );
         }
     };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => {
-            return error(
-                rejection.status(),
-                "websocket_required",
-                &rejection.body_text(),
-            );
-        }
+    let key = match handshake(request.method(), &headers) {
+        Ok(key) => key,
+        Err((status, message)) => return error(status, "websocket_required", message),
     };
     let node = &state.node;
     let origins = node.config().origins();
@@ -168,51 +198,160 @@ async fn upgrade(
             return error(StatusCode::UNAUTHORIZED, err.code, &err.message);
         }
     };
-    let Some(permit) = node.admit(peer.ip()) else {
+    let Some(permit) = node.admit(peer.addr.ip()) else {
         return error(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections",
             &format!(
                 "{} already holds {} connections (FANOUT_MAX_CONNECTIONS_PER_IP)",
-                peer.ip(),
+                peer.addr.ip(),
                 node.config().max_connections_per_ip
             ),
         );
     };
-    let config = node.config();
+    let (Some(on_upgrade), Some(socket)) = (
+        request
+            .extensions_mut()
+            .remove::<hyper::upgrade::OnUpgrade>(),
+        peer.take_socket(),
+    ) else {
+        return error(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this connection cannot be upgraded",
+        );
+    };
     let AppState { node, sockets } = state.clone();
-    ws.read_buffer_size(config.ws_buffer_bytes)
-        .write_buffer_size(config.ws_buffer_bytes)
-        .max_message_size(config.max_message_bytes)
-        .max_frame_size(config.max_message_bytes)
-        // Upgraded sockets are invisible to axum's graceful shutdown (tokio-rs/axum#3003):
-        // the tracker is how shutdown waits for them.
-        .on_upgrade(move |socket| {
-            let conn = Uuid::new_v4();
-            let span = tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn, user = %identity.user);
-            sockets.track_future(
-                async move {
-                    serve(socket, node, conn, identity).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            )
+    let conn = Uuid::new_v4();
+    // A connection logs only at debug level; its span (entered on every poll) exists only
+    // when those logs are on.
+    let span = if tracing::enabled!(target: "fanout_ws", tracing::Level::DEBUG) {
+        tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn, user = %identity.user)
+    } else {
+        tracing::Span::none()
+    };
+    // Upgraded sockets are invisible to axum's graceful shutdown (tokio-rs/axum#3003): the
+    // tracker is how shutdown waits for them.
+    let fut = sockets.track_future(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => serve(upgraded, socket, node, conn, identity).await,
+                Err(err) => tracing::debug!(%err, "upgrade failed"),
+            }
+            drop(permit);
+        }
+        .instrument(span),
+    );
+    tokio::spawn(fut);
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        )
+        .body(Body::empty())
+        .expect("a valid response")
+}
+
+/// Checks an upgrade request (RFC 6455 4.2.1); returns its `Sec-WebSocket-Key`.
+fn handshake(method: &Method, headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .unwrap_or_default()
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
         })
+    };
+    if method != Method::GET {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket upgrade must be a GET",
+        ));
+    }
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "this endpoint speaks WebSocket: send Connection: upgrade and Upgrade: websocket",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err((StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13"));
+    }
+    match headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(key) if !key.is_empty() => Ok(key.to_string()),
+        _ => Err((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing")),
+    }
 }
 
 /// How a connection ended.
 #[derive(Debug)]
 enum End {
-    /// The client closed, or the socket failed: nothing more to say.
+    /// The socket failed or the client vanished: nothing more to say.
     Gone,
+    /// The client sent a close frame (with this code): answer it.
+    ClientClosed(Option<u16>),
     /// The node closes it with this code.
     Close(Disconnect),
 }
 
-async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: Identity) {
+/// Reads what the HTTP server had already read past the handshake (a client may send its
+/// first frames right behind it). Returns false if the client is already gone.
+fn take_read_ahead(
+    upgraded: &mut TokioIo<hyper::upgrade::Upgraded>,
+    decoder: &mut Decoder,
+) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut buf = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut *upgraded).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return false,
+            Poll::Ready(Ok(())) => decoder.buf.extend_from_slice(buf.filled()),
+            Poll::Ready(Err(_)) => return false,
+            Poll::Pending => return true,
+        }
+    }
+}
+
+async fn serve(
+    upgraded: hyper::upgrade::Upgraded,
+    socket: OwnedFd,
+    node: Arc<Node>,
+    conn: ConnId,
+    identity: Identity,
+) {
+    let mut decoder = Decoder::default();
+    let mut upgraded = TokioIo::new(upgraded);
+    let open = take_read_ahead(&mut upgraded, &mut decoder);
+    // From here on the duplicate is the socket: the HTTP server's copy is closed.
+    drop(upgraded);
+    let stream = std::net::TcpStream::from(socket);
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(stream))
+    {
+        Ok(stream) if open => stream,
+        Ok(_) => return,
+        Err(err) => return tracing::warn!(%err, "cannot take over an upgraded socket"),
+    };
+    let _ = stream.set_nodelay(true);
     let kick = Kick::new(node.closing_token().child_token());
-    let (queue, frames) = mpsc::channel(node.config().queue_capacity);
-    let replies = queue.clone();
+    let outbox = Arc::new(Outbox::new(
+        stream,
+        kick.clone(),
+        node.config().queue_capacity,
+    ));
     let profile = Profile {
         user: identity.user.as_str().into(),
         info: identity
@@ -220,44 +359,42 @@ async fn serve(mut socket: WebSocket, node: Arc<Node>, conn: ConnId, identity: I
             .as_ref()
             .and_then(|info| serde_json::value::to_raw_value(info).ok()),
     };
-    node.hub()
-        .add_conn(conn, Recipient::new(queue, kick.clone()), profile);
+    node.hub().add_conn(conn, outbox.clone(), profile);
     counter!("fanout_ws_connections_opened_total").increment(1);
     tracing::debug!("connected");
-    let end = session(&mut socket, &node, conn, &kick, (replies, frames), identity).await;
+    let end = session(&outbox, &mut decoder, &node, conn, identity).await;
     node.hub().remove_conn(conn);
     let reason = match &end {
-        End::Gone => "client",
+        End::Gone | End::ClientClosed(_) => "client",
         End::Close(disconnect) => disconnect.name,
     };
     counter!("fanout_ws_connections_closed_total", "reason" => reason).increment(1);
-    match end {
+    let close = match end {
+        End::Gone => None,
+        End::ClientClosed(code) => {
+            tracing::debug!(?code, "client closed");
+            Some(frame::close(code.unwrap_or(1000), ""))
+        }
         End::Close(reason) => {
             tracing::debug!(code = reason.code, reason = reason.reason, "closing");
-            let frame = CloseFrame {
-                code: reason.code,
-                reason: reason.reason.into(),
-            };
-            let _ =
-                tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+            Some(frame::close(reason.code, reason.reason))
         }
-        End::Gone => {
-            tracing::debug!("client went away");
-            // Completes the closing handshake if the client started one.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
-        }
+    };
+    if let Some(close) = close {
+        outbox.send(close);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, outbox.flush()).await;
+    }
+    // Presence answers in flight may still hold the outbox: close the socket now.
+    if let Some(stream) = outbox.stream() {
+        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
     }
 }
 
 /// What a connection's requests change.
 struct Session {
     identity: Identity,
-    replayed: Replayed,
     /// Publishes, info updates and presence queries.
     publish_budget: Bucket,
-    /// Where answers computed off the connection's task go (presence): its own queue, so
-    /// they are written in order with the events.
-    replies: mpsc::Sender<Queued>,
     /// Presence queries in flight; created on the first one.
     queries: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -301,21 +438,65 @@ fn deadline(unix_secs: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
 
-/// Per channel, the seq up to which this connection already has the events (from a replay,
-/// or before it resumed): queued live events up to it are skipped. Empty unless resumed.
-type Replayed = HashMap<Channel, u64>;
+/// Reads what the socket has into the decoder, through a buffer on the stack: an idle
+/// connection keeps no read buffer (a 4 KiB one per connection, reserved for a read that
+/// found nothing, was half of an idle connection's memory).
+fn read_into(stream: &tokio::net::TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = stream.try_read(&mut chunk)?;
+    decoder.buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
 
-/// The connection's life: welcome, then requests, queued frames and heartbeats until one
-/// side ends it.
+/// Bytes read per system call.
+const READ_CHUNK: usize = 4096;
+
+/// What woke a connection's task.
+enum Wake {
+    Kicked,
+    Expired,
+    /// Frames wait for the socket.
+    Backlog,
+    Readable(std::io::Result<()>),
+    Tick,
+}
+
+/// Sends `frames` and waits until they are written, unless the connection is cut off first.
+async fn reply(outbox: &Outbox, frames: impl IntoIterator<Item = Bytes>) -> Result<(), End> {
+    for frame in frames {
+        outbox.send(frame);
+    }
+    if outbox.is_written() {
+        return Ok(());
+    }
+    // Boxed: only a connection whose socket is full waits here; inline, the wait would take
+    // room in every connection's task.
+    Box::pin(flush(outbox)).await
+}
+
+async fn flush(outbox: &Outbox) -> Result<(), End> {
+    let kick = outbox.kick();
+    tokio::select! {
+        biased;
+        written = outbox.flush() => written.map_err(|_| End::Gone),
+        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
+    }
+}
+
+/// The connection's life: welcome, then requests and heartbeats until one side ends it.
+/// Events do not pass through here: fan-out writes them.
 async fn session(
-    socket: &mut WebSocket,
+    outbox: &Arc<Outbox>,
+    decoder: &mut Decoder,
     node: &Arc<Node>,
     conn: ConnId,
-    kick: &Kick,
-    (replies, mut frames): (mpsc::Sender<Queued>, mpsc::Receiver<Queued>),
     identity: Identity,
 ) -> End {
     let config = node.config();
+    let kick = outbox.kick();
+    let Some(stream) = outbox.stream() else {
+        return End::Gone;
+    };
     let welcome = protocol::welcome(&protocol::Welcome {
         node: node.id(),
         conn: &conn.to_string(),
@@ -323,7 +504,7 @@ async fn session(
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
     });
-    if let Err(end) = send(socket, kick, Message::Text(welcome.into())).await {
+    if let Err(end) = reply(outbox, [frame::text(&welcome)]).await {
         return end;
     }
     let heartbeat = config.heartbeat();
@@ -332,35 +513,79 @@ async fn session(
     let mut awaiting_pong = false;
     let mut state = Session {
         identity,
-        replayed: Replayed::new(),
         publish_budget: Bucket::new(config.publish_rate_per_sec),
-        replies,
         queries: None,
     };
+    let cancelled = kick.token().cancelled();
+    tokio::pin!(cancelled);
+    let mut expires_at = state.identity.expires_at;
+    let mut expiry = expires_at.map(|at| Box::pin(tokio::time::sleep_until(deadline(at))));
     loop {
-        let expiry = state.identity.expires_at.map(deadline);
-        let step = tokio::select! {
+        // Whole messages already read come first.
+        loop {
+            let message = match decoder.next(config.max_message_bytes) {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(FrameError::TooBig(_)) => return End::Close(disconnect::MESSAGE_TOO_BIG),
+                Err(FrameError::InvalidUtf8) => return End::Close(disconnect::INVALID_DATA),
+                Err(FrameError::Protocol(why)) => {
+                    tracing::debug!(why, "protocol error");
+                    return End::Close(disconnect::PROTOCOL_ERROR);
+                }
+            };
+            awaiting_pong = false;
+            let step = match message {
+                Incoming::Text(text) => {
+                    // Boxed: answering may await a publish or a replay, whose futures are
+                    // large; inline they would sit in every idle connection's task.
+                    let frames = Box::pin(answer(node, outbox, conn, &text, &mut state)).await;
+                    reply(outbox, frames.iter().map(|f| frame::text(f))).await
+                }
+                Incoming::Binary => {
+                    let rejection = Rejection::new(
+                        "unsupported_frame",
+                        "binary frames are not supported; send JSON text frames",
+                    );
+                    reply(outbox, [frame::text(&rejection.encode())]).await
+                }
+                Incoming::Ping(payload) => reply(outbox, [frame::pong(&payload)]).await,
+                Incoming::Pong => Ok(()),
+                Incoming::Close(code) => Err(End::ClientClosed(code)),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if state.identity.expires_at != expires_at {
+                // A refresh moved the deadline.
+                expires_at = state.identity.expires_at;
+                expiry = expires_at.map(|at| Box::pin(tokio::time::sleep_until(deadline(at))));
+            }
+        }
+        let wake = tokio::select! {
             biased;
-            _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
-            _ = async { tokio::time::sleep_until(expiry.unwrap()).await }, if expiry.is_some() => {
-                Err(End::Close(disconnect::TOKEN_EXPIRED))
-            }
-            incoming = socket.recv() => {
-                awaiting_pong = false;
-                // Boxed: answering a request may await a publish or a replay, whose futures are
-                // large; inline they would sit in every idle connection's task (measured:
-                // 13.2 instead of 8.7 KiB per connection).
-                Box::pin(on_incoming(socket, node, conn, kick, incoming, &mut state)).await
-            }
-            Some(first) = frames.recv() => {
-                write_frames(socket, kick, first, &mut frames, &state.replayed).await
-            }
-            _ = ticker.tick() => {
+            _ = &mut cancelled => Wake::Kicked,
+            _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => Wake::Expired,
+            _ = outbox.waiting() => Wake::Backlog,
+            readable = stream.readable() => Wake::Readable(readable),
+            _ = ticker.tick() => Wake::Tick,
+        };
+        let step = match wake {
+            Wake::Kicked => Err(End::Close(kick.reason())),
+            Wake::Expired => Err(End::Close(disconnect::TOKEN_EXPIRED)),
+            Wake::Backlog => Box::pin(flush(outbox)).await,
+            Wake::Readable(Err(_)) => Err(End::Gone),
+            Wake::Readable(Ok(())) => match read_into(stream, decoder) {
+                Ok(0) => Err(End::Gone),
+                Ok(_) => Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                Err(_) => Err(End::Gone),
+            },
+            Wake::Tick => {
                 if awaiting_pong {
                     Err(End::Close(disconnect::HEARTBEAT_TIMEOUT))
                 } else {
                     awaiting_pong = true;
-                    send(socket, kick, Message::Ping(Default::default())).await
+                    reply(outbox, [frame::ping()]).await
                 }
             }
         };
@@ -370,59 +595,18 @@ async fn session(
     }
 }
 
-async fn on_incoming(
-    socket: &mut WebSocket,
+/// Acts on one request and returns the frames to send (the reply). A resuming `subscribe`
+/// writes its reply and the replayed events itself, ahead of the live events it held back.
+async fn answer(
     node: &Arc<Node>,
+    outbox: &Arc<Outbox>,
     conn: ConnId,
-    kick: &Kick,
-    incoming: Option<Result<Message, axum::Error>>,
+    text: &str,
     state: &mut Session,
-) -> Result<(), End> {
-    let replies = match incoming {
-        None | Some(Ok(Message::Close(_))) => return Err(End::Gone),
-        Some(Err(err)) => return Err(read_error(err)),
-        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
-        Some(Ok(Message::Binary(_))) => vec![Frame::from(
-            Rejection::new(
-                "unsupported_frame",
-                "binary frames are not supported; send JSON text frames",
-            )
-            .encode(),
-        )],
-        Some(Ok(Message::Text(text))) => answer(node, conn, &text, state).await,
-    };
-    let batch = async {
-        for reply in replies {
-            socket.feed(Message::Text(reply)).await?;
-        }
-        socket.flush().await
-    };
-    tokio::select! {
-        sent = batch => sent.map_err(|_| End::Gone),
-        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
-    }
-}
-
-/// A read error: an oversized frame gets 1009; anything else means the socket is gone.
-fn read_error(err: axum::Error) -> End {
-    let inner = err.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => End::Close(disconnect::MESSAGE_TOO_BIG),
-        _ => {
-            tracing::debug!(err = %inner, "read failed");
-            End::Gone
-        }
-    }
-}
-
-/// Acts on one request and returns the frames to send: the reply, then (for a resuming
-/// `subscribe`) the replayed events.
-async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session) -> Vec<Frame> {
+) -> Vec<Frame> {
     let Session {
         identity,
-        replayed,
         publish_budget,
-        replies,
         queries,
     } = state;
     let Request { id, op } = match protocol::parse(text) {
@@ -457,7 +641,13 @@ async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session)
             epoch,
             presence,
         } => {
+            let key = channel_key(channel.as_str());
+            if since.is_some() {
+                // Live events wait from here until the replay is written, behind it.
+                outbox.hold();
+            }
             if let Err(err) = node.subscribe(conn, &channel, presence).await {
+                outbox.release(key, None);
                 let code = match err {
                     SubscribeError::TooMany(_) => "too_many_subscriptions",
                     SubscribeError::UnknownConn => "internal",
@@ -467,28 +657,26 @@ async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session)
             let Some(since) = since else {
                 return vec![protocol::subscribed(&channel, id.as_ref(), None).into()];
             };
-            // Live events are queued from here on; the replay covers what came before, and
-            // the queue skips what the replay (or the client) already has.
             let replay = node.replay(&channel, since, epoch.as_deref()).await;
             let resumed = Resumed {
                 recovered: replay.recovered,
                 replayed: replay.events.len(),
                 epoch: &replay.epoch,
             };
-            let mut frames =
-                vec![protocol::subscribed(&channel, id.as_ref(), Some(resumed)).into()];
+            outbox.send(frame::text(&protocol::subscribed(
+                &channel,
+                id.as_ref(),
+                Some(resumed),
+            )));
             let with_trace = node.config().event_trace_id;
-            frames.extend(
-                replay
-                    .events
-                    .iter()
-                    .filter_map(|event| protocol::event(event, with_trace).ok()),
-            );
-            match replay.skip_upto {
-                Some(upto) => replayed.insert(channel, upto),
-                None => replayed.remove(&channel),
-            };
-            frames
+            for event in &replay.events {
+                if let Ok(event) = protocol::event(event, with_trace) {
+                    outbox.send(frame::text(&event));
+                }
+            }
+            // The held live events follow, without those the replay (or the client) has.
+            outbox.release(key, replay.skip_upto);
+            Vec::new()
         }
         Op::Publish { channel, .. } if !identity.may_publish(&channel) => reject(
             "forbidden",
@@ -554,7 +742,7 @@ async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session)
                     "presence",
                 );
             };
-            let (node, replies) = (node.clone(), replies.clone());
+            let (node, outbox) = (node.clone(), outbox.clone());
             tokio::spawn(
                 async move {
                     let frame = match node.presence(&channel, count_only).await {
@@ -566,13 +754,8 @@ async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session)
                             rejection.encode()
                         }
                     };
-                    let reply = Queued {
-                        channel,
-                        seq: PRESENCE_SEQ,
-                        frame: frame.into(),
-                    };
-                    // Fails only when the connection is gone.
-                    let _ = replies.send(reply).await;
+                    // In order with whatever else is written to the connection.
+                    outbox.send(frame::text(&frame));
                     drop(permit);
                 }
                 .in_current_span(),
@@ -604,51 +787,8 @@ async fn answer(node: &Arc<Node>, conn: ConnId, text: &str, state: &mut Session)
         ),
         Op::Unsubscribe(channel) => {
             node.unsubscribe(conn, &channel);
-            replayed.remove(&channel);
+            outbox.release(channel_key(channel.as_str()), None);
             vec![protocol::unsubscribed(&channel, id.as_ref()).into()]
         }
-    }
-}
-
-/// Sends one message, unless the connection is cut off first.
-async fn send(socket: &mut WebSocket, kick: &Kick, message: Message) -> Result<(), End> {
-    tokio::select! {
-        sent = socket.send(message) => sent.map_err(|_| End::Gone),
-        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
-    }
-}
-
-/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush, leaving
-/// out events the connection already got from a replay.
-async fn write_frames(
-    socket: &mut WebSocket,
-    kick: &Kick,
-    first: Queued,
-    frames: &mut mpsc::Receiver<Queued>,
-    replayed: &Replayed,
-) -> Result<(), End> {
-    let fresh = |queued: &Queued| {
-        queued.seq == PRESENCE_SEQ
-            || replayed
-                .get(&queued.channel)
-                .is_none_or(|&upto| queued.seq > upto)
-    };
-    let batch = async {
-        let mut written = 0;
-        let mut next = Some(first);
-        while let Some(queued) = next.take() {
-            if fresh(&queued) {
-                socket.feed(Message::Text(queued.frame)).await?;
-                written += 1;
-            }
-            if written < MAX_BATCH {
-                next = frames.try_recv().ok();
-            }
-        }
-        socket.flush().await
-    };
-    tokio::select! {
-        written = batch => written.map_err(|_| End::Gone),
-        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
     }
 }

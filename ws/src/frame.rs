@@ -1,0 +1,303 @@
+//! WebSocket framing (RFC 6455), the server's side: encoding the frames the node sends
+//! (unmasked, so one encoded event frame is the same bytes for every recipient and is written
+//! as is), and decoding the masked frames clients send, incrementally, with a size limit.
+//!
+//! Why not a WebSocket library's stream: fan-out writes each event's frame straight into
+//! every recipient's socket from the channel's reader task, without waking the connection's
+//! task; that needs the frame bytes up front and the socket shared, which a library stream
+//! that owns the socket cannot give.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+const FIN: u8 = 0x80;
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// One unfragmented, unmasked frame.
+fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.extend_from_slice(&[FIN | opcode]);
+    if len < 126 {
+        out.extend_from_slice(&[len as u8]);
+    } else if len <= u16::MAX as usize {
+        out.extend_from_slice(&[126]);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&[127]);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// A text frame.
+pub fn text(payload: &str) -> Bytes {
+    encode(OP_TEXT, payload.as_bytes())
+}
+
+pub fn ping() -> Bytes {
+    encode(OP_PING, &[])
+}
+
+pub fn pong(payload: &[u8]) -> Bytes {
+    encode(OP_PONG, &payload[..payload.len().min(125)])
+}
+
+/// A close frame with `code` and `reason` (cut to fit the 125-byte control frame limit).
+pub fn close(code: u16, reason: &str) -> Bytes {
+    let mut payload = code.to_be_bytes().to_vec();
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(OP_CLOSE, &payload)
+}
+
+/// A message a client sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary,
+    Ping(Vec<u8>),
+    Pong,
+    /// The close code, if any.
+    Close(Option<u16>),
+}
+
+/// Why a client's bytes cannot be read as WebSocket frames.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a message larger than {0} bytes")]
+    TooBig(usize),
+    #[error("a text message that is not UTF-8")]
+    InvalidUtf8,
+    #[error("{0}")]
+    Protocol(&'static str),
+}
+
+/// Decodes frames from the bytes a client sends. Idle, it holds no memory: the buffers are
+/// given back once a message is complete.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    /// Bytes read and not yet decoded.
+    pub buf: BytesMut,
+    /// A fragmented message so far: its opcode and payload.
+    partial: Option<(u8, Vec<u8>)>,
+}
+
+impl Decoder {
+    /// The next complete message in the buffer, if any; control frames come as soon as they
+    /// are complete, even in the middle of a fragmented message.
+    pub fn next(&mut self, max: usize) -> Result<Option<Incoming>, FrameError> {
+        loop {
+            let Some(frame) = self.frame(max)? else {
+                return Ok(None);
+            };
+            let (fin, opcode, payload) = frame;
+            let message = match opcode {
+                OP_PING => Some(Incoming::Ping(payload)),
+                OP_PONG => Some(Incoming::Pong),
+                OP_CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    Some(Incoming::Close(code))
+                }
+                OP_TEXT | OP_BINARY if self.partial.is_some() => {
+                    return Err(FrameError::Protocol(
+                        "a new message inside a fragmented one",
+                    ));
+                }
+                OP_TEXT | OP_BINARY if fin => Some(finish(opcode, payload)?),
+                OP_TEXT | OP_BINARY => {
+                    self.partial = Some((opcode, payload));
+                    None
+                }
+                OP_CONTINUATION => {
+                    let Some((first, mut so_far)) = self.partial.take() else {
+                        return Err(FrameError::Protocol("a continuation without a message"));
+                    };
+                    if so_far.len() + payload.len() > max {
+                        return Err(FrameError::TooBig(max));
+                    }
+                    so_far.extend_from_slice(&payload);
+                    if fin {
+                        Some(finish(first, so_far)?)
+                    } else {
+                        self.partial = Some((first, so_far));
+                        None
+                    }
+                }
+                _ => return Err(FrameError::Protocol("an unknown opcode")),
+            };
+            if self.buf.is_empty() {
+                // Give the memory back: an idle connection keeps no buffer.
+                self.buf = BytesMut::new();
+            }
+            if let Some(message) = message {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// One complete frame: (fin, opcode, unmasked payload).
+    fn frame(&mut self, max: usize) -> Result<Option<(bool, u8, Vec<u8>)>, FrameError> {
+        let buf = &self.buf[..];
+        if buf.len() < 2 {
+            return Ok(None);
+        }
+        let (fin, rsv, opcode) = (buf[0] & FIN != 0, buf[0] & 0x70, buf[0] & 0x0F);
+        if rsv != 0 {
+            return Err(FrameError::Protocol("reserved bits set"));
+        }
+        if buf[1] & 0x80 == 0 {
+            return Err(FrameError::Protocol("client frames must be masked"));
+        }
+        let (len, header) = match buf[1] & 0x7F {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4),
+            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()), 10),
+            126 | 127 => return Ok(None),
+            n => (n as u64, 2),
+        };
+        if opcode >= OP_CLOSE && (len > 125 || !fin) {
+            return Err(FrameError::Protocol(
+                "a control frame must be short and whole",
+            ));
+        }
+        if len > max as u64 {
+            return Err(FrameError::TooBig(max));
+        }
+        let len = len as usize;
+        if buf.len() < header + 4 + len {
+            self.buf.reserve(header + 4 + len - buf.len());
+            return Ok(None);
+        }
+        let mask = [
+            buf[header],
+            buf[header + 1],
+            buf[header + 2],
+            buf[header + 3],
+        ];
+        let start = header + 4;
+        let payload: Vec<u8> = buf[start..start + len]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        self.buf.advance(start + len);
+        Ok(Some((fin, opcode, payload)))
+    }
+}
+
+fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, FrameError> {
+    if opcode == OP_BINARY {
+        return Ok(Incoming::Binary);
+    }
+    String::from_utf8(payload)
+        .map(Incoming::Text)
+        .map_err(|_| FrameError::InvalidUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: masked.
+    fn client(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut out = vec![if fin { FIN | opcode } else { opcode }];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 65535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[test]
+    fn encodes_server_frames() {
+        assert_eq!(&text("hi")[..], b"\x81\x02hi");
+        let long = text(&"x".repeat(300));
+        assert_eq!(&long[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(long.len(), 304);
+        assert_eq!(&close(1001, "bye")[..], b"\x88\x05\x03\xe9bye");
+        assert_eq!(close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
+    }
+
+    #[test]
+    fn decodes_client_frames_in_pieces() {
+        let mut bytes = client(true, OP_TEXT, br#"{"op":"ping"}"#);
+        bytes.extend(client(true, OP_PING, b"p"));
+        bytes.extend(client(false, OP_TEXT, b"ab"));
+        bytes.extend(client(true, OP_PONG, b""));
+        bytes.extend(client(true, OP_CONTINUATION, b"cd"));
+        bytes.extend(client(true, OP_CLOSE, &1000u16.to_be_bytes()));
+        let mut decoder = Decoder::default();
+        let mut seen = Vec::new();
+        for byte in bytes {
+            decoder.buf.extend_from_slice(&[byte]);
+            while let Some(message) = decoder.next(1024).unwrap() {
+                seen.push(message);
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                Incoming::Text(r#"{"op":"ping"}"#.into()),
+                Incoming::Ping(b"p".to_vec()),
+                Incoming::Pong,
+                Incoming::Text("abcd".into()),
+                Incoming::Close(Some(1000)),
+            ]
+        );
+        assert_eq!(decoder.buf.capacity(), 0, "nothing kept once idle");
+    }
+
+    #[test]
+    fn refuses_what_breaks_the_rules() {
+        let decode = |bytes: Vec<u8>, max| {
+            let mut decoder = Decoder::default();
+            decoder.buf.extend_from_slice(&bytes);
+            decoder.next(max)
+        };
+        assert_eq!(
+            decode(client(true, OP_TEXT, &[b'x'; 200]), 100),
+            Err(FrameError::TooBig(100))
+        );
+        assert_eq!(
+            decode(client(true, OP_TEXT, &[0xff, 0xfe]), 100),
+            Err(FrameError::InvalidUtf8)
+        );
+        let mut unmasked = client(true, OP_TEXT, b"a");
+        unmasked[1] &= 0x7F;
+        assert!(matches!(
+            decode(unmasked, 100),
+            Err(FrameError::Protocol(_))
+        ));
+        assert!(matches!(
+            decode(client(true, OP_CONTINUATION, b"a"), 100),
+            Err(FrameError::Protocol(_))
+        ));
+        assert_eq!(
+            decode(client(true, OP_BINARY, b"a"), 100),
+            Ok(Some(Incoming::Binary))
+        );
+        // Too big in pieces, too.
+        let mut pieces = client(false, OP_TEXT, &[b'x'; 60]);
+        pieces.extend(client(true, OP_CONTINUATION, &[b'x'; 60]));
+        assert_eq!(decode(pieces, 100), Err(FrameError::TooBig(100)));
+    }
+}
