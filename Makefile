@@ -9,7 +9,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server browser bench-tracing bench-presence soak clean
+.PHONY: all build test run lint fmt nats-server browser bench bench-tracing bench-presence soak clean
 
 all: build
 
@@ -44,6 +44,12 @@ test: $(NATS_SERVER) browser
 run: $(NATS_SERVER)
 	cargo build --workspace --bins
 	WS=$(WS) ./scripts/run.sh
+
+# The benchmark suite: every scenario against fanout and nats-server's WebSocket port, the
+# table in target/bench/suite.md, the figures in target/bench/suite.json (about 4 minutes).
+bench: $(NATS_SERVER)
+	cargo build --release --workspace --bins
+	target/release/fanout-bench suite $(BENCH_ARGS)
 
 # Fan-out throughput with tracing off, then on (OTLP export, sampling 1.0), in one run.
 bench-tracing: $(NATS_SERVER)

@@ -6,7 +6,7 @@
 //! fanout-bench suite [--quick]           # what `make bench` runs: every scenario, a table, JSON
 //! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--target both]
 //! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
-//! fanout-bench storm    [--clients 20000] [--target both]
+//! fanout-bench storm    [--clients 15000] [--target both]
 //! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
 //! fanout-bench presence [--members 100000] [--nodes 3]
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
@@ -146,7 +146,7 @@ async fn coordinate(command: &str, rest: &[String]) {
         "storm" => {
             let mut results = serde_json::Map::new();
             for target in o.targets() {
-                let r = suite::storm(&paths, target, o.num("clients", 20_000)).await;
+                let r = suite::storm(&paths, target, o.num("clients", 15_000)).await;
                 println!("{} {r}", label(target));
                 results.insert(label(target).into(), r);
             }

@@ -24,10 +24,17 @@ impl FanoutTier {
     pub async fn start(paths: &Paths, nodes: usize) -> FanoutTier {
         let dir = tempfile::tempdir().unwrap();
         let nats = tier::start_nats(paths, dir.path());
-        let env = vec![
+        let mut env = vec![
             ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
             ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
         ];
+        // Settings to try: FANOUT_BENCH_ENV="FANOUT_QUEUE_CAPACITY=4096,FANOUT_HISTORY_STORAGE=memory".
+        if let Ok(extra) = std::env::var("FANOUT_BENCH_ENV") {
+            env.extend(extra.split(',').filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim().to_string(), v.trim().to_string()))
+            }));
+        }
         let api = tier::start_fanout(paths, "fanout-api", "api-1", &env);
         let nodes: Vec<Proc> = (1..=nodes)
             .map(|i| tier::start_fanout(paths, "fanout-ws", &format!("ws-{i}"), &env))
@@ -297,6 +304,13 @@ pub async fn publish(paths: &Paths, publishers: usize, secs: u64, payload: usize
 }
 
 pub fn describe(label: &str, o: &FanOut) {
+    if let Some(acks) = &o.acks {
+        println!(
+            "  {label:<7} HTTP acknowledgements: p50 {:.2} p99 {:.2} ms",
+            acks.quantile_ms(0.5),
+            acks.quantile_ms(0.99)
+        );
+    }
     let l = &o.latency;
     println!(
         "  {label:<7} {:>9.0} deliveries/s  p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms  \
@@ -522,7 +536,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
     );
     results.insert("idle".into(), json!({"fanout": f, "nats": n}));
 
-    let storm_conns = scale(20_000);
+    let storm_conns = scale(15_000);
     println!("connect storm: {storm_conns} connections to one node");
     let f = storm(paths, Target::Fanout, storm_conns).await;
     println!("  fanout {f}");

@@ -105,6 +105,15 @@ pub fn start_nats_ws_cluster(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // And every node accepts clients on both ports.
+    for (client, ws, _, _) in &ports {
+        for port in [client, ws] {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "a NATS node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     let clients = ports
         .iter()
         .map(|p| format!("nats://127.0.0.1:{}", p.0))

@@ -9,7 +9,8 @@
 //!
 //! Clients speak either fanout's protocol or, for the baseline, NATS's own protocol over
 //! nats-server's WebSocket port (`CONNECT`, `SUB`, `PING`; events arrive as `MSG`, several
-//! per frame when the server has them).
+//! per frame when the server has them). Both over the same hand-rolled WebSocket client, so
+//! the load generator does the same, small, work per frame for both.
 
 use std::{
     cell::RefCell,
@@ -19,16 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::AsyncBufReadExt,
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
     sync::watch,
-};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{Message, protocol::WebSocketConfig},
 };
 
 use crate::hist::Histogram;
@@ -182,12 +179,97 @@ fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
     Some((&text[start..end], t, n))
 }
 
-async fn open(url: &str, source: IpAddr) -> Result<WebSocketStream<TcpStream>, String> {
-    let authority = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .ok_or("bad url")?;
+/// A client's socket after the WebSocket handshake, read and written without a WebSocket
+/// library: the load generator shares the cores with the servers, and parsing unmasked server
+/// frames by hand costs a fraction of a general-purpose stream's per-message work.
+struct Socket {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+}
+
+/// A frame from the server: (opcode, payload).
+type ServerFrame<'a> = (u8, &'a [u8]);
+
+impl Socket {
+    /// Sends one masked client frame (the mask is all zeros: allowed, and free to apply).
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<(), String> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        self.stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads more bytes; false when the connection ended.
+    async fn fill(&mut self) -> bool {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        matches!(self.stream.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// Calls `on` for each complete frame in the buffer, then drops them from it.
+    fn frames(&mut self, mut on: impl FnMut(ServerFrame<'_>)) {
+        let buf = &self.buf[..];
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            if rest.len() < 2 {
+                break;
+            }
+            let (len, header) = match rest[1] & 0x7F {
+                126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                127 if rest.len() >= 10 => (
+                    u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if rest.len() < header + len {
+                break;
+            }
+            on((rest[0] & 0x0F, &rest[header..header + len]));
+            at += header + len;
+        }
+        self.buf.drain(..at);
+    }
+
+    /// Reads until `done` accepts a frame's payload (answering pings meanwhile).
+    async fn until(&mut self, mut done: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
+        loop {
+            let mut found = false;
+            let mut ping = false;
+            self.frames(|(opcode, payload)| match opcode {
+                0x9 => ping = true,
+                _ => found |= done(payload),
+            });
+            if ping {
+                self.send(0xA, b"").await?;
+            }
+            if found {
+                return Ok(());
+            }
+            if !self.fill().await {
+                return Err("the connection ended".into());
+            }
+        }
+    }
+}
+
+async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
+    let rest = url.trim_start_matches("ws://");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let addr: SocketAddr = authority.parse().map_err(|e| format!("{url}: {e}"))?;
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket
@@ -195,27 +277,30 @@ async fn open(url: &str, source: IpAddr) -> Result<WebSocketStream<TcpStream>, S
         .map_err(|e| e.to_string())?;
     let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(64 << 20));
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+    let mut socket = Socket {
+        stream,
+        buf: Vec::new(),
+    };
+    let request = format!(
+        "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket
+        .stream
+        .write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    Ok(ws)
-}
-
-/// Reads frames until `predicate` accepts one (or the connection ends).
-async fn until<F: FnMut(&[u8]) -> bool>(
-    ws: &mut WebSocketStream<TcpStream>,
-    mut predicate: F,
-) -> Result<(), String> {
     loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if predicate(t.as_bytes()) => return Ok(()),
-            Some(Ok(Message::Binary(b))) if predicate(&b) => return Ok(()),
-            Some(Ok(_)) => {}
-            other => return Err(format!("connection ended: {other:?}")),
+        if let Some(end) = socket.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&socket.buf[..end]).to_string();
+            if !head.starts_with("HTTP/1.1 101") {
+                return Err(format!("HTTP error: {}", head.lines().next().unwrap_or("")));
+            }
+            socket.buf.drain(..end + 4);
+            return Ok(socket);
+        }
+        if !socket.fill().await {
+            return Err("closed during the handshake".into());
         }
     }
 }
@@ -225,23 +310,21 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Connects one client and gets it to the point the mode asks for.
-async fn connect(job: &Job, i: usize) -> Result<WebSocketStream<TcpStream>, String> {
+async fn connect(job: &Job, i: usize) -> Result<Socket, String> {
     let url = &job.urls[i % job.urls.len()];
     let mut ws = open(url, job.source).await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
         Target::Fanout => {
-            until(&mut ws, |f| contains(f, b"\"welcome\"")).await?;
+            ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
                 let channels = channels_of(job.first + i, job.shared);
                 for channel in &channels {
                     let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
-                    ws.send(Message::Text(request.into()))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    ws.send(0x1, request.as_bytes()).await?;
                 }
                 let mut left = channels.len();
-                until(&mut ws, |f| {
+                ws.until(|f| {
                     if contains(f, b"\"subscribed\"") {
                         left -= 1;
                     }
@@ -251,7 +334,7 @@ async fn connect(job: &Job, i: usize) -> Result<WebSocketStream<TcpStream>, Stri
             }
         }
         Target::Nats => {
-            until(&mut ws, |f| f.starts_with(b"INFO")).await?;
+            ws.until(|f| f.starts_with(b"INFO")).await?;
             let mut hello = String::from(
                 "CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false,\"name\":\"bench\",\"lang\":\"rust\",\"version\":\"0\"}\r\n",
             );
@@ -261,11 +344,9 @@ async fn connect(job: &Job, i: usize) -> Result<WebSocketStream<TcpStream>, Stri
                 }
             }
             hello.push_str("PING\r\n");
-            ws.send(Message::Binary(hello.into_bytes().into()))
-                .await
-                .map_err(|e| e.to_string())?;
+            ws.send(0x2, hello.as_bytes()).await?;
             // The PONG proves the server processed the SUBs.
-            until(&mut ws, |f| contains(f, b"PONG")).await?;
+            ws.until(|f| contains(f, b"PONG")).await?;
         }
     }
     Ok(ws)
@@ -273,7 +354,7 @@ async fn connect(job: &Job, i: usize) -> Result<WebSocketStream<TcpStream>, Stri
 
 /// Records events until `stop`.
 async fn record(
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: Socket,
     target: Target,
     mut seen: Seen,
     shared: Rc<RefCell<Shared>>,
@@ -283,42 +364,49 @@ async fn record(
     let mut lost = false;
     loop {
         tokio::select! {
-            message = ws.next() => {
-                let data: &[u8] = match &message {
-                    Some(Ok(Message::Text(t))) => t.as_bytes(),
-                    Some(Ok(Message::Binary(b))) => b,
-                    Some(Ok(_)) => continue,
-                    _ => { lost = true; break; }
-                };
+            more = ws.fill() => {
+                if !more {
+                    lost = true;
+                    break;
+                }
                 let now = now_us();
                 let mut shared = shared.borrow_mut();
-                match target {
-                    Target::Fanout => {
+                let mut pong = false;
+                let mut closed = false;
+                ws.frames(|(opcode, data)| match (opcode, target) {
+                    (0x9, _) => pong = true,
+                    (0x8, _) => closed = true,
+                    (_, Target::Fanout) => {
                         if let Some((channel, t, n)) = fanout_event(data) {
                             shared.hist.record(now.saturating_sub(t));
                             shared.received += 1;
                             seen.saw(channel, n);
                         }
                     }
-                    Target::Nats => {
-                        pending.extend_from_slice(data);
-                        let mut pong = false;
-                        let used = nats_messages(&pending, |subject, payload_bytes| match payload_bytes {
-                            Some(p) => {
-                                if let Some((t, n)) = payload(p, 0) {
-                                    shared.hist.record(now.saturating_sub(t));
-                                    shared.received += 1;
-                                    seen.saw(subject, n);
-                                }
+                    (_, Target::Nats) => pending.extend_from_slice(data),
+                });
+                if target == Target::Nats && !pending.is_empty() {
+                    let used = nats_messages(&pending, |subject, payload_bytes| match payload_bytes {
+                        Some(p) => {
+                            if let Some((t, n)) = payload(p, 0) {
+                                shared.hist.record(now.saturating_sub(t));
+                                shared.received += 1;
+                                seen.saw(subject, n);
                             }
-                            None => pong = true,
-                        });
-                        pending.drain(..used);
-                        drop(shared);
-                        if pong {
-                            let _ = ws.send(Message::Binary(b"PONG\r\n".to_vec().into())).await;
                         }
-                    }
+                        None => pong = true,
+                    });
+                    pending.drain(..used);
+                }
+                drop(shared);
+                if closed {
+                    lost = true;
+                    break;
+                }
+                if pong {
+                    let answer: &[u8] = if target == Target::Nats { b"PONG\r\n" } else { b"" };
+                    let opcode = if target == Target::Nats { 0x2 } else { 0xA };
+                    let _ = ws.send(opcode, answer).await;
                 }
             }
             _ = stop.changed() => break,
@@ -430,7 +518,7 @@ async fn work(job: Job) {
         failed,
         secs: started.elapsed().as_secs_f64(),
     });
-    // Held connections: answer NATS pings so the server keeps them.
+    // Held connections: answered only if the server pings (NATS, every 2 minutes).
     let target = job.target;
     for mut ws in held {
         let stop = stop_rx.clone();
@@ -438,13 +526,18 @@ async fn work(job: Job) {
             let mut stop = stop;
             loop {
                 tokio::select! {
-                    message = ws.next() => match message {
-                        Some(Ok(Message::Binary(b))) if target == Target::Nats && contains(&b, b"PING\r\n") => {
-                            let _ = ws.send(Message::Binary(b"PONG\r\n".to_vec().into())).await;
+                    more = ws.fill() => {
+                        if !more {
+                            break;
                         }
-                        Some(Ok(_)) => {}
-                        _ => break,
-                    },
+                        let mut ping = false;
+                        ws.frames(|(opcode, data)| ping |= opcode == 0x9 || contains(data, b"PING\r\n"));
+                        ws.buf = Vec::new();
+                        if ping {
+                            let (opcode, answer): (u8, &[u8]) = if target == Target::Nats { (0x2, b"PONG\r\n") } else { (0xA, b"") };
+                            let _ = ws.send(opcode, answer).await;
+                        }
+                    }
                     _ = stop.changed() => break,
                 }
             }
