@@ -19,7 +19,8 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Largest frame a client may send, bytes; larger ones close the connection with 1009.
     pub max_message_bytes: usize,
-    /// Frames queued per connection before it counts as a slow consumer and is closed (4001).
+    /// Frames waiting for a connection's socket before it counts as a slow consumer and is
+    /// closed (4001).
     pub queue_capacity: usize,
     /// On shutdown, clients are closed (1001) spread over this window, milliseconds, so they
     /// reconnect to the other nodes gradually. 0 closes them all at once.
