@@ -23,15 +23,7 @@ fn ids(nodes: &[Value]) -> Vec<&str> {
 async fn nodes_come_and_go() {
     let nats = NatsServer::start();
     let api = start_api(&nats).await;
-    let env = |node: &str| {
-        vec![
-            ("FANOUT_NATS_URL", nats.url()),
-            ("FANOUT_NODE_ID", node.to_string()),
-            ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
-            ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
-            ("FANOUT_DRAIN_WINDOW_MS", "0".to_string()),
-        ]
-    };
+    let env = |node: &str| ws_process_env(&nats.url(), node, 0);
     let mut ws1 = Process::start("fanout-ws", &env("ws-1"));
     let ws2 = Process::start("fanout-ws", &env("ws-2"));
     let api = &api;

@@ -16,15 +16,7 @@ fn total() -> usize {
 }
 
 fn ws_env(nats_url: &str, node: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("FANOUT_NATS_URL", nats_url.to_string()),
-        ("FANOUT_NODE_ID", node.to_string()),
-        ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
-        // The same stream settings as the in-process API (tests/common `common_at`).
-        ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
-        ("FANOUT_PUBLISH_TIMEOUT_MS", "2000".to_string()),
-        ("FANOUT_DRAIN_WINDOW_MS", "500".to_string()),
-    ]
+    ws_process_env(nats_url, node, 500)
 }
 
 fn ws_url(server: &Server) -> String {

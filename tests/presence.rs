@@ -216,16 +216,6 @@ async fn get_json(server: &Server, path: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
-fn ws_env(nats: &NatsServer, node: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("FANOUT_NATS_URL", nats.url()),
-        ("FANOUT_NODE_ID", node.to_string()),
-        ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
-        ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
-        ("FANOUT_DRAIN_WINDOW_MS", "0".to_string()),
-    ]
-}
-
 /// The ghost-leave counter of an in-process node (0 when never incremented).
 async fn ghost_leaves(server: &Server) -> u64 {
     let text = reqwest::get(server.url("/metrics"))
@@ -248,7 +238,7 @@ async fn no_ghosts_after_a_crash_or_a_shutdown() {
     watch(&mut watcher, "room").await;
 
     // A node shutting down says goodbye for each of its clients as they go.
-    let mut leaving = Process::start("fanout-ws", &ws_env(&nats, "ws-3"));
+    let mut leaving = Process::start("fanout-ws", &ws_process_env(&nats.url(), "ws-3", 0));
     let mut cy = member(&leaving.server(), "cy").await;
     cy.subscribe("room").await;
     assert_eq!(change_of(&mut watcher, "cy").await["op"], "join");
@@ -263,7 +253,7 @@ async fn no_ghosts_after_a_crash_or_a_shutdown() {
 
     // A node that crashes cannot: its members vanish from answers at once, and the
     // survivors say they left once discovery forgets the node.
-    let crashing = Process::start("fanout-ws", &ws_env(&nats, "ws-1"));
+    let crashing = Process::start("fanout-ws", &ws_process_env(&nats.url(), "ws-1", 0));
     let mut members = Vec::new();
     for user in ["ada", "bob"] {
         let mut client = member(&crashing.server(), user).await;

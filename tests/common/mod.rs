@@ -225,6 +225,19 @@ pub fn common_at(nats_url: &str, node_id: &str) -> fanout::Common {
     }
 }
 
+/// The environment of a `fanout-ws` child process reaching NATS at `nats_url`: the same
+/// stream settings as the in-process servers ([`common_at`]), draining over `drain_ms`.
+pub fn ws_process_env(nats_url: &str, node: &str, drain_ms: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("FANOUT_NATS_URL", nats_url.to_string()),
+        ("FANOUT_NODE_ID", node.to_string()),
+        ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
+        ("FANOUT_HISTORY_MAX_AGE_SECS", "60".to_string()),
+        ("FANOUT_PUBLISH_TIMEOUT_MS", "2000".to_string()),
+        ("FANOUT_DRAIN_WINDOW_MS", drain_ms.to_string()),
+    ]
+}
+
 /// Server logs only when asked for (`RUST_LOG=debug cargo test ...`): the test harness
 /// cannot capture output from the servers' tasks.
 fn logs() {
