@@ -117,6 +117,27 @@ async fn a_channel_arrives_in_order_without_gaps() {
     assert!(acked.windows(2).all(|w| w[0] < w[1]));
 }
 
+/// With `coalesce_ms`, events are written together, still all of them, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_writes_keep_every_event_in_order() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws = start_ws(&nats, "ws-1", |c| c.coalesce_ms = 50).await;
+    let mut client = Client::connect(&ws).await;
+    client.subscribe("ticks").await;
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        acked.push(publish(&api, "ticks", &json!({"n": i})).await);
+    }
+    for (i, seq) in acked.iter().enumerate() {
+        let event = client.event().await;
+        assert_eq!(
+            (event["data"]["n"].as_u64(), event["seq"].as_u64()),
+            (Some(i as u64), Some(*seq))
+        );
+    }
+}
+
 /// A node holds a NATS subscription for a channel only while a local client is in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_subscriptions_follow_local_interest() {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! fanout-bench suite [--quick]           # what `make bench` runs: every scenario, a table, JSON
-//! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--target both]
+//! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--coalesce 0] [--target both]
 //! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
 //! fanout-bench storm    [--clients 15000] [--target both]
 //! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
@@ -123,6 +123,7 @@ async fn coordinate(command: &str, rest: &[String]) {
                 secs: o.num("duration", 10) as u64,
                 payload: o.num("payload", 100),
                 shared: o.num("shared", 0),
+                coalesce_ms: o.num("coalesce", 0) as u64,
             };
             println!("fan-out: {spec:?}");
             let mut results = serde_json::Map::new();

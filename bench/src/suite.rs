@@ -22,12 +22,18 @@ pub struct FanoutTier {
 
 impl FanoutTier {
     pub async fn start(paths: &Paths, nodes: usize) -> FanoutTier {
+        Self::start_with(paths, nodes, &[]).await
+    }
+
+    /// With extra settings for fanout's processes.
+    pub async fn start_with(paths: &Paths, nodes: usize, extra: &[(String, String)]) -> FanoutTier {
         let dir = tempfile::tempdir().unwrap();
         let nats = tier::start_nats(paths, dir.path());
         let mut env = vec![
             ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
             ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
         ];
+        env.extend(extra.iter().cloned());
         // Settings to try: FANOUT_BENCH_ENV="FANOUT_QUEUE_CAPACITY=4096,FANOUT_HISTORY_STORAGE=memory".
         if let Ok(extra) = std::env::var("FANOUT_BENCH_ENV") {
             env.extend(extra.split(',').filter_map(|kv| {
@@ -106,6 +112,8 @@ pub struct Spec {
     pub payload: usize,
     /// 0: one channel. Otherwise each client in its own channel plus one of `shared`.
     pub shared: usize,
+    /// fanout's `FANOUT_COALESCE_MS`.
+    pub coalesce_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -170,7 +178,16 @@ fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
 
 pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let (fanout, nats) = match target {
-        Target::Fanout => (Some(FanoutTier::start(paths, spec.nodes).await), None),
+        Target::Fanout => {
+            let extra = [(
+                "FANOUT_COALESCE_MS".to_string(),
+                spec.coalesce_ms.to_string(),
+            )];
+            (
+                Some(FanoutTier::start_with(paths, spec.nodes, &extra).await),
+                None,
+            )
+        }
         Target::Nats => (None, Some(NatsTier::start(paths, spec.nodes))),
     };
     let urls = match (&fanout, &nats) {
@@ -365,6 +382,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 secs: 10,
                 payload: 100,
                 shared: 0,
+                coalesce_ms: 0,
             },
         ),
         (
@@ -376,6 +394,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 secs: 10,
                 payload: 100,
                 shared: 0,
+                coalesce_ms: 0,
             },
         ),
         (
@@ -387,6 +406,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 secs: 5,
                 payload: 100,
                 shared: 0,
+                coalesce_ms: 0,
             },
         ),
     ];
@@ -454,6 +474,29 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
             "",
         ],
     );
+    // The same with fanout writing each channel's events at most every 20 ms, together.
+    let coalesced = Spec {
+        coalesce_ms: 20,
+        ..*spec
+    };
+    println!("fan-out (cpu) again with FANOUT_COALESCE_MS=20");
+    let c = fan_out(paths, coalesced, Target::Fanout).await;
+    describe("fanout", &c);
+    row(
+        &mut rows,
+        [
+            "  with `FANOUT_COALESCE_MS=20`",
+            "server CPU µs per delivery; p99 ms",
+            &format!("{:.2}; {:.2}", c.cpu_us(), c.latency.quantile_ms(0.99)),
+            &format!("{:.2}; {:.2}", n.cpu_us(), n.latency.quantile_ms(0.99)),
+            &format!("{:.2}", c.cpu_us() / n.cpu_us()),
+            "",
+        ],
+    );
+    results.insert(
+        "fanout_cpu_coalesce_20ms".into(),
+        json!({"spec": format!("{coalesced:?}"), "fanout": c.json()}),
+    );
     let (spec, f, n) = &fan["throughput"];
     row(
         &mut rows,
@@ -485,6 +528,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         secs: 5,
         payload: 100,
         shared: 10,
+        coalesce_ms: 0,
     };
     println!(
         "many channels: {} clients, each in its own channel and one of {} shared, {} events/s",

@@ -124,11 +124,13 @@ impl Node {
                 interest_rx,
                 shutdown.clone(),
                 node.config.event_trace_id,
+                Duration::from_millis(node.config.coalesce_ms),
             )
             .instrument(span.clone()),
         );
         let live = node.broadcast_live.clone();
         let with_trace = node.config.event_trace_id;
+        let coalesce = Duration::from_millis(node.config.coalesce_ms);
         tracker.spawn(
             async move {
                 let subscription = match bus.subscribe(&Channel::broadcast()).await {
@@ -138,7 +140,7 @@ impl Node {
                 live.store(true, Ordering::Release);
                 gauge!("fanout_ws_nats_subscriptions").increment(1.0);
                 tokio::select! {
-                    _ = read(subscription, hub, bus, with_trace) => {}
+                    _ = read(subscription, hub, bus, with_trace, coalesce) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -415,6 +417,7 @@ async fn follow_interest(
     mut reports: mpsc::UnboundedReceiver<Interest>,
     shutdown: CancellationToken,
     with_trace: bool,
+    coalesce: Duration,
 ) {
     let Watching { bus, hub, .. } = &watching;
     let (bus, hub) = (bus.clone(), hub.clone());
@@ -434,7 +437,7 @@ async fn follow_interest(
                     Ok(subscription) => {
                         tracing::debug!(%channel, "subscribed in NATS");
                         let reader = tokio::spawn(
-                            read(subscription, hub.clone(), bus.clone(), with_trace)
+                            read(subscription, hub.clone(), bus.clone(), with_trace, coalesce)
                                 .in_current_span(),
                         );
                         match readers.insert(channel.clone(), reader) {
@@ -494,7 +497,13 @@ async fn follow_interest(
 /// reconnect): a live event whose `Nats-Last-Sequence` is not the last one delivered reveals
 /// a gap, which is filled from the stream before the event is delivered; after a reconnect,
 /// what was stored meanwhile is fetched at once.
-async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trace: bool) {
+async fn read(
+    mut subscription: Subscription,
+    hub: Arc<Hub>,
+    bus: Bus,
+    with_trace: bool,
+    coalesce: Duration,
+) {
     let channel = subscription.channel().clone();
     let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
     let repairs = counter!("fanout_ws_gap_repairs_total");
@@ -511,8 +520,16 @@ async fn read(mut subscription: Subscription, hub: Arc<Hub>, bus: Bus, with_trac
         let envelope = if let Some(envelope) = ready.pop_front() {
             envelope
         } else {
-            reader.flush();
+            // With `coalesce`, a channel's events go out at most that often, together.
+            let due = reader.flushed + coalesce;
+            if tokio::time::Instant::now() >= due {
+                reader.flush();
+            }
             let first = tokio::select! {
+                _ = tokio::time::sleep_until(due), if reader.has_frames() => {
+                    reader.flush();
+                    continue;
+                }
             event = subscription.next() => match event {
                 None => break,
                 Some(Ok(envelope)) => envelope,
@@ -595,6 +612,8 @@ struct Reader {
     key: crate::outbox::ChannelKey,
     /// Encoded events waiting for the next flush, and their spans.
     frames: Vec<(u64, bytes::Bytes)>,
+    /// When the last flush wrote something.
+    flushed: tokio::time::Instant,
     spans: Vec<(tracing::Span, Instant)>,
     subject: String,
     hub: Arc<Hub>,
@@ -613,6 +632,7 @@ impl Reader {
         Reader {
             key: crate::outbox::channel_key(channel.as_str()),
             frames: Vec::new(),
+            flushed: tokio::time::Instant::now(),
             spans: Vec::new(),
             channel,
             subject: subject.to_string(),
@@ -655,11 +675,16 @@ impl Reader {
         }
     }
 
+    fn has_frames(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
     /// Delivers the events pushed since the last flush.
     fn flush(&mut self) {
         if self.frames.is_empty() {
             return;
         }
+        self.flushed = tokio::time::Instant::now();
         let outcome = self
             .hub
             .deliver_batch(&self.channel, self.key, &self.frames);
