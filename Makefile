@@ -46,7 +46,7 @@ run: $(NATS_SERVER)
 	WS=$(WS) ./scripts/run.sh
 
 # The benchmark suite: every scenario against fanout and nats-server's WebSocket port, the
-# table in target/bench/suite.md, the figures in target/bench/suite.json (about 4 minutes).
+# table in target/bench/suite.md, the figures in target/bench/suite.json (about 5 minutes).
 bench: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench suite $(BENCH_ARGS)
