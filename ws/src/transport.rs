@@ -373,7 +373,11 @@ async fn serve(
         End::Gone => None,
         End::ClientClosed(code) => {
             tracing::debug!(?code, "client closed");
-            Some(frame::close(code.unwrap_or(1000), ""))
+            // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
+            let code = code
+                .filter(|c| matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999))
+                .unwrap_or(1000);
+            Some(frame::close(code, ""))
         }
         End::Close(reason) => {
             tracing::debug!(code = reason.code, reason = reason.reason, "closing");
