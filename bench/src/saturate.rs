@@ -12,7 +12,7 @@
 //! duplicate deliveries, and the servers' CPU time per delivery (from /proc), the figure that
 //! holds best on a machine the load generator shares with the servers.
 
-use crate::tier;
+use crate::{tier, worker::now_us};
 
 use std::{
     collections::HashSet,
@@ -20,7 +20,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use futures_util::{SinkExt, StreamExt};
@@ -64,13 +64,6 @@ impl Outcome {
         let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
         self.latencies_us[i] as f64 / 1000.0
     }
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
 }
 
 #[derive(Deserialize)]

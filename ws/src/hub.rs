@@ -497,12 +497,6 @@ impl Hub {
         state.channels.get(channel).map(|e| e.subscribers.clone())
     }
 
-    /// Offers event `seq`'s encoded `frame` (of the channel `key` names) to every subscriber
-    /// of `channel`; for `broadcast`, to every connection.
-    pub fn deliver(&self, channel: &Channel, key: ChannelKey, seq: u64, frame: &Bytes) -> Delivery {
-        self.deliver_batch(channel, key, &[(seq, frame.clone())])
-    }
-
     /// Offers consecutive events of `channel`, as (seq, encoded frame), to every subscriber
     /// (for `broadcast`, every connection): each gets them with one write. Only the channel's
     /// own lock is held while writing.
@@ -713,11 +707,23 @@ mod tests {
         let (_b, rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         let frame = bytes("e1;");
-        assert_eq!(f.hub.deliver(&ch("x"), KEY, 1, &frame).delivered, 1);
-        assert_eq!(f.hub.deliver(&ch("y"), KEY, 2, &frame).delivered, 0);
+        assert_eq!(
+            f.hub
+                .deliver_batch(&ch("x"), KEY, &[(1, frame.clone())])
+                .delivered,
+            1
+        );
+        assert_eq!(
+            f.hub
+                .deliver_batch(&ch("y"), KEY, &[(2, frame.clone())])
+                .delivered,
+            0
+        );
         let b1 = bytes("b1;");
         assert_eq!(
-            f.hub.deliver(&Channel::broadcast(), KEY, 3, &b1).delivered,
+            f.hub
+                .deliver_batch(&Channel::broadcast(), KEY, &[(3, b1.clone())])
+                .delivered,
             2
         );
         ra.readable().await.unwrap();
@@ -749,7 +755,10 @@ mod tests {
         });
         let mut slow_count = 0;
         for seq in 1..=rounds as u64 {
-            slow_count += f.hub.deliver(&ch("x"), KEY, seq, &frame).slow;
+            slow_count += f
+                .hub
+                .deliver_batch(&ch("x"), KEY, &[(seq, frame.clone())])
+                .slow;
             tokio::task::yield_now().await;
         }
         reader.await.unwrap();

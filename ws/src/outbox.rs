@@ -149,41 +149,7 @@ impl Outbox {
             held.extend(frames.iter().map(|(seq, frame)| (key, *seq, frame.clone())));
             return;
         }
-        let Some(stream) = &self.stream else {
-            return;
-        };
-        let mut done = 0; // frames fully written
-        let mut written = 0; // bytes of frame `done` written
-        if state.backlog.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let n = frames.len().min(MAX_IOV);
-            for (slice, (_, frame)) in slices.iter_mut().zip(frames) {
-                *slice = IoSlice::new(frame);
-            }
-            match stream.try_write_vectored(&slices[..n]) {
-                Ok(mut n) => {
-                    while done < frames.len() && n >= frames[done].1.len() {
-                        n -= frames[done].1.len();
-                        done += 1;
-                    }
-                    written = n;
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    state.broken = true;
-                    self.waiting.notify_one();
-                    return;
-                }
-            }
-            if done == frames.len() {
-                return;
-            }
-            state.written = written;
-        }
-        state
-            .backlog
-            .extend(frames[done..].iter().map(|(_, frame)| frame.clone()));
-        self.waiting.notify_one();
+        self.write_or_queue(&mut state, frames.iter().map(|(_, frame)| frame));
     }
 
     /// Sends one of the connection's own frames (a reply, a replayed event, a ping): never
@@ -191,19 +157,40 @@ impl Outbox {
     pub fn send(&self, frame: Bytes) {
         let mut state = self.lock();
         if !state.broken {
-            self.write_or_queue(&mut state, &frame);
+            self.write_or_queue(&mut state, std::iter::once(&frame));
         }
     }
 
-    fn write_or_queue(&self, state: &mut State, frame: &Bytes) {
+    /// Writes `frames` with one system call if nothing is waiting before them and the
+    /// socket takes them; whatever it does not take is queued for the connection's task.
+    fn write_or_queue<'a>(
+        &self,
+        state: &mut State,
+        frames: impl Iterator<Item = &'a Bytes> + Clone,
+    ) {
         let Some(stream) = &self.stream else {
             return;
         };
-        let mut written = 0;
+        let mut done = 0; // frames fully written
         if state.backlog.is_empty() {
-            match stream.try_write(frame) {
-                Ok(n) if n == frame.len() => return,
-                Ok(n) => written = n,
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (slice, frame) in slices.iter_mut().zip(frames.clone()) {
+                *slice = IoSlice::new(frame);
+                n += 1;
+            }
+            let mut written = 0; // bytes of the first frame not fully written
+            match stream.try_write_vectored(&slices[..n]) {
+                Ok(mut left) => {
+                    for frame in frames.clone() {
+                        if left < frame.len() {
+                            break;
+                        }
+                        left -= frame.len();
+                        done += 1;
+                    }
+                    written = left;
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     state.broken = true;
@@ -213,8 +200,11 @@ impl Outbox {
             }
             state.written = written;
         }
-        state.backlog.push_back(frame.clone());
-        self.waiting.notify_one();
+        let before = state.backlog.len();
+        state.backlog.extend(frames.skip(done).cloned());
+        if state.backlog.len() > before {
+            self.waiting.notify_one();
+        }
     }
 
     /// True when nothing waits to be written.
@@ -305,12 +295,15 @@ impl Outbox {
         if let Some(upto) = upto {
             state.replayed.push((key, upto));
         }
-        if let Some(held) = state.held.take() {
-            for (key, seq, frame) in held {
-                if !state.covered(key, seq) && !state.broken {
-                    self.write_or_queue(&mut state, &frame);
-                }
-            }
+        if let Some(held) = state.held.take()
+            && !state.broken
+        {
+            let fresh: Vec<Bytes> = held
+                .into_iter()
+                .filter(|(key, seq, _)| !state.covered(*key, *seq))
+                .map(|(_, _, frame)| frame)
+                .collect();
+            self.write_or_queue(&mut state, fresh.iter());
         }
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     hub::{Hub, LocalMember, Membership},
-    protocol::{self, Frame, PresenceChange},
+    protocol::{self, PresenceChange},
 };
 
 /// How often a watcher looks for members of nodes discovery has forgotten.
@@ -181,7 +181,7 @@ impl Replica {
 
     /// Replaces what is known of the nodes that answered `answer` with their answer; with
     /// `tell`, returns the changes that makes (after a NATS outage, when changes were lost).
-    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<Frame> {
+    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<String> {
         let mut fresh: HashMap<String, HashMap<String, Known>> = HashMap::new();
         for node in &answer.nodes {
             fresh.entry(node.clone()).or_default();
@@ -228,7 +228,7 @@ impl Replica {
 
     /// Forgets the members of nodes that discovery no longer hears from (besides `this`
     /// node, which is alive by definition) and returns their `leave` frames.
-    pub fn sweep(&mut self, channel: &Channel, directory: &Directory, this: &str) -> Vec<Frame> {
+    pub fn sweep(&mut self, channel: &Channel, directory: &Directory, this: &str) -> Vec<String> {
         let gone: Vec<String> = self
             .nodes
             .iter()
@@ -256,8 +256,8 @@ fn change_frame(
     node: &str,
     conn: &str,
     known: &Known,
-) -> Frame {
-    Frame::from(protocol::presence_change(&PresenceChange {
+) -> String {
+    protocol::presence_change(&PresenceChange {
         op,
         channel: channel.as_str(),
         user: &known.user,
@@ -265,7 +265,7 @@ fn change_frame(
         node,
         info: known.info.as_deref(),
         joined_at: known.joined_at,
-    }))
+    })
 }
 
 /// Follows `channel`'s presence changes for the local clients that asked, until aborted:

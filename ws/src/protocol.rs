@@ -7,17 +7,12 @@
 //! `refreshed`, `presence`, `info_updated`), `event`, the presence changes (`join`, `leave`,
 //! `update`) and `error`.
 
-use axum::extract::ws::Utf8Bytes;
 use fanout::{Channel, Envelope};
 use serde::Serialize;
 use serde_json::{Value, value::RawValue};
 
 /// Largest presence `info` a client may set, in bytes of JSON.
 pub const MAX_INFO_BYTES: usize = 2048;
-
-/// A text frame's payload, reference-counted: one event frame is built once and the same
-/// bytes are queued for every recipient.
-pub type Frame = Utf8Bytes;
 
 /// A request id as the client sent it: a JSON number or string, echoed verbatim.
 pub type RequestId = Value;
@@ -423,7 +418,7 @@ pub fn pong(id: Option<&RequestId>) -> String {
 
 /// The `event` frame. `data` is embedded as published, without re-encoding. With
 /// `with_trace`, a traced event also carries `"trace": "<trace id>"`.
-pub fn event(envelope: &Envelope, with_trace: bool) -> Result<Frame, serde_json::Error> {
+pub fn event(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json::Error> {
     #[derive(Serialize)]
     struct Event<'a> {
         op: &'static str,
@@ -453,7 +448,7 @@ pub fn event(envelope: &Envelope, with_trace: bool) -> Result<Frame, serde_json:
         trace,
         data,
     })?;
-    Ok(Frame::from(frame))
+    Ok(frame)
 }
 
 #[cfg(test)]

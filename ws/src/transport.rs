@@ -47,7 +47,7 @@ use crate::{
     hub::{ConnId, Kick, Profile, SubscribeError},
     node::Node,
     outbox::{Outbox, channel_key},
-    protocol::{self, Frame, Op, Rejection, Request, Resumed},
+    protocol::{self, Op, Rejection, Request, Resumed},
 };
 
 /// How long a closing handshake may take before the socket is dropped.
@@ -607,7 +607,7 @@ async fn answer(
     conn: ConnId,
     text: &str,
     state: &mut Session,
-) -> Vec<Frame> {
+) -> Vec<String> {
     let Session {
         identity,
         publish_budget,
@@ -615,16 +615,16 @@ async fn answer(
     } = state;
     let Request { id, op } = match protocol::parse(text) {
         Ok(request) => request,
-        Err(rejection) => return vec![rejection.encode().into()],
+        Err(rejection) => return vec![rejection.encode()],
     };
     let reject = |code, message: String, op: &str| {
         let mut rejection = Rejection::new(code, message);
         rejection.op = Some(op.to_string());
         rejection.id = id.clone();
-        vec![Frame::from(rejection.encode())]
+        vec![rejection.encode()]
     };
     match op {
-        Op::Ping => vec![protocol::pong(id.as_ref()).into()],
+        Op::Ping => vec![protocol::pong(id.as_ref())],
         Op::Subscribe { channel, .. } if !identity.may_subscribe(&channel) => reject(
             "forbidden",
             format!("your token does not allow subscribing to {channel:?}"),
@@ -659,7 +659,7 @@ async fn answer(
                 return reject(code, err.to_string(), "subscribe");
             }
             let Some(since) = since else {
-                return vec![protocol::subscribed(&channel, id.as_ref(), None).into()];
+                return vec![protocol::subscribed(&channel, id.as_ref(), None)];
             };
             let replay = node.replay(&channel, since, epoch.as_deref()).await;
             let resumed = Resumed {
@@ -700,10 +700,12 @@ async fn answer(
             match node.publish(&channel, data.into()).await {
                 Ok(published) => {
                     counter!("fanout_ws_client_publishes_total").increment(1);
-                    vec![
-                        protocol::published(&channel, published.seq, &published.id, id.as_ref())
-                            .into(),
-                    ]
+                    vec![protocol::published(
+                        &channel,
+                        published.seq,
+                        &published.id,
+                        id.as_ref(),
+                    )]
                 }
                 Err(err) => reject("bus_unavailable", err.to_string(), "publish"),
             }
@@ -770,12 +772,12 @@ async fn answer(
             let info = info.and_then(|info| RawValue::from_string(info).ok());
             let reply = protocol::info_updated(info.as_deref(), id.as_ref());
             node.set_info(conn, info);
-            vec![reply.into()]
+            vec![reply]
         }
         Op::Refresh { token } => match node.verifier().identify(Some(&token), None) {
             Ok(fresh) if fresh.user == identity.user => {
                 *identity = fresh;
-                vec![protocol::refreshed(identity.expires_at, id.as_ref()).into()]
+                vec![protocol::refreshed(identity.expires_at, id.as_ref())]
             }
             Ok(_) => reject(
                 "invalid_token",
@@ -792,7 +794,7 @@ async fn answer(
         Op::Unsubscribe(channel) => {
             node.unsubscribe(conn, &channel);
             outbox.release(channel_key(channel.as_str()), None);
-            vec![protocol::unsubscribed(&channel, id.as_ref()).into()]
+            vec![protocol::unsubscribed(&channel, id.as_ref())]
         }
     }
 }
