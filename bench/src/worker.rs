@@ -352,6 +352,48 @@ async fn connect(job: &Job, i: usize) -> Result<Socket, String> {
     Ok(ws)
 }
 
+/// Counts the frames `ws` has read: latency, deliveries and the sequences seen. Returns
+/// whether the server pinged and whether it closed. (A function of its own so that the
+/// `RefCell` borrow visibly ends before the caller awaits.)
+fn count(
+    ws: &mut Socket,
+    target: Target,
+    seen: &mut Seen,
+    shared: &RefCell<Shared>,
+    pending: &mut Vec<u8>,
+) -> (bool, bool) {
+    let now = now_us();
+    let mut shared = shared.borrow_mut();
+    let mut pong = false;
+    let mut closed = false;
+    ws.frames(|(opcode, data)| match (opcode, target) {
+        (0x9, _) => pong = true,
+        (0x8, _) => closed = true,
+        (_, Target::Fanout) => {
+            if let Some((channel, t, n)) = fanout_event(data) {
+                shared.hist.record(now.saturating_sub(t));
+                shared.received += 1;
+                seen.saw(channel, n);
+            }
+        }
+        (_, Target::Nats) => pending.extend_from_slice(data),
+    });
+    if target == Target::Nats && !pending.is_empty() {
+        let used = nats_messages(pending, |subject, payload_bytes| match payload_bytes {
+            Some(p) => {
+                if let Some((t, n)) = payload(p, 0) {
+                    shared.hist.record(now.saturating_sub(t));
+                    shared.received += 1;
+                    seen.saw(subject, n);
+                }
+            }
+            None => pong = true,
+        });
+        pending.drain(..used);
+    }
+    (pong, closed)
+}
+
 /// Records events until `stop`.
 async fn record(
     mut ws: Socket,
@@ -369,36 +411,7 @@ async fn record(
                     lost = true;
                     break;
                 }
-                let now = now_us();
-                let mut shared = shared.borrow_mut();
-                let mut pong = false;
-                let mut closed = false;
-                ws.frames(|(opcode, data)| match (opcode, target) {
-                    (0x9, _) => pong = true,
-                    (0x8, _) => closed = true,
-                    (_, Target::Fanout) => {
-                        if let Some((channel, t, n)) = fanout_event(data) {
-                            shared.hist.record(now.saturating_sub(t));
-                            shared.received += 1;
-                            seen.saw(channel, n);
-                        }
-                    }
-                    (_, Target::Nats) => pending.extend_from_slice(data),
-                });
-                if target == Target::Nats && !pending.is_empty() {
-                    let used = nats_messages(&pending, |subject, payload_bytes| match payload_bytes {
-                        Some(p) => {
-                            if let Some((t, n)) = payload(p, 0) {
-                                shared.hist.record(now.saturating_sub(t));
-                                shared.received += 1;
-                                seen.saw(subject, n);
-                            }
-                        }
-                        None => pong = true,
-                    });
-                    pending.drain(..used);
-                }
-                drop(shared);
+                let (pong, closed) = count(&mut ws, target, &mut seen, &shared, &mut pending);
                 if closed {
                     lost = true;
                     break;
