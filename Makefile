@@ -4,6 +4,8 @@
 NATS_VERSION := 2.15.1
 TOOLS        := $(CURDIR)/.tools
 NATS_SERVER  := $(TOOLS)/bin/nats-server
+MACHETE_VERSION := 0.9.2
+MACHETE      := $(TOOLS)/bin/cargo-machete
 WS           ?= 3
 
 # The tests and scripts find nats-server here.
@@ -68,9 +70,16 @@ soak: $(NATS_SERVER)
 	cargo build --workspace --bins
 	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test faults -- --nocapture --test-threads=1
 
-lint:
+# What CI gates besides the tests (.ci/run runs exactly this): formatting, clippy on every
+# crate and every target (unit tests and the benchmark included), and no unused dependency.
+lint: $(MACHETE)
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(MACHETE)
+
+# cargo-machete (from crates.io) finds dependencies that no code uses.
+$(MACHETE):
+	cargo install --quiet --locked --root $(TOOLS) cargo-machete --version $(MACHETE_VERSION)
 
 fmt:
 	cargo fmt --all

@@ -247,12 +247,22 @@ async fn upgrade(
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(
-            header::SEC_WEBSOCKET_ACCEPT,
-            tungstenite::handshake::derive_accept_key(key.as_bytes()),
-        )
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(&key))
         .body(Body::empty())
         .expect("a valid response")
+}
+
+/// The `Sec-WebSocket-Accept` answer to a `Sec-WebSocket-Key` (RFC 6455 4.2.2): the base64
+/// of the SHA-1 of the key and the protocol's GUID.
+fn accept_key(key: &str) -> String {
+    use base64::Engine as _;
+    use sha1::{Digest, Sha1};
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let digest = Sha1::new()
+        .chain_update(key.as_bytes())
+        .chain_update(GUID)
+        .finalize();
+    base64::engine::general_purpose::STANDARD.encode(digest)
 }
 
 /// Checks an upgrade request (RFC 6455 4.2.1); returns its `Sec-WebSocket-Key`.
@@ -796,5 +806,17 @@ async fn answer(
             outbox.release(channel_key(channel.as_str()), None);
             vec![protocol::unsubscribed(&channel, id.as_ref())]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn accept_key_is_the_rfc_example() {
+        // RFC 6455 section 1.3.
+        assert_eq!(
+            super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 }
