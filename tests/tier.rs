@@ -224,3 +224,57 @@ async fn a_slow_consumer_is_cut_off_without_hurting_others() {
         Closed::Reset => eprintln!("slow client: reset"),
     }
 }
+
+/// `subscribed` comes before any frame of its channel (docs/protocol.md, "Ordering"): the
+/// channel's events and the subscriber's own presence join, here while the channel carries
+/// thousands of events a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribed_comes_before_the_channels_frames() {
+    use futures_util::StreamExt;
+    let tier = Tier::start(1).await;
+    // A reader that keeps the channel subscribed on the node, and drains what it gets.
+    let mut busy = tier.client(0).await;
+    busy.subscribe("busy").await;
+    let draining = tokio::spawn(async move { while busy.socket.next().await.is_some() {} });
+    // Live copies of stored events as the stream would republish them, as fast as NATS takes
+    // them (nothing is stored: this measures the node, not JetStream). Bounded in count.
+    let nats = async_nats::connect(tier.nats.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let forger = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            for seq in 1..=2_000_000u64 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Sequence", seq.to_string().as_str());
+                headers.insert("Nats-Last-Sequence", (seq - 1).to_string().as_str());
+                nats.publish_with_headers("fanout.out.busy", headers, "1".into())
+                    .await
+                    .unwrap();
+                if seq % 256 == 0 {
+                    nats.flush().await.unwrap();
+                }
+            }
+        }
+    });
+    for i in 0..100 {
+        let mut client = tier.client(0).await;
+        let presence = i % 2 == 0;
+        client
+            .send(json!({"op": "subscribe", "channel": "busy", "presence": presence, "id": i}))
+            .await;
+        let first = client.recv().await;
+        assert_eq!(
+            (first["op"].as_str(), &first["id"]),
+            (Some("subscribed"), &json!(i)),
+            "subscribe {i}: the first frame after the request"
+        );
+        // And the channel's frames do come after it.
+        assert!(is_push(&client.recv().await));
+    }
+    stop.cancel();
+    within("the forger to stop", forger).await.unwrap();
+    draining.abort();
+}

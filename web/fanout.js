@@ -180,6 +180,17 @@ export class FanoutClient {
     return this.request({ op: "info", info });
   }
 
+  /**
+   * Publishes `data` (any JSON value) to `channel` through the node (the token's `publish`
+   * patterns must allow it). Resolves with the `published` reply `{channel, seq, event}` once
+   * the event is stored; rejects with the error frame (`forbidden`, `rate_limited`, ...).
+   * If this client is subscribed to `channel`, its own copy of the event may arrive before or
+   * after the reply (docs/protocol.md, "Ordering"): match them by `event.id === reply.event`.
+   */
+  publish(channel, data) {
+    return this.request({ op: "publish", channel, data });
+  }
+
   /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
   unsubscribe(channel) {
     this._channels.delete(channel);

@@ -288,3 +288,33 @@ test("presence: changes come as events; info and presence flags survive a reconn
     mock.timers.reset();
   }
 });
+
+test("publish resolves with its reply whether the own event comes before or after it", async () => {
+  const { client, last } = setup("ws://a/ws");
+  try {
+    const events = [];
+    client.connect();
+    last().welcome("ws-1");
+    client.subscribe("room", (e) => events.push(e.id));
+    last().frame({ op: "subscribed", channel: "room", id: last().sent[0].id });
+    for (const [n, eventFirst] of [[1, true], [2, false]]) {
+      const published = client.publish("room", { n });
+      const request = last().sent.at(-1);
+      assert.deepEqual([request.op, request.channel, request.data], ["publish", "room", { n }]);
+      const event = { op: "event", channel: "room", seq: 10 + n, id: `e${n}`, ts: 1, data: { n } };
+      const reply = { op: "published", channel: "room", seq: 10 + n, event: `e${n}`, id: request.id };
+      if (eventFirst) last().frame(event);
+      last().frame(reply);
+      if (!eventFirst) last().frame(event);
+      const answer = await published;
+      assert.equal(answer.event, `e${n}`);
+    }
+    assert.deepEqual(events, ["e1", "e2"], "each own event delivered once, by id");
+    const refused = client.publish("room", 3);
+    last().frame({ op: "error", code: "rate_limited", message: "slow down", ref: "publish", id: last().sent.at(-1).id });
+    await assert.rejects(refused, (e) => e.code === "rate_limited");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});

@@ -31,17 +31,29 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
 }
 
 /// Polls `check` until it returns true, failing after [`WAIT`].
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    within(what, async {
+    eventually_within(WAIT, what, check).await
+}
+
+/// [`eventually`] with another bound, for a wait that the system under test itself may
+/// legitimately make longer than [`WAIT`] (say, a client's reconnect backoff).
+pub async fn eventually_within<F, Fut>(bound: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let polling = async {
         while !check().await {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    })
-    .await
+    };
+    tokio::time::timeout(bound, polling)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {what}"))
 }
 
 /// The workspace root (this package's manifest directory).
@@ -404,9 +416,16 @@ pub async fn publish(api: &Server, channel: &str, data: &Value) -> u64 {
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A WebSocket client that speaks fanout's JSON protocol.
+///
+/// The protocol orders the events of one channel, and puts `subscribed` before the frames of
+/// its channel; it does not order a reply against other frames (docs/protocol.md,
+/// "Ordering"). So [`Client::request`] finds its reply by id and keeps what it reads past;
+/// every other read takes the kept frames first, in the order they came.
 pub struct Client {
     pub socket: Socket,
     pub welcome: Value,
+    /// Frames read past while waiting for a reply, oldest first.
+    kept: std::collections::VecDeque<Value>,
 }
 
 /// How the server ended a connection, as a client sees it.
@@ -415,6 +434,14 @@ pub enum Closed {
     Code(u16, String),
     /// The TCP connection ended without a close frame.
     Reset,
+}
+
+/// Frames the server sends on its own (events and presence changes), as opposed to replies.
+pub fn is_push(frame: &Value) -> bool {
+    matches!(
+        frame["op"].as_str(),
+        Some("event" | "join" | "leave" | "update")
+    )
 }
 
 impl Client {
@@ -432,6 +459,7 @@ impl Client {
         let mut client = Client {
             socket,
             welcome: Value::Null,
+            kept: Default::default(),
         };
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["op"], "welcome", "{}", client.welcome);
@@ -445,8 +473,9 @@ impl Client {
             .unwrap();
     }
 
-    /// The next JSON frame (pings and pongs are skipped). Panics on close.
-    pub async fn recv(&mut self) -> Value {
+    /// The next JSON frame from the socket, skipping WebSocket pings and pongs. Panics on
+    /// close.
+    async fn read(&mut self) -> Value {
         within("a frame", async {
             loop {
                 match self.socket.next().await {
@@ -459,10 +488,33 @@ impl Client {
         .await
     }
 
-    /// Sends `request` and returns the next frame (the reply, unless an event comes first).
+    /// The next JSON frame: a kept one first, else from the socket (WebSocket pings and
+    /// pongs are skipped). Panics on close.
+    pub async fn recv(&mut self) -> Value {
+        match self.kept.pop_front() {
+            Some(frame) => frame,
+            None => self.read().await,
+        }
+    }
+
+    /// Sends `request` and returns its reply: the first frame that is not a push
+    /// ([`is_push`]) and, when the request has an `id`, carries that `id`. Every other frame
+    /// read meanwhile is kept for the next reads, in order.
     pub async fn request(&mut self, request: Value) -> Value {
+        let id = request.get("id").cloned();
+        let is_reply =
+            |frame: &Value| !is_push(frame) && id.as_ref().is_none_or(|id| &frame["id"] == id);
         self.send(request).await;
-        self.recv().await
+        if let Some(i) = self.kept.iter().position(is_reply) {
+            return self.kept.remove(i).unwrap();
+        }
+        loop {
+            let frame = self.read().await;
+            if is_reply(&frame) {
+                return frame;
+            }
+            self.kept.push_back(frame);
+        }
     }
 
     pub async fn subscribe(&mut self, channel: &str) {
@@ -473,15 +525,17 @@ impl Client {
         assert_eq!(reply["channel"], channel);
     }
 
-    /// The next `event` frame; fails on any other frame.
+    /// The next frame ([`Client::recv`]), which must be an `event`.
     pub async fn event(&mut self) -> Value {
         let frame = self.recv().await;
         assert_eq!(frame["op"], "event", "{frame}");
         frame
     }
 
-    /// Reads until the server closes the connection; other frames are dropped.
+    /// Reads until the server closes the connection; every other frame (kept ones included)
+    /// is dropped.
     pub async fn closed(&mut self) -> Closed {
+        self.kept.clear();
         within("the connection to close", async {
             loop {
                 match self.socket.next().await {
@@ -645,8 +699,9 @@ pub struct Received {
 /// Options of a [`Resumer`].
 #[derive(Debug, Clone, Default)]
 pub struct ResumerOptions {
-    /// Stop reading for this long once, after this many events (to become a slow consumer).
-    pub stall: Option<(usize, Duration)>,
+    /// Stop reading once, after this many events, until the gate opens (bounded by [`WAIT`]):
+    /// to become a slow consumer until the node has cut it off.
+    pub stall: Option<(usize, tokio::sync::watch::Receiver<bool>)>,
     /// Disconnect after this many events and stay away this long before resuming.
     pub offline: Option<(usize, Duration)>,
 }
@@ -771,11 +826,12 @@ async fn resume_loop(
                 Some("event") => {
                     received.seqs.push(frame["seq"].as_u64().unwrap());
                     let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if let Some((after, pause)) = options.stall
-                        && n >= after
+                    if let Some((after, gate)) = &options.stall
+                        && n >= *after
                     {
+                        let mut gate = gate.clone();
                         options.stall = None;
-                        tokio::time::sleep(pause).await;
+                        let _ = tokio::time::timeout(WAIT, gate.wait_for(|open| *open)).await;
                     }
                     if let Some((after, away)) = options.offline
                         && n >= after

@@ -295,6 +295,16 @@ impl Outbox {
         if let Some(upto) = upto {
             state.replayed.push((key, upto));
         }
+        self.let_go(&mut state);
+    }
+
+    /// Lets the held frames go, without those covered, and changes nothing else.
+    pub fn release_held(&self) {
+        let mut state = self.lock();
+        self.let_go(&mut state);
+    }
+
+    fn let_go(&self, state: &mut State) {
         if let Some(held) = state.held.take()
             && !state.broken
         {
@@ -303,7 +313,7 @@ impl Outbox {
                 .filter(|(key, seq, _)| !state.covered(*key, *seq))
                 .map(|(_, _, frame)| frame)
                 .collect();
-            self.write_or_queue(&mut state, fresh.iter());
+            self.write_or_queue(state, fresh.iter());
         }
     }
 }

@@ -655,13 +655,11 @@ async fn answer(
             epoch,
             presence,
         } => {
-            let key = channel_key(channel.as_str());
-            if since.is_some() {
-                // Live events wait from here until the replay is written, behind it.
-                outbox.hold();
-            }
+            // Live frames wait from here until `subscribed` (and a replay) is written, behind
+            // it: the protocol promises `subscribed` before any frame of the channel.
+            outbox.hold();
             if let Err(err) = node.subscribe(conn, &channel, presence).await {
-                outbox.release(key, None);
+                outbox.release_held();
                 let code = match err {
                     SubscribeError::TooMany(_) => "too_many_subscriptions",
                     SubscribeError::UnknownConn => "internal",
@@ -669,7 +667,13 @@ async fn answer(
                 return reject(code, err.to_string(), "subscribe");
             }
             let Some(since) = since else {
-                return vec![protocol::subscribed(&channel, id.as_ref(), None)];
+                outbox.send(frame::text(&protocol::subscribed(
+                    &channel,
+                    id.as_ref(),
+                    None,
+                )));
+                outbox.release_held();
+                return Vec::new();
             };
             let replay = node.replay(&channel, since, epoch.as_deref()).await;
             let resumed = Resumed {
@@ -689,7 +693,7 @@ async fn answer(
                 }
             }
             // The held live events follow, without those the replay (or the client) has.
-            outbox.release(key, replay.skip_upto);
+            outbox.release(channel_key(channel.as_str()), replay.skip_upto);
             Vec::new()
         }
         Op::Publish { channel, .. } if !identity.may_publish(&channel) => reject(
@@ -811,11 +815,31 @@ async fn answer(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_publish_budget_is_a_burst_then_a_rate() {
+        let mut bucket = Bucket::new(3);
+        assert!((0..3).all(|_| bucket.take()), "a full burst");
+        assert!(!bucket.take());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!bucket.take(), "0.9 of a token");
+        tokio::time::advance(Duration::from_millis(40)).await;
+        assert!(bucket.take(), "one token per third of a second");
+        assert!(!bucket.take());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(
+            (0..5).filter(|_| bucket.take()).count(),
+            3,
+            "never more than a burst"
+        );
+    }
+
     #[test]
     fn accept_key_is_the_rfc_example() {
         // RFC 6455 section 1.3.
         assert_eq!(
-            super::accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
