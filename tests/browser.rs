@@ -11,6 +11,7 @@ mod common;
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use common::*;
@@ -130,14 +131,19 @@ impl Tab<'_> {
         (v[0].as_str().unwrap().into(), v[1].as_str().unwrap().into())
     }
 
-    /// Waits until the tab shows `state` (and, when open, `node`).
-    async fn wait_for(&self, state: &str, node: Option<&str>) {
+    /// Waits until the tab shows `state` (and, when open, `node`), for at most `bound`.
+    async fn wait_for_within(&self, bound: Duration, state: &str, node: Option<&str>) {
         let what = format!("tab {} to show {state} {node:?}", self.name);
-        eventually(&what, || async {
+        eventually_within(bound, &what, || async {
             let (s, n) = self.state().await;
             s == state && node.is_none_or(|node| n == node)
         })
         .await;
+    }
+
+    /// [`Tab::wait_for_within`] [`WAIT`].
+    async fn wait_for(&self, state: &str, node: Option<&str>) {
+        self.wait_for_within(WAIT, state, node).await;
     }
 
     /// The (channel, seq) of every event in the tab's log, newest first.
@@ -193,6 +199,9 @@ impl Tab<'_> {
         path
     }
 }
+
+/// fanout.js's longest reconnect delay (`maxDelay`, 15 s), plus [`WAIT`] for the attempt.
+const RECONNECT_BOUND: Duration = Duration::from_secs(15 + 15);
 
 /// The newest broadcast seq the API stored, read back from a fresh test client: the event
 /// that "Call API" produced.
@@ -295,7 +304,10 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     // event replayed, then the next one live.
     let ws2 = Process::start("fanout-ws", &ws_env("ws-2", &ws2_addr));
     wait_ready(&ws2.server()).await;
-    b.wait_for("open", Some("ws-2")).await;
+    // The tab retries with backoff (fanout.js: at most 15 s between attempts, however long
+    // node 2 was away), so its next attempt may come up to that long after node 2 is back.
+    b.wait_for_within(RECONNECT_BOUND, "open", Some("ws-2"))
+        .await;
     b.wait_for_event(missed).await;
     let shown = b
         .eval("return document.getElementById('result').textContent")

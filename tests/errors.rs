@@ -213,13 +213,15 @@ async fn an_oversized_frame_closes_with_1009_only_that_connection() {
 async fn a_client_that_stops_answering_pings_is_closed() {
     let nats = NatsServer::start();
     let ws = start_ws(&nats, "ws-1", |c| c.heartbeat_secs = 1).await;
-    let mut silent = Client::connect(&ws).await;
-    assert_eq!(silent.welcome["heartbeat"], 1);
-    // The test client answers pings only while it reads; it reads nothing for 3 s.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // A hand-made client that reads everything and answers nothing: pinged, then closed.
+    let (mut silent, mut buf) = raw::connect(ws.addr, &[]).await;
+    let welcome = raw::until(&mut silent, &mut buf, 0x1).await;
+    assert!(String::from_utf8_lossy(&welcome).contains(r#""heartbeat":1"#));
+    raw::until(&mut silent, &mut buf, 0x9).await;
+    let close = raw::until(&mut silent, &mut buf, 0x8).await;
     assert_eq!(
-        silent.closed().await,
-        Closed::Code(4002, "heartbeat timeout".into())
+        (u16::from_be_bytes([close[0], close[1]]), &close[2..]),
+        (4002, &b"heartbeat timeout"[..])
     );
 
     // A client that reads (and so answers pings) stays connected past several heartbeats.
@@ -270,28 +272,32 @@ mod raw {
         out
     }
 
-    /// Reads server frames until one of `opcode` arrives; returns its payload.
+    /// Reads server frames until one of `opcode` arrives (bounded by `WAIT`); returns its
+    /// payload. Frames of other opcodes are skipped.
     pub async fn until(stream: &mut TcpStream, buf: &mut Vec<u8>, opcode: u8) -> Vec<u8> {
-        loop {
-            while buf.len() >= 2 {
-                let (len, header) = match buf[1] {
-                    126 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-                    n => (n as usize, 2),
-                };
-                if buf.len() < header + len {
-                    break;
+        super::within(&format!("a frame with opcode {opcode:#x}"), async {
+            loop {
+                while buf.len() >= 2 {
+                    let (len, header) = match buf[1] {
+                        126 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                        n => (n as usize, 2),
+                    };
+                    if buf.len() < header + len {
+                        break;
+                    }
+                    let (op, payload) = (buf[0] & 0x0F, buf[header..header + len].to_vec());
+                    buf.drain(..header + len);
+                    if op == opcode {
+                        return payload;
+                    }
                 }
-                let (op, payload) = (buf[0] & 0x0F, buf[header..header + len].to_vec());
-                buf.drain(..header + len);
-                if op == opcode {
-                    return payload;
-                }
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before a frame with opcode {opcode}");
+                buf.extend_from_slice(&chunk[..n]);
             }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before a frame with opcode {opcode}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        })
+        .await
     }
 
     /// Connects, sending `after` in the same write as the handshake; returns the socket and
@@ -304,7 +310,10 @@ mod raw {
         let mut buf = Vec::new();
         loop {
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.unwrap();
+            let n = super::within("the handshake's answer", stream.read(&mut chunk))
+                .await
+                .unwrap();
+            assert!(n > 0, "closed before answering the handshake: {buf:?}");
             buf.extend_from_slice(&chunk[..n]);
             if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 assert!(buf.starts_with(b"HTTP/1.1 101"));

@@ -165,12 +165,27 @@ async fn a_slow_consumer_is_cut_off_and_resumes_complete() {
     let ws = start_ws(&nats, "ws-1", |c| c.queue_capacity = 64).await;
     let urls = [ws_url(&ws)];
     let normal = Resumer::start(urls.to_vec(), 0, "slow", ResumerOptions::default()).await;
-    // Stops reading for 2.5 s after 100 events: 500 events of 32 KiB overflow every buffer.
+    // Stops reading after 100 events until the node has cut it off (its connection count
+    // falls back to the normal client's): the 700 events of 32 KiB after them overflow the
+    // socket buffers and the queue, however fast or slow the publisher goes.
+    let (cut_off, gate) = tokio::sync::watch::channel(false);
     let stall = ResumerOptions {
-        stall: Some((100, Duration::from_millis(2500))),
+        stall: Some((100, gate)),
         ..ResumerOptions::default()
     };
     let slow = Resumer::start(urls.to_vec(), 0, "slow", stall).await;
+    let state = ws.url("/v1/debug/state");
+    tokio::spawn(async move {
+        loop {
+            let state: serde_json::Value =
+                reqwest::get(&state).await.unwrap().json().await.unwrap();
+            if state["connections"] == 1 {
+                let _ = cut_off.send(true);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
     let publisher = steady_publisher(api.addr, "slow", RATE, total().max(800), 32 * 1024);
     let received = finish("slow consumer", publisher, vec![normal, slow]).await;
     assert_eq!(

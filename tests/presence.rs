@@ -43,6 +43,34 @@ async fn presence(api: &Server, channel: &str, query: &str) -> Value {
     response.json().await.unwrap()
 }
 
+/// A complete answer (`partial: false`): asked again until every node answered in time, which
+/// on a loaded machine may take more than one query (a node has 1 s to answer).
+async fn complete(api: &Server, channel: &str, query: &str) -> Value {
+    within("a complete presence answer", async {
+        loop {
+            let answer = presence(api, channel, query).await;
+            if answer["partial"] == false {
+                return answer;
+            }
+        }
+    })
+    .await
+}
+
+/// The same over WebSocket: `request` (a `presence` op) until the reply is complete.
+async fn complete_ws(client: &mut Client, request: Value) -> Value {
+    within("a complete presence reply", async {
+        loop {
+            let reply = client.request(request.clone()).await;
+            assert_eq!(reply["op"], "presence", "{reply}");
+            if reply["partial"] == false {
+                return reply;
+            }
+        }
+    })
+    .await
+}
+
 fn users(answer: &Value) -> Vec<String> {
     let mut users: Vec<String> = answer["members"]
         .as_array()
@@ -79,7 +107,7 @@ async fn presence_across_three_nodes() {
         answer["partial"] == false && users(&answer) == ["ada", "bob", "wanda"]
     })
     .await;
-    let answer = presence(api, "room:maths", "").await;
+    let answer = complete(api, "room:maths", "").await;
     assert_eq!(answer["channel"], "room:maths");
     assert_eq!(answer["count"], 3);
     let ada_entry = answer["members"]
@@ -94,27 +122,30 @@ async fn presence_across_three_nodes() {
     assert_eq!(ada_entry["info"], Value::Null);
     assert_eq!(ada_entry["joined_at"], join["joined_at"]);
 
-    let count = presence(api, "room:maths", "?count_only=true").await;
+    let count = complete(api, "room:maths", "?count_only=true").await;
     assert_eq!(
         count,
         json!({"channel": "room:maths", "count": 3, "partial": false})
     );
-    let empty = presence(api, "room:nobody", "").await;
+    let empty = complete(api, "room:nobody", "").await;
     assert_eq!(
         (empty["count"].clone(), empty["partial"].clone()),
         (json!(0), json!(false))
     );
 
     // The same over WebSocket, from any node.
-    let reply = bob
-        .request(json!({"op": "presence", "channel": "room:maths", "id": 1}))
-        .await;
-    assert_eq!(reply["op"], "presence", "{reply}");
+    let reply = complete_ws(
+        &mut bob,
+        json!({"op": "presence", "channel": "room:maths", "id": 1}),
+    )
+    .await;
     assert_eq!(reply["id"], 1);
     assert_eq!(users(&reply), ["ada", "bob", "wanda"]);
-    let reply = bob
-        .request(json!({"op": "presence", "channel": "room:maths", "count_only": true}))
-        .await;
+    let reply = complete_ws(
+        &mut bob,
+        json!({"op": "presence", "channel": "room:maths", "count_only": true}),
+    )
+    .await;
     assert_eq!(
         (reply["count"].clone(), reply.get("members")),
         (json!(3), None)
@@ -131,7 +162,7 @@ async fn presence_across_three_nodes() {
     let update = change_of(&mut watcher, "bob").await;
     assert_eq!(update["op"], "update");
     assert_eq!(update["info"]["name"], "Bob");
-    let answer = presence(api, "room:maths", "").await;
+    let answer = complete(api, "room:maths", "").await;
     let bob_entry = answer["members"]
         .as_array()
         .unwrap()
@@ -274,7 +305,20 @@ async fn no_ghosts_after_a_crash_or_a_shutdown() {
         ["wanda"],
         "ws-1 cannot answer for its members"
     );
-    assert_eq!(answer["partial"], true, "ws-1 is still expected to answer");
+    // Until discovery forgets ws-1 (4 to 6 s after the kill), it is expected to answer: the
+    // answer says it is partial. Only once it is forgotten may an answer be complete.
+    if answer["partial"] == false {
+        let nodes: Value = reqwest::get(api.url("/v1/nodes"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            !nodes.to_string().contains("\"ws-1\""),
+            "a complete answer while ws-1 is listed: {answer} {nodes}"
+        );
+    }
     let mut left = Vec::new();
     for _ in 0..2 {
         let frame = watcher.recv().await;

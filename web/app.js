@@ -135,6 +135,18 @@ function renderChannels(client) {
 /** The lobby's members, by connection, kept current by presence changes. */
 const LOBBY = "lobby";
 const members = new Map();
+/**
+ * The changes seen while a presence query is out, one list per query. Its answer and the
+ * changes travel separately, so the answer may be older or newer than any of them: the answer
+ * replaces the list, then those changes apply again on top, in order (the last change of a
+ * member is its newest state).
+ */
+const recording = new Set();
+
+function applyChange(change) {
+  if (change.op === "leave") members.delete(change.conn);
+  else members.set(change.conn, change);
+}
 
 function renderMembers(client, partial = false) {
   const list = $("members");
@@ -154,15 +166,20 @@ function renderMembers(client, partial = false) {
 }
 
 async function refreshMembers(client) {
+  const seen = [];
+  recording.add(seen);
   try {
     const answer = await client.presence(LOBBY);
     members.clear();
     for (const member of answer.members) members.set(member.conn, member);
+    for (const change of seen) applyChange(change);
     renderMembers(client, answer.partial);
     // A node did not answer (one just started or died): ask again once discovery settles.
     if (answer.partial) setTimeout(() => refreshMembers(client), 3000);
   } catch {
     // Not connected: the next welcome asks again.
+  } finally {
+    recording.delete(seen);
   }
 }
 
@@ -205,8 +222,8 @@ async function main() {
   client.on("error", (e) => result(`${e.code ?? "error"}: ${e.message ?? e}`, false));
   client.on("presence", (change) => {
     if (change.channel !== LOBBY) return;
-    if (change.op === "leave") members.delete(change.conn);
-    else members.set(change.conn, change);
+    for (const seen of recording) seen.push(change);
+    applyChange(change);
     renderMembers(client);
   });
   // Changes are not replayed: after every (re)connect, ask who is here.
