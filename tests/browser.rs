@@ -9,6 +9,7 @@
 mod common;
 
 use std::{
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -41,6 +42,10 @@ impl Driver {
             .port();
         let child = Command::new(chromedriver())
             .arg(format!("--port={port}"))
+            // A process group of its own, which the browsers it starts join: on drop the whole
+            // group goes, so that a failed test leaves no browser behind to reconnect to the
+            // next test's servers.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -98,7 +103,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -134,11 +141,30 @@ impl Tab<'_> {
     /// Waits until the tab shows `state` (and, when open, `node`), for at most `bound`.
     async fn wait_for_within(&self, bound: Duration, state: &str, node: Option<&str>) {
         let what = format!("tab {} to show {state} {node:?}", self.name);
-        eventually_within(bound, &what, || async {
+        self.until(bound, &what, || async {
             let (s, n) = self.state().await;
             s == state && node.is_none_or(|node| n == node)
         })
         .await;
+    }
+
+    /// Polls `check` until it holds, for at most `bound`; the failure says what the tab shows.
+    async fn until<F, Fut>(&self, bound: Duration, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + bound;
+        while !check().await {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after {bound:?} waiting for {what}; tab {} shows {}",
+                    self.name,
+                    self.dump().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// [`Tab::wait_for_within`] [`WAIT`].
@@ -159,11 +185,21 @@ impl Tab<'_> {
     }
 
     async fn wait_for_event(&self, seq: u64) {
-        let what = format!("tab {} to show event #{seq}", self.name);
-        eventually(&what, || async {
+        let what = format!("event #{seq}");
+        self.until(WAIT, &what, || async {
             self.events().await.iter().any(|(_, s)| *s == seq)
         })
         .await;
+    }
+
+    /// What the tab shows (state, node, result line, log, members), for failure messages.
+    async fn dump(&self) -> Value {
+        self.eval(
+            "return Object.fromEntries(['conn', 'node', 'result', 'log', 'members'].map((id) => \
+             [id, document.getElementById(id).innerText + ' ' + \
+             (document.getElementById(id).dataset.state ?? '')]))",
+        )
+        .await
     }
 
     /// The lobby's member list as the tab shows it: "name-or-user · node".
@@ -264,7 +300,7 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     // Presence: each tab lists both tabs, across the two nodes; a name set in tab A shows
     // in tab B.
     for tab in [&a, &b] {
-        eventually("both tabs in the member list", || async {
+        tab.until(WAIT, "both tabs in the member list", || async {
             let members = tab.members().await;
             members.len() == 2
                 && members.iter().any(|m| m.ends_with("· ws-1"))
@@ -282,7 +318,7 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
         .click()
         .await
         .unwrap();
-    eventually("tab B to show tab A's name", || async {
+    b.until(WAIT, "tab A's name", || async {
         b.members().await.contains(&"Ada · ws-1".to_string())
     })
     .await;

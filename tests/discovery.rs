@@ -31,6 +31,17 @@ async fn nodes_come_and_go() {
         ids(&live_nodes(api).await) == ["ws-1", "ws-2"]
     })
     .await;
+    // Once the API has followed announcements for a full round, it says its list is whole.
+    eventually("the list to be complete", || async move {
+        let body: Value = reqwest::get(api.url("/v1/nodes"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["partial"] == false
+    })
+    .await;
     let nodes = live_nodes(api).await;
     let port = ws1.addr.rsplit(':').next().unwrap().to_string();
     assert_eq!(nodes[0]["url"], format!("ws://{{host}}:{port}/ws"));

@@ -183,18 +183,38 @@ async function refreshMembers(client) {
   }
 }
 
+/**
+ * The live ws nodes (discovery). Right after the API starts it may not have heard every node
+ * yet (`partial`): asked again for a few seconds while the node this tab is pinned to is not
+ * among them, so that `?node=2` never quietly lands on another node.
+ */
+async function liveNodes(params) {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const live = await fetch("/v1/nodes")
+      .then((r) => (r.ok ? r.json() : { nodes: [] }))
+      .catch(() => ({ nodes: [] }));
+    const nodes = live.nodes.map((n) => ({ name: n.id, url: n.url }));
+    const wanted = params.get("node");
+    const found = !wanted || choose(nodes, params).pinned !== null;
+    if (!live.partial || found || Date.now() > deadline) return nodes;
+    await new Promise((done) => setTimeout(done, 250));
+  }
+}
+
 async function main() {
   const config = await fetch("/v1/config").then((r) => r.json());
+  const params = new URLSearchParams(location.search);
   // Live discovery first; the configured list (FANOUT_WS_URLS) when no node announced itself.
-  const live = await fetch("/v1/nodes")
-    .then((r) => (r.ok ? r.json() : { nodes: [] }))
-    .catch(() => ({ nodes: [] }));
-  const listed = live.nodes.length ? live.nodes.map((n) => ({ name: n.id, url: n.url })) : config.nodes;
+  const live = await liveNodes(params);
+  const listed = live.length ? live : config.nodes;
   const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url) }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
-  const params = new URLSearchParams(location.search);
   const { urls, pinned } = choose(nodes, params);
   renderNodes(nodes, pinned);
+  if (params.get("node") && pinned === null) {
+    result(`no node ${params.get("node")} is running: this tab fails over across all nodes`, false);
+  }
   if (urls.length === 0) {
     showState({ state: "closed" });
     result("The API knows no ws nodes: set FANOUT_WS_URLS, or open ?ws=ws://host:port/ws", false);

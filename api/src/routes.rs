@@ -353,9 +353,10 @@ async fn presence(
     Ok(Json(answer).into_response())
 }
 
-/// The ws nodes that announced themselves within the last few seconds.
+/// The ws nodes that announced themselves within the last few seconds; `partial` while this
+/// process has not followed announcements long enough to have heard every running node.
 async fn nodes(State(state): State<AppState>) -> impl IntoResponse {
-    Json(json!({ "nodes": state.nodes.live() }))
+    Json(json!({ "nodes": state.nodes.live(), "partial": !state.nodes.is_complete() }))
 }
 
 async fn healthz() -> impl IntoResponse {
