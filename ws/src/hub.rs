@@ -599,13 +599,15 @@ mod tests {
         (id, client, kick, outbox)
     }
 
-    /// What the client end has received so far.
-    fn received(client: &tokio::net::TcpStream) -> String {
-        let mut buf = vec![0; 1 << 20];
-        match client.try_read(&mut buf) {
-            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-            Err(_) => String::new(),
-        }
+    /// The next `n` bytes the client end receives (one write or several).
+    async fn received(client: &mut tokio::net::TcpStream, n: usize) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; n];
+        tokio::time::timeout(std::time::Duration::from_secs(10), client.read_exact(&mut buf))
+            .await
+            .expect("the bytes to arrive")
+            .unwrap();
+        String::from_utf8(buf).unwrap()
     }
 
     fn bytes(text: &str) -> Bytes {
@@ -703,8 +705,8 @@ mod tests {
     #[tokio::test]
     async fn delivers_to_subscribers_only_and_broadcasts_to_all() {
         let f = fixture(10);
-        let (a, ra, _) = conn(&f.hub, 4).await;
-        let (_b, rb, _) = conn(&f.hub, 4).await;
+        let (a, mut ra, _) = conn(&f.hub, 4).await;
+        let (_b, mut rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         let frame = bytes("e1;");
         assert_eq!(
@@ -726,10 +728,8 @@ mod tests {
                 .delivered,
             2
         );
-        ra.readable().await.unwrap();
-        assert_eq!(received(&ra), "e1;b1;");
-        rb.readable().await.unwrap();
-        assert_eq!(received(&rb), "b1;");
+        assert_eq!(received(&mut ra, 6).await, "e1;b1;");
+        assert_eq!(received(&mut rb, 3).await, "b1;");
     }
 
     #[tokio::test]
@@ -772,7 +772,7 @@ mod tests {
     async fn reports_joins_leaves_and_watch_interest() {
         let mut f = fixture(10);
         let (a, _ra, _) = conn(&f.hub, 4).await;
-        let (b, rb, _) = conn(&f.hub, 4).await;
+        let (b, mut rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
         let watching = f.hub.subscribe(b, &ch("x"), true).unwrap();
         f.hub.subscribe(b, &ch("x"), true).unwrap(); // no second join, no second watch
@@ -799,8 +799,7 @@ mod tests {
         // Presence changes reach only the watching subscriber, never skipped as replayed.
         let frame = bytes("join;");
         assert_eq!(f.hub.deliver_presence(&ch("x"), &frame).delivered, 1);
-        rb.readable().await.unwrap();
-        assert_eq!(received(&rb), "join;");
+        assert_eq!(received(&mut rb, 5).await, "join;");
 
         assert!(
             f.hub
