@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test run lint fmt nats-server browser bench bench-tracing bench-presence soak clean
+.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence soak clean
 
 all: build
 
@@ -41,6 +41,14 @@ test: $(NATS_SERVER) browser
 	node --test web/
 	cargo build --workspace --bins
 	cargo test --workspace
+
+# Each integration test file alone, RUNS times (default 5); STRESS=1 keeps both cores busy
+# with stress-ng meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
+test-alone: $(NATS_SERVER) browser
+	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
+
+RUNS   ?= 5
+STRESS ?= 0
 
 # One nats-server, one API on :8080 and $(WS) ws nodes on :8081... (make run WS=5).
 run: $(NATS_SERVER)
