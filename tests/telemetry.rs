@@ -171,17 +171,20 @@ async fn one_post_is_one_trace_across_the_api_and_every_node() {
         );
     }
 
+    // Every span asserted on below: each process exports its spans in batches as they end
+    // (the HTTP server span ends after the publish span it contains, maybe a batch later).
     let receiver = &receiver;
     eventually("spans from the API and both nodes", || async move {
         let spans = receiver.spans();
-        spans
-            .iter()
-            .any(|s| s.instance == "api-1" && s.kind == PRODUCER)
-            && ["ws-1", "ws-2"].iter().all(|node| {
-                spans
-                    .iter()
-                    .any(|s| s.instance == *node && s.kind == CONSUMER)
-            })
+        [SERVER, PRODUCER].iter().all(|kind| {
+            spans
+                .iter()
+                .any(|s| s.instance == "api-1" && s.kind == *kind)
+        }) && ["ws-1", "ws-2"].iter().all(|node| {
+            spans
+                .iter()
+                .any(|s| s.instance == *node && s.kind == CONSUMER)
+        })
     })
     .await;
     let spans: Vec<Span> = receiver
@@ -238,8 +241,9 @@ async fn one_post_is_one_trace_across_the_api_and_every_node() {
     // One span per node for the event, not one per client.
     assert_eq!(spans.iter().filter(|s| s.kind == CONSUMER).count(), 2);
     // Connections leave no spans either (their span only labels log lines). Close them, wait
-    // until both nodes have no connection left, then trace a second event: spans are exported
-    // in the order they end, so a connection's span would arrive no later than that event's.
+    // until both nodes have no connection left, then trace a broadcast: each node exports its
+    // spans in the order they end, so a connection's span would arrive no later than that
+    // node's span of the broadcast.
     drop((a, b));
     for node in [&ws1s, &ws2s] {
         let url = node.url("/v1/debug/state");
@@ -249,15 +253,18 @@ async fn one_post_is_one_trace_across_the_api_and_every_node() {
         })
         .await;
     }
-    let seq = common::publish(&api, "traced", &json!("second"))
-        .await
-        .to_string();
-    let seq = &seq;
-    eventually("the second event's spans", || async move {
-        receiver
-            .spans()
-            .iter()
-            .any(|s| s.kind == PRODUCER && s.attributes.get("fanout.seq") == Some(seq))
+    let (status, body) = post_raw(&api, "/v1/broadcast", "\"second\"").await;
+    assert_eq!(status, 202, "{body}");
+    let seq = &body["seq"].to_string();
+    eventually("both nodes' spans of the broadcast", || async move {
+        let spans = receiver.spans();
+        ["ws-1", "ws-2"].iter().all(|node| {
+            spans.iter().any(|s| {
+                s.instance == *node
+                    && s.kind == CONSUMER
+                    && s.attributes.get("fanout.seq") == Some(seq)
+            })
+        })
     })
     .await;
     let names: Vec<String> = receiver.spans().iter().map(|s| s.name.clone()).collect();
@@ -331,7 +338,6 @@ async fn metrics_expose_the_families_and_move_with_events() {
     }
     post_raw(&api, "/v1/channels/m/events", "{broken").await;
 
-    let text = scrape(&ws).await;
     let ws_expect: &[(&str, f64)] = &[
         ("fanout_ws_connections", 1.0),
         ("fanout_ws_connections_opened_total", 1.0),
@@ -344,9 +350,20 @@ async fn metrics_expose_the_families_and_move_with_events() {
         ("fanout_ws_event_latency_seconds_count", 3.0),
         ("fanout_nats_connected", 1.0),
     ];
-    for (name, want) in ws_expect {
-        assert_eq!(sample(&text, name, &[]), Some(*want), "{name} in:\n{text}");
-    }
+    // The node counts a delivery once the frame is written, so the client may read the
+    // third event before the counters say 3: wait for them.
+    let ws = &ws;
+    eventually(
+        "the node's counters to show the three events",
+        || async move {
+            let text = scrape(ws).await;
+            ws_expect
+                .iter()
+                .all(|(name, want)| sample(&text, name, &[]) == Some(*want))
+        },
+    )
+    .await;
+    let text = scrape(ws).await;
     assert!(sample(&text, "fanout_ws_bytes_out_total", &[]).unwrap() > 100.0);
     assert!(
         text.contains("fanout_ws_event_latency_seconds_bucket{le=\"0.001\"}"),

@@ -603,10 +603,13 @@ mod tests {
     async fn received(client: &mut tokio::net::TcpStream, n: usize) -> String {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0; n];
-        tokio::time::timeout(std::time::Duration::from_secs(10), client.read_exact(&mut buf))
-            .await
-            .expect("the bytes to arrive")
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut buf),
+        )
+        .await
+        .expect("the bytes to arrive")
+        .unwrap();
         String::from_utf8(buf).unwrap()
     }
 
