@@ -396,7 +396,7 @@ async fn metrics_expose_the_families_and_move_with_events() {
     // A client leaving moves the gauges back and counts why it left.
     drop(client);
     eventually("the disconnect to be counted", || async {
-        let text = scrape(&ws).await;
+        let text = scrape(ws).await;
         sample(
             &text,
             "fanout_ws_connections_closed_total",
