@@ -90,14 +90,16 @@ impl Driver {
             unreachable!()
         };
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        within(
-            "a browser session",
-            ClientBuilder::new(connector)
-                .capabilities(capabilities)
-                .connect(&format!("http://127.0.0.1:{}", self.port)),
-        )
-        .await
-        .expect("chromedriver could not start chromium")
+        let mut builder = ClientBuilder::new(connector);
+        builder.capabilities(capabilities);
+        let url = format!("http://127.0.0.1:{}", self.port);
+        let session = builder.connect(&url);
+        // A cold start (fresh profile, font caches) on a busy machine can take far longer
+        // than any wait on fanout itself.
+        tokio::time::timeout(BROWSER_START, session)
+            .await
+            .unwrap_or_else(|_| panic!("chromium did not start within {BROWSER_START:?}"))
+            .expect("chromedriver could not start chromium")
     }
 }
 
@@ -235,6 +237,9 @@ impl Tab<'_> {
         path
     }
 }
+
+/// How long chromium may take to start.
+const BROWSER_START: Duration = Duration::from_secs(90);
 
 /// fanout.js's longest reconnect delay (`maxDelay`, 15 s), plus [`WAIT`] for the attempt.
 const RECONNECT_BOUND: Duration = Duration::from_secs(15 + 15);
