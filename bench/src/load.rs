@@ -234,6 +234,18 @@ pub async fn publish_http(
     duration: Duration,
     size: usize,
 ) -> (Published, Histogram) {
+    publish_http_until(api, channels, rate, duration, None, size).await
+}
+
+/// [`publish_http`], stopping early once `stop` turns true.
+pub async fn publish_http_until(
+    api: &str,
+    channels: &[String],
+    rate: u64,
+    duration: Duration,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+    size: usize,
+) -> (Published, Histogram) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -249,6 +261,9 @@ pub async fn publish_http(
     let mut tasks = Vec::with_capacity(total as usize);
     for k in 0..total {
         tokio::time::sleep_until(start + period * k as u32).await;
+        if stop.as_ref().is_some_and(|stop| *stop.borrow()) {
+            break;
+        }
         let c = (k as usize) % channels.len();
         let n = counters[c].fetch_add(1, Ordering::Relaxed);
         let url = format!("{api}/v1/channels/{}/events", channels[c]);

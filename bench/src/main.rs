@@ -7,6 +7,7 @@
 //! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--coalesce 0] [--target both]
 //! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
 //! fanout-bench storm    [--clients 15000] [--target both]
+//! fanout-bench joinstorm [--clients 300] [--storm 12000] [--rate 100]
 //! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
 //! fanout-bench presence [--members 100000] [--nodes 3]
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
@@ -32,7 +33,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use worker::Target;
 
-const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | publish | presence | saturate | tracing [options]; see bench/src/main.rs";
+const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing [options]; see bench/src/main.rs";
 
 /// `--name value` options, as numbers, with `--target` and flags kept as text.
 struct Options(HashMap<String, String>);
@@ -152,6 +153,15 @@ async fn coordinate(command: &str, rest: &[String]) {
                 results.insert(label(target).into(), r);
             }
             Value::Object(results)
+        }
+        "joinstorm" => {
+            suite::join_storm(
+                &paths,
+                o.num("clients", 300),
+                o.num("storm", 12_000),
+                o.num("rate", 100) as u64,
+            )
+            .await
         }
         "publish" => {
             let r = suite::publish(

@@ -299,6 +299,59 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
         "per_second": connected as f64 / secs})
 }
 
+/// Join storm: the latency of `clients` in one channel at `rate` events/s on one node, first
+/// quiet (10 s), then while `storm` connections connect and each subscribes to a channel of
+/// its own (publishing until the last of them is subscribed).
+pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) -> Value {
+    let tier = FanoutTier::start(paths, 1).await;
+    let urls = tier.ws_urls();
+    let channels = vec!["bench".to_string()];
+    let mut results = serde_json::Map::new();
+    for phase in ["quiet", "storm"] {
+        let (mut workers, _) =
+            Workers::start(Target::Fanout, Mode::Record, &urls, clients, 0, 2, 200);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let storming = (phase == "storm").then(|| {
+            let urls = urls.clone();
+            std::thread::spawn(move || {
+                let joined = Workers::start(Target::Fanout, Mode::Join, &urls, storm, 0, 1, 256);
+                let _ = stop.send(true);
+                joined
+            })
+        });
+        let duration = Duration::from_secs(if storming.is_some() { 120 } else { 10 });
+        let started = std::time::Instant::now();
+        let (published, _) = load::publish_http_until(
+            &tier.api_url(),
+            &channels,
+            rate,
+            duration,
+            storming.is_some().then_some(stopped),
+            100,
+        )
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        let expected = published.values().sum::<u64>() * clients as u64;
+        workers.settle(expected, Duration::from_secs(2)).await;
+        let seen = workers.stop(&published);
+        let l = &seen.hist;
+        let mut phase_result = json!({
+            "seconds": secs, "published": published.values().sum::<u64>(),
+            "deliveries": seen.received, "missing": seen.missing,
+            "latency_ms": {"p50": l.quantile_ms(0.5), "p99": l.quantile_ms(0.99), "max": l.quantile_ms(1.0)},
+        });
+        if let Some(storming) = storming {
+            let (joined, join_secs) = storming.join().expect("the storm's workers");
+            phase_result["storm"] = json!({"connections": storm, "subscribed": joined.connected,
+                "seconds": join_secs, "per_second": joined.connected as f64 / join_secs});
+            drop(joined.stop(&HashMap::new()));
+        }
+        println!("  {phase}: {phase_result}");
+        results.insert(phase.into(), phase_result);
+    }
+    Value::Object(results)
+}
+
 /// The API alone: acknowledged events/s with `publishers` closed-loop publishers.
 pub async fn publish(paths: &Paths, publishers: usize, secs: u64, payload: usize) -> Value {
     let tier = FanoutTier::start(paths, 1).await;
@@ -602,6 +655,30 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         ],
     );
     results.insert("storm".into(), json!({"fanout": f, "nats": n}));
+
+    let joiners = scale(12_000);
+    println!(
+        "join storm: 300 clients × 100 events/s on one node, quiet, then while {joiners} connect and subscribe"
+    );
+    let j = join_storm(paths, 300, joiners, 100).await;
+    let p99 = |phase: &str| j[phase]["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
+    row(
+        &mut rows,
+        [
+            &format!("join storm, 300 × 100 ev/s while {joiners} join"),
+            "p99 latency quiet / storm (max), ms",
+            &format!(
+                "{:.2} / {:.2} ({:.1})",
+                p99("quiet"),
+                p99("storm"),
+                j["storm"]["latency_ms"]["max"].as_f64().unwrap_or(f64::NAN)
+            ),
+            "",
+            "",
+            "storm close to quiet",
+        ],
+    );
+    results.insert("join_storm".into(), j);
 
     let members = if quick { 10_000 } else { 100_000 };
     println!("presence: {members} members on 3 nodes");

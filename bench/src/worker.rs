@@ -44,6 +44,8 @@ pub enum Mode {
     Idle,
     /// Connect as fast as possible (handshake + first frame) and hold.
     Storm,
+    /// Connect, subscribe to a channel of its own (`j<i>`) and hold: a join storm.
+    Join,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,7 +320,10 @@ async fn connect(job: &Job, i: usize) -> Result<Socket, String> {
         Target::Fanout => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
-                let channels = channels_of(job.first + i, job.shared);
+                let channels = match job.mode {
+                    Mode::Join => vec![format!("j{}", job.first + i)],
+                    _ => channels_of(job.first + i, job.shared),
+                };
                 for channel in &channels {
                     let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
                     ws.send(0x1, request.as_bytes()).await?;
@@ -515,7 +520,7 @@ async fn work(job: Job) {
                         stop_rx.clone(),
                     )));
                 }
-                Mode::Idle | Mode::Storm => held.push(ws),
+                Mode::Idle | Mode::Storm | Mode::Join => held.push(ws),
             },
             Some((_, Err(err))) => {
                 if failed < 3 {
