@@ -1,0 +1,449 @@
+//! The NATS bus: the only code that imports `async_nats`.
+//!
+//! - this file: **the connection** (reconnects forever with capped, jittered backoff; its state
+//!   is readable at any time for `/readyz` and for failing fast with [`BusError::Unavailable`]),
+//!   **subjects** (every subject is built here: the API publishes to `<prefix>.in.<channel>`,
+//!   the stream republishes each stored event to `<prefix>.out.<channel>`, which ws nodes
+//!   subscribe to; compare centrifugo's `natsbroker`), and a channel's live events
+//!   ([`Subscription`]).
+//! - [`stream`]: the JetStream stream (`<PREFIX>`): created or updated by whichever process
+//!   starts first and re-applied after every (re)connect; publishing into it, its epoch, and
+//!   reading its history back (replay, gap repair).
+//! - [`presence`]: presence changes on NATS, and the scatter-gather presence query.
+//! - [`discovery`]: ws nodes' announcements.
+//!
+//! It does not know about HTTP, WebSocket clients or which channels anyone wants: callers
+//! say what to publish and what to subscribe to.
+
+mod discovery;
+mod presence;
+mod stream;
+
+pub use presence::PresenceChanges;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::{ConnectOptions, HeaderMap, ServerAddr, connection::State, jetstream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Channel, Common,
+    envelope::{Envelope, HEADER_ID, HEADER_TS},
+    time::now_ms,
+};
+
+// Header names JetStream reads or writes.
+const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
+const NATS_SEQUENCE: &str = "Nats-Sequence";
+const NATS_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish. NATS requires
+/// it to be no longer than the history window, so a shorter history shortens it.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Errors at the NATS boundary. Callers map them to their own answers (the API: 503).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid NATS server URL {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the NATS client: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("NATS is not available: {0}")]
+    Unavailable(&'static str),
+    #[error("no acknowledgement from the stream within {0:?}")]
+    Timeout(Duration),
+    #[error("publish failed: {0}")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+    #[error("subscribe failed: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("cannot read the stream's history: {0}")]
+    History(#[source] async_nats::jetstream::stream::DirectGetError),
+    #[error("cannot create or update stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+}
+
+impl BusError {
+    /// A short, stable name for metrics labels and span attributes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BusError::InvalidUrl { .. } => "invalid_url",
+            BusError::Connect(_) => "connect",
+            BusError::Unavailable(_) => "unavailable",
+            BusError::Timeout(_) => "timeout",
+            BusError::Publish(_) => "publish",
+            BusError::Subscribe(_) => "subscribe",
+            BusError::History(_) => "history",
+            BusError::Stream { .. } => "stream",
+        }
+    }
+}
+
+/// The stream's answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event id (for a duplicate: the id of the event first stored under that key).
+    pub id: String,
+    /// Stream sequence of the stored event.
+    pub seq: u64,
+    /// True when the `Idempotency-Key` was seen within the duplicate window and nothing new was
+    /// stored.
+    pub duplicate: bool,
+}
+
+/// Subject names, all derived from the prefix.
+#[derive(Debug, Clone)]
+struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    fn inbound(&self, channel: &Channel) -> String {
+        format!("{}.in.{channel}", self.prefix)
+    }
+    fn outbound(&self, channel: &Channel) -> String {
+        format!("{}.out.{channel}", self.prefix)
+    }
+    fn inbound_all(&self) -> String {
+        format!("{}.in.>", self.prefix)
+    }
+    fn outbound_all(&self) -> String {
+        format!("{}.out.>", self.prefix)
+    }
+    /// Nobody answers here: a request to it comes back at once as "no responders", which
+    /// proves the server has processed everything this connection sent before.
+    fn sync(&self) -> String {
+        format!("{}.sync", self.prefix)
+    }
+    /// ws nodes announce themselves here (core NATS, not stored).
+    fn nodes(&self) -> String {
+        format!("{}.nodes", self.prefix)
+    }
+    /// Presence changes of one channel (core NATS): the frames clients receive.
+    fn presence(&self, channel: &Channel) -> String {
+        format!("{}.presence.{channel}", self.prefix)
+    }
+    /// Presence queries, answered by every ws node (no queue group).
+    fn presence_query(&self) -> String {
+        format!("{}.presence_query", self.prefix)
+    }
+    fn stream_name(&self) -> String {
+        self.prefix.replace('.', "_").to_ascii_uppercase()
+    }
+}
+
+/// A handle on the NATS connection and the stream. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream: jetstream::stream::Config,
+    /// Handle for direct gets on the stream (history, duplicates).
+    stream_handle: jetstream::stream::Stream<()>,
+    publish_timeout: Duration,
+    /// Set once the stream is known to exist with our settings; cleared when a publish finds
+    /// it missing. A std atomic: read on every publish and every `/readyz`.
+    stream_ready: AtomicBool,
+    /// Wakes the stream keeper: after a (re)connect, or when the stream went missing.
+    check_stream: Arc<Notify>,
+    /// The stream's identity: its creation time. Changes when the stream is recreated (and
+    /// sequences restart), which makes every client's `since` meaningless.
+    epoch: std::sync::RwLock<String>,
+    /// Counts (re)connections to NATS; subscribers catch up on each change.
+    connections: Arc<tokio::sync::watch::Sender<u64>>,
+    closed: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl Bus {
+    /// Starts the NATS client. Returns at once, even when no server is reachable yet: the
+    /// client keeps trying forever and [`Bus::is_ready`] says when it got there.
+    pub async fn connect(common: &Common) -> Result<Bus, BusError> {
+        let servers = common
+            .nats_servers()
+            .into_iter()
+            .map(|url| {
+                url.parse::<ServerAddr>()
+                    .map_err(|source| BusError::InvalidUrl { url, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let check_stream = Arc::new(Notify::new());
+        let on_event = check_stream.clone();
+        let connections = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let on_connect = connections.clone();
+        let node = common.node_id.clone();
+        let options = ConnectOptions::new()
+            .name(&common.node_id)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let on_event = on_event.clone();
+                let on_connect = on_connect.clone();
+                let node = node.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(%node, "NATS connected");
+                            on_event.notify_one();
+                            on_connect.send_modify(|n| *n += 1);
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(%node, "NATS disconnected; reconnecting")
+                        }
+                        event @ (async_nats::Event::ClientError(_)
+                        | async_nats::Event::ServerError(_)
+                        | async_nats::Event::SlowConsumer(_)) => {
+                            tracing::warn!(%node, "NATS: {event}")
+                        }
+                        other => tracing::info!(%node, "NATS: {other}"),
+                    }
+                }
+            });
+        let client = async_nats::connect_with_options(servers, options).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(common.publish_timeout());
+
+        let subjects = Subjects {
+            prefix: common.prefix.clone(),
+        };
+        let stream = stream::config(common, &subjects);
+        let stream_handle = js
+            .get_stream_no_info(&stream.name)
+            .await
+            .expect("the stream name is derived from a validated prefix");
+        let bus = Bus {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                subjects,
+                stream,
+                stream_handle,
+                publish_timeout: common.publish_timeout(),
+                stream_ready: AtomicBool::new(false),
+                check_stream,
+                epoch: std::sync::RwLock::new(String::new()),
+                connections,
+                closed: CancellationToken::new(),
+            }),
+        };
+        tokio::spawn(stream::keep_stream(Arc::downgrade(&bus.inner)));
+        // `retry_on_initial_connect` may have connected before the callback was in place.
+        bus.inner.check_stream.notify_one();
+        Ok(bus)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The stream was found (or made) with our settings since the last (re)connect.
+    pub fn stream_ready(&self) -> bool {
+        self.inner.stream_ready.load(Ordering::Acquire)
+    }
+
+    /// Connected, and the stream exists with our settings.
+    pub fn is_ready(&self) -> bool {
+        self.is_connected() && self.stream_ready()
+    }
+
+    /// `connected`, `disconnected` or `connecting`, for health and debug output.
+    pub fn state(&self) -> &'static str {
+        match self.inner.client.connection_state() {
+            State::Connected => "connected",
+            State::Disconnected => "disconnected",
+            State::Pending => "connecting",
+        }
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.inner.stream.name
+    }
+
+    /// Changes on every (re)connection to NATS: what was published meanwhile must be fetched
+    /// from the stream.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.connections.subscribe()
+    }
+
+    /// Subscribes to the events of `channel` (core NATS, no consumer state on the server).
+    ///
+    /// Returns once the server has registered the interest, so an event stored after this
+    /// returns is delivered. When NATS is down it returns at once; the client re-subscribes
+    /// on reconnect.
+    pub async fn subscribe(&self, channel: &Channel) -> Result<Subscription, BusError> {
+        let inner = &self.inner;
+        let subscriber = inner
+            .client
+            .subscribe(inner.subjects.outbound(channel))
+            .await?;
+        self.sync().await;
+        Ok(Subscription {
+            channel: channel.clone(),
+            subject: inner.subjects.outbound(channel),
+            subscriber,
+        })
+    }
+
+    /// Waits until the server has processed everything this connection sent so far.
+    async fn sync(&self) {
+        if self.is_connected() {
+            // Any answer (normally "no responders") proves the server got here.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.inner
+                    .client
+                    .request(self.inner.subjects.sync(), Bytes::new()),
+            )
+            .await;
+        }
+    }
+
+    /// Stops the stream keeper, finishes in-flight publishes and closes the connection.
+    pub async fn drain(&self) {
+        self.inner.closed.cancel();
+        if self.is_connected() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await;
+        }
+        if let Err(err) = self.inner.client.drain().await {
+            tracing::debug!(%err, "NATS drain");
+        }
+    }
+}
+
+fn reconnect_delay(attempts: usize) -> Duration {
+    // 0, 100, 200, 400, 800 ms, then 2 s, each with up to 25% jitter, so that a fleet of
+    // nodes does not reconnect in lockstep after a NATS restart.
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let base = (100u64 << (attempts - 2).min(5)).min(2_000);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % (base as u128 / 4 + 1)) as u64;
+    Duration::from_millis(base + jitter)
+}
+
+/// Events of one channel, in stream order, decoded into [`Envelope`]s.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    channel: Channel,
+    subject: String,
+    subscriber: async_nats::Subscriber,
+}
+
+/// A message on an event subject that is not a well-formed stored event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("no valid Nats-Sequence header: not a message republished by the stream")]
+    NoSequence,
+}
+
+impl Subscription {
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The NATS subject it listens on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The next event; `None` once the subscription is closed (drain or shutdown).
+    pub async fn next(&mut self) -> Option<Result<Envelope, DecodeError>> {
+        let message = self.subscriber.next().await?;
+        Some(decode(&self.channel, message))
+    }
+}
+
+fn decode(channel: &Channel, message: async_nats::Message) -> Result<Envelope, DecodeError> {
+    let headers = message.headers.unwrap_or_default();
+    let number = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+    };
+    let seq = number(NATS_SEQUENCE).ok_or(DecodeError::NoSequence)?;
+    let last_seq = number(NATS_LAST_SEQUENCE).unwrap_or(0);
+    Ok(envelope(channel, seq, last_seq, &headers, message.payload))
+}
+
+/// An envelope from a message's headers: live (republished) or read back from the stream.
+fn envelope(
+    channel: &Channel,
+    seq: u64,
+    last_seq: u64,
+    headers: &HeaderMap,
+    data: Bytes,
+) -> Envelope {
+    let header = |name: &str| headers.get(name).map(|v| v.as_str());
+    Envelope {
+        channel: channel.clone(),
+        seq,
+        last_seq,
+        id: header(HEADER_ID)
+            .or_else(|| header(NATS_MESSAGE_ID))
+            .unwrap_or_default()
+            .to_string(),
+        ts: header(HEADER_TS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(now_ms),
+        traceparent: header("traceparent").map(String::from),
+        tracestate: header("tracestate").map(String::from),
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_come_from_the_prefix() {
+        let s = Subjects {
+            prefix: "acme.rt".into(),
+        };
+        let ch = Channel::parse("room:1.a").unwrap();
+        assert_eq!(s.inbound(&ch), "acme.rt.in.room:1.a");
+        assert_eq!(s.outbound(&ch), "acme.rt.out.room:1.a");
+        assert_eq!(s.inbound_all(), "acme.rt.in.>");
+        assert_eq!(s.outbound_all(), "acme.rt.out.>");
+        assert_eq!(s.stream_name(), "ACME_RT");
+    }
+
+    #[test]
+    fn reconnect_delay_is_capped_and_jittered() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        for attempts in 2..50 {
+            let d = reconnect_delay(attempts);
+            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(2_500));
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Presence on NATS: each channel's changes on a subject of their own, and the query every ws
+//! node answers (scatter-gather; see [`crate::presence`]).
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Bus, BusError};
+use crate::{Channel, discovery::Directory, presence};
+
+impl Bus {
+    /// Publishes a presence change of `channel` (fire and forget: core NATS, not stored).
+    pub async fn publish_presence(&self, channel: &Channel, frame: Bytes) {
+        let subject = self.inner.subjects.presence(channel);
+        if let Err(err) = self.inner.client.publish(subject, frame).await {
+            tracing::debug!(%channel, %err, "presence change not sent");
+        }
+    }
+
+    /// Follows the presence changes of `channel`. Returns once the server has registered the
+    /// interest (like [`Bus::subscribe`]).
+    pub async fn subscribe_presence(&self, channel: &Channel) -> Result<PresenceChanges, BusError> {
+        let inner = &self.inner;
+        let subscriber = inner
+            .client
+            .subscribe(inner.subjects.presence(channel))
+            .await?;
+        self.sync().await;
+        Ok(PresenceChanges { subscriber })
+    }
+
+    /// Answers every presence query with `answer(query)`, the parts of this node's answer,
+    /// until the bus closes.
+    pub async fn answer_presence<F>(&self, answer: F) -> Result<(), BusError>
+    where
+        F: Fn(presence::Query) -> Vec<Bytes> + Send + 'static,
+    {
+        let mut queries = self
+            .inner
+            .client
+            .subscribe(self.inner.subjects.presence_query())
+            .await?;
+        let client = self.inner.client.clone();
+        tokio::spawn(async move {
+            while let Some(message) = queries.next().await {
+                let Some(reply) = message.reply else { continue };
+                let query = match serde_json::from_slice(&message.payload) {
+                    Ok(query) => query,
+                    Err(err) => {
+                        tracing::debug!(%err, "ignoring a malformed presence query");
+                        continue;
+                    }
+                };
+                for part in answer(query) {
+                    if let Err(err) = client.publish(reply.clone(), part).await {
+                        tracing::debug!(%err, "presence answer not sent");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Asks every ws node who is in `channel` (or only how many) and gathers the answers:
+    /// until every node in `directory` has answered, or [`presence::QUERY_TIMEOUT`] (then
+    /// the answer is partial). One request whatever the number of members.
+    pub async fn presence(
+        &self,
+        channel: &Channel,
+        count_only: bool,
+        directory: &Directory,
+    ) -> Result<presence::Presence, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS"));
+        }
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        let query = presence::Query {
+            channel: channel.to_string(),
+            count_only,
+        };
+        let payload = serde_json::to_vec(&query).expect("a query serializes");
+        client
+            .publish_with_reply(self.inner.subjects.presence_query(), inbox, payload.into())
+            .await
+            .map_err(|_| BusError::Unavailable("cannot send the presence query"))?;
+        let deadline = tokio::time::Instant::now() + presence::QUERY_TIMEOUT;
+        // Per node: its count, and whether its last part came.
+        let mut nodes: HashMap<String, (usize, bool)> = HashMap::new();
+        let mut members = Vec::new();
+        let complete = |nodes: &HashMap<String, (usize, bool)>| {
+            directory.is_complete()
+                && directory
+                    .live()
+                    .iter()
+                    .all(|node| nodes.get(&node.id).is_some_and(|(_, done)| *done))
+                && nodes.values().all(|(_, done)| *done)
+        };
+        let partial = loop {
+            if complete(&nodes) {
+                break false;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break true;
+            }
+            // Wake now and then: discovery may forget a crashed node meanwhile.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let Ok(Some(message)) = tokio::time::timeout(wait, answers.next()).await else {
+                continue;
+            };
+            match serde_json::from_slice::<presence::Part>(&message.payload) {
+                Ok(part) => {
+                    let entry = nodes.entry(part.node).or_default();
+                    *entry = (part.count, part.last);
+                    if !count_only {
+                        members.extend(part.members);
+                    }
+                }
+                Err(err) => tracing::debug!(%err, "ignoring a malformed presence answer"),
+            }
+        };
+        Ok(presence::Presence {
+            channel: channel.clone(),
+            count: nodes.values().map(|(count, _)| count).sum(),
+            members: (!count_only).then_some(members),
+            partial,
+            nodes: nodes
+                .into_iter()
+                .filter_map(|(node, (_, done))| done.then_some(node))
+                .collect(),
+        })
+    }
+}
+
+/// The presence changes of one channel, as encoded frames. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct PresenceChanges {
+    subscriber: async_nats::Subscriber,
+}
+
+impl PresenceChanges {
+    pub async fn next(&mut self) -> Option<Bytes> {
+        self.subscriber.next().await.map(|message| message.payload)
+    }
+}
