@@ -9,8 +9,10 @@
 //! crashed node answers nothing, so its members vanish from answers at once (the answer is
 //! partial until discovery forgets the node, within [`crate::discovery::FORGET_AFTER`]).
 //!
-//! Changes (join, leave, info update) travel on a per-channel subject as the very frame
-//! clients receive; they are followed only by nodes with a client that asked for them.
+//! Changes (join, leave, info update) travel on a per-channel subject as a [`Change`], a wire
+//! type of their own (never the client frame, so that the client protocol and the nodes'
+//! protocol can change apart, and two versions of fanout can run side by side during a
+//! rolling upgrade); they are followed only by nodes with a client that asked for them.
 
 use std::time::Duration;
 
@@ -25,6 +27,73 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest part of a node's answer, in bytes of members: well under NATS's default 1 MiB
 /// `max_payload`, however many members a channel has.
 pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// The version of [`Change`] this build speaks. Fields may be added without changing it
+/// (readers ignore fields they do not know); a change that older readers would misread gets a
+/// new version, and a node drops changes of a version newer than its own.
+pub const CHANGE_VERSION: u32 = 1;
+
+/// What happened to a membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeOp {
+    Join,
+    Leave,
+    /// The member's info changed.
+    Update,
+}
+
+impl ChangeOp {
+    /// The `op` of the client frame that tells watchers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeOp::Join => "join",
+            ChangeOp::Leave => "leave",
+            ChangeOp::Update => "update",
+        }
+    }
+}
+
+/// One membership change, as ws nodes tell each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    /// [`CHANGE_VERSION`] of the node that sent it.
+    pub v: u32,
+    pub op: ChangeOp,
+    pub channel: String,
+    pub user: String,
+    pub conn: String,
+    pub node: String,
+    #[serde(default)]
+    pub info: Option<Box<RawValue>>,
+    /// When the member joined the channel, unix milliseconds.
+    pub joined_at: u64,
+}
+
+/// Why a change from another node was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("not a presence change: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("presence change version {0} is newer than this node's ({CHANGE_VERSION})")]
+    Version(u32),
+}
+
+impl Change {
+    pub fn encode(&self) -> Bytes {
+        serde_json::to_vec(self)
+            .expect("a presence change serializes")
+            .into()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Change, ChangeError> {
+        let change: Change = serde_json::from_slice(bytes)?;
+        if change.v > CHANGE_VERSION {
+            return Err(ChangeError::Version(change.v));
+        }
+        Ok(change)
+    }
+}
 
 /// A presence question, sent to every ws node.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use crate::{Channel, discovery::Directory, presence};
 
 impl Bus {
     /// Publishes a presence change of `channel` (fire and forget: core NATS, not stored).
-    pub async fn publish_presence(&self, channel: &Channel, frame: Bytes) {
+    pub async fn publish_presence(&self, channel: &Channel, change: &presence::Change) {
         let subject = self.inner.subjects.presence(channel);
-        if let Err(err) = self.inner.client.publish(subject, frame).await {
+        if let Err(err) = self.inner.client.publish(subject, change.encode()).await {
             tracing::debug!(%channel, %err, "presence change not sent");
         }
     }
@@ -135,14 +135,17 @@ impl Bus {
     }
 }
 
-/// The presence changes of one channel, as encoded frames. Dropping it unsubscribes.
+/// The presence changes of one channel. Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct PresenceChanges {
     subscriber: async_nats::Subscriber,
 }
 
 impl PresenceChanges {
-    pub async fn next(&mut self) -> Option<Bytes> {
-        self.subscriber.next().await.map(|message| message.payload)
+    /// The next change; `None` once the subscription is closed. A change that cannot be read
+    /// (malformed, or of a newer version) comes as an error, to be counted and dropped.
+    pub async fn next(&mut self) -> Option<Result<presence::Change, presence::ChangeError>> {
+        let message = self.subscriber.next().await?;
+        Some(presence::Change::decode(&message.payload))
     }
 }

@@ -28,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use fanout::{Channel, time::now_ms};
+use fanout::{Channel, presence::ChangeOp, time::now_ms};
 use metrics::gauge;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -65,31 +65,11 @@ pub struct Profile {
     pub info: Option<Box<RawValue>>,
 }
 
-/// What happened to a membership.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Join,
-    Leave,
-    /// The member's info changed.
-    Update,
-}
-
-impl Change {
-    /// The `op` of the frame that tells clients.
-    pub fn op(self) -> &'static str {
-        match self {
-            Change::Join => "join",
-            Change::Leave => "leave",
-            Change::Update => "update",
-        }
-    }
-}
-
 /// A membership change, reported in the order the hub saw it.
 #[derive(Debug)]
 pub enum Membership {
     Changed {
-        change: Change,
+        change: ChangeOp,
         channel: Channel,
         conn: ConnId,
         profile: Arc<Profile>,
@@ -257,7 +237,7 @@ impl Hub {
 
     fn report(
         &self,
-        change: Change,
+        change: ChangeOp,
         channel: &Channel,
         conn: ConnId,
         profile: &Arc<Profile>,
@@ -327,7 +307,7 @@ impl Hub {
         });
         if joins {
             self.report(
-                Change::Join,
+                ChangeOp::Join,
                 channel,
                 id,
                 &conn.profile,
@@ -390,7 +370,7 @@ impl Hub {
                 (left, members.is_empty())
             };
             if let Some(subscriber) = left {
-                self.report(Change::Leave, channel, id, profile, subscriber.joined_at);
+                self.report(ChangeOp::Leave, channel, id, profile, subscriber.joined_at);
                 if subscriber.watching {
                     self.unwatch(entry, channel);
                 }
@@ -445,7 +425,7 @@ impl Hub {
                 .get(channel)
                 .and_then(|e| lock_members(&e.subscribers).get(&id).map(|s| s.joined_at));
             if let Some(joined_at) = joined_at {
-                self.report(Change::Update, channel, id, &conn.profile, joined_at);
+                self.report(ChangeOp::Update, channel, id, &conn.profile, joined_at);
             }
         }
         true
@@ -620,7 +600,7 @@ mod tests {
     const KEY: ChannelKey = 7;
 
     /// The membership changes reported so far, as (change, channel, conn).
-    fn changes(rx: &mut mpsc::UnboundedReceiver<Membership>) -> Vec<(Change, String, ConnId)> {
+    fn changes(rx: &mut mpsc::UnboundedReceiver<Membership>) -> Vec<(ChangeOp, String, ConnId)> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .filter_map(|m| match m {
                 Membership::Changed {
@@ -781,7 +761,10 @@ mod tests {
         f.hub.subscribe(b, &ch("x"), true).unwrap(); // no second join, no second watch
         assert_eq!(
             changes(&mut f.membership),
-            [(Change::Join, "x".into(), a), (Change::Join, "x".into(), b)]
+            [
+                (ChangeOp::Join, "x".into(), a),
+                (ChangeOp::Join, "x".into(), b)
+            ]
         );
         assert_eq!(
             drain(&mut f.interest),
@@ -810,7 +793,7 @@ mod tests {
         );
         assert_eq!(
             changes(&mut f.membership),
-            [(Change::Update, "x".into(), a)]
+            [(ChangeOp::Update, "x".into(), a)]
         );
         let info = f
             .hub
@@ -821,13 +804,19 @@ mod tests {
         assert_eq!(info.profile.info.as_ref().unwrap().get(), "{\"n\":1}");
 
         f.hub.remove_conn(b);
-        assert_eq!(changes(&mut f.membership), [(Change::Leave, "x".into(), b)]);
+        assert_eq!(
+            changes(&mut f.membership),
+            [(ChangeOp::Leave, "x".into(), b)]
+        );
         assert_eq!(
             drain(&mut f.interest),
             [Interest::Unwatch { channel: ch("x") }]
         );
         f.hub.unsubscribe(a, &ch("x"));
-        assert_eq!(changes(&mut f.membership), [(Change::Leave, "x".into(), a)]);
+        assert_eq!(
+            changes(&mut f.membership),
+            [(ChangeOp::Leave, "x".into(), a)]
+        );
         assert_eq!(drain(&mut f.interest), [remove("x")]);
     }
 }

@@ -23,10 +23,10 @@ use bytes::Bytes;
 use fanout::{
     Bus, Channel,
     discovery::{Directory, FORGET_AFTER},
-    presence::{self, Member, Presence},
+    presence::{self, Change, ChangeOp, Member, Presence},
 };
 use metrics::counter;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
@@ -54,16 +54,17 @@ pub async fn publish_changes(
                 profile,
                 joined_at,
             } => {
-                let frame = protocol::presence_change(&PresenceChange {
-                    op: change.op(),
-                    channel: channel.as_str(),
-                    user: &profile.user,
-                    conn: &conn.to_string(),
-                    node: &node,
-                    info: profile.info.as_deref(),
+                let change = presence::Change {
+                    v: presence::CHANGE_VERSION,
+                    op: change,
+                    channel: channel.to_string(),
+                    user: profile.user.to_string(),
+                    conn: conn.to_string(),
+                    node: node.to_string(),
+                    info: profile.info.clone(),
                     joined_at,
-                });
-                bus.publish_presence(&channel, frame.into()).await;
+                };
+                bus.publish_presence(&channel, &change).await;
                 published.increment(1);
             }
             Membership::Flush(done) => {
@@ -105,17 +106,6 @@ pub fn answer(hub: &Hub, node: &str, query: presence::Query) -> Vec<Bytes> {
     presence::encode_answer(node, listed.len(), &listed)
 }
 
-/// A presence change as it arrives from NATS.
-#[derive(Deserialize)]
-struct Incoming {
-    op: String,
-    user: String,
-    conn: String,
-    node: String,
-    info: Option<Box<RawValue>>,
-    joined_at: u64,
-}
-
 /// What a watching node knows of a channel's members on every node: enough to say they left
 /// if their node dies.
 #[derive(Debug, Default)]
@@ -149,25 +139,22 @@ impl Replica {
         })
     }
 
-    /// Applies one change from NATS. Returns whether watchers should see it: not a `leave`
-    /// of a member already said to have left.
-    pub fn apply(&mut self, change: &[u8]) -> bool {
-        let Ok(change) = serde_json::from_slice::<Incoming>(change) else {
-            return false;
-        };
-        match change.op.as_str() {
-            "join" | "update" => {
+    /// Applies one change from another node (or this one). Returns whether watchers should
+    /// see it: not a `leave` of a member already said to have left.
+    pub fn apply(&mut self, change: &Change) -> bool {
+        match change.op {
+            ChangeOp::Join | ChangeOp::Update => {
                 self.group(&change.node).members.insert(
-                    change.conn,
+                    change.conn.clone(),
                     Known {
-                        user: change.user,
-                        info: change.info,
+                        user: change.user.clone(),
+                        info: change.info.clone(),
                         joined_at: change.joined_at,
                     },
                 );
                 true
             }
-            "leave" => {
+            ChangeOp::Leave => {
                 let known = self
                     .nodes
                     .get_mut(&change.node)
@@ -175,7 +162,6 @@ impl Replica {
                     .is_some();
                 known || !self.complete
             }
-            _ => false,
         }
     }
 
@@ -250,6 +236,19 @@ impl Replica {
     }
 }
 
+/// The frame watching clients get for a change from a node.
+fn client_frame(change: &Change) -> String {
+    protocol::presence_change(&PresenceChange {
+        op: change.op.as_str(),
+        channel: &change.channel,
+        user: &change.user,
+        conn: &change.conn,
+        node: &change.node,
+        info: change.info.as_deref(),
+        joined_at: change.joined_at,
+    })
+}
+
 fn change_frame(
     op: &'static str,
     channel: &Channel,
@@ -291,6 +290,7 @@ pub async fn watch(
     let deliver = |frame: &str| {
         hub.deliver_presence(&channel, &crate::frame::text(frame));
     };
+    let dropped = counter!("fanout_ws_presence_changes_dropped_total");
     let mut replica = Replica::default();
     let mut connections = bus.connections();
     connections.borrow_and_update();
@@ -300,16 +300,24 @@ pub async fn watch(
     };
     // Changes that arrive while a seeding query runs wait for its answer, then apply on top.
     let mut seeding = Some((query(), false));
-    let mut waiting: Vec<Bytes> = Vec::new();
+    let mut waiting: Vec<Change> = Vec::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
             change = changes.next() => {
-                let Some(change) = change else { break };
+                let change = match change {
+                    None => break,
+                    Some(Ok(change)) => change,
+                    Some(Err(err)) => {
+                        dropped.increment(1);
+                        tracing::debug!(%channel, %err, "dropping a presence change");
+                        continue;
+                    }
+                };
                 if seeding.is_some() {
                     waiting.push(change);
-                } else if replica.apply(&change) && let Ok(frame) = std::str::from_utf8(&change) {
-                    deliver(frame);
+                } else if replica.apply(&change) {
+                    deliver(&client_frame(&change));
                 }
             }
             answer = async { (&mut seeding.as_mut().expect("guarded").0).await }, if seeding.is_some() => {
@@ -323,8 +331,8 @@ pub async fn watch(
                     Err(err) => tracing::warn!(%channel, %err, "cannot seed presence"),
                 }
                 for change in waiting.drain(..) {
-                    if replica.apply(&change) && let Ok(frame) = std::str::from_utf8(&change) {
-                        deliver(frame);
+                    if replica.apply(&change) {
+                        deliver(&client_frame(&change));
                     }
                 }
             }
@@ -354,11 +362,15 @@ pub async fn watch(
 mod tests {
     use super::*;
 
-    fn change(op: &str, node: &str, conn: &str) -> Vec<u8> {
-        format!(
-            r#"{{"op":"{op}","channel":"x","user":"u-{conn}","conn":"{conn}","node":"{node}","info":null,"joined_at":1}}"#
+    /// A change as it comes off the wire.
+    fn change(op: &str, node: &str, conn: &str) -> Change {
+        Change::decode(
+            format!(
+                r#"{{"v":1,"op":"{op}","channel":"x","user":"u-{conn}","conn":"{conn}","node":"{node}","info":null,"joined_at":1}}"#
+            )
+            .as_bytes(),
         )
-        .into_bytes()
+        .unwrap()
     }
 
     #[test]
@@ -373,7 +385,24 @@ mod tests {
             !replica.apply(&change("leave", "ws-1", "a")),
             "already left"
         );
-        assert!(!replica.apply(b"not json"));
+    }
+
+    #[test]
+    fn changes_are_versioned_and_tolerant_of_new_fields() {
+        let newer = br#"{"v":1,"op":"join","channel":"x","user":"u","conn":"c","node":"n","joined_at":1,"region":"eu"}"#;
+        let change = Change::decode(newer).unwrap();
+        assert_eq!((change.op, change.info.is_none()), (ChangeOp::Join, true));
+        let incompatible =
+            br#"{"v":2,"op":"join","channel":"x","user":"u","conn":"c","node":"n","joined_at":1}"#;
+        assert!(matches!(
+            Change::decode(incompatible),
+            Err(presence::ChangeError::Version(2))
+        ));
+        assert!(Change::decode(b"not json").is_err());
+        // The client frame is built from it, not sent as is.
+        let frame: serde_json::Value = serde_json::from_str(&client_frame(&change)).unwrap();
+        assert_eq!(frame["op"], "join");
+        assert!(frame.get("v").is_none());
     }
 
     #[test]
