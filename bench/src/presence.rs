@@ -15,9 +15,9 @@ use std::{
 use fanout::{Bus, Channel, discovery::Directory};
 use fanout_ws::{
     auth::Verifier,
-    hub::{Kick, Profile},
+    hub::Profile,
     node::Node,
-    outbox::Outbox,
+    sink::{Kick, Outbox, WebSocket},
 };
 use serde_json::{Value, json, value::RawValue};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -76,7 +76,7 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
             info,
         };
         let hub = node.hub();
-        let outbox = Outbox::sink(Kick::new(CancellationToken::new()));
+        let outbox = Outbox::sink(WebSocket, Kick::new(CancellationToken::new()));
         hub.add_conn(conn, Arc::new(outbox), profile);
         hub.subscribe(conn, &channel, false).unwrap();
     }

@@ -22,6 +22,9 @@ pub struct Config {
     /// Frames waiting for a connection's socket before it counts as a slow consumer and is
     /// closed (4001).
     pub queue_capacity: usize,
+    /// Bytes waiting for a connection's socket before it counts as a slow consumer and is
+    /// closed (4001), whichever of the two bounds comes first (centrifuge's default: 1 MiB).
+    pub queue_max_bytes: usize,
     /// 0 (the default): every event is written as soon as it arrives. Otherwise a channel's
     /// events are written at most every this many milliseconds, together: several frames per
     /// `send` at rates where each event would be one, for less CPU per delivery at the cost
@@ -61,6 +64,7 @@ impl Default for Config {
             max_subscriptions: 128,
             max_message_bytes: 64 * 1024,
             queue_capacity: 512,
+            queue_max_bytes: 1 << 20,
             coalesce_ms: 0,
             drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
@@ -94,11 +98,12 @@ impl Settings for Config {
 impl Config {
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 7] = [
+        let ranges: [(&'static str, usize, usize, usize); 8] = [
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
             ("max_subscriptions", self.max_subscriptions, 1, 100_000),
             ("max_message_bytes", self.max_message_bytes, 128, 16 << 20),
             ("queue_capacity", self.queue_capacity, 1, 1 << 20),
+            ("queue_max_bytes", self.queue_max_bytes, 64 * 1024, 1 << 30),
             (
                 "shutdown_timeout_secs",
                 self.shutdown_timeout_secs as usize,

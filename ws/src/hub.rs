@@ -3,45 +3,47 @@
 //! It reports interest changes, in order, as [`Interest`] messages: `Add` when a channel gets
 //! its first local subscriber and `Remove` when its last one leaves (centrifuge
 //! `hub.addSub`), so the node holds a NATS subscription only where a local client wants it.
-//! The messages are sent while the hub's lock is held, so `Add` and `Remove` of a channel
-//! always alternate in the order the hub saw them.
-//!
-//! Delivery never waits: each event frame is written straight into each subscriber's socket
-//! ([`Outbox`]), queued only when the socket is full, and a connection whose queue is full is
-//! cut off as a slow consumer (tokio-console's `Watch::update` drops full watchers) instead of
-//! slowing the node or the other clients. Each channel's members have their own lock, so
-//! writing one channel's event does not hold up the rest of the hub.
 //!
 //! It is also where presence starts: every subscriber of a channel is a member of it; the hub
 //! reports each membership change ([`Membership`]) in order, and `Watch` / `Unwatch` interest
 //! when a channel gets its first / loses its last local client that asked for presence
 //! changes.
 //!
-//! It knows neither NATS nor the WebSocket protocol: frames are opaque shared bytes.
+//! **Locks.** Connections and channels live in shards (64 each, as centrifuge's `hub.go`),
+//! each a std mutex held for a few map operations and never while another lock is taken or a
+//! socket is written, so that one busy channel cannot stall the others. Reports about one
+//! channel are sent under its shard's lock, which keeps them in the order the hub saw them.
+//! A fan-out pass copies the channel's sinks out of its shard and writes outside every lock:
+//! a join, a connect or a subscription elsewhere never waits for it. (A member that leaves
+//! during a pass may still be offered that pass's frames; its sink drops them, see
+//! [`Sink::leave`].)
+//!
+//! All changes of one connection's memberships come from that connection's own task, one at
+//! a time.
+//!
+//! It knows neither NATS nor any transport: a connection is a [`Sink`].
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
-use bytes::Bytes;
 use fanout::{Channel, presence::ChangeOp, time::now_ms};
 use metrics::gauge;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{
-    disconnect::{self, Disconnect},
-    outbox::{ChannelKey, NOT_AN_EVENT, Outbox},
-};
+use crate::sink::{ChannelKey, Delivery, Kick, Outgoing, Sink, channel_key};
 
 /// A connection's id: the `conn` of its `welcome` frame.
 pub type ConnId = Uuid;
+
+/// How many shards the connections, and the channels, are spread over.
+const SHARDS: usize = 64;
 
 /// A change of this node's interest in a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,52 +89,6 @@ pub struct LocalMember {
     pub joined_at: u64,
 }
 
-/// Asks a connection to close with a given code. The connection's task watches the token.
-#[derive(Debug, Clone)]
-pub struct Kick {
-    token: CancellationToken,
-    reason: Arc<OnceLock<Disconnect>>,
-}
-
-impl Kick {
-    pub fn new(token: CancellationToken) -> Self {
-        Kick {
-            token,
-            reason: Arc::new(OnceLock::new()),
-        }
-    }
-
-    /// Records `reason` and cancels the token. Returns false if the connection was already
-    /// kicked (the first reason wins).
-    pub fn kick(&self, reason: Disconnect) -> bool {
-        let first = self.reason.set(reason).is_ok();
-        self.token.cancel();
-        first
-    }
-
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-
-    /// Why the token was cancelled: a kick's reason, else the node is shutting down.
-    pub fn reason(&self) -> Disconnect {
-        self.reason.get().copied().unwrap_or(disconnect::GOING_AWAY)
-    }
-}
-
-/// What happened to one frame offered to a channel's subscribers.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    /// Frames written (or queued), over all connections.
-    pub delivered: usize,
-    /// Connections that got them.
-    pub recipients: usize,
-    /// Bytes of those frames.
-    pub bytes: usize,
-    /// This many connections were cut off as slow consumers.
-    pub slow: usize,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubscribeError {
     #[error("this connection is in {0} channels already, the limit")]
@@ -141,40 +97,32 @@ pub enum SubscribeError {
     UnknownConn,
 }
 
+/// The sinks a fan-out pass writes to, copied out of the hub (kept by a reader between
+/// passes, so that a pass allocates nothing).
+pub type Recipients = Vec<Arc<dyn Sink>>;
+
 #[derive(Debug)]
 pub struct Hub {
-    /// A std mutex: it is never held across an `.await`, and every critical section is a few
-    /// map operations or a loop of non-blocking `try_send`s (mini-redis `db.rs` reasoning).
-    state: Mutex<State>,
+    conns: Box<[Mutex<HashMap<ConnId, ConnEntry>>]>,
+    channels: Box<[Mutex<HashMap<Channel, ChannelEntry>>]>,
+    /// Connections, without locking every shard to count them.
+    connections: AtomicUsize,
     interest: mpsc::UnboundedSender<Interest>,
     membership: mpsc::UnboundedSender<Membership>,
     next_generation: AtomicU64,
     max_subscriptions: usize,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    conns: HashMap<ConnId, ConnEntry>,
-    channels: HashMap<Channel, ChannelEntry>,
-}
-
 #[derive(Debug)]
 struct ConnEntry {
-    outbox: Arc<Outbox>,
+    sink: Arc<dyn Sink>,
     channels: HashSet<Channel>,
     profile: Arc<Profile>,
 }
 
-/// A channel's local subscribers, under their own lock (taken after the hub's, never before).
-type Members = Arc<Mutex<HashMap<ConnId, Subscriber>>>;
-
-fn lock_members(members: &Members) -> std::sync::MutexGuard<'_, HashMap<ConnId, Subscriber>> {
-    members.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Debug)]
 struct ChannelEntry {
-    subscribers: Members,
+    members: HashMap<ConnId, Subscriber>,
     generation: u64,
     /// True once the upstream subscription for this generation is in place.
     live: watch::Sender<bool>,
@@ -187,7 +135,8 @@ struct ChannelEntry {
 
 #[derive(Debug)]
 struct Subscriber {
-    outbox: Arc<Outbox>,
+    sink: Arc<dyn Sink>,
+    profile: Arc<Profile>,
     joined_at: u64,
     /// Wants the channel's presence changes.
     watching: bool,
@@ -202,6 +151,16 @@ pub struct Subscribed {
     pub watch_live: Option<watch::Receiver<bool>>,
 }
 
+/// A panic while holding a shard cannot leave its maps half-updated in a way that matters
+/// more than losing every connection would, so keep serving.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn shards<T: Default>() -> Box<[Mutex<T>]> {
+    (0..SHARDS).map(|_| Mutex::default()).collect()
+}
+
 impl Hub {
     pub fn new(
         max_subscriptions: usize,
@@ -209,7 +168,9 @@ impl Hub {
         membership: mpsc::UnboundedSender<Membership>,
     ) -> Self {
         Hub {
-            state: Mutex::default(),
+            conns: shards(),
+            channels: shards(),
+            connections: AtomicUsize::new(0),
             interest,
             membership,
             next_generation: AtomicU64::new(1),
@@ -217,18 +178,25 @@ impl Hub {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than losing every connection would, so keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn conn_shard(&self, id: &ConnId) -> MutexGuard<'_, HashMap<ConnId, ConnEntry>> {
+        lock(&self.conns[id.as_u128() as usize % SHARDS])
     }
 
-    pub fn add_conn(&self, id: ConnId, outbox: Arc<Outbox>, profile: Profile) {
+    fn channel_shard(&self, channel: &Channel) -> MutexGuard<'_, HashMap<Channel, ChannelEntry>> {
+        self.channel_shard_of(channel_key(channel.as_str()))
+    }
+
+    fn channel_shard_of(&self, key: ChannelKey) -> MutexGuard<'_, HashMap<Channel, ChannelEntry>> {
+        lock(&self.channels[key as usize % SHARDS])
+    }
+
+    pub fn add_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile) {
         gauge!("fanout_ws_connections").increment(1.0);
-        self.lock().conns.insert(
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.conn_shard(&id).insert(
             id,
             ConnEntry {
-                outbox,
+                sink,
                 channels: HashSet::new(),
                 profile: Arc::new(profile),
             },
@@ -254,13 +222,13 @@ impl Hub {
 
     /// Forgets a connection and leaves all its channels.
     pub fn remove_conn(&self, id: ConnId) {
-        let mut state = self.lock();
-        let Some(conn) = state.conns.remove(&id) else {
+        let Some(conn) = self.conn_shard(&id).remove(&id) else {
             return;
         };
         gauge!("fanout_ws_connections").decrement(1.0);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
         for channel in conn.channels {
-            self.leave(&mut state, id, &channel, &conn.profile);
+            self.leave(id, &channel, &conn.sink);
         }
     }
 
@@ -272,17 +240,25 @@ impl Hub {
         channel: &Channel,
         presence: bool,
     ) -> Result<Subscribed, SubscribeError> {
-        let mut state = self.lock();
-        let State { conns, channels } = &mut *state;
-        let conn = conns.get_mut(&id).ok_or(SubscribeError::UnknownConn)?;
-        let joins = !conn.channels.contains(channel);
-        if joins {
-            if conn.channels.len() >= self.max_subscriptions {
-                return Err(SubscribeError::TooMany(self.max_subscriptions));
+        let (sink, profile, joins) = {
+            let mut conns = self.conn_shard(&id);
+            let conn = conns.get_mut(&id).ok_or(SubscribeError::UnknownConn)?;
+            let joins = !conn.channels.contains(channel);
+            if joins {
+                if conn.channels.len() >= self.max_subscriptions {
+                    return Err(SubscribeError::TooMany(self.max_subscriptions));
+                }
+                conn.channels.insert(channel.clone());
+                gauge!("fanout_ws_subscriptions").increment(1.0);
             }
-            conn.channels.insert(channel.clone());
-            gauge!("fanout_ws_subscriptions").increment(1.0);
+            (conn.sink.clone(), conn.profile.clone(), joins)
+        };
+        let key = channel_key(channel.as_str());
+        if joins {
+            // Before it is a member: from its first frame on, the sink takes the channel's.
+            sink.enter(key, channel.as_str());
         }
+        let mut channels = self.channel_shard_of(key);
         let entry = channels.entry(channel.clone()).or_insert_with(|| {
             gauge!("fanout_ws_channels").increment(1.0);
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -291,7 +267,7 @@ impl Hub {
                 generation,
             });
             ChannelEntry {
-                subscribers: Members::default(),
+                members: HashMap::new(),
                 generation,
                 live: watch::Sender::new(false),
                 watchers: 0,
@@ -299,9 +275,9 @@ impl Hub {
                 watch_live: watch::Sender::new(false),
             }
         });
-        let mut members = lock_members(&entry.subscribers);
-        let subscriber = members.entry(id).or_insert_with(|| Subscriber {
-            outbox: conn.outbox.clone(),
+        let subscriber = entry.members.entry(id).or_insert_with(|| Subscriber {
+            sink,
+            profile,
             joined_at: now_ms(),
             watching: false,
         });
@@ -310,13 +286,12 @@ impl Hub {
                 ChangeOp::Join,
                 channel,
                 id,
-                &conn.profile,
+                &subscriber.profile,
                 subscriber.joined_at,
             );
         }
         let flip = subscriber.watching != presence;
         subscriber.watching = presence;
-        drop(members);
         if flip {
             if presence {
                 entry.watchers += 1;
@@ -349,47 +324,55 @@ impl Hub {
 
     /// Removes `id` from `channel`. Returns whether it was subscribed.
     pub fn unsubscribe(&self, id: ConnId, channel: &Channel) -> bool {
-        let mut state = self.lock();
-        let Some(conn) = state.conns.get_mut(&id) else {
-            return false;
+        let sink = {
+            let mut conns = self.conn_shard(&id);
+            let Some(conn) = conns.get_mut(&id) else {
+                return false;
+            };
+            if !conn.channels.remove(channel) {
+                return false;
+            }
+            conn.sink.clone()
         };
-        if !conn.channels.remove(channel) {
-            return false;
-        }
-        let profile = conn.profile.clone();
-        self.leave(&mut state, id, channel, &profile);
+        self.leave(id, channel, &sink);
         true
     }
 
-    fn leave(&self, state: &mut State, id: ConnId, channel: &Channel, profile: &Arc<Profile>) {
+    fn leave(&self, id: ConnId, channel: &Channel, sink: &Arc<dyn Sink>) {
         gauge!("fanout_ws_subscriptions").decrement(1.0);
-        if let Some(entry) = state.channels.get_mut(channel) {
-            let (left, empty) = {
-                let mut members = lock_members(&entry.subscribers);
-                let left = members.remove(&id);
-                (left, members.is_empty())
-            };
-            if let Some(subscriber) = left {
-                self.report(ChangeOp::Leave, channel, id, profile, subscriber.joined_at);
-                if subscriber.watching {
-                    self.unwatch(entry, channel);
+        let key = channel_key(channel.as_str());
+        {
+            let mut channels = self.channel_shard_of(key);
+            if let Some(entry) = channels.get_mut(channel) {
+                if let Some(subscriber) = entry.members.remove(&id) {
+                    self.report(
+                        ChangeOp::Leave,
+                        channel,
+                        id,
+                        &subscriber.profile,
+                        subscriber.joined_at,
+                    );
+                    if subscriber.watching {
+                        self.unwatch(entry, channel);
+                    }
+                }
+                if entry.members.is_empty() {
+                    channels.remove(channel);
+                    gauge!("fanout_ws_channels").decrement(1.0);
+                    let _ = self.interest.send(Interest::Remove {
+                        channel: channel.clone(),
+                    });
                 }
             }
-            if empty {
-                state.channels.remove(channel);
-                gauge!("fanout_ws_channels").decrement(1.0);
-                let _ = self.interest.send(Interest::Remove {
-                    channel: channel.clone(),
-                });
-            }
         }
+        // No longer a member: nothing of the channel reaches it from now on.
+        sink.leave(key);
     }
 
     /// Marks `channel` as receiving events, if its interest is still the stretch that
     /// `generation` named (it may have ended, and begun again, in the meantime).
     pub fn set_live(&self, channel: &Channel, generation: u64) {
-        let state = self.lock();
-        if let Some(entry) = state.channels.get(channel)
+        if let Some(entry) = self.channel_shard(channel).get(channel)
             && entry.generation == generation
         {
             entry.live.send_replace(true);
@@ -399,8 +382,7 @@ impl Hub {
     /// Marks `channel`'s presence changes as followed, if `generation` is still the current
     /// stretch of watching.
     pub fn set_watch_live(&self, channel: &Channel, generation: u64) {
-        let state = self.lock();
-        if let Some(entry) = state.channels.get(channel)
+        if let Some(entry) = self.channel_shard(channel).get(channel)
             && entry.watchers > 0
             && entry.watch_generation == generation
         {
@@ -411,21 +393,29 @@ impl Hub {
     /// Replaces connection `id`'s presence info and reports an update in each of its
     /// channels. Returns false for an unknown connection.
     pub fn set_info(&self, id: ConnId, info: Option<Box<RawValue>>) -> bool {
-        let mut state = self.lock();
-        let State { conns, channels } = &mut *state;
-        let Some(conn) = conns.get_mut(&id) else {
-            return false;
+        let (profile, channels) = {
+            let mut conns = self.conn_shard(&id);
+            let Some(conn) = conns.get_mut(&id) else {
+                return false;
+            };
+            conn.profile = Arc::new(Profile {
+                user: conn.profile.user.clone(),
+                info,
+            });
+            (
+                conn.profile.clone(),
+                conn.channels.iter().cloned().collect::<Vec<_>>(),
+            )
         };
-        conn.profile = Arc::new(Profile {
-            user: conn.profile.user.clone(),
-            info,
-        });
-        for channel in &conn.channels {
-            let joined_at = channels
-                .get(channel)
-                .and_then(|e| lock_members(&e.subscribers).get(&id).map(|s| s.joined_at));
-            if let Some(joined_at) = joined_at {
-                self.report(ChangeOp::Update, channel, id, &conn.profile, joined_at);
+        for channel in channels {
+            let mut shard = self.channel_shard(&channel);
+            if let Some(subscriber) = shard
+                .get_mut(&channel)
+                .and_then(|entry| entry.members.get_mut(&id))
+            {
+                subscriber.profile = profile.clone();
+                let joined_at = subscriber.joined_at;
+                self.report(ChangeOp::Update, &channel, id, &profile, joined_at);
             }
         }
         true
@@ -433,100 +423,106 @@ impl Hub {
 
     /// This node's members of `channel`.
     pub fn members(&self, channel: &Channel) -> Vec<LocalMember> {
-        let state = self.lock();
-        let Some(entry) = state.channels.get(channel) else {
+        let shard = self.channel_shard(channel);
+        let Some(entry) = shard.get(channel) else {
             return Vec::new();
         };
-        lock_members(&entry.subscribers)
+        entry
+            .members
             .iter()
-            .filter_map(|(conn, subscriber)| {
-                Some(LocalMember {
-                    conn: *conn,
-                    profile: state.conns.get(conn)?.profile.clone(),
-                    joined_at: subscriber.joined_at,
-                })
+            .map(|(conn, subscriber)| LocalMember {
+                conn: *conn,
+                profile: subscriber.profile.clone(),
+                joined_at: subscriber.joined_at,
             })
             .collect()
     }
 
     /// How many members `channel` has on this node.
     pub fn member_count(&self, channel: &Channel) -> usize {
-        self.lock()
-            .channels
+        self.channel_shard(channel)
             .get(channel)
-            .map_or(0, |entry| lock_members(&entry.subscribers).len())
+            .map_or(0, |entry| entry.members.len())
     }
 
-    /// Offers a presence change's `frame` to the subscribers of `channel` that asked for
-    /// presence changes.
-    pub fn deliver_presence(&self, channel: &Channel, frame: &Bytes) -> Delivery {
-        let mut outcome = Delivery::default();
-        let Some(members) = self.members_of(channel) else {
-            return outcome;
-        };
-        for subscriber in lock_members(&members).values().filter(|s| s.watching) {
-            subscriber
-                .outbox
-                .offer(NOT_AN_EVENT, 0, frame, &mut outcome);
+    /// Offers a presence change of `channel` to its subscribers that asked for presence
+    /// changes.
+    pub fn deliver_presence(
+        &self,
+        channel: &Channel,
+        frame: &Outgoing,
+        recipients: &mut Recipients,
+    ) -> Delivery {
+        let key = channel_key(channel.as_str());
+        if let Some(entry) = self.channel_shard_of(key).get(channel) {
+            recipients.extend(
+                entry
+                    .members
+                    .values()
+                    .filter(|s| s.watching)
+                    .map(|s| s.sink.clone()),
+            );
         }
-        outcome
+        Self::offer_all(key, std::slice::from_ref(frame), recipients)
     }
 
-    fn members_of(&self, channel: &Channel) -> Option<Members> {
-        let state = self.lock();
-        state.channels.get(channel).map(|e| e.subscribers.clone())
-    }
-
-    /// Offers consecutive events of `channel`, as (seq, encoded frame), to every subscriber
-    /// (for `broadcast`, every connection): each gets them with one write. Only the channel's
-    /// own lock is held while writing.
-    pub fn deliver_batch(
+    /// Offers consecutive events of `channel` (channel `key`) to every subscriber (for
+    /// `broadcast`, every connection): each gets them with one write. No lock is held while
+    /// writing: the recipients are copied into `recipients` first (emptied again after).
+    pub fn deliver(
         &self,
         channel: &Channel,
         key: ChannelKey,
-        frames: &[(u64, Bytes)],
+        frames: &[Outgoing],
+        recipients: &mut Recipients,
     ) -> Delivery {
-        let mut outcome = Delivery::default();
         if channel.is_broadcast() {
-            let everyone: Vec<Arc<Outbox>> = self
-                .lock()
-                .conns
-                .values()
-                .map(|c| c.outbox.clone())
-                .collect();
-            for outbox in everyone {
-                outbox.offer_batch(key, frames, &mut outcome);
+            for shard in self.conns.iter() {
+                recipients.extend(lock(shard).values().map(|c| c.sink.clone()));
             }
-        } else if let Some(members) = self.members_of(channel) {
-            for subscriber in lock_members(&members).values() {
-                subscriber.outbox.offer_batch(key, frames, &mut outcome);
-            }
+        } else if let Some(entry) = self.channel_shard_of(key).get(channel) {
+            recipients.extend(entry.members.values().map(|s| s.sink.clone()));
+        }
+        Self::offer_all(key, frames, recipients)
+    }
+
+    fn offer_all(key: ChannelKey, frames: &[Outgoing], recipients: &mut Recipients) -> Delivery {
+        let mut outcome = Delivery::default();
+        for sink in recipients.drain(..) {
+            sink.offer(key, frames, &mut outcome);
         }
         outcome
     }
 
     /// Every connection's cut-off switch (for draining).
     pub fn kicks(&self) -> Vec<Kick> {
-        let state = self.lock();
-        state
-            .conns
-            .values()
-            .map(|c| c.outbox.kick().clone())
+        self.conns
+            .iter()
+            .flat_map(|shard| {
+                lock(shard)
+                    .values()
+                    .map(|c| c.sink.kick().clone())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
     /// Number of connections.
     pub fn connections(&self) -> usize {
-        self.lock().conns.len()
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Channels with at least one local subscriber, with their subscriber counts.
     pub fn channels(&self) -> Vec<(Channel, usize)> {
-        let state = self.lock();
-        let mut channels: Vec<_> = state
+        let mut channels: Vec<_> = self
             .channels
             .iter()
-            .map(|(channel, entry)| (channel.clone(), lock_members(&entry.subscribers).len()))
+            .flat_map(|shard| {
+                lock(shard)
+                    .iter()
+                    .map(|(channel, entry)| (channel.clone(), entry.members.len()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         channels.sort();
         channels
@@ -536,6 +532,11 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        disconnect,
+        sink::{Bounds, Outbox, Plain},
+    };
+    use tokio_util::sync::CancellationToken;
 
     struct Fixture {
         hub: Hub,
@@ -562,7 +563,7 @@ mod tests {
     async fn conn_with_outbox(
         hub: &Hub,
         capacity: usize,
-    ) -> (ConnId, tokio::net::TcpStream, Kick, Arc<Outbox>) {
+    ) -> (ConnId, tokio::net::TcpStream, Kick, Arc<Outbox<Plain>>) {
         let id = Uuid::new_v4();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
@@ -574,7 +575,11 @@ mod tests {
             user: format!("user-{id}").into(),
             info: None,
         };
-        let outbox = Arc::new(Outbox::new(server, kick.clone(), capacity));
+        let bounds = Bounds {
+            frames: capacity,
+            bytes: usize::MAX,
+        };
+        let outbox = Arc::new(Outbox::new(server, Plain, kick.clone(), bounds));
         hub.add_conn(id, outbox.clone(), profile);
         (id, client, kick, outbox)
     }
@@ -593,11 +598,13 @@ mod tests {
         String::from_utf8(buf).unwrap()
     }
 
-    fn bytes(text: &str) -> Bytes {
-        Bytes::copy_from_slice(text.as_bytes())
+    fn event(seq: u64, text: &str) -> [Outgoing; 1] {
+        [Outgoing::event(seq, text.to_string())]
     }
 
-    const KEY: ChannelKey = 7;
+    fn key(name: &str) -> ChannelKey {
+        channel_key(name)
+    }
 
     /// The membership changes reported so far, as (change, channel, conn).
     fn changes(rx: &mut mpsc::UnboundedReceiver<Membership>) -> Vec<(ChangeOp, String, ConnId)> {
@@ -691,26 +698,21 @@ mod tests {
         let (a, mut ra, _) = conn(&f.hub, 4).await;
         let (_b, mut rb, _) = conn(&f.hub, 4).await;
         f.hub.subscribe(a, &ch("x"), false).unwrap();
-        let frame = bytes("e1;");
-        assert_eq!(
+        let mut recipients = Recipients::new();
+        let mut deliver = |channel: &str, seq, text| {
             f.hub
-                .deliver_batch(&ch("x"), KEY, &[(1, frame.clone())])
-                .delivered,
-            1
-        );
-        assert_eq!(
-            f.hub
-                .deliver_batch(&ch("y"), KEY, &[(2, frame.clone())])
-                .delivered,
-            0
-        );
-        let b1 = bytes("b1;");
-        assert_eq!(
-            f.hub
-                .deliver_batch(&Channel::broadcast(), KEY, &[(3, b1.clone())])
-                .delivered,
-            2
-        );
+                .deliver(
+                    &ch(channel),
+                    key(channel),
+                    &event(seq, text),
+                    &mut recipients,
+                )
+                .delivered
+        };
+        assert_eq!(deliver("x", 1, "e1;"), 1);
+        assert_eq!(deliver("y", 2, "e2;"), 0);
+        assert_eq!(deliver("broadcast", 3, "b1;"), 2);
+        assert!(recipients.is_empty(), "no sink kept after a pass");
         assert_eq!(received(&mut ra, 6).await, "e1;b1;");
         assert_eq!(received(&mut rb, 3).await, "b1;");
     }
@@ -729,7 +731,7 @@ mod tests {
                 let _ = fast_outbox.flush().await;
             }
         });
-        let frame = Bytes::from(vec![b'x'; 64 * 1024]);
+        let blob = "x".repeat(64 * 1024);
         let rounds = 200;
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -737,10 +739,11 @@ mod tests {
             fast_rx.read_exact(&mut buf).await.unwrap();
         });
         let mut slow_count = 0;
+        let mut recipients = Recipients::new();
         for seq in 1..=rounds as u64 {
             slow_count += f
                 .hub
-                .deliver_batch(&ch("x"), KEY, &[(seq, frame.clone())])
+                .deliver(&ch("x"), key("x"), &event(seq, &blob), &mut recipients)
                 .slow;
             tokio::task::yield_now().await;
         }
@@ -783,8 +786,14 @@ mod tests {
         assert_eq!(f.hub.members(&ch("x")).len(), 2);
 
         // Presence changes reach only the watching subscriber, never skipped as replayed.
-        let frame = bytes("join;");
-        assert_eq!(f.hub.deliver_presence(&ch("x"), &frame).delivered, 1);
+        let frame = Outgoing::other("join", "join;");
+        let mut recipients = Recipients::new();
+        assert_eq!(
+            f.hub
+                .deliver_presence(&ch("x"), &frame, &mut recipients)
+                .delivered,
+            1
+        );
         assert_eq!(received(&mut rb, 5).await, "join;");
 
         assert!(
@@ -818,5 +827,63 @@ mod tests {
             [(ChangeOp::Leave, "x".into(), a)]
         );
         assert_eq!(drain(&mut f.interest), [remove("x")]);
+    }
+
+    /// A fan-out pass writes outside every lock: a connection that subscribes elsewhere, or
+    /// connects, while a pass over a big channel is writing is not held up by it. (Here the
+    /// "pass" is a sink that blocks inside `offer` until the subscribe went through.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fan_out_pass_holds_no_lock_while_writing() {
+        #[derive(Debug)]
+        struct Blocking {
+            kick: Kick,
+            entered: std::sync::mpsc::SyncSender<()>,
+            go: Mutex<std::sync::mpsc::Receiver<()>>,
+        }
+        impl Sink for Blocking {
+            fn offer(&self, _: ChannelKey, _: &[Outgoing], _: &mut Delivery) {
+                let _ = self.entered.send(());
+                let _ = lock(&self.go).recv();
+            }
+            fn kick(&self) -> &Kick {
+                &self.kick
+            }
+            fn enter(&self, _: ChannelKey, _: &str) {}
+            fn leave(&self, _: ChannelKey) {}
+        }
+        let f = Arc::new(fixture(10));
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let blocking = Uuid::new_v4();
+        let profile = || Profile {
+            user: "u".into(),
+            info: None,
+        };
+        f.hub.add_conn(
+            blocking,
+            Arc::new(Blocking {
+                kick: Kick::new(CancellationToken::new()),
+                entered: entered_tx,
+                go: Mutex::new(go_rx),
+            }),
+            profile(),
+        );
+        f.hub.subscribe(blocking, &ch("big"), false).unwrap();
+        let pass = {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut recipients = Recipients::new();
+                f.hub
+                    .deliver(&ch("big"), key("big"), &event(1, "e"), &mut recipients)
+            })
+        };
+        entered.recv().unwrap(); // the pass is writing
+        let (other, _client, _) = conn(&f.hub, 4).await;
+        f.hub.subscribe(other, &ch("elsewhere"), false).unwrap();
+        f.hub.subscribe(other, &ch("big"), false).unwrap();
+        assert_eq!(f.hub.connections(), 2);
+        assert_eq!(f.hub.member_count(&ch("big")), 2);
+        go.send(()).unwrap();
+        assert_eq!(pass.join().unwrap().recipients, 0);
     }
 }

@@ -2,11 +2,20 @@
 //! the channels its clients want, and fans every event out to its local clients.
 //!
 //! # Layout (one idea per file, after centrifuge)
-//! - [`transport`]: the upgrade and the per-socket loop. Knows WebSocket, not NATS.
-//! - [`outbox`]: a connection's socket, written directly by fan-out; a backlog only when full.
-//! - [`frame`]: WebSocket framing: encoding the node's frames, decoding the clients'.
-//! - [`hub`]: this node's connections and their channels; reports first/last local subscriber.
-//! - [`node`]: wires the bus and the hub together; only events cross between them.
+//!
+//! The event path, NATS to socket, is three files: [`reader`] (a channel's events, in order,
+//! encoded once), [`hub`] (who gets them) and [`sink`] (how the bytes reach each connection).
+//!
+//! - [`session`]: transport-neutral: a connection's state in the protocol, one handler per op,
+//!   the publish budget.
+//! - [`transport`]: the HTTP front and the transports that adapt a connection to a session
+//!   (WebSocket); knows the wire, not NATS.
+//! - [`hub`]: this node's connections and their channels, holding sinks; reports first/last
+//!   local subscriber.
+//! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
+//!   bounded) only when the socket is full.
+//! - [`reader`]: NATS channel readers: order, gap repair, one encoding per event.
+//! - [`node`]: wiring, admission, announcement, drain.
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
 //!   following other nodes' changes (and their crashes) for local clients.
 //! - [`protocol`]: the JSON frames.
@@ -17,12 +26,13 @@
 pub mod auth;
 pub mod config;
 pub mod disconnect;
-pub mod frame;
 pub mod hub;
 pub mod node;
-pub mod outbox;
 pub mod presence;
 pub mod protocol;
+pub mod reader;
+pub mod session;
+pub mod sink;
 pub mod transport;
 
 pub use config::Config;
@@ -67,12 +77,10 @@ pub async fn run(
     };
     node.announce(public_url, &tasks);
     let app = transport::router(node.clone(), tasks.clone());
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<transport::Peer>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await?;
+    let limits = transport::http::Limits {
+        header_read_timeout: Duration::from_secs(30),
+    };
+    transport::http::serve(listener, app, limits, shutdown.clone(), shutdown_timeout).await?;
     node.drain(drain_window).await;
     tasks.close();
     if tokio::time::timeout(shutdown_timeout, tasks.wait())

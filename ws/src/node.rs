@@ -1,12 +1,14 @@
 //! The node wires the NATS bus and the hub together: it turns the hub's [`Interest`] reports
-//! into NATS subscriptions, and each subscription's events into frames for the hub.
+//! into NATS subscriptions, each with a channel reader ([`crate::reader`]) that feeds the
+//! hub; it admits connections (the per-IP limit), announces the node, and drains it.
 //!
 //! Only [`fanout::Envelope`] crosses from the bus to the hub, as an encoded frame: one
 //! encoding per event, whatever the number of recipients. One reader task per subscribed
 //! channel keeps each channel's events in stream order.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
+    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,25 +17,23 @@ use std::{
 };
 
 use fanout::{
-    Bus, Channel, Envelope, Subscription,
+    Bus, Channel, Envelope,
     discovery::{ANNOUNCE_EVERY, Directory, NodeInfo},
     telemetry,
     time::now_ms,
 };
-use futures_util::FutureExt;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
 use serde_json::value::RawValue;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, field::Empty};
-
-use std::net::IpAddr;
+use tracing::Instrument;
 
 use crate::{
     Config,
     auth::Verifier,
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
-    presence, protocol,
+    presence,
+    reader::read,
 };
 
 /// How long a `subscribe` waits for the NATS subscription before answering anyway (it is
@@ -490,242 +490,4 @@ async fn follow_interest(
         reader.abort();
         gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
     }
-}
-
-/// Delivers one subscription's events to the hub until the subscription ends: in stream
-/// order, each once, and without gaps. NATS may drop messages (a slow subscription, a
-/// reconnect): a live event whose `Nats-Last-Sequence` is not the last one delivered reveals
-/// a gap, which is filled from the stream before the event is delivered; after a reconnect,
-/// what was stored meanwhile is fetched at once.
-async fn read(
-    mut subscription: Subscription,
-    hub: Arc<Hub>,
-    bus: Bus,
-    with_trace: bool,
-    coalesce: Duration,
-) {
-    let channel = subscription.channel().clone();
-    let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
-    let repairs = counter!("fanout_ws_gap_repairs_total");
-    let repaired = counter!("fanout_ws_events_repaired_total");
-    let mut connections = bus.connections();
-    connections.borrow_and_update();
-    let mut epoch = bus.epoch();
-    // The last sequence delivered; none until the first event.
-    let mut cursor: Option<u64> = None;
-    // Events that arrived together, delivered together: each recipient gets them with one
-    // write. Nothing waits for a batch to fill: it is whatever NATS has already handed over.
-    let mut ready: VecDeque<Envelope> = VecDeque::new();
-    loop {
-        let envelope = if let Some(envelope) = ready.pop_front() {
-            envelope
-        } else {
-            // With `coalesce`, a channel's events go out at most that often, together.
-            let due = reader.flushed + coalesce;
-            if tokio::time::Instant::now() >= due {
-                reader.flush();
-            }
-            let first = tokio::select! {
-                _ = tokio::time::sleep_until(due), if reader.has_frames() => {
-                    reader.flush();
-                    continue;
-                }
-            event = subscription.next() => match event {
-                None => break,
-                Some(Ok(envelope)) => envelope,
-                Some(Err(err)) => {
-                    reader.malformed.increment(1);
-                    tracing::warn!(%channel, %err, "dropping a malformed message");
-                    continue;
-                }
-            },
-            changed = connections.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                // Reconnected: nothing published meanwhile reached this subscription.
-                if let Some(last) = cursor {
-                    match bus.history(&channel, last, None).await {
-                        Ok(missed) if !missed.is_empty() => {
-                            repairs.increment(1);
-                            repaired.increment(missed.len() as u64);
-                            for event in &missed {
-                                reader.push(event);
-                                cursor = Some(event.seq);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(err) => tracing::warn!(%channel, %err, "cannot catch up after reconnecting"),
-                    }
-                }
-                continue;
-            }
-            };
-            while ready.len() < MAX_BATCH - 1 {
-                match subscription.next().now_or_never() {
-                    Some(Some(Ok(envelope))) => ready.push_back(envelope),
-                    Some(Some(Err(err))) => {
-                        reader.malformed.increment(1);
-                        tracing::warn!(%channel, %err, "dropping a malformed message");
-                    }
-                    Some(None) | None => break,
-                }
-            }
-            first
-        };
-        if let Some(last) = cursor {
-            if envelope.seq <= last {
-                // Delivered already (a repair fetched it), unless the stream was recreated:
-                // then sequences restarted and this is a channel's first event again.
-                if envelope.last_seq != 0 || bus.refresh_epoch().await == epoch {
-                    continue;
-                }
-                epoch = bus.epoch();
-                tracing::warn!(%channel, "the stream was recreated; following its new sequences");
-            } else if envelope.last_seq > last {
-                match bus.history(&channel, last, Some(envelope.seq - 1)).await {
-                    Ok(missing) => {
-                        repairs.increment(1);
-                        repaired.increment(missing.len() as u64);
-                        tracing::info!(%channel, missing = missing.len(), "repaired a gap");
-                        for event in &missing {
-                            reader.push(event);
-                        }
-                    }
-                    Err(err) => tracing::warn!(%channel, %err, "cannot repair a gap"),
-                }
-            }
-        }
-        reader.push(&envelope);
-        cursor = Some(envelope.seq);
-    }
-    reader.flush();
-}
-
-/// Most events delivered together.
-const MAX_BATCH: usize = 64;
-
-/// Turns events into frames for the hub, with the per-event metrics and span.
-struct Reader {
-    channel: Channel,
-    /// The channel's key in connections' replay filters.
-    key: crate::outbox::ChannelKey,
-    /// Encoded events waiting for the next flush, and their spans.
-    frames: Vec<(u64, bytes::Bytes)>,
-    /// When the last flush wrote something.
-    flushed: tokio::time::Instant,
-    spans: Vec<(tracing::Span, Instant)>,
-    subject: String,
-    hub: Arc<Hub>,
-    with_trace: bool,
-    // Metric handles are looked up once, not once per event.
-    received: metrics::Counter,
-    malformed: metrics::Counter,
-    delivered: metrics::Counter,
-    bytes_out: metrics::Counter,
-    slow: metrics::Counter,
-    latency: metrics::Histogram,
-}
-
-impl Reader {
-    fn new(channel: Channel, hub: Arc<Hub>, with_trace: bool, subject: &str) -> Reader {
-        Reader {
-            key: crate::outbox::channel_key(channel.as_str()),
-            frames: Vec::new(),
-            flushed: tokio::time::Instant::now(),
-            spans: Vec::new(),
-            channel,
-            subject: subject.to_string(),
-            hub,
-            with_trace,
-            received: counter!("fanout_ws_events_received_total"),
-            malformed: counter!("fanout_ws_events_malformed_total"),
-            delivered: counter!("fanout_ws_frames_delivered_total"),
-            bytes_out: counter!("fanout_ws_bytes_out_total"),
-            slow: counter!("fanout_ws_slow_consumer_disconnects_total"),
-            latency: histogram!("fanout_ws_event_latency_seconds"),
-        }
-    }
-
-    /// Encodes one event for delivery with the next [`Reader::flush`].
-    fn push(&mut self, envelope: &Envelope) {
-        self.received.increment(1);
-        self.latency
-            .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
-        // One span per event and node, never per recipient; none at all when tracing is off.
-        let span = if telemetry::tracing_enabled() {
-            process_span(&self.subject, envelope)
-        } else {
-            tracing::Span::none()
-        };
-        let started = Instant::now();
-        let frame = match span.in_scope(|| protocol::event(envelope, self.with_trace)) {
-            Ok(frame) => frame,
-            Err(err) => {
-                self.malformed.increment(1);
-                let channel = &self.channel;
-                tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
-                return;
-            }
-        };
-        // Encoded once, as the WebSocket frame every recipient's socket gets.
-        self.frames.push((envelope.seq, crate::frame::text(&frame)));
-        if !span.is_none() {
-            self.spans.push((span, started));
-        }
-    }
-
-    fn has_frames(&self) -> bool {
-        !self.frames.is_empty()
-    }
-
-    /// Delivers the events pushed since the last flush.
-    fn flush(&mut self) {
-        if self.frames.is_empty() {
-            return;
-        }
-        self.flushed = tokio::time::Instant::now();
-        let outcome = self
-            .hub
-            .deliver_batch(&self.channel, self.key, &self.frames);
-        self.frames.clear();
-        self.delivered.increment(outcome.delivered as u64);
-        self.bytes_out.increment(outcome.bytes as u64);
-        self.slow.increment(outcome.slow as u64);
-        for (span, started) in self.spans.drain(..) {
-            span.record("fanout.recipients", outcome.recipients as u64);
-            span.record("fanout.dropped", outcome.slow as u64);
-            span.record("fanout.fanout_seconds", started.elapsed().as_secs_f64());
-        }
-        if outcome.slow > 0 {
-            let channel = &self.channel;
-            tracing::info!(%channel, slow = outcome.slow, "cut off slow consumers");
-        }
-    }
-}
-
-/// The `process` span of one event on this node, a child of the API's `publish` span.
-fn process_span(subject: &str, envelope: &Envelope) -> tracing::Span {
-    let span = tracing::info_span!(
-        "process",
-        otel.name = %format_args!("process {subject}"),
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.operation.name = "process",
-        messaging.destination.name = %subject,
-        messaging.message.id = %envelope.id,
-        fanout.channel = %envelope.channel,
-        fanout.seq = envelope.seq,
-        fanout.recipients = Empty,
-        fanout.dropped = Empty,
-        fanout.fanout_seconds = Empty,
-        trace_id = Empty,
-    );
-    telemetry::continue_trace(
-        &span,
-        envelope.traceparent.as_deref(),
-        envelope.tracestate.as_deref(),
-    );
-    span
 }

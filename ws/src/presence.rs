@@ -31,8 +31,9 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::{
-    hub::{Hub, LocalMember, Membership},
+    hub::{Hub, LocalMember, Membership, Recipients},
     protocol::{self, PresenceChange},
+    sink::Outgoing,
 };
 
 /// How often a watcher looks for members of nodes discovery has forgotten.
@@ -167,7 +168,7 @@ impl Replica {
 
     /// Replaces what is known of the nodes that answered `answer` with their answer; with
     /// `tell`, returns the changes that makes (after a NATS outage, when changes were lost).
-    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<String> {
+    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<Outgoing> {
         let mut fresh: HashMap<String, HashMap<String, Known>> = HashMap::new();
         for node in &answer.nodes {
             fresh.entry(node.clone()).or_default();
@@ -214,7 +215,7 @@ impl Replica {
 
     /// Forgets the members of nodes that discovery no longer hears from (besides `this`
     /// node, which is alive by definition) and returns their `leave` frames.
-    pub fn sweep(&mut self, channel: &Channel, directory: &Directory, this: &str) -> Vec<String> {
+    pub fn sweep(&mut self, channel: &Channel, directory: &Directory, this: &str) -> Vec<Outgoing> {
         let gone: Vec<String> = self
             .nodes
             .iter()
@@ -237,8 +238,9 @@ impl Replica {
 }
 
 /// The frame watching clients get for a change from a node.
-fn client_frame(change: &Change) -> String {
-    protocol::presence_change(&PresenceChange {
+fn client_frame(change: &Change) -> Outgoing {
+    let op = change.op.as_str();
+    let json = protocol::presence_change(&PresenceChange {
         op: change.op.as_str(),
         channel: &change.channel,
         user: &change.user,
@@ -246,7 +248,8 @@ fn client_frame(change: &Change) -> String {
         node: &change.node,
         info: change.info.as_deref(),
         joined_at: change.joined_at,
-    })
+    });
+    Outgoing::other(op, json)
 }
 
 fn change_frame(
@@ -255,8 +258,8 @@ fn change_frame(
     node: &str,
     conn: &str,
     known: &Known,
-) -> String {
-    protocol::presence_change(&PresenceChange {
+) -> Outgoing {
+    let json = protocol::presence_change(&PresenceChange {
         op,
         channel: channel.as_str(),
         user: &known.user,
@@ -264,7 +267,8 @@ fn change_frame(
         node,
         info: known.info.as_deref(),
         joined_at: known.joined_at,
-    })
+    });
+    Outgoing::other(op, json)
 }
 
 /// Follows `channel`'s presence changes for the local clients that asked, until aborted:
@@ -287,8 +291,9 @@ pub async fn watch(
     };
     hub.set_watch_live(&channel, generation);
     let ghosts = counter!("fanout_ws_presence_ghost_leaves_total");
-    let deliver = |frame: &str| {
-        hub.deliver_presence(&channel, &crate::frame::text(frame));
+    let mut recipients = Recipients::new();
+    let mut deliver = |frame: &Outgoing| {
+        hub.deliver_presence(&channel, frame, &mut recipients);
     };
     let dropped = counter!("fanout_ws_presence_changes_dropped_total");
     let mut replica = Replica::default();
@@ -324,8 +329,8 @@ pub async fn watch(
                 let tell = seeding.take().expect("guarded").1;
                 match answer {
                     Ok(answer) => {
-                        for frame in replica.seed(&channel, answer, tell) {
-                            deliver(&frame);
+                        for frame in &replica.seed(&channel, answer, tell) {
+                            deliver(frame);
                         }
                     }
                     Err(err) => tracing::warn!(%channel, %err, "cannot seed presence"),
@@ -400,7 +405,8 @@ mod tests {
         ));
         assert!(Change::decode(b"not json").is_err());
         // The client frame is built from it, not sent as is.
-        let frame: serde_json::Value = serde_json::from_str(&client_frame(&change)).unwrap();
+        let frame: serde_json::Value =
+            serde_json::from_slice(client_frame(&change).json()).unwrap();
         assert_eq!(frame["op"], "join");
         assert!(frame.get("v").is_none());
     }
@@ -421,6 +427,7 @@ mod tests {
         assert!(
             frames
                 .iter()
+                .map(|f| String::from_utf8(f.json().to_vec()).unwrap())
                 .all(|f| f.contains(r#""op":"leave""#) && f.contains("ws-2"))
         );
         assert!(replica.sweep(&channel, &directory, "ws-1").is_empty());

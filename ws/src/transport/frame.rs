@@ -40,6 +40,11 @@ pub fn text(payload: &str) -> Bytes {
     encode(OP_TEXT, payload.as_bytes())
 }
 
+/// A text frame of `payload`, UTF-8 already (the node's own JSON).
+pub fn text_bytes(payload: &[u8]) -> Bytes {
+    encode(OP_TEXT, payload)
+}
+
 pub fn ping() -> Bytes {
     encode(OP_PING, &[])
 }

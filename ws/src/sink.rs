@@ -1,0 +1,757 @@
+//! How bytes reach a connection.
+//!
+//! - [`Sink`]: what the hub holds for each connection and offers live frames to. Offering
+//!   never blocks and never fails: a connection that cannot keep up is cut off ([`Kick`],
+//!   tokio-console's `Watch::update` drops full watchers the same way).
+//! - [`Conduit`]: what a session needs of its connection besides: a way out for its replies,
+//!   for replayed events, holding live frames back while it subscribes, and which channels it
+//!   is in (a frame of a channel the connection has left is never written).
+//! - [`Outgoing`]: one frame for every kind of connection. Its JSON is made once; each
+//!   transport's framing of it is made the first time a connection of that kind needs it, and
+//!   then shared by every connection of that kind.
+//! - [`Outbox`]: the conduit over a socket, whatever the [`Framing`] (WebSocket frames, SSE
+//!   events). Whoever offers a frame writes it straight into the socket (one `writev` for
+//!   frames that arrive together, no task woken, nothing copied per recipient); only what the
+//!   socket does not take waits in a backlog that the connection's task writes out, several
+//!   frames per system call, when the socket is writable. Frames and bytes waiting are
+//!   bounded: beyond either, the client is cut off as a slow consumer (4001).
+//!
+//! Every write to one socket goes through one lock, so frames never interleave. While the
+//! connection replays history for a resuming subscribe, live frames are held and then
+//! released behind the replay, without those the replay already covered.
+//!
+//! It knows neither NATS nor the hub: frames are bytes, channels are [`ChannelKey`]s.
+
+use std::{
+    cell::OnceCell,
+    collections::VecDeque,
+    fmt,
+    io::{self, IoSlice},
+    sync::{Arc, LazyLock, Mutex, OnceLock},
+};
+
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::disconnect::{self, Disconnect};
+
+/// Identifies a channel in a connection's filters: a hash of its name, computed once per
+/// event (and the same in every process: the hasher has fixed keys).
+pub type ChannelKey = u64;
+
+pub fn channel_key(channel: &str) -> ChannelKey {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    channel.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// `broadcast` reaches every connection without subscribing.
+static BROADCAST: LazyLock<ChannelKey> = LazyLock::new(|| channel_key(fanout::channel::BROADCAST));
+
+/// Most slices one system call writes.
+const MAX_IOV: usize = 64;
+
+/// Asks a connection to close with a given code. The connection's task watches the token.
+#[derive(Debug, Clone)]
+pub struct Kick {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Disconnect>>,
+}
+
+impl Kick {
+    pub fn new(token: CancellationToken) -> Self {
+        Kick {
+            token,
+            reason: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Records `reason` and cancels the token. Returns false if the connection was already
+    /// kicked (the first reason wins).
+    pub fn kick(&self, reason: Disconnect) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        self.token.cancel();
+        first
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Why the token was cancelled: a kick's reason, else the node is shutting down.
+    pub fn reason(&self) -> Disconnect {
+        self.reason.get().copied().unwrap_or(disconnect::GOING_AWAY)
+    }
+}
+
+/// What happened to frames offered to a channel's subscribers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Frames written (or queued), over all connections.
+    pub delivered: usize,
+    /// Connections that got them.
+    pub recipients: usize,
+    /// Bytes of those frames.
+    pub bytes: usize,
+    /// This many connections were cut off as slow consumers.
+    pub slow: usize,
+}
+
+/// One frame on its way to every connection that should get it: its JSON, and each
+/// transport's framing of it, made on first use. Not shared across threads: the task that
+/// offers it (a channel's reader) is the only one that frames it.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The event's stream sequence; 0 for a frame that is not an event (a presence change).
+    pub seq: u64,
+    /// What the frame is (`event`, `join`, ...): SSE's `event:` field.
+    name: &'static str,
+    json: Bytes,
+    websocket: OnceCell<Bytes>,
+    sse: OnceCell<Bytes>,
+}
+
+impl Outgoing {
+    /// An `event` frame: `json` is the event frame's JSON text.
+    pub fn event(seq: u64, json: impl Into<Bytes>) -> Outgoing {
+        Outgoing::new(seq, "event", json.into())
+    }
+
+    /// A frame that is not an event (`name`: the op, e.g. `join`).
+    pub fn other(name: &'static str, json: impl Into<Bytes>) -> Outgoing {
+        Outgoing::new(0, name, json.into())
+    }
+
+    fn new(seq: u64, name: &'static str, json: Bytes) -> Outgoing {
+        Outgoing {
+            seq,
+            name,
+            json,
+            websocket: OnceCell::new(),
+            sse: OnceCell::new(),
+        }
+    }
+
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// As one WebSocket text frame.
+    pub fn websocket(&self) -> &Bytes {
+        self.websocket
+            .get_or_init(|| crate::transport::frame::text_bytes(&self.json))
+    }
+
+    /// As the part of an SSE event that every stream shares: its `event:` and `data:` lines
+    /// (the `id:` line and the blank line that ends the event are the stream's own).
+    pub fn sse(&self) -> &Bytes {
+        self.sse.get_or_init(|| sse_fields(self.name, &self.json))
+    }
+}
+
+/// `event: <name>\ndata: <json>\n` (the JSON has no newline: one `data:` line).
+pub fn sse_fields(name: &str, json: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + name.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n");
+    out.freeze()
+}
+
+/// What the hub holds for a connection.
+pub trait Sink: Send + Sync + fmt::Debug {
+    /// Offers live frames of channel `key`, in order (consecutive events, or presence
+    /// changes): written now if the socket takes them, else queued; a connection whose queue
+    /// would pass its bounds is cut off. Frames of a channel the connection is not in, and
+    /// events it already has, are dropped.
+    fn offer(&self, key: ChannelKey, frames: &[Outgoing], outcome: &mut Delivery);
+
+    /// The connection's cut-off switch.
+    fn kick(&self) -> &Kick;
+
+    /// The connection is now in channel `key` (`name`): its live frames are taken.
+    fn enter(&self, key: ChannelKey, name: &str);
+
+    /// The connection left channel `key`: no frame of it is written from now on.
+    fn leave(&self, key: ChannelKey);
+}
+
+/// What a session needs of its connection.
+pub trait Conduit: Sink {
+    /// One of the connection's own frames (a reply; `name` is its op): never held or
+    /// filtered, in order with everything else written.
+    fn send(&self, name: &'static str, json: &str);
+
+    /// A replayed event of channel `key`: never held, counted against the bounds.
+    fn replay(&self, key: ChannelKey, frame: &Outgoing);
+
+    /// Holds live frames back (for a subscribe) until a release.
+    fn hold(&self);
+
+    /// Records that the connection has channel `key`'s events up to `upto` (a replay, or
+    /// what it had before it resumed; `None`: nothing known) and lets the held frames go,
+    /// without those covered.
+    fn release(&self, key: ChannelKey, upto: Option<u64>);
+
+    /// Lets the held frames go and changes nothing else.
+    fn release_held(&self);
+}
+
+/// How a socket transport puts frames on the wire.
+pub trait Framing: Send + fmt::Debug + 'static {
+    /// The part of `frame` that every connection of this kind shares (a cheap clone).
+    fn shared(frame: &Outgoing) -> Bytes;
+
+    /// Appends what this connection writes for a live or replayed frame of channel `key`
+    /// (`shared` as [`Framing::shared`] made it), updating what the connection has seen.
+    fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts);
+
+    /// One of the connection's own frames: a reply, or a frame only it gets.
+    fn own(&mut self, name: &str, json: &str) -> Bytes;
+
+    /// The connection is now in channel `key`, called `name`.
+    fn enter(&mut self, _key: ChannelKey, _name: &str) {}
+
+    /// The connection left channel `key`.
+    fn leave(&mut self, _key: ChannelKey) {}
+}
+
+/// The byte slices of one write (a frame is one or two of them).
+pub type Parts = SmallVec<[Bytes; 4]>;
+
+/// WebSocket: each frame is one text frame, the same bytes for every connection.
+#[derive(Debug, Default)]
+pub struct WebSocket;
+
+impl Framing for WebSocket {
+    fn shared(frame: &Outgoing) -> Bytes {
+        frame.websocket().clone()
+    }
+
+    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+        out.push(shared);
+    }
+
+    fn own(&mut self, _: &str, json: &str) -> Bytes {
+        crate::transport::frame::text(json)
+    }
+}
+
+/// How much may wait for one connection's socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl Bounds {
+    /// No bound (benchmark sinks).
+    pub const NONE: Bounds = Bounds {
+        frames: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
+/// A connection's way out over its socket. Shared by its task, the hub and every reader that
+/// offers it frames.
+pub struct Outbox<F: Framing> {
+    /// `None` for a sink that sends nothing anywhere (benchmarks register those).
+    stream: Option<TcpStream>,
+    state: Mutex<State<F>>,
+    /// Wakes the connection's task when frames wait for the socket.
+    waiting: Notify,
+    kick: Kick,
+    bounds: Bounds,
+}
+
+impl<F: Framing> fmt::Debug for Outbox<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("stream", &self.stream)
+            .field("bounds", &self.bounds)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct State<F> {
+    framing: F,
+    /// Bytes not yet (fully) written, in order.
+    backlog: VecDeque<Bytes>,
+    backlog_bytes: usize,
+    /// Bytes of the first backlog entry already written.
+    written: usize,
+    /// Live frames held during a subscribe: (channel, seq, shared part).
+    held: Option<VecDeque<(ChannelKey, u64, Bytes)>>,
+    held_bytes: usize,
+    /// The channels the connection is in, each with the seq up to which it already has the
+    /// channel's events (a replay, or before it resumed), if known.
+    channels: Vec<(ChannelKey, Option<u64>)>,
+    /// The socket failed: nothing more is written.
+    broken: bool,
+}
+
+impl<F> State<F> {
+    fn entered(&self, key: ChannelKey) -> bool {
+        key == *BROADCAST || self.channels.iter().any(|(k, _)| *k == key)
+    }
+
+    /// Whether the connection already has event `seq` of channel `key` (0: not an event).
+    fn covered(&self, key: ChannelKey, seq: u64) -> bool {
+        seq != 0
+            && self
+                .channels
+                .iter()
+                .any(|&(k, upto)| k == key && upto.is_some_and(|upto| seq <= upto))
+    }
+
+    fn waiting(&self) -> (usize, usize) {
+        let held = self.held.as_ref().map_or(0, VecDeque::len);
+        (
+            self.backlog.len() + held,
+            self.backlog_bytes + self.held_bytes,
+        )
+    }
+}
+
+impl<F: Framing> Outbox<F> {
+    pub fn new(stream: TcpStream, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
+        Outbox::build(Some(stream), framing, kick, bounds)
+    }
+
+    /// An outbox that takes every frame and sends it nowhere.
+    pub fn sink(framing: F, kick: Kick) -> Outbox<F> {
+        Outbox::build(None, framing, kick, Bounds::NONE)
+    }
+
+    fn build(stream: Option<TcpStream>, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
+        Outbox {
+            stream,
+            state: Mutex::new(State {
+                framing,
+                backlog: VecDeque::new(),
+                backlog_bytes: 0,
+                written: 0,
+                held: None,
+                held_bytes: 0,
+                channels: Vec::new(),
+                broken: false,
+            }),
+            waiting: Notify::new(),
+            kick,
+            bounds,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<F>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The socket (none for a sink).
+    pub fn stream(&self) -> Option<&TcpStream> {
+        self.stream.as_ref()
+    }
+
+    /// Writes raw bytes of the transport's own (a ping, a close frame, a heartbeat): never
+    /// held or filtered. Follow with [`Outbox::flush`] to wait until they are written.
+    pub fn send_raw(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        if !state.broken {
+            self.write_or_queue(&mut state, &[bytes]);
+        }
+    }
+
+    /// Whether the frames would pass the bounds; if so the connection is cut off.
+    fn over(&self, state: &State<F>, frames: usize, bytes: usize, outcome: &mut Delivery) -> bool {
+        let (waiting, waiting_bytes) = state.waiting();
+        if waiting + frames <= self.bounds.frames && waiting_bytes + bytes <= self.bounds.bytes {
+            return false;
+        }
+        if self.kick.kick(disconnect::SLOW_CONSUMER) {
+            outcome.slow += 1;
+        }
+        true
+    }
+
+    /// Writes `parts` with one system call if nothing is waiting before them and the
+    /// socket takes them; whatever it does not take is queued for the connection's task.
+    fn write_or_queue(&self, state: &mut State<F>, parts: &[Bytes]) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        let mut done = 0; // parts fully written
+        if state.backlog.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n = parts.len().min(MAX_IOV);
+            for (slice, part) in slices.iter_mut().zip(parts) {
+                *slice = IoSlice::new(part);
+            }
+            let mut written = 0; // bytes of the first part not fully written
+            match stream.try_write_vectored(&slices[..n]) {
+                Ok(mut left) => {
+                    for part in &parts[..n] {
+                        if left < part.len() {
+                            break;
+                        }
+                        left -= part.len();
+                        done += 1;
+                    }
+                    written = left;
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    state.broken = true;
+                    self.waiting.notify_one();
+                    return;
+                }
+            }
+            state.written = written;
+        }
+        if done < parts.len() {
+            let rest = &parts[done..];
+            state.backlog_bytes += rest.iter().map(Bytes::len).sum::<usize>();
+            state.backlog.extend(rest.iter().cloned());
+            self.waiting.notify_one();
+        }
+    }
+
+    /// True when nothing waits to be written.
+    pub fn is_written(&self) -> bool {
+        let state = self.lock();
+        state.backlog.is_empty() && !state.broken
+    }
+
+    /// Resolves when frames wait for the socket (the connection's task then calls
+    /// [`Outbox::flush`]).
+    pub async fn waiting(&self) {
+        self.waiting.notified().await;
+    }
+
+    /// Writes the backlog out, waiting for the socket as needed. Fails when the socket does.
+    pub async fn flush(&self) -> io::Result<()> {
+        loop {
+            match self.write_backlog() {
+                Ok(true) => return Ok(()),
+                Ok(false) => match &self.stream {
+                    Some(stream) => stream.writable().await?,
+                    None => return Ok(()),
+                },
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Writes as much of the backlog as the socket takes. Ok(true): all written.
+    fn write_backlog(&self) -> io::Result<bool> {
+        let mut state = self.lock();
+        loop {
+            if state.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if state.backlog.is_empty() {
+                // Give the memory back: an idle connection keeps no queue.
+                if state.backlog.capacity() > 0 {
+                    state.backlog = VecDeque::new();
+                }
+                return Ok(true);
+            }
+            let Some(stream) = &self.stream else {
+                return Ok(true);
+            };
+            let written = state.written;
+            let slices: SmallVec<[IoSlice<'_>; MAX_IOV]> = state
+                .backlog
+                .iter()
+                .take(MAX_IOV)
+                .enumerate()
+                .map(|(i, part)| IoSlice::new(if i == 0 { &part[written..] } else { part }))
+                .collect();
+            let result = stream.try_write_vectored(&slices);
+            drop(slices);
+            match result {
+                Ok(mut n) => {
+                    n += state.written;
+                    while let Some(front) = state.backlog.front() {
+                        if n < front.len() {
+                            break;
+                        }
+                        n -= front.len();
+                        state.backlog_bytes -= front.len();
+                        state.backlog.pop_front();
+                    }
+                    state.written = n;
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) => {
+                    state.broken = true;
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Lets the held frames go (those of channels still entered and not covered), framed now,
+    /// in order.
+    fn let_go(&self, state: &mut State<F>) {
+        let Some(held) = state.held.take() else {
+            return;
+        };
+        state.held_bytes = 0;
+        if state.broken {
+            return;
+        }
+        let mut parts = Parts::new();
+        for (key, seq, shared) in held {
+            if state.entered(key) && !state.covered(key, seq) {
+                state.framing.write(key, seq, shared, &mut parts);
+            }
+        }
+        self.write_or_queue(state, &parts);
+    }
+}
+
+impl<F: Framing> Sink for Outbox<F> {
+    fn offer(&self, key: ChannelKey, frames: &[Outgoing], outcome: &mut Delivery) {
+        let mut state = self.lock();
+        if state.broken || !state.entered(key) {
+            return;
+        }
+        // Events the connection already has (it resumed) can only be a prefix: seqs ascend.
+        let start = frames
+            .iter()
+            .position(|frame| !state.covered(key, frame.seq))
+            .unwrap_or(frames.len());
+        let frames = &frames[start..];
+        if frames.is_empty() {
+            return;
+        }
+        let shared: Parts = frames.iter().map(F::shared).collect();
+        let bytes = shared.iter().map(Bytes::len).sum::<usize>();
+        if self.over(&state, frames.len(), bytes, outcome) {
+            return;
+        }
+        outcome.recipients += 1;
+        outcome.delivered += frames.len();
+        outcome.bytes += bytes;
+        let state = &mut *state;
+        if let Some(held) = &mut state.held {
+            held.extend(
+                frames
+                    .iter()
+                    .zip(shared)
+                    .map(|(frame, shared)| (key, frame.seq, shared)),
+            );
+            state.held_bytes += bytes;
+            return;
+        }
+        let mut parts = Parts::new();
+        for (frame, shared) in frames.iter().zip(shared) {
+            state.framing.write(key, frame.seq, shared, &mut parts);
+        }
+        self.write_or_queue(state, &parts);
+    }
+
+    fn kick(&self) -> &Kick {
+        &self.kick
+    }
+
+    fn enter(&self, key: ChannelKey, name: &str) {
+        let mut state = self.lock();
+        if !state.channels.iter().any(|(k, _)| *k == key) {
+            state.channels.push((key, None));
+        }
+        state.framing.enter(key, name);
+    }
+
+    fn leave(&self, key: ChannelKey) {
+        let mut state = self.lock();
+        state.channels.retain(|(k, _)| *k != key);
+        if state.channels.is_empty() {
+            state.channels = Vec::new();
+        }
+        state.framing.leave(key);
+    }
+}
+
+impl<F: Framing> Conduit for Outbox<F> {
+    fn send(&self, name: &'static str, json: &str) {
+        let mut state = self.lock();
+        if !state.broken {
+            let own = state.framing.own(name, json);
+            self.write_or_queue(&mut state, &[own]);
+        }
+    }
+
+    fn replay(&self, key: ChannelKey, frame: &Outgoing) {
+        let mut state = self.lock();
+        if state.broken {
+            return;
+        }
+        let shared = F::shared(frame);
+        if self.over(&state, 1, shared.len(), &mut Delivery::default()) {
+            return;
+        }
+        let mut parts = Parts::new();
+        state.framing.write(key, frame.seq, shared, &mut parts);
+        self.write_or_queue(&mut state, &parts);
+    }
+
+    fn hold(&self) {
+        let mut state = self.lock();
+        state.held.get_or_insert_with(VecDeque::new);
+    }
+
+    fn release(&self, key: ChannelKey, upto: Option<u64>) {
+        let mut state = self.lock();
+        if let Some((_, known)) = state.channels.iter_mut().find(|(k, _)| *k == key) {
+            *known = upto;
+        }
+        self.let_go(&mut state);
+    }
+
+    fn release_held(&self) {
+        let mut state = self.lock();
+        self.let_go(&mut state);
+    }
+}
+
+/// A framing for tests: frames go out as their JSON, unframed, to be read back as text.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct Plain;
+
+#[cfg(test)]
+impl Framing for Plain {
+    fn shared(frame: &Outgoing) -> Bytes {
+        frame.json().clone()
+    }
+    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+        out.push(shared);
+    }
+    fn own(&mut self, _: &str, json: &str) -> Bytes {
+        Bytes::copy_from_slice(json.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn pair(bounds: Bounds) -> (Outbox<Plain>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let kick = Kick::new(CancellationToken::new());
+        (Outbox::new(server, Plain, kick, bounds), client)
+    }
+
+    async fn read(client: &mut TcpStream, n: usize) -> String {
+        let mut buf = vec![0; n];
+        client.read_exact(&mut buf).await.unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn event(seq: u64, text: &'static str) -> [Outgoing; 1] {
+        [Outgoing::event(seq, text)]
+    }
+
+    const FEW: Bounds = Bounds {
+        frames: 8,
+        bytes: 1 << 20,
+    };
+
+    #[tokio::test]
+    async fn writes_in_order_and_filters_what_a_replay_covered() {
+        let (outbox, mut client) = pair(FEW).await;
+        let key = channel_key("x");
+        let mut outcome = Delivery::default();
+        outbox.enter(key, "x");
+        outbox.offer(key, &event(1, "e1;"), &mut outcome);
+        outbox.hold();
+        outbox.offer(key, &event(2, "e2;"), &mut outcome);
+        outbox.offer(key, &event(3, "e3;"), &mut outcome);
+        outbox.offer(key, &[Outgoing::other("join", "p;")], &mut outcome);
+        outbox.send("subscribed", "r;"); // the reply, before the held frames
+        outbox.replay(key, &event(2, "r2;")[0]);
+        outbox.release(key, Some(2));
+        outbox.offer(key, &event(2, "e2;"), &mut outcome); // late duplicate
+        outbox.flush().await.unwrap();
+        assert_eq!(read(&mut client, 13).await, "e1;r;r2;e3;p;");
+    }
+
+    #[tokio::test]
+    async fn only_the_channels_entered_and_broadcast_get_through() {
+        let (outbox, mut client) = pair(FEW).await;
+        let (x, y) = (channel_key("x"), channel_key("y"));
+        let mut outcome = Delivery::default();
+        outbox.offer(x, &event(1, "no;"), &mut outcome);
+        outbox.offer(*BROADCAST, &event(2, "b;"), &mut outcome);
+        outbox.enter(x, "x");
+        outbox.enter(y, "y");
+        outbox.offer(x, &event(3, "x;"), &mut outcome);
+        outbox.leave(x);
+        outbox.send("unsubscribed", "u;");
+        outbox.offer(x, &event(4, "late;"), &mut outcome); // after `unsubscribed`: never
+        outbox.offer(y, &event(5, "y;"), &mut outcome);
+        outbox.flush().await.unwrap();
+        assert_eq!(read(&mut client, 8).await, "b;x;u;y;");
+        assert_eq!(outcome.delivered, 3);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_cut_off_by_frames_or_bytes() {
+        let frame = Outgoing::event(1, vec![b'x'; 64 * 1024]);
+        for bounds in [
+            Bounds {
+                frames: 4,
+                bytes: usize::MAX,
+            },
+            Bounds {
+                frames: usize::MAX,
+                bytes: 256 * 1024,
+            },
+        ] {
+            let (outbox, _client) = pair(bounds).await;
+            let key = channel_key("x");
+            outbox.enter(key, "x");
+            let mut outcome = Delivery::default();
+            for _ in 0..200 {
+                outbox.offer(key, std::slice::from_ref(&frame), &mut outcome);
+            }
+            assert_eq!(outcome.slow, 1, "{bounds:?}");
+            assert!(outbox.kick().token().is_cancelled());
+            assert_eq!(outbox.kick().reason(), disconnect::SLOW_CONSUMER);
+            let (frames, bytes) = outbox.lock().waiting();
+            assert!(
+                frames <= bounds.frames && bytes <= bounds.bytes,
+                "{frames} frames, {bytes} bytes wait"
+            );
+        }
+    }
+
+    #[test]
+    fn each_framing_is_made_once_and_shared() {
+        let frame = Outgoing::event(7, r#"{"op":"event"}"#);
+        let a = frame.websocket().clone();
+        let b = frame.websocket().clone();
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "one WebSocket frame for every connection"
+        );
+        assert_eq!(&a[..2], &[0x81, 14]);
+        assert_eq!(
+            &frame.sse()[..],
+            b"event: event\ndata: {\"op\":\"event\"}\n"
+        );
+        assert_eq!(frame.sse().as_ptr(), frame.sse().as_ptr());
+    }
+}
