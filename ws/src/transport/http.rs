@@ -148,9 +148,22 @@ async fn connection(
     }
     if let Some(handover) = takeover.take() {
         let parts = conn.into_parts();
-        let _ = handover.send(Taken {
-            stream: parts.io.into_inner(),
-            read_ahead: parts.read_buf,
-        });
+        // Registered with the runtime afresh: the old registration keeps the waker of this
+        // task (hyper polled the socket through it), and with it this task's memory, for as
+        // long as the connection lives (1.1 KiB each, measured).
+        let stream = parts
+            .io
+            .into_inner()
+            .into_std()
+            .and_then(TcpStream::from_std);
+        match stream {
+            Ok(stream) => {
+                let _ = handover.send(Taken {
+                    stream,
+                    read_ahead: parts.read_buf,
+                });
+            }
+            Err(err) => tracing::warn!(%peer, %err, "cannot take over a connection's socket"),
+        }
     }
 }

@@ -163,6 +163,8 @@ async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) 
     let Taken { stream, read_ahead } = taken;
     let mut decoder = Decoder::default();
     decoder.buf.extend_from_slice(&read_ahead);
+    // Copied out: these bytes keep the HTTP server's whole read buffer (8 KiB) alive.
+    drop(read_ahead);
     let config = node.config();
     let kick = Kick::new(node.closing_token().child_token());
     let bounds = Bounds {
