@@ -222,13 +222,19 @@ impl Bus {
 
     /// The stream's first stored sequence (1 while nothing has ever been removed).
     pub async fn first_sequence(&self) -> Result<u64, BusError> {
+        Ok(self.sequences().await?.0)
+    }
+
+    /// The stream's first stored and last assigned sequences: where history starts, and
+    /// "now" (every event stored from here on has a higher sequence).
+    pub async fn sequences(&self) -> Result<(u64, u64), BusError> {
         let info = self
             .inner
             .stream_handle
             .get_info()
             .await
             .map_err(|_| BusError::Unavailable("no stream info"))?;
-        Ok(info.state.first_sequence)
+        Ok((info.state.first_sequence, info.state.last_sequence))
     }
 }
 

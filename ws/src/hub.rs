@@ -118,11 +118,15 @@ struct ConnEntry {
     sink: Arc<dyn Sink>,
     channels: HashSet<Channel>,
     profile: Arc<Profile>,
+    /// Not a member for presence (a long-poll, which is there only while it waits).
+    hidden: bool,
 }
 
 #[derive(Debug)]
 struct ChannelEntry {
     members: HashMap<ConnId, Subscriber>,
+    /// Members that are hidden (long-polls), so that a count stays one subtraction.
+    hidden: usize,
     generation: u64,
     /// True once the upstream subscription for this generation is in place.
     live: watch::Sender<bool>,
@@ -140,6 +144,8 @@ struct Subscriber {
     joined_at: u64,
     /// Wants the channel's presence changes.
     watching: bool,
+    /// Not a member for presence.
+    hidden: bool,
 }
 
 /// What [`Hub::subscribe`] hands back to wait on.
@@ -191,6 +197,21 @@ impl Hub {
     }
 
     pub fn add_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile) {
+        self.insert_conn(id, sink, profile, false);
+    }
+
+    /// Adds a connection that gets its channels' events but is nobody's member: no presence
+    /// change reports it, no presence answer lists it (a long-poll, there only while it
+    /// waits).
+    pub fn add_hidden_conn(&self, id: ConnId, sink: Arc<dyn Sink>) {
+        let profile = Profile {
+            user: "".into(),
+            info: None,
+        };
+        self.insert_conn(id, sink, profile, true);
+    }
+
+    fn insert_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile, hidden: bool) {
         gauge!("fanout_ws_connections").increment(1.0);
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.conn_shard(&id).insert(
@@ -199,6 +220,7 @@ impl Hub {
                 sink,
                 channels: HashSet::new(),
                 profile: Arc::new(profile),
+                hidden,
             },
         );
     }
@@ -240,7 +262,7 @@ impl Hub {
         channel: &Channel,
         presence: bool,
     ) -> Result<Subscribed, SubscribeError> {
-        let (sink, profile, joins) = {
+        let (sink, profile, joins, hidden) = {
             let mut conns = self.conn_shard(&id);
             let conn = conns.get_mut(&id).ok_or(SubscribeError::UnknownConn)?;
             let joins = !conn.channels.contains(channel);
@@ -251,7 +273,7 @@ impl Hub {
                 conn.channels.insert(channel.clone());
                 gauge!("fanout_ws_subscriptions").increment(1.0);
             }
-            (conn.sink.clone(), conn.profile.clone(), joins)
+            (conn.sink.clone(), conn.profile.clone(), joins, conn.hidden)
         };
         let key = channel_key(channel.as_str());
         if joins {
@@ -268,6 +290,7 @@ impl Hub {
             });
             ChannelEntry {
                 members: HashMap::new(),
+                hidden: 0,
                 generation,
                 live: watch::Sender::new(false),
                 watchers: 0,
@@ -275,13 +298,17 @@ impl Hub {
                 watch_live: watch::Sender::new(false),
             }
         });
-        let subscriber = entry.members.entry(id).or_insert_with(|| Subscriber {
-            sink,
-            profile,
-            joined_at: now_ms(),
-            watching: false,
+        let subscriber = entry.members.entry(id).or_insert_with(|| {
+            entry.hidden += usize::from(hidden);
+            Subscriber {
+                sink,
+                profile,
+                joined_at: now_ms(),
+                watching: false,
+                hidden,
+            }
         });
-        if joins {
+        if joins && !hidden {
             self.report(
                 ChangeOp::Join,
                 channel,
@@ -344,7 +371,11 @@ impl Hub {
         {
             let mut channels = self.channel_shard_of(key);
             if let Some(entry) = channels.get_mut(channel) {
-                if let Some(subscriber) = entry.members.remove(&id) {
+                let left = entry.members.remove(&id);
+                if left.as_ref().is_some_and(|s| s.hidden) {
+                    entry.hidden -= 1;
+                }
+                if let Some(subscriber) = left.filter(|s| !s.hidden) {
                     self.report(
                         ChangeOp::Leave,
                         channel,
@@ -430,6 +461,7 @@ impl Hub {
         entry
             .members
             .iter()
+            .filter(|(_, subscriber)| !subscriber.hidden)
             .map(|(conn, subscriber)| LocalMember {
                 conn: *conn,
                 profile: subscriber.profile.clone(),
@@ -442,7 +474,7 @@ impl Hub {
     pub fn member_count(&self, channel: &Channel) -> usize {
         self.channel_shard(channel)
             .get(channel)
-            .map_or(0, |entry| entry.members.len())
+            .map_or(0, |entry| entry.members.len() - entry.hidden)
     }
 
     /// Offers a presence change of `channel` to its subscribers that asked for presence

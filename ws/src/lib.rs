@@ -19,12 +19,14 @@
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
 //!   following other nodes' changes (and their crashes) for local clients.
 //! - [`protocol`]: the JSON frames.
+//! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
 //! - [`disconnect`]: the close codes and what they ask of a client.
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
 
 pub mod auth;
 pub mod config;
+pub mod cursor;
 pub mod disconnect;
 pub mod hub;
 pub mod node;
@@ -76,7 +78,7 @@ pub async fn run(
         url => url.to_string(),
     };
     node.announce(public_url, &tasks);
-    let app = transport::router(node.clone(), tasks.clone());
+    let app = transport::router(node.clone(), tasks.clone(), shutdown.clone());
     let limits = transport::http::Limits {
         header_read_timeout: Duration::from_secs(30),
     };

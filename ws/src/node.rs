@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::{
     Config,
     auth::Verifier,
+    cursor::Position,
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
     presence,
     reader::read,
@@ -325,34 +326,54 @@ impl Node {
         self.bus.epoch()
     }
 
-    /// The stored events of `channel` after `since`, for a resuming client whose `since`
-    /// belongs to `epoch`.
-    pub async fn replay(&self, channel: &Channel, since: u64, epoch: Option<&str>) -> Replay {
+    /// The stored events of `channel` after `from`, for a resuming client whose position
+    /// belongs to `epoch`, and whether they are all of them.
+    pub async fn replay(&self, channel: &Channel, from: Position, epoch: Option<&str>) -> Replay {
         let current = self.bus.epoch();
         if epoch.is_some_and(|epoch| epoch != current) {
-            // The stream was recreated: `since` counts in sequences that no longer exist.
+            // The stream was recreated: the position counts in sequences that no longer exist.
             return Replay::lost(current);
         }
-        let recovered = if since == 0 {
-            self.bus.first_sequence().await.map(|first| first <= 1)
-        } else {
-            self.bus.is_stored(channel, since).await
+        let after = from.seq();
+        let (recovered, events) = match from {
+            // The event the client has is still stored: every later one is too (limits
+            // remove the oldest first).
+            Position::Event(since) if since > 0 => (
+                self.bus.is_stored(channel, since).await,
+                self.bus.history(channel, since, None).await,
+            ),
+            // Nothing of the channel seen: complete if nothing after `after` was removed,
+            // neither by age (the stream still starts right after it) nor by the
+            // per-channel limit (which would have left the channel at that limit).
+            _ => {
+                let events = self.bus.history(channel, after, None).await;
+                let limit = self.config.common.history_max_messages;
+                let recovered = self.bus.first_sequence().await.map(|first| {
+                    first <= after + 1 && events.as_ref().is_ok_and(|e| (e.len() as i64) < limit)
+                });
+                (recovered, events)
+            }
         };
-        match (recovered, self.bus.history(channel, since, None).await) {
+        match (recovered, events) {
             (Ok(recovered), Ok(events)) => {
                 counter!("fanout_ws_replayed_events_total").increment(events.len() as u64);
                 Replay {
-                    skip_upto: Some(events.last().map_or(since, |e| e.seq)),
+                    skip_upto: Some(events.last().map_or(after, |e| e.seq)),
                     events,
                     recovered,
                     epoch: current,
                 }
             }
             (Err(err), _) | (_, Err(err)) => {
-                tracing::warn!(%channel, since, %err, "cannot replay");
+                tracing::warn!(%channel, after, %err, "cannot replay");
                 Replay::lost(current)
             }
         }
+    }
+
+    /// The stream's last sequence: "now", for a stream that starts following a channel.
+    pub async fn now(&self) -> Result<u64, fanout::BusError> {
+        Ok(self.bus.sequences().await?.1)
     }
 
     pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {

@@ -260,6 +260,9 @@ pub struct Welcome<'a> {
     pub user: &'a str,
     pub heartbeat: u64,
     pub epoch: &'a str,
+    /// For an SSE stream: the secret that authorizes its `POST /session/{conn}` requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
 }
 
 pub fn welcome(welcome: &Welcome<'_>) -> String {
@@ -610,6 +613,7 @@ mod tests {
             user: "ada",
             heartbeat: 25,
             epoch: "e1",
+            session: None,
         };
         assert_eq!(
             welcome(&w),

@@ -35,7 +35,10 @@ use smallvec::SmallVec;
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::disconnect::{self, Disconnect};
+use crate::{
+    cursor::Position,
+    disconnect::{self, Disconnect},
+};
 
 /// Identifies a channel in a connection's filters: a hash of its name, computed once per
 /// event (and the same in every process: the hasher has fixed keys).
@@ -200,6 +203,15 @@ pub trait Conduit: Sink {
 
     /// Lets the held frames go and changes nothing else.
     fn release_held(&self);
+
+    /// Whether the connection's stream carries positions (an SSE cursor): then the session
+    /// tells it where each channel it joins starts ([`Conduit::position`]).
+    fn tracks_positions(&self) -> bool {
+        false
+    }
+
+    /// Channel `key` starts at `position` in the connection's stream.
+    fn position(&self, _key: ChannelKey, _position: Position) {}
 }
 
 /// How a socket transport puts frames on the wire.
@@ -219,6 +231,12 @@ pub trait Framing: Send + fmt::Debug + 'static {
 
     /// The connection left channel `key`.
     fn leave(&mut self, _key: ChannelKey) {}
+
+    /// Whether this framing writes positions (see [`Conduit::tracks_positions`]).
+    const TRACKS_POSITIONS: bool = false;
+
+    /// Channel `key` starts at `position`.
+    fn position(&mut self, _key: ChannelKey, _position: Position) {}
 }
 
 /// The byte slices of one write (a frame is one or two of them).
@@ -260,8 +278,7 @@ impl Bounds {
 /// A connection's way out over its socket. Shared by its task, the hub and every reader that
 /// offers it frames.
 pub struct Outbox<F: Framing> {
-    /// `None` for a sink that sends nothing anywhere (benchmarks register those).
-    stream: Option<TcpStream>,
+    out: Out,
     state: Mutex<State<F>>,
     /// Wakes the connection's task when frames wait for the socket.
     waiting: Notify,
@@ -272,10 +289,22 @@ pub struct Outbox<F: Framing> {
 impl<F: Framing> fmt::Debug for Outbox<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Outbox")
-            .field("stream", &self.stream)
+            .field("out", &self.out)
             .field("bounds", &self.bounds)
             .finish_non_exhaustive()
     }
+}
+
+/// Where an outbox's bytes go.
+#[derive(Debug)]
+enum Out {
+    /// Into a socket.
+    Socket(TcpStream),
+    /// Nowhere (benchmarks register such members).
+    Discard,
+    /// Into the backlog, for whoever takes them ([`Outbox::take`], a long-poll): its bounds
+    /// stop the taking instead of cutting the client off.
+    Collect,
 }
 
 #[derive(Debug)]
@@ -294,6 +323,8 @@ struct State<F> {
     channels: Vec<(ChannelKey, Option<u64>)>,
     /// The socket failed: nothing more is written.
     broken: bool,
+    /// A collecting outbox reached its bounds: it takes nothing more.
+    full: bool,
 }
 
 impl<F> State<F> {
@@ -321,17 +352,22 @@ impl<F> State<F> {
 
 impl<F: Framing> Outbox<F> {
     pub fn new(stream: TcpStream, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
-        Outbox::build(Some(stream), framing, kick, bounds)
+        Outbox::build(Out::Socket(stream), framing, kick, bounds)
     }
 
     /// An outbox that takes every frame and sends it nowhere.
     pub fn sink(framing: F, kick: Kick) -> Outbox<F> {
-        Outbox::build(None, framing, kick, Bounds::NONE)
+        Outbox::build(Out::Discard, framing, kick, Bounds::NONE)
     }
 
-    fn build(stream: Option<TcpStream>, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
+    /// An outbox that keeps what it is given, up to `bounds`, for [`Outbox::take`].
+    pub fn collecting(framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
+        Outbox::build(Out::Collect, framing, kick, bounds)
+    }
+
+    fn build(out: Out, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
         Outbox {
-            stream,
+            out,
             state: Mutex::new(State {
                 framing,
                 backlog: VecDeque::new(),
@@ -341,6 +377,7 @@ impl<F: Framing> Outbox<F> {
                 held_bytes: 0,
                 channels: Vec::new(),
                 broken: false,
+                full: false,
             }),
             waiting: Notify::new(),
             kick,
@@ -354,7 +391,25 @@ impl<F: Framing> Outbox<F> {
 
     /// The socket (none for a sink).
     pub fn stream(&self) -> Option<&TcpStream> {
-        self.stream.as_ref()
+        match &self.out {
+            Out::Socket(stream) => Some(stream),
+            Out::Discard | Out::Collect => None,
+        }
+    }
+
+    /// What a collecting outbox kept so far, taken, and `read` of its framing at that moment
+    /// (what it kept is exactly what the framing has seen).
+    pub fn take<R>(&self, read: impl FnOnce(&F) -> R) -> (Vec<Bytes>, R) {
+        let mut state = self.lock();
+        let kept = std::mem::take(&mut state.backlog).into();
+        state.backlog_bytes = 0;
+        state.full = true; // nothing more: the taker answers with what it has
+        (kept, read(&state.framing))
+    }
+
+    /// Whether a collecting outbox has kept anything.
+    pub fn has_kept(&self) -> bool {
+        !self.lock().backlog.is_empty()
     }
 
     /// Writes raw bytes of the transport's own (a ping, a close frame, a heartbeat): never
@@ -366,13 +421,26 @@ impl<F: Framing> Outbox<F> {
         }
     }
 
-    /// Whether the frames would pass the bounds; if so the connection is cut off.
-    fn over(&self, state: &State<F>, frames: usize, bytes: usize, outcome: &mut Delivery) -> bool {
+    /// Whether the frames would pass the bounds. If so, a socket's client is cut off; a
+    /// collecting outbox stops taking (and the frames are not taken).
+    fn over(
+        &self,
+        state: &mut State<F>,
+        frames: usize,
+        bytes: usize,
+        outcome: &mut Delivery,
+    ) -> bool {
+        if state.full {
+            return true;
+        }
         let (waiting, waiting_bytes) = state.waiting();
         if waiting + frames <= self.bounds.frames && waiting_bytes + bytes <= self.bounds.bytes {
             return false;
         }
-        if self.kick.kick(disconnect::SLOW_CONSUMER) {
+        if let Out::Collect = self.out {
+            state.full = true;
+            self.waiting.notify_one();
+        } else if self.kick.kick(disconnect::SLOW_CONSUMER) {
             outcome.slow += 1;
         }
         true
@@ -381,8 +449,17 @@ impl<F: Framing> Outbox<F> {
     /// Writes `parts` with one system call if nothing is waiting before them and the
     /// socket takes them; whatever it does not take is queued for the connection's task.
     fn write_or_queue(&self, state: &mut State<F>, parts: &[Bytes]) {
-        let Some(stream) = &self.stream else {
-            return;
+        let stream = match &self.out {
+            Out::Socket(stream) => stream,
+            Out::Discard => return,
+            Out::Collect => {
+                if !parts.is_empty() {
+                    state.backlog_bytes += parts.iter().map(Bytes::len).sum::<usize>();
+                    state.backlog.extend(parts.iter().cloned());
+                    self.waiting.notify_one();
+                }
+                return;
+            }
         };
         let mut done = 0; // parts fully written
         if state.backlog.is_empty() {
@@ -437,7 +514,7 @@ impl<F: Framing> Outbox<F> {
         loop {
             match self.write_backlog() {
                 Ok(true) => return Ok(()),
-                Ok(false) => match &self.stream {
+                Ok(false) => match self.stream() {
                     Some(stream) => stream.writable().await?,
                     None => return Ok(()),
                 },
@@ -460,7 +537,7 @@ impl<F: Framing> Outbox<F> {
                 }
                 return Ok(true);
             }
-            let Some(stream) = &self.stream else {
+            let Some(stream) = self.stream() else {
                 return Ok(true);
             };
             let written = state.written;
@@ -532,7 +609,7 @@ impl<F: Framing> Sink for Outbox<F> {
         }
         let shared: Parts = frames.iter().map(F::shared).collect();
         let bytes = shared.iter().map(Bytes::len).sum::<usize>();
-        if self.over(&state, frames.len(), bytes, outcome) {
+        if self.over(&mut state, frames.len(), bytes, outcome) {
             return;
         }
         outcome.recipients += 1;
@@ -593,7 +670,7 @@ impl<F: Framing> Conduit for Outbox<F> {
             return;
         }
         let shared = F::shared(frame);
-        if self.over(&state, 1, shared.len(), &mut Delivery::default()) {
+        if self.over(&mut state, 1, shared.len(), &mut Delivery::default()) {
             return;
         }
         let mut parts = Parts::new();
@@ -617,6 +694,14 @@ impl<F: Framing> Conduit for Outbox<F> {
     fn release_held(&self) {
         let mut state = self.lock();
         self.let_go(&mut state);
+    }
+
+    fn tracks_positions(&self) -> bool {
+        F::TRACKS_POSITIONS
+    }
+
+    fn position(&self, key: ChannelKey, position: Position) {
+        self.lock().framing.position(key, position);
     }
 }
 

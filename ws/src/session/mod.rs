@@ -17,8 +17,11 @@ mod presence;
 mod publish;
 mod subscribe;
 
+pub use subscribe::Resume;
+
 use std::{sync::Arc, time::Duration};
 
+use fanout::Channel;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::{
@@ -78,6 +81,18 @@ impl Session {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Joins `channel` outside any request (an HTTP stream's channels, as its URL names
+    /// them), resuming from `resume`; `announce` runs with what a replay found, before the
+    /// replayed events are written.
+    pub async fn join(
+        &self,
+        channel: &Channel,
+        resume: Option<Resume>,
+        announce: impl FnOnce(Option<&crate::node::Replay>),
+    ) -> Result<(), crate::hub::SubscribeError> {
+        subscribe::join(self, channel, false, resume, announce).await
     }
 
     /// Acts on one request (the JSON text of one protocol message) and sends its reply to

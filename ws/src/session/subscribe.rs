@@ -1,16 +1,18 @@
-//! `subscribe` and `unsubscribe`.
+//! `subscribe` and `unsubscribe`, and [`join`], what every transport subscribes with.
 //!
 //! A subscribe holds the connection's live frames back from the moment it starts until its
 //! reply (and, when resuming, the replayed events) is written: `subscribed` comes before any
-//! frame of the channel (docs/protocol.md, "Ordering"). With `since`, the node subscribes live
-//! first, then replays the stored events after `since`, then lets the held live events go,
-//! without those the replay covered: no gap, no duplicate.
+//! frame of the channel (docs/protocol.md, "Ordering"). When resuming, the node subscribes
+//! live first, then replays the stored events after the client's position, then lets the
+//! held live events go, without those the replay covered: no gap, no duplicate.
 
 use fanout::Channel;
 
 use super::{ReplyTo, Session};
 use crate::{
+    cursor::Position,
     hub::SubscribeError,
+    node::Replay,
     protocol::{self, RequestId, Resumed},
     sink::{Outgoing, channel_key},
 };
@@ -26,6 +28,77 @@ pub struct Subscribe {
     pub epoch: Option<String>,
     /// Also receive the channel's presence changes.
     pub presence: bool,
+}
+
+/// Where a joining client resumes from.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub from: Position,
+    /// The epoch `from` belongs to, if the client knows it.
+    pub epoch: Option<String>,
+}
+
+/// Subscribes the session's connection to `channel` (with `presence`, to its presence
+/// changes too), its live frames held back meanwhile. With `resume`, the stored events after
+/// the client's position are replayed. `announce` runs once the connection receives the
+/// channel, with what a replay found, and writes whatever must come first (a reply); then the
+/// replayed events are written, then the held live frames, without those they covered.
+pub(crate) async fn join(
+    session: &Session,
+    channel: &Channel,
+    presence: bool,
+    resume: Option<Resume>,
+    announce: impl FnOnce(Option<&Replay>),
+) -> Result<(), SubscribeError> {
+    let conduit = &session.conduit;
+    let node = &session.node;
+    conduit.hold();
+    if let Err(err) = node.subscribe(session.conn, channel, presence).await {
+        conduit.release_held();
+        return Err(err);
+    }
+    let key = channel_key(channel.as_str());
+    let Some(Resume { from, epoch }) = resume else {
+        if conduit.tracks_positions() {
+            // Its stream follows the channel from now on, and says so in its positions, so
+            // that a reconnect replays what it missed even before its first event here.
+            match node.now().await {
+                Ok(now) => conduit.position(key, Position::After(now)),
+                Err(err) => tracing::warn!(%channel, %err, "cannot read the stream's sequence"),
+            }
+        }
+        announce(None);
+        conduit.release_held();
+        return Ok(());
+    };
+    let replay = node.replay(channel, from, epoch.as_deref()).await;
+    if conduit.tracks_positions() {
+        conduit.position(key, from);
+    }
+    announce(Some(&replay));
+    let with_trace = node.config().event_trace_id;
+    for event in &replay.events {
+        if let Ok(json) = protocol::event(event, with_trace) {
+            conduit.replay(key, &Outgoing::event(event.seq, json));
+        }
+    }
+    // The held live events follow, without those the replay (or the client) has.
+    conduit.release(key, replay.skip_upto);
+    Ok(())
+}
+
+/// The `subscribed` reply, with what a replay found.
+pub(crate) fn subscribed(
+    channel: &Channel,
+    id: Option<&RequestId>,
+    replay: Option<&Replay>,
+) -> String {
+    let resumed = replay.map(|replay| Resumed {
+        recovered: replay.recovered,
+        replayed: replay.events.len(),
+        epoch: &replay.epoch,
+    });
+    protocol::subscribed(channel, id, resumed)
 }
 
 pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subscribe) {
@@ -44,44 +117,24 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         let message = "\"broadcast\" reaches every connection; it has no presence";
         return session.reject(to, id, "subscribe", "reserved_channel", message);
     }
-    let conduit = session.conduit.clone();
-    conduit.hold();
-    if let Err(err) = session
-        .node
-        .subscribe(session.conn, &channel, presence)
-        .await
-    {
-        conduit.release_held();
+    let resume = since.map(|since| Resume {
+        from: Position::Event(since),
+        epoch,
+    });
+    let mut to = Some(to);
+    let joined = join(session, &channel, presence, resume, |replay| {
+        let to = to.take().expect("announced once");
+        session.send(to, subscribed(&channel, id.as_ref(), replay));
+    })
+    .await;
+    if let Err(err) = joined {
         let code = match err {
             SubscribeError::TooMany(_) => "too_many_subscriptions",
             SubscribeError::UnknownConn => "internal",
         };
-        return session.reject(to, id, "subscribe", code, err.to_string());
+        let to = to.expect("not announced on failure");
+        session.reject(to, id, "subscribe", code, err.to_string());
     }
-    let Some(since) = since else {
-        session.send(to, protocol::subscribed(&channel, id.as_ref(), None));
-        conduit.release_held();
-        return;
-    };
-    let replay = session.node.replay(&channel, since, epoch.as_deref()).await;
-    let resumed = Resumed {
-        recovered: replay.recovered,
-        replayed: replay.events.len(),
-        epoch: &replay.epoch,
-    };
-    session.send(
-        to,
-        protocol::subscribed(&channel, id.as_ref(), Some(resumed)),
-    );
-    let key = channel_key(channel.as_str());
-    let with_trace = session.node.config().event_trace_id;
-    for event in &replay.events {
-        if let Ok(json) = protocol::event(event, with_trace) {
-            conduit.replay(key, &Outgoing::event(event.seq, json));
-        }
-    }
-    // The held live events follow, without those the replay (or the client) has.
-    conduit.release(key, replay.skip_upto);
 }
 
 pub(super) fn unsubscribe(

@@ -4,6 +4,9 @@
 //!   socket over ([`http::Takeover`]).
 //! - [`websocket`]: `GET /ws`, the upgrade and the per-socket loop.
 //! - [`frame`]: WebSocket framing.
+//! - [`sse`]: `GET /sse`, server-sent events, with a cursor in every event's id.
+//! - [`http_session`]: `POST /session/{conn}`, the requests of an SSE stream.
+//! - [`poll`]: `GET /poll`, long-polling, stateless between polls.
 //! - this file: the router, the refusals every transport shares (origin, identity, per-IP
 //!   limit), and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
 //!   `/v1/debug/state`).
@@ -13,21 +16,24 @@
 
 pub mod frame;
 pub mod http;
+pub mod http_session;
+pub mod poll;
+pub mod sse;
 pub mod websocket;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Query, State, rejection::QueryRejection},
+    extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use fanout::telemetry;
 use metrics::{counter, gauge};
 use serde_json::json;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Identity,
@@ -40,18 +46,59 @@ pub(crate) struct AppState {
     /// Taken-over connections: invisible to the HTTP server's graceful shutdown, so the node
     /// waits for them here.
     pub sockets: TaskTracker,
+    /// The live SSE streams, for their `POST /session/{conn}` requests.
+    pub sessions: http_session::Sessions,
+    /// Cancelled when the node begins to shut down: long-polls answer at once.
+    pub shutdown: CancellationToken,
 }
 
-/// The node's HTTP surface: `/ws`, `/healthz`, `/readyz`, `/metrics`, `/v1/debug/state`.
-pub fn router(node: Arc<Node>, sockets: TaskTracker) -> Router {
+/// The node's HTTP surface: `/ws`, `/sse`, `/poll`, `/session/{conn}`, `/healthz`,
+/// `/readyz`, `/metrics`, `/v1/debug/state`.
+pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/ws", get(websocket::upgrade))
+        .route("/sse", get(sse::stream))
+        .route("/poll", get(poll::poll))
+        .route("/session/{conn}", post(http_session::request))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/debug/state", get(debug_state))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .with_state(AppState { node, sockets })
+        .layer(cors(&node))
+        .with_state(AppState {
+            node,
+            sockets,
+            sessions: http_session::Sessions::default(),
+            shutdown,
+        })
+}
+
+/// Browsers may read the HTTP transports' answers from the pages of the allowed origins
+/// (`FANOUT_ALLOWED_ORIGINS`, any when empty): `/sse` and `/poll` are cross-origin requests
+/// from a page served elsewhere, and `POST /session` is preceded by a preflight.
+fn cors(node: &Node) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<_> = node
+        .config()
+        .origins()
+        .iter()
+        .filter_map(|origin| origin.parse().ok())
+        .collect();
+    let allow = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins)
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// A JSON error answer: `{"error":{"code","message"}}`.
@@ -90,25 +137,16 @@ pub(crate) struct Admitted {
     pub permit: IpPermit,
 }
 
-/// The checks every streaming transport makes before it answers: the query is well formed,
-/// the browser origin is allowed, the token (or `?user=`) identifies someone, and the peer's
-/// IP has a connection to spare. Refusals are JSON errors.
+/// The checks every streaming transport makes before it answers: the browser origin is
+/// allowed, the token (or `?user=`) identifies someone, and the peer's IP has a connection
+/// to spare. Refusals are JSON errors.
 pub(crate) fn admit(
     node: &Node,
     peer: SocketAddr,
     headers: &HeaderMap,
-    params: &Result<Query<HashMap<String, String>>, QueryRejection>,
+    token: Option<&str>,
+    user: Option<&str>,
 ) -> Result<Admitted, Refusal> {
-    let params = match params {
-        Ok(Query(params)) => params,
-        Err(rejection) => {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                rejection.body_text(),
-            ));
-        }
-    };
     let origins = node.config().origins();
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
@@ -120,16 +158,10 @@ pub(crate) fn admit(
             ));
         }
     }
-    let identity = node
-        .verifier()
-        .identify(
-            params.get("token").map(String::as_str),
-            params.get("user").map(String::as_str),
-        )
-        .map_err(|err| {
-            counter!("fanout_ws_auth_failures_total", "code" => err.code).increment(1);
-            Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
-        })?;
+    let identity = node.verifier().identify(token, user).map_err(|err| {
+        counter!("fanout_ws_auth_failures_total", "code" => err.code).increment(1);
+        Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
+    })?;
     let Some(permit) = node.admit(peer.ip()) else {
         return Err(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -47,18 +47,23 @@ pub(crate) async fn upgrade(
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
     request: Request,
 ) -> Response {
-    if let Err(rejection) = &params {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            &rejection.body_text(),
-        );
-    }
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                &rejection.body_text(),
+            );
+        }
+    };
     let key = match handshake(request.method(), &headers) {
         Ok(key) => key,
         Err((status, message)) => return error(status, "websocket_required", message),
     };
-    let Admitted { identity, permit } = match admit(&state.node, peer, &headers, &params) {
+    let token = params.get("token").map(String::as_str);
+    let user = params.get("user").map(String::as_str);
+    let Admitted { identity, permit } = match admit(&state.node, peer, &headers, token, user) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
@@ -70,7 +75,7 @@ pub(crate) async fn upgrade(
         );
     };
     let socket = takeover.claim();
-    let AppState { node, sockets } = state;
+    let AppState { node, sockets, .. } = state;
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
     // Taken-over sockets are invisible to the HTTP server's graceful shutdown: the tracker is
@@ -274,6 +279,7 @@ async fn run(
         user: &session.identity().user,
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
+        session: None,
     });
     outbox.send("welcome", &welcome);
     if let Err(end) = written(outbox).await {

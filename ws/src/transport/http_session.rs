@@ -1,0 +1,149 @@
+//! `POST /session/{conn}`: the requests of a live HTTP stream (an SSE stream cannot carry
+//! them the other way). The body is one protocol request; the answer is its reply frame,
+//! `200` (an error frame for a refused op), after the stream's own task acted on it, in
+//! order with the stream's other requests.
+//!
+//! A session is found on the node that holds its stream, by the `conn` of its `welcome`, and
+//! authorized by the `session` secret of that `welcome` (`Authorization: Bearer <secret>`):
+//! `401 invalid_session` without it or with another, `404 unknown_session` for a session this
+//! node does not hold (never held, or closed).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, to_bytes},
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AppState, error};
+use crate::hub::ConnId;
+
+/// Requests one session may have waiting for its task.
+pub const QUEUE: usize = 16;
+
+/// How long a request waits for its reply (a publish waits for the stream's acknowledgement,
+/// a presence query for every node).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request for a session's task, with where its reply goes.
+pub type Request = (String, oneshot::Sender<String>);
+
+/// The live HTTP sessions of this node.
+#[derive(Debug, Clone, Default)]
+pub struct Sessions(Arc<Mutex<HashMap<ConnId, Handle>>>);
+
+#[derive(Debug, Clone)]
+struct Handle {
+    secret: Arc<str>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl Sessions {
+    /// Registers session `conn`; its requests arrive on the returned receiver. The
+    /// registration lasts until [`Sessions::remove`].
+    pub fn insert(&self, conn: ConnId, secret: &str) -> mpsc::Receiver<Request> {
+        let (requests, receiver) = mpsc::channel(QUEUE);
+        let handle = Handle {
+            secret: secret.into(),
+            requests,
+        };
+        self.lock().insert(conn, handle);
+        receiver
+    }
+
+    pub fn remove(&self, conn: &ConnId) {
+        self.lock().remove(conn);
+    }
+
+    fn get(&self, conn: &ConnId) -> Option<Handle> {
+        self.lock().get(conn).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Handle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A fresh session secret: 128 random bits, as hex.
+pub fn secret() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Compares in time that does not depend on where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) async fn request(
+    State(state): State<AppState>,
+    Path(conn): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let unknown = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+            &format!("no live session {conn:?} on this node (it closed, or is held elsewhere)"),
+        )
+    };
+    let Some(handle) = ConnId::parse_str(&conn)
+        .ok()
+        .and_then(|id| state.sessions.get(&id))
+    else {
+        return unknown();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if !presented.is_some_and(|secret| same(secret.trim().as_bytes(), handle.secret.as_bytes())) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_session",
+            "send Authorization: Bearer <session>, the secret of this session's welcome",
+        );
+    }
+    let limit = state.node.config().max_message_bytes;
+    let Ok(body) = to_bytes(body, limit).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("a request may be at most {limit} bytes (FANOUT_MAX_MESSAGE_BYTES)"),
+        );
+    };
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let (reply, replied) = oneshot::channel();
+    match handle.requests.try_send((text, reply)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                &format!("at most {QUEUE} requests may wait for one session"),
+            );
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return unknown(),
+    }
+    match tokio::time::timeout(REPLY_TIMEOUT, replied).await {
+        Ok(Ok(reply)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            reply,
+        )
+            .into_response(),
+        Ok(Err(_)) => unknown(),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            &format!("no reply within {REPLY_TIMEOUT:?}"),
+        ),
+    }
+}
