@@ -227,18 +227,25 @@ async fn a_slow_consumer_is_cut_off_without_hurting_others() {
 
 /// `subscribed` comes before any frame of its channel (docs/protocol.md, "Ordering"): the
 /// channel's events and the subscriber's own presence join, here while the channel carries
-/// thousands of events a second.
+/// about 20,000 events a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribed_comes_before_the_channels_frames() {
     use futures_util::StreamExt;
-    let tier = Tier::start(1).await;
+    let nats = NatsServer::start();
+    // Queues deep enough for the flood held back while each probe subscribes: this is about
+    // order, not slow consumers.
+    let node = start_ws(&nats, "ws-1", |c| {
+        c.queue_capacity = 1 << 20;
+        c.queue_max_bytes = 1 << 30;
+    })
+    .await;
     // A reader that keeps the channel subscribed on the node, and drains what it gets.
-    let mut busy = tier.client(0).await;
+    let mut busy = Client::connect(&node).await;
     busy.subscribe("busy").await;
     let draining = tokio::spawn(async move { while busy.socket.next().await.is_some() {} });
-    // Live copies of stored events as the stream would republish them, as fast as NATS takes
-    // them (nothing is stored: this measures the node, not JetStream). Bounded in count.
-    let nats = async_nats::connect(tier.nats.url()).await.unwrap();
+    // Live copies of stored events as the stream would republish them (nothing is stored:
+    // this is about the node, not JetStream). Bounded in count and rate.
+    let nats = async_nats::connect(nats.url()).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let forger = tokio::spawn({
         let stop = stop.clone();
@@ -253,14 +260,17 @@ async fn subscribed_comes_before_the_channels_frames() {
                 nats.publish_with_headers("fanout.out.busy", headers, "1".into())
                     .await
                     .unwrap();
-                if seq % 256 == 0 {
+                // 20 events a millisecond: a steady flood, leaving the machine room for the
+                // rest of the suite.
+                if seq % 20 == 0 {
                     nats.flush().await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
             }
         }
     });
     for i in 0..100 {
-        let mut client = tier.client(0).await;
+        let mut client = Client::connect(&node).await;
         let presence = i % 2 == 0;
         client
             .send(json!({"op": "subscribe", "channel": "busy", "presence": presence, "id": i}))

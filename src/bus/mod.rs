@@ -71,6 +71,8 @@ pub enum BusError {
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("cannot read the stream's history: {0}")]
     History(#[source] async_nats::jetstream::stream::DirectGetError),
+    #[error("cannot read the stream's history from its leader: {0}")]
+    Leader(#[source] async_nats::jetstream::stream::RawMessageError),
     #[error("cannot create or update stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -89,7 +91,7 @@ impl BusError {
             BusError::Timeout(_) => "timeout",
             BusError::Publish(_) => "publish",
             BusError::Subscribe(_) => "subscribe",
-            BusError::History(_) => "history",
+            BusError::History(_) | BusError::Leader(_) => "history",
             BusError::Stream { .. } => "stream",
         }
     }

@@ -11,7 +11,7 @@ use async_nats::{
     connection::State,
     jetstream::{
         context::PublishErrorKind,
-        stream::{self, DirectGetErrorKind, Republish, StorageType},
+        stream::{self, DirectGetErrorKind, RawMessageErrorKind, Republish, StorageType},
     },
 };
 use bytes::Bytes;
@@ -194,6 +194,76 @@ impl Bus {
                 Ok(message) => message,
                 Err(err) if err.kind() == DirectGetErrorKind::NotFound => break,
                 Err(err) => return Err(BusError::History(err)),
+            };
+            if until.is_some_and(|until| message.sequence > until) {
+                break;
+            }
+            next = message.sequence + 1;
+            events.push(envelope(
+                channel,
+                message.sequence,
+                0,
+                &message.headers,
+                message.payload,
+            ));
+        }
+        Ok(events)
+    }
+
+    /// [`Bus::history`], reaching at least sequence `reach` (an event of the channel this
+    /// node has seen republished, so stored). Direct gets are answered by any replica, and a
+    /// replica may lag the leader by a moment: while the answer falls short of `reach`, it
+    /// asks again, then asks the leader.
+    pub async fn history_reaching(
+        &self,
+        channel: &Channel,
+        after: u64,
+        until: Option<u64>,
+        reach: u64,
+    ) -> Result<Vec<Envelope>, BusError> {
+        let mut events = self.history(channel, after, until).await?;
+        let mut pause = Duration::from_millis(1);
+        for _ in 0..6 {
+            let last = events.last().map_or(after, |e| e.seq);
+            if last >= reach {
+                return Ok(events);
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            events.extend(self.history(channel, last, until).await?);
+        }
+        let last = events.last().map_or(after, |e| e.seq);
+        if last < reach {
+            tracing::debug!(%channel, last, reach, "a replica lags: reading from the leader");
+            events.extend(self.leader_history(channel, last, until).await?);
+        }
+        Ok(events)
+    }
+
+    /// [`Bus::history`], read from the stream's leader (the JetStream API rather than direct
+    /// gets): what it has acknowledged, it has.
+    async fn leader_history(
+        &self,
+        channel: &Channel,
+        after: u64,
+        until: Option<u64>,
+    ) -> Result<Vec<Envelope>, BusError> {
+        let subject = self.inner.subjects.inbound(channel);
+        let mut events = Vec::new();
+        let mut next = after + 1;
+        while until.is_none_or(|until| next <= until) {
+            let found = self
+                .inner
+                .stream_handle
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            let message = match found {
+                Ok(message) => message,
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(err) => return Err(BusError::Leader(err)),
             };
             if until.is_some_and(|until| message.sequence > until) {
                 break;

@@ -5,6 +5,10 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+#[allow(unused_imports)]
+pub use http::*;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -704,6 +708,24 @@ pub struct ResumerOptions {
     pub stall: Option<(usize, tokio::sync::watch::Receiver<bool>)>,
     /// Disconnect after this many events and stay away this long before resuming.
     pub offline: Option<(usize, Duration)>,
+    /// How it reaches the nodes.
+    pub transport: Transport,
+}
+
+/// The transports a client can take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /ws`, resuming with `subscribe` + `since`, as `web/fanout.js` does.
+    #[default]
+    WebSocket,
+    /// `GET /sse`, resuming with `Last-Event-ID`, as `EventSource` does.
+    Sse,
+    /// `GET /poll` with the last answer's cursor, every poll to the next node.
+    Poll,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::Poll];
 }
 
 impl Resumer {
@@ -751,16 +773,206 @@ impl Resumer {
     }
 }
 
+type Counters = (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
 async fn resume_loop(
+    urls: Vec<String>,
+    first: usize,
+    channel: String,
+    options: ResumerOptions,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    counters: Counters,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Received {
+    match options.transport {
+        Transport::WebSocket => {
+            ws_resume_loop(urls, first, channel, options, stopped, counters, ready).await
+        }
+        Transport::Sse => {
+            sse_resume_loop(urls, first, channel, options, stopped, counters, ready).await
+        }
+        Transport::Poll => {
+            poll_resume_loop(urls, first, channel, options, stopped, counters, ready).await
+        }
+    }
+}
+
+/// The node at `url` (`ws://host:port/ws`), as a server to make HTTP requests to.
+fn node_of(url: &str) -> Server {
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
+    Server::external(addr)
+}
+
+/// An SSE client that resumes as `EventSource` does, with `Last-Event-ID`, on the next node
+/// each time.
+async fn sse_resume_loop(
     urls: Vec<String>,
     first: usize,
     channel: String,
     mut options: ResumerOptions,
     mut stopped: tokio::sync::watch::Receiver<bool>,
-    (count, subscribed): (
-        std::sync::Arc<std::sync::atomic::AtomicUsize>,
-        std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ),
+    (count, subscribed): Counters,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Received {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    let mut ready = Some(ready);
+    let mut received = Received::default();
+    let mut last_id: Option<String> = None;
+    let mut attempt = first;
+    'connect: loop {
+        if *stopped.borrow() {
+            break;
+        }
+        let node = node_of(&urls[attempt % urls.len()]);
+        attempt += 1;
+        let query = format!("channel={}", http::escape(&channel));
+        let opened = tokio::time::timeout(
+            Duration::from_secs(3),
+            SseClient::connect(&node, &query, last_id.as_deref()),
+        )
+        .await;
+        let Ok(Ok(mut stream)) = opened else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Its channels are joined once `welcome` is out: from then on nothing is missed.
+        subscribed.fetch_add(1, SeqCst);
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = stopped.changed() => break 'connect,
+            };
+            let Some(event) = event else { break };
+            // As `EventSource`: the last id seen, heartbeats' included.
+            if let Some(id) = &stream.last_id {
+                last_id = Some(id.clone());
+            }
+            match event.event.as_str() {
+                "resumed"
+                    if event.data["recovered"] == false
+                        && event.data["channel"] == channel.as_str() =>
+                {
+                    received.not_recovered += 1
+                }
+                "disconnect" => {
+                    received
+                        .close_codes
+                        .push(event.data["code"].as_u64().unwrap() as u16);
+                }
+                "event" if event.data["channel"] == channel.as_str() => {
+                    received.seqs.push(event.data["seq"].as_u64().unwrap());
+                    let n = count.fetch_add(1, Relaxed) + 1;
+                    if let Some((after, gate)) = &options.stall
+                        && n >= *after
+                    {
+                        let mut gate = gate.clone();
+                        options.stall = None;
+                        let _ = tokio::time::timeout(WAIT, gate.wait_for(|open| *open)).await;
+                    }
+                    if let Some((after, away)) = options.offline
+                        && n >= after
+                    {
+                        options.offline = None;
+                        drop(stream);
+                        tokio::time::sleep(away).await;
+                        received.reconnects += 1;
+                        continue 'connect;
+                    }
+                }
+                _ => {}
+            }
+        }
+        received.reconnects += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    received
+}
+
+/// A long-polling client: each poll to the next node, with the last answer's cursor.
+async fn poll_resume_loop(
+    urls: Vec<String>,
+    first: usize,
+    channel: String,
+    mut options: ResumerOptions,
+    stopped: tokio::sync::watch::Receiver<bool>,
+    (count, subscribed): Counters,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Received {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    let mut ready = Some(ready);
+    let mut received = Received::default();
+    let mut cursor: Option<String> = None;
+    let mut attempt = first;
+    let http = reqwest::Client::new();
+    while !*stopped.borrow() {
+        let node = node_of(&urls[attempt % urls.len()]);
+        attempt += 1;
+        let mut query = format!("channel={}&timeout=1", http::escape(&channel));
+        if let Some(cursor) = &cursor {
+            query.push_str(&format!("&cursor={cursor}"));
+        }
+        let answer = http
+            .get(node.url(&format!("/poll?{query}")))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let answer: Value = match answer {
+            Ok(response) if response.status() == 200 => match response.json().await {
+                Ok(answer) => answer,
+                Err(_) => continue,
+            },
+            _ => {
+                received.reconnects += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        cursor = answer["cursor"].as_str().map(String::from);
+        for resumed in answer["resumed"].as_array().into_iter().flatten() {
+            if resumed["recovered"] == false && resumed["channel"] == channel.as_str() {
+                received.not_recovered += 1;
+            }
+        }
+        if cursor.is_some() {
+            subscribed.fetch_add(1, SeqCst);
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+        }
+        for event in answer["events"].as_array().into_iter().flatten() {
+            if event["channel"] != channel.as_str() {
+                continue;
+            }
+            received.seqs.push(event["seq"].as_u64().unwrap());
+            let n = count.fetch_add(1, Relaxed) + 1;
+            if let Some((after, away)) = options.offline
+                && n >= after
+            {
+                options.offline = None;
+                tokio::time::sleep(away).await;
+            }
+        }
+    }
+    received
+}
+
+async fn ws_resume_loop(
+    urls: Vec<String>,
+    first: usize,
+    channel: String,
+    mut options: ResumerOptions,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    (count, subscribed): Counters,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Received {
     let mut ready = Some(ready);
@@ -814,6 +1026,12 @@ async fn resume_loop(
             let frame: Value = serde_json::from_str(&text).unwrap();
             match frame["op"].as_str() {
                 Some("welcome") => epoch = frame["epoch"].as_str().map(String::from),
+                // The node could not replay now (NATS electing a leader): come back and
+                // resume again, as fanout.js does.
+                Some("error") if frame["ref"] == "subscribe" => {
+                    received.close_codes.push(0);
+                    break;
+                }
                 Some("subscribed") => {
                     if frame["recovered"] == false {
                         received.not_recovered += 1;
@@ -916,6 +1134,11 @@ pub fn verify(scenario: &str, acked: &[u64], clients: &[Received]) {
             client.close_codes
         );
         if missing + duplicates + out_of_order + unexpected > 0 {
+            let lost: Vec<&u64> = acked.iter().filter(|s| !got.contains(s)).take(10).collect();
+            println!(
+                "{scenario}: client {i}: first missing {lost:?}, got {:?}",
+                client.seqs
+            );
             bad.push(i);
         }
     }

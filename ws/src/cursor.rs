@@ -2,11 +2,14 @@
 //! it can resume on any node (SSE's `Last-Event-ID`, long-polling's `cursor`), stateless.
 //!
 //! Opaque to clients: base64url (no padding) of a small versioned JSON document,
-//! `{"v":1,"e":"<stream epoch>","c":{"<channel>":<seq>,…},"s":{"<channel>":<seq>,…}}`:
+//! `{"v":1,"e":"<stream epoch>","t":<unix ms>,"c":{"<channel>":<seq>,…},"s":{"<channel>":<seq>,…}}`:
 //! `c` holds the channels whose last event the client has (its seq), `s` those where it has
-//! seen none yet, with the stream sequence from which it follows them. Positions are stream
-//! sequences, which are only comparable within one epoch. A later version can carry one
-//! position per region (the reader rejects versions it does not know).
+//! seen none yet, with the stream sequence from which it follows them; `t` is when the
+//! stream last vouched for these positions (every event and every heartbeat renews it), so
+//! that a node can tell a resume within the history window from one beyond it even on a
+//! channel whose last event has expired. Positions are stream sequences, which are only
+//! comparable within one epoch. A later version can carry one position per region (the
+//! reader rejects versions it does not know).
 
 use std::collections::BTreeMap;
 
@@ -54,6 +57,8 @@ impl Position {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
     pub epoch: String,
+    /// When the stream vouched for these positions, unix milliseconds (0: never).
+    pub at: u64,
     pub positions: BTreeMap<Channel, Position>,
 }
 
@@ -119,9 +124,11 @@ impl Positions {
         }
     }
 
-    /// Where the stream is, on every channel whose position is known.
-    pub fn cursor(&self) -> Cursor {
+    /// Where the stream is, on every channel whose position is known, vouched for at `at`
+    /// (unix milliseconds).
+    pub fn cursor(&self, at: u64) -> Cursor {
         let mut cursor = Cursor::new(self.epoch.clone());
+        cursor.at = at;
         cursor.positions = self
             .channels
             .iter()
@@ -135,6 +142,8 @@ impl Positions {
 struct Wire {
     v: u32,
     e: String,
+    #[serde(default)]
+    t: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     c: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -145,6 +154,7 @@ impl Cursor {
     pub fn new(epoch: impl Into<String>) -> Cursor {
         Cursor {
             epoch: epoch.into(),
+            at: 0,
             positions: BTreeMap::new(),
         }
     }
@@ -153,6 +163,7 @@ impl Cursor {
         let mut wire = Wire {
             v: VERSION,
             e: self.epoch.clone(),
+            t: self.at,
             c: BTreeMap::new(),
             s: BTreeMap::new(),
         };
@@ -185,6 +196,7 @@ impl Cursor {
         let wire: Wire =
             serde_json::from_slice(&json).map_err(|e| CursorError::Malformed(e.to_string()))?;
         let mut cursor = Cursor::new(wire.e);
+        cursor.at = wire.t;
         let named = |name: String| {
             Channel::parse(&name).map_err(|e| CursorError::Channel(format!("{name:?}: {e}")))
         };
@@ -209,6 +221,7 @@ mod tests {
     #[test]
     fn round_trips_and_is_url_safe() {
         let mut cursor = Cursor::new("18a3f0c2");
+        cursor.at = 1_795_295_400_123;
         cursor
             .positions
             .insert(ch("room:maths"), Position::Event(41));

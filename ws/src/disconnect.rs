@@ -11,6 +11,7 @@
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
 //! | 4001 | slow consumer | the client did not read fast enough and its queue overflowed |
 //! | 4002 | heartbeat timeout | the client did not answer a ping within one heartbeat |
+//! | 4003 | unavailable | the stream's history could not be read to resume the client: reconnect and resume |
 //! | 4004 | token expired | get a new token (and reconnect with it); send `refresh` before `exp` to avoid this |
 //! | 4500–4999 | fanout, terminal | not reconnect without changing something (reserved) |
 
@@ -57,6 +58,11 @@ pub const SLOW_CONSUMER: Disconnect = Disconnect {
     code: 4001,
     reason: "slow consumer",
     name: "slow_consumer",
+};
+pub const UNAVAILABLE: Disconnect = Disconnect {
+    code: 4003,
+    reason: "history unavailable: reconnect and resume",
+    name: "unavailable",
 };
 pub const TOKEN_EXPIRED: Disconnect = Disconnect {
     code: 4004,

@@ -105,6 +105,9 @@ pub type Recipients = Vec<Arc<dyn Sink>>;
 pub struct Hub {
     conns: Box<[Mutex<HashMap<ConnId, ConnEntry>>]>,
     channels: Box<[Mutex<HashMap<Channel, ChannelEntry>>]>,
+    /// [`ChannelEntry::delivered`] for `broadcast`, whose recipients are every connection:
+    /// stored before a pass copies them, read after a connection is added.
+    broadcast_delivered: AtomicU64,
     /// Connections, without locking every shard to count them.
     connections: AtomicUsize,
     interest: mpsc::UnboundedSender<Interest>,
@@ -125,6 +128,10 @@ struct ConnEntry {
 #[derive(Debug)]
 struct ChannelEntry {
     members: HashMap<ConnId, Subscriber>,
+    /// The highest seq a fan-out pass has offered the channel's members, recorded in the
+    /// pass's own critical section: a member that joins later was not in that pass, but sees
+    /// this, and must get everything up to it from history ([`Hub::delivered`]).
+    delivered: u64,
     /// Members that are hidden (long-polls), so that a count stays one subtraction.
     hidden: usize,
     generation: u64,
@@ -176,6 +183,7 @@ impl Hub {
         Hub {
             conns: shards(),
             channels: shards(),
+            broadcast_delivered: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             interest,
             membership,
@@ -290,6 +298,7 @@ impl Hub {
             });
             ChannelEntry {
                 members: HashMap::new(),
+                delivered: 0,
                 hidden: 0,
                 generation,
                 live: watch::Sender::new(false),
@@ -508,11 +517,14 @@ impl Hub {
         frames: &[Outgoing],
         recipients: &mut Recipients,
     ) -> Delivery {
+        let seq = frames.iter().map(|f| f.seq).max().unwrap_or(0);
         if channel.is_broadcast() {
+            self.broadcast_delivered.fetch_max(seq, Ordering::SeqCst);
             for shard in self.conns.iter() {
                 recipients.extend(lock(shard).values().map(|c| c.sink.clone()));
             }
-        } else if let Some(entry) = self.channel_shard_of(key).get(channel) {
+        } else if let Some(entry) = self.channel_shard_of(key).get_mut(channel) {
+            entry.delivered = entry.delivered.max(seq);
             recipients.extend(entry.members.values().map(|s| s.sink.clone()));
         }
         Self::offer_all(key, frames, recipients)
@@ -524,6 +536,18 @@ impl Hub {
             sink.offer(key, frames, &mut outcome);
         }
         outcome
+    }
+
+    /// The highest seq of `channel` this node has offered its members so far. A connection
+    /// that joined the channel before calling this gets, live, every event above it; those
+    /// up to it it may have missed (they came before it joined) and must replay.
+    pub fn delivered(&self, channel: &Channel) -> u64 {
+        if channel.is_broadcast() {
+            return self.broadcast_delivered.load(Ordering::SeqCst);
+        }
+        self.channel_shard(channel)
+            .get(channel)
+            .map_or(0, |entry| entry.delivered)
     }
 
     /// Every connection's cut-off switch (for draining).

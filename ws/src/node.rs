@@ -37,6 +37,10 @@ use crate::{
     reader::read,
 };
 
+/// How much younger than the history window a cursor's time must be for a node to vouch
+/// that nothing after its positions expired: clocks of different nodes, and delivery.
+const VOUCH_MARGIN: Duration = Duration::from_secs(5);
+
 /// How long a `subscribe` waits for the NATS subscription before answering anyway (it is
 /// registered and becomes live when NATS allows).
 const LIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -327,48 +331,89 @@ impl Node {
     }
 
     /// The stored events of `channel` after `from`, for a resuming client whose position
-    /// belongs to `epoch`, and whether they are all of them.
-    pub async fn replay(&self, channel: &Channel, from: Position, epoch: Option<&str>) -> Replay {
+    /// belongs to `epoch` (and was vouched for at `at`, unix ms), and whether they are all
+    /// of them.
+    ///
+    /// Call it once the connection is in the channel: the replay then reaches everything this
+    /// node delivered before the connection joined (a replica that lags is waited for). A
+    /// stream that cannot be read is tried again for about a second (a NATS cluster electing
+    /// a leader), then the error is the caller's: it must not tell the client anything it
+    /// cannot know.
+    pub async fn replay(
+        &self,
+        channel: &Channel,
+        from: Position,
+        epoch: Option<&str>,
+        at: Option<u64>,
+    ) -> Result<Replay, fanout::BusError> {
+        let mut pause = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            match self.try_replay(channel, from, epoch, at).await {
+                Ok(replay) => return Ok(replay),
+                Err(err) if attempt < 2 => {
+                    tracing::debug!(%channel, %err, "cannot replay yet; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                    attempt += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(%channel, %err, "cannot replay");
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    async fn try_replay(
+        &self,
+        channel: &Channel,
+        from: Position,
+        epoch: Option<&str>,
+        at: Option<u64>,
+    ) -> Result<Replay, fanout::BusError> {
         let current = self.bus.epoch();
         if epoch.is_some_and(|epoch| epoch != current) {
             // The stream was recreated: the position counts in sequences that no longer exist.
-            return Replay::lost(current);
+            return Ok(Replay::lost(current));
         }
         let after = from.seq();
-        let (recovered, events) = match from {
+        let reach = self.hub.delivered(channel);
+        let events = self.bus.history_reaching(channel, after, None, reach).await;
+        // Nothing the per-channel limit removed since: that would have left the channel
+        // at the limit.
+        let limit = self.config.common.history_max_messages;
+        let below_limit = events.as_ref().is_ok_and(|e| (e.len() as i64) < limit);
+        // Nothing age removed since: whatever came after `after` is younger than `at`, and
+        // `at` is within the history window (with a margin for clocks and delivery).
+        let window = self.config.common.history_max_age_secs * 1000;
+        let margin = VOUCH_MARGIN.as_millis() as u64;
+        let young = at.is_some_and(|at| now_ms() + margin < at + window);
+        let recovered = match from {
             // The event the client has is still stored: every later one is too (limits
             // remove the oldest first).
-            Position::Event(since) if since > 0 => (
-                self.bus.is_stored(channel, since).await,
-                self.bus.history(channel, since, None).await,
-            ),
-            // Nothing of the channel seen: complete if nothing after `after` was removed,
-            // neither by age (the stream still starts right after it) nor by the
-            // per-channel limit (which would have left the channel at that limit).
-            _ => {
-                let events = self.bus.history(channel, after, None).await;
-                let limit = self.config.common.history_max_messages;
-                let recovered = self.bus.first_sequence().await.map(|first| {
-                    first <= after + 1 && events.as_ref().is_ok_and(|e| (e.len() as i64) < limit)
-                });
-                (recovered, events)
-            }
+            Position::Event(since) if since > 0 => match self.bus.is_stored(channel, since).await {
+                Ok(true) => Ok(true),
+                Ok(false) => Ok(young && below_limit),
+                Err(err) => Err(err),
+            },
+            // Nothing of the channel seen: complete if nothing after `after` was removed, by
+            // age (the stream still starts right after it, or `at` says it is young) or by
+            // the limit.
+            _ => self
+                .bus
+                .first_sequence()
+                .await
+                .map(|first| (first <= after + 1 || young) && below_limit),
         };
-        match (recovered, events) {
-            (Ok(recovered), Ok(events)) => {
-                counter!("fanout_ws_replayed_events_total").increment(events.len() as u64);
-                Replay {
-                    skip_upto: Some(events.last().map_or(after, |e| e.seq)),
-                    events,
-                    recovered,
-                    epoch: current,
-                }
-            }
-            (Err(err), _) | (_, Err(err)) => {
-                tracing::warn!(%channel, after, %err, "cannot replay");
-                Replay::lost(current)
-            }
-        }
+        let (recovered, events) = (recovered?, events?);
+        counter!("fanout_ws_replayed_events_total").increment(events.len() as u64);
+        Ok(Replay {
+            skip_upto: Some(events.last().map_or(after, |e| e.seq)),
+            events,
+            recovered,
+            epoch: current,
+        })
     }
 
     /// The stream's last sequence: "now", for a stream that starts following a channel.

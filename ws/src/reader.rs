@@ -116,7 +116,12 @@ pub async fn read(
                 epoch = bus.epoch();
                 tracing::warn!(%channel, "the stream was recreated; following its new sequences");
             } else if envelope.last_seq > last {
-                match bus.history(&channel, last, Some(envelope.seq - 1)).await {
+                // The channel's previous event is `last_seq`: stored, so the repair reaches it.
+                let previous = envelope.last_seq;
+                match bus
+                    .history_reaching(&channel, last, Some(envelope.seq - 1), previous)
+                    .await
+                {
                     Ok(missing) => {
                         repairs.increment(1);
                         repaired.increment(missing.len() as u64);

@@ -239,8 +239,33 @@ pub trait Framing: Send + fmt::Debug + 'static {
     fn position(&mut self, _key: ChannelKey, _position: Position) {}
 }
 
-/// The byte slices of one write (a frame is one or two of them).
+/// The byte slices of one frame, as a framing writes it (one or two).
 pub type Parts = SmallVec<[Bytes; 4]>;
+
+/// What one write carries: byte slices, each marked when it is the last of a frame (the
+/// frames bound counts frames, whatever the slices per frame).
+#[derive(Debug, Default)]
+struct Batch(SmallVec<[(Bytes, bool); 4]>);
+
+impl Batch {
+    /// One frame of one slice.
+    fn one(bytes: Bytes) -> Batch {
+        let mut batch = Batch::default();
+        batch.0.push((bytes, true));
+        batch
+    }
+
+    /// Appends a frame's slices.
+    fn frame(&mut self, parts: Parts) {
+        let last = parts.len().saturating_sub(1);
+        self.0.extend(
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, part)| (part, i == last)),
+        );
+    }
+}
 
 /// WebSocket: each frame is one text frame, the same bytes for every connection.
 #[derive(Debug, Default)]
@@ -310,9 +335,11 @@ enum Out {
 #[derive(Debug)]
 struct State<F> {
     framing: F,
-    /// Bytes not yet (fully) written, in order.
-    backlog: VecDeque<Bytes>,
+    /// Bytes not yet (fully) written, in order; each marked when it ends a frame.
+    backlog: VecDeque<(Bytes, bool)>,
     backlog_bytes: usize,
+    /// Frames in the backlog (its entries that end one).
+    backlog_frames: usize,
     /// Bytes of the first backlog entry already written.
     written: usize,
     /// Live frames held during a subscribe: (channel, seq, shared part).
@@ -323,8 +350,9 @@ struct State<F> {
     channels: Vec<(ChannelKey, Option<u64>)>,
     /// The socket failed: nothing more is written.
     broken: bool,
-    /// A collecting outbox reached its bounds: it takes nothing more.
-    full: bool,
+    /// A frame was dropped at the bounds (the client is cut off, or a collecting outbox is
+    /// full): no frame is taken after it, which would leave a gap behind the client's back.
+    stopped: bool,
 }
 
 impl<F> State<F> {
@@ -344,7 +372,7 @@ impl<F> State<F> {
     fn waiting(&self) -> (usize, usize) {
         let held = self.held.as_ref().map_or(0, VecDeque::len);
         (
-            self.backlog.len() + held,
+            self.backlog_frames + held,
             self.backlog_bytes + self.held_bytes,
         )
     }
@@ -372,12 +400,13 @@ impl<F: Framing> Outbox<F> {
                 framing,
                 backlog: VecDeque::new(),
                 backlog_bytes: 0,
+                backlog_frames: 0,
                 written: 0,
                 held: None,
                 held_bytes: 0,
                 channels: Vec::new(),
                 broken: false,
-                full: false,
+                stopped: false,
             }),
             waiting: Notify::new(),
             kick,
@@ -401,9 +430,13 @@ impl<F: Framing> Outbox<F> {
     /// (what it kept is exactly what the framing has seen).
     pub fn take<R>(&self, read: impl FnOnce(&F) -> R) -> (Vec<Bytes>, R) {
         let mut state = self.lock();
-        let kept = std::mem::take(&mut state.backlog).into();
+        let kept = std::mem::take(&mut state.backlog)
+            .into_iter()
+            .map(|(bytes, _)| bytes)
+            .collect();
         state.backlog_bytes = 0;
-        state.full = true; // nothing more: the taker answers with what it has
+        state.backlog_frames = 0;
+        state.stopped = true; // nothing more: the taker answers with what it has
         (kept, read(&state.framing))
     }
 
@@ -417,7 +450,17 @@ impl<F: Framing> Outbox<F> {
     pub fn send_raw(&self, bytes: Bytes) {
         let mut state = self.lock();
         if !state.broken {
-            self.write_or_queue(&mut state, &[bytes]);
+            self.write_or_queue(&mut state, Batch::one(bytes));
+        }
+    }
+
+    /// Writes bytes of the transport's own that its framing makes (an SSE heartbeat that
+    /// carries the stream's cursor): never held or filtered.
+    pub fn send_framed(&self, make: impl FnOnce(&mut F) -> Bytes) {
+        let mut state = self.lock();
+        if !state.broken {
+            let bytes = make(&mut state.framing);
+            self.write_or_queue(&mut state, Batch::one(bytes));
         }
     }
 
@@ -430,15 +473,15 @@ impl<F: Framing> Outbox<F> {
         bytes: usize,
         outcome: &mut Delivery,
     ) -> bool {
-        if state.full {
+        if state.stopped {
             return true;
         }
         let (waiting, waiting_bytes) = state.waiting();
         if waiting + frames <= self.bounds.frames && waiting_bytes + bytes <= self.bounds.bytes {
             return false;
         }
+        state.stopped = true;
         if let Out::Collect = self.out {
-            state.full = true;
             self.waiting.notify_one();
         } else if self.kick.kick(disconnect::SLOW_CONSUMER) {
             outcome.slow += 1;
@@ -446,16 +489,16 @@ impl<F: Framing> Outbox<F> {
         true
     }
 
-    /// Writes `parts` with one system call if nothing is waiting before them and the
-    /// socket takes them; whatever it does not take is queued for the connection's task.
-    fn write_or_queue(&self, state: &mut State<F>, parts: &[Bytes]) {
+    /// Writes `batch` with one system call if nothing is waiting before it and the socket
+    /// takes it; whatever it does not take is queued for the connection's task.
+    fn write_or_queue(&self, state: &mut State<F>, batch: Batch) {
+        let parts = batch.0;
         let stream = match &self.out {
             Out::Socket(stream) => stream,
             Out::Discard => return,
             Out::Collect => {
                 if !parts.is_empty() {
-                    state.backlog_bytes += parts.iter().map(Bytes::len).sum::<usize>();
-                    state.backlog.extend(parts.iter().cloned());
+                    self.queue(state, parts.into_iter());
                     self.waiting.notify_one();
                 }
                 return;
@@ -465,13 +508,13 @@ impl<F: Framing> Outbox<F> {
         if state.backlog.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = parts.len().min(MAX_IOV);
-            for (slice, part) in slices.iter_mut().zip(parts) {
+            for (slice, (part, _)) in slices.iter_mut().zip(&parts) {
                 *slice = IoSlice::new(part);
             }
             let mut written = 0; // bytes of the first part not fully written
             match stream.try_write_vectored(&slices[..n]) {
                 Ok(mut left) => {
-                    for part in &parts[..n] {
+                    for (part, _) in &parts[..n] {
                         if left < part.len() {
                             break;
                         }
@@ -490,10 +533,16 @@ impl<F: Framing> Outbox<F> {
             state.written = written;
         }
         if done < parts.len() {
-            let rest = &parts[done..];
-            state.backlog_bytes += rest.iter().map(Bytes::len).sum::<usize>();
-            state.backlog.extend(rest.iter().cloned());
+            self.queue(state, parts.into_iter().skip(done));
             self.waiting.notify_one();
+        }
+    }
+
+    fn queue(&self, state: &mut State<F>, parts: impl Iterator<Item = (Bytes, bool)>) {
+        for (part, ends) in parts {
+            state.backlog_bytes += part.len();
+            state.backlog_frames += usize::from(ends);
+            state.backlog.push_back((part, ends));
         }
     }
 
@@ -546,19 +595,24 @@ impl<F: Framing> Outbox<F> {
                 .iter()
                 .take(MAX_IOV)
                 .enumerate()
-                .map(|(i, part)| IoSlice::new(if i == 0 { &part[written..] } else { part }))
+                .map(|(i, (part, _))| IoSlice::new(if i == 0 { &part[written..] } else { part }))
                 .collect();
             let result = stream.try_write_vectored(&slices);
             drop(slices);
             match result {
                 Ok(mut n) => {
                     n += state.written;
-                    while let Some(front) = state.backlog.front() {
-                        if n < front.len() {
+                    while let Some((len, ends)) = state
+                        .backlog
+                        .front()
+                        .map(|(front, ends)| (front.len(), *ends))
+                    {
+                        if n < len {
                             break;
                         }
-                        n -= front.len();
-                        state.backlog_bytes -= front.len();
+                        n -= len;
+                        state.backlog_bytes -= len;
+                        state.backlog_frames -= usize::from(ends);
                         state.backlog.pop_front();
                     }
                     state.written = n;
@@ -579,23 +633,25 @@ impl<F: Framing> Outbox<F> {
             return;
         };
         state.held_bytes = 0;
-        if state.broken {
+        if state.broken || state.stopped {
             return;
         }
-        let mut parts = Parts::new();
+        let mut batch = Batch::default();
         for (key, seq, shared) in held {
             if state.entered(key) && !state.covered(key, seq) {
+                let mut parts = Parts::new();
                 state.framing.write(key, seq, shared, &mut parts);
+                batch.frame(parts);
             }
         }
-        self.write_or_queue(state, &parts);
+        self.write_or_queue(state, batch);
     }
 }
 
 impl<F: Framing> Sink for Outbox<F> {
     fn offer(&self, key: ChannelKey, frames: &[Outgoing], outcome: &mut Delivery) {
         let mut state = self.lock();
-        if state.broken || !state.entered(key) {
+        if state.broken || state.stopped || !state.entered(key) {
             return;
         }
         // Events the connection already has (it resumed) can only be a prefix: seqs ascend.
@@ -626,11 +682,13 @@ impl<F: Framing> Sink for Outbox<F> {
             state.held_bytes += bytes;
             return;
         }
-        let mut parts = Parts::new();
+        let mut batch = Batch::default();
         for (frame, shared) in frames.iter().zip(shared) {
+            let mut parts = Parts::new();
             state.framing.write(key, frame.seq, shared, &mut parts);
+            batch.frame(parts);
         }
-        self.write_or_queue(state, &parts);
+        self.write_or_queue(state, batch);
     }
 
     fn kick(&self) -> &Kick {
@@ -660,13 +718,13 @@ impl<F: Framing> Conduit for Outbox<F> {
         let mut state = self.lock();
         if !state.broken {
             let own = state.framing.own(name, json);
-            self.write_or_queue(&mut state, &[own]);
+            self.write_or_queue(&mut state, Batch::one(own));
         }
     }
 
     fn replay(&self, key: ChannelKey, frame: &Outgoing) {
         let mut state = self.lock();
-        if state.broken {
+        if state.broken || state.stopped {
             return;
         }
         let shared = F::shared(frame);
@@ -675,7 +733,9 @@ impl<F: Framing> Conduit for Outbox<F> {
         }
         let mut parts = Parts::new();
         state.framing.write(key, frame.seq, shared, &mut parts);
-        self.write_or_queue(&mut state, &parts);
+        let mut batch = Batch::default();
+        batch.frame(parts);
+        self.write_or_queue(&mut state, batch);
     }
 
     fn hold(&self) {
@@ -820,6 +880,49 @@ mod tests {
                 "{frames} frames, {bytes} bytes wait"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_behind_a_dropped_frame() {
+        let bounds = Bounds {
+            frames: 2,
+            bytes: usize::MAX,
+        };
+        let (outbox, mut client) = pair(bounds).await;
+        let key = channel_key("x");
+        outbox.enter(key, "x");
+        let mut outcome = Delivery::default();
+        outbox.hold();
+        outbox.offer(key, &event(5, "live5;"), &mut outcome); // held
+        // A replay bigger than the bounds: the queue fills (the socket is not read)...
+        let big = "r".repeat(4 << 20);
+        outbox.replay(key, &Outgoing::event(1, big.clone()));
+        outbox.replay(key, &Outgoing::event(2, big.clone()));
+        outbox.replay(key, &Outgoing::event(3, big.clone()));
+        outbox.replay(key, &Outgoing::event(4, "r4;"));
+        // ...so the client is cut off, and the held live frame is not let go after the gap.
+        outbox.release(key, Some(4));
+        outbox.offer(key, &event(6, "live6;"), &mut outcome);
+        assert!(outbox.kick().token().is_cancelled());
+        // What the connection's task does once kicked: write out what waits (then close).
+        let outbox = std::sync::Arc::new(outbox);
+        let flushing = outbox.clone();
+        tokio::spawn(async move { flushing.flush().await });
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(1500), async {
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(!seen.contains("live"), "a live frame after the gap");
+        assert!(!seen.contains("r4;"), "a replayed frame after the gap");
     }
 
     #[test]

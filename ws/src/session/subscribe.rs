@@ -36,6 +36,19 @@ pub struct Resume {
     pub from: Position,
     /// The epoch `from` belongs to, if the client knows it.
     pub epoch: Option<String>,
+    /// When the client was known to have every event up to `from` (a cursor's time).
+    pub at: Option<u64>,
+}
+
+/// Why a connection could not join a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+    /// The stream could not be read to replay what the client missed: it is not in the
+    /// channel (it can try again), and nothing is said of what it missed.
+    #[error("cannot replay from the stream now: {0}")]
+    Replay(#[from] fanout::BusError),
 }
 
 /// Subscribes the session's connection to `channel` (with `presence`, to its presence
@@ -49,16 +62,16 @@ pub(crate) async fn join(
     presence: bool,
     resume: Option<Resume>,
     announce: impl FnOnce(Option<&Replay>),
-) -> Result<(), SubscribeError> {
+) -> Result<(), JoinError> {
     let conduit = &session.conduit;
     let node = &session.node;
     conduit.hold();
     if let Err(err) = node.subscribe(session.conn, channel, presence).await {
         conduit.release_held();
-        return Err(err);
+        return Err(err.into());
     }
     let key = channel_key(channel.as_str());
-    let Some(Resume { from, epoch }) = resume else {
+    let Some(Resume { from, epoch, at }) = resume else {
         if conduit.tracks_positions() {
             // Its stream follows the channel from now on, and says so in its positions, so
             // that a reconnect replays what it missed even before its first event here.
@@ -71,9 +84,25 @@ pub(crate) async fn join(
         conduit.release_held();
         return Ok(());
     };
-    let replay = node.replay(channel, from, epoch.as_deref()).await;
+    let replay = match node.replay(channel, from, epoch.as_deref(), at).await {
+        Ok(replay) => replay,
+        Err(err) => {
+            // Out again, the held frames of the channel dropped with it.
+            node.unsubscribe(session.conn, channel);
+            conduit.release_held();
+            return Err(err.into());
+        }
+    };
     if conduit.tracks_positions() {
-        conduit.position(key, from);
+        // Once a stream has been told that history no longer reaches back, it follows the
+        // channel from now on: the next resume is not told so again.
+        let from = match replay.recovered {
+            true => Some(from),
+            false => node.now().await.ok().map(Position::After),
+        };
+        if let Some(from) = from {
+            conduit.position(key, from);
+        }
     }
     announce(Some(&replay));
     let with_trace = node.config().event_trace_id;
@@ -120,6 +149,7 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
     let resume = since.map(|since| Resume {
         from: Position::Event(since),
         epoch,
+        at: None,
     });
     let mut to = Some(to);
     let joined = join(session, &channel, presence, resume, |replay| {
@@ -129,8 +159,9 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
     .await;
     if let Err(err) = joined {
         let code = match err {
-            SubscribeError::TooMany(_) => "too_many_subscriptions",
-            SubscribeError::UnknownConn => "internal",
+            JoinError::Subscribe(SubscribeError::TooMany(_)) => "too_many_subscriptions",
+            JoinError::Subscribe(SubscribeError::UnknownConn) => "internal",
+            JoinError::Replay(_) => "bus_unavailable",
         };
         let to = to.expect("not announced on failure");
         session.reject(to, id, "subscribe", code, err.to_string());

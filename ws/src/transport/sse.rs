@@ -22,7 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use fanout::Channel;
+use fanout::{Channel, time::now_ms};
 use metrics::counter;
 use serde_json::json;
 use tracing::Instrument;
@@ -40,7 +40,7 @@ use crate::{
     hub::{ConnId, Profile},
     node::Node,
     protocol,
-    session::{self, ReplyTo, Resume, Session},
+    session::{self, JoinError, ReplyTo, Resume, Session},
     sink::{Bounds, ChannelKey, Conduit, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
@@ -66,6 +66,19 @@ impl Sse {
     }
 }
 
+impl Sse {
+    /// A heartbeat: a comment line, and, when `vouch`, an `id:` with the stream's cursor,
+    /// renewing its time (browsers take the id without dispatching an event): a client that
+    /// was connected but saw no event for a while still resumes as within the window.
+    pub fn heartbeat(&mut self, vouch: bool) -> Bytes {
+        if !vouch {
+            return Bytes::from_static(b":\n\n");
+        }
+        let cursor = self.positions.cursor(now_ms()).encode();
+        Bytes::from(format!(":\nid: {cursor}\n\n"))
+    }
+}
+
 /// The blank line that ends an SSE event.
 static END: Bytes = Bytes::from_static(b"\n");
 
@@ -85,7 +98,7 @@ impl Framing for Sse {
         self.positions.advance(key, seq);
         let mut id = BytesMut::with_capacity(64);
         id.extend_from_slice(b"id: ");
-        id.extend_from_slice(self.positions.cursor().encode().as_bytes());
+        id.extend_from_slice(self.positions.cursor(now_ms()).encode().as_bytes());
         id.extend_from_slice(b"\n\n");
         out.push(id.freeze());
     }
@@ -194,6 +207,7 @@ pub(crate) fn channels(
                 Some(Resume {
                     from: *cursor.positions.get(&channel)?,
                     epoch: Some(cursor.epoch.clone()),
+                    at: Some(cursor.at),
                 })
             });
             (channel, resume)
@@ -316,6 +330,7 @@ pub(crate) async fn starts(node: &Node, channels: Vec<(Channel, Option<Resume>)>
                 Some(Resume {
                     from: Position::After(now?),
                     epoch: Some(epoch.clone()),
+                    at: Some(now_ms()),
                 })
             });
             Start {
@@ -460,8 +475,15 @@ async fn run(
                 }
             })
             .await;
-        if let Err(err) = joined {
-            tracing::warn!(%channel, %err, "cannot follow a stream's channel");
+        match joined {
+            Ok(()) => {}
+            // Closed, so that the client comes back with the same cursor: nothing it missed is
+            // skipped.
+            Err(JoinError::Replay(err)) => {
+                tracing::warn!(%channel, %err, "cannot resume a stream's channel");
+                return End::Close(disconnect::UNAVAILABLE);
+            }
+            Err(err) => tracing::warn!(%channel, %err, "cannot follow a stream's channel"),
         }
     }
     if let Err(end) = written(outbox).await {
@@ -512,8 +534,10 @@ async fn run(
             }
             Wake::Tick => {
                 // A comment line: keeps proxies from timing the stream out, and finds a dead
-                // client by the write failing.
-                outbox.send_raw(Bytes::from_static(b":\n\n"));
+                // client by the write failing. Its id vouches for the positions only while
+                // this node receives events (so: while NATS is connected).
+                let vouch = node.bus().is_connected();
+                outbox.send_framed(|sse| sse.heartbeat(vouch));
                 written(outbox).await
             }
         };

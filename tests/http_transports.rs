@@ -1,0 +1,448 @@
+//! The HTTP transports: server-sent events (`GET /sse`, with `POST /session/{conn}` for its
+//! requests) and long-polling (`GET /poll`): the same events as WebSocket, resume anywhere
+//! with the cursor, and every bad input answered.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// The cursor a poll answered with.
+fn cursor_of(answer: &Value) -> String {
+    answer["cursor"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ping_reaches_every_transport() {
+    let tier = Tier::start(2).await;
+    let mut ws = tier.client(0).await;
+    let mut sse = SseClient::connect(&tier.nodes[1], "user=ada", None)
+        .await
+        .unwrap();
+    assert!(sse.head.starts_with("HTTP/1.0 200"), "{}", sse.head);
+    assert!(
+        sse.head.contains("content-type: text/event-stream"),
+        "{}",
+        sse.head
+    );
+    assert!(sse.head.contains("cache-control: no-cache"), "{}", sse.head);
+    assert_eq!(sse.welcome["op"], "welcome");
+    assert_eq!(sse.welcome["user"], "ada");
+    assert_eq!(sse.welcome["node"], "ws-2");
+    assert_eq!(sse.welcome["session"].as_str().unwrap().len(), 32);
+    // A poll without a cursor starts from now.
+    let (status, first) = poll(&tier.nodes[0], "channel=broadcast&timeout=0").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["events"], json!([]));
+    let cursor = cursor_of(&first);
+
+    let (status, _) = post_raw(&tier.api, "/ping", "").await;
+    assert_eq!(status, 200);
+    let from_ws = ws.event().await;
+    let from_sse = sse.recv().await;
+    assert_eq!(from_sse.event, "event");
+    assert_eq!(
+        from_sse.data, from_ws,
+        "SSE's data is exactly the WebSocket event frame"
+    );
+    assert!(from_sse.id.is_some(), "every event carries the cursor");
+    let (status, polled) = poll(
+        &tier.nodes[1],
+        &format!("channel=broadcast&cursor={cursor}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{polled}");
+    assert_eq!(polled["events"], json!([from_ws]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_resumes_on_another_node_with_its_last_event_id() {
+    let tier = Tier::start(2).await;
+    let mut stream = SseClient::connect(&tier.nodes[0], "channel=maths&channel=art", None)
+        .await
+        .unwrap();
+    let first = publish(&tier.api, "maths", &json!(1)).await;
+    assert_eq!(stream.event().await["seq"], first);
+    let id = stream.last_id.clone().unwrap();
+    drop(stream);
+    // Missed while away, on both channels.
+    let mut missed = Vec::new();
+    for (channel, data) in [("maths", 2), ("art", 3), ("maths", 4)] {
+        missed.push((channel, publish(&tier.api, channel, &json!(data)).await));
+    }
+    // Back on the other node, with only the cursor: its channels come back with it.
+    let mut back = SseClient::connect(&tier.nodes[1], "", Some(&id))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut resumed = Vec::new();
+    while got.len() < missed.len() {
+        let event = back.recv().await;
+        match event.event.as_str() {
+            "resumed" => resumed.push(event.data),
+            "event" => got.push((
+                event.data["channel"].as_str().unwrap().to_string(),
+                event.data["seq"].as_u64().unwrap(),
+            )),
+            other => panic!("unexpected {other}: {event:?}"),
+        }
+    }
+    got.sort_by_key(|(_, seq)| *seq);
+    let missed: Vec<(String, u64)> = missed
+        .into_iter()
+        .map(|(c, s)| (c.to_string(), s))
+        .collect();
+    assert_eq!(got, missed, "exactly what was missed, each once");
+    resumed.sort_by_key(|r| r["channel"].as_str().unwrap().to_string());
+    assert!(
+        resumed.iter().all(|r| r["recovered"] == true),
+        "{resumed:?}"
+    );
+    let replayed: Vec<_> = resumed
+        .iter()
+        .map(|r| (r["channel"].clone(), r["replayed"].clone()))
+        .collect();
+    assert!(
+        replayed.contains(&(json!("maths"), json!(2))),
+        "{resumed:?}"
+    );
+    assert!(replayed.contains(&(json!("art"), json!(1))), "{resumed:?}");
+    // Then live.
+    let live = publish(&tier.api, "art", &json!("live")).await;
+    assert_eq!(back.until("event").await.data["seq"], live);
+    // The same cursor as a query parameter works as well.
+    let id = back.last_id.clone().unwrap();
+    let again = SseClient::connect(&tier.nodes[0], &format!("last_event_id={id}"), None).await;
+    assert!(again.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_refusals_are_json_errors() {
+    let nats = NatsServer::start();
+    let secret = "test-secret-test-secret-test-secret";
+    let ws = start_ws(&nats, "ws-1", |c| {
+        c.auth = "jwt".into();
+        c.jwt_secret = secret.into();
+        c.max_subscriptions = 2;
+        c.allowed_origins = "https://good.example".into();
+    })
+    .await;
+    let token = |claims: Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let exp = fanout::time::now_ms() / 1000 + 600;
+    let good = token(json!({"sub": "ada", "exp": exp, "channels": ["room:*"]}));
+    let refused = |query: String| {
+        let ws = &ws;
+        async move {
+            match SseClient::connect(ws, &query, None).await {
+                Err(refused) => (refused.status, refused.body["error"]["code"].clone()),
+                Ok(_) => panic!("{query} was accepted"),
+            }
+        }
+    };
+    assert_eq!(refused(String::new()).await, (401, json!("missing_token")));
+    assert_eq!(
+        refused("token=nope".into()).await,
+        (401, json!("invalid_token"))
+    );
+    assert_eq!(
+        refused(format!("token={good}&channel=secret")).await,
+        (403, json!("forbidden"))
+    );
+    assert_eq!(
+        refused(format!("token={good}&channel=room%3Aa%20b")).await,
+        (400, json!("invalid_channel"))
+    );
+    assert_eq!(
+        refused(format!(
+            "token={good}&channel=room:a&channel=room:b&channel=room:c"
+        ))
+        .await,
+        (400, json!("too_many_subscriptions"))
+    );
+    assert_eq!(
+        refused(format!("token={good}&last_event_id=garbage!")).await,
+        (400, json!("invalid_cursor"))
+    );
+    let origin = SseClient::connect_with(
+        &ws,
+        &format!("token={good}"),
+        None,
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(origin.err().map(|r| r.status), Some(403));
+    // What is allowed opens.
+    let stream = SseClient::connect(
+        &ws,
+        &format!("token={good}&channel=room:a&channel=room:b"),
+        None,
+    )
+    .await;
+    assert_eq!(stream.unwrap().welcome["user"], "ada");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_requests_act_on_their_stream() {
+    let tier = Tier::start(1).await;
+    let node = &tier.nodes[0];
+    let mut stream = SseClient::connect(node, "user=ada&channel=maths", None)
+        .await
+        .unwrap();
+    let conn = stream.conn();
+
+    // Refusals.
+    let ping = r#"{"op":"ping","id":1}"#;
+    assert_eq!(session_request(node, &conn, None, ping).await.0, 401);
+    let (status, body) = session_request(node, &conn, Some("wrong"), ping).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_session"))
+    );
+    let (status, body) = session_request(
+        node,
+        "0c5ff0f6-0000-0000-0000-000000000000",
+        Some("x"),
+        ping,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("unknown_session"))
+    );
+    let (status, _) = session_request(node, "not-a-conn", Some("x"), ping).await;
+    assert_eq!(status, 404);
+    let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(70_000));
+    let (status, body) = session_request(node, &conn, Some(&stream.secret()), &big).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+
+    // Requests: their replies answer the POST; a bad one gets its error frame.
+    assert_eq!(
+        stream.request(node, json!({"op": "ping", "id": 1})).await,
+        (200, json!({"op": "pong", "id": 1}))
+    );
+    let (status, reply) = stream
+        .request(node, json!({"op": "subscribe", "channel": "a b"}))
+        .await;
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (200, Some("invalid_channel"))
+    );
+    let (status, reply) = session_request(node, &conn, Some(&stream.secret()), "{nope").await;
+    assert_eq!(
+        (status, reply["code"].as_str()),
+        (200, Some("invalid_json"))
+    );
+
+    // Subscribing changes what the stream carries; so does unsubscribing.
+    let (_, reply) = stream
+        .request(
+            node,
+            json!({"op": "subscribe", "channel": "art", "id": "s"}),
+        )
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op": "subscribed", "channel": "art", "id": "s"})
+    );
+    let art = publish(&tier.api, "art", &json!("monet")).await;
+    assert_eq!(stream.event().await["seq"], art);
+    let (_, reply) = stream
+        .request(node, json!({"op": "unsubscribe", "channel": "maths"}))
+        .await;
+    assert_eq!(reply["op"], "unsubscribed");
+    publish(&tier.api, "maths", &json!("not for us")).await;
+    let marker = publish(&tier.api, "art", &json!("marker")).await;
+    assert_eq!(
+        stream.event().await["seq"],
+        marker,
+        "nothing of maths after unsubscribed"
+    );
+
+    // Publish and presence through the session.
+    let (_, published) = stream
+        .request(
+            node,
+            json!({"op": "publish", "channel": "art", "data": {"x": 1}}),
+        )
+        .await;
+    assert_eq!(published["op"], "published", "{published}");
+    let event = stream.event().await;
+    assert_eq!(
+        (&event["seq"], &event["id"]),
+        (&published["seq"], &published["event"])
+    );
+    let (_, presence) = stream
+        .request(node, json!({"op": "presence", "channel": "art"}))
+        .await;
+    assert_eq!(presence["count"], 1, "{presence}");
+    assert_eq!(presence["members"][0]["user"], "ada");
+
+    // A closed stream's session is gone.
+    drop(stream);
+    let conn = &conn;
+    eventually("the session to close", || async move {
+        session_request(node, conn, Some("x"), ping).await.0 == 404
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_are_stateless_across_nodes_and_wait_for_events() {
+    let tier = Tier::start(2).await;
+    let (status, first) = poll(&tier.nodes[0], "channel=orders&timeout=0").await;
+    assert_eq!(status, 200, "{first}");
+    let mut cursor = cursor_of(&first);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.push(publish(&tier.api, "orders", &json!(i)).await);
+    }
+    // Alternate nodes: the cursor carries everything.
+    let mut got = Vec::new();
+    let mut polls = 0;
+    while got.len() < acked.len() {
+        let node = &tier.nodes[polls % 2];
+        polls += 1;
+        let (status, answer) =
+            poll(node, &format!("channel=orders&cursor={cursor}&timeout=5")).await;
+        assert_eq!(status, 200, "{answer}");
+        got.extend(
+            answer["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap()),
+        );
+        assert!(
+            answer["resumed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["recovered"] == true),
+            "{answer}"
+        );
+        cursor = cursor_of(&answer);
+    }
+    assert_eq!(got, acked);
+    // Nothing new: a poll waits for the next event, and answers with it at once.
+    let api = Server::external(tier.api.addr);
+    let later = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        publish(&api, "orders", &json!("later")).await
+    });
+    let (_, answer) = poll(
+        &tier.nodes[1],
+        &format!("channel=orders&cursor={cursor}&timeout=30"),
+    )
+    .await;
+    let later = within("the publisher", later).await.unwrap();
+    assert_eq!(answer["events"][0]["seq"], later, "{answer}");
+    // Nothing at all within the timeout: an empty answer, the cursor unchanged in effect.
+    let cursor = cursor_of(&answer);
+    let (_, empty) = poll(
+        &tier.nodes[0],
+        &format!("channel=orders&cursor={cursor}&timeout=1"),
+    )
+    .await;
+    assert_eq!(empty["events"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_beyond_the_history_window_is_not_recovered() {
+    let nats = NatsServer::start();
+    let api = start_api_with(&nats, |c| c.common.history_max_messages = 2).await;
+    let ws = start_ws(&nats, "ws-1", |c| c.common.history_max_messages = 2).await;
+    let (_, first) = poll(&ws, "channel=short&timeout=0").await;
+    let cursor = cursor_of(&first);
+    let mut seqs = Vec::new();
+    for i in 0..4 {
+        seqs.push(publish(&api, "short", &json!(i)).await);
+    }
+    let (_, answer) = poll(&ws, &format!("channel=short&cursor={cursor}")).await;
+    let resumed = &answer["resumed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["channel"] == "short")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        resumed["recovered"], false,
+        "two of four were dropped: {answer}"
+    );
+    let got: Vec<u64> = answer["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, seqs[2..], "what is still stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_refusals_are_json_errors() {
+    let tier = Tier::start(1).await;
+    let node = &tier.nodes[0];
+    for (query, status, code) in [
+        ("channel=a%20b", 400, "invalid_channel"),
+        ("channel=x&cursor=!!", 400, "invalid_cursor"),
+        ("channel=x&timeout=61", 400, "invalid_query"),
+        ("channel=x&timeout=soon", 400, "invalid_query"),
+        ("channel=x&user=", 401, "invalid_user"),
+    ] {
+        let (got, body) = poll(node, query).await;
+        assert_eq!(
+            (got, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{query}: {body}"
+        );
+    }
+    let many: String = (0..200).map(|i| format!("channel=c{i}&")).collect();
+    let (got, body) = poll(node, &format!("{many}timeout=0")).await;
+    assert_eq!(
+        (got, body["error"]["code"].as_str()),
+        (400, Some("too_many_subscriptions"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_says_so_on_its_streams() {
+    let nats = NatsServer::start();
+    let node = Process::start("fanout-ws", &ws_process_env(&nats.url(), "ws-1", 0));
+    let server = node.server();
+    wait_ready(&server).await;
+    let mut stream = SseClient::connect(&server, "user=ada", None).await.unwrap();
+    node.signal("-TERM");
+    assert_eq!(
+        stream.ended().await,
+        Some(json!({"code": 1001, "reason": "server shutting down: reconnect elsewhere"}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_gets_heartbeats() {
+    let nats = NatsServer::start();
+    let ws = start_ws(&nats, "ws-1", |c| c.heartbeat_secs = 1).await;
+    let mut stream = SseClient::connect(&ws, "user=ada", None).await.unwrap();
+    assert_eq!(stream.welcome["heartbeat"], 1);
+    let stream = &mut stream;
+    within("a heartbeat comment", async {
+        while stream.comments == 0 {
+            tokio::select! {
+                event = stream.next() => panic!("an event, not a comment: {event:?}"),
+                // `next` counts comments as it reads; poll it for a bounded slice each time.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+        }
+    })
+    .await;
+}
