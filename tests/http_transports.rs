@@ -446,3 +446,72 @@ async fn a_stream_gets_heartbeats() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_client_publishes_and_asks_presence_with_post_request() {
+    let tier = Tier::start(1).await;
+    let node = &tier.nodes[0];
+    let (_, first) = poll(node, "channel=maths&timeout=0").await;
+    let cursor = cursor_of(&first);
+    let mut member = tier.client(0).await;
+    member
+        .request(json!({"op": "subscribe", "channel": "maths", "id": 1}))
+        .await;
+
+    let (status, reply) = post_raw(
+        node,
+        "/request?user=ada",
+        r#"{"op":"publish","channel":"maths","data":{"x":1},"id":7}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["op"].as_str(), reply["id"].as_i64()),
+        (Some("published"), Some(7))
+    );
+    let (_, polled) = poll(node, &format!("channel=maths&cursor={cursor}")).await;
+    assert_eq!(polled["events"][0]["id"], reply["event"], "{polled}");
+    assert_eq!(polled["events"][0]["data"], json!({"x": 1}));
+
+    let (status, reply) = post_raw(
+        node,
+        "/request?user=ada",
+        r#"{"op":"presence","channel":"maths"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["op"], "presence", "{reply}");
+    assert_eq!(
+        reply["count"], 1,
+        "the WebSocket member, not the poller: {reply}"
+    );
+
+    let (status, reply) = post_raw(node, "/request?user=ada", r#"{"op":"ping","id":"p"}"#).await;
+    assert_eq!(
+        (status, reply["op"].as_str()),
+        (200, Some("pong")),
+        "{reply}"
+    );
+
+    // Ops that need a live connection, bad requests, missing identity.
+    for (body, code) in [
+        (r#"{"op":"subscribe","channel":"maths"}"#, "unsupported_op"),
+        (r#"{"op":"info","info":{}}"#, "unsupported_op"),
+        (r#"{"op":"nope"}"#, "unknown_op"),
+        ("not json", "invalid_json"),
+    ] {
+        let (status, reply) = post_raw(node, "/request?user=ada", body).await;
+        assert_eq!(status, 200, "{body}: {reply}");
+        assert_eq!(
+            (reply["op"].as_str(), reply["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{body}: {reply}"
+        );
+    }
+    let (status, reply) = post_raw(node, "/request?user=", r#"{"op":"ping"}"#).await;
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (401, Some("invalid_user")),
+        "{reply}"
+    );
+}

@@ -17,7 +17,7 @@ mod presence;
 mod publish;
 mod subscribe;
 
-pub use subscribe::Resume;
+pub use subscribe::{JoinError, Resume};
 
 use std::{sync::Arc, time::Duration};
 
@@ -91,7 +91,7 @@ impl Session {
         channel: &Channel,
         resume: Option<Resume>,
         announce: impl FnOnce(Option<&crate::node::Replay>),
-    ) -> Result<(), crate::hub::SubscribeError> {
+    ) -> Result<(), JoinError> {
         subscribe::join(self, channel, false, resume, announce).await
     }
 
@@ -99,10 +99,15 @@ impl Session {
     /// `to`. A resuming `subscribe` sends its reply, then writes the replayed events, ahead of
     /// the live events it held back meanwhile.
     pub async fn handle(&mut self, text: &str, to: ReplyTo) {
-        let Request { id, op } = match protocol::parse(text) {
-            Ok(request) => request,
-            Err(rejection) => return self.send(to, rejection.encode()),
-        };
+        match protocol::parse(text) {
+            Ok(request) => self.act(request, to).await,
+            Err(rejection) => self.send(to, rejection.encode()),
+        }
+    }
+
+    /// Acts on one parsed request and sends its reply to `to`.
+    pub async fn act(&mut self, request: Request, to: ReplyTo) {
+        let Request { id, op } = request;
         match op {
             Op::Ping => self.send(to, protocol::pong(id.as_ref())),
             Op::Subscribe {
@@ -196,14 +201,14 @@ impl Session {
 
 /// A token bucket: `rate` per second, bursts up to `rate`.
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     rate: f64,
     tokens: f64,
     at: tokio::time::Instant,
 }
 
 impl Bucket {
-    fn new(rate: u32) -> Bucket {
+    pub fn new(rate: u32) -> Bucket {
         Bucket {
             rate: f64::from(rate),
             tokens: f64::from(rate),
@@ -211,7 +216,7 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self) -> bool {
+    pub fn take(&mut self) -> bool {
         let now = tokio::time::Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.rate);
@@ -222,6 +227,14 @@ impl Bucket {
         } else {
             false
         }
+    }
+}
+
+impl Bucket {
+    /// Whether it has refilled completely: its client has been idle for a second at least.
+    pub fn is_full(&self) -> bool {
+        let refill = self.at.elapsed().as_secs_f64() * self.rate;
+        self.tokens + refill >= self.rate
     }
 }
 

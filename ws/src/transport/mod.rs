@@ -6,7 +6,8 @@
 //! - [`frame`]: WebSocket framing.
 //! - [`sse`]: `GET /sse`, server-sent events, with a cursor in every event's id.
 //! - [`http_session`]: `POST /session/{conn}`, the requests of an SSE stream.
-//! - [`poll`]: `GET /poll`, long-polling, stateless between polls.
+//! - [`poll`]: `GET /poll`, long-polling, stateless between polls, and `POST /request`, the
+//!   requests of a client without a live stream.
 //! - this file: the router, the refusals every transport shares (origin, identity, per-IP
 //!   limit), and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
 //!   `/v1/debug/state`).
@@ -48,11 +49,13 @@ pub(crate) struct AppState {
     pub sockets: TaskTracker,
     /// The live SSE streams, for their `POST /session/{conn}` requests.
     pub sessions: http_session::Sessions,
+    /// The request budgets of clients without a live stream (`POST /request`).
+    pub budgets: poll::Budgets,
     /// Cancelled when the node begins to shut down: long-polls answer at once.
     pub shutdown: CancellationToken,
 }
 
-/// The node's HTTP surface: `/ws`, `/sse`, `/poll`, `/session/{conn}`, `/healthz`,
+/// The node's HTTP surface: `/ws`, `/sse`, `/poll`, `/session/{conn}`, `/request`, `/healthz`,
 /// `/readyz`, `/metrics`, `/v1/debug/state`.
 pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new()
@@ -60,6 +63,7 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
         .route("/sse", get(sse::stream))
         .route("/poll", get(poll::poll))
         .route("/session/{conn}", post(http_session::request))
+        .route("/request", post(poll::request))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -70,6 +74,7 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
             node,
             sockets,
             sessions: http_session::Sessions::default(),
+            budgets: poll::Budgets::default(),
             shutdown,
         })
 }

@@ -9,13 +9,23 @@
 //! A poll is a connection for as long as it waits: it subscribes like any other (live first,
 //! then the history after its cursor, no gap and no duplicate between them), collecting into
 //! an [`Outbox`] that keeps frames instead of writing them, and hidden from presence.
+//!
+//! A polling client has no session for its requests: `POST /request` ([`request`]) takes one
+//! `publish`, `presence` or `ping` at a time, identified like a poll, within a budget per
+//! client IP.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     Json,
+    body::{Body, to_bytes},
     extract::{ConnectInfo, RawQuery, State},
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
@@ -28,7 +38,8 @@ use super::{
 };
 use crate::{
     cursor::{Position, Positions},
-    session::Session,
+    protocol::{self, Op, Rejection},
+    session::{Bucket, JoinError, ReplyTo, Session},
     sink::{Bounds, ChannelKey, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
@@ -160,8 +171,26 @@ async fn answer(
                 }
             })
             .await;
-        if let Err(err) = joined {
-            tracing::warn!(%channel, %err, "cannot follow a poll's channel");
+        match joined {
+            Ok(()) => {}
+            Err(JoinError::Replay(err)) => {
+                // The client asks again with the same cursor: nothing it missed is skipped.
+                node.hub().remove_conn(conn);
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bus_unavailable",
+                    err.to_string(),
+                ));
+            }
+            Err(err) => {
+                // The client asks again with the same cursor: nothing it missed is skipped.
+                node.hub().remove_conn(conn);
+                return Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bus_unavailable",
+                    format!("cannot follow {channel:?} now: {err}"),
+                ));
+            }
         }
     }
     if !outbox.has_kept() && timeout > 0 {
@@ -173,7 +202,7 @@ async fn answer(
             _ = outbox.kick().token().cancelled() => {}
         }
     }
-    let (events, cursor) = outbox.take(|framing| framing.positions.cursor());
+    let (events, cursor) = outbox.take(|framing| framing.positions.cursor(fanout::time::now_ms()));
     node.hub().remove_conn(conn);
     drop(permit);
     let events = events
@@ -193,4 +222,134 @@ struct Answer {
     events: Vec<Box<RawValue>>,
     cursor: String,
     resumed: Vec<Value>,
+}
+
+/// Most client IPs whose request budget is remembered at once.
+const MAX_BUDGETS: usize = 10_000;
+
+/// The request budgets of stateless clients, one per IP: `FANOUT_PUBLISH_RATE_PER_SEC`
+/// publishes and presence queries per second, as one connection has. Bounded: the budgets of
+/// idle clients are forgotten when the table fills, and beyond that requests are refused.
+#[derive(Debug, Clone, Default)]
+pub struct Budgets(Arc<Mutex<HashMap<IpAddr, Bucket>>>);
+
+impl Budgets {
+    fn take(&self, ip: IpAddr, rate: u32) -> bool {
+        let mut budgets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if budgets.len() >= MAX_BUDGETS && !budgets.contains_key(&ip) {
+            budgets.retain(|_, budget| !budget.is_full());
+            if budgets.len() >= MAX_BUDGETS {
+                return false;
+            }
+        }
+        budgets
+            .entry(ip)
+            .or_insert_with(|| Bucket::new(rate))
+            .take()
+    }
+}
+
+/// `POST /request`: one request of a client without a live stream (a polling client),
+/// `user`/`token` in the query (or `Authorization: Bearer <token>`), one protocol request as
+/// the body: `publish`, `presence` or `ping`. The answer is `200` with its reply frame (an
+/// error frame for a refused op, `unsupported_op` for ops that need a live stream), or a JSON
+/// error as for a poll (401, 413, 429 `rate_limited`).
+pub(crate) async fn request(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Response {
+    let node = &state.node;
+    let query = Query::parse(raw.as_deref());
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(|token| token.trim().to_string());
+    let token = query.token.or(bearer);
+    let Admitted { identity, permit } = match admit(
+        node,
+        peer,
+        &headers,
+        token.as_deref(),
+        query.user.as_deref(),
+    ) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let limit = node.config().max_message_bytes;
+    let Ok(body) = to_bytes(body, limit).await else {
+        let message = format!("a request may be at most {limit} bytes (FANOUT_MAX_MESSAGE_BYTES)");
+        return Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            .into_response();
+    };
+    let reply = |json: String| {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response()
+    };
+    let text = String::from_utf8_lossy(&body);
+    let request = match protocol::parse(&text) {
+        Ok(request) => request,
+        Err(rejection) => return reply(rejection.encode()),
+    };
+    let name = match &request.op {
+        Op::Publish { .. } => "publish",
+        Op::Presence { .. } => "presence",
+        Op::Ping => "ping",
+        Op::Subscribe { .. } => "subscribe",
+        Op::Unsubscribe(_) => "unsubscribe",
+        Op::Info { .. } => "info",
+        Op::Refresh { .. } => "refresh",
+    };
+    if !matches!(name, "publish" | "presence" | "ping") {
+        let mut rejection = Rejection::new(
+            "unsupported_op",
+            format!(
+                "{name:?} needs a live connection (WebSocket or SSE); a poll names its channels \
+                 in its query"
+            ),
+        );
+        rejection.op = Some(name.to_string());
+        rejection.id = request.id;
+        return reply(rejection.encode());
+    }
+    let rate = node.config().publish_rate_per_sec;
+    if name != "ping" && !state.budgets.take(peer.ip(), rate) {
+        let message = format!(
+            "at most {rate} publishes and presence queries per second from one address \
+             (FANOUT_PUBLISH_RATE_PER_SEC)"
+        );
+        return Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            .into_response();
+    }
+    // A session for this one request, in no channel and hidden from presence.
+    let kick = Kick::new(node.closing_token().child_token());
+    let bounds = Bounds {
+        frames: 1,
+        bytes: node.config().queue_max_bytes,
+    };
+    let framing = JsonFraming {
+        positions: Positions::new(node.epoch(), &[]),
+    };
+    let outbox = Arc::new(Outbox::collecting(framing, kick, bounds));
+    let mut session = Session::new(Uuid::new_v4(), node.clone(), outbox, identity);
+    let (to, replied) = tokio::sync::oneshot::channel();
+    session.act(request, ReplyTo::Caller(to)).await;
+    let replied = replied.await;
+    drop(permit);
+    match replied {
+        Ok(json) => reply(json),
+        Err(_) => Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the request got no reply",
+        )
+        .into_response(),
+    }
 }
