@@ -290,26 +290,56 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     };
     b.focus().await;
     browser.goto(&format!("{page}?node=2")).await.unwrap();
+    // The HTTP transports: tab C follows node 2 over server-sent events, tab D polls node 1.
+    let c = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "C (SSE)",
+    };
+    c.focus().await;
+    browser
+        .goto(&format!("{page}?node=2&transport=sse"))
+        .await
+        .unwrap();
+    let d = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "D (long-polling)",
+    };
+    d.focus().await;
+    browser
+        .goto(&format!("{page}?node=1&transport=poll"))
+        .await
+        .unwrap();
 
     a.wait_for("open", Some("ws-1")).await;
     b.wait_for("open", Some("ws-2")).await;
+    c.wait_for("open", Some("ws-2")).await;
+    d.wait_for("open", Some("stateless polls")).await;
+    for (tab, transport) in [(&a, "websocket"), (&c, "sse"), (&d, "poll")] {
+        let shown = tab
+            .eval("return document.getElementById('transport').dataset.transport")
+            .await;
+        assert_eq!(shown, transport, "tab {} shows its transport", tab.name);
+    }
 
     // One click in tab A reaches both tabs, through two different nodes.
     a.click("call-api").await;
     let first = newest_broadcast(&mut listener).await;
-    a.wait_for_event(first).await;
-    b.wait_for_event(first).await;
-    assert_eq!(a.events().await, [("broadcast".to_string(), first)]);
-    assert_eq!(b.events().await, [("broadcast".to_string(), first)]);
+    for tab in [&a, &b, &c, &d] {
+        tab.wait_for_event(first).await;
+        assert_eq!(tab.events().await, [("broadcast".to_string(), first)]);
+    }
 
-    // Presence: each tab lists both tabs, across the two nodes; a name set in tab A shows
+    // Presence: each tab lists the tabs with a live connection (A and B over WebSocket, C
+    // over SSE; a long-poll is no member), across the two nodes; a name set in tab A shows
     // in tab B.
-    for tab in [&a, &b] {
-        tab.until(WAIT, "both tabs in the member list", || async {
+    for tab in [&a, &b, &c, &d] {
+        tab.until(WAIT, "the three live tabs in the member list", || async {
             let members = tab.members().await;
-            members.len() == 2
-                && members.iter().any(|m| m.ends_with("· ws-1"))
-                && members.iter().any(|m| m.ends_with("· ws-2"))
+            members.len() == 3
+                && members.iter().filter(|m| m.ends_with("· ws-1")).count() == 1
+                && members.iter().filter(|m| m.ends_with("· ws-2")).count() == 2
         })
         .await;
     }
@@ -330,16 +360,18 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     a.screenshot("tab-a-ws-1.png").await;
     b.screenshot("tab-b-ws-2.png").await;
 
-    // Node 2 dies: tab B says it is reconnecting.
+    // Node 2 dies: tabs B and C say they are reconnecting.
     ws2.signal("-KILL");
     ws2.exit_code().await;
     b.wait_for("reconnecting", None).await;
+    c.wait_for("reconnecting", None).await;
     b.screenshot("tab-b-reconnecting.png").await;
 
     // While node 2 is down, tab A calls the API again: tab B misses that event...
     a.click("call-api").await;
     let missed = newest_broadcast(&mut listener).await;
     a.wait_for_event(missed).await;
+    d.wait_for_event(missed).await;
 
     // ...until node 2 comes back on its port: tab B reconnects, resumes, and gets the missed
     // event replayed, then the next one live.
@@ -347,24 +379,31 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     wait_ready(&ws2.server()).await;
     // The tab retries with backoff (fanout.js: at most 15 s between attempts, however long
     // node 2 was away), so its next attempt may come up to that long after node 2 is back.
-    b.wait_for_within(RECONNECT_BOUND, "open", Some("ws-2"))
-        .await;
-    b.wait_for_event(missed).await;
+    // Tab C resumes from its last event's cursor the same way.
+    for tab in [&b, &c] {
+        tab.wait_for_within(RECONNECT_BOUND, "open", Some("ws-2"))
+            .await;
+        tab.wait_for_event(missed).await;
+    }
     let shown = b
         .eval("return document.getElementById('result').textContent")
         .await;
     assert_eq!(shown, "resumed broadcast, 1 replayed");
     a.click("call-api").await;
     let second = newest_broadcast(&mut listener).await;
-    b.wait_for_event(second).await;
-    a.wait_for_event(second).await;
-    let seqs: Vec<u64> = b.events().await.iter().map(|(_, seq)| *seq).collect();
-    assert_eq!(
-        seqs,
-        [second, missed, first],
-        "tab B has every event, once, newest first"
-    );
+    for tab in [&a, &b, &c, &d] {
+        tab.wait_for_event(second).await;
+        let seqs: Vec<u64> = tab.events().await.iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(
+            seqs,
+            [second, missed, first],
+            "tab {} has every event, once, newest first",
+            tab.name
+        );
+    }
     b.screenshot("tab-b-after-restart.png").await;
+    c.screenshot("tab-c-sse.png").await;
+    d.screenshot("tab-d-poll.png").await;
 
     // A 375 px phone: nothing sticks out sideways.
     a.focus().await;

@@ -1,5 +1,5 @@
 // The demo page: pins this tab to a ws node, shows what arrives, and calls the HTTP API.
-import { FanoutClient } from "./fanout.js";
+import { FanoutClient, TRANSPORTS } from "./fanout.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LOG = 200;
@@ -21,7 +21,15 @@ function choose(nodes, params) {
   return { urls: nodes.map((n) => n.url), pinned: null };
 }
 
-function renderNodes(nodes, pinned) {
+/** The transports this tab may use: `?transport=sse` (or websocket, poll) forces one. */
+function transports(params) {
+  const forced = params.get("transport");
+  if (!forced) return { list: TRANSPORTS, forced: null };
+  if (TRANSPORTS.includes(forced)) return { list: [forced], forced };
+  return { list: TRANSPORTS, forced: null, unknown: forced };
+}
+
+function renderNodes(nodes, pinned, forced) {
   const nav = $("nodes");
   nav.replaceChildren();
   const link = (label, href, active, title) => {
@@ -33,11 +41,21 @@ function renderNodes(nodes, pinned) {
     if (active) a.setAttribute("aria-current", "page");
     nav.append(a);
   };
-  link("any node", "?", pinned === null, "fail over across all nodes");
-  nodes.forEach((node, i) => link(node.name, `?node=${i + 1}`, pinned === String(i + 1), node.url));
+  // The node buttons keep the forced transport.
+  const keep = forced ? `transport=${forced}` : "";
+  link("any node", `?${keep}`, pinned === null, "fail over across all nodes");
+  nodes.forEach((node, i) =>
+    link(node.name, `?node=${i + 1}${keep ? `&${keep}` : ""}`, pinned === String(i + 1), node.url),
+  );
 }
 
-function showState({ state, attempt, delay, url }) {
+const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "server-sent events", poll: "long-polling" };
+
+function showState({ state, attempt, delay, url, transport }) {
+  if (transport) {
+    $("transport").textContent = TRANSPORT_NAMES[transport] ?? transport;
+    $("transport").dataset.transport = transport;
+  }
   const labels = {
     connecting: `connecting to ${url}…`,
     open: "connected",
@@ -211,7 +229,11 @@ async function main() {
   const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url) }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
   const { urls, pinned } = choose(nodes, params);
-  renderNodes(nodes, pinned);
+  const allowed = transports(params);
+  renderNodes(nodes, pinned, allowed.forced);
+  if (allowed.unknown) {
+    result(`no transport ${allowed.unknown}: use ${TRANSPORTS.join(", ")}`, false);
+  }
   if (params.get("node") && pinned === null) {
     result(`no node ${params.get("node")} is running: this tab fails over across all nodes`, false);
   }
@@ -221,14 +243,15 @@ async function main() {
     return;
   }
 
-  const client = new FanoutClient(urls);
+  const client = new FanoutClient(urls, { transports: allowed.list });
   client.on("state", (s) => {
     showState(s);
     $("url").textContent = s.url ? `(${s.url})` : "";
   });
   client.on("welcome", (w) => {
-    $("node").textContent = w.node;
-    document.title = `fanout · ${w.node}`;
+    // A long-poll has no node of its own: each poll may reach another.
+    $("node").textContent = w.node ?? "stateless polls";
+    document.title = `fanout · ${w.node ?? "long-polling"}`;
   });
   client.on("event", addEvent);
   client.on("resumed", ({ channel, recovered, replayed }) => {
@@ -252,6 +275,10 @@ async function main() {
   });
   client.subscribe(LOBBY, null, { presence: true });
   client.connect();
+  // Long-polling receives no presence changes: it asks who is here now and then.
+  setInterval(() => {
+    if (client.transport === "poll" && client.state === "open") refreshMembers(client);
+  }, 5000);
   $("name-form").onsubmit = async (e) => {
     e.preventDefault();
     const name = $("name").value.trim();

@@ -1,11 +1,21 @@
-// fanout.js: a small, dependency-free client for fanout's WebSocket protocol.
-// Copy it into your app, or import it from a fanout API server (`/fanout.js`).
+// fanout.js: a small, dependency-free client for fanout's protocol, over WebSocket,
+// server-sent events or long-polling. Copy it into your app, or import it from a fanout API
+// server (`/fanout.js`).
 //
 //   import { FanoutClient } from "./fanout.js";
 //   const client = new FanoutClient(["ws://localhost:8081/ws", "ws://localhost:8082/ws"]);
-//   client.on("state", ({ state }) => console.log(state));
+//   client.on("state", ({ state, transport }) => console.log(state, transport));
 //   client.subscribe("maths", (event) => console.log(event.seq, event.data));
 //   client.connect();
+//
+// Transports: option `transports` (default ["websocket", "sse", "poll"]). The client starts
+// with the first and falls back to the next when one cannot connect (`fallbackAfter`, 2
+// failed attempts in a row, each to the next URL); the same node URLs serve all three
+// (`ws://host/ws` becomes `http://host/sse` and `http://host/poll`). Events, `resumed`, and
+// every method work the same on each, with two exceptions over long-polling, which holds no
+// connection: the client is not a presence member (`setInfo` is kept for the other
+// transports) and receives no `presence` change events (`presence()` queries work).
+// Switching transports resumes every channel where the last one left it.
 //
 // Presence: `client.subscribe("room:maths", cb, { presence: true })` adds `presence` events
 // (join, leave, update of any member on any node), `client.presence("room:maths")` lists the
@@ -33,11 +43,62 @@ export function shouldReconnect(code) {
   return !(code === 1000 || (code >= 4500 && code <= 4999));
 }
 
+/** Whether a refused request may succeed when asked again (the node lost the bus for now). */
+export function retryable(error) {
+  return error?.code === "bus_unavailable";
+}
+
 /**
  * Delay before reconnect attempt `attempt` (1, 2, ...): exponential from `minDelay`, capped at
  * `maxDelay`, with "equal jitter" (a random point in the upper half), so clients that lost
  * the same node spread out instead of returning together.
  */
+/** The transports, in the default order of preference. */
+export const TRANSPORTS = Object.freeze(["websocket", "sse", "poll"]);
+
+/**
+ * Where `transport` is served on the node of `url` (a node URL as given to the client,
+ * `ws://host:port/ws?user=ada`): the WebSocket URL itself, or the node's HTTP base
+ * (`http://host:port`) and the query to keep (`user=ada`) for the HTTP transports.
+ */
+export function endpoint(url, transport) {
+  if (transport === "websocket" && /^wss?:/.test(url)) return { url, base: null, query: null };
+  const parsed = new URL(url, globalThis.location?.href);
+  if (transport === "websocket") {
+    if (parsed.protocol === "http:") parsed.protocol = "ws:";
+    if (parsed.protocol === "https:") parsed.protocol = "wss:";
+    if (!/\/ws\/?$/.test(parsed.pathname)) parsed.pathname = parsed.pathname.replace(/\/?$/, "/ws");
+    return { url: parsed.toString(), base: null, query: null };
+  }
+  if (parsed.protocol === "ws:") parsed.protocol = "http:";
+  if (parsed.protocol === "wss:") parsed.protocol = "https:";
+  const path = parsed.pathname.replace(/\/(ws|sse|poll)\/?$/, "").replace(/\/$/, "");
+  const query = new URLSearchParams(parsed.search);
+  return { url: null, base: `${parsed.origin}${path}`, query };
+}
+
+/** Reads a cursor of the HTTP transports (base64url JSON, docs/protocol.md), or null. */
+export function decodeCursor(text) {
+  try {
+    const base64 = text.replace(/-/g, "+").replace(/_/g, "/");
+    const binary = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
+    const bytes = Uint8Array.from(binary, (char) => char.charCodeAt(0));
+    const cursor = JSON.parse(new TextDecoder().decode(bytes));
+    return cursor && cursor.v === 1 ? cursor : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Writes a version 1 cursor. */
+export function encodeCursor({ e, t = 0, c = {}, s = {} }) {
+  const json = JSON.stringify({ v: 1, e, t, c, s });
+  const bytes = new TextEncoder().encode(json);
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
 export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math.random) {
   const base = Math.min(maxDelay, minDelay * 2 ** Math.max(0, attempt - 1));
   return Math.round(base / 2 + random() * (base / 2));
@@ -45,26 +106,46 @@ export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math
 
 export class FanoutClient {
   /**
-   * @param {string|string[]} urls  WebSocket URLs of fanout nodes (`ws://host:port/ws`).
+   * @param {string|string[]} urls  URLs of fanout nodes (`ws://host:port/ws`; the HTTP
+   *   transports use the same host and query)
    * @param {object} [options]
+   * @param {string[]} [options.transports=["websocket","sse","poll"]] the transports to use, in
+   *   order of preference
+   * @param {number} [options.fallbackAfter=2]     failed attempts in a row before the next transport
+   * @param {number} [options.pollTimeout=25]      how long one long-poll waits for events (s)
    * @param {number} [options.minDelay=500]        first reconnect delay (ms, before jitter)
    * @param {number} [options.maxDelay=15000]      longest reconnect delay (ms)
    * @param {number} [options.connectTimeout=10000] give up on a connection attempt without `welcome` (ms)
    * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (default: the global one)
+   * @param {typeof EventSource} [options.EventSource] EventSource implementation (default: the global one)
+   * @param {typeof fetch} [options.fetch] fetch implementation (default: the global one)
    * @param {() => (string|Promise<string>)} [options.getToken] returns a JWT, for nodes with
    *   `FANOUT_AUTH=jwt`: called for every connection attempt (sent as `?token=`) and before
    *   the token expires (sent as a `refresh`)
    */
   constructor(urls, options = {}) {
     this.urls = (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
-    if (this.urls.length === 0) throw new Error("fanout: give at least one WebSocket URL");
+    if (this.urls.length === 0) throw new Error("fanout: give at least one node URL");
     this.options = {
       minDelay: 500,
       maxDelay: 15000,
       connectTimeout: 10000,
+      transports: TRANSPORTS,
+      fallbackAfter: 2,
+      pollTimeout: 25,
       WebSocket: globalThis.WebSocket,
+      EventSource: globalThis.EventSource,
+      fetch: globalThis.fetch?.bind(globalThis),
       ...options,
     };
+    const unknown = this.options.transports.filter((t) => !TRANSPORTS.includes(t));
+    if (unknown.length || this.options.transports.length === 0) {
+      throw new Error(`fanout: transports are some of ${TRANSPORTS.join(", ")}, not ${unknown}`);
+    }
+    /** The transport of the current (or last) connection attempt. */
+    this.transport = this.options.transports[0];
+    this._transportIndex = 0;
+    this._failures = 0; // attempts in a row that got no welcome, on this transport
     /** One of {@link State}. */
     this.state = State.CLOSED;
     /** From the last `welcome`: the node's id and this connection's id. */
@@ -83,6 +164,10 @@ export class FanoutClient {
     this._pending = new Map(); // request id -> { resolve, reject }
     this._nextId = 1;
     this._last = new Map(); // channel -> last seq received
+    this._after = new Map(); // channel -> stream seq it is followed from, before its first event
+    this._vouched = 0; // when a node last vouched for these positions (cursor time, unix ms)
+    this._cursor = null; // the last cursor an HTTP stream gave (SSE event id), not yet read
+    this._resuming = new Set(); // channels whose resuming subscribe awaits its reply
     this._watching = new Set(); // channels subscribed with presence: true
     this._info = undefined; // presence info set with setInfo, re-applied on reconnect
     /** The stream epoch the remembered sequences belong to (from `welcome`). */
@@ -90,7 +175,8 @@ export class FanoutClient {
   }
 
   /**
-   * Listens to `state` ({state, attempt, delay?, url}), `welcome` (the frame), `event` (every
+   * Listens to `state` ({state, attempt, delay?, url, transport}), `welcome` (the frame, with
+   * `transport`), `event` (every
    * event frame, `broadcast` included), `resumed` ({channel, recovered, replayed} after a
    * reconnect), `presence` (a `join`, `leave` or `update` frame: {op, channel, user, conn,
    * node, info, joined_at}), `close` ({code, reason, url}) and `error` (error frames, and
@@ -130,6 +216,7 @@ export class FanoutClient {
     const socket = this._socket;
     this._socket = null;
     if (socket) socket.close(1000, "client closed");
+    this._resuming.clear();
     this._failPending(new Error("fanout: connection closed"));
     this._setState(State.CLOSED);
   }
@@ -150,8 +237,9 @@ export class FanoutClient {
     if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", channel });
     return this.request({ op: "subscribe", channel, ...(presence ? { presence } : {}) }).catch(
       (error) => {
-        // Forget the channel only if the node refused it; a lost connection re-subscribes.
-        if (error.op === "error") {
+        // Forget the channel only if the node refused it; a lost connection re-subscribes,
+        // and so does a node that could not reach the bus now (bus_unavailable).
+        if (error.op === "error" && !retryable(error)) {
           this._channels.delete(channel);
           this._watching.delete(channel);
         }
@@ -171,12 +259,14 @@ export class FanoutClient {
 
   /**
    * Sets what other members see of this connection (a JSON object, or null). Kept and set
-   * again after every reconnect. Resolves with the `info_updated` reply (at once when not
-   * connected).
+   * again after every reconnect. Resolves with the `info_updated` reply (at once, `pending`,
+   * when not connected or long-polling: a poll is no presence member).
    */
   setInfo(info) {
     this._info = info;
-    if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", info });
+    if (this.state !== State.OPEN || this.transport === "poll") {
+      return Promise.resolve({ op: "pending", info });
+    }
     return this.request({ op: "info", info });
   }
 
@@ -196,6 +286,7 @@ export class FanoutClient {
     this._channels.delete(channel);
     this._watching.delete(channel);
     this._last.delete(channel);
+    this._after.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "unsubscribed", channel });
     return this.request({ op: "unsubscribe", channel });
   }
@@ -211,7 +302,7 @@ export class FanoutClient {
     const id = this._nextId++;
     return new Promise((resolve, reject) => {
       this._pending.set(id, { resolve, reject });
-      this._socket.send(JSON.stringify({ ...frame, id }));
+      this._socket.send({ ...frame, id });
     });
   }
 
@@ -227,12 +318,20 @@ export class FanoutClient {
 
   _setState(state, extra = {}) {
     this.state = state;
-    this._emit("state", { state, attempt: this.attempt, url: this.url, ...extra });
+    this._emit("state", {
+      state,
+      attempt: this.attempt,
+      url: this.url,
+      transport: this.transport,
+      ...extra,
+    });
   }
 
   _open() {
     this._timer = null;
     this.url = this.urls[this._urlIndex % this.urls.length];
+    const { transports } = this.options;
+    this.transport = transports[this._transportIndex % transports.length];
     this._setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
     if (!this.options.getToken) {
       this._connect(this.url);
@@ -247,8 +346,7 @@ export class FanoutClient {
       .then((token) => {
         if (!this._wanted) return;
         this._token = token;
-        const separator = this.url.includes("?") ? "&" : "?";
-        this._connect(`${this.url}${separator}token=${encodeURIComponent(token)}`);
+        this._connect(this.url, token);
       })
       .catch((error) => {
         this._emit("error", { code: "token_unavailable", message: String(error) });
@@ -275,61 +373,149 @@ export class FanoutClient {
     }, Math.max(0, left * 0.8));
   }
 
-  _connect(url) {
-    let socket;
+  /** Opens a connection to `url` over the current transport (with `token`, if any). */
+  _connect(url, token) {
+    let link;
     try {
-      socket = new this.options.WebSocket(url);
+      const Link = { websocket: SocketLink, sse: SseLink, poll: PollLink }[this.transport];
+      link = new Link(this, url, token);
     } catch (error) {
-      this._emit("error", { code: "connect_failed", message: String(error) });
+      this._emit("error", { code: "connect_failed", message: String(error), transport: this.transport });
+      this._failures += 1;
       this._scheduleReconnect();
       return;
     }
-    this._socket = socket;
-    const timeout = setTimeout(() => socket.close(), this.options.connectTimeout);
-    socket.onmessage = (message) => {
-      if (socket === this._socket) this._onFrame(message.data, timeout);
-    };
-    socket.onclose = (event) => {
-      clearTimeout(timeout);
-      if (socket === this._socket) this._onClose(event);
-    };
+    this._socket = link;
+    link.timeout = setTimeout(() => link.close(), this.options.connectTimeout);
   }
 
-  _onFrame(text, connectTimeout) {
-    let frame;
-    try {
-      frame = JSON.parse(text);
-    } catch {
-      this._emit("error", { code: "invalid_frame", message: "the server sent invalid JSON" });
-      return;
+  /** What a link received: a frame (its JSON text, or the object), while it is current. */
+  _received(link, frame) {
+    if (link !== this._socket) return;
+    if (typeof frame === "string") {
+      try {
+        frame = JSON.parse(frame);
+      } catch {
+        this._emit("error", { code: "invalid_frame", message: "the server sent invalid JSON" });
+        return;
+      }
     }
+    if (frame.op === "welcome") clearTimeout(link.timeout);
+    this._onFrame(frame, link);
+  }
+
+  /** A link ended ({code, reason}), while it is current. */
+  _closed(link, event) {
+    clearTimeout(link.timeout);
+    if (link === this._socket) this._onClose(event);
+  }
+
+  /** Fails request `id` of a link without a reply frame (its HTTP request failed). */
+  _requestFailed(id, error) {
+    const pending = this._pending.get(id);
+    if (!pending) return;
+    this._pending.delete(id);
+    pending.reject(error);
+  }
+
+  /** Where this client is on `channels`, as a cursor for an HTTP transport, or null. */
+  _cursorFor(channels) {
+    this._readCursor();
+    if (!this.epoch) return null;
+    const c = {};
+    const s = {};
+    for (const channel of channels) {
+      if (this._last.has(channel)) c[channel] = this._last.get(channel);
+      else if (this._after.has(channel)) s[channel] = this._after.get(channel);
+    }
+    if (Object.keys(c).length + Object.keys(s).length === 0) return null;
+    return encodeCursor({ e: this.epoch, t: this._vouched, c, s });
+  }
+
+  /** Takes in a cursor a node gave: its epoch, its positions, its time. */
+  _takeCursor(text) {
+    const cursor = decodeCursor(text);
+    if (!cursor) return;
+    if (cursor.e !== this.epoch) {
+      // A recreated stream: old sequences mean nothing now.
+      this._last.clear();
+      this._after.clear();
+      this.epoch = cursor.e;
+    }
+    for (const [channel, seq] of Object.entries(cursor.c ?? {})) {
+      if (!(this._last.get(channel) >= seq)) this._last.set(channel, seq);
+      this._after.delete(channel);
+    }
+    for (const [channel, seq] of Object.entries(cursor.s ?? {})) {
+      if (!this._last.has(channel)) this._after.set(channel, seq);
+    }
+    this._vouched = Math.max(this._vouched, cursor.t ?? 0);
+  }
+
+  /** Reads the last SSE event id, if not read yet (events carry one each: read lazily). */
+  _readCursor() {
+    if (this._cursor === null) return;
+    const text = this._cursor;
+    this._cursor = null;
+    this._takeCursor(text);
+  }
+
+  /** The channels to follow: those subscribed, and broadcast once anything came of it. */
+  _following() {
+    this._readCursor();
+    const channels = new Set(this._channels.keys());
+    if (this._last.has("broadcast") || this._after.has("broadcast")) channels.add("broadcast");
+    return channels;
+  }
+
+  _onFrame(frame, link) {
     switch (frame.op) {
       case "welcome": {
-        clearTimeout(connectTimeout);
-        this.node = frame.node;
-        this.conn = frame.conn;
+        this.node = frame.node ?? null;
+        this.conn = frame.conn ?? null;
         this.attempt = 0;
+        this._failures = 0;
+        this._readCursor();
         // Remembered sequences belong to the epoch we had; the node judges them against it.
         const epoch = this.epoch;
-        this.epoch = frame.epoch ?? null;
+        this.epoch = frame.epoch ?? epoch;
+        if (epoch && this.epoch !== epoch) {
+          // The stream was recreated: what a resuming HTTP stream follows starts afresh.
+          for (const channel of this._following()) {
+            if (!link.covers(channel)) continue;
+            this._last.delete(channel);
+            this._after.delete(channel);
+          }
+        }
         this._setState(State.OPEN);
-        this._emit("welcome", frame);
+        this._emit("welcome", { ...frame, transport: this.transport });
         this._scheduleRefresh();
         // Before the subscriptions, so that this connection's joins carry its info.
-        if (this._info !== undefined) {
+        if (this._info !== undefined && this.transport !== "poll") {
           this.request({ op: "info", info: this._info }).catch((error) => {
             if (error.op === "error") this._emit("error", error);
           });
         }
-        const channels = new Set(this._channels.keys());
-        if (this._last.has("broadcast")) channels.add("broadcast");
-        for (const channel of channels) this._resubscribe(channel, epoch);
+        for (const channel of this._following()) {
+          // Channels the stream already follows from this client's position need no
+          // request, unless their presence changes are wanted too.
+          const covered = link.covers(channel);
+          if (covered && (!this._watching.has(channel) || this.transport === "poll")) continue;
+          this._resubscribe(channel, epoch, { quiet: covered });
+        }
         return;
       }
+      case "resumed":
+        this._emit("resumed", { channel: frame.channel, recovered: frame.recovered, replayed: frame.replayed });
+        return;
       case "event": {
+        // A live broadcast event can come before the reply of the broadcast resume (every
+        // connection receives broadcast from its start): the replay has it, in order.
+        if (this._resuming.has(frame.channel) && frame.channel === "broadcast") return;
         const last = this._last.get(frame.channel);
         if (last !== undefined && frame.seq <= last) return; // had it already
         this._last.set(frame.channel, frame.seq);
+        this._after.delete(frame.channel);
         for (const callback of this._channels.get(frame.channel) ?? []) {
           try {
             callback(frame);
@@ -358,33 +544,50 @@ export class FanoutClient {
     }
   }
 
-  /** Subscribes again after a reconnect, resuming from the last seq received if any. */
-  _resubscribe(channel, epoch) {
+  /**
+   * Subscribes again after a reconnect, resuming from the last seq received if any (`quiet`:
+   * a stream that already follows the channel, asked for its presence changes too: no
+   * `resumed` event).
+   */
+  _resubscribe(channel, epoch, { quiet = false } = {}) {
     const since = this._last.get(channel);
     const request = { op: "subscribe", channel };
     if (this._watching.has(channel)) request.presence = true;
     if (since !== undefined) Object.assign(request, { since, ...(epoch ? { epoch } : {}) });
+    if (since !== undefined && !quiet) this._resuming.add(channel);
+    const link = this._socket;
     this.request(request)
       .then((reply) => {
-        if (since === undefined) return;
+        this._resuming.delete(channel);
+        if (since === undefined || quiet) return;
         // A new epoch means the stream was recreated: old sequences mean nothing now.
         if (reply.epoch !== undefined && reply.epoch !== epoch) this._last.delete(channel);
         this._emit("resumed", { channel, recovered: reply.recovered, replayed: reply.replayed });
       })
       .catch((error) => {
-        // A refusal drops the channel; a lost connection will re-subscribe on the next welcome.
-        if (error.op === "error") {
+        this._resuming.delete(channel);
+        // A refusal drops the channel; a lost connection will re-subscribe on the next
+        // welcome; a node that cannot reach the bus now is asked again in a while.
+        if (error.op !== "error") return;
+        this._emit("error", error);
+        if (!retryable(error)) {
           this._channels.delete(channel);
-          this._emit("error", error);
+        } else {
+          setTimeout(() => {
+            if (this._socket === link && this.state === State.OPEN) this._resubscribe(channel, epoch);
+          }, backoff(1, this.options.minDelay, this.options.maxDelay));
         }
       });
   }
 
   _onClose(event) {
+    const opened = this.state === State.OPEN;
     this._socket = null;
+    this._resuming.clear();
     clearTimeout(this._refreshTimer);
+    if (!opened) this._failures += 1;
     this._failPending(new Error("fanout: connection lost"));
-    this._emit("close", { code: event.code, reason: event.reason, url: this.url });
+    this._emit("close", { code: event.code, reason: event.reason, url: this.url, transport: this.transport });
     if (!this._wanted) return;
     if (!shouldReconnect(event.code)) {
       this._wanted = false;
@@ -397,13 +600,329 @@ export class FanoutClient {
   _scheduleReconnect() {
     this.attempt += 1;
     this._urlIndex += 1; // fail over: the next attempt goes to the next URL of the list
+    const { transports, fallbackAfter } = this.options;
+    if (this._failures >= fallbackAfter && transports.length > 1) {
+      // This transport cannot connect from here (a proxy that breaks upgrades, say).
+      this._failures = 0;
+      this._transportIndex += 1;
+    }
     const delay = backoff(this.attempt, this.options.minDelay, this.options.maxDelay);
-    this._setState(State.RECONNECTING, { delay, next: this.urls[this._urlIndex % this.urls.length] });
+    const nextTransport = transports[this._transportIndex % transports.length];
+    this._setState(State.RECONNECTING, {
+      delay,
+      next: this.urls[this._urlIndex % this.urls.length],
+      nextTransport,
+    });
     this._timer = setTimeout(() => this._open(), delay);
   }
 
   _failPending(error) {
     for (const { reject } of this._pending.values()) reject(error);
     this._pending.clear();
+  }
+}
+
+/** A WebSocket connection (`/ws`): requests and frames both ways on one socket. */
+class SocketLink {
+  constructor(client, url, token) {
+    let target = endpoint(url, "websocket").url;
+    if (token) target += `${target.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
+    this.socket = new client.options.WebSocket(target);
+    this.socket.onmessage = (message) => client._received(this, message.data);
+    this.socket.onclose = (event) => client._closed(this, { code: event.code, reason: event.reason });
+  }
+
+  send(frame) {
+    this.socket.send(JSON.stringify(frame));
+  }
+
+  /** A fresh WebSocket follows nothing but broadcast, and that from now. */
+  covers() {
+    return false;
+  }
+
+  close(code, reason) {
+    this.socket.close(code, reason);
+  }
+}
+
+/** Identity for an HTTP request: the node URL's query (`user=`), and the token if any. */
+function identityQuery(query, token) {
+  const params = new URLSearchParams(query);
+  if (token) params.set("token", token);
+  return params;
+}
+
+/** The JSON error body of an HTTP answer as an error frame for request `id`. */
+async function errorFrame(response, id, op) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // no JSON body
+  }
+  return {
+    op: "error",
+    code: body?.error?.code ?? `http_${response.status}`,
+    message: body?.error?.message ?? `HTTP ${response.status}`,
+    ref: op,
+    id,
+  };
+}
+
+/**
+ * Server-sent events (`GET /sse`): frames come as events, requests go as
+ * `POST /session/{conn}`. The stream opens where this client is on every channel it has a
+ * position on (a cursor); other channels are subscribed after the welcome.
+ */
+class SseLink {
+  constructor(client, url, token) {
+    if (!client.options.EventSource) throw new Error("no EventSource here");
+    if (!client.options.fetch) throw new Error("no fetch here");
+    const { base, query } = endpoint(url, "sse");
+    this.client = client;
+    this.base = base;
+    this.params = identityQuery(query, token);
+    const wanted = client._following();
+    const cursor = client._cursorFor(wanted);
+    this.following = new Set();
+    if (cursor) {
+      const positions = decodeCursor(cursor);
+      for (const channel of [...Object.keys(positions.c), ...Object.keys(positions.s)]) {
+        this.following.add(channel);
+      }
+    }
+    const params = new URLSearchParams(this.params);
+    if (cursor) params.set("last_event_id", cursor);
+    this.source = new client.options.EventSource(`${base}/sse?${params}`);
+    this.secret = null;
+    this.conn = null;
+    this.ended = null;
+    const on = (name, handler) => this.source.addEventListener(name, handler);
+    on("welcome", (message) => {
+      let frame;
+      try {
+        frame = JSON.parse(message.data);
+      } catch {
+        return client._received(this, message.data);
+      }
+      this.secret = frame.session;
+      this.conn = frame.conn;
+      client._received(this, frame);
+    });
+    on("event", (message) => {
+      // Every event's id is the stream's cursor: kept, read when it is needed.
+      if (this === client._socket && message.lastEventId) client._cursor = message.lastEventId;
+      client._received(this, message.data);
+    });
+    for (const name of ["resumed", "join", "leave", "update"]) {
+      on(name, (message) => {
+        try {
+          client._received(this, { op: name, ...JSON.parse(message.data) });
+        } catch {
+          client._received(this, message.data);
+        }
+      });
+    }
+    on("disconnect", (message) => {
+      try {
+        this.ended = JSON.parse(message.data);
+      } catch {
+        this.ended = { code: 1006, reason: "" };
+      }
+    });
+    // EventSource would reconnect by itself, to the same URL; this client does it instead
+    // (backoff, fail-over, fallback).
+    this.source.onerror = () => this.close();
+  }
+
+  covers(channel) {
+    return this.following.has(channel);
+  }
+
+  send(frame) {
+    if (!this.conn) {
+      this.client._requestFailed(frame.id, new Error("fanout: not connected"));
+      return;
+    }
+    const post = this.client.options.fetch(`${this.base}/session/${this.conn}`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${this.secret}`, "Content-Type": "application/json" },
+      body: JSON.stringify(frame),
+    });
+    post
+      .then(async (response) => {
+        if (response.ok) this.client._received(this, await response.text());
+        else this.client._received(this, await errorFrame(response, frame.id, frame.op));
+      })
+      .catch((error) => this.client._requestFailed(frame.id, new Error(`fanout: ${error}`)));
+  }
+
+  close(code = 1006, reason = "") {
+    if (this.closed) return;
+    this.closed = true;
+    this.source.close();
+    const ended = this.ended ?? { code, reason };
+    this.client._closed(this, ended);
+  }
+}
+
+/**
+ * Long-polling (`GET /poll`): stateless; where this client is on every channel goes with
+ * each poll as the cursor, so each poll may reach another node. Publishes and presence
+ * queries go as `POST /request`; subscribing changes what the next poll asks for.
+ */
+class PollLink {
+  constructor(client, url, token) {
+    if (!client.options.fetch) throw new Error("no fetch here");
+    const { base, query } = endpoint(url, "poll");
+    this.client = client;
+    this.base = base;
+    this.query = query;
+    this.token = token;
+    this.closed = false;
+    this.controller = null;
+    this.waiting = new Map(); // channel -> subscribe request awaiting its first poll
+    this.failures = 0;
+    this.welcomed = false;
+    this._poll();
+  }
+
+  /** Every channel is followed by each poll, from this client's position. */
+  covers() {
+    return true;
+  }
+
+  _url(path, extra = {}) {
+    const params = identityQuery(this.query, this.token);
+    for (const [key, value] of Object.entries(extra)) {
+      for (const one of [].concat(value)) params.append(key, one);
+    }
+    return `${this.base}${path}?${params}`;
+  }
+
+  async _poll() {
+    const client = this.client;
+    while (!this.closed) {
+      const wanted = client._following();
+      for (const channel of this.waiting.keys()) wanted.add(channel);
+      const cursor = client._cursorFor(wanted);
+      const covered = cursor ? decodeCursor(cursor) : { c: {}, s: {} };
+      const fresh = [...wanted].filter((channel) => !(channel in covered.c) && !(channel in covered.s));
+      const extra = { channel: fresh, timeout: this.welcomed ? client.options.pollTimeout : 0 };
+      if (cursor) extra.cursor = cursor;
+      this.controller = new AbortController();
+      let response;
+      try {
+        response = await client.options.fetch(this._url("/poll", extra), { signal: this.controller.signal });
+      } catch (error) {
+        if (this.closed) return;
+        if (this.controller.signal.aborted) continue; // the channels changed: ask again
+        return this._fail(1006, String(error));
+      }
+      if (this.closed) return;
+      if (!response.ok) {
+        const frame = await errorFrame(response, undefined, "poll");
+        if (response.status >= 500 || response.status === 429) return this._fail(1011, frame.message);
+        // A refusal of what this poll asked: a new channel's subscribe, or the client itself.
+        const refused = [...this.waiting.values()];
+        if (refused.length) {
+          this.waiting.clear();
+          for (const { id, channel } of refused) {
+            client._channels.delete(channel);
+            client._received(this, { ...frame, ref: "subscribe", id, channel });
+          }
+          continue;
+        }
+        client._emit("error", frame);
+        return this._fail(frame.code === "invalid_token" || frame.code === "token_expired" ? 4004 : 4500, frame.message);
+      }
+      let answer;
+      try {
+        answer = await response.json();
+      } catch {
+        continue; // cut short (a node going away): the same cursor asks again
+      }
+      if (this.closed) return;
+      this._answered(answer);
+    }
+  }
+
+  _answered(answer) {
+    const client = this.client;
+    const reconnected = !this.welcomed;
+    const epoch = decodeCursor(answer.cursor ?? "")?.e ?? client.epoch;
+    if (!this.welcomed) {
+      this.welcomed = true;
+      client._received(this, { op: "welcome", node: null, conn: null, epoch });
+    } else if (epoch !== client.epoch) {
+      // The stream was recreated: old sequences mean nothing now.
+      client._last.clear();
+      client._after.clear();
+      client.epoch = epoch;
+    }
+    for (const [channel, { id }] of this.waiting) {
+      client._received(this, { op: "subscribed", channel, id });
+    }
+    this.waiting.clear();
+    for (const resumed of answer.resumed ?? []) {
+      // Every poll resumes; only the first after a reconnect, or a loss, is news.
+      if (reconnected || resumed.recovered === false) client._received(this, { op: "resumed", ...resumed });
+    }
+    for (const event of answer.events ?? []) client._received(this, event);
+    // Where the events left this client, and where it follows channels that had none.
+    if (answer.cursor) client._takeCursor(answer.cursor);
+  }
+
+  _fail(code, reason) {
+    if (this.closed) return;
+    this.closed = true;
+    this.client._closed(this, { code, reason });
+  }
+
+  /** The poll asks afresh (a subscription changed). */
+  _restart() {
+    this.controller?.abort();
+  }
+
+  send(frame) {
+    const client = this.client;
+    switch (frame.op) {
+      case "subscribe":
+        // The next poll asks for it, from now (or from this client's position).
+        this.waiting.set(frame.channel, { id: frame.id, channel: frame.channel });
+        this._restart();
+        return;
+      case "unsubscribe":
+        client._received(this, { op: "unsubscribed", channel: frame.channel, id: frame.id });
+        this._restart();
+        return;
+      case "refresh":
+        this.token = frame.token;
+        client._received(this, { op: "refreshed", id: frame.id });
+        return;
+      case "info":
+        client._received(this, { op: "info_updated", info: frame.info, id: frame.id, pending: true });
+        return;
+      default:
+        break;
+    }
+    client.options
+      .fetch(this._url("/request"), {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(frame),
+      })
+      .then(async (response) => {
+        if (response.ok) client._received(this, await response.text());
+        else client._received(this, await errorFrame(response, frame.id, frame.op));
+      })
+      .catch((error) => client._requestFailed(frame.id, new Error(`fanout: ${error}`)));
+  }
+
+  close(code = 1006, reason = "") {
+    if (this.closed) return;
+    this.controller?.abort();
+    this._fail(code, reason);
   }
 }

@@ -1,7 +1,7 @@
 // Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { FanoutClient, backoff, shouldReconnect } from "./fanout.js";
+import { FanoutClient, backoff, decodeCursor, encodeCursor, endpoint, shouldReconnect } from "./fanout.js";
 
 /** A WebSocket stand-in that records what is sent and lets the test play the server. */
 class FakeSocket {
@@ -313,6 +313,258 @@ test("publish resolves with its reply whether the own event comes before or afte
     const refused = client.publish("room", 3);
     last().frame({ op: "error", code: "rate_limited", message: "slow down", ref: "publish", id: last().sent.at(-1).id });
     await assert.rejects(refused, (e) => e.code === "rate_limited");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+// --- the HTTP transports -------------------------------------------------------------------
+
+/** An EventSource stand-in: the test plays the server with `emit`. */
+class FakeEventSource {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.listeners = new Map();
+    this.closed = false;
+    FakeEventSource.all.push(this);
+  }
+  addEventListener(name, callback) {
+    if (!this.listeners.has(name)) this.listeners.set(name, []);
+    this.listeners.get(name).push(callback);
+  }
+  close() { this.closed = true; }
+  // server side
+  emit(name, data, lastEventId = "") {
+    for (const callback of this.listeners.get(name) ?? []) callback({ data: JSON.stringify(data), lastEventId });
+  }
+  fail() { this.onerror?.(); }
+}
+
+/** A fetch stand-in: every call waits until the test answers it. */
+function fakeFetch() {
+  const calls = [];
+  const fetch = (url, options = {}) =>
+    new Promise((resolve, reject) => {
+      const call = { url: new URL(url), options, body: options.body && JSON.parse(options.body) };
+      call.answer = (status, body) =>
+        resolve({ ok: status < 300, status, json: async () => body, text: async () => JSON.stringify(body) });
+      call.fail = (error) => reject(error);
+      options.signal?.addEventListener("abort", () => reject(new Error("aborted")));
+      calls.push(call);
+    });
+  return { fetch, calls };
+}
+
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+/** A cursor as a node writes it: base64url (no padding) of UTF-8 JSON. */
+const cursor = (e, c = {}, s = {}, t = 0) =>
+  Buffer.from(JSON.stringify({ v: 1, e, t, c, s })).toString("base64url");
+
+test("endpoint: one node URL serves every transport; cursors read and write", () => {
+  assert.deepEqual(endpoint("ws://a:1/ws?user=ada", "websocket").url, "ws://a:1/ws?user=ada");
+  const sse = endpoint("ws://a:1/ws?user=ada", "sse");
+  assert.equal(sse.base, "http://a:1");
+  assert.equal(sse.query.toString(), "user=ada");
+  assert.equal(endpoint("wss://b/edge/ws", "poll").base, "https://b/edge");
+  assert.equal(endpoint("https://b/edge", "websocket").url, "wss://b/edge/ws");
+  const text = cursor("E1", { "room:é": 4 }, { broadcast: 9 }, 5);
+  assert.deepEqual(decodeCursor(text), { v: 1, e: "E1", t: 5, c: { "room:é": 4 }, s: { broadcast: 9 } });
+  assert.deepEqual(decodeCursor(encodeCursor({ e: "E1", t: 5, c: { "room:é": 4 }, s: { broadcast: 9 } })), decodeCursor(text));
+  assert.equal(decodeCursor("!!"), null);
+});
+
+test("falls back to SSE after 2 failed WebSocket attempts, then to long-polling", async () => {
+  FakeEventSource.all = [];
+  const { fetch, calls } = fakeFetch();
+  const { client, states, sockets } = setup(["ws://a/ws?user=ada", "ws://b/ws?user=ada"], {
+    minDelay: 10,
+    EventSource: FakeEventSource,
+    fetch,
+  });
+  try {
+    client.connect();
+    sockets.at(-1).drop(1006); // a proxy breaks the upgrade
+    mock.timers.tick(20);
+    sockets.at(-1).drop(1006);
+    assert.equal(states.at(-1).nextTransport, "sse");
+    mock.timers.tick(40);
+    assert.equal(sockets.length, 2, "no third WebSocket");
+    const source = FakeEventSource.all.at(-1);
+    assert.equal(source.url, "http://a/sse?user=ada");
+    assert.equal(client.transport, "sse");
+    source.fail();
+    mock.timers.tick(80);
+    FakeEventSource.all.at(-1).fail();
+    mock.timers.tick(160);
+    assert.equal(client.transport, "poll");
+    const first = calls.at(-1);
+    assert.equal(first.url.pathname, "/poll");
+    assert.equal(first.url.searchParams.get("timeout"), "0", "the first poll answers at once");
+    const welcomes = [];
+    client.on("welcome", (w) => welcomes.push(w.transport));
+    first.answer(200, { events: [], cursor: cursor("E1", {}, { broadcast: 3 }), resumed: [] });
+    await settle();
+    assert.equal(client.state, "open");
+    assert.equal(states.at(-1).transport, "poll");
+    assert.deepEqual(welcomes, ["poll"]);
+    const next = calls.at(-1);
+    assert.equal(next.url.searchParams.get("timeout"), "25");
+    assert.deepEqual(decodeCursor(next.url.searchParams.get("cursor")).s, { broadcast: 3 });
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("SSE: requests go to the session; a reconnect resumes from the last event's cursor", async () => {
+  FakeEventSource.all = [];
+  const { fetch, calls } = fakeFetch();
+  const { client, last } = setup("ws://a/ws", {
+    minDelay: 10,
+    transports: ["sse"],
+    EventSource: FakeEventSource,
+    fetch,
+  });
+  try {
+    const seen = [];
+    const resumed = [];
+    client.on("resumed", (r) => resumed.push(r));
+    client.subscribe("maths", (e) => seen.push(e.seq));
+    client.connect();
+    let source = FakeEventSource.all.at(-1);
+    assert.equal(source.url, "http://a/sse?", "nothing to resume yet");
+    source.emit("welcome", { op: "welcome", node: "ws-1", conn: "c1", epoch: "E1", session: "S" });
+    assert.equal(client.state, "open");
+    const subscribe = calls.at(-1);
+    assert.equal(subscribe.url.toString(), "http://a/session/c1");
+    assert.equal(subscribe.options.headers.Authorization, "Bearer S");
+    assert.deepEqual([subscribe.body.op, subscribe.body.channel], ["subscribe", "maths"]);
+    subscribe.answer(200, { op: "subscribed", channel: "maths", id: subscribe.body.id });
+    await settle();
+    source.emit("event", { op: "event", channel: "maths", seq: 7, data: 1 }, cursor("E1", { maths: 7 }, { broadcast: 2 }, 99));
+    assert.deepEqual(seen, [7]);
+
+    // A refused publish rejects with the error frame; an HTTP failure, with the JSON error.
+    const published = client.publish("maths", 2);
+    calls.at(-1).answer(200, { op: "error", code: "rate_limited", message: "m", id: calls.at(-1).body.id });
+    await assert.rejects(published, (e) => e.code === "rate_limited");
+    const lost = client.presence("maths");
+    calls.at(-1).answer(404, { error: { code: "unknown_session", message: "gone" } });
+    await assert.rejects(lost, (e) => e.code === "unknown_session");
+
+    source.emit("disconnect", { code: 1001, reason: "draining" });
+    const closes = [];
+    client.on("close", (c) => closes.push(c.code));
+    source.fail();
+    assert.deepEqual(closes, [1001]);
+    mock.timers.tick(10);
+    source = FakeEventSource.all.at(-1);
+    const resume = decodeCursor(new URL(source.url).searchParams.get("last_event_id"));
+    assert.deepEqual(resume, { v: 1, e: "E1", t: 99, c: { maths: 7 }, s: { broadcast: 2 } });
+    const before = calls.length;
+    source.emit("welcome", { op: "welcome", node: "ws-2", conn: "c2", epoch: "E1", session: "T" });
+    assert.equal(calls.length, before, "the stream follows both channels already");
+    source.emit("resumed", { channel: "maths", recovered: true, replayed: 1 });
+    source.emit("event", { op: "event", channel: "maths", seq: 7, data: 1 }, "x"); // had it
+    source.emit("event", { op: "event", channel: "maths", seq: 8, data: 1 }, "y");
+    assert.deepEqual(seen, [7, 8]);
+    assert.deepEqual(resumed, [{ channel: "maths", recovered: true, replayed: 1 }]);
+    assert.equal(last(), undefined, "no WebSocket at all");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("long-polling: the cursor goes with every poll; subscribe, publish and refusals", async () => {
+  const { fetch, calls } = fakeFetch();
+  const { client } = setup("ws://a/ws?user=ada", { minDelay: 10, transports: ["poll"], fetch });
+  try {
+    const seen = [];
+    client.subscribe("maths", (e) => seen.push(e.seq));
+    client.connect();
+    let poll = calls.at(-1);
+    assert.deepEqual(poll.url.searchParams.getAll("channel"), ["maths"]);
+    poll.answer(200, { events: [], cursor: cursor("E1", {}, { broadcast: 5, maths: 5 }), resumed: [] });
+    await settle();
+    poll = calls.at(-1);
+    assert.deepEqual(poll.url.searchParams.getAll("channel"), [], "the cursor names them");
+    assert.deepEqual(decodeCursor(poll.url.searchParams.get("cursor")).s, { broadcast: 5, maths: 5 });
+    poll.answer(200, {
+      events: [{ op: "event", channel: "maths", seq: 6, data: 1 }],
+      cursor: cursor("E1", { maths: 6 }, { broadcast: 5 }),
+      resumed: [{ channel: "maths", recovered: true, replayed: 1 }],
+    });
+    await settle();
+    assert.deepEqual(seen, [6]);
+
+    // A subscribe asks at once: the waiting poll is abandoned and asked again with the channel.
+    const art = client.subscribe("art");
+    await settle();
+    poll = calls.at(-1);
+    assert.deepEqual(poll.url.searchParams.getAll("channel"), ["art"]);
+    poll.answer(200, { events: [], cursor: cursor("E1", { maths: 6 }, { broadcast: 5, art: 9 }), resumed: [] });
+    assert.equal((await art).op, "subscribed");
+    await settle();
+    const refused = client.subscribe("secret");
+    await settle();
+    calls.at(-1).answer(403, { error: { code: "forbidden", message: "no" } });
+    await assert.rejects(refused, (e) => e.code === "forbidden");
+    assert.deepEqual(client.channels, ["maths", "art"]);
+    await settle();
+
+    const published = client.publish("maths", { x: 1 });
+    const request = calls.find((c) => c.url.pathname === "/request");
+    assert.equal(request.url.searchParams.get("user"), "ada");
+    assert.deepEqual([request.body.op, request.body.channel], ["publish", "maths"]);
+    request.answer(200, { op: "published", channel: "maths", seq: 10, event: "e", id: request.body.id });
+    assert.equal((await published).seq, 10);
+    assert.equal((await client.setInfo({ name: "Ada" })).op, "pending", "a poll is no member");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("a subscribe refused with bus_unavailable keeps the channel and asks again", async () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    client.connect();
+    last().welcome("ws-1");
+    const first = client.subscribe("maths");
+    last().frame({ op: "error", code: "bus_unavailable", message: "later", ref: "subscribe", id: last().sent[0].id });
+    await assert.rejects(first, (e) => e.code === "bus_unavailable");
+    assert.deepEqual(client.channels, ["maths"]);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("switching transports resumes where the last one left each channel", async () => {
+  FakeEventSource.all = [];
+  const { fetch } = fakeFetch();
+  const { client, last } = setup("ws://a/ws", {
+    minDelay: 10,
+    fallbackAfter: 1,
+    EventSource: FakeEventSource,
+    fetch,
+  });
+  try {
+    client.subscribe("maths");
+    client.connect();
+    last().frame({ op: "welcome", node: "n", conn: "c", heartbeat: 25, epoch: "E1" });
+    last().frame({ op: "event", channel: "maths", seq: 5, id: "x", ts: 1, data: 1 });
+    last().frame({ op: "event", channel: "broadcast", seq: 6, id: "y", ts: 1, data: 1 });
+    last().drop(1006);
+    mock.timers.tick(10); // back on WebSocket: it had connected
+    last().drop(1006);
+    mock.timers.tick(20); // that attempt failed: SSE
+    const source = FakeEventSource.all.at(-1);
+    const resume = decodeCursor(new URL(source.url).searchParams.get("last_event_id"));
+    assert.deepEqual(resume, { v: 1, e: "E1", t: 0, c: { maths: 5, broadcast: 6 }, s: {} });
   } finally {
     client.close();
     mock.timers.reset();
