@@ -199,7 +199,12 @@ async fn slow_consumer(transport: Transport, channel: &str) {
     let slow = Resumer::start(urls.to_vec(), 0, channel, stall).await;
     let state = ws.url("/v1/debug/state");
     let watched = channel.to_string();
+    let (joined, both_joined) = tokio::sync::oneshot::channel();
+    let mut joined = Some(joined);
     tokio::spawn(async move {
+        // Both in the channel first (a stream may still be joining its channels after its
+        // welcome), then one: the slow client's cut-off.
+        let mut both = false;
         loop {
             let state: serde_json::Value =
                 reqwest::get(&state).await.unwrap().json().await.unwrap();
@@ -209,13 +214,22 @@ async fn slow_consumer(transport: Transport, channel: &str) {
                 .iter()
                 .find(|c| c["channel"] == watched.as_str())
                 .map(|c| c["subscribers"].clone());
-            if subscribers == Some(serde_json::json!(1)) {
+            if subscribers == Some(serde_json::json!(2)) {
+                both = true;
+                if let Some(joined) = joined.take() {
+                    let _ = joined.send(());
+                }
+            }
+            if both && subscribers == Some(serde_json::json!(1)) {
                 let _ = cut_off.send(true);
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+    within("both clients in the channel", both_joined)
+        .await
+        .unwrap();
     let publisher = steady_publisher(api.addr, channel, RATE, total().max(800), 32 * 1024);
     let scenario = format!("slow consumer ({transport:?})");
     let received = finish(&scenario, publisher, vec![normal, slow]).await;

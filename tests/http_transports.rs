@@ -515,3 +515,71 @@ async fn a_polling_client_publishes_and_asks_presence_with_post_request() {
         "{reply}"
     );
 }
+
+/// `fanout_ws_replayed_events_total{from=...}` of a node process.
+async fn replayed(server: &Server, from: &str) -> u64 {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("fanout_ws_replayed_events_total{{from=\"{from}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_positions_resume_from_memory_older_ones_from_the_stream() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let mut env = ws_process_env(&nats.url(), "ws-1", 0);
+    env.push(("FANOUT_RECENT_EVENTS", "4".into()));
+    let node = Process::start("fanout-ws", &env);
+    let node = node.server();
+    wait_ready(&node).await;
+    // A WebSocket member keeps the channel followed on the node between polls.
+    let mut member = Client::connect(&node).await;
+    member
+        .request(json!({"op": "subscribe", "channel": "log", "id": 1}))
+        .await;
+    let (_, first) = poll(&node, "channel=log&timeout=0").await;
+    let start = cursor_of(&first);
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        acked.push(publish(&api, "log", &json!(i)).await);
+    }
+    // The member has them all: the node delivered them, and kept the last 4.
+    for seq in &acked {
+        assert_eq!(member.event().await["seq"], *seq);
+    }
+    let seqs = |answer: &Value| -> Vec<u64> {
+        answer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    // From before the window: the stream answers, complete.
+    let before = replayed(&node, "stream").await;
+    let (_, old) = poll(&node, &format!("channel=log&cursor={start}&timeout=0")).await;
+    assert_eq!(seqs(&old), acked, "{old}");
+    assert_eq!(replayed(&node, "stream").await, before + 10);
+    // From inside it (after the 7th event): memory answers, the same events.
+    let seven = cursor_after(&cursor_of(&old), "log", acked[6]);
+    let memory = replayed(&node, "memory").await;
+    let (_, recent) = poll(&node, &format!("channel=log&cursor={seven}&timeout=0")).await;
+    assert_eq!(seqs(&recent), acked[7..], "{recent}");
+    assert_eq!(replayed(&node, "memory").await, memory + 3);
+}
+
+/// `cursor` with its position on `channel` set to event `seq`.
+fn cursor_after(cursor: &str, channel: &str, seq: u64) -> String {
+    use fanout_ws::cursor::{Cursor, Position};
+    let mut cursor = Cursor::decode(cursor).unwrap();
+    let channel = fanout::Channel::parse(channel).unwrap();
+    cursor.positions.insert(channel, Position::Event(seq));
+    cursor.encode()
+}

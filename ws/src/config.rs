@@ -25,6 +25,11 @@ pub struct Config {
     /// Bytes waiting for a connection's socket before it counts as a slow consumer and is
     /// closed (4001), whichever of the two bounds comes first (centrifuge's default: 1 MiB).
     pub queue_max_bytes: usize,
+    /// Recent events each channel keeps in memory (0: none), so that a resume from a recent
+    /// position (every long-poll, most reconnects) needs no read from the stream.
+    pub recent_events: usize,
+    /// Bytes of recent events all channels together may keep.
+    pub recent_max_bytes: usize,
     /// 0 (the default): every event is written as soon as it arrives. Otherwise a channel's
     /// events are written at most every this many milliseconds, together: several frames per
     /// `send` at rates where each event would be one, for less CPU per delivery at the cost
@@ -65,6 +70,8 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             queue_capacity: 512,
             queue_max_bytes: 1 << 20,
+            recent_events: 64,
+            recent_max_bytes: 64 << 20,
             coalesce_ms: 0,
             drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
@@ -98,7 +105,9 @@ impl Settings for Config {
 impl Config {
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 8] = [
+        let ranges: [(&'static str, usize, usize, usize); 10] = [
+            ("recent_events", self.recent_events, 0, 100_000),
+            ("recent_max_bytes", self.recent_max_bytes, 0, 1 << 34),
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
             ("max_subscriptions", self.max_subscriptions, 1, 100_000),
             ("max_message_bytes", self.max_message_bytes, 128, 16 << 20),

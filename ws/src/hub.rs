@@ -37,7 +37,19 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::sink::{ChannelKey, Delivery, Kick, Outgoing, Sink, channel_key};
+use crate::{
+    recent::{self, Recent},
+    sink::{ChannelKey, Delivery, Kick, Outgoing, Sink, channel_key},
+};
+
+/// Where a fan-out pass's events come from: the reader of one generation of a channel's
+/// interest (0 for `broadcast`'s), in one stream epoch. Its events are kept as the channel's
+/// recent ones only while that generation lasts.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub generation: u64,
+    pub epoch: &'a str,
+}
 
 /// A connection's id: the `conn` of its `welcome` frame.
 pub type ConnId = Uuid;
@@ -108,6 +120,9 @@ pub struct Hub {
     /// [`ChannelEntry::delivered`] for `broadcast`, whose recipients are every connection:
     /// stored before a pass copies them, read after a connection is added.
     broadcast_delivered: AtomicU64,
+    /// `broadcast`'s recent events (its watermark is updated under this lock too).
+    broadcast_recent: Mutex<Recent>,
+    recent_limits: recent::Limits,
     /// Connections, without locking every shard to count them.
     connections: AtomicUsize,
     interest: mpsc::UnboundedSender<Interest>,
@@ -134,6 +149,8 @@ struct ChannelEntry {
     delivered: u64,
     /// Members that are hidden (long-polls), so that a count stays one subtraction.
     hidden: usize,
+    /// The channel's recent events, as this generation's reader delivered them.
+    recent: Recent,
     generation: u64,
     /// True once the upstream subscription for this generation is in place.
     live: watch::Sender<bool>,
@@ -177,6 +194,7 @@ fn shards<T: Default>() -> Box<[Mutex<T>]> {
 impl Hub {
     pub fn new(
         max_subscriptions: usize,
+        recent_limits: recent::Limits,
         interest: mpsc::UnboundedSender<Interest>,
         membership: mpsc::UnboundedSender<Membership>,
     ) -> Self {
@@ -184,6 +202,8 @@ impl Hub {
             conns: shards(),
             channels: shards(),
             broadcast_delivered: AtomicU64::new(0),
+            broadcast_recent: Mutex::new(Recent::new(&recent_limits)),
+            recent_limits,
             connections: AtomicUsize::new(0),
             interest,
             membership,
@@ -300,6 +320,7 @@ impl Hub {
                 members: HashMap::new(),
                 delivered: 0,
                 hidden: 0,
+                recent: Recent::new(&self.recent_limits),
                 generation,
                 live: watch::Sender::new(false),
                 watchers: 0,
@@ -515,19 +536,82 @@ impl Hub {
         channel: &Channel,
         key: ChannelKey,
         frames: &[Outgoing],
+        source: Source<'_>,
         recipients: &mut Recipients,
     ) -> Delivery {
         let seq = frames.iter().map(|f| f.seq).max().unwrap_or(0);
         if channel.is_broadcast() {
-            self.broadcast_delivered.fetch_max(seq, Ordering::SeqCst);
+            {
+                let mut recent = lock(&self.broadcast_recent);
+                for frame in frames {
+                    recent.push(frame, source.epoch);
+                }
+                self.broadcast_delivered.fetch_max(seq, Ordering::SeqCst);
+            }
             for shard in self.conns.iter() {
                 recipients.extend(lock(shard).values().map(|c| c.sink.clone()));
             }
         } else if let Some(entry) = self.channel_shard_of(key).get_mut(channel) {
+            if entry.generation == source.generation {
+                for frame in frames {
+                    entry.recent.push(frame, source.epoch);
+                }
+            }
             entry.delivered = entry.delivered.max(seq);
             recipients.extend(entry.members.values().map(|s| s.sink.clone()));
         }
         Self::offer_all(key, frames, recipients)
+    }
+
+    /// Every event of `channel` after `after` (in stream epoch `epoch`) from its recent
+    /// events, if they reach back to it and include everything delivered so far; else
+    /// `None` (ask the stream). For a connection in the channel: what it does not get here
+    /// it gets live.
+    pub fn recent(&self, channel: &Channel, after: u64, epoch: &str) -> Option<Vec<Outgoing>> {
+        if channel.is_broadcast() {
+            let recent = lock(&self.broadcast_recent);
+            let delivered = self.broadcast_delivered.load(Ordering::SeqCst);
+            return recent.after(after, delivered, epoch);
+        }
+        let channels = self.channel_shard(channel);
+        let entry = channels.get(channel)?;
+        entry.recent.after(after, entry.delivered, epoch)
+    }
+
+    /// Whether `channel`'s subscription is in place (for this generation of its interest).
+    pub fn is_live(&self, channel: &Channel) -> bool {
+        self.channel_shard(channel)
+            .get(channel)
+            .is_some_and(|entry| *entry.live.borrow())
+    }
+
+    /// Whether `channel`'s recent events know where they start (else a stream read can
+    /// tell them: [`Hub::seed_recent`]).
+    pub fn recent_seeded(&self, channel: &Channel, epoch: &str) -> bool {
+        if channel.is_broadcast() {
+            return lock(&self.broadcast_recent).is_seeded(epoch);
+        }
+        self.channel_shard(channel)
+            .get(channel)
+            .is_none_or(|entry| entry.recent.is_seeded(epoch))
+    }
+
+    /// Tells `channel`'s recent events, if they know nothing yet, that every event after
+    /// stream sequence `last` is delivered from now on: `last` was read once the channel's
+    /// subscription was in place (`broadcast_live`: `broadcast`'s is; for other channels the
+    /// hub knows).
+    pub fn seed_recent(&self, channel: &Channel, last: u64, epoch: &str, broadcast_live: bool) {
+        if channel.is_broadcast() {
+            if broadcast_live {
+                lock(&self.broadcast_recent).seed(last, epoch);
+            }
+            return;
+        }
+        if let Some(entry) = self.channel_shard(channel).get_mut(channel)
+            && *entry.live.borrow()
+        {
+            entry.recent.seed(last, epoch);
+        }
     }
 
     fn offer_all(key: ChannelKey, frames: &[Outgoing], recipients: &mut Recipients) -> Delivery {
@@ -594,6 +678,12 @@ mod tests {
     };
     use tokio_util::sync::CancellationToken;
 
+    /// Events from a reader of no current generation: none kept as recent.
+    const SOURCE: Source<'static> = Source {
+        generation: 0,
+        epoch: "E",
+    };
+
     struct Fixture {
         hub: Hub,
         interest: mpsc::UnboundedReceiver<Interest>,
@@ -604,7 +694,12 @@ mod tests {
         let (tx, interest) = mpsc::unbounded_channel();
         let (members_tx, membership) = mpsc::unbounded_channel();
         Fixture {
-            hub: Hub::new(max_subscriptions, tx, members_tx),
+            hub: Hub::new(
+                max_subscriptions,
+                recent::Limits::new(64, 1 << 20),
+                tx,
+                members_tx,
+            ),
             interest,
             membership,
         }
@@ -761,6 +856,7 @@ mod tests {
                     &ch(channel),
                     key(channel),
                     &event(seq, text),
+                    SOURCE,
                     &mut recipients,
                 )
                 .delivered
@@ -799,7 +895,13 @@ mod tests {
         for seq in 1..=rounds as u64 {
             slow_count += f
                 .hub
-                .deliver(&ch("x"), key("x"), &event(seq, &blob), &mut recipients)
+                .deliver(
+                    &ch("x"),
+                    key("x"),
+                    &event(seq, &blob),
+                    SOURCE,
+                    &mut recipients,
+                )
                 .slow;
             tokio::task::yield_now().await;
         }
@@ -929,8 +1031,13 @@ mod tests {
             let f = f.clone();
             std::thread::spawn(move || {
                 let mut recipients = Recipients::new();
-                f.hub
-                    .deliver(&ch("big"), key("big"), &event(1, "e"), &mut recipients)
+                f.hub.deliver(
+                    &ch("big"),
+                    key("big"),
+                    &event(1, "e"),
+                    SOURCE,
+                    &mut recipients,
+                )
             })
         };
         entered.recv().unwrap(); // the pass is writing

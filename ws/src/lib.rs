@@ -15,6 +15,7 @@
 //! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
 //!   bounded) only when the socket is full.
 //! - [`reader`]: NATS channel readers: order, gap repair, one encoding per event.
+//! - [`recent`]: each channel's recent events, for resumes answered from memory.
 //! - [`node`]: wiring, admission, announcement, drain.
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
 //!   following other nodes' changes (and their crashes) for local clients.
@@ -33,6 +34,7 @@ pub mod node;
 pub mod presence;
 pub mod protocol;
 pub mod reader;
+pub mod recent;
 pub mod session;
 pub mod sink;
 pub mod transport;

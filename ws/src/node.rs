@@ -17,7 +17,7 @@ use std::{
 };
 
 use fanout::{
-    Bus, Channel, Envelope,
+    Bus, Channel,
     discovery::{ANNOUNCE_EVERY, Directory, NodeInfo},
     telemetry,
     time::now_ms,
@@ -33,8 +33,9 @@ use crate::{
     auth::Verifier,
     cursor::Position,
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
-    presence,
+    presence, protocol,
     reader::read,
+    sink::Outgoing,
 };
 
 /// How much younger than the history window a cursor's time must be for a node to vouch
@@ -78,6 +79,7 @@ impl Node {
         let (membership, changes) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(
             config.max_subscriptions,
+            crate::recent::Limits::new(config.recent_events, config.recent_max_bytes),
             interest_tx,
             membership.clone(),
         ));
@@ -145,7 +147,7 @@ impl Node {
                 live.store(true, Ordering::Release);
                 gauge!("fanout_ws_nats_subscriptions").increment(1.0);
                 tokio::select! {
-                    _ = read(subscription, hub, bus, with_trace, coalesce) => {}
+                    _ = read(subscription, hub, bus, with_trace, coalesce, 0) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -378,8 +380,36 @@ impl Node {
             return Ok(Replay::lost(current));
         }
         let after = from.seq();
+        // Recent events first: a window that reaches back to the position holds every event
+        // after it (up to what was delivered; the rest comes live).
+        if let Some(events) = self.hub.recent(channel, after, &current) {
+            counter!("fanout_ws_replayed_events_total", "from" => "memory")
+                .increment(events.len() as u64);
+            return Ok(Replay {
+                skip_upto: Some(events.last().map_or(after, |e| e.seq.max(after))),
+                events,
+                recovered: true,
+                epoch: current,
+            });
+        }
+        // Once the channel's subscription is in place, every event after the stream's last
+        // sequence is delivered live: the read stops there (it would otherwise chase the end
+        // of a busy stream, one direct get per event), and that sequence tells the recent
+        // events where they start.
+        let live = match channel.is_broadcast() {
+            true => self.broadcast_live.load(Ordering::Acquire),
+            false => self.hub.is_live(channel),
+        };
+        let sequences = match live {
+            true => self.bus.sequences().await.ok(),
+            false => None,
+        };
         let reach = self.hub.delivered(channel);
-        let events = self.bus.history_reaching(channel, after, None, reach).await;
+        let until = sequences.map(|(_, last)| last.max(reach));
+        let events = self
+            .bus
+            .history_reaching(channel, after, until, reach)
+            .await;
         // Nothing the per-channel limit removed since: that would have left the channel
         // at the limit.
         let limit = self.config.common.history_max_messages;
@@ -389,6 +419,10 @@ impl Node {
         let window = self.config.common.history_max_age_secs * 1000;
         let margin = VOUCH_MARGIN.as_millis() as u64;
         let young = at.is_some_and(|at| now_ms() + margin < at + window);
+        let first = match sequences {
+            Some((first, _)) => Ok(first),
+            None => self.bus.first_sequence().await,
+        };
         let recovered = match from {
             // The event the client has is still stored: every later one is too (limits
             // remove the oldest first).
@@ -400,14 +434,22 @@ impl Node {
             // Nothing of the channel seen: complete if nothing after `after` was removed, by
             // age (the stream still starts right after it, or `at` says it is young) or by
             // the limit.
-            _ => self
-                .bus
-                .first_sequence()
-                .await
-                .map(|first| (first <= after + 1 || young) && below_limit),
+            _ => first.map(|first| (first <= after + 1 || young) && below_limit),
         };
         let (recovered, events) = (recovered?, events?);
-        counter!("fanout_ws_replayed_events_total").increment(events.len() as u64);
+        if let Some((_, last)) = sequences {
+            self.hub.seed_recent(channel, last, &current, live);
+        }
+        counter!("fanout_ws_replayed_events_total", "from" => "stream")
+            .increment(events.len() as u64);
+        let with_trace = self.config.event_trace_id;
+        let events: Vec<Outgoing> = events
+            .iter()
+            .filter_map(|event| {
+                let json = protocol::event(event, with_trace).ok()?;
+                Some(Outgoing::event(event.seq, json))
+            })
+            .collect();
         Ok(Replay {
             skip_upto: Some(events.last().map_or(after, |e| e.seq)),
             events,
@@ -448,7 +490,8 @@ impl Drop for IpPermit {
 /// What [`Node::replay`] found.
 #[derive(Debug)]
 pub struct Replay {
-    pub events: Vec<Envelope>,
+    /// The events, encoded.
+    pub events: Vec<Outgoing>,
     pub recovered: bool,
     pub epoch: String,
     /// Live events of the channel up to this seq were replayed (or seen by the client
@@ -503,8 +546,15 @@ async fn follow_interest(
                     Ok(subscription) => {
                         tracing::debug!(%channel, "subscribed in NATS");
                         let reader = tokio::spawn(
-                            read(subscription, hub.clone(), bus.clone(), with_trace, coalesce)
-                                .in_current_span(),
+                            read(
+                                subscription,
+                                hub.clone(),
+                                bus.clone(),
+                                with_trace,
+                                coalesce,
+                                generation,
+                            )
+                            .in_current_span(),
                         );
                         match readers.insert(channel.clone(), reader) {
                             Some(stale) => stale.abort(),

@@ -20,7 +20,7 @@ use metrics::{counter, histogram};
 use tracing::field::Empty;
 
 use crate::{
-    hub::{Hub, Recipients},
+    hub::{Hub, Recipients, Source},
     protocol,
     sink::{ChannelKey, Outgoing, channel_key},
 };
@@ -36,14 +36,17 @@ pub async fn read(
     bus: Bus,
     with_trace: bool,
     coalesce: Duration,
+    generation: u64,
 ) {
     let channel = subscription.channel().clone();
     let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
+    reader.generation = generation;
     let repairs = counter!("fanout_ws_gap_repairs_total");
     let repaired = counter!("fanout_ws_events_repaired_total");
     let mut connections = bus.connections();
     connections.borrow_and_update();
     let mut epoch = bus.epoch();
+    reader.epoch = epoch.clone();
     // The last sequence delivered; none until the first event.
     let mut cursor: Option<u64> = None;
     // Events that arrived together, delivered together: each recipient gets them with one
@@ -82,8 +85,11 @@ pub async fn read(
                         Ok(missed) if !missed.is_empty() => {
                             repairs.increment(1);
                             repaired.increment(missed.len() as u64);
+                            // Every event after `last`: each follows the one before.
+                            let mut prev = last;
                             for event in &missed {
-                                reader.push(event);
+                                reader.push(event, prev);
+                                prev = event.seq;
                                 cursor = Some(event.seq);
                             }
                         }
@@ -114,6 +120,7 @@ pub async fn read(
                     continue;
                 }
                 epoch = bus.epoch();
+                reader.epoch = epoch.clone();
                 tracing::warn!(%channel, "the stream was recreated; following its new sequences");
             } else if envelope.last_seq > last {
                 // The channel's previous event is `last_seq`: stored, so the repair reaches it.
@@ -126,15 +133,18 @@ pub async fn read(
                         repairs.increment(1);
                         repaired.increment(missing.len() as u64);
                         tracing::info!(%channel, missing = missing.len(), "repaired a gap");
+                        let mut prev = last;
                         for event in &missing {
-                            reader.push(event);
+                            reader.push(event, prev);
+                            prev = event.seq;
                         }
                     }
                     Err(err) => tracing::warn!(%channel, %err, "cannot repair a gap"),
                 }
             }
         }
-        reader.push(&envelope);
+        // Its predecessor, as the stream says (0: the channel's first event).
+        reader.push(&envelope, envelope.last_seq);
         cursor = Some(envelope.seq);
     }
     reader.flush();
@@ -158,6 +168,10 @@ struct Reader {
     subject: String,
     hub: Arc<Hub>,
     with_trace: bool,
+    /// The interest generation this reader serves, and the stream epoch it reads in: the
+    /// hub keeps its events as the channel's recent ones only for that generation.
+    generation: u64,
+    epoch: String,
     // Metric handles are looked up once, not once per event.
     received: metrics::Counter,
     malformed: metrics::Counter,
@@ -179,6 +193,8 @@ impl Reader {
             subject: subject.to_string(),
             hub,
             with_trace,
+            generation: 0,
+            epoch: String::new(),
             received: counter!("fanout_ws_events_received_total"),
             malformed: counter!("fanout_ws_events_malformed_total"),
             delivered: counter!("fanout_ws_frames_delivered_total"),
@@ -188,8 +204,9 @@ impl Reader {
         }
     }
 
-    /// Encodes one event for delivery with the next [`Reader::flush`].
-    fn push(&mut self, envelope: &Envelope) {
+    /// Encodes one event for delivery with the next [`Reader::flush`]; `prev` is the seq of
+    /// the channel's event before it.
+    fn push(&mut self, envelope: &Envelope, prev: u64) {
         self.received.increment(1);
         self.latency
             .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
@@ -210,7 +227,8 @@ impl Reader {
             }
         };
         // Encoded once; each transport frames it once, for all its connections.
-        self.frames.push(Outgoing::event(envelope.seq, frame));
+        self.frames
+            .push(Outgoing::event(envelope.seq, frame).after(prev));
         if !span.is_none() {
             self.spans.push((span, started));
         }
@@ -226,9 +244,17 @@ impl Reader {
             return;
         }
         self.flushed = tokio::time::Instant::now();
-        let outcome = self
-            .hub
-            .deliver(&self.channel, self.key, &self.frames, &mut self.recipients);
+        let source = Source {
+            generation: self.generation,
+            epoch: &self.epoch,
+        };
+        let outcome = self.hub.deliver(
+            &self.channel,
+            self.key,
+            &self.frames,
+            source,
+            &mut self.recipients,
+        );
         self.frames.clear();
         self.delivered.increment(outcome.delivered as u64);
         self.bytes_out.increment(outcome.bytes as u64);

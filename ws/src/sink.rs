@@ -110,6 +110,8 @@ pub struct Delivery {
 pub struct Outgoing {
     /// The event's stream sequence; 0 for a frame that is not an event (a presence change).
     pub seq: u64,
+    /// The seq of the channel's event before this one, when known (0: none, or not known).
+    pub prev: u64,
     /// What the frame is (`event`, `join`, ...): SSE's `event:` field.
     name: &'static str,
     json: Bytes,
@@ -131,11 +133,18 @@ impl Outgoing {
     fn new(seq: u64, name: &'static str, json: Bytes) -> Outgoing {
         Outgoing {
             seq,
+            prev: 0,
             name,
             json,
             websocket: OnceCell::new(),
             sse: OnceCell::new(),
         }
+    }
+
+    /// The same frame, known to follow the channel's event `prev`.
+    pub fn after(mut self, prev: u64) -> Outgoing {
+        self.prev = prev;
+        self
     }
 
     pub fn json(&self) -> &Bytes {

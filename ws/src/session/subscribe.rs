@@ -14,7 +14,7 @@ use crate::{
     hub::SubscribeError,
     node::Replay,
     protocol::{self, RequestId, Resumed},
-    sink::{Outgoing, channel_key},
+    sink::channel_key,
 };
 
 /// A `subscribe` request.
@@ -105,11 +105,8 @@ pub(crate) async fn join(
         }
     }
     announce(Some(&replay));
-    let with_trace = node.config().event_trace_id;
     for event in &replay.events {
-        if let Ok(json) = protocol::event(event, with_trace) {
-            conduit.replay(key, &Outgoing::event(event.seq, json));
-        }
+        conduit.replay(key, event);
     }
     // The held live events follow, without those the replay (or the client) has.
     conduit.release(key, replay.skip_upto);
