@@ -9,7 +9,7 @@
 //! node does not hold (never held, or closed).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,7 +20,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use super::{AppState, error};
 use crate::hub::ConnId;
@@ -42,24 +42,83 @@ pub struct Sessions(Arc<Mutex<HashMap<ConnId, Handle>>>);
 #[derive(Debug, Clone)]
 struct Handle {
     secret: Arc<str>,
-    requests: mpsc::Sender<Request>,
+    inbox: Arc<Inbox>,
+}
+
+/// A session's waiting requests: allocates nothing until the first one (an idle stream
+/// costs what an idle WebSocket does; a channel's buffer would be 1 KiB each).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    queue: Mutex<Inner>,
+    arrived: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: VecDeque<Request>,
+    closed: bool,
+}
+
+/// Why a request could not be handed to its session.
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, request: Request) -> Result<(), Refused> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Refused::Closed);
+        }
+        if inner.requests.len() >= QUEUE {
+            return Err(Refused::Full);
+        }
+        inner.requests.push_back(request);
+        drop(inner);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// The next request, in order.
+    pub async fn next(&self) -> Request {
+        loop {
+            if let Some(request) = self.lock().requests.pop_front() {
+                return request;
+            }
+            self.arrived.notified().await;
+        }
+    }
+
+    /// No more requests: those waiting are dropped (their callers get 404).
+    fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        inner.requests = VecDeque::new();
+    }
 }
 
 impl Sessions {
-    /// Registers session `conn`; its requests arrive on the returned receiver. The
-    /// registration lasts until [`Sessions::remove`].
-    pub fn insert(&self, conn: ConnId, secret: &str) -> mpsc::Receiver<Request> {
-        let (requests, receiver) = mpsc::channel(QUEUE);
+    /// Registers session `conn`; its requests arrive in the returned inbox. The registration
+    /// lasts until [`Sessions::remove`].
+    pub fn insert(&self, conn: ConnId, secret: &str) -> Arc<Inbox> {
+        let inbox = Arc::new(Inbox::default());
         let handle = Handle {
             secret: secret.into(),
-            requests,
+            inbox: inbox.clone(),
         };
         self.lock().insert(conn, handle);
-        receiver
+        inbox
     }
 
     pub fn remove(&self, conn: &ConnId) {
-        self.lock().remove(conn);
+        if let Some(handle) = self.lock().remove(conn) {
+            handle.inbox.close();
+        }
     }
 
     fn get(&self, conn: &ConnId) -> Option<Handle> {
@@ -121,16 +180,16 @@ pub(crate) async fn request(
     };
     let text = String::from_utf8_lossy(&body).into_owned();
     let (reply, replied) = oneshot::channel();
-    match handle.requests.try_send((text, reply)) {
+    match handle.inbox.push((text, reply)) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(Refused::Full) => {
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_requests",
                 &format!("at most {QUEUE} requests may wait for one session"),
             );
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => return unknown(),
+        Err(Refused::Closed) => return unknown(),
     }
     match tokio::time::timeout(REPLY_TIMEOUT, replied).await {
         Ok(Ok(reply)) => (

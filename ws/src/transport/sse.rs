@@ -368,7 +368,8 @@ async fn serve(
     };
     let Taken { stream, read_ahead } = taken;
     drop(read_ahead); // a client sends nothing on an event stream
-    let channels = starts(&node, channels).await;
+    // Boxed, as every rare step's future: an idle stream's task keeps only the loop's state.
+    let channels = Box::pin(starts(&node, channels)).await;
     let positions: Vec<_> = channels
         .iter()
         .map(|start| (start.channel.clone(), start.resume.as_ref().map(|r| r.from)))
@@ -387,7 +388,7 @@ async fn serve(
     let secret = http_session::secret();
     let requests = sessions.insert(conn, &secret);
     let mut session = Session::new(conn, node.clone(), outbox.clone(), identity);
-    let end = run(&outbox, &node, &mut session, channels, &secret, requests).await;
+    let end = run(&outbox, &node, &mut session, channels, &secret, &requests).await;
     sessions.remove(&conn);
     node.hub().remove_conn(conn);
     let reason = match &end {
@@ -428,7 +429,7 @@ enum Wake {
     Expired,
     Backlog,
     Readable(std::io::Result<()>),
-    Request(Option<http_session::Request>),
+    Request(http_session::Request),
     Tick,
 }
 
@@ -441,7 +442,7 @@ async fn run(
     session: &mut Session,
     channels: Vec<Start>,
     secret: &str,
-    mut requests: tokio::sync::mpsc::Receiver<http_session::Request>,
+    requests: &http_session::Inbox,
 ) -> End {
     let config = node.config();
     let kick = outbox.kick().clone();
@@ -463,18 +464,17 @@ async fn run(
         resuming,
     } in channels
     {
-        let joined = session
-            .join(&channel, resume, |replay| {
-                if let Some(replay) = replay.filter(|_| resuming) {
-                    let resumed = json!({
-                        "channel": channel,
-                        "recovered": replay.recovered,
-                        "replayed": replay.events.len(),
-                    });
-                    outbox.send("resumed", &resumed.to_string());
-                }
-            })
-            .await;
+        let joined = Box::pin(session.join(&channel, resume, |replay| {
+            if let Some(replay) = replay.filter(|_| resuming) {
+                let resumed = json!({
+                    "channel": channel,
+                    "recovered": replay.recovered,
+                    "replayed": replay.events.len(),
+                });
+                outbox.send("resumed", &resumed.to_string());
+            }
+        }))
+        .await;
         match joined {
             Ok(()) => {}
             // Closed, so that the client comes back with the same cursor: nothing it missed is
@@ -502,7 +502,7 @@ async fn run(
             _ = &mut cancelled => Wake::Kicked,
             _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => Wake::Expired,
             _ = outbox.waiting() => Wake::Backlog,
-            request = requests.recv() => Wake::Request(request),
+            request = requests.next() => Wake::Request(request),
             readable = stream.readable() => Wake::Readable(readable),
             _ = ticker.tick() => Wake::Tick,
         };
@@ -510,8 +510,7 @@ async fn run(
             Wake::Kicked => Err(End::Close(kick.reason())),
             Wake::Expired => Err(End::Close(disconnect::TOKEN_EXPIRED)),
             Wake::Backlog => Box::pin(flush(outbox)).await,
-            Wake::Request(None) => Ok(()),
-            Wake::Request(Some((text, reply))) => {
+            Wake::Request((text, reply)) => {
                 Box::pin(session.handle(&text, ReplyTo::Caller(reply))).await;
                 if session.identity().expires_at != expires_at {
                     expires_at = session.identity().expires_at;
