@@ -825,10 +825,10 @@ class PollLink {
         const frame = await errorFrame(response, undefined, "poll");
         if (response.status >= 500 || response.status === 429) return this._fail(1011, frame.message);
         // A refusal of what this poll asked: a new channel's subscribe, or the client itself.
-        const refused = [...this.waiting.values()];
+        const refused = [...this.waiting.values()].filter(({ channel }) => wanted.has(channel));
         if (refused.length) {
-          this.waiting.clear();
           for (const { id, channel } of refused) {
+            this.waiting.delete(channel);
             client._channels.delete(channel);
             client._received(this, { ...frame, ref: "subscribe", id, channel });
           }
@@ -844,11 +844,12 @@ class PollLink {
         continue; // cut short (a node going away): the same cursor asks again
       }
       if (this.closed) return;
-      this._answered(answer);
+      this._answered(answer, wanted);
     }
   }
 
-  _answered(answer) {
+  /** What a poll that asked for `asked` (channels) answered. */
+  _answered(answer, asked) {
     const client = this.client;
     const reconnected = !this.welcomed;
     const epoch = decodeCursor(answer.cursor ?? "")?.e ?? client.epoch;
@@ -861,10 +862,12 @@ class PollLink {
       client._after.clear();
       client.epoch = epoch;
     }
+    // The subscribes this poll asked for are in place (those added since wait for the next).
     for (const [channel, { id }] of this.waiting) {
+      if (!asked.has(channel)) continue;
+      this.waiting.delete(channel);
       client._received(this, { op: "subscribed", channel, id });
     }
-    this.waiting.clear();
     for (const resumed of answer.resumed ?? []) {
       // Every poll resumes; only the first after a reconnect, or a loss, is news.
       if (reconnected || resumed.recovered === false) client._received(this, { op: "resumed", ...resumed });

@@ -14,7 +14,8 @@
 //! ```
 //!
 //! `--shared N` turns fan-out into "many channels": each client in its own channel plus one
-//! of N shared ones. `--target` is `fanout`, `nats` or `both`.
+//! of N shared ones. `--target` is `fanout`, `nats`, `both`, `sse` (fanout over server-sent
+//! events), `poll` (fanout over long-polling) or `transports` (fanout over WebSocket, then SSE).
 //!
 //! Clients live in worker processes (`fanout-bench worker`, see [`worker`]), several when
 //! needed, each from its own 127.0.0.x source address; the coordinator publishes and reads
@@ -72,6 +73,9 @@ impl Options {
             None | Some("both") => vec![Target::Fanout, Target::Nats],
             Some("fanout") => vec![Target::Fanout],
             Some("nats") => vec![Target::Nats],
+            Some("sse") => vec![Target::FanoutSse],
+            Some("poll") => vec![Target::FanoutPoll],
+            Some("transports") => vec![Target::Fanout, Target::FanoutSse],
             Some(other) => {
                 eprintln!("fanout-bench: unknown target {other}\n{USAGE}");
                 std::process::exit(2)
@@ -102,12 +106,11 @@ fn main() {
 async fn coordinate(command: &str, rest: &[String]) {
     let paths = tier::Paths::find();
     let o = Options::parse(rest);
-    let label = |t: Target| {
-        if t == Target::Fanout {
-            "fanout"
-        } else {
-            "NATS"
-        }
+    let label = |t: Target| match t {
+        Target::Fanout => "fanout",
+        Target::FanoutSse => "fanout SSE",
+        Target::FanoutPoll => "fanout long-poll",
+        Target::Nats => "NATS",
     };
     let results: Value = match command {
         "suite" => {

@@ -178,7 +178,7 @@ fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
 
 pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let (fanout, nats) = match target {
-        Target::Fanout => {
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             let extra = [(
                 "FANOUT_COALESCE_MS".to_string(),
                 spec.coalesce_ms.to_string(),
@@ -250,7 +250,9 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
 /// Idle memory: RSS growth per connection on each node.
 pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Value {
     let (fanout, nats) = match target {
-        Target::Fanout => (Some(FanoutTier::start(paths, nodes).await), None),
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
+            (Some(FanoutTier::start(paths, nodes).await), None)
+        }
         Target::Nats => (None, Some(NatsTier::start(paths, nodes))),
     };
     let (holders, urls): (Vec<&Proc>, Vec<String>) = match (&fanout, &nats) {
@@ -284,7 +286,9 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
 /// Connect storm: connections per second one node accepts (handshake + first frame).
 pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
     let (fanout, nats) = match target {
-        Target::Fanout => (Some(FanoutTier::start(paths, 1).await), None),
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
+            (Some(FanoutTier::start(paths, 1).await), None)
+        }
         Target::Nats => (None, Some(NatsTier::start(paths, 1))),
     };
     let urls = match (&fanout, &nats) {
@@ -574,6 +578,72 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         ],
     );
 
+    // The HTTP transports: SSE against WebSocket in the same run (the "cpu" scenario), and
+    // 1,000 long-polling clients.
+    let (spec, f, _) = &fan["cpu"];
+    println!(
+        "fan-out over SSE: {} clients on {} nodes, {} events/s for {} s",
+        spec.clients, spec.nodes, spec.rate, spec.secs
+    );
+    let sse = fan_out(paths, *spec, Target::FanoutSse).await;
+    describe("SSE", &sse);
+    row(
+        &mut rows,
+        [
+            &format!("SSE fan-out {}×{} ev/s", spec.clients, spec.rate),
+            "server CPU µs per delivery (vs WebSocket); p99 ms",
+            &format!("{:.2}; {:.2}", sse.cpu_us(), sse.latency.quantile_ms(0.99)),
+            &format!(
+                "WebSocket {:.2}; {:.2}",
+                f.cpu_us(),
+                f.latency.quantile_ms(0.99)
+            ),
+            &format!("SSE / WS {:.2}", sse.cpu_us() / f.cpu_us()),
+            "≤ 1.3× WebSocket",
+        ],
+    );
+    results.insert(
+        "sse_fanout_cpu".into(),
+        json!({"spec": format!("{spec:?}"), "sse": sse.json(), "websocket": f.json()}),
+    );
+    let polling = Spec {
+        clients: scale(1000),
+        nodes: 3,
+        rate: 100,
+        secs: 10,
+        payload: 100,
+        shared: 0,
+        coalesce_ms: 0,
+    };
+    println!(
+        "long-polling: {} clients on {} nodes, {} events/s for {} s",
+        polling.clients, polling.nodes, polling.rate, polling.secs
+    );
+    let poll = fan_out(paths, polling, Target::FanoutPoll).await;
+    describe("poll", &poll);
+    row(
+        &mut rows,
+        [
+            &format!("long-poll, {} clients × {} ev/s", polling.clients, polling.rate),
+            "deliveries/s, p50 / p99 ms (missing); CPU µs/delivery",
+            &format!(
+                "{:.0}, {:.2} / {:.2} ({}); {:.2}",
+                poll.per_second(),
+                poll.latency.quantile_ms(0.5),
+                poll.latency.quantile_ms(0.99),
+                poll.missing,
+                poll.cpu_us()
+            ),
+            "",
+            "",
+            "0 missing",
+        ],
+    );
+    results.insert(
+        "long_poll".into(),
+        json!({"spec": format!("{polling:?}"), "fanout": poll.json()}),
+    );
+
     let spec = Spec {
         clients: scale(1000),
         nodes: 3,
@@ -632,6 +702,22 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         ],
     );
     results.insert("idle".into(), json!({"fanout": f, "nats": n}));
+    println!("idle SSE: {idle_conns} streams on 3 nodes");
+    let sse = idle(paths, Target::FanoutSse, idle_conns, 3).await;
+    println!("  SSE    {sse}");
+    let sk = sse["kib_per_connection_mean"].as_f64().unwrap();
+    row(
+        &mut rows,
+        [
+            &format!("idle SSE, 3 × {}", idle_conns / 3),
+            "RSS KiB per stream (vs WebSocket)",
+            &format!("{sk:.2}"),
+            &format!("WebSocket {fk:.2}"),
+            &format!("SSE / WS {:.2}", sk / fk),
+            "≤ 8 KiB",
+        ],
+    );
+    results.insert("idle_sse".into(), sse);
 
     let storm_conns = scale(15_000);
     println!("connect storm: {storm_conns} connections to one node");

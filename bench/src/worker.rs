@@ -32,7 +32,13 @@ use crate::hist::Histogram;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
+    /// fanout over WebSocket.
     Fanout,
+    /// fanout over server-sent events (`GET /sse`, channels in the URL).
+    FanoutSse,
+    /// fanout over long-polling (`GET /poll` with the cursor, one keep-alive connection each).
+    FanoutPoll,
+    /// nats-server's WebSocket port.
     Nats,
 }
 
@@ -188,6 +194,9 @@ struct Socket {
     stream: TcpStream,
     /// Bytes read and not yet parsed.
     buf: Vec<u8>,
+    /// What the bytes are: WebSocket frames, or an SSE stream (whose events [`Socket::frames`]
+    /// hands out as text frames: the `data` of each, opcode 0x8 for `disconnect`).
+    sse: bool,
 }
 
 /// A frame from the server: (opcode, payload).
@@ -222,6 +231,9 @@ impl Socket {
 
     /// Calls `on` for each complete frame in the buffer, then drops them from it.
     fn frames(&mut self, mut on: impl FnMut(ServerFrame<'_>)) {
+        if self.sse {
+            return self.sse_events(on);
+        }
         let buf = &self.buf[..];
         let mut at = 0;
         loop {
@@ -247,6 +259,39 @@ impl Socket {
         self.buf.drain(..at);
     }
 
+    /// SSE: each complete event (a block ending with an empty line) as a frame.
+    fn sse_events(&mut self, mut on: impl FnMut(ServerFrame<'_>)) {
+        let buf = &self.buf[..];
+        let mut at = 0;
+        while let Some(end) = buf[at..].windows(2).position(|w| w == b"\n\n") {
+            let block = &buf[at..at + end];
+            let mut data: &[u8] = b"";
+            let mut disconnect = false;
+            for line in block.split(|&b| b == b'\n') {
+                if let Some(rest) = line.strip_prefix(b"data: ") {
+                    data = rest;
+                } else if line == b"event: disconnect" {
+                    disconnect = true;
+                }
+            }
+            if disconnect {
+                on((0x8, data));
+            } else if !data.is_empty() {
+                on((0x1, data));
+            }
+            at += end + 2;
+        }
+        self.buf.drain(..at);
+    }
+
+    /// Sends a WebSocket frame (nothing: an SSE stream carries nothing the other way).
+    async fn answer(&mut self, opcode: u8, payload: &[u8]) -> Result<(), String> {
+        if self.sse {
+            return Ok(());
+        }
+        self.send(opcode, payload).await
+    }
+
     /// Reads until `done` accepts a frame's payload (answering pings meanwhile).
     async fn until(&mut self, mut done: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
         loop {
@@ -257,7 +302,7 @@ impl Socket {
                 _ => found |= done(payload),
             });
             if ping {
-                self.send(0xA, b"").await?;
+                self.answer(0xA, b"").await?;
             }
             if found {
                 return Ok(());
@@ -269,9 +314,11 @@ impl Socket {
     }
 }
 
-async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
+/// A TCP connection to the node of `url` (`ws://host:port/...`) from `source`; returns it
+/// with the node's authority.
+async fn dial(url: &str, source: IpAddr) -> Result<(Socket, String), String> {
     let rest = url.trim_start_matches("ws://");
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let authority = rest.split_once('/').map_or(rest, |(a, _)| a).to_string();
     let addr: SocketAddr = authority.parse().map_err(|e| format!("{url}: {e}"))?;
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket
@@ -279,31 +326,135 @@ async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
         .map_err(|e| e.to_string())?;
     let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut socket = Socket {
+    let socket = Socket {
         stream,
         buf: Vec::new(),
+        sse: false,
     };
+    Ok((socket, authority))
+}
+
+impl Socket {
+    /// Sends `request` and reads the answer's head (up to the empty line), which must start
+    /// with `status`; returns the head.
+    async fn head(&mut self, request: &str, status: &str) -> Result<String, String> {
+        self.stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                if !head.starts_with(status) {
+                    return Err(format!("HTTP error: {}", head.lines().next().unwrap_or("")));
+                }
+                self.buf.drain(..end + 4);
+                return Ok(head);
+            }
+            if !self.fill().await {
+                return Err("closed during the handshake".into());
+            }
+        }
+    }
+}
+
+async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
+    let (mut socket, authority) = dial(url, source).await?;
+    let path = url
+        .trim_start_matches("ws://")
+        .split_once('/')
+        .map_or("", |(_, p)| p);
     let request = format!(
         "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    socket
-        .stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    loop {
-        if let Some(end) = socket.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&socket.buf[..end]).to_string();
-            if !head.starts_with("HTTP/1.1 101") {
-                return Err(format!("HTTP error: {}", head.lines().next().unwrap_or("")));
+    socket.head(&request, "HTTP/1.1 101").await?;
+    Ok(socket)
+}
+
+/// `?channel=a&channel=b`.
+fn channel_query(channels: &[String]) -> String {
+    channels
+        .iter()
+        .map(|c| format!("channel={c}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// An SSE stream on `channels`, read up to its `welcome`.
+async fn open_sse(url: &str, source: IpAddr, channels: &[String]) -> Result<Socket, String> {
+    let (mut socket, authority) = dial(url, source).await?;
+    let request = format!(
+        "GET /sse?{} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n\r\n",
+        channel_query(channels)
+    );
+    socket.head(&request, "HTTP/1.0 200").await?;
+    socket.sse = true;
+    socket.until(|f| contains(f, b"\"welcome\"")).await?;
+    Ok(socket)
+}
+
+/// A long-polling client: its keep-alive connection, what it follows and its cursor.
+struct Poller {
+    socket: Socket,
+    authority: String,
+    channels: String,
+    cursor: String,
+}
+
+/// A poll's answer: the events as they are, and the cursor.
+#[derive(Deserialize)]
+struct PollAnswer<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a serde_json::value::RawValue>,
+    cursor: String,
+}
+
+impl Poller {
+    /// The first poll (`timeout=0`): where the client starts from.
+    async fn start(url: &str, source: IpAddr, channels: &[String]) -> Result<Poller, String> {
+        let (socket, authority) = dial(url, source).await?;
+        let mut poller = Poller {
+            socket,
+            authority,
+            channels: channel_query(channels),
+            cursor: String::new(),
+        };
+        poller.poll(0, |_| {}).await?;
+        Ok(poller)
+    }
+
+    /// One poll: calls `on` with each event's JSON, moves the cursor on.
+    async fn poll(&mut self, timeout: u32, mut on: impl FnMut(&[u8])) -> Result<(), String> {
+        let cursor = match self.cursor.is_empty() {
+            true => String::new(),
+            false => format!("&cursor={}", self.cursor),
+        };
+        let request = format!(
+            "GET /poll?{}{cursor}&timeout={timeout} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            self.channels, self.authority
+        );
+        let head = self.socket.head(&request, "HTTP/1.1 200").await?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .ok_or("a poll answer without Content-Length")?;
+        while self.socket.buf.len() < length {
+            if !self.socket.fill().await {
+                return Err("the connection ended".into());
             }
-            socket.buf.drain(..end + 4);
-            return Ok(socket);
         }
-        if !socket.fill().await {
-            return Err("closed during the handshake".into());
+        let body: Vec<u8> = self.socket.buf.drain(..length).collect();
+        let answer: PollAnswer = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        for event in &answer.events {
+            on(event.get().as_bytes());
         }
+        self.cursor = answer.cursor;
+        Ok(())
     }
 }
 
@@ -311,19 +462,45 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A connected client.
+enum Conn {
+    Socket(Socket),
+    Poller(Poller),
+}
+
+/// The channels client `i` of `job` follows.
+fn job_channels(job: &Job, i: usize) -> Vec<String> {
+    match job.mode {
+        Mode::Join => vec![format!("j{}", job.first + i)],
+        Mode::Storm => Vec::new(),
+        _ => channels_of(job.first + i, job.shared),
+    }
+}
+
 /// Connects one client and gets it to the point the mode asks for.
-async fn connect(job: &Job, i: usize) -> Result<Socket, String> {
+async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
     let url = &job.urls[i % job.urls.len()];
+    match job.target {
+        Target::FanoutSse => {
+            let channels = job_channels(job, i);
+            return Ok(Conn::Socket(open_sse(url, job.source, &channels).await?));
+        }
+        Target::FanoutPoll => {
+            let channels = job_channels(job, i);
+            return Ok(Conn::Poller(
+                Poller::start(url, job.source, &channels).await?,
+            ));
+        }
+        Target::Fanout | Target::Nats => {}
+    }
     let mut ws = open(url, job.source).await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
+        Target::FanoutSse | Target::FanoutPoll => unreachable!(),
         Target::Fanout => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
-                let channels = match job.mode {
-                    Mode::Join => vec![format!("j{}", job.first + i)],
-                    _ => channels_of(job.first + i, job.shared),
-                };
+                let channels = job_channels(job, i);
                 for channel in &channels {
                     let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
                     ws.send(0x1, request.as_bytes()).await?;
@@ -354,7 +531,7 @@ async fn connect(job: &Job, i: usize) -> Result<Socket, String> {
             ws.until(|f| contains(f, b"PONG")).await?;
         }
     }
-    Ok(ws)
+    Ok(Conn::Socket(ws))
 }
 
 /// Counts the frames `ws` has read: latency, deliveries and the sequences seen. Returns
@@ -374,7 +551,7 @@ fn count(
     ws.frames(|(opcode, data)| match (opcode, target) {
         (0x9, _) => pong = true,
         (0x8, _) => closed = true,
-        (_, Target::Fanout) => {
+        (_, Target::Fanout | Target::FanoutSse | Target::FanoutPoll) => {
             if let Some((channel, t, n)) = fanout_event(data) {
                 shared.hist.record(now.saturating_sub(t));
                 shared.received += 1;
@@ -424,12 +601,55 @@ async fn record(
                 if pong {
                     let answer: &[u8] = if target == Target::Nats { b"PONG\r\n" } else { b"" };
                     let opcode = if target == Target::Nats { 0x2 } else { 0xA };
-                    let _ = ws.send(opcode, answer).await;
+                    let _ = ws.answer(opcode, answer).await;
                 }
             }
             _ = stop.changed() => break,
         }
     }
+    account(seen, lost, &shared, stop).await;
+}
+
+/// Records a long-polling client's events until `stop`: poll after poll, with the cursor.
+async fn record_poll(
+    mut poller: Poller,
+    mut seen: Seen,
+    shared: Rc<RefCell<Shared>>,
+    mut stop: watch::Receiver<Option<Rc<Stop>>>,
+) {
+    let mut lost = false;
+    loop {
+        let polled = {
+            let (seen, shared) = (&mut seen, &shared);
+            poller.poll(25, move |event| {
+                if let Some((channel, t, n)) = fanout_event(event) {
+                    let mut shared = shared.borrow_mut();
+                    shared.hist.record(now_us().saturating_sub(t));
+                    shared.received += 1;
+                    seen.saw(channel, n);
+                }
+            })
+        };
+        tokio::select! {
+            result = polled => {
+                if result.is_err() {
+                    lost = true;
+                    break;
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    account(seen, lost, &shared, stop).await;
+}
+
+/// Adds what one client saw to the worker's report, once the stop says what was published.
+async fn account(
+    seen: Seen,
+    lost: bool,
+    shared: &Rc<RefCell<Shared>>,
+    mut stop: watch::Receiver<Option<Rc<Stop>>>,
+) {
     // Wait for the stop (if the connection was lost first), then account.
     let stop = loop {
         if let Some(stop) = stop.borrow().clone() {
@@ -509,19 +729,21 @@ async fn work(job: Job) {
             next += 1;
         }
         match connecting.next().await {
-            Some((i, Ok(ws))) => match job.mode {
-                Mode::Record => {
-                    let seen = Seen::new(channels_of(job.first + i, job.shared));
-                    tasks.push(tokio::task::spawn_local(record(
-                        ws,
-                        job.target,
-                        seen,
-                        shared.clone(),
-                        stop_rx.clone(),
-                    )));
+            Some((i, Ok(conn))) => {
+                let seen = Seen::new(channels_of(job.first + i, job.shared));
+                let (shared, stop) = (shared.clone(), stop_rx.clone());
+                match (job.mode, conn) {
+                    (Mode::Record, Conn::Socket(ws)) => tasks.push(tokio::task::spawn_local(
+                        record(ws, job.target, seen, shared, stop),
+                    )),
+                    (Mode::Record, Conn::Poller(poller)) => tasks.push(tokio::task::spawn_local(
+                        record_poll(poller, seen, shared, stop),
+                    )),
+                    (_, Conn::Socket(ws)) => held.push(ws),
+                    // An idle poller is a poll that waits: held like a socket.
+                    (_, Conn::Poller(poller)) => held.push(poller.socket),
                 }
-                Mode::Idle | Mode::Storm | Mode::Join => held.push(ws),
-            },
+            }
             Some((_, Err(err))) => {
                 if failed < 3 {
                     eprintln!("worker: {err}");
@@ -553,7 +775,7 @@ async fn work(job: Job) {
                         ws.buf = Vec::new();
                         if ping {
                             let (opcode, answer): (u8, &[u8]) = if target == Target::Nats { (0x2, b"PONG\r\n") } else { (0xA, b"") };
-                            let _ = ws.send(opcode, answer).await;
+                            let _ = ws.answer(opcode, answer).await;
                         }
                     }
                     _ = stop.changed() => break,
