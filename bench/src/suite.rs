@@ -624,7 +624,10 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
     row(
         &mut rows,
         [
-            &format!("long-poll, {} clients × {} ev/s", polling.clients, polling.rate),
+            &format!(
+                "long-poll, {} clients × {} ev/s",
+                polling.clients, polling.rate
+            ),
             "deliveries/s, p50 / p99 ms (missing); CPU µs/delivery",
             &format!(
                 "{:.0}, {:.2} / {:.2} ({}); {:.2}",
