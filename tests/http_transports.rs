@@ -583,3 +583,53 @@ fn cursor_after(cursor: &str, channel: &str, seq: u64) -> String {
     cursor.positions.insert(channel, Position::Event(seq));
     cursor.encode()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_resumes_broadcast_on_its_restarted_node() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let env = ws_process_env(&nats.url(), "ws-1", 0);
+    let mut node = Process::start("fanout-ws", &env);
+    let addr = node.addr.clone();
+    wait_ready(&node.server()).await;
+    let mut stream = SseClient::connect(&node.server(), "channel=lobby", None)
+        .await
+        .unwrap();
+    let (status, _) = post_raw(&api, "/ping", "").await;
+    assert_eq!(status, 200);
+    let first = stream.until("event").await;
+    assert_eq!(first.data["channel"], "broadcast");
+    let id = stream.last_id.clone().unwrap();
+    drop(stream);
+    node.signal("-KILL");
+    node.exit_code().await;
+    let (status, _) = post_raw(&api, "/ping", "").await;
+    assert_eq!(status, 200);
+    // Back on the same port, a fresh process: the missed broadcast is replayed.
+    let mut env = env;
+    env.retain(|(k, _)| *k != "FANOUT_LISTEN");
+    env.push(("FANOUT_LISTEN", addr));
+    let node = Process::start("fanout-ws", &env);
+    // As a browser does: as soon as the port answers, ready or not.
+    let mut back = SseClient::connect(&node.server(), "", Some(&id))
+        .await
+        .unwrap();
+    let mut resumed = Vec::new();
+    let missed = loop {
+        let event = back.recv().await;
+        match event.event.as_str() {
+            "resumed" => resumed.push(event.data),
+            "event" => break event.data,
+            other => panic!("unexpected {other}: {event:?}"),
+        }
+    };
+    assert_eq!(missed["channel"], "broadcast", "{missed}");
+    assert!(
+        missed["seq"].as_u64() > first.data["seq"].as_u64(),
+        "{missed}"
+    );
+    assert!(
+        resumed.iter().all(|r| r["recovered"] == true),
+        "{resumed:?}"
+    );
+}

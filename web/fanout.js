@@ -478,7 +478,7 @@ export class FanoutClient {
         this._readCursor();
         // Remembered sequences belong to the epoch we had; the node judges them against it.
         const epoch = this.epoch;
-        this.epoch = frame.epoch ?? epoch;
+        this.epoch = frame.epoch || epoch; // (a node that has not read the stream yet says "")
         if (epoch && this.epoch !== epoch) {
           // The stream was recreated: what a resuming HTTP stream follows starts afresh.
           for (const channel of this._following()) {

@@ -712,6 +712,27 @@ pub struct ResumerOptions {
     pub transport: Transport,
 }
 
+impl ResumerOptions {
+    /// What a client does after its `n`th event: stall once at the gate (see `stall`), and
+    /// say how long to stay away when it is time to go offline (see `offline`).
+    async fn after_event(&mut self, n: usize) -> Option<Duration> {
+        if let Some((after, gate)) = &self.stall
+            && n >= *after
+        {
+            let mut gate = gate.clone();
+            self.stall = None;
+            let _ = tokio::time::timeout(WAIT, gate.wait_for(|open| *open)).await;
+        }
+        match self.offline {
+            Some((after, away)) if n >= after => {
+                self.offline = None;
+                Some(away)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The transports a client can take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Transport {
@@ -872,17 +893,7 @@ async fn sse_resume_loop(
                 "event" if event.data["channel"] == channel.as_str() => {
                     received.seqs.push(event.data["seq"].as_u64().unwrap());
                     let n = count.fetch_add(1, Relaxed) + 1;
-                    if let Some((after, gate)) = &options.stall
-                        && n >= *after
-                    {
-                        let mut gate = gate.clone();
-                        options.stall = None;
-                        let _ = tokio::time::timeout(WAIT, gate.wait_for(|open| *open)).await;
-                    }
-                    if let Some((after, away)) = options.offline
-                        && n >= after
-                    {
-                        options.offline = None;
+                    if let Some(away) = options.after_event(n).await {
                         drop(stream);
                         tokio::time::sleep(away).await;
                         received.reconnects += 1;
@@ -955,10 +966,7 @@ async fn poll_resume_loop(
             }
             received.seqs.push(event["seq"].as_u64().unwrap());
             let n = count.fetch_add(1, Relaxed) + 1;
-            if let Some((after, away)) = options.offline
-                && n >= after
-            {
-                options.offline = None;
+            if let Some(away) = options.after_event(n).await {
                 tokio::time::sleep(away).await;
             }
         }
@@ -1044,17 +1052,7 @@ async fn ws_resume_loop(
                 Some("event") => {
                     received.seqs.push(frame["seq"].as_u64().unwrap());
                     let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if let Some((after, gate)) = &options.stall
-                        && n >= *after
-                    {
-                        let mut gate = gate.clone();
-                        options.stall = None;
-                        let _ = tokio::time::timeout(WAIT, gate.wait_for(|open| *open)).await;
-                    }
-                    if let Some((after, away)) = options.offline
-                        && n >= after
-                    {
-                        options.offline = None;
+                    if let Some(away) = options.after_event(n).await {
                         drop(socket);
                         tokio::time::sleep(away).await;
                         received.reconnects += 1;

@@ -42,6 +42,9 @@ use crate::{
 /// that nothing after its positions expired: clocks of different nodes, and delivery.
 const VOUCH_MARGIN: Duration = Duration::from_secs(5);
 
+/// How long an HTTP stream or poll waits for a just-started node to read the stream.
+const EPOCH_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a `subscribe` waits for the NATS subscription before answering anyway (it is
 /// registered and becomes live when NATS allows).
 const LIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -327,9 +330,26 @@ impl Node {
         self.bus.publish(channel, data, None).await
     }
 
-    /// The stream epoch clients' sequences belong to.
+    /// The stream epoch clients' sequences belong to (empty until the node has read the
+    /// stream).
     pub fn epoch(&self) -> String {
         self.bus.epoch()
+    }
+
+    /// The stream epoch, once the node has read the stream; `None` if that takes longer
+    /// than `EPOCH_WAIT` (NATS unreachable): a stream's positions cannot be written without it.
+    pub async fn known_epoch(&self) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + EPOCH_WAIT;
+        loop {
+            let epoch = self.bus.epoch();
+            if !epoch.is_empty() {
+                return Some(epoch);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The stored events of `channel` after `from`, for a resuming client whose position
@@ -375,6 +395,11 @@ impl Node {
         at: Option<u64>,
     ) -> Result<Replay, fanout::BusError> {
         let current = self.bus.epoch();
+        if current.is_empty() {
+            // A node that has not read the stream yet (just started, NATS not reached): it
+            // cannot tell one epoch from another.
+            return Err(fanout::BusError::Unavailable("the stream is not known yet"));
+        }
         if epoch.is_some_and(|epoch| epoch != current) {
             // The stream was recreated: the position counts in sequences that no longer exist.
             return Ok(Replay::lost(current));

@@ -135,13 +135,20 @@ async fn answer(
         query.cursor.as_deref(),
         false,
     )?;
+    let Some(epoch) = node.known_epoch().await else {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            "this node has not reached the stream yet: try again with the same cursor",
+        ));
+    };
     let starts = sse::starts(node, channels).await;
     let positions: Vec<_> = starts
         .iter()
         .map(|start| (start.channel.clone(), start.resume.as_ref().map(|r| r.from)))
         .collect();
     let framing = JsonFraming {
-        positions: Positions::new(node.epoch(), &positions),
+        positions: Positions::new(epoch, &positions),
     };
     let config = node.config();
     let bounds = Bounds {

@@ -250,6 +250,16 @@ pub(crate) async fn stream(
         Ok(channels) => channels,
         Err(refusal) => return refusal.into_response(),
     };
+    // Positions count in one epoch: a node that has not read the stream yet cannot write
+    // (or judge) a cursor.
+    if node.known_epoch().await.is_none() {
+        return Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            "this node has not reached the stream yet: try again",
+        )
+        .into_response();
+    }
     let Some(takeover) = request.extensions().get::<Takeover>() else {
         return Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
