@@ -31,6 +31,8 @@ pub struct Limits {
     /// Bytes (of event JSON) all channels together keep.
     pub max_bytes: usize,
     used: Arc<AtomicUsize>,
+    /// `fanout_ws_recent_bytes`, looked up once rather than once per event.
+    gauge: metrics::Gauge,
 }
 
 impl Limits {
@@ -39,6 +41,7 @@ impl Limits {
             events,
             max_bytes,
             used: Arc::default(),
+            gauge: gauge!("fanout_ws_recent_bytes"),
         }
     }
 
@@ -109,7 +112,7 @@ impl Recent {
         self.limits.used.fetch_add(size, Ordering::Relaxed);
         self.bytes += size;
         self.events.push_back((frame.seq, frame.json().clone()));
-        gauge!("fanout_ws_recent_bytes").set(self.limits.used() as f64);
+        self.limits.gauge.set(self.limits.used() as f64);
     }
 
     /// Whether the window knows where it starts.
@@ -156,7 +159,10 @@ impl Recent {
 
     /// Empties the window, which starts after `base` now.
     fn reset(&mut self, base: Option<u64>) {
-        self.limits.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.bytes > 0 {
+            let used = self.limits.used.fetch_sub(self.bytes, Ordering::Relaxed) - self.bytes;
+            self.limits.gauge.set(used as f64);
+        }
         self.bytes = 0;
         self.events.clear();
         self.base = base;
