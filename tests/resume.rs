@@ -124,12 +124,19 @@ async fn history_that_no_longer_reaches_since_is_not_recovered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_resumes_too() {
     let tier = Tier::start(1).await;
+    // Every connection gets live broadcasts: the resuming client connects only once the node
+    // has delivered these three (a witness on the node has the last), so that what it gets
+    // is the replay, not live copies still on their way.
+    let mut witness = tier.client(0).await;
     let mut seqs = Vec::new();
     for i in 0..3 {
         let (status, body) =
             post_raw(&tier.api, "/v1/broadcast", json!({"b": i}).to_string()).await;
         assert_eq!(status, 202);
         seqs.push(body["seq"].as_u64().unwrap());
+    }
+    for seq in &seqs {
+        assert_eq!(witness.event().await["seq"], *seq);
     }
     let mut client = tier.client(0).await;
     let reply = resume(&mut client, "broadcast", seqs[0], None).await;
