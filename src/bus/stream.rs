@@ -182,32 +182,22 @@ impl Bus {
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
         let subject = self.inner.subjects.inbound(channel);
-        let mut events = Vec::new();
-        let mut next = after + 1;
-        while until.is_none_or(|until| next <= until) {
-            let found = self
-                .inner
-                .stream_handle
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await;
-            let message = match found {
-                Ok(message) => message,
-                Err(err) if err.kind() == DirectGetErrorKind::NotFound => break,
-                Err(err) => return Err(BusError::History(err)),
-            };
-            if until.is_some_and(|until| message.sequence > until) {
-                break;
+        read_range(channel, after, until, |next| {
+            let subject = subject.clone();
+            async move {
+                match self
+                    .inner
+                    .stream_handle
+                    .direct_get_next_for_subject(subject, Some(next))
+                    .await
+                {
+                    Ok(message) => Ok(Some((message.sequence, message.headers, message.payload))),
+                    Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                    Err(err) => Err(BusError::History(err)),
+                }
             }
-            next = message.sequence + 1;
-            events.push(envelope(
-                channel,
-                message.sequence,
-                0,
-                &message.headers,
-                message.payload,
-            ));
-        }
-        Ok(events)
+        })
+        .await
     }
 
     /// [`Bus::history`], reaching at least sequence `reach` (an event of the channel this
@@ -249,35 +239,25 @@ impl Bus {
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
         let subject = self.inner.subjects.inbound(channel);
-        let mut events = Vec::new();
-        let mut next = after + 1;
-        while until.is_none_or(|until| next <= until) {
-            let found = self
-                .inner
-                .stream_handle
-                .raw_message_builder()
-                .sequence(next)
-                .next_by_subject(subject.clone())
-                .send()
-                .await;
-            let message = match found {
-                Ok(message) => message,
-                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => break,
-                Err(err) => return Err(BusError::Leader(err)),
-            };
-            if until.is_some_and(|until| message.sequence > until) {
-                break;
+        read_range(channel, after, until, |next| {
+            let subject = subject.clone();
+            async move {
+                let found = self
+                    .inner
+                    .stream_handle
+                    .raw_message_builder()
+                    .sequence(next)
+                    .next_by_subject(subject)
+                    .send()
+                    .await;
+                match found {
+                    Ok(message) => Ok(Some((message.sequence, message.headers, message.payload))),
+                    Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                    Err(err) => Err(BusError::Leader(err)),
+                }
             }
-            next = message.sequence + 1;
-            events.push(envelope(
-                channel,
-                message.sequence,
-                0,
-                &message.headers,
-                message.payload,
-            ));
-        }
-        Ok(events)
+        })
+        .await
     }
 
     /// Whether the event at `seq` on `channel` is still stored. Limits remove the oldest
@@ -306,6 +286,34 @@ impl Bus {
             .map_err(|_| BusError::Unavailable("no stream info"))?;
         Ok((info.state.first_sequence, info.state.last_sequence))
     }
+}
+
+/// The events of `channel` with `after < seq <= until` (no bound if `until` is `None`), one
+/// `fetch(next)` at a time: the first stored event of the channel at `next` or later, as
+/// (seq, headers, payload), or `None` past the last.
+async fn read_range<F, Fut>(
+    channel: &Channel,
+    after: u64,
+    until: Option<u64>,
+    mut fetch: F,
+) -> Result<Vec<Envelope>, BusError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<(u64, HeaderMap, Bytes)>, BusError>>,
+{
+    let mut events = Vec::new();
+    let mut next = after + 1;
+    while until.is_none_or(|until| next <= until) {
+        let Some((seq, headers, payload)) = fetch(next).await? else {
+            break;
+        };
+        if until.is_some_and(|until| seq > until) {
+            break;
+        }
+        next = seq + 1;
+        events.push(envelope(channel, seq, 0, &headers, payload));
+    }
+    Ok(events)
 }
 
 async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
