@@ -16,6 +16,9 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+/// Most regions a tier has.
+pub const MAX_REGIONS: usize = 16;
+
 /// Prefix of every environment variable.
 pub const ENV_PREFIX: &str = "FANOUT";
 
@@ -174,6 +177,18 @@ pub struct Common {
     pub otlp_endpoint: String,
     /// `text` (default) or `json` log lines.
     pub log_format: String,
+    /// This process's region: the name of its NATS cluster (e.g. `eu`). Empty (with
+    /// `regions` empty): one region, no region anywhere in names, subjects or frames.
+    pub region: String,
+    /// Every region of the tier, comma-separated (`eu,us`); `region` is one of them.
+    pub regions: String,
+    /// PEM file of the CA(s) that signed the NATS servers' certificates (implies TLS).
+    pub nats_tls_ca: String,
+    /// PEM client certificate and key, for NATS servers that verify clients (mutual TLS).
+    pub nats_tls_cert: String,
+    pub nats_tls_key: String,
+    /// A NATS `.creds` file (user JWT and NKey seed), the standard for NATS accounts.
+    pub nats_creds: String,
 }
 
 impl Default for Common {
@@ -189,6 +204,12 @@ impl Default for Common {
             publish_timeout_ms: 5000,
             otlp_endpoint: String::new(),
             log_format: "text".into(),
+            region: String::new(),
+            regions: String::new(),
+            nats_tls_ca: String::new(),
+            nats_tls_cert: String::new(),
+            nats_tls_key: String::new(),
+            nats_creds: String::new(),
         }
     }
 }
@@ -281,7 +302,75 @@ impl Common {
                 "must be at least 1",
             ));
         }
+        self.validate_regions()?;
+        if self.nats_tls_cert.is_empty() != self.nats_tls_key.is_empty() {
+            return Err(ConfigError::invalid(
+                "nats_tls_cert",
+                "a client certificate needs its key (FANOUT_NATS_TLS_KEY), and the reverse",
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_regions(&self) -> Result<(), ConfigError> {
+        let regions = self.regions();
+        match (self.region.is_empty(), regions.is_empty()) {
+            (true, true) => return Ok(()),
+            (false, true) => {
+                return Err(ConfigError::invalid(
+                    "regions",
+                    "list every region (FANOUT_REGIONS=eu,us) when FANOUT_REGION is set",
+                ));
+            }
+            (true, false) => {
+                return Err(ConfigError::invalid(
+                    "region",
+                    "name this process's region (one of FANOUT_REGIONS)",
+                ));
+            }
+            (false, false) => {}
+        }
+        for region in &regions {
+            let ok = region.len() <= 32
+                && region.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
+                });
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "regions",
+                    format!(
+                        "{region:?}: use 1-32 lowercase letters, digits, '_' or '-' (the NATS cluster's name)"
+                    ),
+                ));
+            }
+        }
+        let mut unique = regions.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != regions.len() {
+            return Err(ConfigError::invalid("regions", "a region is listed twice"));
+        }
+        if regions.len() > MAX_REGIONS {
+            return Err(ConfigError::invalid(
+                "regions",
+                format!("at most {MAX_REGIONS} regions"),
+            ));
+        }
+        if !regions.contains(&self.region) {
+            return Err(ConfigError::invalid(
+                "region",
+                format!(
+                    "{:?} is not one of FANOUT_REGIONS ({})",
+                    self.region, self.regions
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The regions of [`Common::regions`], in the order given; empty for one region.
+    pub fn regions(&self) -> Vec<String> {
+        list(&self.regions)
     }
 
     /// The servers of [`Common::nats_url`], trimmed, empty entries dropped.
@@ -347,6 +436,27 @@ mod tests {
         let err = parse_listen("nope").unwrap_err().to_string();
         assert!(err.contains("FANOUT_LISTEN"), "{err}");
         assert_eq!(parse_listen("127.0.0.1:0").unwrap().port(), 0);
+    }
+
+    #[test]
+    fn regions_are_both_or_neither() {
+        let with = |region: &str, regions: &str| Common {
+            region: region.into(),
+            regions: regions.into(),
+            ..Common::default()
+        };
+        with("eu", "eu,us").validate().unwrap();
+        with("", "").validate().unwrap();
+        for (region, regions, env) in [
+            ("eu", "", "FANOUT_REGIONS"),
+            ("", "eu,us", "FANOUT_REGION"),
+            ("ap", "eu,us", "FANOUT_REGION"),
+            ("eu", "eu,eu", "FANOUT_REGIONS"),
+            ("eu", "eu,U S", "FANOUT_REGIONS"),
+        ] {
+            let err = with(region, regions).validate().unwrap_err().to_string();
+            assert!(err.contains(env), "{region}/{regions}: {err}");
+        }
     }
 
     #[test]

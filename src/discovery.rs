@@ -29,6 +29,9 @@ pub struct NodeInfo {
     pub connections: usize,
     /// Unix milliseconds.
     pub started_at: u64,
+    /// The node's region (none with one region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Sent once when the node starts draining.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
@@ -100,6 +103,7 @@ mod tests {
             url: format!("ws://{id}/ws"),
             connections: 0,
             started_at: 0,
+            region: None,
             leaving,
         }
     }

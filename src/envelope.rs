@@ -10,6 +10,7 @@
 //! | `Nats-Msg-Id` | API | the `Idempotency-Key`, or the event id; JetStream de-duplicates on it |
 //! | `Nats-Sequence` | JetStream RePublish | the event's stream sequence (`seq`) |
 //! | `Nats-Last-Sequence` | JetStream RePublish | previous sequence on the same channel, or 0 |
+//! | `Nats-Stream` | JetStream RePublish | the stream that stored it: with regions, its origin region's |
 //! | `traceparent`, `tracestate` | API, when tracing | W3C trace context of the API's `publish` span |
 //!
 //! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
@@ -32,6 +33,11 @@ pub struct Envelope {
     pub seq: u64,
     /// The previous sequence stored on the same channel, or 0 for the first one.
     pub last_seq: u64,
+    /// The region it was published in (an index into the tier's regions; 0 with one region):
+    /// `seq` and `last_seq` count in that region's stream.
+    pub region: u8,
+    /// That region's name (`None` with one region).
+    pub region_name: Option<std::sync::Arc<str>>,
     pub id: String,
     /// Unix milliseconds at publish.
     pub ts: u64,

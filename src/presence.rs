@@ -64,6 +64,9 @@ pub struct Change {
     pub user: String,
     pub conn: String,
     pub node: String,
+    /// The node's region (none with one region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     #[serde(default)]
     pub info: Option<Box<RawValue>>,
     /// When the member joined the channel, unix milliseconds.
@@ -109,6 +112,9 @@ pub struct Member {
     pub user: String,
     pub conn: String,
     pub node: String,
+    /// The node's region (none with one region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     pub info: Option<Box<RawValue>>,
     /// When the connection joined the channel, unix milliseconds.
     pub joined_at: u64,

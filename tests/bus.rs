@@ -68,7 +68,7 @@ async fn history_reads_back_one_channel_in_order() {
             .unwrap();
     }
     let all: Vec<u64> = bus
-        .history(&a, 0, None)
+        .history(&a, 0, 0, None)
         .await
         .unwrap()
         .iter()
@@ -76,31 +76,31 @@ async fn history_reads_back_one_channel_in_order() {
         .collect();
     assert_eq!(all, seqs_a, "only channel a, in order");
     let after: Vec<u64> = bus
-        .history(&a, seqs_a[1], Some(seqs_a[3]))
+        .history(&a, 0, seqs_a[1], Some(seqs_a[3]))
         .await
         .unwrap()
         .iter()
         .map(|e| e.seq)
         .collect();
     assert_eq!(after, &seqs_a[2..=3], "after < seq <= until");
-    let events = bus.history(&a, seqs_a[3], None).await.unwrap();
+    let events = bus.history(&a, 0, seqs_a[3], None).await.unwrap();
     assert_eq!(&events[0].data[..], b"4");
     assert!(!events[0].id.is_empty() && events[0].ts > 0);
     assert!(
-        bus.history(&a, *seqs_a.last().unwrap(), None)
+        bus.history(&a, 0, *seqs_a.last().unwrap(), None)
             .await
             .unwrap()
             .is_empty()
     );
 
-    assert!(bus.is_stored(&a, seqs_a[0]).await.unwrap());
+    assert!(bus.is_stored(&a, 0, seqs_a[0]).await.unwrap());
     assert!(
-        !bus.is_stored(&b, seqs_a[0]).await.unwrap(),
+        !bus.is_stored(&b, 0, seqs_a[0]).await.unwrap(),
         "that seq belongs to another channel"
     );
-    assert!(!bus.is_stored(&a, 10_000).await.unwrap());
+    assert!(!bus.is_stored(&a, 0, 10_000).await.unwrap());
     let epoch = bus.epoch();
     assert!(!epoch.is_empty());
     assert_eq!(bus.refresh_epoch().await, epoch);
-    assert_eq!(bus.first_sequence().await.unwrap(), 1);
+    assert_eq!(bus.first_sequence(0).await.unwrap(), 1);
 }

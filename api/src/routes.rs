@@ -3,7 +3,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
-//! | POST | `/v1/channels/{channel}/events` | 202 `{"id","channel","seq"}` |
+//! | POST | `/v1/channels/{channel}/events` | 202 `{"id","channel","seq"}` (+ `"region"` with regions) |
 //! | POST | `/v1/broadcast` | 202, to the `broadcast` channel |
 //! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
 //! | GET | `/healthz` | 200 while the process runs |
@@ -193,6 +193,9 @@ struct Accepted {
     id: String,
     channel: Channel,
     seq: u64,
+    /// The region whose stream stored it (`seq` counts there); none with one region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     duplicate: bool,
 }
@@ -251,6 +254,7 @@ async fn publish(
             id,
             channel,
             seq,
+            region: state.bus.region().map(|r| r.to_string()),
             duplicate,
         }),
     ))
@@ -370,11 +374,15 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "nats": state.bus.state(),
         "stream": state.bus.stream_name(),
         "stream_ready": state.bus.stream_ready(),
     });
+    if let Some(regions) = state.bus.regions_report() {
+        body["region"] = json!(state.bus.region().map(|r| &**r));
+        body["regions"] = regions;
+    }
     (status, Json(body))
 }

@@ -11,6 +11,7 @@
 //! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
 //! fanout-bench presence [--members 100000] [--nodes 3]
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
+//! fanout-bench delay-proxy --delay-ms 40 --pairs LISTEN=TARGET,...   # a WAN link on loopback
 //! ```
 //!
 //! `--shared N` turns fan-out into "many channels": each client in its own channel plus one
@@ -24,6 +25,7 @@
 mod hist;
 mod load;
 mod presence;
+mod proxy;
 mod saturate;
 mod suite;
 mod tier;
@@ -96,11 +98,18 @@ fn main() {
         worker::run(job);
         return;
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(coordinate(command, rest));
+        .unwrap();
+    if command == "delay-proxy" {
+        let o = Options::parse(rest);
+        let pairs = o.0.get("pairs").cloned().unwrap_or_default();
+        let delay = std::time::Duration::from_millis(o.num("delay-ms", 40) as u64);
+        runtime.block_on(proxy::run(&pairs, delay));
+        return;
+    }
+    runtime.block_on(coordinate(command, rest));
 }
 
 async fn coordinate(command: &str, rest: &[String]) {

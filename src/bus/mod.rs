@@ -16,6 +16,7 @@
 //! say what to publish and what to subscribe to.
 
 mod discovery;
+mod link;
 mod presence;
 mod stream;
 
@@ -29,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{ConnectOptions, HeaderMap, ServerAddr, connection::State, jetstream};
+use async_nats::{ConnectOptions, HeaderMap, connection::State, jetstream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
@@ -45,6 +46,7 @@ use crate::{
 const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
 const NATS_SEQUENCE: &str = "Nats-Sequence";
 const NATS_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
+const NATS_STREAM: &str = "Nats-Stream";
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish. NATS requires
 /// it to be no longer than the history window, so a shorter history shortens it.
@@ -61,6 +63,13 @@ pub enum BusError {
     },
     #[error("cannot start the NATS client: {0}")]
     Connect(#[from] async_nats::ConnectError),
+    #[error("NATS refused this process: {0}")]
+    Refused(String),
+    #[error("invalid NATS link setting {setting}: {message}")]
+    Link {
+        setting: &'static str,
+        message: String,
+    },
     #[error("NATS is not available: {0}")]
     Unavailable(&'static str),
     #[error("no acknowledgement from the stream within {0:?}")]
@@ -86,7 +95,7 @@ impl BusError {
     pub fn kind(&self) -> &'static str {
         match self {
             BusError::InvalidUrl { .. } => "invalid_url",
-            BusError::Connect(_) => "connect",
+            BusError::Connect(_) | BusError::Refused(_) | BusError::Link { .. } => "connect",
             BusError::Unavailable(_) => "unavailable",
             BusError::Timeout(_) => "timeout",
             BusError::Publish(_) => "publish",
@@ -109,24 +118,72 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// Subject names, all derived from the prefix.
+/// Subject and stream names, all derived from the prefix and the regions.
+///
+/// One region (no regions configured): `<prefix>.in.<channel>` into the stream `<PREFIX>`,
+/// republished to `<prefix>.out.<channel>`.
+///
+/// With regions, each region `r` publishes to `<prefix>.in.<r>.<channel>`, captured by its
+/// own stream `<PREFIX>_<R>` placed in its cluster, and keeps a mirror of every other region
+/// `o`'s stream, `<PREFIX>_<O>_AT_<R>` (a mirror keeps the origin's sequences and subjects).
+/// Every stream in region `r`, its own and its mirrors, republishes to
+/// `<prefix>.out.<r>.<channel>`, which only `r`'s ws nodes subscribe to: a node gets every
+/// region's events from streams in its own region, so live delivery, replay and gap repair
+/// all read one local copy, and nothing but the mirrors crosses the gateways (one copy of
+/// each event per region, whoever subscribes). The republished copy's `Nats-Stream` header
+/// names the stream, and so the event's origin region.
 #[derive(Debug, Clone)]
 struct Subjects {
     prefix: String,
+    /// Every region, in the configured order (empty: one region).
+    regions: Vec<String>,
+    /// This process's region: an index into `regions` (0 with one region).
+    own: u8,
 }
 
 impl Subjects {
+    fn new(prefix: &str, regions: Vec<String>, own: &str) -> Subjects {
+        let own = regions.iter().position(|r| r == own).unwrap_or(0) as u8;
+        Subjects {
+            prefix: prefix.to_string(),
+            regions,
+            own,
+        }
+    }
+    /// `<prefix>.in.` and, with regions, this process's region.
+    fn inbound_base(&self, region: u8) -> String {
+        match self.regions.get(region as usize) {
+            Some(name) => format!("{}.in.{name}", self.prefix),
+            None => format!("{}.in", self.prefix),
+        }
+    }
     fn inbound(&self, channel: &Channel) -> String {
-        format!("{}.in.{channel}", self.prefix)
+        self.inbound_in(self.own, channel)
+    }
+    /// Where region `region` publishes `channel`'s events.
+    fn inbound_in(&self, region: u8, channel: &Channel) -> String {
+        format!("{}.{channel}", self.inbound_base(region))
+    }
+    /// Where this process's region's streams republish, and its ws nodes subscribe.
+    fn outbound_base(&self) -> String {
+        match self.regions.get(self.own as usize) {
+            Some(name) => format!("{}.out.{name}", self.prefix),
+            None => format!("{}.out", self.prefix),
+        }
     }
     fn outbound(&self, channel: &Channel) -> String {
-        format!("{}.out.{channel}", self.prefix)
+        format!("{}.{channel}", self.outbound_base())
     }
+    /// What this process's region's stream captures.
     fn inbound_all(&self) -> String {
-        format!("{}.in.>", self.prefix)
+        format!("{}.>", self.inbound_base(self.own))
     }
     fn outbound_all(&self) -> String {
-        format!("{}.out.>", self.prefix)
+        format!("{}.>", self.outbound_base())
+    }
+    /// What region `region`'s stream captures.
+    fn inbound_all_in(&self, region: u8) -> String {
+        format!("{}.>", self.inbound_base(region))
     }
     /// Nobody answers here: a request to it comes back at once as "no responders", which
     /// proves the server has processed everything this connection sent before.
@@ -145,8 +202,41 @@ impl Subjects {
     fn presence_query(&self) -> String {
         format!("{}.presence_query", self.prefix)
     }
-    fn stream_name(&self) -> String {
+    fn stream_base(&self) -> String {
         self.prefix.replace('.', "_").to_ascii_uppercase()
+    }
+    /// This process's region's stream.
+    fn stream_name(&self) -> String {
+        self.origin_stream(self.own)
+    }
+    /// The stream region `region` publishes into.
+    fn origin_stream(&self, region: u8) -> String {
+        match self.regions.get(region as usize) {
+            Some(name) => format!("{}_{}", self.stream_base(), name.to_ascii_uppercase()),
+            None => self.stream_base(),
+        }
+    }
+    /// Where this process reads region `region`'s events: its own stream, or its region's
+    /// mirror of another's.
+    fn local_copy(&self, region: u8) -> String {
+        if region == self.own {
+            return self.origin_stream(region);
+        }
+        let here = self.regions[self.own as usize].to_ascii_uppercase();
+        format!("{}_AT_{here}", self.origin_stream(region))
+    }
+    /// How many regions there are (1 without regions).
+    fn count(&self) -> u8 {
+        self.regions.len().max(1) as u8
+    }
+    /// The region whose events the stream named `stream` holds (this region's own stream or
+    /// its mirror of another's; always 0 with one region).
+    fn region_of_stream(&self, stream: Option<&str>) -> Option<u8> {
+        if self.regions.is_empty() {
+            return Some(0);
+        }
+        let stream = stream?;
+        (0..self.count()).find(|&r| self.local_copy(r) == stream)
     }
 }
 
@@ -164,6 +254,12 @@ struct Inner {
     stream: jetstream::stream::Config,
     /// Handle for direct gets on the stream (history, duplicates).
     stream_handle: jetstream::stream::Stream<()>,
+    /// Per region (one entry with one region): where this process reads its events.
+    copies: Vec<stream::Copy>,
+    /// Region names as frames carry them (none with one region).
+    region_names: Vec<Arc<str>>,
+    /// Per region, how this region's copy of its events is doing (see [`Bus::regions_state`]).
+    mirror_states: std::sync::Mutex<Vec<&'static str>>,
     publish_timeout: Duration,
     /// Set once the stream is known to exist with our settings; cleared when a publish finds
     /// it missing. A std atomic: read on every publish and every `/readyz`.
@@ -171,8 +267,10 @@ struct Inner {
     /// Wakes the stream keeper: after a (re)connect, or when the stream went missing.
     check_stream: Arc<Notify>,
     /// The stream's identity: its creation time. Changes when the stream is recreated (and
-    /// sequences restart), which makes every client's `since` meaningless.
-    epoch: std::sync::RwLock<String>,
+    /// sequences restart), which makes every client's `since` meaningless. With regions,
+    /// one per region (its origin stream's creation time), combined by [`Bus::epoch`].
+    epochs: std::sync::RwLock<Vec<String>>,
+
     /// Counts (re)connections to NATS; subscribers catch up on each change.
     connections: Arc<tokio::sync::watch::Sender<u64>>,
     closed: CancellationToken,
@@ -188,60 +286,86 @@ impl Bus {
     /// Starts the NATS client. Returns at once, even when no server is reachable yet: the
     /// client keeps trying forever and [`Bus::is_ready`] says when it got there.
     pub async fn connect(common: &Common) -> Result<Bus, BusError> {
-        let servers = common
-            .nats_servers()
-            .into_iter()
-            .map(|url| {
-                url.parse::<ServerAddr>()
-                    .map_err(|source| BusError::InvalidUrl { url, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let link = link::Link::from_common(common)?;
         let check_stream = Arc::new(Notify::new());
-        let on_event = check_stream.clone();
         let connections = Arc::new(tokio::sync::watch::Sender::new(0u64));
-        let on_connect = connections.clone();
-        let node = common.node_id.clone();
-        let options = ConnectOptions::new()
-            .name(&common.node_id)
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(2))
-            .reconnect_delay_callback(reconnect_delay)
-            .event_callback(move |event| {
-                let on_event = on_event.clone();
-                let on_connect = on_connect.clone();
-                let node = node.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            tracing::info!(%node, "NATS connected");
-                            on_event.notify_one();
-                            on_connect.send_modify(|n| *n += 1);
+        let options = |retry: bool| {
+            let on_event = check_stream.clone();
+            let on_connect = connections.clone();
+            let node = common.node_id.clone();
+            let options = link
+                .options(ConnectOptions::new())
+                .name(&common.node_id)
+                .max_reconnects(None)
+                .connection_timeout(Duration::from_secs(2))
+                .reconnect_delay_callback(reconnect_delay)
+                .event_callback(move |event| {
+                    let on_event = on_event.clone();
+                    let on_connect = on_connect.clone();
+                    let node = node.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => {
+                                tracing::info!(%node, "NATS connected");
+                                on_event.notify_one();
+                                on_connect.send_modify(|n| *n += 1);
+                            }
+                            async_nats::Event::Disconnected => {
+                                tracing::warn!(%node, "NATS disconnected; reconnecting")
+                            }
+                            event @ (async_nats::Event::ClientError(_)
+                            | async_nats::Event::ServerError(_)
+                            | async_nats::Event::SlowConsumer(_)) => {
+                                tracing::warn!(%node, "NATS: {event}")
+                            }
+                            other => tracing::info!(%node, "NATS: {other}"),
                         }
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!(%node, "NATS disconnected; reconnecting")
-                        }
-                        event @ (async_nats::Event::ClientError(_)
-                        | async_nats::Event::ServerError(_)
-                        | async_nats::Event::SlowConsumer(_)) => {
-                            tracing::warn!(%node, "NATS: {event}")
-                        }
-                        other => tracing::info!(%node, "NATS: {other}"),
                     }
-                }
-            });
-        let client = async_nats::connect_with_options(servers, options).await?;
+                });
+            match retry {
+                true => options.retry_on_initial_connect(),
+                false => options,
+            }
+        };
+        // One attempt first: a certificate the server refuses, or credentials it rejects,
+        // stop start-up with a clear message; a server that is not there yet does not.
+        let client = match async_nats::connect_with_options(link.servers.clone(), options(false))
+            .await
+        {
+            Ok(client) => client,
+            Err(err) if link::is_fatal(&err) => return Err(BusError::Refused(link::explain(&err))),
+            Err(err) => {
+                tracing::warn!(%err, "NATS not reachable yet; retrying in the background");
+                async_nats::connect_with_options(link.servers.clone(), options(true)).await?
+            }
+        };
         let mut js = jetstream::new(client.clone());
         js.set_timeout(common.publish_timeout());
 
-        let subjects = Subjects {
-            prefix: common.prefix.clone(),
-        };
+        let subjects = Subjects::new(&common.prefix, common.regions(), &common.region);
         let stream = stream::config(common, &subjects);
         let stream_handle = js
             .get_stream_no_info(&stream.name)
             .await
             .expect("the stream name is derived from a validated prefix");
+        let mut copies = Vec::new();
+        for region in 0..subjects.count() {
+            copies.push(stream::Copy::new(&js, common, &subjects, region).await);
+        }
+        let region_names = subjects
+            .regions
+            .iter()
+            .map(|r| Arc::from(r.as_str()))
+            .collect();
+        let mirror_states = (0..subjects.count())
+            .map(|r| {
+                if r == subjects.own {
+                    "local"
+                } else {
+                    "waiting"
+                }
+            })
+            .collect();
         let bus = Bus {
             inner: Arc::new(Inner {
                 client,
@@ -249,15 +373,21 @@ impl Bus {
                 subjects,
                 stream,
                 stream_handle,
+                mirror_states: std::sync::Mutex::new(mirror_states),
+                copies,
+                region_names,
                 publish_timeout: common.publish_timeout(),
                 stream_ready: AtomicBool::new(false),
                 check_stream,
-                epoch: std::sync::RwLock::new(String::new()),
+                epochs: std::sync::RwLock::new(vec![String::new(); subjects_count(common)]),
                 connections,
                 closed: CancellationToken::new(),
             }),
         };
         tokio::spawn(stream::keep_stream(Arc::downgrade(&bus.inner)));
+        if bus.inner.copies.len() > 1 {
+            tokio::spawn(stream::watch_mirrors(Arc::downgrade(&bus.inner)));
+        }
         // `retry_on_initial_connect` may have connected before the callback was in place.
         bus.inner.check_stream.notify_one();
         Ok(bus)
@@ -290,6 +420,68 @@ impl Bus {
         &self.inner.stream.name
     }
 
+    /// This process's region (`None` with one region).
+    pub fn region(&self) -> Option<&Arc<str>> {
+        self.inner
+            .region_names
+            .get(self.inner.subjects.own as usize)
+    }
+
+    /// This process's region's index (0 with one region).
+    pub fn own_region(&self) -> u8 {
+        self.inner.subjects.own
+    }
+
+    /// Every region's name, by index (empty with one region).
+    pub fn regions(&self) -> &[Arc<str>] {
+        &self.inner.region_names
+    }
+
+    /// Every region with the state of this region's copy of its events: `local` (this
+    /// region), `current` (a mirror in touch with its origin), `behind` (a mirror that cannot
+    /// reach its origin: the region, or the link to it, is down) or `waiting` (the other
+    /// region's stream does not exist yet). Empty with one region.
+    pub fn regions_state(&self) -> Vec<(Arc<str>, &'static str)> {
+        let states = self
+            .inner
+            .mirror_states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .region_names
+            .iter()
+            .cloned()
+            .zip(states.iter().copied())
+            .collect()
+    }
+
+    /// [`Bus::regions_state`] as a JSON object (`{"eu":"local","us":"current"}`), for
+    /// health output; `None` with one region.
+    pub fn regions_report(&self) -> Option<serde_json::Value> {
+        let states = self.regions_state();
+        (!states.is_empty()).then(|| {
+            states
+                .into_iter()
+                .map(|(name, state)| (name.to_string(), serde_json::Value::from(state)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        })
+    }
+
+    /// How many regions' events a channel has (1 with one region).
+    pub fn region_count(&self) -> u8 {
+        self.inner.subjects.count()
+    }
+
+    /// The index of region `name` (`None`: not one of this tier's).
+    pub fn region_index(&self, name: &str) -> Option<u8> {
+        self.inner
+            .region_names
+            .iter()
+            .position(|r| &**r == name)
+            .map(|i| i as u8)
+    }
+
     /// Changes on every (re)connection to NATS: what was published meanwhile must be fetched
     /// from the stream.
     pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -312,6 +504,8 @@ impl Bus {
             channel: channel.clone(),
             subject: inner.subjects.outbound(channel),
             subscriber,
+            subjects: inner.subjects.clone(),
+            names: inner.region_names.clone(),
         })
     }
 
@@ -341,6 +535,10 @@ impl Bus {
     }
 }
 
+fn subjects_count(common: &Common) -> usize {
+    common.regions().len().max(1)
+}
+
 fn reconnect_delay(attempts: usize) -> Duration {
     // 0, 100, 200, 400, 800 ms, then 2 s, each with up to 25% jitter, so that a fleet of
     // nodes does not reconnect in lockstep after a NATS restart.
@@ -359,6 +557,8 @@ pub struct Subscription {
     channel: Channel,
     subject: String,
     subscriber: async_nats::Subscriber,
+    subjects: Subjects,
+    names: Vec<Arc<str>>,
 }
 
 /// A message on an event subject that is not a well-formed stored event.
@@ -366,6 +566,8 @@ pub struct Subscription {
 pub enum DecodeError {
     #[error("no valid Nats-Sequence header: not a message republished by the stream")]
     NoSequence,
+    #[error("republished by stream {0:?}, which is no region's")]
+    UnknownStream(String),
 }
 
 impl Subscription {
@@ -381,7 +583,20 @@ impl Subscription {
     /// The next event; `None` once the subscription is closed (drain or shutdown).
     pub async fn next(&mut self) -> Option<Result<Envelope, DecodeError>> {
         let message = self.subscriber.next().await?;
-        Some(decode(&self.channel, message))
+        Some(self.decode(message))
+    }
+
+    fn decode(&self, message: async_nats::Message) -> Result<Envelope, DecodeError> {
+        let headers = message.headers.as_ref();
+        let stream = headers.and_then(|h| h.get(NATS_STREAM)).map(|v| v.as_str());
+        let region = self
+            .subjects
+            .region_of_stream(stream)
+            .ok_or_else(|| DecodeError::UnknownStream(stream.unwrap_or_default().to_string()))?;
+        let mut envelope = decode(&self.channel, message)?;
+        envelope.region = region;
+        envelope.region_name = self.names.get(region as usize).cloned();
+        Ok(envelope)
     }
 }
 
@@ -417,6 +632,8 @@ fn envelope(
         ts: header(HEADER_TS)
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(now_ms),
+        region: 0,
+        region_name: None,
         traceparent: header("traceparent").map(String::from),
         tracestate: header("tracestate").map(String::from),
         data,
@@ -428,10 +645,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn regions_have_their_own_subjects_and_streams() {
+        let s = Subjects::new("fanout", vec!["eu".into(), "us".into()], "us");
+        let ch = Channel::parse("room").unwrap();
+        assert_eq!(s.inbound(&ch), "fanout.in.us.room");
+        assert_eq!(s.inbound_in(0, &ch), "fanout.in.eu.room");
+        assert_eq!(s.inbound_all(), "fanout.in.us.>");
+        assert_eq!(s.outbound(&ch), "fanout.out.us.room");
+        assert_eq!(s.outbound_all(), "fanout.out.us.>");
+        assert_eq!(s.inbound_all_in(0), "fanout.in.eu.>");
+        assert_eq!(s.stream_name(), "FANOUT_US");
+        assert_eq!(s.local_copy(0), "FANOUT_EU_AT_US");
+        assert_eq!(s.local_copy(1), "FANOUT_US");
+        assert_eq!(s.region_of_stream(Some("FANOUT_EU_AT_US")), Some(0));
+        assert_eq!(s.region_of_stream(Some("FANOUT_US")), Some(1));
+        assert_eq!(s.region_of_stream(Some("FANOUT_EU")), None);
+        assert_eq!(s.region_of_stream(None), None);
+        let one = Subjects::new("fanout", vec![], "");
+        assert_eq!(one.region_of_stream(None), Some(0));
+        assert_eq!(one.local_copy(0), "FANOUT");
+    }
+
+    #[test]
     fn subjects_come_from_the_prefix() {
-        let s = Subjects {
-            prefix: "acme.rt".into(),
-        };
+        let s = Subjects::new("acme.rt", vec![], "");
         let ch = Channel::parse("room:1.a").unwrap();
         assert_eq!(s.inbound(&ch), "acme.rt.in.room:1.a");
         assert_eq!(s.outbound(&ch), "acme.rt.out.room:1.a");

@@ -20,12 +20,95 @@ use tracing::{Instrument, field::Empty};
 use super::{
     Bus, BusError, DUPLICATE_WINDOW, Inner, NATS_MESSAGE_ID, Published, Subjects, envelope,
 };
+// (`Copy` below is this module's struct, not the trait.)
 use crate::{
     Channel, Common, Envelope,
     envelope::{HEADER_ID, HEADER_TS},
     telemetry,
     time::now_ms,
 };
+
+/// Where a process reads one region's events: its own region's stream, or its region's
+/// mirror of another region's stream (which keeps the origin's sequences).
+#[derive(Debug)]
+pub(super) struct Copy {
+    /// `None` for this process's own stream (its settings are [`Inner::stream`]).
+    mirror: Option<stream::Config>,
+    /// Direct gets on the copy.
+    handle: stream::Stream<()>,
+    /// Direct gets on the origin stream (over the gateway for another region): for reading
+    /// what a mirror does not have yet.
+    origin: stream::Stream<()>,
+    origin_name: String,
+}
+
+/// Stream metadata key: on a mirror, its origin's epoch (so that it is known while the
+/// origin's region is unreachable).
+const ORIGIN_EPOCH: &str = "fanout_origin_epoch";
+
+impl Copy {
+    pub(super) async fn new(
+        js: &async_nats::jetstream::Context,
+        common: &Common,
+        subjects: &Subjects,
+        region: u8,
+    ) -> Copy {
+        let name = subjects.local_copy(region);
+        let origin_name = subjects.origin_stream(region);
+        // A mirror republishes too, to this region's nodes: that is how they get the other
+        // region's events.
+        let mirror = (region != subjects.own).then(|| stream::Config {
+            name: name.clone(),
+            mirror: Some(stream::Source {
+                name: origin_name.clone(),
+                ..Default::default()
+            }),
+            republish: Some(Republish {
+                source: subjects.inbound_all_in(region),
+                destination: subjects.outbound_all(),
+                headers_only: false,
+            }),
+            placement: placement(subjects),
+            ..limits(common)
+        });
+        let handle = |name: String| async move {
+            js.get_stream_no_info(&name)
+                .await
+                .expect("stream names are derived from a validated prefix and regions")
+        };
+        Copy {
+            mirror,
+            handle: handle(name).await,
+            origin: handle(origin_name.clone()).await,
+            origin_name,
+        }
+    }
+}
+
+/// With regions: the stream lives in this process's region's cluster.
+fn placement(subjects: &Subjects) -> Option<stream::Placement> {
+    let region = subjects.regions.get(subjects.own as usize)?;
+    Some(stream::Placement {
+        cluster: Some(region.clone()),
+        ..Default::default()
+    })
+}
+
+/// The history settings every copy of a region's events shares.
+fn limits(common: &Common) -> stream::Config {
+    stream::Config {
+        max_age: Duration::from_secs(common.history_max_age_secs),
+        max_messages_per_subject: common.history_max_messages,
+        storage: match common.history_storage.as_str() {
+            "memory" => StorageType::Memory,
+            _ => StorageType::File,
+        },
+        num_replicas: common.history_replicas,
+        allow_direct: true,
+        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs(common.history_max_age_secs)),
+        ..Default::default()
+    }
+}
 
 /// The stream's settings, from the history settings every process shares.
 pub(super) fn config(common: &Common, subjects: &Subjects) -> stream::Config {
@@ -37,16 +120,8 @@ pub(super) fn config(common: &Common, subjects: &Subjects) -> stream::Config {
             destination: subjects.outbound_all(),
             headers_only: false,
         }),
-        max_age: Duration::from_secs(common.history_max_age_secs),
-        max_messages_per_subject: common.history_max_messages,
-        storage: match common.history_storage.as_str() {
-            "memory" => StorageType::Memory,
-            _ => StorageType::File,
-        },
-        num_replicas: common.history_replicas,
-        allow_direct: true,
-        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs(common.history_max_age_secs)),
-        ..Default::default()
+        placement: placement(subjects),
+        ..limits(common)
     }
 }
 
@@ -156,18 +231,37 @@ impl Bus {
 
     /// The stream's identity (empty until the stream is known). A client's `since` is only
     /// meaningful within one epoch.
+    ///
+    /// With regions: every region's stream's identity, combined (empty until all are known):
+    /// positions in any region's stream mean nothing once it was recreated.
     pub fn epoch(&self) -> String {
-        self.inner
-            .epoch
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let epochs = self.inner.epochs.read().unwrap_or_else(|e| e.into_inner());
+        if self.inner.region_names.is_empty() {
+            return epochs[0].clone();
+        }
+        if epochs.iter().any(String::is_empty) {
+            return String::new();
+        }
+        let parts: Vec<String> = self
+            .inner
+            .region_names
+            .iter()
+            .zip(epochs.iter())
+            .map(|(region, epoch)| format!("{region}-{epoch}"))
+            .collect();
+        parts.join(".")
     }
 
-    /// Reads the stream's identity again (after a sequence anomaly) and returns it.
+    /// Reads the streams' identities again (after a sequence anomaly) and returns the epoch.
     pub async fn refresh_epoch(&self) -> String {
         if let Ok(info) = self.inner.stream_handle.get_info().await {
-            self.inner.set_epoch(epoch_of(&info));
+            self.inner
+                .set_epoch(self.inner.subjects.own, epoch_of(&info));
+        }
+        for (region, copy) in self.inner.copies.iter().enumerate() {
+            if copy.mirror.is_some() {
+                origin_epoch(&self.inner, region as u8, copy).await;
+            }
         }
         self.epoch()
     }
@@ -175,19 +269,38 @@ impl Bus {
     /// The stored events of `channel` with `after < seq <= until` (no upper bound if `until`
     /// is `None`), in order. One direct get per event, so it is meant for the bounded ranges
     /// a replay or a gap repair needs (at most the per-channel history limit).
+    ///
+    /// With regions, the events region `region` published, read from this region's copy of
+    /// them (its own stream, or its mirror of the other region's).
     pub async fn history(
         &self,
         channel: &Channel,
+        region: u8,
         after: u64,
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
-        let subject = self.inner.subjects.inbound(channel);
-        read_range(channel, after, until, |next| {
+        let copy = &self.copy(region).handle;
+        self.read(copy, channel, region, after, until).await
+    }
+
+    fn copy(&self, region: u8) -> &Copy {
+        &self.inner.copies[(region as usize).min(self.inner.copies.len() - 1)]
+    }
+
+    /// Direct gets of `channel`'s events of `region` on `stream`.
+    async fn read(
+        &self,
+        stream: &stream::Stream<()>,
+        channel: &Channel,
+        region: u8,
+        after: u64,
+        until: Option<u64>,
+    ) -> Result<Vec<Envelope>, BusError> {
+        let subject = self.inner.subjects.inbound_in(region, channel);
+        let mut events = read_range(channel, after, until, |next| {
             let subject = subject.clone();
             async move {
-                match self
-                    .inner
-                    .stream_handle
+                match stream
                     .direct_get_next_for_subject(subject, Some(next))
                     .await
                 {
@@ -197,21 +310,32 @@ impl Bus {
                 }
             }
         })
-        .await
+        .await?;
+        self.mark(&mut events, region);
+        Ok(events)
+    }
+
+    fn mark(&self, events: &mut [Envelope], region: u8) {
+        let name = self.inner.region_names.get(region as usize);
+        for event in events {
+            event.region = region;
+            event.region_name = name.cloned();
+        }
     }
 
     /// [`Bus::history`], reaching at least sequence `reach` (an event of the channel this
     /// node has seen republished, so stored). Direct gets are answered by any replica, and a
-    /// replica may lag the leader by a moment: while the answer falls short of `reach`, it
-    /// asks again, then asks the leader.
+    /// replica (or a mirror) may lag by a moment: while the answer falls short of `reach`,
+    /// it asks again, then asks the leader (for another region: the origin stream).
     pub async fn history_reaching(
         &self,
         channel: &Channel,
+        region: u8,
         after: u64,
         until: Option<u64>,
         reach: u64,
     ) -> Result<Vec<Envelope>, BusError> {
-        let mut events = self.history(channel, after, until).await?;
+        let mut events = self.history(channel, region, after, until).await?;
         let mut pause = Duration::from_millis(1);
         for _ in 0..6 {
             let last = events.last().map_or(after, |e| e.seq);
@@ -220,31 +344,31 @@ impl Bus {
             }
             tokio::time::sleep(pause).await;
             pause *= 2;
-            events.extend(self.history(channel, last, until).await?);
+            events.extend(self.history(channel, region, last, until).await?);
         }
         let last = events.last().map_or(after, |e| e.seq);
         if last < reach {
             tracing::debug!(%channel, last, reach, "a replica lags: reading from the leader");
-            events.extend(self.leader_history(channel, last, until).await?);
+            events.extend(self.leader_history(channel, region, last, until).await?);
         }
         Ok(events)
     }
 
-    /// [`Bus::history`], read from the stream's leader (the JetStream API rather than direct
-    /// gets): what it has acknowledged, it has.
+    /// [`Bus::history`], read from the copy's leader (the JetStream API rather than direct
+    /// gets): what it has acknowledged (or republished), it has.
     async fn leader_history(
         &self,
         channel: &Channel,
+        region: u8,
         after: u64,
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
-        let subject = self.inner.subjects.inbound(channel);
+        let subject = self.inner.subjects.inbound_in(region, channel);
+        let copy = &self.copy(region).handle;
         read_range(channel, after, until, |next| {
             let subject = subject.clone();
             async move {
-                let found = self
-                    .inner
-                    .stream_handle
+                let found = copy
                     .raw_message_builder()
                     .sequence(next)
                     .next_by_subject(subject)
@@ -258,35 +382,58 @@ impl Bus {
             }
         })
         .await
+        .map(|mut events| {
+            self.mark(&mut events, region);
+            events
+        })
     }
 
-    /// Whether the event at `seq` on `channel` is still stored. Limits remove the oldest
-    /// events first, so if it is, every later event of the channel is too.
-    pub async fn is_stored(&self, channel: &Channel, seq: u64) -> Result<bool, BusError> {
-        match self.inner.stream_handle.direct_get(seq).await {
-            Ok(message) => Ok(message.subject.as_str() == self.inner.subjects.inbound(channel)),
+    /// Whether the event at `seq` on `channel` (of `region`) is still stored. Limits remove
+    /// the oldest events first, so if it is, every later event of the channel is too.
+    pub async fn is_stored(
+        &self,
+        channel: &Channel,
+        region: u8,
+        seq: u64,
+    ) -> Result<bool, BusError> {
+        match self.copy(region).handle.direct_get(seq).await {
+            Ok(message) => {
+                Ok(message.subject.as_str() == self.inner.subjects.inbound_in(region, channel))
+            }
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(false),
             Err(err) => Err(BusError::History(err)),
         }
     }
 
-    /// The stream's first stored sequence (1 while nothing has ever been removed).
-    pub async fn first_sequence(&self) -> Result<u64, BusError> {
-        Ok(self.sequences().await?.0)
+    /// The first stored sequence of `region`'s events here (1 while nothing has ever been
+    /// removed).
+    pub async fn first_sequence(&self, region: u8) -> Result<u64, BusError> {
+        let info = self
+            .copy(region)
+            .handle
+            .get_info()
+            .await
+            .map_err(|_| BusError::Unavailable("no stream info"))?;
+        Ok(info.state.first_sequence)
     }
 
-    /// The stream's first stored and last assigned sequences: where history starts, and
-    /// "now" (every event stored from here on has a higher sequence).
-    pub async fn sequences(&self) -> Result<(u64, u64), BusError> {
+    /// The first stored and last sequences of region `region`'s events here (this region's
+    /// stream, or its mirror of another's): where history starts, and "now" (every event the
+    /// copy stores from here on has a higher sequence, and is republished to this region's
+    /// nodes).
+    pub async fn sequences(&self, region: u8) -> Result<(u64, u64), BusError> {
         let info = self
-            .inner
-            .stream_handle
+            .copy(region)
+            .handle
             .get_info()
             .await
             .map_err(|_| BusError::Unavailable("no stream info"))?;
         Ok((info.state.first_sequence, info.state.last_sequence))
     }
 }
+
+/// How long a process waits for another region's stream's answer.
+const MIRROR_WAIT: Duration = Duration::from_secs(2);
 
 /// The events of `channel` with `after < seq <= until` (no bound if `until` is `None`), one
 /// `fetch(next)` at a time: the first stored event of the channel at `next` or later, as
@@ -317,17 +464,85 @@ where
 }
 
 async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
-    let info = inner
-        .js
-        .create_or_update_stream(inner.stream.clone())
-        .await
-        .map_err(|source| BusError::Stream {
-            stream: inner.stream.name.clone(),
-            source,
-        })?;
-    inner.set_epoch(epoch_of(&info));
+    let info = apply(inner, inner.stream.clone()).await?;
+    inner.set_epoch(inner.subjects.own, epoch_of(&info));
+    for (region, copy) in inner.copies.iter().enumerate() {
+        if copy.mirror.is_some() {
+            ensure_mirror(inner, region as u8, copy).await?;
+        }
+    }
     inner.stream_ready.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Creates or updates this region's mirror of region `region`'s stream, and learns that
+/// stream's epoch. A mirror is only created once its origin exists: a mirror that cannot
+/// find its origin retries ever more slowly (up to every 2 minutes). Returns whether the
+/// mirror exists.
+async fn ensure_mirror(inner: &Inner, region: u8, copy: &Copy) -> Result<bool, BusError> {
+    let Some(mirror) = &copy.mirror else {
+        return Ok(true);
+    };
+    let mut mirror = mirror.clone();
+    let existing = copy.handle.get_info().await.ok();
+    // The origin's epoch, kept on the mirror for when the origin cannot be reached.
+    match origin_epoch(inner, region, copy).await {
+        Some(epoch) => {
+            mirror.metadata.insert(ORIGIN_EPOCH.into(), epoch);
+        }
+        None => match &existing {
+            Some(info) => {
+                if let Some(epoch) = info.config.metadata.get(ORIGIN_EPOCH) {
+                    mirror.metadata.insert(ORIGIN_EPOCH.into(), epoch.clone());
+                }
+            }
+            None => {
+                tracing::info!(stream = %copy.origin_name, "another region's stream does not exist yet: its mirror waits for it");
+                return Ok(false);
+            }
+        },
+    }
+    apply(inner, mirror).await?;
+    Ok(true)
+}
+
+/// Creates or updates a stream. When that cannot be done (with regions: the JetStream meta
+/// group has lost its quorum because a region is down) but the stream exists, it is used as
+/// it is: publishing and reading need only the stream's own servers.
+async fn apply(inner: &Inner, config: stream::Config) -> Result<stream::Info, BusError> {
+    match inner.js.create_or_update_stream(config.clone()).await {
+        Ok(info) => Ok(info),
+        Err(source) => {
+            if let Ok(stream) = inner.js.get_stream_no_info(&config.name).await
+                && let Ok(info) = stream.get_info().await
+            {
+                tracing::warn!(stream = %config.name, err = %source, "cannot apply the stream's settings; using it as it is");
+                return Ok(info);
+            }
+            Err(BusError::Stream {
+                stream: config.name,
+                source,
+            })
+        }
+    }
+}
+
+/// Reads region `region`'s origin stream's epoch (over the gateway), or else the one its
+/// mirror here recorded, and keeps it.
+async fn origin_epoch(inner: &Inner, region: u8, copy: &Copy) -> Option<String> {
+    let origin = tokio::time::timeout(MIRROR_WAIT, copy.origin.get_info()).await;
+    let epoch = match origin {
+        Ok(Ok(info)) => Some(epoch_of(&info)),
+        _ => {
+            tracing::debug!(stream = %copy.origin_name, "cannot reach another region's stream");
+            let mirror = copy.handle.get_info().await.ok()?;
+            mirror.config.metadata.get(ORIGIN_EPOCH).cloned()
+        }
+    };
+    if let Some(epoch) = &epoch {
+        inner.set_epoch(region, epoch.clone());
+    }
+    epoch
 }
 
 /// A stream's identity: its creation time in nanoseconds, as hex.
@@ -336,12 +551,78 @@ fn epoch_of(info: &stream::Info) -> String {
 }
 
 impl Inner {
-    fn set_epoch(&self, epoch: String) {
-        let mut current = self.epoch.write().unwrap_or_else(|e| e.into_inner());
+    fn set_epoch(&self, region: u8, epoch: String) {
+        let mut epochs = self.epochs.write().unwrap_or_else(|e| e.into_inner());
+        let current = &mut epochs[region as usize];
         if !current.is_empty() && *current != epoch {
-            tracing::warn!(stream = %self.stream.name, "the stream was recreated: sequences restarted");
+            let stream = self.subjects.origin_stream(region);
+            tracing::warn!(%stream, "the stream was recreated: sequences restarted");
         }
         *current = epoch;
+    }
+}
+
+/// Background task (with regions): learns the other regions' epochs, and watches this
+/// region's mirrors of them. A mirror that has not heard from its origin for a while is behind
+/// (the region, or the link to it, is down): said in the log and in
+/// `fanout_region_mirror_behind{region}`. Once it is current again it republishes what it
+/// missed, so this region's nodes get it live.
+pub(super) async fn watch_mirrors(inner: std::sync::Weak<Inner>) {
+    const EVERY: Duration = Duration::from_secs(1);
+    const SILENT: Duration = Duration::from_secs(3);
+    let mut behind: Vec<bool> = Vec::new();
+    let mut exists: Vec<bool> = Vec::new();
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let closed = strong.closed.clone();
+        behind.resize(strong.copies.len(), false);
+        exists.resize(strong.copies.len(), false);
+        for (region, copy) in strong.copies.iter().enumerate() {
+            if copy.mirror.is_none() {
+                continue;
+            }
+            let known = !strong.epochs.read().unwrap_or_else(|e| e.into_inner())[region].is_empty();
+            if !known || !exists[region] {
+                // Until its epoch is known, this node cannot judge positions in it; until its
+                // origin exists, the mirror is not made.
+                if strong.client.connection_state() == State::Connected {
+                    exists[region] = ensure_mirror(&strong, region as u8, copy)
+                        .await
+                        .unwrap_or(false);
+                }
+            }
+            let Ok(info) = copy.handle.get_info().await else {
+                continue;
+            };
+            let Some(source) = info.mirror else { continue };
+            let silent = source.active.is_none_or(|active| active > SILENT);
+            let name = strong.region_names[region].to_string();
+            if silent {
+                if !behind[region] {
+                    tracing::warn!(stream = %copy.origin_name, "the mirror of another region is behind: it cannot reach it");
+                }
+                behind[region] = true;
+            } else if behind[region] && source.lag == 0 {
+                behind[region] = false;
+                tracing::info!(stream = %copy.origin_name, "the mirror of another region caught up");
+            }
+            metrics::gauge!("fanout_region_mirror_behind", "region" => name)
+                .set(if behind[region] { 1.0 } else { 0.0 });
+            strong
+                .mirror_states
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())[region] = match behind[region] {
+                true => "behind",
+                false => "current",
+            };
+        }
+        drop(strong);
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = closed.cancelled() => return,
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod geo;
 pub mod http;
 #[allow(unused_imports)]
 pub use http::*;
@@ -407,6 +408,13 @@ pub async fn post_raw(server: &Server, path: &str, body: impl Into<reqwest::Body
 
 /// Publishes `data` to `channel` and returns the accepted `seq`.
 pub async fn publish(api: &Server, channel: &str, data: &Value) -> u64 {
+    publish_json(api, channel, data).await["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Publishes `data` to `channel` and returns the API's whole `202` answer.
+pub async fn publish_json(api: &Server, channel: &str, data: &Value) -> Value {
     let (status, body) = post_raw(
         api,
         &format!("/v1/channels/{channel}/events"),
@@ -414,7 +422,7 @@ pub async fn publish(api: &Server, channel: &str, data: &Value) -> u64 {
     )
     .await;
     assert_eq!(status, 202, "publish to {channel}: {body}");
-    body["seq"].as_u64().unwrap()
+    body
 }
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -602,7 +610,13 @@ impl Process {
     /// Starts `name` with `env`, and reads its log until it says where it listens
     /// (text `addr=…` or JSON `"addr":"…"`).
     pub fn start(name: &str, env: &[(&str, String)]) -> Process {
+        Process::start_with_args(name, env, &[])
+    }
+
+    /// [`Process::start`] with command-line arguments.
+    pub fn start_with_args(name: &str, env: &[(&str, String)], args: &[&str]) -> Process {
         let mut child = Command::new(binary(name))
+            .args(args)
             .env_clear()
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")

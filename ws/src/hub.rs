@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::{
+    mark::{self, Marks},
     recent::{self, Recent},
     sink::{ChannelKey, Delivery, Kick, Outgoing, Sink, channel_key},
 };
@@ -119,7 +120,7 @@ pub struct Hub {
     channels: Box<[Mutex<HashMap<Channel, ChannelEntry>>]>,
     /// [`ChannelEntry::delivered`] for `broadcast`, whose recipients are every connection:
     /// stored before a pass copies them, read after a connection is added.
-    broadcast_delivered: AtomicU64,
+    broadcast_delivered: Mutex<Marks>,
     /// `broadcast`'s recent events (its watermark is updated under this lock too).
     broadcast_recent: Mutex<Recent>,
     recent_limits: recent::Limits,
@@ -146,7 +147,7 @@ struct ChannelEntry {
     /// The highest seq a fan-out pass has offered the channel's members, recorded in the
     /// pass's own critical section: a member that joins later was not in that pass, but sees
     /// this, and must get everything up to it from history ([`Hub::delivered`]).
-    delivered: u64,
+    delivered: Marks,
     /// Members that are hidden (long-polls), so that a count stays one subtraction.
     hidden: usize,
     /// The channel's recent events, as this generation's reader delivered them.
@@ -201,7 +202,7 @@ impl Hub {
         Hub {
             conns: shards(),
             channels: shards(),
-            broadcast_delivered: AtomicU64::new(0),
+            broadcast_delivered: Mutex::new(Marks::new()),
             broadcast_recent: Mutex::new(Recent::new(&recent_limits)),
             recent_limits,
             connections: AtomicUsize::new(0),
@@ -318,7 +319,7 @@ impl Hub {
             });
             ChannelEntry {
                 members: HashMap::new(),
-                delivered: 0,
+                delivered: Marks::new(),
                 hidden: 0,
                 recent: Recent::new(&self.recent_limits),
                 generation,
@@ -539,14 +540,18 @@ impl Hub {
         source: Source<'_>,
         recipients: &mut Recipients,
     ) -> Delivery {
-        let seq = frames.iter().map(|f| f.seq).max().unwrap_or(0);
+        let raise = |delivered: &mut Marks| {
+            for frame in frames.iter().filter(|f| f.seq != 0) {
+                mark::raise(delivered, frame.seq);
+            }
+        };
         if channel.is_broadcast() {
             {
                 let mut recent = lock(&self.broadcast_recent);
                 for frame in frames {
                     recent.push(frame, source.epoch);
                 }
-                self.broadcast_delivered.fetch_max(seq, Ordering::SeqCst);
+                raise(&mut lock(&self.broadcast_delivered));
             }
             for shard in self.conns.iter() {
                 recipients.extend(lock(shard).values().map(|c| c.sink.clone()));
@@ -557,7 +562,7 @@ impl Hub {
                     entry.recent.push(frame, source.epoch);
                 }
             }
-            entry.delivered = entry.delivered.max(seq);
+            raise(&mut entry.delivered);
             recipients.extend(entry.members.values().map(|s| s.sink.clone()));
         }
         Self::offer_all(key, frames, recipients)
@@ -570,12 +575,14 @@ impl Hub {
     pub fn recent(&self, channel: &Channel, after: u64, epoch: &str) -> Option<Vec<Outgoing>> {
         if channel.is_broadcast() {
             let recent = lock(&self.broadcast_recent);
-            let delivered = self.broadcast_delivered.load(Ordering::SeqCst);
+            let delivered = mark::seq_of(&lock(&self.broadcast_delivered), 0);
             return recent.after(after, delivered, epoch);
         }
         let channels = self.channel_shard(channel);
         let entry = channels.get(channel)?;
-        entry.recent.after(after, entry.delivered, epoch)
+        entry
+            .recent
+            .after(after, mark::seq_of(&entry.delivered, 0), epoch)
     }
 
     /// Whether `channel`'s subscription is in place (for this generation of its interest).
@@ -622,16 +629,17 @@ impl Hub {
         outcome
     }
 
-    /// The highest seq of `channel` this node has offered its members so far. A connection
-    /// that joined the channel before calling this gets, live, every event above it; those
-    /// up to it it may have missed (they came before it joined) and must replay.
-    pub fn delivered(&self, channel: &Channel) -> u64 {
+    /// The highest seq of `channel` (of region `region`'s) this node has offered its members
+    /// so far. A connection that joined the channel before calling this gets, live, every
+    /// event above it; those up to it it may have missed (they came before it joined) and
+    /// must replay.
+    pub fn delivered(&self, channel: &Channel, region: u8) -> u64 {
         if channel.is_broadcast() {
-            return self.broadcast_delivered.load(Ordering::SeqCst);
+            return mark::seq_of(&lock(&self.broadcast_delivered), region);
         }
         self.channel_shard(channel)
             .get(channel)
-            .map_or(0, |entry| entry.delivered)
+            .map_or(0, |entry| mark::seq_of(&entry.delivered, region))
     }
 
     /// Every connection's cut-off switch (for draining).

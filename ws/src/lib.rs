@@ -30,6 +30,7 @@ pub mod config;
 pub mod cursor;
 pub mod disconnect;
 pub mod hub;
+pub mod mark;
 pub mod node;
 pub mod presence;
 pub mod protocol;

@@ -31,8 +31,9 @@ use tracing::Instrument;
 use crate::{
     Config,
     auth::Verifier,
-    cursor::Position,
+    cursor::{Position, Spots},
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
+    mark::{self, Mark, Marks},
     presence, protocol,
     reader::read,
     sink::Outgoing,
@@ -82,7 +83,14 @@ impl Node {
         let (membership, changes) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(
             config.max_subscriptions,
-            crate::recent::Limits::new(config.recent_events, config.recent_max_bytes),
+            // With regions the windows are off: a replay reads each region's stream.
+            crate::recent::Limits::new(
+                match bus.region_count() {
+                    1 => config.recent_events,
+                    _ => 0,
+                },
+                config.recent_max_bytes,
+            ),
             interest_tx,
             membership.clone(),
         ));
@@ -116,7 +124,9 @@ impl Node {
                 if let Err(err) = bus.follow_nodes(directory).await {
                     tracing::error!(%err, "cannot follow node announcements");
                 }
-                let answer = move |query| presence::answer(&hub, &node_id, query);
+                let region = bus.region().cloned();
+                let answer =
+                    move |query| presence::answer(&hub, &node_id, region.as_deref(), query);
                 if let Err(err) = bus.answer_presence(answer).await {
                     tracing::error!(%err, "cannot answer presence queries");
                 }
@@ -278,6 +288,7 @@ impl Node {
             url,
             connections: 0,
             started_at: now_ms(),
+            region: self.bus.region().map(|r| r.to_string()),
             leaving: false,
         };
         *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
@@ -352,9 +363,9 @@ impl Node {
         }
     }
 
-    /// The stored events of `channel` after `from`, for a resuming client whose position
-    /// belongs to `epoch` (and was vouched for at `at`, unix ms), and whether they are all
-    /// of them.
+    /// The stored events of `channel` after `from` (a position per region; a region without
+    /// one is followed from now on), for a resuming client whose positions belong to `epoch`
+    /// (and were vouched for at `at`, unix ms), and whether they are all of them.
     ///
     /// Call it once the connection is in the channel: the replay then reaches everything this
     /// node delivered before the connection joined (a replica that lags is waited for). A
@@ -364,7 +375,7 @@ impl Node {
     pub async fn replay(
         &self,
         channel: &Channel,
-        from: Position,
+        from: &[Position],
         epoch: Option<&str>,
         at: Option<u64>,
     ) -> Result<Replay, fanout::BusError> {
@@ -390,7 +401,7 @@ impl Node {
     async fn try_replay(
         &self,
         channel: &Channel,
-        from: Position,
+        from: &[Position],
         epoch: Option<&str>,
         at: Option<u64>,
     ) -> Result<Replay, fanout::BusError> {
@@ -404,18 +415,46 @@ impl Node {
             // The stream was recreated: the position counts in sequences that no longer exist.
             return Ok(Replay::lost(current));
         }
+        let mut replay = Replay {
+            events: Vec::new(),
+            recovered: true,
+            epoch: current,
+            skip_upto: Marks::new(),
+        };
+        for &position in from {
+            if position.region() >= self.bus.region_count() {
+                continue;
+            }
+            let (events, recovered, skip) = self
+                .replay_region(channel, position, at, &replay.epoch)
+                .await?;
+            replay.events.extend(events);
+            replay.recovered &= recovered;
+            replay.skip_upto.push(skip);
+        }
+        Ok(replay)
+    }
+
+    /// [`Node::replay`] of one region's events: the events, whether they are all, and the
+    /// mark up to which live events are covered.
+    async fn replay_region(
+        &self,
+        channel: &Channel,
+        from: Position,
+        at: Option<u64>,
+        current: &str,
+    ) -> Result<(Vec<Outgoing>, bool, Mark), fanout::BusError> {
+        let region = from.region();
         let after = from.seq();
+        let one_region = self.bus.region_count() == 1;
         // Recent events first: a window that reaches back to the position holds every event
-        // after it (up to what was delivered; the rest comes live).
-        if let Some(events) = self.hub.recent(channel, after, &current) {
+        // after it (up to what was delivered; the rest comes live). (With regions, the
+        // windows are off: their sequences are per region.)
+        if one_region && let Some(events) = self.hub.recent(channel, after, current) {
             counter!("fanout_ws_replayed_events_total", "from" => "memory")
                 .increment(events.len() as u64);
-            return Ok(Replay {
-                skip_upto: Some(events.last().map_or(after, |e| e.seq.max(after))),
-                events,
-                recovered: true,
-                epoch: current,
-            });
+            let skip = events.last().map_or(after, |e| e.seq.max(after));
+            return Ok((events, true, skip));
         }
         // Once the channel's subscription is in place, every event after the stream's last
         // sequence is delivered live: the read stops there (it would otherwise chase the end
@@ -426,14 +465,14 @@ impl Node {
             false => self.hub.is_live(channel),
         };
         let sequences = match live {
-            true => self.bus.sequences().await.ok(),
+            true => self.bus.sequences(region).await.ok(),
             false => None,
         };
-        let reach = self.hub.delivered(channel);
+        let reach = self.hub.delivered(channel, region);
         let until = sequences.map(|(_, last)| last.max(reach));
         let events = self
             .bus
-            .history_reaching(channel, after, until, reach)
+            .history_reaching(channel, region, after, until, reach)
             .await;
         // Nothing the per-channel limit removed since: that would have left the channel
         // at the limit.
@@ -446,46 +485,50 @@ impl Node {
         let young = at.is_some_and(|at| now_ms() + margin < at + window);
         let first = match sequences {
             Some((first, _)) => Ok(first),
-            None => self.bus.first_sequence().await,
+            None => self.bus.first_sequence(region).await,
         };
         let recovered = match from {
             // The event the client has is still stored: every later one is too (limits
             // remove the oldest first).
-            Position::Event(since) if since > 0 => match self.bus.is_stored(channel, since).await {
-                Ok(true) => Ok(true),
-                Ok(false) => Ok(young && below_limit),
-                Err(err) => Err(err),
-            },
+            Position::Event(_) if after > 0 => {
+                match self.bus.is_stored(channel, region, after).await {
+                    Ok(true) => Ok(true),
+                    Ok(false) => Ok(young && below_limit),
+                    Err(err) => Err(err),
+                }
+            }
             // Nothing of the channel seen: complete if nothing after `after` was removed, by
             // age (the stream still starts right after it, or `at` says it is young) or by
             // the limit.
             _ => first.map(|first| (first <= after + 1 || young) && below_limit),
         };
         let (recovered, events) = (recovered?, events?);
-        if let Some((_, last)) = sequences {
-            self.hub.seed_recent(channel, last, &current, live);
+        if one_region && let Some((_, last)) = sequences {
+            self.hub.seed_recent(channel, last, current, live);
         }
         counter!("fanout_ws_replayed_events_total", "from" => "stream")
             .increment(events.len() as u64);
         let with_trace = self.config.event_trace_id;
+        let skip = mark::pack(region, events.last().map_or(after, |e| e.seq));
         let events: Vec<Outgoing> = events
             .iter()
             .filter_map(|event| {
                 let json = protocol::event(event, with_trace).ok()?;
-                Some(Outgoing::event(event.seq, json))
+                Some(Outgoing::event(mark::pack(region, event.seq), json))
             })
             .collect();
-        Ok(Replay {
-            skip_upto: Some(events.last().map_or(after, |e| e.seq)),
-            events,
-            recovered,
-            epoch: current,
-        })
+        Ok((events, recovered, skip))
     }
 
-    /// The stream's last sequence: "now", for a stream that starts following a channel.
-    pub async fn now(&self) -> Result<u64, fanout::BusError> {
-        Ok(self.bus.sequences().await?.1)
+    /// Every region's stream's last sequence: "now", for a stream that starts following a
+    /// channel (a position per region).
+    pub async fn now(&self) -> Result<Spots, fanout::BusError> {
+        let mut now = Spots::new();
+        for region in 0..self.bus.region_count() {
+            let last = self.bus.sequences(region).await?.1;
+            now.push(Position::After(mark::pack(region, last)));
+        }
+        Ok(now)
     }
 
     pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {
@@ -519,9 +562,9 @@ pub struct Replay {
     pub events: Vec<Outgoing>,
     pub recovered: bool,
     pub epoch: String,
-    /// Live events of the channel up to this seq were replayed (or seen by the client
-    /// before): the connection skips them. `None` when `since` meant nothing.
-    pub skip_upto: Option<u64>,
+    /// Live events of the channel up to these marks (one per region) were replayed (or seen
+    /// by the client before): the connection skips them. Empty when `since` meant nothing.
+    pub skip_upto: Marks,
 }
 
 impl Replay {
@@ -530,7 +573,7 @@ impl Replay {
             events: Vec::new(),
             recovered: false,
             epoch,
-            skip_upto: None,
+            skip_upto: Marks::new(),
         }
     }
 }

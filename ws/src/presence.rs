@@ -62,6 +62,7 @@ pub async fn publish_changes(
                     user: profile.user.to_string(),
                     conn: conn.to_string(),
                     node: node.to_string(),
+                    region: bus.region().map(|r| r.to_string()),
                     info: profile.info.clone(),
                     joined_at,
                 };
@@ -81,12 +82,14 @@ struct Listed<'a> {
     user: &'a str,
     conn: String,
     node: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
     info: Option<&'a RawValue>,
     joined_at: u64,
 }
 
 /// This node's part of the answer to `query`.
-pub fn answer(hub: &Hub, node: &str, query: presence::Query) -> Vec<Bytes> {
+pub fn answer(hub: &Hub, node: &str, region: Option<&str>, query: presence::Query) -> Vec<Bytes> {
     let Ok(channel) = Channel::parse(&query.channel) else {
         return presence::encode_answer::<Listed>(node, 0, &[]);
     };
@@ -100,6 +103,7 @@ pub fn answer(hub: &Hub, node: &str, query: presence::Query) -> Vec<Bytes> {
             user: &member.profile.user,
             conn: member.conn.to_string(),
             node,
+            region,
             info: member.profile.info.as_deref(),
             joined_at: member.joined_at,
         })
@@ -128,6 +132,7 @@ struct Group {
 #[derive(Debug)]
 struct Known {
     user: String,
+    region: Option<String>,
     info: Option<Box<RawValue>>,
     joined_at: u64,
 }
@@ -149,6 +154,7 @@ impl Replica {
                     change.conn.clone(),
                     Known {
                         user: change.user.clone(),
+                        region: change.region.clone(),
                         info: change.info.clone(),
                         joined_at: change.joined_at,
                     },
@@ -177,6 +183,7 @@ impl Replica {
             user,
             conn,
             node,
+            region,
             info,
             joined_at,
         } in answer.members.unwrap_or_default()
@@ -186,6 +193,7 @@ impl Replica {
                     conn,
                     Known {
                         user,
+                        region,
                         info,
                         joined_at,
                     },
@@ -246,6 +254,7 @@ fn client_frame(change: &Change) -> Outgoing {
         user: &change.user,
         conn: &change.conn,
         node: &change.node,
+        region: change.region.as_deref(),
         info: change.info.as_deref(),
         joined_at: change.joined_at,
     });
@@ -265,6 +274,7 @@ fn change_frame(
         user: &known.user,
         conn,
         node,
+        region: known.region.as_deref(),
         info: known.info.as_deref(),
         joined_at: known.joined_at,
     });

@@ -22,7 +22,7 @@ pub enum Op {
     /// With `since`, the node first replays the stored events after it (resume).
     Subscribe {
         channel: Channel,
-        since: Option<u64>,
+        since: Option<Since>,
         /// The stream epoch the client's `since` belongs to (from `welcome`/`subscribed`).
         epoch: Option<String>,
         /// Also receive the channel's `join` / `leave` / `update` frames.
@@ -49,6 +49,16 @@ pub enum Op {
         token: String,
     },
 }
+
+/// A resuming `subscribe`'s position: a seq (one region), or a seq per region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    Seq(u64),
+    Regions(std::collections::BTreeMap<String, u64>),
+}
+
+/// Most regions a `since` object may name.
+const MAX_SINCE_REGIONS: usize = 16;
 
 /// What a resuming `subscribe` found, for its reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +167,21 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
     };
     let since = match fields.get("since") {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => value.as_u64().map(Some).ok_or_else(|| {
+        Some(Value::Object(regions)) if regions.len() <= MAX_SINCE_REGIONS => regions
+            .iter()
+            .map(|(region, seq)| seq.as_u64().map(|seq| (region.clone(), seq)))
+            .collect::<Option<_>>()
+            .map(|regions| Some(Since::Regions(regions)))
+            .ok_or_else(|| {
+                Rejection::new(
+                    "invalid_request",
+                    "\"since\" must map each region to a non-negative integer (a seq)",
+                )
+            }),
+        Some(value) => value.as_u64().map(|seq| Some(Since::Seq(seq))).ok_or_else(|| {
             Rejection::new(
                 "invalid_request",
-                "\"since\" must be a non-negative integer (a seq)",
+                "\"since\" must be a non-negative integer (a seq) or an object of seqs by region",
             )
         }),
     };
@@ -260,6 +281,9 @@ pub struct Welcome<'a> {
     pub user: &'a str,
     pub heartbeat: u64,
     pub epoch: &'a str,
+    /// The node's region (none with one region).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
     /// For an SSE stream: the secret that authorizes its `POST /session/{conn}` requests.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<&'a str>,
@@ -279,12 +303,20 @@ pub fn welcome(welcome: &Welcome<'_>) -> String {
 }
 
 /// `published`: a client's event was stored.
-pub fn published(channel: &Channel, seq: u64, event_id: &str, id: Option<&RequestId>) -> String {
+pub fn published(
+    channel: &Channel,
+    seq: u64,
+    region: Option<&str>,
+    event_id: &str,
+    id: Option<&RequestId>,
+) -> String {
     #[derive(Serialize)]
     struct Published<'a> {
         op: &'static str,
         channel: &'a Channel,
         seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<&'a str>,
         event: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
@@ -293,6 +325,7 @@ pub fn published(channel: &Channel, seq: u64, event_id: &str, id: Option<&Reques
         op: "published",
         channel,
         seq,
+        region,
         event: event_id,
         id,
     })
@@ -352,6 +385,8 @@ pub struct PresenceChange<'a> {
     pub user: &'a str,
     pub conn: &'a str,
     pub node: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<&'a str>,
     pub info: Option<&'a RawValue>,
     pub joined_at: u64,
 }
@@ -427,6 +462,8 @@ pub fn event(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json
         op: &'static str,
         channel: &'a Channel,
         seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<&'a str>,
         id: &'a str,
         ts: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -446,6 +483,7 @@ pub fn event(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json
         op: "event",
         channel: &envelope.channel,
         seq: envelope.seq,
+        region: envelope.region_name.as_deref(),
         id: &envelope.id,
         ts: envelope.ts,
         trace,
@@ -482,7 +520,7 @@ mod tests {
             r.op,
             Op::Subscribe {
                 channel: maths.clone(),
-                since: Some(41),
+                since: Some(Since::Seq(41)),
                 epoch: Some("e1".into()),
                 presence: false,
             }
@@ -568,6 +606,8 @@ mod tests {
             channel: Channel::parse("maths").unwrap(),
             seq: 42,
             last_seq: 41,
+            region: 0,
+            region_name: None,
             id: "abc".into(),
             ts: 1_700_000_000_000,
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
@@ -613,6 +653,7 @@ mod tests {
             user: "ada",
             heartbeat: 25,
             epoch: "e1",
+            region: None,
             session: None,
         };
         assert_eq!(
@@ -620,7 +661,7 @@ mod tests {
             r#"{"op":"welcome","node":"ws-1","conn":"c","user":"ada","heartbeat":25,"epoch":"e1"}"#
         );
         assert_eq!(
-            published(&ch, 7, "e", None),
+            published(&ch, 7, None, "e", None),
             r#"{"op":"published","channel":"maths","seq":7,"event":"e"}"#
         );
     }

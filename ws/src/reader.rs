@@ -21,7 +21,7 @@ use tracing::field::Empty;
 
 use crate::{
     hub::{Hub, Recipients, Source},
-    protocol,
+    mark, protocol,
     sink::{ChannelKey, Outgoing, channel_key},
 };
 
@@ -47,8 +47,9 @@ pub async fn read(
     connections.borrow_and_update();
     let mut epoch = bus.epoch();
     reader.epoch = epoch.clone();
-    // The last sequence delivered; none until the first event.
-    let mut cursor: Option<u64> = None;
+    // The last sequence delivered, per region (each region's stream counts its own); none
+    // until the region's first event.
+    let mut cursors: Vec<Option<u64>> = vec![None; bus.region_count() as usize];
     // Events that arrived together, delivered together: each recipient gets them with one
     // write. Nothing waits for a batch to fill: it is whatever NATS has already handed over.
     let mut ready: VecDeque<Envelope> = VecDeque::new();
@@ -80,23 +81,7 @@ pub async fn read(
                     break;
                 }
                 // Reconnected: nothing published meanwhile reached this subscription.
-                if let Some(last) = cursor {
-                    match bus.history(&channel, last, None).await {
-                        Ok(missed) if !missed.is_empty() => {
-                            repairs.increment(1);
-                            repaired.increment(missed.len() as u64);
-                            // Every event after `last`: each follows the one before.
-                            let mut prev = last;
-                            for event in &missed {
-                                reader.push(event, prev);
-                                prev = event.seq;
-                                cursor = Some(event.seq);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(err) => tracing::warn!(%channel, %err, "cannot catch up after reconnecting"),
-                    }
-                }
+                catch_up(&bus, &mut reader, &mut cursors).await;
                 continue;
             }
             };
@@ -112,7 +97,10 @@ pub async fn read(
             }
             first
         };
-        if let Some(last) = cursor {
+        let region = envelope.region;
+        let index = (region as usize).min(cursors.len() - 1);
+        let cursor = &mut cursors[index];
+        if let Some(last) = *cursor {
             if envelope.seq <= last {
                 // Delivered already (a repair fetched it), unless the stream was recreated:
                 // then sequences restarted and this is a channel's first event again.
@@ -126,7 +114,7 @@ pub async fn read(
                 // The channel's previous event is `last_seq`: stored, so the repair reaches it.
                 let previous = envelope.last_seq;
                 match bus
-                    .history_reaching(&channel, last, Some(envelope.seq - 1), previous)
+                    .history_reaching(&channel, region, last, Some(envelope.seq - 1), previous)
                     .await
                 {
                     Ok(missing) => {
@@ -145,9 +133,33 @@ pub async fn read(
         }
         // Its predecessor, as the stream says (0: the channel's first event).
         reader.push(&envelope, envelope.last_seq);
-        cursor = Some(envelope.seq);
+        *cursor = Some(envelope.seq);
     }
     reader.flush();
+}
+
+/// Delivers what each region stored after the last event delivered from it.
+async fn catch_up(bus: &Bus, reader: &mut Reader, cursors: &mut [Option<u64>]) {
+    let channel = reader.channel.clone();
+    for (region, cursor) in cursors.iter_mut().enumerate() {
+        let region = region as u8;
+        let Some(last) = *cursor else { continue };
+        match bus.history(&channel, region, last, None).await {
+            Ok(missed) if !missed.is_empty() => {
+                counter!("fanout_ws_gap_repairs_total").increment(1);
+                counter!("fanout_ws_events_repaired_total").increment(missed.len() as u64);
+                // Every event after `last`: each follows the one before.
+                let mut prev = last;
+                for event in &missed {
+                    reader.push(event, prev);
+                    prev = event.seq;
+                    *cursor = Some(event.seq);
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%channel, %err, "cannot catch up"),
+        }
+    }
 }
 
 /// Most events delivered together.
@@ -227,8 +239,14 @@ impl Reader {
             }
         };
         // Encoded once; each transport frames it once, for all its connections.
-        self.frames
-            .push(Outgoing::event(envelope.seq, frame).after(prev));
+        let region = envelope.region;
+        self.frames.push(
+            Outgoing::event(mark::pack(region, envelope.seq), frame).after(if prev == 0 {
+                0
+            } else {
+                mark::pack(region, prev)
+            }),
+        );
         if !span.is_none() {
             self.spans.push((span, started));
         }

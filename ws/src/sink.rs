@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     cursor::Position,
     disconnect::{self, Disconnect},
+    mark::{self, Mark},
 };
 
 /// Identifies a channel in a connection's filters: a hash of its name, computed once per
@@ -206,9 +207,9 @@ pub trait Conduit: Sink {
     fn hold(&self);
 
     /// Records that the connection has channel `key`'s events up to `upto` (a replay, or
-    /// what it had before it resumed; `None`: nothing known) and lets the held frames go,
-    /// without those covered.
-    fn release(&self, key: ChannelKey, upto: Option<u64>);
+    /// what it had before it resumed; a mark per region, none: nothing known) and lets the
+    /// held frames go, without those covered.
+    fn release(&self, key: ChannelKey, upto: &[Mark]);
 
     /// Lets the held frames go and changes nothing else.
     fn release_held(&self);
@@ -354,9 +355,10 @@ struct State<F> {
     /// Live frames held during a subscribe: (channel, seq, shared part).
     held: Option<VecDeque<(ChannelKey, u64, Bytes)>>,
     held_bytes: usize,
-    /// The channels the connection is in, each with the seq up to which it already has the
-    /// channel's events (a replay, or before it resumed), if known.
-    channels: Vec<(ChannelKey, Option<u64>)>,
+    /// The channels the connection is in, each with the mark up to which it already has the
+    /// channel's events (a replay, or before it resumed), if known. With regions, a channel
+    /// may have one entry per region.
+    channels: Vec<(ChannelKey, Option<Mark>)>,
     /// The socket failed: nothing more is written.
     broken: bool,
     /// A frame was dropped at the bounds (the client is cut off, or a collecting outbox is
@@ -369,13 +371,20 @@ impl<F> State<F> {
         key == *BROADCAST || self.channels.iter().any(|(k, _)| *k == key)
     }
 
-    /// Whether the connection already has event `seq` of channel `key` (0: not an event).
-    fn covered(&self, key: ChannelKey, seq: u64) -> bool {
+    /// Whether the connection already has event `seq` (a mark) of channel `key` (0: not an
+    /// event).
+    fn covered(&self, key: ChannelKey, seq: Mark) -> bool {
         seq != 0
-            && self
-                .channels
-                .iter()
-                .any(|&(k, upto)| k == key && upto.is_some_and(|upto| seq <= upto))
+            && self.channels.iter().any(|&(k, upto)| {
+                k == key && upto.is_some_and(|upto| mark::same_region(seq, upto) && seq <= upto)
+            })
+    }
+
+    /// Whether any event of channel `key` may be covered.
+    fn has_upto(&self, key: ChannelKey) -> bool {
+        self.channels
+            .iter()
+            .any(|&(k, upto)| k == key && upto.is_some())
     }
 
     fn waiting(&self) -> (usize, usize) {
@@ -663,41 +672,24 @@ impl<F: Framing> Sink for Outbox<F> {
         if state.broken || state.stopped || !state.entered(key) {
             return;
         }
-        // Events the connection already has (it resumed) can only be a prefix: seqs ascend.
-        let start = frames
-            .iter()
-            .position(|frame| !state.covered(key, frame.seq))
-            .unwrap_or(frames.len());
-        let frames = &frames[start..];
-        if frames.is_empty() {
-            return;
+        if !state.has_upto(key) {
+            return self.offer_run(&mut state, key, frames, outcome);
         }
-        let shared: Parts = frames.iter().map(F::shared).collect();
-        let bytes = shared.iter().map(Bytes::len).sum::<usize>();
-        if self.over(&mut state, frames.len(), bytes, outcome) {
-            return;
+        // Events the connection already has (it resumed) are a prefix of each region's (seqs
+        // ascend within a region; regions interleave): the runs between them go out.
+        let mut start = 0;
+        while start < frames.len() {
+            if state.covered(key, frames[start].seq) {
+                start += 1;
+                continue;
+            }
+            let end = frames[start..]
+                .iter()
+                .position(|frame| state.covered(key, frame.seq))
+                .map_or(frames.len(), |n| start + n);
+            self.offer_run(&mut state, key, &frames[start..end], outcome);
+            start = end;
         }
-        outcome.recipients += 1;
-        outcome.delivered += frames.len();
-        outcome.bytes += bytes;
-        let state = &mut *state;
-        if let Some(held) = &mut state.held {
-            held.extend(
-                frames
-                    .iter()
-                    .zip(shared)
-                    .map(|(frame, shared)| (key, frame.seq, shared)),
-            );
-            state.held_bytes += bytes;
-            return;
-        }
-        let mut batch = Batch::default();
-        for (frame, shared) in frames.iter().zip(shared) {
-            let mut parts = Parts::new();
-            state.framing.write(key, frame.seq, shared, &mut parts);
-            batch.frame(parts);
-        }
-        self.write_or_queue(state, batch);
     }
 
     fn kick(&self) -> &Kick {
@@ -719,6 +711,47 @@ impl<F: Framing> Sink for Outbox<F> {
             state.channels = Vec::new();
         }
         state.framing.leave(key);
+    }
+}
+
+impl<F: Framing> Outbox<F> {
+    /// [`Sink::offer`] of frames none of which the connection has.
+    fn offer_run(
+        &self,
+        state: &mut std::sync::MutexGuard<'_, State<F>>,
+        key: ChannelKey,
+        frames: &[Outgoing],
+        outcome: &mut Delivery,
+    ) {
+        if state.broken || state.stopped || frames.is_empty() {
+            return;
+        }
+        let shared: Parts = frames.iter().map(F::shared).collect();
+        let bytes = shared.iter().map(Bytes::len).sum::<usize>();
+        if self.over(state, frames.len(), bytes, outcome) {
+            return;
+        }
+        outcome.recipients += 1;
+        outcome.delivered += frames.len();
+        outcome.bytes += bytes;
+        let state = &mut **state;
+        if let Some(held) = &mut state.held {
+            held.extend(
+                frames
+                    .iter()
+                    .zip(shared)
+                    .map(|(frame, shared)| (key, frame.seq, shared)),
+            );
+            state.held_bytes += bytes;
+            return;
+        }
+        let mut batch = Batch::default();
+        for (frame, shared) in frames.iter().zip(shared) {
+            let mut parts = Parts::new();
+            state.framing.write(key, frame.seq, shared, &mut parts);
+            batch.frame(parts);
+        }
+        self.write_or_queue(state, batch);
     }
 }
 
@@ -752,10 +785,14 @@ impl<F: Framing> Conduit for Outbox<F> {
         state.held.get_or_insert_with(VecDeque::new);
     }
 
-    fn release(&self, key: ChannelKey, upto: Option<u64>) {
+    fn release(&self, key: ChannelKey, upto: &[Mark]) {
         let mut state = self.lock();
-        if let Some((_, known)) = state.channels.iter_mut().find(|(k, _)| *k == key) {
-            *known = upto;
+        if state.channels.iter().any(|(k, _)| *k == key) {
+            state.channels.retain(|(k, _)| *k != key);
+            match upto {
+                [] => state.channels.push((key, None)),
+                marks => state.channels.extend(marks.iter().map(|&m| (key, Some(m)))),
+            }
         }
         self.let_go(&mut state);
     }
@@ -835,7 +872,7 @@ mod tests {
         outbox.offer(key, &[Outgoing::other("join", "p;")], &mut outcome);
         outbox.send("subscribed", "r;"); // the reply, before the held frames
         outbox.replay(key, &event(2, "r2;")[0]);
-        outbox.release(key, Some(2));
+        outbox.release(key, &[2]);
         outbox.offer(key, &event(2, "e2;"), &mut outcome); // late duplicate
         outbox.flush().await.unwrap();
         assert_eq!(read(&mut client, 13).await, "e1;r;r2;e3;p;");
@@ -910,7 +947,7 @@ mod tests {
         outbox.replay(key, &Outgoing::event(3, big.clone()));
         outbox.replay(key, &Outgoing::event(4, "r4;"));
         // ...so the client is cut off, and the held live frame is not let go after the gap.
-        outbox.release(key, Some(4));
+        outbox.release(key, &[4]);
         outbox.offer(key, &event(6, "live6;"), &mut outcome);
         assert!(outbox.kick().token().is_cancelled());
         // What the connection's task does once kicked: write out what waits (then close).

@@ -25,7 +25,13 @@ pub(super) async fn publish(
     match session.node.publish(&channel, data.into()).await {
         Ok(published) => {
             counter!("fanout_ws_client_publishes_total").increment(1);
-            let reply = protocol::published(&channel, published.seq, &published.id, id.as_ref());
+            let reply = protocol::published(
+                &channel,
+                published.seq,
+                session.node.bus().region().map(|r| &**r),
+                &published.id,
+                id.as_ref(),
+            );
             session.send(to, reply);
         }
         Err(err) => session.reject(to, id, "publish", "bus_unavailable", err.to_string()),

@@ -10,10 +10,11 @@ use fanout::Channel;
 
 use super::{ReplyTo, Session};
 use crate::{
-    cursor::Position,
+    cursor::{Position, Spots},
     hub::SubscribeError,
+    mark,
     node::Replay,
-    protocol::{self, RequestId, Resumed},
+    protocol::{self, RequestId, Resumed, Since},
     sink::channel_key,
 };
 
@@ -22,8 +23,8 @@ use crate::{
 pub struct Subscribe {
     pub id: Option<RequestId>,
     pub channel: Channel,
-    /// Resume: the last seq the client has of the channel.
-    pub since: Option<u64>,
+    /// Resume: the last seq the client has of the channel (per region, with regions).
+    pub since: Option<Since>,
     /// The stream epoch `since` belongs to.
     pub epoch: Option<String>,
     /// Also receive the channel's presence changes.
@@ -33,7 +34,8 @@ pub struct Subscribe {
 /// Where a joining client resumes from.
 #[derive(Debug, Clone)]
 pub struct Resume {
-    pub from: Position,
+    /// A position per region (a region without one is followed from now on).
+    pub from: Spots,
     /// The epoch `from` belongs to, if the client knows it.
     pub epoch: Option<String>,
     /// When the client was known to have every event up to `from` (a cursor's time).
@@ -76,7 +78,11 @@ pub(crate) async fn join(
             // Its stream follows the channel from now on, and says so in its positions, so
             // that a reconnect replays what it missed even before its first event here.
             match node.now().await {
-                Ok(now) => conduit.position(key, Position::After(now)),
+                Ok(now) => {
+                    for position in now {
+                        conduit.position(key, position);
+                    }
+                }
                 Err(err) => tracing::warn!(%channel, %err, "cannot read the stream's sequence"),
             }
         }
@@ -84,7 +90,7 @@ pub(crate) async fn join(
         conduit.release_held();
         return Ok(());
     };
-    let replay = match node.replay(channel, from, epoch.as_deref(), at).await {
+    let replay = match node.replay(channel, &from, epoch.as_deref(), at).await {
         Ok(replay) => replay,
         Err(err) => {
             // Out again, the held frames of the channel dropped with it.
@@ -98,10 +104,10 @@ pub(crate) async fn join(
         // channel from now on: the next resume is not told so again.
         let from = match replay.recovered {
             true => Some(from),
-            false => node.now().await.ok().map(Position::After),
+            false => node.now().await.ok(),
         };
-        if let Some(from) = from {
-            conduit.position(key, from);
+        for position in from.into_iter().flatten() {
+            conduit.position(key, position);
         }
     }
     announce(Some(&replay));
@@ -109,7 +115,7 @@ pub(crate) async fn join(
         conduit.replay(key, event);
     }
     // The held live events follow, without those the replay (or the client) has.
-    conduit.release(key, replay.skip_upto);
+    conduit.release(key, &replay.skip_upto);
     Ok(())
 }
 
@@ -143,8 +149,12 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         let message = "\"broadcast\" reaches every connection; it has no presence";
         return session.reject(to, id, "subscribe", "reserved_channel", message);
     }
-    let resume = since.map(|since| Resume {
-        from: Position::Event(since),
+    let from = match since.map(|since| positions(session, since)).transpose() {
+        Ok(from) => from,
+        Err(message) => return session.reject(to, id, "subscribe", "invalid_request", message),
+    };
+    let resume = from.map(|from| Resume {
+        from,
         epoch,
         at: None,
     });
@@ -162,6 +172,35 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         };
         let to = to.expect("not announced on failure");
         session.reject(to, id, "subscribe", code, err.to_string());
+    }
+}
+
+/// A `since` as positions: a number with one region, an object of seqs by region with
+/// regions (a region it does not name is followed from now on).
+fn positions(session: &Session, since: Since) -> Result<Spots, String> {
+    let bus = session.node.bus();
+    match since {
+        Since::Seq(seq) if bus.regions().is_empty() => {
+            Ok([Position::Event(mark::pack(0, seq))].into())
+        }
+        Since::Seq(_) => Err(format!(
+            "this tier has regions ({}): \"since\" must be an object of seqs by region, e.g. {{\"{}\": 41}}",
+            bus.regions().join(","),
+            bus.regions()[0],
+        )),
+        Since::Regions(_) if bus.regions().is_empty() => {
+            Err("this tier has one region: \"since\" must be a number (a seq)".into())
+        }
+        Since::Regions(seqs) => seqs
+            .into_iter()
+            .map(|(region, seq)| match bus.region_index(&region) {
+                Some(index) => Ok(Position::Event(mark::pack(index, seq))),
+                None => Err(format!(
+                    "\"since\" names region {region:?}, which is not one of this tier's ({})",
+                    bus.regions().join(",")
+                )),
+            })
+            .collect(),
     }
 }
 

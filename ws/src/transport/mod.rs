@@ -199,11 +199,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "node": node.id(),
         "nats": node.nats_state(),
     });
+    if let Some(regions) = node.bus().regions_report() {
+        body["region"] = json!(node.bus().region().map(|r| &**r));
+        body["regions"] = regions;
+    }
     (status, Json(body)).into_response()
 }
 

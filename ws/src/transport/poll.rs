@@ -145,10 +145,13 @@ async fn answer(
     let starts = sse::starts(node, channels).await;
     let positions: Vec<_> = starts
         .iter()
-        .map(|start| (start.channel.clone(), start.resume.as_ref().map(|r| r.from)))
+        .map(|start| {
+            let from = start.resume.as_ref().map(|r| r.from.clone());
+            (start.channel.clone(), from.unwrap_or_default())
+        })
         .collect();
     let framing = JsonFraming {
-        positions: Positions::new(epoch, &positions),
+        positions: Positions::new(epoch, &positions, node.bus().regions()),
     };
     let config = node.config();
     let bounds = Bounds {
@@ -209,7 +212,7 @@ async fn answer(
             _ = outbox.kick().token().cancelled() => {}
         }
     }
-    let (events, cursor) = outbox.take(|framing| framing.positions.cursor(fanout::time::now_ms()));
+    let (events, cursor) = outbox.take(|framing| framing.positions.encode(fanout::time::now_ms()));
     node.hub().remove_conn(conn);
     drop(permit);
     let events = events
@@ -218,7 +221,7 @@ async fn answer(
         .collect();
     Ok(Answer {
         events,
-        cursor: cursor.encode(),
+        cursor,
         resumed,
     })
 }
@@ -342,7 +345,7 @@ pub(crate) async fn request(
         bytes: node.config().queue_max_bytes,
     };
     let framing = JsonFraming {
-        positions: Positions::new(node.epoch(), &[]),
+        positions: Positions::new(node.epoch(), &[], &[]),
     };
     let outbox = Arc::new(Outbox::collecting(framing, kick, bounds));
     let mut session = Session::new(Uuid::new_v4(), node.clone(), outbox, identity);

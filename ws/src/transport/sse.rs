@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     auth::Identity,
-    cursor::{Cursor, Position, Positions},
+    cursor::{Cursor, Position, Positions, Spots},
     disconnect::{self, Disconnect},
     hub::{ConnId, Profile},
     node::Node,
@@ -59,9 +59,9 @@ impl Sse {
     /// A stream in `epoch` on `channels`, each from where it starts (`broadcast` among them:
     /// every connection gets it). Every position is there before the first event is written,
     /// so that every id names every channel.
-    pub fn new(epoch: String, channels: &[(Channel, Option<Position>)]) -> Sse {
+    pub fn new(epoch: String, channels: &[(Channel, Spots)], regions: &[Arc<str>]) -> Sse {
         Sse {
-            positions: Positions::new(epoch, channels),
+            positions: Positions::new(epoch, channels, regions),
         }
     }
 }
@@ -74,7 +74,7 @@ impl Sse {
         if !vouch {
             return Bytes::from_static(b":\n\n");
         }
-        let cursor = self.positions.cursor(now_ms()).encode();
+        let cursor = self.positions.encode(now_ms());
         Bytes::from(format!(":\nid: {cursor}\n\n"))
     }
 }
@@ -98,7 +98,7 @@ impl Framing for Sse {
         self.positions.advance(key, seq);
         let mut id = BytesMut::with_capacity(64);
         id.extend_from_slice(b"id: ");
-        id.extend_from_slice(self.positions.cursor(now_ms()).encode().as_bytes());
+        id.extend_from_slice(self.positions.encode(now_ms()).as_bytes());
         id.extend_from_slice(b"\n\n");
         out.push(id.freeze());
     }
@@ -166,7 +166,7 @@ pub(crate) fn channels(
     let bad = |status, code, message: String| Err(Refusal::new(status, code, message));
     let cursor = match cursor.filter(|c| !c.trim().is_empty()) {
         None => None,
-        Some(text) => match Cursor::decode(text) {
+        Some(text) => match Cursor::decode(text, node.bus().regions()) {
             Ok(cursor) => Some(cursor),
             Err(err) => return bad(StatusCode::BAD_REQUEST, "invalid_cursor", err.to_string()),
         },
@@ -205,7 +205,7 @@ pub(crate) fn channels(
         .map(|channel| {
             let resume = cursor.as_ref().and_then(|cursor| {
                 Some(Resume {
-                    from: *cursor.positions.get(&channel)?,
+                    from: cursor.positions.get(&channel)?.clone(),
                     epoch: Some(cursor.epoch.clone()),
                     at: Some(cursor.at),
                 })
@@ -338,7 +338,7 @@ pub(crate) async fn starts(node: &Node, channels: Vec<(Channel, Option<Resume>)>
             let resuming = resume.is_some();
             let resume = resume.or_else(|| {
                 Some(Resume {
-                    from: Position::After(now?),
+                    from: now.clone()?,
                     epoch: Some(epoch.clone()),
                     at: Some(now_ms()),
                 })
@@ -382,9 +382,12 @@ async fn serve(
     let channels = Box::pin(starts(&node, channels)).await;
     let positions: Vec<_> = channels
         .iter()
-        .map(|start| (start.channel.clone(), start.resume.as_ref().map(|r| r.from)))
+        .map(|start| {
+            let from = start.resume.as_ref().map(|r| r.from.clone());
+            (start.channel.clone(), from.unwrap_or_default())
+        })
         .collect();
-    let framing = Sse::new(node.epoch(), &positions);
+    let framing = Sse::new(node.epoch(), &positions, node.bus().regions());
     let outbox = Arc::new(Outbox::new(stream, framing, kick, bounds));
     let profile = Profile {
         user: identity.user.as_str().into(),
@@ -465,6 +468,7 @@ async fn run(
         user: &session.identity().user,
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
+        region: node.bus().region().map(|r| &**r),
         session: Some(secret),
     });
     outbox.send("welcome", &welcome);
@@ -563,7 +567,11 @@ mod tests {
     #[test]
     fn events_carry_the_streams_cursor() {
         let ch = |name| Channel::parse(name).unwrap();
-        let mut sse = Sse::new("e1".into(), &[(ch("art"), Some(Position::After(40)))]);
+        let mut sse = Sse::new(
+            "e1".into(),
+            &[(ch("art"), [Position::After(40)].into())],
+            &[],
+        );
         let (maths, art) = (
             crate::sink::channel_key("maths"),
             crate::sink::channel_key("art"),
@@ -577,14 +585,17 @@ mod tests {
         let text = String::from_utf8(text).unwrap();
         let (fields, id) = text.split_once("id: ").unwrap();
         assert_eq!(fields, "event: event\ndata: {\"op\":\"event\"}\n");
-        let cursor = Cursor::decode(id.trim_end()).unwrap();
+        let cursor = Cursor::decode(id.trim_end(), &[] as &[&str]).unwrap();
         assert!(id.ends_with("\n\n"));
         assert_eq!(cursor.epoch, "e1");
         assert_eq!(
             cursor.positions.into_iter().collect::<Vec<_>>(),
             [
-                (Channel::parse("art").unwrap(), Position::After(40)),
-                (Channel::parse("maths").unwrap(), Position::Event(41)),
+                (Channel::parse("art").unwrap(), [Position::After(40)].into()),
+                (
+                    Channel::parse("maths").unwrap(),
+                    [Position::Event(41)].into()
+                ),
             ]
         );
         let mut parts = Parts::new();

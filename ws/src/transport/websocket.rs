@@ -279,6 +279,7 @@ async fn run(
         user: &session.identity().user,
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
+        region: node.bus().region().map(|r| &**r),
         session: None,
     });
     outbox.send("welcome", &welcome);
