@@ -72,3 +72,171 @@ async fn an_event_reaches_every_region_and_says_where_it_came_from() {
         .await;
     }
 }
+
+/// Where a client is in every region, as fanout.js keeps it: the last seq per region.
+fn advance(positions: &mut serde_json::Map<String, Value>, event: &Value) {
+    let region = event["region"].as_str().unwrap().to_string();
+    let seq = event["seq"].as_u64().unwrap();
+    let last = positions.get(&region).and_then(Value::as_u64).unwrap_or(0);
+    assert!(seq > last, "{region} {seq} after {last}: out of order or twice");
+    positions.insert(region, json!(seq));
+}
+
+/// The events published in each region, as (region, seq).
+async fn publish_both(eu: &Tier, us: &Tier, each: usize, tag: &str) -> Vec<(String, u64)> {
+    let mut stored = Vec::new();
+    for i in 0..each {
+        for (name, tier) in [("eu", eu), ("us", us)] {
+            let answer = post(tier, "room", json!({"tag": tag, "i": i, "from": name})).await;
+            stored.push((name.to_string(), answer["seq"].as_u64().unwrap()));
+        }
+    }
+    stored
+}
+
+fn sorted(mut events: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    events.sort();
+    events
+}
+
+fn key(event: &Value) -> (String, u64) {
+    (
+        event["region"].as_str().unwrap().to_string(),
+        event["seq"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_moves_to_another_region_with_its_positions() {
+    let (_cluster, eu, us) = two_regions().await;
+    // In `us`, the client gets events from both regions.
+    let mut client = Client::connect_url(&us.ws[0].server().ws_url()).await;
+    let epoch = client.welcome["epoch"].as_str().unwrap().to_string();
+    client.subscribe("room").await;
+    let before = publish_both(&eu, &us, 2, "before").await;
+    let mut positions = serde_json::Map::new();
+    let mut got = Vec::new();
+    while got.len() < before.len() {
+        let event = within("the events before", next_event(&mut client)).await;
+        advance(&mut positions, &event);
+        got.push(key(&event));
+    }
+    assert_eq!(sorted(got), sorted(before));
+    drop(client);
+
+    // Offline, both regions publish; the client comes back in `eu`.
+    let missed = publish_both(&eu, &us, 3, "missed").await;
+    let mut client = Client::connect_url(&eu.ws[0].server().ws_url()).await;
+    assert_eq!(client.welcome["epoch"], epoch.as_str(), "one epoch for the tier");
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "room", "id": 1,
+                        "since": positions, "epoch": epoch}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    assert_eq!(reply["recovered"], true, "{reply}");
+    // What `eu` has of `us`'s events is replayed; what its mirror has not received yet
+    // follows live.
+    let mut got = Vec::new();
+    while got.len() < missed.len() {
+        let event = within("the missed events", next_event(&mut client)).await;
+        advance(&mut positions, &event);
+        got.push(key(&event));
+    }
+    assert_eq!(sorted(got), sorted(missed), "exactly what it missed, from both regions");
+
+    // And live again, nothing twice.
+    let after = publish_both(&eu, &us, 1, "after").await;
+    let mut got = Vec::new();
+    while got.len() < after.len() {
+        let event = within("the live events", next_event(&mut client)).await;
+        advance(&mut positions, &event);
+        got.push(key(&event));
+    }
+    assert_eq!(sorted(got), sorted(after));
+
+    // A `since` that does not fit the tier says why.
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "other", "id": 2, "since": 3}))
+        .await;
+    assert_eq!(reply["code"], "invalid_request", "{reply}");
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "other", "id": 3, "since": {"ap": 3}}))
+        .await;
+    assert_eq!(reply["code"], "invalid_request", "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("ap"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_stream_resumes_in_another_region_from_its_cursor() {
+    let (_cluster, eu, us) = two_regions().await;
+    let mut stream = common::SseClient::connect(&us.ws[0].server(), "channel=room", None)
+        .await
+        .unwrap();
+    assert_eq!(stream.welcome["region"], "us");
+    let before = publish_both(&eu, &us, 2, "before").await;
+    let mut got = Vec::new();
+    while got.len() < before.len() {
+        let event = stream.until("event").await;
+        got.push(key(&event.data));
+    }
+    assert_eq!(sorted(got), sorted(before));
+    let cursor = stream.last_id.clone().expect("events carry the cursor");
+    drop(stream);
+
+    let missed = publish_both(&eu, &us, 2, "missed").await;
+    let mut stream = common::SseClient::connect(&eu.ws[0].server(), "", Some(&cursor))
+        .await
+        .unwrap();
+    let resumed = stream.until("resumed").await;
+    assert_eq!(resumed.data["recovered"], true, "{:?}", resumed);
+    let mut got = Vec::new();
+    while got.len() < missed.len() {
+        let event = stream.until("event").await;
+        got.push(key(&event.data));
+    }
+    assert_eq!(sorted(got), sorted(missed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_covers_every_region() {
+    let (_cluster, eu, us) = two_regions().await;
+    let mut bob = Client::connect_url(&eu.ws[0].server().ws_url()).await;
+    let reply = bob
+        .request(json!({"op": "subscribe", "channel": "office", "presence": true, "id": 1}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    let mut alice = Client::connect_url(&us.ws[0].server().ws_url()).await;
+    let reply = alice
+        .request(json!({"op": "subscribe", "channel": "office", "presence": true, "id": 1}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+
+    // Bob, in eu, sees Alice join in us.
+    let alice_conn = alice.welcome["conn"].as_str().unwrap().to_string();
+    let join = within("alice's join", async {
+        loop {
+            let frame = bob.recv().await;
+            if frame["op"] == "join" && frame["conn"] == alice_conn.as_str() {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert_eq!(join["region"], "us", "{join}");
+
+    // A presence query in either region lists both, each with its region.
+    for client in [&mut bob, &mut alice] {
+        let answer = client
+            .request(json!({"op": "presence", "channel": "office", "id": 9}))
+            .await;
+        assert_eq!(answer["partial"], false, "{answer}");
+        let mut regions: Vec<&str> = answer["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["region"].as_str().unwrap())
+            .collect();
+        regions.sort();
+        assert_eq!(regions, ["eu", "us"], "{answer}");
+    }
+}

@@ -149,6 +149,16 @@ impl Replica {
     /// see it: not a `leave` of a member already said to have left.
     pub fn apply(&mut self, change: &Change) -> bool {
         match change.op {
+            ChangeOp::Join
+                if self
+                    .nodes
+                    .get(&change.node)
+                    .and_then(|group| group.members.get(&change.conn))
+                    .is_some_and(|known| known.joined_at == change.joined_at) =>
+            {
+                // Known already (a seed found it, and told it): not told twice.
+                false
+            }
             ChangeOp::Join | ChangeOp::Update => {
                 self.group(&change.node).members.insert(
                     change.conn.clone(),
@@ -174,7 +184,18 @@ impl Replica {
 
     /// Replaces what is known of the nodes that answered `answer` with their answer; with
     /// `tell`, returns the changes that makes (after a NATS outage, when changes were lost).
-    pub fn seed(&mut self, channel: &Channel, answer: Presence, tell: bool) -> Vec<Outgoing> {
+    ///
+    /// With `joined_since` (unix ms), the members it finds that joined since then are told
+    /// as joins even when `tell` is false: with regions, a watch's interest takes a round
+    /// trip to reach another region, and a join published there meanwhile is not carried
+    /// (the answer has it). Clocks of different regions bound how exact that is.
+    pub fn seed(
+        &mut self,
+        channel: &Channel,
+        answer: Presence,
+        tell: bool,
+        joined_since: Option<u64>,
+    ) -> Vec<Outgoing> {
         let mut fresh: HashMap<String, HashMap<String, Known>> = HashMap::new();
         for node in &answer.nodes {
             fresh.entry(node.clone()).or_default();
@@ -212,6 +233,12 @@ impl Replica {
                 }
                 for (conn, known) in &group.members {
                     if !old.contains_key(conn) {
+                        frames.push(change_frame("join", channel, &node, conn, known));
+                    }
+                }
+            } else if let Some(since) = joined_since {
+                for (conn, known) in &group.members {
+                    if !old.contains_key(conn) && known.joined_at >= since {
                         frames.push(change_frame("join", channel, &node, conn, known));
                     }
                 }
@@ -315,6 +342,7 @@ pub async fn watch(
     };
     // Changes that arrive while a seeding query runs wait for its answer, then apply on top.
     let mut seeding = Some((query(), false));
+    let joined_since = (bus.region_count() > 1).then(fanout::time::now_ms);
     let mut waiting: Vec<Change> = Vec::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
@@ -339,7 +367,7 @@ pub async fn watch(
                 let tell = seeding.take().expect("guarded").1;
                 match answer {
                     Ok(answer) => {
-                        for frame in &replica.seed(&channel, answer, tell) {
+                        for frame in &replica.seed(&channel, answer, tell, joined_since) {
                             deliver(frame);
                         }
                     }
