@@ -240,3 +240,217 @@ async fn presence_covers_every_region() {
         assert_eq!(regions, ["eu", "us"], "{answer}");
     }
 }
+
+/// What a client that follows "room" across regions got.
+#[derive(Debug, Default)]
+struct Followed {
+    /// (region, seq) in arrival order.
+    events: Vec<(String, u64)>,
+    subscribed: bool,
+    reconnects: usize,
+    not_recovered: usize,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Followed>>;
+
+/// A client of "room" that connects to the first of `urls` that answers, and when its
+/// connection ends, to the next, resuming with its positions in every region (as fanout.js
+/// does). Stops when `stop` is cancelled.
+fn follower(
+    urls: Vec<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Shared, tokio::task::JoinHandle<()>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let shared = Shared::default();
+    let followed = shared.clone();
+    let task = tokio::spawn(async move {
+        let mut positions = serde_json::Map::new();
+        let mut epoch: Option<String> = None;
+        let mut next = 0;
+        'connect: while !stop.is_cancelled() {
+            let url = &urls[next % urls.len()];
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let mut subscribe = json!({"op": "subscribe", "channel": "room", "id": 1});
+            if !positions.is_empty() {
+                subscribe["since"] = Value::Object(positions.clone());
+                subscribe["epoch"] = json!(epoch);
+            }
+            if socket
+                .send(Message::Text(subscribe.to_string().into()))
+                .await
+                .is_err()
+            {
+                next += 1;
+                continue;
+            }
+            loop {
+                let message = tokio::select! {
+                    message = socket.next() => message,
+                    _ = stop.cancelled() => break 'connect,
+                };
+                let Some(Ok(Message::Text(text))) = message else {
+                    if matches!(message, Some(Ok(_))) {
+                        continue; // ping, pong
+                    }
+                    // The node is gone: the next one.
+                    followed.lock().unwrap().reconnects += 1;
+                    next += 1;
+                    continue 'connect;
+                };
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                let mut followed = followed.lock().unwrap();
+                match frame["op"].as_str() {
+                    Some("welcome") => epoch = frame["epoch"].as_str().map(String::from),
+                    Some("subscribed") => {
+                        followed.subscribed = true;
+                        if frame["recovered"] == false {
+                            followed.not_recovered += 1
+                        }
+                    }
+                    Some("event") => {
+                        let (region, seq) = key(&frame);
+                        let last = positions.get(&region).and_then(Value::as_u64).unwrap_or(0);
+                        if seq > last {
+                            positions.insert(region.clone(), json!(seq));
+                        }
+                        followed.events.push((region, seq));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    (shared, task)
+}
+
+/// Publishes on "room" through `api` at `rate` per second until `stop`; returns the
+/// acknowledged sequences. A publish that fails (its region is down) is given up: only
+/// acknowledged events are promised.
+fn publisher(
+    api: String,
+    rate: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let url = format!("http://{api}/v1/channels/room/events");
+        let start = tokio::time::Instant::now();
+        let mut acked = Vec::new();
+        for i in 0u32.. {
+            tokio::select! {
+                _ = tokio::time::sleep_until(start + Duration::from_secs(1) * i / rate) => {}
+                _ = stop.cancelled() => break,
+            }
+            let sent = http
+                .post(&url)
+                .timeout(Duration::from_secs(2))
+                .body(format!("{{\"i\":{i}}}"))
+                .send()
+                .await;
+            if let Ok(response) = sent
+                && response.status() == 202
+                && let Ok(body) = response.json::<Value>().await
+            {
+                acked.push(body["seq"].as_u64().unwrap());
+            }
+        }
+        acked
+    })
+}
+
+/// (missing, duplicates, out of order) of `followed` against the `acked` (region, seq).
+fn tally(followed: &Followed, acked: &[(String, u64)]) -> (usize, usize, usize) {
+    let got: std::collections::HashSet<&(String, u64)> = followed.events.iter().collect();
+    let missing = acked.iter().filter(|e| !got.contains(e)).count();
+    let duplicates = followed.events.len() - got.len();
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    let mut out_of_order = 0;
+    for (region, seq) in &followed.events {
+        let previous = last.insert(region, *seq).unwrap_or(0);
+        if *seq <= previous {
+            out_of_order += 1;
+        }
+    }
+    (missing, duplicates, out_of_order)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_dies_and_comes_back_with_nothing_lost() {
+    let (mut cluster, eu, mut us) = two_regions().await;
+    let (eu_ws, us_ws) = (eu.ws[0].server().ws_url(), us.ws[0].server().ws_url());
+    let stop_clients = tokio_util::sync::CancellationToken::new();
+    // One client stays in eu; one starts in us and moves to eu when us dies.
+    let (steady, steady_task) = follower(vec![eu_ws.clone()], stop_clients.clone());
+    let (moving, moving_task) = follower(vec![us_ws, eu_ws.clone()], stop_clients.clone());
+    eventually("both clients subscribed", || async {
+        steady.lock().unwrap().subscribed && moving.lock().unwrap().subscribed
+    })
+    .await;
+
+    let stop_eu = tokio_util::sync::CancellationToken::new();
+    let stop_us = tokio_util::sync::CancellationToken::new();
+    let publish_eu = publisher(eu.api.addr.clone(), 100, stop_eu.clone());
+    let publish_us = publisher(us.api.addr.clone(), 100, stop_us.clone());
+    // Both regions publish for a while (time passing, not a state awaited).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // kill -9 every process and NATS server of us; eu goes on publishing alone.
+    us.kill();
+    cluster.region("us").kill();
+    stop_us.cancel();
+    let acked_us = publish_us.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_eu.cancel();
+    let acked_eu = publish_eu.await.unwrap();
+    println!("acknowledged: eu {}, us {}", acked_eu.len(), acked_us.len());
+    assert!(!acked_eu.is_empty() && !acked_us.is_empty());
+    let survivor: Vec<(String, u64)> = acked_eu.iter().map(|s| ("eu".into(), *s)).collect();
+    // The survivor's clients get every survivor event while us is down.
+    common::eventually_within(
+        Duration::from_secs(30),
+        "every eu event at both clients",
+        || async {
+            tally(&steady.lock().unwrap(), &survivor).0 == 0
+                && tally(&moving.lock().unwrap(), &survivor).0 == 0
+        },
+    )
+    .await;
+
+    // us comes back with what it had stored; its acknowledged events reach eu, once.
+    cluster.restart("us");
+    cluster.wait_ready().await;
+    let us = Tier::start(&cluster, "us", 1).await;
+    us.wait_regions_current().await;
+    eu.wait_regions_current().await;
+    let mut acked = survivor.clone();
+    acked.extend(acked_us.iter().map(|s| ("us".to_string(), *s)));
+    common::eventually_within(
+        Duration::from_secs(150),
+        "every acknowledged event at both clients",
+        || async {
+            tally(&steady.lock().unwrap(), &acked).0 == 0
+                && tally(&moving.lock().unwrap(), &acked).0 == 0
+        },
+    )
+    .await;
+    stop_clients.cancel();
+    let _ = (steady_task.await, moving_task.await);
+    for (name, followed) in [("steady client (eu)", &steady), ("moving client (us, then eu)", &moving)] {
+        let followed = followed.lock().unwrap();
+        let (missing, duplicates, out_of_order) = tally(&followed, &acked);
+        println!(
+            "{name}: delivered {}, missing {missing}, duplicates {duplicates}, out of order {out_of_order}, reconnects {}, not recovered {}",
+            followed.events.len(),
+            followed.reconnects,
+            followed.not_recovered
+        );
+        assert_eq!((missing, duplicates, out_of_order, followed.not_recovered), (0, 0, 0, 0), "{name}");
+    }
+    assert!(moving.lock().unwrap().reconnects >= 1, "the moving client moved");
+    drop(us);
+}
