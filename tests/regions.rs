@@ -78,7 +78,10 @@ fn advance(positions: &mut serde_json::Map<String, Value>, event: &Value) {
     let region = event["region"].as_str().unwrap().to_string();
     let seq = event["seq"].as_u64().unwrap();
     let last = positions.get(&region).and_then(Value::as_u64).unwrap_or(0);
-    assert!(seq > last, "{region} {seq} after {last}: out of order or twice");
+    assert!(
+        seq > last,
+        "{region} {seq} after {last}: out of order or twice"
+    );
     positions.insert(region, json!(seq));
 }
 
@@ -127,7 +130,11 @@ async fn a_client_moves_to_another_region_with_its_positions() {
     // Offline, both regions publish; the client comes back in `eu`.
     let missed = publish_both(&eu, &us, 3, "missed").await;
     let mut client = Client::connect_url(&eu.ws[0].server().ws_url()).await;
-    assert_eq!(client.welcome["epoch"], epoch.as_str(), "one epoch for the tier");
+    assert_eq!(
+        client.welcome["epoch"],
+        epoch.as_str(),
+        "one epoch for the tier"
+    );
     let reply = client
         .request(json!({"op": "subscribe", "channel": "room", "id": 1,
                         "since": positions, "epoch": epoch}))
@@ -142,7 +149,11 @@ async fn a_client_moves_to_another_region_with_its_positions() {
         advance(&mut positions, &event);
         got.push(key(&event));
     }
-    assert_eq!(sorted(got), sorted(missed), "exactly what it missed, from both regions");
+    assert_eq!(
+        sorted(got),
+        sorted(missed),
+        "exactly what it missed, from both regions"
+    );
 
     // And live again, nothing twice.
     let after = publish_both(&eu, &us, 1, "after").await;
@@ -440,7 +451,10 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
     .await;
     stop_clients.cancel();
     let _ = (steady_task.await, moving_task.await);
-    for (name, followed) in [("steady client (eu)", &steady), ("moving client (us, then eu)", &moving)] {
+    for (name, followed) in [
+        ("steady client (eu)", &steady),
+        ("moving client (us, then eu)", &moving),
+    ] {
         let followed = followed.lock().unwrap();
         let (missing, duplicates, out_of_order) = tally(&followed, &acked);
         println!(
@@ -449,8 +463,15 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
             followed.reconnects,
             followed.not_recovered
         );
-        assert_eq!((missing, duplicates, out_of_order, followed.not_recovered), (0, 0, 0, 0), "{name}");
+        assert_eq!(
+            (missing, duplicates, out_of_order, followed.not_recovered),
+            (0, 0, 0, 0),
+            "{name}"
+        );
     }
-    assert!(moving.lock().unwrap().reconnects >= 1, "the moving client moved");
+    assert!(
+        moving.lock().unwrap().reconnects >= 1,
+        "the moving client moved"
+    );
     drop(us);
 }

@@ -118,7 +118,12 @@ pub(super) fn is_fatal(err: &ConnectError) -> bool {
             | ConnectErrorKind::AuthorizationViolation
             | ConnectErrorKind::Tls
             | ConnectErrorKind::ServerParse
-    )
+    ) || is_certificate(err)
+}
+
+/// rustls reports a certificate it refuses as an I/O error.
+fn is_certificate(err: &ConnectError) -> bool {
+    err.kind() == ConnectErrorKind::Io && err.to_string().contains("certificate")
 }
 
 /// What to tell the operator about a refused connection.
@@ -126,6 +131,10 @@ pub(super) fn explain(err: &ConnectError) -> String {
     let hint = match err.kind() {
         ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
             "check the user and password or token in FANOUT_NATS_URL, or FANOUT_NATS_CREDS"
+        }
+        _ if is_certificate(err) => {
+            "check FANOUT_NATS_TLS_CA (it must sign the server's certificate) and the server's \
+             name in FANOUT_NATS_URL (its certificate must name it)"
         }
         ConnectErrorKind::Tls => {
             "check FANOUT_NATS_TLS_CA (it must sign the server's certificate), the server's name \
