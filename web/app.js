@@ -41,12 +41,22 @@ function renderNodes(nodes, pinned, forced) {
     if (active) a.setAttribute("aria-current", "page");
     nav.append(a);
   };
-  // The node buttons keep the forced transport.
+  // The node buttons keep the forced transport; with regions, they come grouped by region.
   const keep = forced ? `transport=${forced}` : "";
   link("any node", `?${keep}`, pinned === null, "fail over across all nodes");
-  nodes.forEach((node, i) =>
-    link(node.name, `?node=${i + 1}${keep ? `&${keep}` : ""}`, pinned === String(i + 1), node.url),
-  );
+  const regions = [...new Set(nodes.map((n) => n.region ?? ""))];
+  for (const region of regions) {
+    if (region) {
+      const label = document.createElement("span");
+      label.className = "region-label";
+      label.textContent = region;
+      nav.append(label);
+    }
+    nodes.forEach((node, i) => {
+      if ((node.region ?? "") !== region) return;
+      link(node.name, `?node=${i + 1}${keep ? `&${keep}` : ""}`, pinned === String(i + 1), node.url);
+    });
+  }
 }
 
 const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "server-sent events", poll: "long-polling" };
@@ -83,6 +93,12 @@ function addEvent(event) {
   const seq = document.createElement("span");
   seq.className = "seq";
   seq.textContent = `#${event.seq}`;
+  if (event.region) {
+    // With regions, seqs count per region: the event says where it was published.
+    li.dataset.region = event.region;
+    seq.textContent = `${event.region} #${event.seq}`;
+    seq.title = `published in region ${event.region}`;
+  }
   const lat = document.createElement("span");
   lat.className = "latency";
   lat.textContent = `${Math.max(0, latency)} ms`;
@@ -212,7 +228,7 @@ async function liveNodes(params) {
     const live = await fetch("/v1/nodes")
       .then((r) => (r.ok ? r.json() : { nodes: [] }))
       .catch(() => ({ nodes: [] }));
-    const nodes = live.nodes.map((n) => ({ name: n.id, url: n.url }));
+    const nodes = live.nodes.map((n) => ({ name: n.id, url: n.url, region: n.region }));
     const wanted = params.get("node");
     const found = !wanted || choose(nodes, params).pinned !== null;
     if (!live.partial || found || Date.now() > deadline) return nodes;
@@ -226,7 +242,7 @@ async function main() {
   // Live discovery first; the configured list (FANOUT_WS_URLS) when no node announced itself.
   const live = await liveNodes(params);
   const listed = live.length ? live : config.nodes;
-  const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url) }));
+  const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url), region: n.region }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
   const { urls, pinned } = choose(nodes, params);
   const allowed = transports(params);
@@ -251,6 +267,7 @@ async function main() {
   client.on("welcome", (w) => {
     // A long-poll has no node of its own: each poll may reach another.
     $("node").textContent = w.node ?? "stateless polls";
+    $("region").textContent = w.region ? `in region ${w.region}` : "";
     document.title = `fanout · ${w.node ?? "long-polling"}`;
   });
   client.on("event", addEvent);

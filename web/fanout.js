@@ -84,19 +84,85 @@ export function decodeCursor(text) {
     const binary = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
     const bytes = Uint8Array.from(binary, (char) => char.charCodeAt(0));
     const cursor = JSON.parse(new TextDecoder().decode(bytes));
-    return cursor && cursor.v === 1 ? cursor : null;
+    return cursor && (cursor.v === 1 || cursor.v === 2) ? cursor : null;
   } catch {
     return null;
   }
 }
 
-/** Writes a version 1 cursor. */
+/**
+ * Writes a cursor: version 1 with a seq per channel, version 2 (a tier with regions) with
+ * `{region: seq}` per channel.
+ */
 export function encodeCursor({ e, t = 0, c = {}, s = {} }) {
-  const json = JSON.stringify({ v: 1, e, t, c, s });
+  const regions = [...Object.values(c), ...Object.values(s)].some((p) => typeof p === "object");
+  const json = JSON.stringify({ v: regions ? 2 : 1, e, t, c, s });
   const bytes = new TextEncoder().encode(json);
   let binary = "";
   for (const byte of bytes) binary += String.fromCharCode(byte);
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/**
+ * Whether a client at position `last` (a seq, or `{region: seq}` with regions) already has
+ * event `frame` (its `seq`, and its `region` with regions).
+ */
+export function hasEvent(last, frame) {
+  if (last === undefined) return false;
+  if (frame.region === undefined) return typeof last === "number" && frame.seq <= last;
+  return typeof last === "object" && last[frame.region] >= frame.seq;
+}
+
+/** The position after `last` once `frame` is received (seqs of each region only grow). */
+export function advance(last, frame) {
+  if (frame.region === undefined) return Math.max(frame.seq, typeof last === "number" ? last : 0);
+  const positions = typeof last === "object" && last !== null ? { ...last } : {};
+  positions[frame.region] = Math.max(frame.seq, positions[frame.region] ?? 0);
+  return positions;
+}
+
+/** `a` and `b` merged, the later position of each region kept (or the later seq). */
+function latest(a, b) {
+  if (a === undefined) return b;
+  if (typeof a === "number" || typeof b === "number") return Math.max(Number(a) || 0, Number(b) || 0);
+  const merged = { ...a };
+  for (const [region, seq] of Object.entries(b)) merged[region] = Math.max(seq, merged[region] ?? 0);
+  return merged;
+}
+
+/**
+ * Orders the regions of `groups` (`{region: [urls]}`) by round trip, nearest first, as
+ * `measure(url)` (a promise of milliseconds, or a rejection) finds for each region's first
+ * URL; regions that do not answer come last, in the order given. Returns the regions with
+ * their round trips.
+ */
+export async function nearest(groups, measure) {
+  const regions = Object.keys(groups);
+  const rtts = await Promise.all(
+    regions.map(async (region) => {
+      try {
+        return await measure(groups[region][0]);
+      } catch {
+        return Infinity;
+      }
+    }),
+  );
+  return regions
+    .map((region, i) => ({ region, rtt: rtts[i], order: i }))
+    .sort((a, b) => a.rtt - b.rtt || a.order - b.order)
+    .map(({ region, rtt }) => ({ region, rtt }));
+}
+
+/** The round trip to a node (ms): the better of two `GET /healthz`. */
+async function roundTrip(url, fetchImpl) {
+  const { base } = endpoint(url, "sse");
+  let best = Infinity;
+  for (let i = 0; i < 2; i++) {
+    const start = performance.now();
+    await fetchImpl(`${base}/healthz`, { mode: "no-cors", cache: "no-store" });
+    best = Math.min(best, performance.now() - start);
+  }
+  return best;
 }
 
 export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math.random) {
@@ -106,8 +172,12 @@ export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math
 
 export class FanoutClient {
   /**
-   * @param {string|string[]} urls  URLs of fanout nodes (`ws://host:port/ws`; the HTTP
-   *   transports use the same host and query)
+   * @param {string|string[]|Object<string,string[]>} urls  URLs of fanout nodes
+   *   (`ws://host:port/ws`; the HTTP transports use the same host and query), or URLs by
+   *   region (`{eu: [...], us: [...]}`): the client connects to the region with the lowest
+   *   measured round trip and fails over to the next
+   * @param {(url: string) => Promise<number>} [options.measure] measures the round trip to a
+   *   node in ms (default: the better of two `GET /healthz`)
    * @param {object} [options]
    * @param {string[]} [options.transports=["websocket","sse","poll"]] the transports to use, in
    *   order of preference
@@ -124,7 +194,14 @@ export class FanoutClient {
    *   the token expires (sent as a `refresh`)
    */
   constructor(urls, options = {}) {
-    this.urls = (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
+    // URLs grouped by region (`{eu: [...], us: [...]}`): the nearest region first, measured
+    // when connecting; the others are where it fails over to.
+    this._groups = urls && typeof urls === "object" && !Array.isArray(urls) ? urls : null;
+    /** With URLs by region: the regions by round trip ({region, rtt}), once measured. */
+    this.regions = null;
+    this.urls = this._groups
+      ? Object.values(this._groups).flat().filter(Boolean)
+      : (Array.isArray(urls) ? urls : [urls]).filter(Boolean);
     if (this.urls.length === 0) throw new Error("fanout: give at least one node URL");
     this.options = {
       minDelay: 500,
@@ -193,6 +270,19 @@ export class FanoutClient {
   /** Opens the connection (and keeps it open until {@link close}). */
   connect() {
     this._wanted = true;
+    if (this._groups && !this.regions) {
+      if (this._measuring) return this;
+      this._measuring = true;
+      const measure = this.options.measure ?? ((url) => roundTrip(url, this.options.fetch));
+      nearest(this._groups, measure).then((regions) => {
+        this._measuring = false;
+        this.regions = regions;
+        this.urls = regions.flatMap(({ region }) => this._groups[region]).filter(Boolean);
+        this._urlIndex = 0;
+        if (this._wanted && !this._socket && !this._timer && !this._opening) this._open();
+      });
+      return this;
+    }
     if (!this._socket && !this._timer && !this._opening) this._open();
     return this;
   }
@@ -425,8 +515,16 @@ export class FanoutClient {
     const c = {};
     const s = {};
     for (const channel of channels) {
-      if (this._last.has(channel)) c[channel] = this._last.get(channel);
-      else if (this._after.has(channel)) s[channel] = this._after.get(channel);
+      const last = this._last.get(channel);
+      const after = this._after.get(channel);
+      if (last !== undefined) c[channel] = last;
+      if (after !== undefined && typeof after === "object") {
+        // With regions: the regions of the channel it has seen nothing of yet.
+        const rest = Object.fromEntries(Object.entries(after).filter(([r]) => !(last?.[r] >= 0)));
+        if (Object.keys(rest).length) s[channel] = rest;
+      } else if (after !== undefined && last === undefined) {
+        s[channel] = after;
+      }
     }
     if (Object.keys(c).length + Object.keys(s).length === 0) return null;
     return encodeCursor({ e: this.epoch, t: this._vouched, c, s });
@@ -443,11 +541,12 @@ export class FanoutClient {
       this.epoch = cursor.e;
     }
     for (const [channel, seq] of Object.entries(cursor.c ?? {})) {
-      if (!(this._last.get(channel) >= seq)) this._last.set(channel, seq);
-      this._after.delete(channel);
+      this._last.set(channel, latest(this._last.get(channel), seq));
+      if (typeof seq !== "object") this._after.delete(channel);
     }
     for (const [channel, seq] of Object.entries(cursor.s ?? {})) {
-      if (!this._last.has(channel)) this._after.set(channel, seq);
+      if (typeof seq === "object") this._after.set(channel, { ...this._after.get(channel), ...seq });
+      else if (!this._last.has(channel)) this._after.set(channel, seq);
     }
     this._vouched = Math.max(this._vouched, cursor.t ?? 0);
   }
@@ -513,9 +612,15 @@ export class FanoutClient {
         // connection receives broadcast from its start): the replay has it, in order.
         if (this._resuming.has(frame.channel) && frame.channel === "broadcast") return;
         const last = this._last.get(frame.channel);
-        if (last !== undefined && frame.seq <= last) return; // had it already
-        this._last.set(frame.channel, frame.seq);
-        this._after.delete(frame.channel);
+        if (hasEvent(last, frame)) return; // had it already
+        this._last.set(frame.channel, advance(last, frame));
+        const after = this._after.get(frame.channel);
+        if (frame.region !== undefined && typeof after === "object") {
+          delete after[frame.region];
+          if (Object.keys(after).length === 0) this._after.delete(frame.channel);
+        } else {
+          this._after.delete(frame.channel);
+        }
         for (const callback of this._channels.get(frame.channel) ?? []) {
           try {
             callback(frame);

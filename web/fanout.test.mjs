@@ -570,3 +570,54 @@ test("switching transports resumes where the last one left each channel", async 
     mock.timers.reset();
   }
 });
+
+test("regions: positions per region, resumed with an object `since`, cursors of version 2", () => {
+  const { client, last } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 100 });
+  try {
+    const got = [];
+    client.subscribe("room", (event) => got.push(`${event.region}:${event.seq}`));
+    client.connect();
+    last().frame({ op: "welcome", node: "a", conn: "c", epoch: "eu-1.us-2", region: "us" });
+    const reply = last().sent.find((f) => f.op === "subscribe");
+    last().frame({ op: "subscribed", channel: "room", id: reply.id });
+    const event = (region, seq) => last().frame({ op: "event", channel: "room", region, seq, data: {} });
+    event("us", 7);
+    event("eu", 3);
+    event("us", 7); // twice: dropped
+    event("eu", 2); // older than what it has of eu: dropped
+    event("us", 9);
+    assert.deepEqual(got, ["us:7", "eu:3", "us:9"]);
+    last().drop(1006);
+    mock.timers.tick(200);
+    last().frame({ op: "welcome", node: "b", conn: "c2", epoch: "eu-1.us-2", region: "eu" });
+    const resume = last().sent.find((f) => f.op === "subscribe");
+    assert.deepEqual(resume.since, { us: 9, eu: 3 });
+    assert.equal(resume.epoch, "eu-1.us-2");
+    // The cursor an HTTP transport would send: version 2.
+    const cursor = decodeCursor(client._cursorFor(["room"]));
+    assert.equal(cursor.v, 2);
+    assert.deepEqual(cursor.c, { room: { us: 9, eu: 3 } });
+    assert.equal(decodeCursor(encodeCursor({ e: "x", c: { room: 4 } })).v, 1);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("URLs by region: the nearest region first, the others to fail over to", async () => {
+  FakeSocket.all = [];
+  const rtts = { "ws://eu-1/ws": 80, "ws://us-1/ws": 12, "ws://ap-1/ws": Promise.reject(new Error("down")) };
+  const client = new FanoutClient(
+    { eu: ["ws://eu-1/ws", "ws://eu-2/ws"], us: ["ws://us-1/ws"], ap: ["ws://ap-1/ws"] },
+    { WebSocket: FakeSocket, measure: async (url) => rtts[url] },
+  );
+  try {
+    client.connect();
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    assert.deepEqual(client.regions.map((r) => r.region), ["us", "eu", "ap"]);
+    assert.deepEqual(client.urls, ["ws://us-1/ws", "ws://eu-1/ws", "ws://eu-2/ws", "ws://ap-1/ws"]);
+    assert.equal(FakeSocket.all.at(-1).url, "ws://us-1/ws");
+  } finally {
+    client.close();
+  }
+});
