@@ -50,10 +50,12 @@ test-alone: $(NATS_SERVER) browser
 RUNS   ?= 5
 STRESS ?= 0
 
-# One nats-server, one API on :8080 and $(WS) ws nodes on :8081... (make run WS=5).
+# One nats-server, one API on :8080 and $(WS) ws nodes on :8081... (make run WS=5); with
+# REGIONS=2 (or 3): per region a 3-server NATS cluster, an API and two ws nodes, the gateways
+# between regions delayed by GEO_DELAY_MS (default 40) each way (scripts/run-geo.sh).
 run: $(NATS_SERVER)
 	cargo build --workspace --bins
-	WS=$(WS) ./scripts/run.sh
+	@if [ -n "$(REGIONS)" ]; then REGIONS=$(REGIONS) ./scripts/run-geo.sh; else WS=$(WS) ./scripts/run.sh; fi
 
 # The benchmark suite: every scenario against fanout and nats-server's WebSocket port, the
 # table in target/bench/suite.md, the figures in target/bench/suite.json (about 5 minutes).

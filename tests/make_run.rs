@@ -70,6 +70,129 @@ fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Reads `lines` into `output` until one says `ctrl-c stops everything` (bounded by `bound`).
+fn until_ready(lines: &mpsc::Receiver<String>, output: &mut Vec<String>, bound: Duration) {
+    let deadline = std::time::Instant::now() + bound;
+    while !output
+        .iter()
+        .any(|l: &String| l.contains("ctrl-c stops everything"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => output.push(line),
+            Err(_) => panic!("make run did not get ready:\n{}", output.join("\n")),
+        }
+    }
+}
+
+/// Sends the script's process group SIGINT (ctrl-c) and waits until it and every process it
+/// started have ended.
+async fn interrupt(child: &mut std::process::Child, tree: &[u32]) {
+    let status = Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = within("make run to stop", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exit.success(), "the script exited with {exit}");
+    eventually("every process of make run to end", || async move {
+        tree.iter().all(|pid| !running(*pid))
+    })
+    .await;
+}
+
+/// Every line the child writes, on a channel.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn make_run_regions_delivers_across_regions_and_ctrl_c_stops_everything() {
+    // Every port run-geo.sh uses for 2 regions, shifted by an offset where all are free.
+    let ports = |offset: u16| -> Vec<u16> {
+        let mut ports = Vec::new();
+        for r in 0..2u16 {
+            ports.extend([8080, 8081, 8082].map(|p| offset + p + 100 * r));
+            for i in 0..3u16 {
+                ports.extend([4222, 8222, 6222, 7222, 7322].map(|p| offset + p + 10 * r + i));
+            }
+        }
+        ports
+    };
+    let offset = [20_000u16, 21_000, 22_000, 23_000, 24_000, 25_000]
+        .into_iter()
+        .find(|&o| {
+            ports(o)
+                .iter()
+                .all(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        })
+        .expect("free ports for make run REGIONS=2");
+    let run_dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(workspace().join("scripts/run-geo.sh"))
+        .env("REGIONS", "2")
+        .env("PORT_OFFSET", offset.to_string())
+        .env("GEO_DELAY_MS", "40")
+        .env("RUN_DIR", run_dir.path())
+        .env("NATS_SERVER_BIN", nats_server_bin())
+        .env("BIN", binary("fanout-ws").parent().unwrap())
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut child);
+    let mut output = Vec::new();
+    until_ready(&lines, &mut output, WAIT * 4);
+    let text = output.join("\n");
+    for prefix in ["[nats-eu-0]", "[nats-us-2]", "[api-eu]", "[api-us]", "[ws-us-2]", "[wan]"] {
+        assert!(text.contains(prefix), "no {prefix} lines:\n{text}");
+    }
+    let api_eu = Server::external(format!("127.0.0.1:{}", offset + 8080).parse().unwrap());
+    let us_ws = format!("ws://127.0.0.1:{}/ws", offset + 8182);
+    // The us node hears the eu region once its mirror of it is in touch.
+    let ready = format!("http://127.0.0.1:{}/readyz", offset + 8182);
+    eventually_within(WAIT * 4, "us's mirror of eu", || async {
+        let body: serde_json::Value = match reqwest::get(&ready).await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        body["regions"]["eu"] == "current"
+    })
+    .await;
+    let mut client = Client::connect_url(&us_ws).await;
+    assert_eq!(client.welcome["region"], "us");
+    client.subscribe("room").await;
+    let seq = publish(&api_eu, "room", &serde_json::json!({"from": "eu"})).await;
+    let event = client.event().await;
+    assert_eq!((event["region"].as_str(), event["seq"].as_u64()), (Some("eu"), Some(seq)));
+
+    let tree = descendants(child.id());
+    assert!(tree.len() >= 13, "6 nats-servers, 6 fanout processes and the proxy: {tree:?}");
+    interrupt(&mut child, &tree).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
     let base = free_ports(5); // API, 2 ws nodes, NATS, NATS monitoring
@@ -91,30 +214,9 @@ async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = lines_tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
+    let lines = lines_of(&mut child);
     let mut output = Vec::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    while !output
-        .iter()
-        .any(|l: &String| l.contains("ctrl-c stops everything"))
-    {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => output.push(line),
-            Err(_) => panic!("make run did not get ready:\n{}", output.join("\n")),
-        }
-    }
+    until_ready(&lines, &mut output, WAIT);
     let text = output.join("\n");
     assert!(
         text.contains(&format!("http://localhost:{base}/?node=1")),
@@ -150,27 +252,8 @@ async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
         tree.len() >= 4,
         "expected nats, api and two nodes: {tree:?}"
     );
-    let status = Command::new("kill")
-        .args(["-INT", "--", &format!("-{}", child.id())])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = within("make run to stop", async {
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(exit.success(), "run.sh exited with {exit}");
     // The servers are gone when the script exits; the log-prefixing seds follow on EOF.
-    let tree = &tree;
-    eventually("every process of make run to end", || async move {
-        tree.iter().all(|pid| !running(*pid))
-    })
-    .await;
+    interrupt(&mut child, &tree).await;
     for client in &mut clients {
         assert_eq!(
             client.closed().await,
