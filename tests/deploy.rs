@@ -11,7 +11,11 @@ use fanout::config::Settings;
 use serde_norway::Value;
 
 fn compose() -> Value {
-    let text = std::fs::read_to_string(workspace().join("docker-compose.yml")).unwrap();
+    compose_file("docker-compose.yml")
+}
+
+fn compose_file(name: &str) -> Value {
+    let text = std::fs::read_to_string(workspace().join(name)).unwrap();
     let mut value: Value = serde_norway::from_str(&text).unwrap();
     // Resolve the `<<: *anchor` merge keys, which also appear nested (environment:).
     fn merge_all(value: &mut Value) {
@@ -300,4 +304,95 @@ fn dockerfile_builds_small_non_root_images_with_health_checks() {
         toolchain.starts_with(&format!("rustc {rust}")),
         "Dockerfile builds with Rust {rust}, tests use {toolchain}"
     );
+}
+
+/// Certificates from scripts/certs.sh in a temporary directory, and `conf` with its
+/// `/certs/` paths pointing there.
+fn with_test_certs(conf: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let certs = dir.join("certs");
+    let status = Command::new("bash")
+        .arg(workspace().join("scripts/certs.sh"))
+        .arg(&certs)
+        .arg("nats")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/certs.sh failed");
+    let text = std::fs::read_to_string(workspace().join(conf))
+        .unwrap()
+        .replace("/certs/", &format!("{}/", certs.display()));
+    let path = dir.join(conf.replace('/', "_"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn geo_nats_configs_are_valid_with_tls_on_every_link() {
+    let dir = tempfile::tempdir().unwrap();
+    for region in ["eu", "us"] {
+        let conf = format!("deploy/geo/nats-{region}.conf");
+        let text = std::fs::read_to_string(workspace().join(&conf)).unwrap();
+        // TLS for clients, routes and gateways; the cluster is named after the region.
+        assert_eq!(text.matches("tls {").count(), 3, "{conf}: a tls block per link");
+        assert!(text.contains(&format!("name: {region}\n")), "{conf}");
+        let path = with_test_certs(&conf, dir.path());
+        for i in 1..=3 {
+            let check = Command::new(nats_server_bin())
+                .env("NATS_SERVER_NAME", format!("nats-{region}-{i}"))
+                .args(["-t", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "nats-server -t {conf}: {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
+    let compose = compose_file("docker-compose.geo.yml");
+    let version = tested_nats_version();
+    let api_reads = fanout_api::Config::env_names();
+    let ws_reads = fanout_ws::Config::env_names();
+    for region in ["eu", "us"] {
+        for i in 1..=3 {
+            let nats = service(&compose, &format!("nats-{region}-{i}"));
+            assert_eq!(text(&nats["image"]), format!("nats:{version}-alpine"));
+            let volumes: Vec<String> = nats["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(text)
+                .collect();
+            assert!(
+                volumes.contains(&format!("./deploy/geo/nats-{region}.conf:/etc/nats/nats.conf:ro")),
+                "{volumes:?}"
+            );
+        }
+        for (kind, reads) in [("api", &api_reads), ("ws", &ws_reads)] {
+            let fanout = service(&compose, &format!("{kind}-{region}"));
+            let env: std::collections::BTreeMap<String, String> =
+                environment(fanout).into_iter().collect();
+            assert_eq!(env["FANOUT_REGION"], region);
+            assert_eq!(env["FANOUT_REGIONS"], "eu,us");
+            assert_eq!(env["FANOUT_HISTORY_REPLICAS"], "3");
+            let urls: Vec<&str> = env["FANOUT_NATS_URL"].split(',').collect();
+            assert_eq!(urls.len(), 3);
+            for url in urls {
+                assert!(
+                    url.starts_with(&format!("tls://nats-{region}-")),
+                    "{kind}-{region} must use its own region's servers over TLS: {url}"
+                );
+            }
+            assert!(env.contains_key("FANOUT_NATS_TLS_CA"));
+            for key in env.keys().filter(|k| k.starts_with("FANOUT_")) {
+                assert!(reads.contains(key), "{kind}-{region} sets {key}, which it does not read");
+            }
+        }
+    }
+    assert!(compose["services"]["jaeger"].is_mapping(), "one Jaeger");
 }
