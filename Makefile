@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence soak clean
+.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak clean
 
 all: build
 
@@ -72,6 +72,12 @@ bench-tracing: $(NATS_SERVER)
 bench-presence: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench presence $(BENCH_ARGS)
+
+# Two regions on loopback with a WAN delay (GEO_DELAY_MS, default 40): cross-region delivery
+# latency, in-region publish acknowledgements with the delay on and off, gateway bytes.
+bench-geo: $(NATS_SERVER)
+	cargo build --release --workspace --bins
+	target/release/fanout-bench geo --delay-ms $(or $(GEO_DELAY_MS),40) $(BENCH_ARGS)
 
 # The fault scenarios of tests/faults.rs, each publishing for SOAK_SECONDS (default 60)
 # instead of 3, with their totals printed.

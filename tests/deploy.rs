@@ -333,7 +333,11 @@ fn geo_nats_configs_are_valid_with_tls_on_every_link() {
         let conf = format!("deploy/geo/nats-{region}.conf");
         let text = std::fs::read_to_string(workspace().join(&conf)).unwrap();
         // TLS for clients, routes and gateways; the cluster is named after the region.
-        assert_eq!(text.matches("tls {").count(), 3, "{conf}: a tls block per link");
+        assert_eq!(
+            text.matches("tls {").count(),
+            3,
+            "{conf}: a tls block per link"
+        );
         assert!(text.contains(&format!("name: {region}\n")), "{conf}");
         let path = with_test_certs(&conf, dir.path());
         for i in 1..=3 {
@@ -369,7 +373,9 @@ fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
                 .map(text)
                 .collect();
             assert!(
-                volumes.contains(&format!("./deploy/geo/nats-{region}.conf:/etc/nats/nats.conf:ro")),
+                volumes.contains(&format!(
+                    "./deploy/geo/nats-{region}.conf:/etc/nats/nats.conf:ro"
+                )),
                 "{volumes:?}"
             );
         }
@@ -390,7 +396,10 @@ fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
             }
             assert!(env.contains_key("FANOUT_NATS_TLS_CA"));
             for key in env.keys().filter(|k| k.starts_with("FANOUT_")) {
-                assert!(reads.contains(key), "{kind}-{region} sets {key}, which it does not read");
+                assert!(
+                    reads.contains(key),
+                    "{kind}-{region} sets {key}, which it does not read"
+                );
             }
         }
     }

@@ -166,7 +166,14 @@ async fn make_run_regions_delivers_across_regions_and_ctrl_c_stops_everything() 
     let mut output = Vec::new();
     until_ready(&lines, &mut output, WAIT * 4);
     let text = output.join("\n");
-    for prefix in ["[nats-eu-0]", "[nats-us-2]", "[api-eu]", "[api-us]", "[ws-us-2]", "[wan]"] {
+    for prefix in [
+        "[nats-eu-0]",
+        "[nats-us-2]",
+        "[api-eu]",
+        "[api-us]",
+        "[ws-us-2]",
+        "[wan]",
+    ] {
         assert!(text.contains(prefix), "no {prefix} lines:\n{text}");
     }
     let api_eu = Server::external(format!("127.0.0.1:{}", offset + 8080).parse().unwrap());
@@ -186,10 +193,16 @@ async fn make_run_regions_delivers_across_regions_and_ctrl_c_stops_everything() 
     client.subscribe("room").await;
     let seq = publish(&api_eu, "room", &serde_json::json!({"from": "eu"})).await;
     let event = client.event().await;
-    assert_eq!((event["region"].as_str(), event["seq"].as_u64()), (Some("eu"), Some(seq)));
+    assert_eq!(
+        (event["region"].as_str(), event["seq"].as_u64()),
+        (Some("eu"), Some(seq))
+    );
 
     let tree = descendants(child.id());
-    assert!(tree.len() >= 13, "6 nats-servers, 6 fanout processes and the proxy: {tree:?}");
+    assert!(
+        tree.len() >= 13,
+        "6 nats-servers, 6 fanout processes and the proxy: {tree:?}"
+    );
     interrupt(&mut child, &tree).await;
 }
 

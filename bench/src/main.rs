@@ -11,6 +11,7 @@
 //! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
 //! fanout-bench presence [--members 100000] [--nodes 3]
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
+//! fanout-bench geo      [--delay-ms 40] [--clients 50] [--rate 100] [--duration 10] [--replicas 3]
 //! fanout-bench delay-proxy --delay-ms 40 --pairs LISTEN=TARGET,...   # a WAN link on loopback
 //! ```
 //!
@@ -22,6 +23,7 @@
 //! needed, each from its own 127.0.0.x source address; the coordinator publishes and reads
 //! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`).
 
+mod geo;
 mod hist;
 mod load;
 mod presence;
@@ -36,7 +38,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use worker::Target;
 
-const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing [options]; see bench/src/main.rs";
+const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing | geo | delay-proxy [options]; see bench/src/main.rs";
 
 /// `--name value` options, as numbers, with `--target` and flags kept as text.
 struct Options(HashMap<String, String>);
@@ -187,6 +189,17 @@ async fn coordinate(command: &str, rest: &[String]) {
             r
         }
         "presence" => presence::run(&paths, o.num("members", 100_000), o.num("nodes", 3)).await,
+        "geo" => {
+            geo::run(
+                &paths,
+                o.num("delay-ms", 40) as u64,
+                o.num("clients", 50),
+                o.num("rate", 100) as u64,
+                o.num("duration", 10) as u64,
+                o.num("replicas", 3),
+            )
+            .await
+        }
         "saturate" | "tracing" => saturate::run(&paths, command, rest).await,
         other => {
             eprintln!("fanout-bench: unknown command {other}\n{USAGE}");

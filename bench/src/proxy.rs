@@ -25,18 +25,19 @@ use tokio::{
 };
 
 /// Accepts on `listener` until the process ends; each connection is joined to `target`
-/// with `delay` each way. `bytes` counts what crosses, both ways.
+/// with `delay` (milliseconds, read for every chunk: it can be changed while running) each
+/// way. `bytes` counts what crosses, both ways.
 pub async fn serve(
     listener: TcpListener,
     target: SocketAddr,
-    delay: Duration,
+    delay: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
 ) {
     loop {
         let Ok((inbound, _)) = listener.accept().await else {
             continue;
         };
-        let bytes = bytes.clone();
+        let (bytes, delay) = (bytes.clone(), delay.clone());
         tokio::spawn(async move {
             // The far side is down (its region killed): the near side is closed at once.
             let Ok(outbound) = TcpStream::connect(target).await else {
@@ -47,7 +48,7 @@ pub async fn serve(
             let (ri, wi) = inbound.into_split();
             let (ro, wo) = outbound.into_split();
             tokio::join!(
-                pipe(ri, wo, delay, bytes.clone()),
+                pipe(ri, wo, delay.clone(), bytes.clone()),
                 pipe(ro, wi, delay, bytes)
             );
         });
@@ -58,7 +59,7 @@ pub async fn serve(
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
+    delay: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
@@ -78,6 +79,7 @@ async fn pipe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    let delay = Duration::from_millis(delay.load(Ordering::Relaxed));
                     if tx
                         .send((Instant::now() + delay, buf[..n].to_vec()))
                         .is_err()
@@ -115,7 +117,7 @@ pub async fn run(pairs: &str, delay: Duration) {
         tasks.push(tokio::spawn(serve(
             listener,
             target,
-            delay,
+            Arc::new(AtomicU64::new(delay.as_millis() as u64)),
             Arc::new(AtomicU64::new(0)),
         )));
     }
