@@ -276,8 +276,7 @@ async fn publish(api: &str, channel: &str, count: usize, rate: u64, pad: usize) 
     for task in tasks {
         task.await.unwrap();
     }
-    let acks = acks.lock().unwrap().clone();
-    acks
+    acks.lock().unwrap().clone()
 }
 
 /// Gateway bytes per event while `count` events of `pad` bytes go to `channel` through
