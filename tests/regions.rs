@@ -402,6 +402,27 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
         steady.lock().unwrap().subscribed && moving.lock().unwrap().subscribed
     })
     .await;
+    // A member in us, watched from eu.
+    let mut watcher = Client::connect_url(&eu_ws).await;
+    let reply = watcher
+        .request(json!({"op": "subscribe", "channel": "office", "presence": true, "id": 1}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    let mut member = Client::connect_url(&us.ws[0].server().ws_url()).await;
+    let reply = member
+        .request(json!({"op": "subscribe", "channel": "office", "presence": true, "id": 1}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    let member_conn = member.welcome["conn"].as_str().unwrap().to_string();
+    let presence_of = |op: &'static str| {
+        let conn = member_conn.clone();
+        move |frame: &Value| frame["op"] == op && frame["conn"] == conn.as_str()
+    };
+    let joined = presence_of("join");
+    within("the us member's join in eu", async {
+        while !joined(&watcher.recv().await) {}
+    })
+    .await;
 
     let stop_eu = tokio_util::sync::CancellationToken::new();
     let stop_us = tokio_util::sync::CancellationToken::new();
@@ -413,6 +434,7 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
     // kill -9 every process and NATS server of us; eu goes on publishing alone.
     us.kill();
     cluster.region("us").kill();
+    let killed = std::time::Instant::now();
     stop_us.cancel();
     let acked_us = publish_us.await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -431,6 +453,16 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
         },
     )
     .await;
+
+    // eu says the us member left: discovery forgets a node 6 s after its last announcement
+    // (docs/protocol.md, "Regions": within 7 s).
+    let left = presence_of("leave");
+    within("the us member's leave in eu", async {
+        while !left(&watcher.recv().await) {}
+    })
+    .await;
+    println!("the us member's leave reached eu {:?} after the kill", killed.elapsed());
+    drop(member);
 
     // us comes back with what it had stored; its acknowledged events reach eu, once.
     cluster.restart("us");

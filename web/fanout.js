@@ -28,6 +28,11 @@
 // resuming from the last `seq` it received on each (broadcast included): the node replays
 // what was missed, so nothing is lost within the history window. A `resumed` event says how
 // many events were replayed, and `recovered: false` when some could not be.
+//
+// Regions: on a tier with regions, events carry `region` and the client keeps its position
+// per region (`since: {eu: 41, us: 17}`, cursors of version 2), so it resumes on a node of any
+// region. `new FanoutClient({eu: [...], us: [...]})` connects to the region with the lowest
+// measured round trip (`client.regions`) and fails over to the others.
 // The protocol itself is described in docs/protocol.md.
 
 /** Connection states, as reported by the `state` event and `client.state`. */
