@@ -183,4 +183,37 @@ mod tests {
         let err = Link::from_common(&common).err().unwrap().to_string();
         assert!(err.contains("FANOUT_NATS_TLS_CA"), "{err}");
     }
+
+    #[test]
+    fn a_creds_file_is_checked_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user.creds");
+        std::fs::write(&path, "not a creds file").unwrap();
+        let common = Common {
+            nats_creds: path.display().to_string(),
+            ..Common::default()
+        };
+        let err = Link::from_common(&common).err().unwrap().to_string();
+        assert!(
+            err.contains("FANOUT_NATS_CREDS") && err.contains(".creds"),
+            "{err}"
+        );
+        let common = Common {
+            nats_creds: dir.path().join("missing.creds").display().to_string(),
+            ..Common::default()
+        };
+        let err = Link::from_common(&common).err().unwrap().to_string();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn a_token_in_the_url_is_a_token() {
+        let common = Common {
+            nats_url: "nats://s3cr3t@127.0.0.1:4222".into(),
+            ..Common::default()
+        };
+        let link = Link::from_common(&common).unwrap();
+        assert_eq!(link.token.as_deref(), Some("s3cr3t"));
+        assert!(link.user.is_none() && !link.tls);
+    }
 }
