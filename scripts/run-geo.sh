@@ -40,7 +40,6 @@ done
 names=("${NAMES[@]:0:$REGIONS}")
 regions=$(IFS=,; echo "${names[*]}")
 
-in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ports=()
 for r in $(seq 0 $((REGIONS - 1))); do
   ports+=($((PORT_OFFSET + 8080 + 100 * r)) $((PORT_OFFSET + 8081 + 100 * r)) $((PORT_OFFSET + 8082 + 100 * r)))
@@ -48,6 +47,8 @@ for r in $(seq 0 $((REGIONS - 1))); do
     ports+=($((PORT_OFFSET + 4222 + 10 * r + i)) $((PORT_OFFSET + 8222 + 10 * r + i)) $((PORT_OFFSET + 6222 + 10 * r + i)) $((PORT_OFFSET + 7222 + 10 * r + i)) $((PORT_OFFSET + 7322 + 10 * r + i)))
   done
 done
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 for port in "${ports[@]}"; do
   if in_use "$port"; then
     echo "run: port $port is already in use; stop what holds it (e.g. an earlier 'make run')" >&2
@@ -55,34 +56,7 @@ for port in "${ports[@]}"; do
   fi
 done
 
-pids=()
-nats_pids=()
-stop() {
-  trap - INT TERM EXIT
-  echo "[run] stopping"
-  ((${#pids[@]})) && { kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; }
-  ((${#nats_pids[@]})) && { kill -TERM "${nats_pids[@]}" 2>/dev/null || true; wait "${nats_pids[@]}" 2>/dev/null || true; }
-  echo "[run] stopped"
-}
-trap 'stop; exit 0' INT TERM
-trap stop EXIT
-
-start() {
-  local name=$1
-  shift
-  "$@" > >(trap '' INT; exec sed -u "s/^/[$name] /") 2>&1 &
-}
-
-wait_ready() {
-  local name=$1 url=$2
-  for _ in $(seq 1 300); do
-    if curl -fsS -o /dev/null "$url" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "[run] $name did not become ready at $url" >&2
-  exit 1
-}
-
+stop_on_exit
 mkdir -p "$RUN_DIR"
 # The WAN: a proxy in front of every server's gateway port; servers advertise the proxy.
 pairs=""
@@ -126,7 +100,7 @@ CONF
   done
 done
 for r in $(seq 0 $((REGIONS - 1))); do
-  for i in 0 1 2; do wait_ready "nats-${names[$r]}-$i" "http://127.0.0.1:$((PORT_OFFSET + 8222 + 10 * r + i))/healthz"; done
+  for i in 0 1 2; do wait_ready "nats-${names[$r]}-$i" "http://127.0.0.1:$((PORT_OFFSET + 8222 + 10 * r + i))/healthz" 30; done
 done
 
 for r in $(seq 0 $((REGIONS - 1))); do
@@ -145,7 +119,7 @@ for r in $(seq 0 $((REGIONS - 1))); do
 done
 for r in $(seq 0 $((REGIONS - 1))); do
   for port in $((PORT_OFFSET + 8080 + 100 * r)) $((PORT_OFFSET + 8081 + 100 * r)) $((PORT_OFFSET + 8082 + 100 * r)); do
-    wait_ready "port $port" "http://127.0.0.1:$port/readyz"
+    wait_ready "port $port" "http://127.0.0.1:$port/readyz" 30
   done
 done
 

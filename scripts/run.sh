@@ -27,8 +27,8 @@ done
 
 ws_port() { echo $((API_PORT + $1)); }
 
-# A port is taken if something accepts a connection on it.
-in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 ports=("$NATS_PORT" "$NATS_MONITOR_PORT" "$API_PORT")
 for i in $(seq 1 "$WS"); do ports+=("$(ws_port "$i")"); done
 for port in "${ports[@]}"; do
@@ -38,45 +38,10 @@ for port in "${ports[@]}"; do
   fi
 done
 
-pids=()     # fanout processes
-nats_pid=""
-stop() {
-  trap - INT TERM EXIT
-  echo "[run] stopping"
-  if ((${#pids[@]})); then
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
-  fi
-  if [[ -n "$nats_pid" ]]; then
-    kill -TERM "$nats_pid" 2>/dev/null || true
-    wait "$nats_pid" 2>/dev/null || true
-  fi
-  echo "[run] stopped"
-}
-trap 'stop; exit 0' INT TERM
-trap stop EXIT
-
-# start NAME COMMAND...: runs COMMAND with its output prefixed by [NAME]; $! is COMMAND itself.
-# The prefixing sed ignores ctrl-c so that it prints the servers' last lines.
-start() {
-  local name=$1
-  shift
-  "$@" > >(trap '' INT; exec sed -u "s/^/[$name] /") 2>&1 &
-}
-
-wait_ready() {
-  local name=$1 url=$2
-  for _ in $(seq 1 100); do
-    if curl -fsS -o /dev/null "$url" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "[run] $name did not become ready at $url" >&2
-  exit 1
-}
-
+stop_on_exit
 mkdir -p "$RUN_DIR/nats"
 start nats "$NATS_SERVER" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" -js -sd "$RUN_DIR/nats" -n fanout-nats
-nats_pid=$!
+nats_pids+=($!)
 wait_ready nats "http://127.0.0.1:$NATS_MONITOR_PORT/healthz"
 
 export FANOUT_NATS_URL="nats://127.0.0.1:$NATS_PORT"
@@ -101,6 +66,6 @@ for i in $(seq 1 "$WS"); do
 done
 echo "[run]   NATS       nats://localhost:$NATS_PORT  (monitoring http://localhost:$NATS_MONITOR_PORT)"
 echo "[run] ctrl-c stops everything"
-wait -n "${pids[@]}" "$nats_pid" || true
+wait -n "${pids[@]}" "${nats_pids[@]}" || true
 echo "[run] a process exited; stopping the rest" >&2
 exit 1

@@ -109,6 +109,29 @@ async fn interrupt(child: &mut std::process::Child, tree: &[u32]) {
     .await;
 }
 
+/// Starts `script` as `make run` does, in its own process group, with `env`, the built
+/// binaries and nats-server, and its data in `run_dir`.
+fn spawn_script(
+    script: &str,
+    run_dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> std::process::Child {
+    // `env --default-signal=INT`: a shell started with SIGINT ignored (as CI may do for
+    // background jobs) could not trap it; a terminal's ctrl-c always arrives.
+    Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(workspace().join(script))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("RUN_DIR", run_dir)
+        .env("NATS_SERVER_BIN", nats_server_bin())
+        .env("BIN", binary("fanout-ws").parent().unwrap())
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Every line the child writes, on a channel.
 fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let (lines_tx, lines) = mpsc::channel::<String>();
@@ -148,20 +171,15 @@ async fn make_run_regions_delivers_across_regions_and_ctrl_c_stops_everything() 
         })
         .expect("free ports for make run REGIONS=2");
     let run_dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new("env")
-        .arg("--default-signal=INT")
-        .arg(workspace().join("scripts/run-geo.sh"))
-        .env("REGIONS", "2")
-        .env("PORT_OFFSET", offset.to_string())
-        .env("GEO_DELAY_MS", "40")
-        .env("RUN_DIR", run_dir.path())
-        .env("NATS_SERVER_BIN", nats_server_bin())
-        .env("BIN", binary("fanout-ws").parent().unwrap())
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_script(
+        "scripts/run-geo.sh",
+        run_dir.path(),
+        &[
+            ("REGIONS", "2".into()),
+            ("PORT_OFFSET", offset.to_string()),
+            ("GEO_DELAY_MS", "40".into()),
+        ],
+    );
     let lines = lines_of(&mut child);
     let mut output = Vec::new();
     until_ready(&lines, &mut output, WAIT * 4);
@@ -210,23 +228,16 @@ async fn make_run_regions_delivers_across_regions_and_ctrl_c_stops_everything() 
 async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
     let base = free_ports(5); // API, 2 ws nodes, NATS, NATS monitoring
     let run_dir = tempfile::tempdir().unwrap();
-    // `env --default-signal=INT`: a shell started with SIGINT ignored (as CI may do for
-    // background jobs) could not trap it; a terminal's ctrl-c always arrives.
-    let mut child = Command::new("env")
-        .arg("--default-signal=INT")
-        .arg(workspace().join("scripts/run.sh"))
-        .env("WS", "2")
-        .env("API_PORT", base.to_string())
-        .env("NATS_PORT", (base + 3).to_string())
-        .env("NATS_MONITOR_PORT", (base + 4).to_string())
-        .env("RUN_DIR", run_dir.path())
-        .env("NATS_SERVER_BIN", nats_server_bin())
-        .env("BIN", binary("fanout-ws").parent().unwrap())
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_script(
+        "scripts/run.sh",
+        run_dir.path(),
+        &[
+            ("WS", "2".into()),
+            ("API_PORT", base.to_string()),
+            ("NATS_PORT", (base + 3).to_string()),
+            ("NATS_MONITOR_PORT", (base + 4).to_string()),
+        ],
+    );
     let lines = lines_of(&mut child);
     let mut output = Vec::new();
     until_ready(&lines, &mut output, WAIT);
