@@ -36,8 +36,7 @@ pub(super) struct Copy {
     mirror: Option<stream::Config>,
     /// Direct gets on the copy.
     handle: stream::Stream<()>,
-    /// Direct gets on the origin stream (over the gateway for another region): for reading
-    /// what a mirror does not have yet.
+    /// The origin stream (over the gateway for another region): its info says its epoch.
     origin: stream::Stream<()>,
     origin_name: String,
 }
@@ -432,7 +431,7 @@ impl Bus {
     }
 }
 
-/// How long a process waits for another region's stream's answer.
+/// How long a process waits for another region's stream's info.
 const MIRROR_WAIT: Duration = Duration::from_secs(2);
 
 /// The events of `channel` with `after < seq <= until` (no bound if `until` is `None`), one
