@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 const DELAY: Duration = Duration::from_millis(40);
 
 async fn two_regions() -> (Supercluster, Tier, Tier) {
-    let cluster = Supercluster::start(&["eu", "us"], DELAY);
+    let cluster = Supercluster::start(&["eu", "us"], DELAY).await;
     cluster.wait_ready().await;
     let eu = Tier::start(&cluster, "eu", 1).await;
     let us = Tier::start(&cluster, "us", 1).await;

@@ -73,17 +73,25 @@ impl Region {
     }
 }
 
+/// At most two superclusters (6 nats-servers and their fanout processes each) run at once in
+/// a test binary, so that the tests of a file running in parallel do not starve each other on
+/// a two-core machine.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The supercluster and the delay proxy in front of every gateway.
 pub struct Supercluster {
     pub regions: Vec<Region>,
     pub delay: Duration,
     proxy: Process,
     dir: TempDir,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Supercluster {
-    /// `names.len()` regions of 3 servers each, gateways delayed by `delay` each way.
-    pub fn start(names: &[&str], delay: Duration) -> Supercluster {
+    /// `names.len()` regions of 3 servers each, gateways delayed by `delay` each way (once
+    /// one of the [`SLOTS`] is free).
+    pub async fn start(names: &[&str], delay: Duration) -> Supercluster {
+        let slot = SLOTS.acquire().await.expect("never closed");
         let dir = tempfile::tempdir().unwrap();
         struct Ports {
             client: u16,
@@ -195,6 +203,7 @@ gateway {{
             delay,
             proxy,
             dir,
+            _slot: slot,
         }
     }
 
@@ -203,7 +212,7 @@ gateway {{
     pub async fn wait_ready(&self) {
         let http = reqwest::Client::new();
         let others = self.regions.len() - 1;
-        super::eventually("the supercluster to form", || async {
+        super::eventually_within(WAIT * 4, "the supercluster to form", || async {
             for region in self.regions.iter() {
                 if region.servers.iter().all(Option::is_none) {
                     continue;
@@ -334,7 +343,7 @@ impl Tier {
 
     pub async fn wait_ready(&self) {
         for process in std::iter::once(&self.api).chain(&self.ws) {
-            super::wait_ready_for(&process.server(), WAIT * 2).await;
+            super::wait_ready_for(&process.server(), WAIT * 4).await;
         }
     }
 
