@@ -252,9 +252,8 @@ struct Inner {
     js: jetstream::Context,
     subjects: Subjects,
     stream: jetstream::stream::Config,
-    /// Handle for direct gets on the stream (history, duplicates).
-    stream_handle: jetstream::stream::Stream<()>,
-    /// Per region (one entry with one region): where this process reads its events.
+    /// Per region (one entry with one region): where this process reads its events; this
+    /// region's entry is its own stream.
     copies: Vec<stream::Copy>,
     /// Region names as frames carry them (none with one region).
     region_names: Vec<Arc<str>>,
@@ -344,10 +343,6 @@ impl Bus {
 
         let subjects = Subjects::new(&common.prefix, common.regions(), &common.region);
         let stream = stream::config(common, &subjects);
-        let stream_handle = js
-            .get_stream_no_info(&stream.name)
-            .await
-            .expect("the stream name is derived from a validated prefix");
         let mut copies = Vec::new();
         for region in 0..subjects.count() {
             copies.push(stream::Copy::new(&js, common, &subjects, region).await);
@@ -372,7 +367,6 @@ impl Bus {
                 js,
                 subjects,
                 stream,
-                stream_handle,
                 mirror_states: std::sync::Mutex::new(mirror_states),
                 copies,
                 region_names,
@@ -425,11 +419,6 @@ impl Bus {
         self.inner
             .region_names
             .get(self.inner.subjects.own as usize)
-    }
-
-    /// This process's region's index (0 with one region).
-    pub fn own_region(&self) -> u8 {
-        self.inner.subjects.own
     }
 
     /// Every region's name, by index (empty with one region).

@@ -224,7 +224,7 @@ impl Bus {
 
     /// The event id stored at `seq` (for answering a duplicate publish).
     async fn stored_id(&self, seq: u64) -> Option<String> {
-        let message = self.inner.stream_handle.direct_get(seq).await.ok()?;
+        let message = self.own().handle.direct_get(seq).await.ok()?;
         Some(message.headers.get(HEADER_ID)?.as_str().to_string())
     }
 
@@ -253,7 +253,7 @@ impl Bus {
 
     /// Reads the streams' identities again (after a sequence anomaly) and returns the epoch.
     pub async fn refresh_epoch(&self) -> String {
-        if let Ok(info) = self.inner.stream_handle.get_info().await {
+        if let Ok(info) = self.own().handle.get_info().await {
             self.inner
                 .set_epoch(self.inner.subjects.own, epoch_of(&info));
         }
@@ -280,6 +280,11 @@ impl Bus {
     ) -> Result<Vec<Envelope>, BusError> {
         let copy = &self.copy(region).handle;
         self.read(copy, channel, region, after, until).await
+    }
+
+    /// This process's own region's stream.
+    fn own(&self) -> &Copy {
+        self.copy(self.inner.subjects.own)
     }
 
     fn copy(&self, region: u8) -> &Copy {

@@ -13,12 +13,19 @@ use tempfile::TempDir;
 
 use super::{Process, WAIT, nats_server_bin};
 
+/// A free port below the ephemeral range (32768 and up on Linux), never the same twice in one
+/// test binary: a port taken from the ephemeral range and released can be taken again, as the
+/// source port of one of the many connections opened before its server binds it (a killed
+/// region's servers must get theirs back on restart, too).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(12_000);
+    loop {
+        let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(port < 32_000, "no free port left below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One region's NATS cluster.
