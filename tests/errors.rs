@@ -214,13 +214,13 @@ async fn a_client_that_stops_answering_pings_is_closed() {
     let nats = NatsServer::start();
     let ws = start_ws(&nats, "ws-1", |c| c.heartbeat_secs = 1).await;
     // A hand-made client that reads everything and answers nothing: pinged, then closed.
-    let (mut silent, mut buf) = raw::connect(ws.addr, &[]).await;
-    let welcome = raw::until(&mut silent, &mut buf, 0x1).await;
-    assert!(String::from_utf8_lossy(&welcome).contains(r#""heartbeat":1"#));
-    raw::until(&mut silent, &mut buf, 0x9).await;
-    let close = raw::until(&mut silent, &mut buf, 0x8).await;
+    let mut silent = raw::Conn::with_early(ws.addr, &[]).await;
+    let welcome = silent.until(raw::TEXT).await;
+    assert!(welcome.text().contains(r#""heartbeat":1"#));
+    silent.until(raw::PING).await;
+    let close = silent.until(raw::CLOSE).await;
     assert_eq!(
-        (u16::from_be_bytes([close[0], close[1]]), &close[2..]),
+        (close.close_code(), &close.payload[2..]),
         (4002, &b"heartbeat timeout"[..])
     );
 
@@ -249,84 +249,8 @@ async fn plain_http_on_the_websocket_endpoint_is_refused_clearly() {
     assert_eq!(error_code(&body), "websocket_required");
 }
 
-/// A WebSocket client by hand, to send what a library would refuse to.
-mod raw {
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpStream,
-    };
-
-    pub const HANDSHAKE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
-    /// A client frame, masked (or not).
-    pub fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-        let mask = [7, 1, 9, 3];
-        let mut out = vec![if fin { 0x80 | opcode } else { opcode }];
-        out.push(if masked { 0x80 } else { 0 } | payload.len() as u8);
-        if masked {
-            out.extend_from_slice(&mask);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        } else {
-            out.extend_from_slice(payload);
-        }
-        out
-    }
-
-    /// Reads server frames until one of `opcode` arrives (bounded by `WAIT`); returns its
-    /// payload. Frames of other opcodes are skipped.
-    pub async fn until(stream: &mut TcpStream, buf: &mut Vec<u8>, opcode: u8) -> Vec<u8> {
-        super::within(&format!("a frame with opcode {opcode:#x}"), async {
-            loop {
-                while buf.len() >= 2 {
-                    let (len, header) = match buf[1] {
-                        126 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-                        n => (n as usize, 2),
-                    };
-                    if buf.len() < header + len {
-                        break;
-                    }
-                    let (op, payload) = (buf[0] & 0x0F, buf[header..header + len].to_vec());
-                    buf.drain(..header + len);
-                    if op == opcode {
-                        return payload;
-                    }
-                }
-                let mut chunk = [0u8; 4096];
-                let n = stream.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "closed before a frame with opcode {opcode}");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-    }
-
-    /// Connects, sending `after` in the same write as the handshake; returns the socket and
-    /// what came after the 101 response.
-    pub async fn connect(addr: std::net::SocketAddr, after: &[u8]) -> (TcpStream, Vec<u8>) {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut request = HANDSHAKE.as_bytes().to_vec();
-        request.extend_from_slice(after);
-        stream.write_all(&request).await.unwrap();
-        let mut buf = Vec::new();
-        loop {
-            let mut chunk = [0u8; 4096];
-            let n = super::within("the handshake's answer", stream.read(&mut chunk))
-                .await
-                .unwrap();
-            assert!(n > 0, "closed before answering the handshake: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                assert!(buf.starts_with(b"HTTP/1.1 101"));
-                buf.drain(..end + 4);
-                return (stream, buf);
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_framing_is_checked() {
-    use tokio::io::AsyncWriteExt;
     let nats = NatsServer::start();
     let ws = start_ws(&nats, "ws-1", |_| {}).await;
     let ping = br#"{"op":"ping","id":1}"#;
@@ -335,19 +259,16 @@ async fn websocket_framing_is_checked() {
     let mut early = raw::frame(true, 0x1, ping, true);
     early.extend(raw::frame(false, 0x1, &ping[..5], true));
     early.extend(raw::frame(true, 0x0, &ping[5..], true));
-    let (mut stream, mut buf) = raw::connect(ws.addr, &early).await;
-    let welcome = raw::until(&mut stream, &mut buf, 0x1).await;
-    assert!(String::from_utf8_lossy(&welcome).contains("welcome"));
+    let mut conn = raw::Conn::with_early(ws.addr, &early).await;
+    let welcome = conn.until(raw::TEXT).await;
+    assert!(welcome.text().contains("welcome"));
     for _ in 0..2 {
-        let pong = raw::until(&mut stream, &mut buf, 0x1).await;
-        assert_eq!(pong, br#"{"op":"pong","id":1}"#);
+        let pong = conn.until(raw::TEXT).await;
+        assert_eq!(pong.payload, br#"{"op":"pong","id":1}"#);
     }
     // A WebSocket ping gets its pong.
-    stream
-        .write_all(&raw::frame(true, 0x9, b"hi", true))
-        .await
-        .unwrap();
-    assert_eq!(raw::until(&mut stream, &mut buf, 0xA).await, b"hi");
+    conn.send(&raw::frame(true, raw::PING, b"hi", true)).await;
+    assert_eq!(conn.until(raw::PONG).await.payload, b"hi");
 
     // Broken frames close with the protocol's codes.
     for (bad, code) in [
@@ -355,10 +276,8 @@ async fn websocket_framing_is_checked() {
         (raw::frame(true, 0x1, &[0xff, 0xfe], true), 1007), // not UTF-8
         (raw::frame(true, 0x0, b"x", true), 1002),     // a continuation of nothing
     ] {
-        let (mut stream, mut buf) = raw::connect(ws.addr, &[]).await;
-        raw::until(&mut stream, &mut buf, 0x1).await; // welcome
-        stream.write_all(&bad).await.unwrap();
-        let close = raw::until(&mut stream, &mut buf, 0x8).await;
-        assert_eq!(u16::from_be_bytes([close[0], close[1]]), code);
+        let mut conn = raw::Conn::open(ws.addr).await;
+        conn.send(&bad).await;
+        assert_eq!(conn.until(raw::CLOSE).await.close_code(), code);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod geo;
 pub mod http;
+pub mod raw;
 #[allow(unused_imports)]
 pub use http::*;
 

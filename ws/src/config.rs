@@ -55,6 +55,16 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Events one connection may publish per second (and in a burst); over it: `rate_limited`.
     pub publish_rate_per_sec: u32,
+    /// Bytes the node may hold on behalf of all its clients together: incomplete frames and
+    /// fragmented messages they sent, and what waits for their sockets. A connection that
+    /// would take more is closed with 1013 ("try again later"); the others are not touched.
+    pub max_buffered_bytes: usize,
+    /// A frame (or fragmented message) a client has started must be complete within this
+    /// many milliseconds, else the connection is closed with 1008.
+    pub frame_timeout_ms: u64,
+    /// An HTTP request's head (a WebSocket upgrade's included) must arrive within this many
+    /// milliseconds of the connection (or of the previous request), else the socket is closed.
+    pub handshake_timeout_ms: u64,
     /// Where browsers reach this node, announced for discovery (`GET /v1/nodes`). Empty:
     /// `ws://{host}:<listening port>/ws`, where the page replaces `{host}` with its own host.
     pub public_url: String,
@@ -83,6 +93,9 @@ impl Default for Config {
             max_connections_per_ip: 0,
             publish_rate_per_sec: 10,
             public_url: String::new(),
+            max_buffered_bytes: 64 << 20,
+            frame_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -105,7 +118,25 @@ impl Settings for Config {
 impl Config {
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 10] = [
+        let ranges: [(&'static str, usize, usize, usize); 13] = [
+            (
+                "max_buffered_bytes",
+                self.max_buffered_bytes,
+                1 << 20,
+                1 << 40,
+            ),
+            (
+                "frame_timeout_ms",
+                self.frame_timeout_ms as usize,
+                100,
+                3_600_000,
+            ),
+            (
+                "handshake_timeout_ms",
+                self.handshake_timeout_ms as usize,
+                100,
+                3_600_000,
+            ),
             ("recent_events", self.recent_events, 0, 100_000),
             ("recent_max_bytes", self.recent_max_bytes, 0, 1 << 34),
             ("heartbeat_secs", self.heartbeat_secs as usize, 1, 3600),
@@ -146,6 +177,10 @@ impl Config {
             .map(|origin| origin.trim_end_matches('/').to_string())
             .filter(|origin| !origin.is_empty())
             .collect()
+    }
+
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.frame_timeout_ms)
     }
 
     pub fn heartbeat(&self) -> Duration {

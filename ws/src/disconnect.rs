@@ -5,9 +5,11 @@
 //! | 1000 | normal | not reconnect (the client asked to close) |
 //! | 1001 | going away | reconnect elsewhere now, and resume (the node is draining) |
 //! | 1002 | protocol error | fix the client: its frames break the WebSocket protocol |
-//! | 1007 | invalid data | fix the client: a text message that is not UTF-8 |
+//! | 1007 | invalid data | fix the client: a text message (or close reason) that is not UTF-8 |
+//! | 1008 | policy violation | a frame (or fragmented message) was started and not finished within `FANOUT_FRAME_TIMEOUT_MS`; reconnect |
 //! | 1009 | message too big | fix the client: a frame exceeded the size limit; reconnect |
 //! | 1011 | internal error | reconnect with backoff |
+//! | 1013 | try again later | the node holds as many client bytes as it may (`FANOUT_MAX_BUFFERED_BYTES`): reconnect with backoff, elsewhere if you can |
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
 //! | 4001 | slow consumer | the client did not read fast enough and its queue overflowed |
 //! | 4002 | heartbeat timeout | the client did not answer a ping within one heartbeat |
@@ -41,8 +43,18 @@ pub const PROTOCOL_ERROR: Disconnect = Disconnect {
 };
 pub const INVALID_DATA: Disconnect = Disconnect {
     code: 1007,
-    reason: "text message is not UTF-8",
+    reason: "text is not UTF-8",
     name: "invalid_data",
+};
+pub const FRAME_TIMEOUT: Disconnect = Disconnect {
+    code: 1008,
+    reason: "frame not completed in time",
+    name: "frame_timeout",
+};
+pub const TRY_AGAIN_LATER: Disconnect = Disconnect {
+    code: 1013,
+    reason: "server busy: try again later",
+    name: "try_again_later",
 };
 pub const MESSAGE_TOO_BIG: Disconnect = Disconnect {
     code: 1009,

@@ -22,10 +22,12 @@
 //! - [`protocol`]: the JSON frames.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
 //! - [`disconnect`]: the close codes and what they ask of a client.
+//! - [`budget`]: the node-wide budget of bytes held on behalf of clients.
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod cursor;
 pub mod disconnect;
@@ -83,7 +85,7 @@ pub async fn run(
     node.announce(public_url, &tasks);
     let app = transport::router(node.clone(), tasks.clone(), shutdown.clone());
     let limits = transport::http::Limits {
-        header_read_timeout: Duration::from_secs(30),
+        header_read_timeout: Duration::from_millis(node.config().handshake_timeout_ms),
     };
     transport::http::serve(listener, app, limits, shutdown.clone(), shutdown_timeout).await?;
     node.drain(drain_window).await;

@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::{
     Config,
     auth::Verifier,
+    budget::Budget,
     cursor::{Position, Spots},
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
     mark::{self, Mark, Marks},
@@ -72,6 +73,8 @@ pub struct Node {
     directory: Arc<Directory>,
     /// Where the hub reports membership changes (kept to flush them at shutdown).
     membership: mpsc::UnboundedSender<Membership>,
+    /// Bytes held on behalf of clients, all connections together (`max_buffered_bytes`).
+    budget: Arc<Budget>,
 }
 
 impl Node {
@@ -95,6 +98,7 @@ impl Node {
             membership.clone(),
         ));
         let directory = Arc::new(Directory::default());
+        let config_budget = config.max_buffered_bytes;
         let node = Arc::new(Node {
             config,
             hub: hub.clone(),
@@ -108,6 +112,7 @@ impl Node {
             broadcast_live: Arc::new(AtomicBool::new(false)),
             directory: directory.clone(),
             membership,
+            budget: Budget::new(config_budget),
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -175,6 +180,11 @@ impl Node {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The budget every connection charges what it holds to.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     pub fn hub(&self) -> &Hub {

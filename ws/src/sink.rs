@@ -36,6 +36,7 @@ use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    budget::Charge,
     cursor::Position,
     disconnect::{self, Disconnect},
     mark::{self, Mark},
@@ -364,6 +365,8 @@ struct State<F> {
     /// A frame was dropped at the bounds (the client is cut off, or a collecting outbox is
     /// full): no frame is taken after it, which would leave a gap behind the client's back.
     stopped: bool,
+    /// What the backlog and the held frames take of the node's budget (socket outboxes).
+    charge: Option<Charge>,
 }
 
 impl<F> State<F> {
@@ -425,10 +428,32 @@ impl<F: Framing> Outbox<F> {
                 channels: Vec::new(),
                 broken: false,
                 stopped: false,
+                charge: None,
             }),
             waiting: Notify::new(),
             kick,
             bounds,
+        }
+    }
+
+    /// Charges what this outbox keeps (its backlog, held frames) to the node's budget: when
+    /// the budget cannot take more, the client is closed with 1013 instead.
+    pub fn charged(self, charge: Charge) -> Outbox<F> {
+        self.lock().charge = Some(charge);
+        self
+    }
+
+    /// Brings the charge up to date with what is kept. Growth past the budget cuts the
+    /// client off (1013) and nothing more is taken; the bytes already kept stay until the
+    /// connection ends, a moment later.
+    fn recharge(&self, state: &mut State<F>) {
+        let kept = state.backlog_bytes + state.held_bytes;
+        let Some(charge) = &mut state.charge else {
+            return;
+        };
+        if charge.set(kept).is_err() && !state.stopped {
+            state.stopped = true;
+            self.kick.kick(disconnect::TRY_AGAIN_LATER);
         }
     }
 
@@ -454,6 +479,7 @@ impl<F: Framing> Outbox<F> {
             .collect();
         state.backlog_bytes = 0;
         state.backlog_frames = 0;
+        self.recharge(&mut state);
         state.stopped = true; // nothing more: the taker answers with what it has
         (kept, read(&state.framing))
     }
@@ -562,6 +588,7 @@ impl<F: Framing> Outbox<F> {
             state.backlog_frames += usize::from(ends);
             state.backlog.push_back((part, ends));
         }
+        self.recharge(state);
     }
 
     /// True when nothing waits to be written.
@@ -634,6 +661,7 @@ impl<F: Framing> Outbox<F> {
                         state.backlog.pop_front();
                     }
                     state.written = n;
+                    self.recharge(&mut state);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(err) => {
@@ -651,6 +679,7 @@ impl<F: Framing> Outbox<F> {
             return;
         };
         state.held_bytes = 0;
+        self.recharge(state);
         if state.broken || state.stopped {
             return;
         }
@@ -743,6 +772,7 @@ impl<F: Framing> Outbox<F> {
                     .map(|(frame, shared)| (key, frame.seq, shared)),
             );
             state.held_bytes += bytes;
+            self.recharge(state);
             return;
         }
         let mut batch = Batch::default();

@@ -108,11 +108,7 @@ impl Decoder {
             let message = match opcode {
                 OP_PING => Some(Incoming::Ping(payload)),
                 OP_PONG => Some(Incoming::Pong),
-                OP_CLOSE => {
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    Some(Incoming::Close(code))
-                }
+                OP_CLOSE => Some(Incoming::Close(close_code(&payload)?)),
                 OP_TEXT | OP_BINARY if self.partial.is_some() => {
                     return Err(FrameError::Protocol(
                         "a new message inside a fragmented one",
@@ -148,6 +144,16 @@ impl Decoder {
                 return Ok(Some(message));
             }
         }
+    }
+
+    /// True when nothing of a frame or message is pending: no timer need run.
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.partial.is_none()
+    }
+
+    /// Bytes this decoder holds (what the node's budget is charged).
+    pub fn held(&self) -> usize {
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, p)| p.capacity())
     }
 
     /// One complete frame: (fin, opcode, unmasked payload).
@@ -197,6 +203,30 @@ impl Decoder {
         self.buf.advance(start + len);
         Ok(Some((fin, opcode, payload)))
     }
+}
+
+/// The code of a client's close frame (RFC 6455 5.5.1, 7.4): none, or one a peer may send,
+/// followed by a UTF-8 reason.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(FrameError::Protocol("a close frame with a 1-byte payload")),
+        [high, low, reason @ ..] => {
+            let code = u16::from_be_bytes([*high, *low]);
+            if !may_send(code) {
+                return Err(FrameError::Protocol("a close code a peer may not send"));
+            }
+            std::str::from_utf8(reason).map_err(|_| FrameError::InvalidUtf8)?;
+            Ok(Some(code))
+        }
+    }
+}
+
+/// Whether a peer may send close code `code`: the defined codes but 1004–1006 and 1015
+/// (reserved, or only for reporting), and the registered (3000–3999) and private (4000–4999)
+/// ranges.
+pub fn may_send(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, FrameError> {
@@ -299,6 +329,29 @@ mod tests {
         assert_eq!(
             decode(client(true, OP_BINARY, b"a"), 100),
             Ok(Some(Incoming::Binary))
+        );
+        for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+            assert!(
+                matches!(
+                    decode(client(true, OP_CLOSE, &code.to_be_bytes()), 100),
+                    Err(FrameError::Protocol(_))
+                ),
+                "{code}"
+            );
+        }
+        for code in [1000u16, 1003, 1007, 1014, 3000, 4999] {
+            assert_eq!(
+                decode(client(true, OP_CLOSE, &code.to_be_bytes()), 100),
+                Ok(Some(Incoming::Close(Some(code))))
+            );
+        }
+        assert!(matches!(
+            decode(client(true, OP_CLOSE, &[3]), 100),
+            Err(FrameError::Protocol(_))
+        ));
+        assert_eq!(
+            decode(client(true, OP_CLOSE, &[3, 232, 0xff]), 100),
+            Err(FrameError::InvalidUtf8)
         );
         // Too big in pieces, too.
         let mut pieces = client(false, OP_TEXT, &[b'x'; 60]);

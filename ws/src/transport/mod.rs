@@ -212,6 +212,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    gauge!("fanout_ws_buffered_bytes").set(state.node.budget().used() as f64);
     gauge!("fanout_nats_connected").set(if state.node.bus().is_connected() {
         1.0
     } else {
@@ -240,6 +241,8 @@ async fn debug_state(State(state): State<AppState>) -> Response {
         "node": node.id(),
         "uptime_secs": node.uptime().as_secs(),
         "connections": node.hub().connections(),
+        "buffered_bytes": node.budget().used(),
+        "max_buffered_bytes": node.budget().limit(),
         "channels": channels,
         "nats": {
             "state": node.nats_state(),

@@ -388,7 +388,8 @@ async fn serve(
         })
         .collect();
     let framing = Sse::new(node.epoch(), &positions, node.bus().regions());
-    let outbox = Arc::new(Outbox::new(stream, framing, kick, bounds));
+    let outbox =
+        Arc::new(Outbox::new(stream, framing, kick, bounds).charged(node.budget().charge()));
     let profile = Profile {
         user: identity.user.as_str().into(),
         info: identity

@@ -176,7 +176,8 @@ async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) 
         frames: config.queue_capacity,
         bytes: config.queue_max_bytes,
     };
-    let outbox = Arc::new(Outbox::new(stream, WebSocket, kick, bounds));
+    let outbox =
+        Arc::new(Outbox::new(stream, WebSocket, kick, bounds).charged(node.budget().charge()));
     let profile = Profile {
         user: identity.user.as_str().into(),
         info: identity
@@ -200,9 +201,7 @@ async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) 
         End::ClientClosed(code) => {
             tracing::debug!(?code, "client closed");
             // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
-            let code = code
-                .filter(|c| matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999))
-                .unwrap_or(1000);
+            let code = code.filter(|&c| frame::may_send(c)).unwrap_or(1000);
             Some(frame::close(code, ""))
         }
         End::Close(reason) => {
@@ -238,6 +237,8 @@ enum Wake {
     Backlog,
     Readable(std::io::Result<()>),
     Tick,
+    /// A frame started and not finished in time.
+    Stalled,
 }
 
 /// Waits until what was sent is written, unless the connection is cut off first: a client
@@ -294,6 +295,11 @@ async fn run(
     tokio::pin!(cancelled);
     let mut expires_at = session.identity().expires_at;
     let mut expiry = expires_at.map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
+    // What the decoder holds, charged to the node's budget; and while a frame is pending,
+    // the time by which it must be complete (boxed: most connections never start one that
+    // does not complete in the same read).
+    let mut holding = node.budget().charge();
+    let mut stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         // Whole messages already read come first.
         loop {
@@ -308,6 +314,10 @@ async fn run(
                 }
             };
             awaiting_pong = false;
+            if matches!(message, Incoming::Text(_) | Incoming::Binary) {
+                // A whole message is progress: the next pending one gets its own time.
+                stall = None;
+            }
             match message {
                 Incoming::Text(text) => {
                     // Boxed: answering may await a publish or a replay, whose futures are
@@ -335,9 +345,18 @@ async fn run(
                     expires_at.map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
             }
         }
+        if decoder.is_idle() {
+            stall = None;
+        } else if stall.is_none() {
+            stall = Some(Box::pin(tokio::time::sleep(config.frame_timeout())));
+        }
+        if holding.set(decoder.held()).is_err() {
+            return End::Close(disconnect::TRY_AGAIN_LATER);
+        }
         let wake = tokio::select! {
             biased;
             _ = &mut cancelled => Wake::Kicked,
+            _ = async { stall.as_mut().unwrap().await }, if stall.is_some() => Wake::Stalled,
             _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => Wake::Expired,
             _ = outbox.waiting() => Wake::Backlog,
             readable = stream.readable() => Wake::Readable(readable),
@@ -346,6 +365,7 @@ async fn run(
         let step = match wake {
             Wake::Kicked => Err(End::Close(kick.reason())),
             Wake::Expired => Err(End::Close(disconnect::TOKEN_EXPIRED)),
+            Wake::Stalled => Err(End::Close(disconnect::FRAME_TIMEOUT)),
             Wake::Backlog => Box::pin(flush(outbox)).await,
             Wake::Readable(Err(_)) => Err(End::Gone),
             Wake::Readable(Ok(())) => match read_into(stream, decoder) {
