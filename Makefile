@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak clean
+.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak soak-churn fuzz clean
 
 all: build
 
@@ -85,6 +85,15 @@ SOAK_SECONDS ?= 60
 soak: $(NATS_SERVER)
 	cargo build --workspace --bins
 	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test faults -- --nocapture --test-threads=1
+
+# Every fuzz target (fuzz/fuzz_targets: WebSocket frames, the upgrade request, protocol ops,
+# SSE/long-poll cursors, JWTs, the HTTP publish body) for FUZZ_SECONDS each, FUZZ_JOBS at a
+# time, with cargo fuzz on nightly; prints the executions per target (scripts/fuzz.sh).
+# make test replays the seed corpora and regressions on stable (tests/fuzz_corpus.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_JOBS    ?= 1
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_JOBS=$(FUZZ_JOBS) ./scripts/fuzz.sh
 
 # What CI gates besides the tests (.ci/run runs exactly this): formatting, clippy on every
 # crate and every target (unit tests and the benchmark included), and no unused dependency.

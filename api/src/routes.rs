@@ -233,8 +233,7 @@ async fn publish(
             ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
         }
     })?;
-    serde_json::from_slice::<&serde_json::value::RawValue>(&body)
-        .map_err(ApiError::invalid_json)?;
+    check_body(&body)?;
     let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
     let Published { id, seq, duplicate } = state.bus.publish(&channel, body, key).await?;
@@ -258,6 +257,34 @@ async fn publish(
             duplicate,
         }),
     ))
+}
+
+/// A publish's body must be one JSON value; it is stored as sent, never re-encoded.
+fn check_body(body: &[u8]) -> Result<(), ApiError> {
+    serde_json::from_slice::<&serde_json::value::RawValue>(body).map_err(ApiError::invalid_json)?;
+    Ok(())
+}
+
+/// What a publish checks of its request before anything reaches NATS, for the fuzz target
+/// of the HTTP publish body (`fuzz/`): the path's channel, the `Idempotency-Key`, the body.
+/// The input is split at its first two NUL bytes: channel, key, body.
+#[doc(hidden)]
+pub fn fuzz_publish(data: &[u8]) {
+    let mut parts = data.splitn(3, |&b| b == 0);
+    let (channel, key, body) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    if let Ok(channel) = std::str::from_utf8(channel) {
+        let _ = Channel::parse(channel);
+    }
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = axum::http::HeaderValue::from_bytes(key) {
+        headers.insert("idempotency-key", value);
+    }
+    let _ = idempotency_key(&headers);
+    let _ = check_body(body);
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {

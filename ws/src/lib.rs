@@ -31,6 +31,8 @@ pub mod budget;
 pub mod config;
 pub mod cursor;
 pub mod disconnect;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod mark;
 pub mod node;

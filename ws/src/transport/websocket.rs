@@ -102,7 +102,7 @@ pub(crate) async fn upgrade(
 
 /// The `Sec-WebSocket-Accept` answer to a `Sec-WebSocket-Key` (RFC 6455 4.2.2): the base64
 /// of the SHA-1 of the key and the protocol's GUID.
-fn accept_key(key: &str) -> String {
+pub(crate) fn accept_key(key: &str) -> String {
     use base64::Engine as _;
     use sha1::{Digest, Sha1};
     const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -114,7 +114,10 @@ fn accept_key(key: &str) -> String {
 }
 
 /// Checks an upgrade request (RFC 6455 4.2.1); returns its `Sec-WebSocket-Key`.
-fn handshake(method: &Method, headers: &HeaderMap) -> Result<String, (StatusCode, &'static str)> {
+pub(crate) fn handshake(
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<String, (StatusCode, &'static str)> {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value
