@@ -46,6 +46,25 @@ impl Channel {
         Channel(Arc::from(BROADCAST))
     }
 
+    /// The probe channel of process `node` (`_fanout.canary.<node>`), where a ws node's
+    /// canary and the API's `/readyz` publish: the id's characters that a channel may not
+    /// hold replaced by `_`.
+    pub fn canary(node: &str) -> Self {
+        let id: String = node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '=' | '@') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(100)
+            .collect();
+        let id = if id.is_empty() { "_".into() } else { id };
+        Channel(Arc::from(format!("_fanout.canary.{id}")))
+    }
+
     pub fn is_broadcast(&self) -> bool {
         &*self.0 == BROADCAST
     }

@@ -7,7 +7,7 @@
 //! | POST | `/v1/broadcast` | 202, to the `broadcast` channel |
 //! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
 //! | GET | `/healthz` | 200 while the process runs |
-//! | GET | `/readyz` | 200 when NATS is connected and the stream exists, else 503 |
+//! | GET | `/readyz` | 200 when NATS is connected, the stream exists and takes a write (a probe, at most once a second), else 503 with the reason |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/v1/nodes` | the live ws nodes (discovery) |
 //! | GET | `/v1/channels/{channel}/presence` | who is in the channel across every ws node; `?count_only=true`: how many |
@@ -46,6 +46,9 @@ pub struct AppState {
     api_keys: std::sync::Arc<[String]>,
     public_ping: bool,
     nodes: std::sync::Arc<fanout::discovery::Directory>,
+    /// The last check that the stream takes writes, and when (see [`readyz`]).
+    write_check: std::sync::Arc<tokio::sync::Mutex<Option<WriteCheck>>>,
+    probe_channel: Channel,
 }
 
 impl AppState {
@@ -59,6 +62,8 @@ impl AppState {
             api_keys: config.keys().into(),
             public_ping: config.public_ping,
             nodes: std::sync::Arc::default(),
+            write_check: std::sync::Arc::default(),
+            probe_channel: Channel::canary(&config.common.node_id),
         }
     }
 
@@ -394,8 +399,44 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// When the stream was last asked to take a write, and what it said.
+type WriteCheck = (std::time::Instant, Result<(), String>);
+
+/// How long one check that the stream takes writes stands for: `/readyz` asked more often
+/// than this stores no more probes.
+const WRITE_CHECK_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the stream takes writes: a probe stored on this process's canary channel, at most
+/// once per [`WRITE_CHECK_FOR`] (one check at a time; the others wait for its answer).
+async fn stream_takes_writes(state: &AppState) -> Result<(), String> {
+    let mut last = state.write_check.lock().await;
+    if let Some((at, result)) = &*last {
+        if at.elapsed() < WRITE_CHECK_FOR {
+            return result.clone();
+        }
+    }
+    let probe = format!(r#"{{"probe":"readyz","at":{}}}"#, fanout::time::now_ms());
+    let result = match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        state.bus.publish(&state.probe_channel, probe.into(), None),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("the stream does not take writes: {err}")),
+        Err(_) => Err("the stream did not acknowledge a write within 2 s".to_string()),
+    };
+    *last = Some((std::time::Instant::now(), result.clone()));
+    result
+}
+
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let ready = state.bus.is_ready();
+    let write = if state.bus.is_ready() {
+        stream_takes_writes(&state).await
+    } else {
+        Err("NATS or the stream is not ready".to_string())
+    };
+    let ready = write.is_ok();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -406,7 +447,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "nats": state.bus.state(),
         "stream": state.bus.stream_name(),
         "stream_ready": state.bus.stream_ready(),
+        "stream_writable": write.is_ok(),
     });
+    if let Err(reason) = write {
+        body["reason"] = json!(reason);
+    }
     if let Some(regions) = state.bus.regions_report() {
         body["region"] = json!(state.bus.region().map(|r| &**r));
         body["regions"] = regions;

@@ -272,6 +272,8 @@ struct Inner {
 
     /// Counts (re)connections to NATS; subscribers catch up on each change.
     connections: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts [`Bus::resync`]s: subscribers subscribe afresh and catch up on each change.
+    resyncs: tokio::sync::watch::Sender<u64>,
     closed: CancellationToken,
 }
 
@@ -375,6 +377,7 @@ impl Bus {
                 check_stream,
                 epochs: std::sync::RwLock::new(vec![String::new(); subjects_count(common)]),
                 connections,
+                resyncs: tokio::sync::watch::Sender::new(0),
                 closed: CancellationToken::new(),
             }),
         };
@@ -475,6 +478,24 @@ impl Bus {
     /// from the stream.
     pub fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.connections.subscribe()
+    }
+
+    /// Rebuilds the delivery path after it was found broken (the ws node's canary): the
+    /// stream keeper checks the stream against our settings (and restores them), and every
+    /// [`Bus::resyncs`] watcher subscribes afresh and fetches what it missed.
+    pub fn resync(&self) {
+        self.inner.check_stream.notify_one();
+        self.inner.resyncs.send_modify(|n| *n += 1);
+    }
+
+    /// Asks the stream keeper to check the stream against our settings (and restore them).
+    pub fn check_stream(&self) {
+        self.inner.check_stream.notify_one();
+    }
+
+    /// Changes on every [`Bus::resync`].
+    pub fn resyncs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.resyncs.subscribe()
     }
 
     /// Subscribes to the events of `channel` (core NATS, no consumer state on the server).

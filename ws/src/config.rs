@@ -65,6 +65,10 @@ pub struct Config {
     /// An HTTP request's head (a WebSocket upgrade's included) must arrive within this many
     /// milliseconds of the connection (or of the previous request), else the socket is closed.
     pub handshake_timeout_ms: u64,
+    /// Every this many milliseconds the node publishes a probe through the stream and must
+    /// get it back through its subscription; two missing in a row make it unready (503)
+    /// and rebuild its subscriptions. 0: off.
+    pub canary_interval_ms: u64,
     /// Where browsers reach this node, announced for discovery (`GET /v1/nodes`). Empty:
     /// `ws://{host}:<listening port>/ws`, where the page replaces `{host}` with its own host.
     pub public_url: String,
@@ -96,6 +100,7 @@ impl Default for Config {
             max_buffered_bytes: 64 << 20,
             frame_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
+            canary_interval_ms: 5000,
         }
     }
 }
@@ -157,6 +162,15 @@ impl Config {
             return Err(ConfigError::invalid(
                 "auth",
                 format!("{:?}: use \"none\" or \"jwt\"", self.auth),
+            ));
+        }
+        if self.canary_interval_ms != 0 && !(100..=600_000).contains(&self.canary_interval_ms) {
+            return Err(ConfigError::invalid(
+                "canary_interval_ms",
+                format!(
+                    "{} is outside 100..=600000 (or 0: off)",
+                    self.canary_interval_ms
+                ),
             ));
         }
         for (setting, value, min, max) in ranges {

@@ -22,12 +22,14 @@
 //! - [`protocol`]: the JSON frames.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
 //! - [`disconnect`]: the close codes and what they ask of a client.
+//! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
 //! - [`budget`]: the node-wide budget of bytes held on behalf of clients.
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
 
 pub mod auth;
 pub mod budget;
+pub mod canary;
 pub mod config;
 pub mod cursor;
 pub mod disconnect;

@@ -32,6 +32,7 @@ use crate::{
     Config,
     auth::Verifier,
     budget::Budget,
+    canary,
     cursor::{Position, Spots},
     hub::{ConnId, Hub, Interest, Membership, SubscribeError},
     mark::{self, Mark, Marks},
@@ -75,6 +76,8 @@ pub struct Node {
     membership: mpsc::UnboundedSender<Membership>,
     /// Bytes held on behalf of clients, all connections together (`max_buffered_bytes`).
     budget: Arc<Budget>,
+    /// What the canary last found of the delivery path.
+    canary: Arc<canary::Health>,
 }
 
 impl Node {
@@ -113,6 +116,7 @@ impl Node {
             directory: directory.clone(),
             membership,
             budget: Budget::new(config_budget),
+            canary: Arc::default(),
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -153,6 +157,18 @@ impl Node {
             )
             .instrument(span.clone()),
         );
+        if node.config.canary_interval_ms > 0 {
+            tracker.spawn(
+                canary::run(
+                    bus.clone(),
+                    node.id().into(),
+                    Duration::from_millis(node.config.canary_interval_ms),
+                    node.canary.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(span.clone()),
+            );
+        }
         let live = node.broadcast_live.clone();
         let with_trace = node.config.event_trace_id;
         let coalesce = Duration::from_millis(node.config.coalesce_ms);
@@ -234,11 +250,18 @@ impl Node {
         &self.bus
     }
 
-    /// NATS connected, the stream present, `broadcast` subscribed, and not draining.
+    /// NATS connected, the stream present, `broadcast` subscribed, the canary's probes
+    /// coming back, and not draining.
     pub fn is_ready(&self) -> bool {
         self.bus.is_ready()
             && self.broadcast_live.load(Ordering::Acquire)
+            && self.canary.is_ok()
             && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Why the canary finds the delivery path broken, while it does.
+    pub fn canary_failure(&self) -> Option<String> {
+        self.canary.reason()
     }
 
     /// Subscribes connection `conn` to `channel` (with `presence`, to its presence changes

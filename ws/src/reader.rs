@@ -45,6 +45,8 @@ pub async fn read(
     let repaired = counter!("fanout_ws_events_repaired_total");
     let mut connections = bus.connections();
     connections.borrow_and_update();
+    let mut resyncs = bus.resyncs();
+    resyncs.borrow_and_update();
     let mut epoch = bus.epoch();
     reader.epoch = epoch.clone();
     // The last sequence delivered, per region (each region's stream counts its own); none
@@ -81,6 +83,19 @@ pub async fn read(
                     break;
                 }
                 // Reconnected: nothing published meanwhile reached this subscription.
+                catch_up(&bus, &mut reader, &mut cursors).await;
+                continue;
+            }
+            changed = resyncs.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // The delivery path was broken: subscribe afresh (the server may have lost
+                // or refused the old subscription), then fetch what was stored meanwhile.
+                match bus.subscribe(&channel).await {
+                    Ok(fresh) => subscription = fresh,
+                    Err(err) => tracing::warn!(%channel, %err, "cannot subscribe afresh"),
+                }
                 catch_up(&bus, &mut reader, &mut cursors).await;
                 continue;
             }

@@ -203,6 +203,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "node": node.id(),
         "nats": node.nats_state(),
+        "canary": match node.canary_failure() {
+            None => json!({"ok": true}),
+            Some(reason) => json!({"ok": false, "reason": reason}),
+        },
     });
     if let Some(regions) = node.bus().regions_report() {
         body["region"] = json!(node.bus().region().map(|r| &**r));
