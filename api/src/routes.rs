@@ -410,10 +410,10 @@ const WRITE_CHECK_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 /// once per [`WRITE_CHECK_FOR`] (one check at a time; the others wait for its answer).
 async fn stream_takes_writes(state: &AppState) -> Result<(), String> {
     let mut last = state.write_check.lock().await;
-    if let Some((at, result)) = &*last {
-        if at.elapsed() < WRITE_CHECK_FOR {
-            return result.clone();
-        }
+    if let Some((at, result)) = &*last
+        && at.elapsed() < WRITE_CHECK_FOR
+    {
+        return result.clone();
     }
     let probe = format!(r#"{{"probe":"readyz","at":{}}}"#, fanout::time::now_ms());
     let result = match tokio::time::timeout(
