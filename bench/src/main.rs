@@ -13,6 +13,8 @@
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
 //! fanout-bench geo      [--delay-ms 40] [--clients 50] [--rate 100] [--duration 10] [--replicas 3]
 //! fanout-bench delay-proxy --delay-ms 40 --pairs LISTEN=TARGET,...   # a WAN link on loopback
+//! fanout-bench soak-churn [--minutes 30] [--rate 200] [--churners 30] [--plot FILE.svg] [--out FILE.json]
+//! fanout-bench hostile  [--connections 3000] [--announce 64000]
 //! ```
 //!
 //! `--shared N` turns fan-out into "many channels": each client in its own channel plus one
@@ -29,6 +31,7 @@ mod load;
 mod presence;
 mod proxy;
 mod saturate;
+mod soak;
 mod suite;
 mod tier;
 mod worker;
@@ -38,7 +41,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use worker::Target;
 
-const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing | geo | delay-proxy [options]; see bench/src/main.rs";
+const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing | geo | delay-proxy | soak-churn | hostile [options]; see bench/src/main.rs";
 
 /// `--name value` options, as numbers, with `--target` and flags kept as text.
 struct Options(HashMap<String, String>);
@@ -201,15 +204,44 @@ async fn coordinate(command: &str, rest: &[String]) {
             .await
         }
         "saturate" | "tracing" => saturate::run(&paths, command, rest).await,
+        "soak-churn" => {
+            let minutes = o.0.get("minutes").map_or(30.0, |m| {
+                m.parse().unwrap_or_else(|_| {
+                    eprintln!("fanout-bench: --minutes needs a number\n{USAGE}");
+                    std::process::exit(2)
+                })
+            });
+            soak::churn(
+                &paths,
+                minutes,
+                o.num("rate", 200) as u64,
+                o.num("churners", 30),
+                o.0.get("plot").map(String::as_str),
+            )
+            .await
+        }
+        "hostile" => {
+            soak::hostile(
+                &paths,
+                o.num("connections", 3000),
+                o.num("announce", 64_000),
+            )
+            .await
+        }
         other => {
             eprintln!("fanout-bench: unknown command {other}\n{USAGE}");
             std::process::exit(2);
         }
     };
-    let file = write(
-        &format!("{command}.json"),
-        &serde_json::to_string_pretty(&json!(results)).unwrap(),
-    );
+    let text = serde_json::to_string_pretty(&json!(results)).unwrap();
+    // `--out FILE`: the results there instead (a test's own copy).
+    let file = match o.0.get("out") {
+        Some(path) => {
+            std::fs::write(path, &text).unwrap();
+            std::path::PathBuf::from(path)
+        }
+        None => write(&format!("{command}.json"), &text),
+    };
     println!("results: {}", file.display());
 }
 

@@ -1,0 +1,103 @@
+"""The whole fanout protocol through a third-party WebSocket client: Python's `websockets`
+(PyPI), run by tests/third_party.rs against a live tier. Exits 0 when every step holds.
+
+usage: websockets_client.py WS_BASE_URL API_BASE_URL
+"""
+
+import asyncio
+import json
+import sys
+import urllib.request
+
+from websockets.asyncio.client import connect
+
+WS, API = sys.argv[1], sys.argv[2]
+TIMEOUT = 15
+
+
+def post(channel, data):
+    request = urllib.request.Request(
+        f"{API}/v1/channels/{channel}/events",
+        data=json.dumps(data).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        assert response.status == 202, response.status
+        return json.load(response)
+
+
+async def until(ws, match):
+    """The next frame for which match(frame) holds; others are skipped."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            frame = json.loads(await ws.recv())
+            if match(frame):
+                return frame
+
+
+def reply(id_):
+    return lambda f: f.get("id") == id_
+
+
+async def main():
+    async with connect(f"{WS}/ws?user=py") as ws:
+        welcome = json.loads(await ws.recv())
+        assert welcome["op"] == "welcome" and welcome["user"] == "py", welcome
+        epoch = welcome["epoch"]
+
+        await ws.send(json.dumps({"op": "subscribe", "channel": "py", "id": 1, "presence": True}))
+        subscribed = await until(ws, reply(1))
+        assert subscribed["op"] == "subscribed", subscribed
+
+        # An event published over HTTP arrives.
+        accepted = post("py", {"from": "http"})
+        event = await until(ws, lambda f: f.get("op") == "event" and f["seq"] == accepted["seq"])
+        assert event["data"] == {"from": "http"}, event
+
+        # A client publish: its reply and its event, in whatever order they come.
+        await ws.send(json.dumps({"op": "publish", "channel": "py", "data": {"from": "ws"}, "id": 2}))
+        seen = {}
+        async with asyncio.timeout(TIMEOUT):
+            while len(seen) < 2:
+                frame = json.loads(await ws.recv())
+                if frame.get("id") == 2:
+                    assert frame["op"] == "published", frame
+                    seen["published"] = frame
+                elif frame.get("op") == "event" and frame["data"] == {"from": "ws"}:
+                    seen["event"] = frame
+        assert seen["published"]["seq"] == seen["event"]["seq"], seen
+        last = seen["event"]["seq"]
+
+        # Presence: this client is a member.
+        await ws.send(json.dumps({"op": "presence", "channel": "py", "id": 3}))
+        presence = await until(ws, reply(3))
+        assert any(m["user"] == "py" for m in presence["members"]), presence
+
+        # Requests: ping, a fragmented request (the library sends an iterable as fragments),
+        # a WebSocket ping, bad input answered with an error frame, unsubscribe.
+        await ws.send(json.dumps({"op": "ping", "id": 4}))
+        assert (await until(ws, reply(4)))["op"] == "pong"
+        await ws.send(['{"op":"ping",', '"id":5}'])
+        assert (await until(ws, reply(5)))["op"] == "pong"
+        async with asyncio.timeout(TIMEOUT):
+            await (await ws.ping(b"hello"))
+        await ws.send(json.dumps({"op": "dance", "id": 6}))
+        error = await until(ws, reply(6))
+        assert error["op"] == "error", error
+        await ws.send(json.dumps({"op": "unsubscribe", "channel": "py", "id": 7}))
+        assert (await until(ws, reply(7)))["op"] == "unsubscribed"
+    # A normal close, answered with 1000.
+    assert ws.close_code == 1000, ws.close_code
+
+    # Resume: what was published while away arrives after reconnecting with the position.
+    missed = post("py", {"while": "away"})
+    async with connect(f"{WS}/ws?user=py") as ws:
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"op": "subscribe", "channel": "py", "since": last, "epoch": epoch, "id": 8}))
+        event = await until(ws, lambda f: f.get("op") == "event")
+        assert event["seq"] == missed["seq"] and event["data"] == {"while": "away"}, event
+    print("websockets client: every step held")
+
+
+asyncio.run(main())
