@@ -69,7 +69,7 @@ async fn steady_client(addr: String, channels: Vec<String>, got: Got, ready: Arc
 /// One churning client's life on `addr`, over transport `kind` (0 WebSocket, 1 SSE, 2
 /// long-poll): connect, subscribe, take what comes for a moment, leave.
 async fn churn_once(http: &reqwest::Client, addr: &str, kind: u64, n: u64) -> bool {
-    let channel = if n % 2 == 0 {
+    let channel = if n.is_multiple_of(2) {
         format!("soak.{}", n % CHANNELS as u64)
     } else {
         // A channel of its own: the node subscribes in NATS and unsubscribes again.
@@ -82,7 +82,8 @@ async fn churn_once(http: &reqwest::Client, addr: &str, kind: u64, n: u64) -> bo
             let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url).await else {
                 return false;
             };
-            let subscribe = json!({"op": "subscribe", "channel": channel, "presence": n % 3 == 0});
+            let subscribe =
+                json!({"op": "subscribe", "channel": channel, "presence": n.is_multiple_of(3)});
             if socket
                 .send(Message::Text(subscribe.to_string().into()))
                 .await
