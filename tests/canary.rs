@@ -126,7 +126,10 @@ async fn a_stream_that_stops_republishing_is_found_and_repaired() {
     }
     let after = publish(&api, "news", &json!("after")).await;
     assert_eq!(client.event().await["seq"], after);
-    assert_eq!(metric(&ws, "fanout_ws_canary_ok").await, Some(1.0));
+    eventually("the gauge to say the path works", || async {
+        metric(&ws, "fanout_ws_canary_ok").await == Some(1.0)
+    })
+    .await;
     let intervals = |d: Duration| d.as_millis() as f64 / INTERVAL_MS as f64;
     println!(
         "found broken after {:.1} intervals, ready again {:.1} intervals after the breaking \
