@@ -130,6 +130,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let channel = channel(&node);
+    // Probes carry this run's nonce: anything else on the channel (a client or the API
+    // publishing there) is not a probe and cannot make a broken path look healthy.
+    let nonce: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
     let mut subscription: Option<Subscription> = None;
     let mut tally = Tally::default();
     let refused: Arc<Mutex<Option<String>>> = Arc::default();
@@ -152,7 +155,9 @@ pub async fn run(
             next = probe => {
                 match next {
                     Some(Ok(envelope)) => {
-                        if let Some(n) = probe_number(&envelope.data) {
+                        if let Some(n) = probe_number(&envelope.data, &nonce)
+                            && n <= tally.sent
+                        {
                             tally.back = tally.back.max(n);
                         }
                     }
@@ -174,7 +179,7 @@ pub async fn run(
                 // Reconnected while broken: probe now rather than at the next tick.
                 subscription = bus.subscribe(&channel).await.ok();
                 tally.sent += 1;
-                probe_out(&bus, &channel, &node, tally.sent, &refused);
+                probe_out(&bus, &channel, &nonce, tally.sent, &refused);
                 continue;
             }
             _ = ticker.tick() => {}
@@ -200,7 +205,7 @@ pub async fn run(
             subscription = bus.subscribe(&channel).await.ok();
         }
         tally.sent += 1;
-        probe_out(&bus, &channel, &node, tally.sent, &refused);
+        probe_out(&bus, &channel, &nonce, tally.sent, &refused);
     }
 }
 
@@ -215,12 +220,12 @@ fn recovered(bus: &Bus, health: &Health) {
 fn probe_out(
     bus: &Bus,
     channel: &Channel,
-    node: &str,
+    nonce: &str,
     n: u64,
     refused: &Arc<Mutex<Option<String>>>,
 ) {
     let (bus, channel, refused) = (bus.clone(), channel.clone(), refused.clone());
-    let data = format!(r#"{{"probe":{n},"node":{node:?}}}"#);
+    let data = format!(r#"{{"probe":{n},"nonce":"{nonce}"}}"#);
     tokio::spawn(async move {
         if let Err(err) = bus.publish(&channel, data.into(), None).await {
             *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
@@ -228,12 +233,17 @@ fn probe_out(
     });
 }
 
-fn probe_number(data: &[u8]) -> Option<u64> {
+/// The number of a probe of this run (`nonce`), if `data` is one.
+fn probe_number(data: &[u8], nonce: &str) -> Option<u64> {
     #[derive(serde::Deserialize)]
-    struct Probe {
+    struct Probe<'a> {
         probe: u64,
+        nonce: &'a str,
     }
-    serde_json::from_slice::<Probe>(data).ok().map(|p| p.probe)
+    serde_json::from_slice::<Probe>(data)
+        .ok()
+        .filter(|p| p.nonce == nonce)
+        .map(|p| p.probe)
 }
 
 #[cfg(test)]
@@ -269,6 +279,19 @@ mod tests {
             panic!("expected broken");
         };
         assert!(reason.contains("no responders"), "{reason}");
+    }
+
+    #[test]
+    fn only_this_runs_probes_count() {
+        assert_eq!(
+            probe_number(br#"{"probe":3,"nonce":"abc"}"#, "abc"),
+            Some(3)
+        );
+        assert_eq!(
+            probe_number(br#"{"probe":99,"nonce":"forged"}"#, "abc"),
+            None
+        );
+        assert_eq!(probe_number(br#"{"probe":99}"#, "abc"), None);
     }
 
     #[test]
