@@ -10,6 +10,9 @@ use std::{fmt, sync::Arc};
 /// The reserved channel every connection receives without subscribing.
 pub const BROADCAST: &str = "broadcast";
 
+/// The first segment of fanout's own channels.
+pub const INTERNAL_PREFIX: &str = "_fanout.";
+
 /// Longest channel name accepted, in characters (all of them are ASCII, so also bytes).
 pub const MAX_LEN: usize = 128;
 
@@ -62,7 +65,13 @@ impl Channel {
             .take(100)
             .collect();
         let id = if id.is_empty() { "_".into() } else { id };
-        Channel(Arc::from(format!("_fanout.canary.{id}")))
+        Channel(Arc::from(format!("{INTERNAL_PREFIX}canary.{id}")))
+    }
+
+    /// Whether this is one of fanout's own channels (`_fanout.…`, the canaries' probes):
+    /// no client subscribes or publishes there, and the API does not publish there.
+    pub fn is_internal(&self) -> bool {
+        self.0.starts_with(INTERNAL_PREFIX)
     }
 
     pub fn is_broadcast(&self) -> bool {

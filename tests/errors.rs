@@ -43,6 +43,13 @@ async fn http_bad_input_gets_json_errors() {
         (413, "payload_too_large"),
         "{body}"
     );
+    // fanout's own channels (the canaries' probes) are no one else's.
+    let (status, body) = post_raw(&api, "/v1/channels/_fanout.canary.ws-1/events", "1").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "reserved_channel"),
+        "{body}"
+    );
     let (status, body) = post_raw(&api, "/v1/broadcast", "{").await;
     assert_eq!((status, error_code(&body)), (400, "invalid_json"));
 
@@ -118,7 +125,7 @@ async fn websocket_bad_input_gets_error_frames_and_the_connection_stays() {
     bystander.subscribe("maths").await;
     let mut client = Client::connect(&ws).await;
 
-    let cases: [(&str, &str, Value); 9] = [
+    let cases: [(&str, &str, Value); 11] = [
         ("{nope", "invalid_json", Value::Null),
         ("[1,2]", "invalid_json", Value::Null),
         (r#"{"op":"dance","id":1}"#, "unknown_op", json!("dance")),
@@ -147,6 +154,17 @@ async fn websocket_bad_input_gets_error_frames_and_the_connection_stays() {
             r#"{"op":"unsubscribe","channel":"broadcast"}"#,
             "reserved_channel",
             json!("unsubscribe"),
+        ),
+        // fanout's own channels: the canaries' probes.
+        (
+            r#"{"op":"subscribe","channel":"_fanout.canary.ws-1"}"#,
+            "forbidden",
+            json!("subscribe"),
+        ),
+        (
+            r#"{"op":"publish","channel":"_fanout.canary.ws-1","data":{"probe":1}}"#,
+            "forbidden",
+            json!("publish"),
         ),
     ];
     for (request, code, reference) in cases {

@@ -214,6 +214,16 @@ async fn publish_event(
     let Path(channel) = channel
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
     let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
+    if channel.is_internal() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "reserved_channel",
+            format!(
+                "channels starting with {:?} are fanout's own",
+                fanout::channel::INTERNAL_PREFIX
+            ),
+        ));
+    }
     publish(&state, channel, &headers, body).await
 }
 

@@ -102,12 +102,13 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// fanout's own channels (`_fanout.…`) are no one's.
     pub fn may_subscribe(&self, channel: &Channel) -> bool {
-        channel.is_broadcast() || self.subscribe.allows(channel)
+        channel.is_broadcast() || (!channel.is_internal() && self.subscribe.allows(channel))
     }
 
     pub fn may_publish(&self, channel: &Channel) -> bool {
-        self.publish.allows(channel)
+        !channel.is_internal() && self.publish.allows(channel)
     }
 }
 
