@@ -369,8 +369,20 @@ pub async fn churn(
         .sum();
 
     // RSS growth after the warm-up (the first 5 minutes, or the first half of a short run):
-    // the last sample against the one at the end of the warm-up, per process.
-    let warm = (minutes * 60.0 / 2.0).min(300.0);
+    // the mean over the last window of the run against the mean over the window right after
+    // the warm-up, per process (windows of a tenth of the run, at least a minute; a mean,
+    // since a garbage-collected process such as nats-server saws up and down by 20%).
+    let run = minutes * 60.0;
+    let warm = (run / 2.0).min(300.0);
+    let window = (run / 10.0).max(60.0).min(run - warm);
+    let mean = |from: f64, to: f64, i: usize| {
+        let inside: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.at >= from && s.at <= to)
+            .map(|s| s.rss_kib[i] as f64)
+            .collect();
+        inside.iter().sum::<f64>() / inside.len().max(1) as f64
+    };
     let at_warm = samples
         .iter()
         .find(|s| s.at >= warm)
@@ -379,13 +391,17 @@ pub async fn churn(
     let last = samples.last().unwrap().clone();
     let mut processes = BTreeMap::new();
     for (i, name) in names.iter().enumerate() {
-        let growth = last.rss_kib[i] as f64 / at_warm.rss_kib[i].max(1) as f64 - 1.0;
+        let early = mean(warm, warm + window, i);
+        let late = mean(last.at - window, last.at, i);
+        let growth = late / early.max(1.0) - 1.0;
         processes.insert(
             name.to_string(),
             json!({
                 "rss_mib_start": before.rss_kib[i] as f64 / 1024.0,
                 "rss_mib_after_warmup": at_warm.rss_kib[i] as f64 / 1024.0,
                 "rss_mib_end": last.rss_kib[i] as f64 / 1024.0,
+                "rss_mib_mean_after_warmup": early / 1024.0,
+                "rss_mib_mean_at_end": late / 1024.0,
                 "rss_growth_after_warmup_pct": (growth * 1000.0).round() / 10.0,
                 "fds_before": before.fds[i],
                 "fds_peak": samples.iter().map(|s| s.fds[i]).max(),
