@@ -19,16 +19,18 @@ async fn readyz(server: &Server) -> (u16, Value) {
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
-async fn metric(server: &Server, name: &str) -> Option<f64> {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .map(|v| v.trim().parse().unwrap())
+/// `/readyz` of `ws` once it answers 503: its body.
+async fn until_unready(ws: &Server) -> Value {
+    within("the node to find its delivery path broken", async {
+        loop {
+            let (status, body) = readyz(ws).await;
+            if status == 503 {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 async fn stream(nats: &NatsServer) -> async_nats::jetstream::Context {
@@ -89,16 +91,8 @@ async fn a_stream_that_stops_republishing_is_found_and_repaired() {
     }
 
     // Found: not ready, with the reason, and the gauge says so.
-    let reason = within("the node to find its delivery path broken", async {
-        loop {
-            let (status, body) = readyz(&ws).await;
-            if status == 503 {
-                return body["canary"]["reason"].as_str().unwrap_or("").to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let body = until_unready(&ws).await;
+    let reason = body["canary"]["reason"].as_str().unwrap_or("").to_string();
     let found = broken.elapsed();
     stop.cancel();
     breaker.await.unwrap();
@@ -300,16 +294,7 @@ async fn a_subscription_permission_revoked_and_restored_is_found_and_caught_up()
     for i in 0..3 {
         missed.push(publish(&api, "news", &json!(format!("during {i}"))).await);
     }
-    let (_, body) = within("the node to find its delivery path broken", async {
-        loop {
-            let (status, body) = readyz(&ws).await;
-            if status == 503 {
-                return (status, body);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let body = until_unready(&ws).await;
     assert_eq!(body["nats"], "connected", "{body}");
     assert_eq!(body["canary"]["ok"], false, "{body}");
     // It cannot repair this itself: it stays unready while the permission is gone.

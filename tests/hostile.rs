@@ -18,17 +18,9 @@ fn unfinished(len: usize, sent: usize) -> Vec<u8> {
 }
 
 async fn buffered_bytes(ws: &Server) -> u64 {
-    let metrics = reqwest::get(ws.url("/metrics"))
+    metric(ws, "fanout_ws_buffered_bytes")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("fanout_ws_buffered_bytes "))
-        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        .expect("fanout_ws_buffered_bytes in /metrics")
+        .expect("fanout_ws_buffered_bytes in /metrics") as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -518,16 +518,8 @@ async fn a_polling_client_publishes_and_asks_presence_with_post_request() {
 
 /// `fanout_ws_replayed_events_total{from=...}` of a node process.
 async fn replayed(server: &Server, from: &str) -> u64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("fanout_ws_replayed_events_total{{from=\"{from}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |n| n.trim().parse().unwrap())
+    let series = format!("fanout_ws_replayed_events_total{{from=\"{from}\"}}");
+    metric(server, &series).await.map_or(0, |n| n as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,15 +249,9 @@ async fn get_json(server: &Server, path: &str) -> (u16, Value) {
 
 /// The ghost-leave counter of an in-process node (0 when never incremented).
 async fn ghost_leaves(server: &Server) -> u64 {
-    let text = reqwest::get(server.url("/metrics"))
+    metric(server, "fanout_ws_presence_ghost_leaves_total")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("fanout_ws_presence_ghost_leaves_total "))
-        .map_or(0, |n| n.trim().parse().unwrap())
+        .map_or(0, |n| n as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

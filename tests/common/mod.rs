@@ -373,6 +373,22 @@ impl Tier {
     }
 }
 
+/// The value of the metric sample `series` (a name, with its labels if it has any:
+/// `fanout_ws_replayed_events_total{from="memory"}`) in a server's `/metrics`; `None` when
+/// it is not there (a counter never incremented).
+pub async fn metric(server: &Server, series: &str) -> Option<f64> {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 pub async fn wait_ready(server: &Server) {
     wait_ready_for(server, WAIT).await;
 }
