@@ -526,6 +526,17 @@ impl Node {
             Position::Event(_) if after > 0 => {
                 match self.bus.is_stored(channel, region, after).await {
                     Ok(true) => Ok(true),
+                    // Another region's copy that has not reached the client's position yet
+                    // (a mirror lags its origin, where the client saw the event): nothing
+                    // after it can be gone from the copy; it arrives there in order.
+                    Ok(false) if self.is_mirror(region) => match sequences {
+                        Some((_, last)) => Ok(last < after || (young && below_limit)),
+                        None => self
+                            .bus
+                            .sequences(region)
+                            .await
+                            .map(|(_, last)| last < after || (young && below_limit)),
+                    },
                     Ok(false) => Ok(young && below_limit),
                     Err(err) => Err(err),
                 }
@@ -551,6 +562,12 @@ impl Node {
             })
             .collect();
         Ok((events, recovered, skip))
+    }
+
+    /// Whether this node reads region `region`'s events from a mirror (another region's).
+    fn is_mirror(&self, region: u8) -> bool {
+        self.bus.region_count() > 1
+            && self.bus.region().and_then(|own| self.bus.region_index(own)) != Some(region)
     }
 
     /// Every region's stream's last sequence: "now", for a stream that starts following a
