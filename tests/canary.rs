@@ -37,6 +37,14 @@ async fn stream(nats: &NatsServer) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap())
 }
 
+/// The stream's configuration as the server has it now.
+async fn stream_config(
+    js: &async_nats::jetstream::Context,
+) -> async_nats::jetstream::stream::Config {
+    let stream = js.get_stream("FANOUT").await.unwrap();
+    stream.cached_info().config.clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stops_republishing_is_found_and_repaired() {
     let nats = NatsServer::start();
@@ -60,13 +68,7 @@ async fn a_stream_that_stops_republishing_is_found_and_repaired() {
         let (js, stop) = (js.clone(), stop.clone());
         async move {
             while !stop.is_cancelled() {
-                let mut config = js
-                    .get_stream("FANOUT")
-                    .await
-                    .unwrap()
-                    .cached_info()
-                    .config
-                    .clone();
+                let mut config = stream_config(&js).await;
                 if config.republish.take().is_some() {
                     js.update_stream(&config).await.unwrap();
                 }
@@ -75,13 +77,7 @@ async fn a_stream_that_stops_republishing_is_found_and_repaired() {
         }
     });
     eventually("RePublish to be gone", || async {
-        js.get_stream("FANOUT")
-            .await
-            .unwrap()
-            .cached_info()
-            .config
-            .republish
-            .is_none()
+        stream_config(&js).await.republish.is_none()
     })
     .await;
     let broken = Instant::now();
@@ -108,14 +104,7 @@ async fn a_stream_that_stops_republishing_is_found_and_repaired() {
     })
     .await;
     let repaired = repairing.elapsed();
-    let republish = js
-        .get_stream("FANOUT")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .republish
-        .clone();
+    let republish = stream_config(&js).await.republish.clone();
     assert!(republish.is_some(), "the node restored RePublish");
     for seq in &missed {
         assert_eq!(client.event().await["seq"], *seq);
@@ -148,13 +137,7 @@ async fn the_api_is_unready_while_the_stream_takes_no_writes() {
 
     // The stream refuses writes (sealed streams take none), the connection stays up.
     let js = stream(&nats).await;
-    let mut config = js
-        .get_stream("FANOUT")
-        .await
-        .unwrap()
-        .cached_info()
-        .config
-        .clone();
+    let mut config = stream_config(&js).await;
     config.sealed = true;
     js.update_stream(&config).await.unwrap();
     eventually("the API to say the stream takes no writes", || async {
