@@ -65,11 +65,6 @@ impl Health {
     }
 }
 
-/// The probe channel of node `node` (see [`Channel::canary`]).
-pub fn channel(node: &str) -> Channel {
-    Channel::canary(node)
-}
-
 /// The probes' bookkeeping, apart from the I/O (unit-tested with paused time).
 #[derive(Debug, Default)]
 struct Tally {
@@ -129,7 +124,7 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
-    let channel = channel(&node);
+    let channel = Channel::canary(&node);
     // Probes carry this run's nonce: anything else on the channel (a client or the API
     // publishing there) is not a probe and cannot make a broken path look healthy.
     let nonce: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
@@ -296,8 +291,8 @@ mod tests {
 
     #[test]
     fn probe_channels_are_valid_for_any_node_id() {
-        assert_eq!(channel("ws-1").as_str(), "_fanout.canary.ws-1");
-        assert_eq!(channel("a.b c*").as_str(), "_fanout.canary.a_b_c_");
-        assert_eq!(channel("").as_str(), "_fanout.canary._");
+        assert_eq!(Channel::canary("ws-1").as_str(), "_fanout.canary.ws-1");
+        assert_eq!(Channel::canary("a.b c*").as_str(), "_fanout.canary.a_b_c_");
+        assert_eq!(Channel::canary("").as_str(), "_fanout.canary._");
     }
 }
