@@ -12,6 +12,11 @@ pub struct Config {
     pub listen: String,
     /// Largest accepted event body, bytes (`FANOUT_BODY_LIMIT_BYTES`). Larger bodies get 413.
     pub body_limit_bytes: usize,
+    /// Most events one `POST /v1/batch` may carry (`FANOUT_BATCH_MAX_EVENTS`); more get 413.
+    pub batch_max_events: usize,
+    /// Largest accepted `POST /v1/batch` body, bytes (`FANOUT_BATCH_MAX_BYTES`); larger get
+    /// 413. Each event's `data` is also held to `FANOUT_BODY_LIMIT_BYTES`.
+    pub batch_max_bytes: usize,
     /// The ws nodes the demo page offers (`FANOUT_WS_URLS`): comma-separated `[name=]url`,
     /// e.g. `ws-1=ws://{host}:8081/ws,ws-2=ws://{host}:8082/ws`. `{host}` becomes the host
     /// the page was loaded from.
@@ -39,6 +44,8 @@ impl Default for Config {
             common: Common::default(),
             listen: "0.0.0.0:8080".into(),
             body_limit_bytes: 64 * 1024,
+            batch_max_events: 1000,
+            batch_max_bytes: 8 * 1024 * 1024,
             ws_urls: String::new(),
             jaeger_ui: String::new(),
             api_keys: String::new(),
@@ -69,6 +76,18 @@ impl Config {
             return Err(ConfigError::invalid(
                 "body_limit_bytes",
                 "must be between 1 and 1048576 (NATS's default max_payload)",
+            ));
+        }
+        if self.batch_max_events == 0 || self.batch_max_events > 100_000 {
+            return Err(ConfigError::invalid(
+                "batch_max_events",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.batch_max_bytes == 0 || self.batch_max_bytes > 256 * 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "batch_max_bytes",
+                "must be between 1 and 268435456",
             ));
         }
         self.ws_nodes()?;

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | POST | `/v1/channels/{channel}/events` | 202 `{"id","channel","seq"}` (+ `"region"` with regions) |
 //! | POST | `/v1/broadcast` | 202, to the `broadcast` channel |
+//! | POST | `/v1/batch` | 202 `{"results":[...]}`: many events in one request, each answered on its own |
 //! | POST | `/ping` | 200 `{"message":"pong"}` after broadcasting `{"sendTime": ...}` |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when NATS is connected, the stream exists and takes a write (a probe, at most once a second), else 503 with the reason |
@@ -28,8 +29,9 @@ use axum::{
 };
 use bytes::Bytes;
 use fanout::{Bus, Channel, Published, telemetry};
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, value::RawValue};
+use std::borrow::Cow;
 use tracing::{Instrument, field::Empty};
 
 use crate::{ApiError, Config, config::WsNode};
@@ -41,6 +43,8 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 pub struct AppState {
     bus: Bus,
     body_limit: usize,
+    batch_max_events: usize,
+    batch_max_bytes: usize,
     ws_nodes: std::sync::Arc<[WsNode]>,
     jaeger_ui: std::sync::Arc<str>,
     api_keys: std::sync::Arc<[String]>,
@@ -57,6 +61,8 @@ impl AppState {
         AppState {
             bus,
             body_limit: config.body_limit_bytes,
+            batch_max_events: config.batch_max_events,
+            batch_max_bytes: config.batch_max_bytes,
             ws_nodes: config.ws_nodes().unwrap_or_default().into(),
             jaeger_ui: config.jaeger_ui.trim_end_matches('/').into(),
             api_keys: config.keys().into(),
@@ -83,10 +89,14 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.body_limit;
+    let (limit, batch_max_bytes) = (state.body_limit, state.batch_max_bytes);
     Router::new()
         .route("/v1/channels/{channel}/events", post(publish_event))
         .route("/v1/broadcast", post(publish_broadcast))
+        .route(
+            "/v1/batch",
+            post(publish_batch).layer(DefaultBodyLimit::max(batch_max_bytes)),
+        )
         .route("/ping", post(ping))
         .route_layer(axum::middleware::from_fn(http_span))
         .route("/healthz", get(healthz))
@@ -215,14 +225,7 @@ async fn publish_event(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
     let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
     if channel.is_internal() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "reserved_channel",
-            format!(
-                "channels starting with {:?} are fanout's own",
-                fanout::channel::INTERNAL_PREFIX
-            ),
-        ));
+        return Err(reserved());
     }
     publish(&state, channel, &headers, body).await
 }
@@ -254,14 +257,7 @@ async fn publish(
     let Published { id, seq, duplicate } = state.bus.publish(&channel, body, key).await?;
     metrics::histogram!("fanout_api_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    let class = if channel.is_broadcast() {
-        "broadcast"
-    } else {
-        "channel"
-    };
-    let duplicate_label = if duplicate { "true" } else { "false" };
-    metrics::counter!("fanout_api_events_accepted_total", "class" => class, "duplicate" => duplicate_label)
-        .increment(1);
+    count_accepted(&channel, duplicate);
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
@@ -272,6 +268,195 @@ async fn publish(
             duplicate,
         }),
     ))
+}
+
+/// The answer to a publish on a `_fanout.` channel.
+fn reserved() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "reserved_channel",
+        format!(
+            "channels starting with {:?} are fanout's own",
+            fanout::channel::INTERNAL_PREFIX
+        ),
+    )
+}
+
+fn count_accepted(channel: &Channel, duplicate: bool) {
+    let class = if channel.is_broadcast() {
+        "broadcast"
+    } else {
+        "channel"
+    };
+    let duplicate = if duplicate { "true" } else { "false" };
+    metrics::counter!("fanout_api_events_accepted_total", "class" => class, "duplicate" => duplicate)
+        .increment(1);
+}
+
+/// `POST /v1/batch`: `{"events":[{"channel","data","idempotency_key"?}, ...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+/// One event of a batch. Parsed on its own, so that a malformed event fails alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchEvent<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default, borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
+}
+
+/// One answer of a batch, in the request's order.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Stored(Accepted),
+    Failed { error: ErrorBody },
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+impl From<ApiError> for BatchResult {
+    fn from(err: ApiError) -> Self {
+        metrics::counter!("fanout_api_errors_total", "code" => err.code).increment(1);
+        BatchResult::Failed {
+            error: ErrorBody {
+                code: err.code,
+                message: err.message,
+            },
+        }
+    }
+}
+
+/// Many events in one request, all in flight to the stream at once. The request fails as a
+/// whole only when it is not a batch (400), too large (413) or NATS is down (503); otherwise
+/// it is answered 202 with one result per event, in order: `{"id","channel","seq"}` or
+/// `{"error":{"code","message"}}`. Events on one channel are stored in the request's order.
+async fn publish_batch(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the batch is larger than the limit of {} bytes (FANOUT_BATCH_MAX_BYTES)",
+                    state.batch_max_bytes
+                ),
+            )
+        } else {
+            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+        }
+    })?;
+    let batch: Batch = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch",
+            format!(r#"the body must be {{"events":[{{"channel","data","idempotency_key"?}}, ...]}}: {err}"#),
+        )
+    })?;
+    if batch.events.len() > state.batch_max_events {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "{} events; a batch carries at most {} (FANOUT_BATCH_MAX_EVENTS)",
+                batch.events.len(),
+                state.batch_max_events
+            ),
+        ));
+    }
+    if !state.bus.is_connected() {
+        return Err(fanout::BusError::Unavailable("not connected").into());
+    }
+    // Check every event first; the valid ones go out together.
+    let checked: Vec<Result<Checked, ApiError>> = batch
+        .events
+        .iter()
+        .map(|raw| check_event(&state, &body, raw))
+        .collect();
+    drop(batch);
+    let outgoing: Vec<(&Channel, Bytes, Option<&str>)> = checked
+        .iter()
+        .filter_map(|event| event.as_ref().ok())
+        .map(|(channel, data, key)| (channel, data.clone(), key.as_deref()))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut stored = state.bus.publish_many(outgoing).await.into_iter();
+    metrics::histogram!("fanout_api_publish_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    let region = state.bus.region().map(|r| r.to_string());
+    let results: Vec<BatchResult> = checked
+        .into_iter()
+        .map(|event| {
+            let (channel, _, _) = event?;
+            let published = stored
+                .next()
+                .expect("one answer per event sent")
+                .map_err(ApiError::from)?;
+            count_accepted(&channel, published.duplicate);
+            Ok(BatchResult::Stored(Accepted {
+                id: published.id,
+                channel,
+                seq: published.seq,
+                region: region.clone(),
+                duplicate: published.duplicate,
+            }))
+        })
+        .map(|result: Result<BatchResult, ApiError>| result.unwrap_or_else(BatchResult::from))
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "results": results }))).into_response())
+}
+
+/// A batch event that passed its checks: channel, data, idempotency key.
+type Checked = (Channel, Bytes, Option<String>);
+
+/// One batch event's checks: the same as a single publish's, answered with the same codes.
+fn check_event(state: &AppState, body: &Bytes, raw: &RawValue) -> Result<Checked, ApiError> {
+    let event: BatchEvent = serde_json::from_str(raw.get()).map_err(|err| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_event",
+            format!(r#"an event is {{"channel","data","idempotency_key"?}}: {err}"#),
+        )
+    })?;
+    let channel = Channel::parse(&event.channel).map_err(ApiError::invalid_channel)?;
+    if channel.is_internal() {
+        return Err(reserved());
+    }
+    let data = event.data.get().as_bytes();
+    if data.len() > state.body_limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the event's data is larger than the limit of {} bytes",
+                state.body_limit
+            ),
+        ));
+    }
+    let key = match event.idempotency_key {
+        None => None,
+        Some(key) => {
+            check_idempotency_key(&key)?;
+            Some(key.into_owned())
+        }
+    };
+    // `data` borrows from the body: the stored bytes are the bytes sent, without a copy.
+    Ok((channel, body.slice_ref(data), key))
 }
 
 /// A publish's body must be one JSON value; it is stored as sent, never re-encoded.
@@ -306,16 +491,27 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let invalid = |why: &str| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            format!("Idempotency-Key {why}"),
-        )
-    };
     let key = value
         .to_str()
-        .map_err(|_| invalid("must be printable ASCII"))?;
+        .map_err(|_| invalid_key("must be printable ASCII"))?;
+    check_idempotency_key(key)?;
+    Ok(Some(key))
+}
+
+fn invalid_key(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_idempotency_key",
+        format!("Idempotency-Key {why}"),
+    )
+}
+
+/// An idempotency key (header or batch field): 1-128 printable ASCII bytes, no whitespace.
+fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
+    let invalid = invalid_key;
+    if !key.is_ascii() {
+        return Err(invalid("must be printable ASCII"));
+    }
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(invalid(&format!("must be 1-{MAX_IDEMPOTENCY_KEY} bytes")));
     }
@@ -325,7 +521,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     {
         return Err(invalid("must not contain whitespace"));
     }
-    Ok(Some(key))
+    Ok(())
 }
 
 /// The scaling-ws demo's endpoint: broadcasts `{"sendTime": "<now, Go time.ANSIC>"}`.

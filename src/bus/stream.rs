@@ -4,7 +4,7 @@
 //! re-applies its settings after each (re)connect, so a NATS server that lost its state is
 //! repaired without a restart. Here too: publishing into it (acknowledged writes), its epoch,
 //! and reading a channel's history back (replay, gap repair).
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{future::IntoFuture, sync::atomic::Ordering, time::Duration};
 
 use async_nats::{
     HeaderMap,
@@ -140,10 +140,51 @@ impl Bus {
         data: Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<Published, BusError> {
-        let inner = &self.inner;
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected"));
         }
+        self.send(channel, data, idempotency_key)
+            .await?
+            .acknowledged(self)
+            .await
+    }
+
+    /// Stores every event, all in flight on the one NATS connection at once (each is sent
+    /// without waiting for the previous one's acknowledgement), and answers each in the
+    /// order given. Events on one channel are stored in that order. One event's failure
+    /// fails that event alone.
+    pub async fn publish_many<'a>(
+        &self,
+        events: Vec<(&'a Channel, Bytes, Option<&'a str>)>,
+    ) -> Vec<Result<Published, BusError>> {
+        if !self.is_connected() {
+            return events
+                .iter()
+                .map(|_| Err(BusError::Unavailable("not connected")))
+                .collect();
+        }
+        let mut sent = Vec::with_capacity(events.len());
+        for (channel, data, key) in events {
+            sent.push(self.send(channel, data, key).await);
+        }
+        let mut answers = Vec::with_capacity(sent.len());
+        for pending in sent {
+            answers.push(match pending {
+                Ok(pending) => pending.acknowledged(self).await,
+                Err(err) => Err(err),
+            });
+        }
+        answers
+    }
+
+    /// Hands one event to the NATS connection; its acknowledgement comes later.
+    async fn send(
+        &self,
+        channel: &Channel,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<Pending, BusError> {
+        let inner = &self.inner;
         let id = uuid::Uuid::new_v4().to_string();
         let subject = inner.subjects.inbound(channel);
         let mut headers = HeaderMap::new();
@@ -175,38 +216,16 @@ impl Bus {
         } else {
             tracing::Span::none()
         };
-        let acknowledged = async {
-            inner
-                .js
-                .publish_with_headers(subject, headers, data)
-                .await
-                .map_err(|err| self.publish_error(err))?
-                .await
-                .map_err(|err| self.publish_error(err))
+        let ack = inner
+            .js
+            .publish_with_headers(subject, headers, data)
+            .instrument(span.clone())
+            .await
+            .map_err(|err| self.publish_error(err));
+        match ack {
+            Ok(ack) => Ok(Pending { id, span, ack }),
+            Err(err) => Err(failed(&span, err)),
         }
-        .instrument(span.clone())
-        .await;
-        let ack = match acknowledged {
-            Ok(ack) => {
-                span.record("fanout.seq", ack.sequence);
-                ack
-            }
-            Err(err) => {
-                span.record("otel.status_code", "ERROR");
-                span.record("error.type", err.kind());
-                return Err(err);
-            }
-        };
-        let id = if ack.duplicate {
-            self.stored_id(ack.sequence).await.unwrap_or(id)
-        } else {
-            id
-        };
-        Ok(Published {
-            id,
-            seq: ack.sequence,
-            duplicate: ack.duplicate,
-        })
     }
 
     fn publish_error(&self, err: async_nats::jetstream::context::PublishError) -> BusError {
@@ -665,4 +684,44 @@ pub(super) async fn keep_stream(inner: std::sync::Weak<Inner>) {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// One event handed to NATS, waiting for the stream's acknowledgement.
+struct Pending {
+    id: String,
+    span: tracing::Span,
+    ack: async_nats::jetstream::context::PublishAckFuture,
+}
+
+impl Pending {
+    async fn acknowledged(self, bus: &Bus) -> Result<Published, BusError> {
+        let Pending { id, span, ack } = self;
+        let ack = match ack
+            .into_future()
+            .instrument(span.clone())
+            .await
+            .map_err(|err| bus.publish_error(err))
+        {
+            Ok(ack) => ack,
+            Err(err) => return Err(failed(&span, err)),
+        };
+        span.record("fanout.seq", ack.sequence);
+        let id = if ack.duplicate {
+            bus.stored_id(ack.sequence).await.unwrap_or(id)
+        } else {
+            id
+        };
+        Ok(Published {
+            id,
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// Marks a publish's span failed.
+fn failed(span: &tracing::Span, err: BusError) -> BusError {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", err.kind());
+    err
 }
