@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `Fanout-Id` | API | event id (UUID v4) |
 //! | `Fanout-Ts` | API | unix milliseconds at publish |
-//! | `Nats-Msg-Id` | API | the `Idempotency-Key`, or the event id; JetStream de-duplicates on it |
+//! | `Nats-Msg-Id` | API | the `Idempotency-Key`, when the publisher gave one; JetStream de-duplicates on it |
 //! | `Nats-Sequence` | JetStream RePublish | the event's stream sequence (`seq`) |
 //! | `Nats-Last-Sequence` | JetStream RePublish | previous sequence on the same channel, or 0 |
 //! | `Nats-Stream` | JetStream RePublish | the stream that stored it: with regions, its origin region's |

@@ -15,6 +15,7 @@ use std::{
 
 use crate::{
     hist::Histogram,
+    http1::Http1,
     tier,
     worker::{Job, Mode, Out, Report, Stop, Target, now_us},
 };
@@ -39,6 +40,8 @@ impl Drop for Worker {
 /// The load generator's worker processes.
 pub struct Workers {
     workers: Vec<Worker>,
+    /// (client index, the index of the URL it connected to), every client.
+    placement: Vec<(usize, usize)>,
     /// Clients that connected (and subscribed).
     pub connected: usize,
 }
@@ -69,6 +72,7 @@ impl Workers {
     ) -> (Workers, f64) {
         let count = clients.div_ceil(PER_WORKER).max(min_workers).max(1);
         let mut workers = Vec::new();
+        let mut placement = Vec::with_capacity(clients);
         let mut first = 0;
         // 127.<a>.<b>.<10+w>, <a>.<b> from the clock: a new range each run.
         let salt = (std::time::SystemTime::now()
@@ -89,6 +93,8 @@ impl Workers {
                 shared,
                 concurrency,
             };
+            // The worker connects its i-th client to urls[i % urls.len()] (worker::connect).
+            placement.extend((0..share).map(|i| (first + i, i % urls.len().max(1))));
             first += share;
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .arg("worker")
@@ -143,10 +149,16 @@ impl Workers {
         (
             Workers {
                 workers,
+                placement,
                 connected: ok,
             },
             slowest,
         )
+    }
+
+    /// Which URL each client connected to: (client index, URL index).
+    pub fn placement(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.placement.iter().copied()
     }
 
     /// Deliveries so far (from the workers' progress reports).
@@ -215,8 +227,13 @@ impl Workers {
 }
 
 /// The payload of event `n`: send time, index, padding to `size` bytes.
-fn body(n: u64, size: usize) -> String {
-    let head = format!(r#"{{"t":{},"n":{n},"p":""#, now_us());
+pub fn body(n: u64, size: usize) -> String {
+    body_at(n, size, now_us())
+}
+
+/// [`body`] with the send time `t` (µs) given.
+fn body_at(n: u64, size: usize, t: u64) -> String {
+    let head = format!(r#"{{"t":{t},"n":{n},"p":""#);
     let pad = size.saturating_sub(head.len() + 2);
     format!("{head}{}\"}}", "x".repeat(pad))
 }
@@ -322,32 +339,60 @@ pub async fn publish_nats(
     channels.iter().cloned().zip(counters).collect()
 }
 
-/// Closed loop: `publishers` tasks each POST one event at a time for `duration`. Returns
-/// (acknowledged events, errors, acknowledgement latency).
+/// Closed loop: `publishers` connections each POST one event at a time for `duration`
+/// (`batch` 0), or one `/v1/batch` of `batch` events at a time. Returns (acknowledged events,
+/// errors, acknowledgement latency per request).
 pub async fn publish_closed_loop(
     api: &str,
     publishers: usize,
+    batch: usize,
     duration: Duration,
     size: usize,
 ) -> (u64, u64, Histogram) {
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + duration;
     let tasks: Vec<_> = (0..publishers)
         .map(|p| {
-            let (http, url) = (http.clone(), format!("{api}/v1/channels/pub{p}/events"));
+            let api = api.to_string();
             tokio::spawn(async move {
                 let (mut acked, mut errors, mut hist) = (0, 0, Histogram::default());
+                let mut http = Http1::connect(&api).await.expect("connect to the API");
+                let (path, channel) = if batch == 0 {
+                    (format!("/v1/channels/pub{p}/events"), String::new())
+                } else {
+                    ("/v1/batch".to_string(), format!("pub{p}"))
+                };
                 let mut n = 0;
                 while Instant::now() < deadline {
                     let sent = Instant::now();
-                    match http.post(&url).body(body(n, size)).send().await {
-                        Ok(r) if r.status() == 202 => {
-                            acked += 1;
+                    let request = if batch == 0 {
+                        n += 1;
+                        body(n, size)
+                    } else {
+                        let events: Vec<(&str, String)> = (0..batch)
+                            .map(|_| {
+                                n += 1;
+                                (channel.as_str(), body(n, size))
+                            })
+                            .collect();
+                        batch_body(&events)
+                    };
+                    match http.post(&path, request.as_bytes()).await {
+                        Ok((202, answer)) => {
+                            let stored = if batch == 0 {
+                                1
+                            } else {
+                                stored(&answer).len() as u64
+                            };
+                            acked += stored;
+                            errors += batch.max(1) as u64 - stored;
                             hist.record(sent.elapsed().as_micros() as u64);
                         }
-                        _ => errors += 1,
+                        Ok(_) => errors += batch.max(1) as u64,
+                        Err(_) => {
+                            errors += batch.max(1) as u64;
+                            http = Http1::connect(&api).await.expect("reconnect to the API");
+                        }
                     }
-                    n += 1;
                 }
                 (acked, errors, hist)
             })
@@ -361,4 +406,151 @@ pub async fn publish_closed_loop(
         hist.merge(&h);
     }
     (acked, errors, hist)
+}
+
+/// A `/v1/batch` body; each payload is a JSON object already.
+fn batch_body(events: &[(&str, String)]) -> String {
+    let mut out = String::from(r#"{"events":["#);
+    for (i, (channel, data)) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(r#"{{"channel":"{channel}","data":{data}}}"#));
+    }
+    out.push_str("]}");
+    out
+}
+
+/// Which events of a `/v1/batch` answer were stored (their positions).
+fn stored(answer: &[u8]) -> Vec<usize> {
+    let Ok(answer) = serde_json::from_slice::<serde_json::Value>(answer) else {
+        return Vec::new();
+    };
+    answer["results"]
+        .as_array()
+        .map(|results| {
+            results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r["seq"].is_u64())
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// [`publish_http`]'s schedule released in ticks of `tick`, as a busy backend sends: every
+/// `tick`, the events that came due go out together, in one `/v1/batch` (one connection,
+/// one request at a time: a slow answer makes the next batch larger). Each event carries
+/// its due time, so the wait for its tick is in the latency.
+pub async fn publish_http_ticked(
+    api: &str,
+    channels: &[String],
+    rate: u64,
+    duration: Duration,
+    size: usize,
+    tick: Duration,
+) -> (Published, Histogram) {
+    let mut http = Http1::connect(api).await.expect("connect to the API");
+    let mut acked = vec![0u64; channels.len()];
+    let mut acks = Histogram::default();
+    let mut schedule = Ticks::new(channels.len(), rate, duration, tick);
+    while let Some(due) = schedule.next(size).await {
+        let events: Vec<(&str, String)> = due
+            .iter()
+            .map(|(c, data, _)| (channels[*c].as_str(), data.clone()))
+            .collect();
+        let Ok((202, answer)) = http.post("/v1/batch", batch_body(&events).as_bytes()).await else {
+            http = Http1::connect(api).await.expect("reconnect to the API");
+            continue;
+        };
+        let now = now_us();
+        for i in stored(&answer) {
+            let (c, _, at) = &due[i];
+            acked[*c] += 1;
+            acks.record(now.saturating_sub(*at));
+        }
+    }
+    let published = channels.iter().cloned().zip(acked).collect();
+    (published, acks)
+}
+
+/// The same ticks over core NATS: each tick's events published, then one flush.
+pub async fn publish_nats_ticked(
+    url: &str,
+    channels: &[String],
+    rate: u64,
+    duration: Duration,
+    size: usize,
+    tick: Duration,
+) -> Published {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let mut counts = vec![0u64; channels.len()];
+    let mut schedule = Ticks::new(channels.len(), rate, duration, tick);
+    while let Some(due) = schedule.next(size).await {
+        for (c, data, _) in due {
+            client
+                .publish(channels[c].clone(), data.into())
+                .await
+                .unwrap();
+            counts[c] += 1;
+        }
+        client.flush().await.unwrap();
+    }
+    channels.iter().cloned().zip(counts).collect()
+}
+
+/// A round-robin schedule of `rate` events/s over `channels` channels, handed out in ticks.
+struct Ticks {
+    channels: usize,
+    period: Duration,
+    total: u64,
+    next: u64,
+    counters: Vec<u64>,
+    start: tokio::time::Instant,
+    start_us: u64,
+    tick: Duration,
+}
+
+impl Ticks {
+    fn new(channels: usize, rate: u64, duration: Duration, tick: Duration) -> Ticks {
+        Ticks {
+            channels,
+            period: Duration::from_secs_f64(1.0 / rate as f64),
+            total: rate * duration.as_secs(),
+            next: 0,
+            counters: vec![0; channels],
+            start: tokio::time::Instant::now(),
+            start_us: now_us(),
+            tick,
+        }
+    }
+
+    /// Waits for the next tick; returns the events due by then: (channel, payload, due
+    /// time in µs), or `None` when the schedule is done.
+    async fn next(&mut self, size: usize) -> Option<Vec<(usize, String, u64)>> {
+        if self.next >= self.total {
+            return None;
+        }
+        let first_due = self.period * self.next as u32;
+        let elapsed = self.start.elapsed();
+        let at = if elapsed < first_due {
+            // The tick boundary at or after the next event's due time.
+            let ticks = first_due.as_nanos().div_ceil(self.tick.as_nanos()) as u32;
+            self.tick * ticks
+        } else {
+            elapsed
+        };
+        tokio::time::sleep_until(self.start + at).await;
+        let now = self.start.elapsed();
+        let mut due = Vec::new();
+        while self.next < self.total && self.period * self.next as u32 <= now {
+            let c = (self.next as usize) % self.channels;
+            let due_us = self.start_us + (self.period * self.next as u32).as_micros() as u64;
+            due.push((c, body_at(self.counters[c], size, due_us), due_us));
+            self.counters[c] += 1;
+            self.next += 1;
+        }
+        Some(due)
+    }
 }

@@ -8,7 +8,8 @@
 //! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
 //! fanout-bench storm    [--clients 15000] [--target both]
 //! fanout-bench joinstorm [--clients 300] [--storm 12000] [--rate 100]
-//! fanout-bench publish  [--publishers 16] [--duration 5] [--payload 100]
+//! fanout-bench publish  [--publishers 16] [--batch 0] [--duration 5] [--payload 100]
+//! fanout-bench jetstream [--publishers 16] [--window 256] [--duration 5] [--payload 100]
 //! fanout-bench presence [--members 100000] [--nodes 3]
 //! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
 //! fanout-bench geo      [--delay-ms 40] [--clients 50] [--rate 100] [--duration 10] [--replicas 3]
@@ -27,6 +28,8 @@
 
 mod geo;
 mod hist;
+mod http1;
+mod jetstream;
 mod load;
 mod presence;
 mod proxy;
@@ -41,7 +44,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use worker::Target;
 
-const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | presence | saturate | tracing | geo | delay-proxy | soak-churn | hostile [options]; see bench/src/main.rs";
+const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | jetstream | presence | saturate | tracing | geo | delay-proxy | soak-churn | hostile [options]; see bench/src/main.rs";
 
 /// `--name value` options, as numbers, with `--target` and flags kept as text.
 struct Options(HashMap<String, String>);
@@ -142,6 +145,7 @@ async fn coordinate(command: &str, rest: &[String]) {
                 payload: o.num("payload", 100),
                 shared: o.num("shared", 0),
                 coalesce_ms: o.num("coalesce", 0) as u64,
+                tick_ms: o.num("tick-ms", 0) as u64,
             };
             println!("fan-out: {spec:?}");
             let mut results = serde_json::Map::new();
@@ -184,6 +188,19 @@ async fn coordinate(command: &str, rest: &[String]) {
             let r = suite::publish(
                 &paths,
                 o.num("publishers", 16),
+                o.num("batch", 0),
+                o.num("duration", 5) as u64,
+                o.num("payload", 100),
+            )
+            .await;
+            println!("{r}");
+            r
+        }
+        "jetstream" => {
+            let r = jetstream::baseline(
+                &paths,
+                o.num("publishers", 16),
+                o.num("window", 256),
                 o.num("duration", 5) as u64,
                 o.num("payload", 100),
             )

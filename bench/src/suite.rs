@@ -78,17 +78,19 @@ pub struct NatsTier {
     pub nodes: Vec<Proc>,
     pub clients: Vec<String>,
     pub ws: Vec<String>,
+    pub monitor: Vec<u16>,
     _dir: tempfile::TempDir,
 }
 
 impl NatsTier {
     pub fn start(paths: &Paths, nodes: usize) -> NatsTier {
         let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients, ws) = tier::start_nats_ws_cluster(paths, dir.path(), nodes);
+        let (nodes, clients, ws, monitor) = tier::start_nats_ws_cluster(paths, dir.path(), nodes);
         NatsTier {
             nodes,
             clients,
             ws,
+            monitor,
             _dir: dir,
         }
     }
@@ -114,6 +116,10 @@ pub struct Spec {
     pub shared: usize,
     /// fanout's `FANOUT_COALESCE_MS`.
     pub coalesce_ms: u64,
+    /// 0: fanout's publisher POSTs each event on its own, NATS's publishes each. N: both
+    /// release what came due every N ms, together (fanout: one `/v1/batch`; NATS: the
+    /// publishes, then one flush).
+    pub tick_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +136,12 @@ pub struct FanOut {
     pub latency: Histogram,
     /// fanout only: HTTP acknowledgement times.
     pub acks: Option<Histogram>,
+    /// NATS only: nats-server's own counters after the run, and how long the routes took
+    /// to carry every subscription to the publisher's server.
+    pub nats: Option<Value>,
+    /// Server CPU seconds per process (fanout: the ws nodes, the API, nats-server; NATS: its
+    /// nodes).
+    pub by_process: Vec<f64>,
 }
 
 impl FanOut {
@@ -154,19 +166,29 @@ impl FanOut {
             "loadgen_cpu_seconds": self.loadgen_cpu,
             "seconds": self.seconds,
             "ack_ms": self.acks.as_ref().map(|a| json!({"p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99)})),
+            "nats_server": self.nats,
+            "server_cpu_seconds_by_process": self.by_process,
         })
     }
 }
 
+/// The channels the publisher goes round. With shared channels, they are spread evenly
+/// through the own channels, so that their fan-outs come at a steady pace, not in one
+/// burst per round.
 fn channels(spec: &Spec) -> Vec<String> {
     if spec.shared == 0 {
-        vec!["bench".to_string()]
-    } else {
-        (0..spec.clients)
-            .map(|i| format!("c{i}"))
-            .chain((0..spec.shared).map(|j| format!("s{j}")))
-            .collect()
+        return vec!["bench".to_string()];
     }
+    let every = (spec.clients / spec.shared).max(1);
+    let mut out = Vec::with_capacity(spec.clients + spec.shared);
+    for i in 0..spec.clients {
+        if i % every == 0 && i / every < spec.shared {
+            out.push(format!("s{}", i / every));
+        }
+        out.push(format!("c{i}"));
+    }
+    out.extend((spec.clients.div_ceil(every)..spec.shared).map(|j| format!("s{j}")));
+    out
 }
 
 fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
@@ -209,17 +231,49 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         2,
         200,
     );
+    let interest_wait = nats.as_ref().map(|n| {
+        let mut wanted = vec![std::collections::HashSet::new(); n.monitor.len()];
+        for (client, node) in workers.placement() {
+            wanted[node].extend(crate::worker::channels_of(client, spec.shared));
+        }
+        tier::wait_route_interest(&n.monitor, &wanted)
+    });
     let channels = channels(&spec);
     let duration = Duration::from_secs(spec.secs);
     let (server_before, loadgen_before) = (cpu(&servers), workers.cpu_seconds() + self_cpu());
+    let each_before: Vec<f64> = servers.iter().map(|p| p.cpu_seconds()).collect();
     let started = std::time::Instant::now();
     let (published, acks) = match (&fanout, &nats) {
+        (Some(t), _) if spec.tick_ms > 0 => {
+            let (p, a) = load::publish_http_ticked(
+                &t.api_url(),
+                &channels,
+                spec.rate,
+                duration,
+                spec.payload,
+                Duration::from_millis(spec.tick_ms),
+            )
+            .await;
+            (p, Some(a))
+        }
         (Some(t), _) => {
             let (p, a) =
                 load::publish_http(&t.api_url(), &channels, spec.rate, duration, spec.payload)
                     .await;
             (p, Some(a))
         }
+        (_, Some(n)) if spec.tick_ms > 0 => (
+            load::publish_nats_ticked(
+                &n.clients[0],
+                &channels,
+                spec.rate,
+                duration,
+                spec.payload,
+                Duration::from_millis(spec.tick_ms),
+            )
+            .await,
+            None,
+        ),
         (_, Some(n)) => (
             load::publish_nats(&n.clients[0], &channels, spec.rate, duration, spec.payload).await,
             None,
@@ -230,9 +284,21 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let last = workers.settle(expected, Duration::from_secs(2)).await;
     let seconds = last.duration_since(started).as_secs_f64();
     let server_cpu = cpu(&servers) - server_before;
+    // Per process, in the order of `servers` (fanout: the ws nodes, the API, nats-server).
+    let by_process: Vec<f64> = servers
+        .iter()
+        .zip(&each_before)
+        .map(|(p, before)| p.cpu_seconds() - before)
+        .collect();
     let loadgen_cpu = workers.cpu_seconds() + self_cpu() - loadgen_before;
     let seen = workers.stop(&published);
+    let counters = nats.as_ref().map(|n| {
+        json!({"nodes": tier::nats_counters(&n.monitor),
+            "route_interest_wait_ms": interest_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3)})
+    });
     FanOut {
+        by_process,
+        nats: counters,
         published: published.values().sum(),
         expected,
         received: seen.received,
@@ -356,24 +422,37 @@ pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) 
     Value::Object(results)
 }
 
-/// The API alone: acknowledged events/s with `publishers` closed-loop publishers.
-pub async fn publish(paths: &Paths, publishers: usize, secs: u64, payload: usize) -> Value {
+/// The API alone: acknowledged events/s with `publishers` closed-loop publishers, each
+/// POSTing one event at a time (`batch` 0) or one `/v1/batch` of `batch` events.
+pub async fn publish(
+    paths: &Paths,
+    publishers: usize,
+    batch: usize,
+    secs: u64,
+    payload: usize,
+) -> Value {
     let tier = FanoutTier::start(paths, 1).await;
     let servers = [&tier.api, &tier.nats];
-    let before = cpu(&servers);
+    let (before, api_before, loadgen_before) = (cpu(&servers), tier.api.cpu_seconds(), self_cpu());
     let (acked, errors, hist) = load::publish_closed_loop(
         &tier.api_url(),
         publishers,
+        batch,
         Duration::from_secs(secs),
         payload,
     )
     .await;
     let used = cpu(&servers) - before;
+    let api = tier.api.cpu_seconds() - api_before;
+    let per_event = |cpu: f64| cpu * 1e6 / acked.max(1) as f64;
     json!({
-        "publishers": publishers, "seconds": secs, "acked": acked, "errors": errors,
+        "publishers": publishers, "batch": batch, "seconds": secs, "acked": acked, "errors": errors,
         "acked_per_sec": acked as f64 / secs as f64,
-        "ack_ms": {"p50": hist.quantile_ms(0.5), "p99": hist.quantile_ms(0.99), "max": hist.quantile_ms(1.0)},
-        "server_cpu_us_per_event": used * 1e6 / acked.max(1) as f64,
+        "request_ms": {"p50": hist.quantile_ms(0.5), "p99": hist.quantile_ms(0.99), "max": hist.quantile_ms(1.0)},
+        "server_cpu_us_per_event": per_event(used),
+        "api_cpu_us_per_event": per_event(api),
+        "nats_cpu_us_per_event": per_event(used - api),
+        "loadgen_cpu_us_per_event": per_event(self_cpu() - loadgen_before),
     })
 }
 
@@ -388,7 +467,7 @@ pub fn describe(label: &str, o: &FanOut) {
     let l = &o.latency;
     println!(
         "  {label:<7} {:>9.0} deliveries/s  p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms  \
-         missing {} dup {} lost {}  server CPU {:.2} µs/delivery  loadgen CPU {:.1} s",
+         missing {} dup {} lost {}  server CPU {:.2} µs/delivery {:.1?} s  loadgen CPU {:.1} s",
         o.per_second(),
         l.quantile_ms(0.5),
         l.quantile_ms(0.9),
@@ -399,6 +478,7 @@ pub fn describe(label: &str, o: &FanOut) {
         o.duplicates,
         o.lost,
         o.cpu_us(),
+        o.by_process,
         o.loadgen_cpu,
     );
 }
@@ -413,21 +493,62 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         rows.push(cells.map(String::from));
     };
 
-    println!("publish: 16 closed-loop publishers through the API");
-    let p = publish(paths, 16, 5, 100).await;
+    println!("publish: 16 closed-loop publishers through the API, one event per request");
+    let p = publish(paths, 16, 0, 5, 100).await;
     println!("  {p}");
+    println!("publish: 16 closed-loop publishers, /v1/batch of 100 events");
+    let b = publish(paths, 16, 100, 5, 100).await;
+    println!("  {b}");
+    println!(
+        "raw JetStream: 16 publishers on one NATS connection, 256 acknowledgements in flight each"
+    );
+    let raw = crate::jetstream::baseline(paths, 16, 256, 5, 100).await;
+    println!("  {raw}");
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     row(
         &mut rows,
         [
-            "publish (16 publishers)",
-            "acknowledged events/s",
-            &format!("{:.0}", p["acked_per_sec"].as_f64().unwrap()),
+            "publish, 16 publishers, one event per request",
+            "acknowledged events/s; server CPU µs per event (API + nats-server)",
+            &format!(
+                "{:.0}; {:.1} ({:.1} + {:.1})",
+                f(&p, "acked_per_sec"),
+                f(&p, "server_cpu_us_per_event"),
+                f(&p, "api_cpu_us_per_event"),
+                f(&p, "nats_cpu_us_per_event")
+            ),
             "",
             "",
-            "≥ 5,000",
+            "≥ 40,000/s; ≤ 30 µs",
+        ],
+    );
+    row(
+        &mut rows,
+        [
+            "publish, 16 publishers, `/v1/batch` of 100",
+            "acknowledged events/s; server CPU µs per event (API + nats-server)",
+            &format!(
+                "{:.0}; {:.1} ({:.1} + {:.1})",
+                f(&b, "acked_per_sec"),
+                f(&b, "server_cpu_us_per_event"),
+                f(&b, "api_cpu_us_per_event"),
+                f(&b, "nats_cpu_us_per_event")
+            ),
+            &format!(
+                "raw JetStream {:.0}; {:.1}",
+                f(&raw, "acked_per_sec"),
+                f(&raw, "server_cpu_us_per_event")
+            ),
+            &format!(
+                "CPU {:.2}× raw",
+                f(&b, "server_cpu_us_per_event") / f(&raw, "server_cpu_us_per_event")
+            ),
+            "≥ 100,000/s; ≤ 1.5× raw",
         ],
     );
     results.insert("publish".into(), p);
+    results.insert("publish_batch".into(), b);
+    results.insert("raw_jetstream".into(), raw);
 
     let specs = [
         (
@@ -440,6 +561,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 payload: 100,
                 shared: 0,
                 coalesce_ms: 0,
+                tick_ms: 0,
             },
         ),
         (
@@ -452,6 +574,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 payload: 100,
                 shared: 0,
                 coalesce_ms: 0,
+                tick_ms: 0,
             },
         ),
         (
@@ -464,6 +587,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 payload: 100,
                 shared: 0,
                 coalesce_ms: 0,
+                tick_ms: 0,
             },
         ),
     ];
@@ -614,6 +738,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         payload: 100,
         shared: 0,
         coalesce_ms: 0,
+        tick_ms: 0,
     };
     println!(
         "long-polling: {} clients on {} nodes, {} events/s for {} s",
@@ -647,40 +772,53 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         json!({"spec": format!("{polling:?}"), "fanout": poll.json()}),
     );
 
+    // Many small channels: every client in a channel of its own and one of 10 shared; both
+    // publishers release what came due every 5 ms (fanout: one `/v1/batch`).
     let spec = Spec {
-        clients: scale(1000),
+        clients: scale(10_000),
         nodes: 3,
-        rate: 1000,
-        secs: 5,
+        rate: 2000,
+        secs: 10,
         payload: 100,
         shared: 10,
         coalesce_ms: 0,
+        tick_ms: 5,
     };
     println!(
-        "many channels: {} clients, each in its own channel and one of {} shared, {} events/s",
-        spec.clients, spec.shared, spec.rate
+        "many channels: {} clients, each in its own channel and one of {} shared, {} events/s in {} ms ticks",
+        spec.clients, spec.shared, spec.rate, spec.tick_ms
     );
     let f = fan_out(paths, spec, Target::Fanout).await;
     describe("fanout", &f);
+    let n = fan_out(paths, spec, Target::Nats).await;
+    describe("NATS", &n);
     row(
         &mut rows,
         [
-            &format!("many channels ({} + {} shared)", spec.clients, spec.shared),
-            "deliveries/s, p99 ms (missing)",
             &format!(
-                "{:.0}, {:.2} ({})",
-                f.per_second(),
+                "many channels ({} own + {} shared), {} ev/s",
+                spec.clients, spec.shared, spec.rate
+            ),
+            "server CPU µs per delivery; p99 ms (missing)",
+            &format!(
+                "{:.1}; {:.2} ({})",
+                f.cpu_us(),
                 f.latency.quantile_ms(0.99),
                 f.missing
             ),
-            "",
-            "",
-            "",
+            &format!(
+                "{:.1}; {:.2} ({})",
+                n.cpu_us(),
+                n.latency.quantile_ms(0.99),
+                n.missing
+            ),
+            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
+            "≤ 20 µs, ≤ NATS; p99 ≤ 10 ms; 0 missing",
         ],
     );
     results.insert(
         "many_channels".into(),
-        json!({"spec": format!("{spec:?}"), "fanout": f.json()}),
+        json!({"spec": format!("{spec:?}"), "fanout": f.json(), "nats": n.json()}),
     );
 
     let idle_conns = scale(45_000);

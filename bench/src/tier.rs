@@ -52,13 +52,13 @@ pub fn free_port() -> u16 {
 }
 
 /// A 3-node (`n`-node) nats-server cluster with a WebSocket port on each node
-/// (`websocket { no_tls: true }`): the baseline. Returns the nodes, their client URLs and
-/// their WebSocket URLs.
+/// (`websocket { no_tls: true }`): the baseline. Returns the nodes, their client URLs,
+/// their WebSocket URLs and their monitoring ports.
 pub fn start_nats_ws_cluster(
     paths: &Paths,
     dir: &Path,
     n: usize,
-) -> (Vec<Proc>, Vec<String>, Vec<String>) {
+) -> (Vec<Proc>, Vec<String>, Vec<String>, Vec<u16>) {
     let ports: Vec<(u16, u16, u16, u16)> = (0..n)
         .map(|_| (free_port(), free_port(), free_port(), free_port()))
         .collect();
@@ -122,7 +122,8 @@ pub fn start_nats_ws_cluster(
         .iter()
         .map(|p| format!("ws://127.0.0.1:{}", p.1))
         .collect();
-    (procs, clients, ws)
+    let monitor = ports.iter().map(|p| p.3).collect();
+    (procs, clients, ws, monitor)
 }
 
 pub fn cpu_seconds(pid: u32) -> f64 {
@@ -249,4 +250,68 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
+}
+
+/// Waits until node 0 of a cluster from [`start_nats_ws_cluster`] has heard, over its routes,
+/// of every subject subscribed on the other nodes (`wanted[r]`: node r's subjects). Interest
+/// travels between servers asynchronously: a client's `PONG` proves only that its own server
+/// has its subscription, so a publisher on node 0 that starts before the routes carried it
+/// loses the first events of every client elsewhere (the `missing` the baseline once showed).
+/// Returns how long it waited.
+pub fn wait_route_interest(
+    monitor: &[u16],
+    wanted: &[std::collections::HashSet<String>],
+) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let routes = http_get(monitor[0], "/routez?subs=1")
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .unwrap_or_default();
+        let mut heard: Vec<std::collections::HashSet<&str>> =
+            vec![Default::default(); wanted.len()];
+        for route in routes["routes"].as_array().into_iter().flatten() {
+            let Some(r) = route["remote_name"]
+                .as_str()
+                .and_then(|name| name.strip_prefix('n'))
+                .and_then(|r| r.parse::<usize>().ok())
+                .filter(|r| *r < wanted.len())
+            else {
+                continue;
+            };
+            for subject in route["subscriptions_list"].as_array().into_iter().flatten() {
+                if let Some(subject) = subject.as_str() {
+                    heard[r].insert(subject);
+                }
+            }
+        }
+        let complete = wanted
+            .iter()
+            .zip(&heard)
+            .skip(1)
+            .all(|(want, got)| want.iter().all(|s| got.contains(s.as_str())));
+        if complete {
+            return started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never heard every subscription"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nats-server's own counters (`/varz`) that explain lost deliveries.
+pub fn nats_counters(monitor: &[u16]) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = monitor
+        .iter()
+        .map(|port| {
+            let v = http_get(*port, "/varz")
+                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .unwrap_or_default();
+            serde_json::json!({"slow_consumers": v["slow_consumers"], "in_msgs": v["in_msgs"],
+                "out_msgs": v["out_msgs"], "connections": v["connections"]})
+        })
+        .collect();
+    serde_json::Value::Array(nodes)
 }

@@ -190,7 +190,12 @@ impl Bus {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_ID, id.as_str());
         headers.insert(HEADER_TS, now_ms().to_string().as_str());
-        headers.insert(NATS_MESSAGE_ID, idempotency_key.unwrap_or(&id));
+        // Only a key the publisher gave: JetStream remembers every `Nats-Msg-Id` for the
+        // duplicate window, which costs nats-server ~2.5 µs and memory per event (measured
+        // with `fanout-bench jetstream`), and a fresh random id can never repeat.
+        if let Some(key) = idempotency_key {
+            headers.insert(NATS_MESSAGE_ID, key);
+        }
         let span = if telemetry::tracing_enabled() {
             let span = tracing::info_span!(
                 "publish",

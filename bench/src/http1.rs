@@ -1,0 +1,88 @@
+//! A minimal HTTP/1.1 keep-alive client for the publishers: one request at a time per
+//! connection, `Content-Length` answers only (what the API sends). It costs the load
+//! generator a fraction of a general client's CPU, which on a 2-core machine is CPU left to
+//! the servers being measured (the same reason `wrk` is used for such figures).
+
+use std::io;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+pub struct Http1 {
+    stream: TcpStream,
+    host: String,
+    buf: Vec<u8>,
+}
+
+impl Http1 {
+    /// `base`: `http://host:port`.
+    pub async fn connect(base: &str) -> io::Result<Http1> {
+        let host = base.trim_start_matches("http://").trim_end_matches('/');
+        let stream = TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
+        Ok(Http1 {
+            stream,
+            host: host.to_string(),
+            buf: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// POSTs `body` as JSON to `path`; returns the status and the answer's body.
+    pub async fn post(&mut self, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        self.stream.write_all(&request).await?;
+        self.read_answer().await
+    }
+
+    async fn read_answer(&mut self) -> io::Result<(u16, Vec<u8>)> {
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+        let head_end = loop {
+            if let Some(at) = find(&self.buf, b"\r\n\r\n") {
+                break at + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|_| bad("head not UTF-8"))?;
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status"))?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .ok_or_else(|| bad("no Content-Length"))?;
+        while self.buf.len() < head_end + length {
+            self.fill().await?;
+        }
+        let body = self.buf[head_end..head_end + length].to_vec();
+        self.buf.drain(..head_end + length);
+        Ok((status, body))
+    }
+
+    async fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
