@@ -189,6 +189,9 @@ pub struct Common {
     pub nats_tls_key: String,
     /// A NATS `.creds` file (user JWT and NKey seed), the standard for NATS accounts.
     pub nats_creds: String,
+    /// Runtime worker threads (`FANOUT_WORKER_THREADS`); 0: one per CPU this process may use.
+    /// Where several fanout processes share a few cores, 1 each costs less CPU per event.
+    pub worker_threads: usize,
 }
 
 impl Default for Common {
@@ -210,6 +213,7 @@ impl Default for Common {
             nats_tls_cert: String::new(),
             nats_tls_key: String::new(),
             nats_creds: String::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -225,6 +229,12 @@ fn default_node_id() -> String {
 
 impl Common {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::invalid(
+                "worker_threads",
+                "must be between 0 (one per CPU) and 1024",
+            ));
+        }
         if self.nats_servers().is_empty() {
             return Err(ConfigError::invalid("nats_url", "no server given"));
         }

@@ -13,10 +13,10 @@ use crate::{
 };
 
 /// Runs a server binary: reads `--config FILE` / `FANOUT_CONFIG` and the environment, starts
-/// logging and tracing, binds the listen address, and runs `run` until SIGTERM or ctrl-c;
-/// then flushes pending spans. Any error ends the process with status 1 and one line on
-/// stderr naming the cause.
-pub async fn main<C, Fut, E>(
+/// the runtime (`worker_threads`), logging and tracing, binds the listen address, and runs
+/// `run` until SIGTERM or ctrl-c; then flushes pending spans. Any error ends the process
+/// with status 1 and one line on stderr naming the cause.
+pub fn main<C, Fut, E>(
     name: &'static str,
     run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
 ) -> ExitCode
@@ -29,17 +29,40 @@ where
         "usage: {name} [--config FILE]\n\
          settings come from FILE (TOML) and FANOUT_* environment variables; see README.md"
     );
-    let started = async {
-        let file = config::file_from_args(std::env::args().skip(1), &usage)?;
-        let config = C::load(file.as_deref())?;
-        let addr = config::parse_listen(config.listen())?;
-        let listener = TcpListener::bind(addr).await.map_err(|err| {
-            ConfigError::invalid("listen", format!("cannot listen on {addr}: {err}"))
-        })?;
-        Ok::<_, ConfigError>((config, listener))
+    let loaded = config::file_from_args(std::env::args().skip(1), &usage)
+        .and_then(|file| C::load(file.as_deref()));
+    let config = match loaded {
+        Ok(config) => config,
+        Err(err) => return fail(name, &chain(&err)),
     };
-    let outcome = match started.await {
-        Ok((config, listener)) => match telemetry::init(name, config.common()) {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.common().worker_threads > 0 {
+        runtime.worker_threads(config.common().worker_threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve(name, config, run)),
+        Err(err) => fail(name, &format!("cannot start the runtime: {err}")),
+    }
+}
+
+async fn serve<C, Fut, E>(
+    name: &'static str,
+    config: C,
+    run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
+) -> ExitCode
+where
+    C: Settings,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error + 'static,
+{
+    let bound = async {
+        let addr = config::parse_listen(config.listen())?;
+        TcpListener::bind(addr).await.map_err(|err| {
+            ConfigError::invalid("listen", format!("cannot listen on {addr}: {err}"))
+        })
+    };
+    let outcome = match bound.await {
+        Ok(listener) => match telemetry::init(name, config.common()) {
             Ok(telemetry) => {
                 let served = run(config, listener, crate::shutdown::on_signal()).await;
                 // The exporter blocks while it flushes; keep that off the runtime's workers.
@@ -52,11 +75,13 @@ where
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("{name}: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => fail(name, &message),
     }
+}
+
+fn fail(name: &str, message: &str) -> ExitCode {
+    eprintln!("{name}: {message}");
+    ExitCode::FAILURE
 }
 
 /// An error and its sources, joined by ": ".

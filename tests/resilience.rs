@@ -137,7 +137,7 @@ type BadSetting<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
 
 #[test]
 fn invalid_settings_fail_at_start_naming_the_setting() {
-    let cases: [BadSetting; 7] = [
+    let cases: [BadSetting; 10] = [
         (
             "fanout-ws",
             &[("FANOUT_HEARTBEAT_SECS", "0")],
@@ -168,6 +168,21 @@ fn invalid_settings_fail_at_start_naming_the_setting() {
             "fanout-api",
             &[("FANOUT_HISTORY_STORAGE", "tape")],
             "FANOUT_HISTORY_STORAGE",
+        ),
+        (
+            "fanout-ws",
+            &[("FANOUT_WORKER_THREADS", "5000")],
+            "FANOUT_WORKER_THREADS",
+        ),
+        (
+            "fanout-api",
+            &[("FANOUT_BATCH_MAX_EVENTS", "0")],
+            "FANOUT_BATCH_MAX_EVENTS",
+        ),
+        (
+            "fanout-api",
+            &[("FANOUT_BATCH_MAX_BYTES", "0")],
+            "FANOUT_BATCH_MAX_BYTES",
         ),
     ];
     for (name, env, expected) in cases {
@@ -203,4 +218,30 @@ async fn a_toml_file_configures_a_binary_and_the_environment_overrides_it() {
     let client = Client::connect(&server).await;
     assert_eq!(client.welcome["node"], "from-env");
     assert_eq!(client.welcome["heartbeat"], 7);
+}
+
+/// `FANOUT_WORKER_THREADS` sizes the runtime the binaries build themselves: one thread
+/// serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_run_on_the_worker_threads_they_are_given() {
+    let nats = NatsServer::start();
+    let env = |node: &str| {
+        [
+            ("FANOUT_NATS_URL", nats.url()),
+            ("FANOUT_NODE_ID", node.to_string()),
+            ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
+            ("FANOUT_WORKER_THREADS", "1".to_string()),
+        ]
+    };
+    let api = Process::start("fanout-api", &env("api-1"));
+    let ws = Process::start("fanout-ws", &env("ws-1"));
+    let (api, ws) = (api.server(), ws.server());
+    wait_ready(&api).await;
+    wait_ready(&ws).await;
+    let mut client = Client::connect(&ws).await;
+    client.subscribe("one.thread").await;
+    let batch = serde_json::json!({"events": [{"channel": "one.thread", "data": 1}]});
+    let (status, body) = post_raw(&api, "/v1/batch", batch.to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(client.event().await["data"], 1);
 }

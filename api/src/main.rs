@@ -1,6 +1,11 @@
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    fanout::process::main::<fanout_api::Config, _, _>("fanout-api", fanout_api::run).await
+// Measured with `perf record -p <api>` under `fanout-bench publish`: malloc and free were a
+// fifth of the API's CPU with glibc's allocator, 3% with mimalloc. (Not in fanout-ws: there
+// mimalloc took an idle connection from 3.8 to 4.4 KiB, measured with `fanout-bench idle`.)
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    fanout::process::main::<fanout_api::Config, _, _>("fanout-api", fanout_api::run)
 }

@@ -146,6 +146,7 @@ async fn coordinate(command: &str, rest: &[String]) {
                 shared: o.num("shared", 0),
                 coalesce_ms: o.num("coalesce", 0) as u64,
                 tick_ms: o.num("tick-ms", 0) as u64,
+                threads: o.num("threads", 0),
             };
             println!("fan-out: {spec:?}");
             let mut results = serde_json::Map::new();

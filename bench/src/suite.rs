@@ -27,13 +27,27 @@ impl FanoutTier {
 
     /// With extra settings for fanout's processes.
     pub async fn start_with(paths: &Paths, nodes: usize, extra: &[(String, String)]) -> FanoutTier {
+        Self::start_threads(paths, nodes, extra, 0).await
+    }
+
+    /// `threads` > 0: that many runtime threads in every process, nats-server's included
+    /// (`FANOUT_WORKER_THREADS`, `GOMAXPROCS`).
+    pub async fn start_threads(
+        paths: &Paths,
+        nodes: usize,
+        extra: &[(String, String)],
+        threads: usize,
+    ) -> FanoutTier {
         let dir = tempfile::tempdir().unwrap();
-        let nats = tier::start_nats(paths, dir.path());
+        let nats = tier::start_nats_with(paths, dir.path(), &gomaxprocs(threads));
         let mut env = vec![
             ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
             ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
         ];
         env.extend(extra.iter().cloned());
+        if threads > 0 {
+            env.push(("FANOUT_WORKER_THREADS".into(), threads.to_string()));
+        }
         // Settings to try: FANOUT_BENCH_ENV="FANOUT_QUEUE_CAPACITY=4096,FANOUT_HISTORY_STORAGE=memory".
         if let Ok(extra) = std::env::var("FANOUT_BENCH_ENV") {
             env.extend(extra.split(',').filter_map(|kv| {
@@ -82,10 +96,23 @@ pub struct NatsTier {
     _dir: tempfile::TempDir,
 }
 
+/// nats-server's environment for `threads` runtime threads (0: its default).
+fn gomaxprocs(threads: usize) -> Vec<(String, String)> {
+    if threads == 0 {
+        return Vec::new();
+    }
+    vec![("GOMAXPROCS".into(), threads.to_string())]
+}
+
 impl NatsTier {
     pub fn start(paths: &Paths, nodes: usize) -> NatsTier {
+        Self::start_threads(paths, nodes, 0)
+    }
+
+    pub fn start_threads(paths: &Paths, nodes: usize, threads: usize) -> NatsTier {
         let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients, ws, monitor) = tier::start_nats_ws_cluster(paths, dir.path(), nodes);
+        let (nodes, clients, ws, monitor) =
+            tier::start_nats_ws_cluster(paths, dir.path(), nodes, &gomaxprocs(threads));
         NatsTier {
             nodes,
             clients,
@@ -116,6 +143,8 @@ pub struct Spec {
     pub shared: usize,
     /// fanout's `FANOUT_COALESCE_MS`.
     pub coalesce_ms: u64,
+    /// Runtime threads per server process, on both sides (0: each one's default).
+    pub threads: usize,
     /// 0: fanout's publisher POSTs each event on its own, NATS's publishes each. N: both
     /// release what came due every N ms, together (fanout: one `/v1/batch`; NATS: the
     /// publishes, then one flush).
@@ -206,11 +235,14 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
                 spec.coalesce_ms.to_string(),
             )];
             (
-                Some(FanoutTier::start_with(paths, spec.nodes, &extra).await),
+                Some(FanoutTier::start_threads(paths, spec.nodes, &extra, spec.threads).await),
                 None,
             )
         }
-        Target::Nats => (None, Some(NatsTier::start(paths, spec.nodes))),
+        Target::Nats => (
+            None,
+            Some(NatsTier::start_threads(paths, spec.nodes, spec.threads)),
+        ),
     };
     let urls = match (&fanout, &nats) {
         (Some(t), _) => t.ws_urls(),
@@ -562,6 +594,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 shared: 0,
                 coalesce_ms: 0,
                 tick_ms: 0,
+                threads: 0,
             },
         ),
         (
@@ -575,6 +608,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 shared: 0,
                 coalesce_ms: 0,
                 tick_ms: 0,
+                threads: 0,
             },
         ),
         (
@@ -588,6 +622,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
                 shared: 0,
                 coalesce_ms: 0,
                 tick_ms: 0,
+                threads: 0,
             },
         ),
     ];
@@ -739,6 +774,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         shared: 0,
         coalesce_ms: 0,
         tick_ms: 0,
+        threads: 0,
     };
     println!(
         "long-polling: {} clients on {} nodes, {} events/s for {} s",
@@ -783,6 +819,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         shared: 10,
         coalesce_ms: 0,
         tick_ms: 5,
+        threads: 1,
     };
     println!(
         "many channels: {} clients, each in its own channel and one of {} shared, {} events/s in {} ms ticks",

@@ -58,6 +58,7 @@ pub fn start_nats_ws_cluster(
     paths: &Paths,
     dir: &Path,
     n: usize,
+    env: &[(String, String)],
 ) -> (Vec<Proc>, Vec<String>, Vec<String>, Vec<u16>) {
     let ports: Vec<(u16, u16, u16, u16)> = (0..n)
         .map(|_| (free_port(), free_port(), free_port(), free_port()))
@@ -79,6 +80,7 @@ pub fn start_nats_ws_cluster(
         let file = dir.join(format!("n{i}.conf"));
         std::fs::write(&file, conf).unwrap();
         let child = Command::new(&paths.nats_server)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(&file)
             .stdout(Stdio::null())
@@ -175,9 +177,15 @@ impl Paths {
 }
 
 pub fn start_nats(paths: &Paths, dir: &Path) -> Proc {
+    start_nats_with(paths, dir, &[])
+}
+
+/// [`start_nats`] with extra environment (`GOMAXPROCS`).
+pub fn start_nats_with(paths: &Paths, dir: &Path, env: &[(String, String)]) -> Proc {
     let ports = dir.join("ports");
     std::fs::create_dir_all(&ports).unwrap();
     let child = Command::new(&paths.nats_server)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
         .arg(dir.join("js"))
         .arg("--ports_file_dir")

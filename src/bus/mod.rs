@@ -162,7 +162,19 @@ impl Subjects {
     }
     /// Where region `region` publishes `channel`'s events.
     fn inbound_in(&self, region: u8, channel: &Channel) -> String {
-        format!("{}.{channel}", self.inbound_base(region))
+        // Once per published event: one allocation, no formatting.
+        let region = self.regions.get(region as usize);
+        let mut subject = String::with_capacity(
+            self.prefix.len() + 5 + region.map_or(0, |r| r.len() + 1) + channel.as_str().len(),
+        );
+        subject.push_str(&self.prefix);
+        subject.push_str(".in.");
+        if let Some(region) = region {
+            subject.push_str(region);
+            subject.push('.');
+        }
+        subject.push_str(channel.as_str());
+        subject
     }
     /// Where this process's region's streams republish, and its ws nodes subscribe.
     fn outbound_base(&self) -> String {
