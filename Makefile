@@ -65,7 +65,7 @@ run: $(NATS_SERVER)
 	@if [ -n "$(REGIONS)" ]; then REGIONS=$(REGIONS) ./scripts/run-geo.sh; else WS=$(WS) ./scripts/run.sh; fi
 
 # The benchmark suite: every scenario against fanout and nats-server's WebSocket port, the
-# table in target/bench/suite.md, the figures in target/bench/suite.json (about 5 minutes).
+# table in target/bench/suite.md, the figures in target/bench/suite.json (about 10 minutes).
 bench: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench suite $(BENCH_ARGS)

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 JOBS=${FUZZ_JOBS:-1}
-TARGETS=${FUZZ_TARGETS:-frames upgrade op cursor jwt publish_body}
+TARGETS=${FUZZ_TARGETS:-frames upgrade op cursor jwt publish_body batch_body}
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version 0.13.2
 (cd fuzz && cargo +nightly fuzz build)
 out=target/fuzz

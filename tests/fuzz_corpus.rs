@@ -51,3 +51,8 @@ fn jwt() {
 fn publish_body() {
     replay("publish_body", fanout_api::routes::fuzz_publish);
 }
+
+#[test]
+fn batch_body() {
+    replay("batch_body", fanout_api::routes::fuzz_batch);
+}
