@@ -137,3 +137,71 @@ async fn a_batch_without_nats_is_refused_whole() {
     })
     .await;
 }
+
+/// The stream refuses every write (sealed): each event gets the stream's refusal as its
+/// error, none is reported stored, and the request still answers in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_refuses_writes_fails_each_event_with_its_reason() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut config = js
+        .get_stream("FANOUT")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.sealed = true;
+    js.update_stream(&config).await.unwrap();
+    let batch = json!({"events": [
+        {"channel": "c", "data": 1},
+        {"channel": "a b", "data": 2},
+        {"channel": "c", "data": 3},
+    ]});
+    let (status, body) = post_raw(&api, "/v1/batch", batch.to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(code(&results[0]), "bus_unavailable", "{body}");
+    assert_eq!(code(&results[1]), "invalid_channel");
+    assert_eq!(code(&results[2]), "bus_unavailable");
+    assert!(
+        results[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sealed"),
+        "{body}"
+    );
+}
+
+/// The stream is gone: the batch's events fail (no one answers on the stream's subjects),
+/// which wakes the API's stream keeper; the stream is back for the next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_into_a_missing_stream_fails_and_brings_the_stream_back() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream("FANOUT").await.unwrap();
+    let batch = json!({"events": [{"channel": "c", "data": 1}, {"channel": "c", "data": 2}]});
+    let (status, body) = post_raw(&api, "/v1/batch", batch.to_string()).await;
+    assert_eq!(status, 202, "{body}");
+    for result in body["results"].as_array().unwrap() {
+        assert_eq!(code(result), "bus_unavailable", "{body}");
+        assert!(
+            result["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("does not exist"),
+            "{body}"
+        );
+    }
+    eventually("a batch to be stored again", || {
+        let (api, batch) = (&api, batch.to_string());
+        async move {
+            let (status, body) = post_raw(api, "/v1/batch", batch).await;
+            status == 202 && body["results"][1]["seq"].is_u64()
+        }
+    })
+    .await;
+}

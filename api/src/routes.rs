@@ -541,7 +541,10 @@ pub fn fuzz_batch(data: &[u8]) {
     for raw in batch.events {
         if let Ok((channel, data, key)) = check_event(64 * 1024, &body, raw) {
             assert!(Channel::parse(channel.as_str()).is_ok());
-            assert!(serde_json::from_slice::<&RawValue>(&data).is_ok(), "{data:?}");
+            assert!(
+                serde_json::from_slice::<&RawValue>(&data).is_ok(),
+                "{data:?}"
+            );
             assert!(key.is_none_or(|key| check_idempotency_key(&key).is_ok()));
         }
     }

@@ -10,11 +10,12 @@ use async_nats::{
     HeaderMap,
     connection::State,
     jetstream::{
-        context::PublishErrorKind,
+        context::{PublishError, PublishErrorKind},
         stream::{self, DirectGetErrorKind, RawMessageErrorKind, Republish, StorageType},
     },
 };
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tracing::{Instrument, field::Empty};
 
 use super::{
@@ -153,42 +154,146 @@ impl Bus {
     /// without waiting for the previous one's acknowledgement), and answers each in the
     /// order given. Events on one channel are stored in that order. One event's failure
     /// fails that event alone.
+    ///
+    /// The acknowledgements come back on one subscription for the whole call, each to a
+    /// reply subject ending in its event's index, instead of through async-nats's request
+    /// per message (an inbox, a map entry, a oneshot and a timer each, and the answer parsed
+    /// through an untagged enum): measured with callgrind, that was most of the API's own
+    /// work per batched event.
     pub async fn publish_many<'a>(
         &self,
         events: Vec<(&'a Channel, Bytes, Option<&'a str>)>,
     ) -> Vec<Result<Published, BusError>> {
+        let unavailable = |why| {
+            (0..events.len())
+                .map(|_| Err(BusError::Unavailable(why)))
+                .collect()
+        };
         if !self.is_connected() {
-            return events
-                .iter()
-                .map(|_| Err(BusError::Unavailable("not connected")))
-                .collect();
+            return unavailable("not connected");
         }
-        let mut sent = Vec::with_capacity(events.len());
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let inner = &self.inner;
+        let client = &inner.client;
+        let inbox = client.new_inbox();
+        // Subscribed before anything is published, on the same connection: the server
+        // has the subscription before the first acknowledgement.
+        let Ok(mut acks) = client.subscribe(format!("{inbox}.*")).await else {
+            return unavailable("connection lost");
+        };
         let ts = now_ms();
-        for (channel, data, key) in events {
-            sent.push(self.send(channel, data, key, ts).await);
+        let mut pending: Vec<Option<Batched>> = Vec::with_capacity(events.len());
+        let mut answers: Vec<Option<Result<Published, BusError>>> =
+            (0..events.len()).map(|_| None).collect();
+        let mut waiting = 0;
+        for (i, (channel, data, key)) in events.into_iter().enumerate() {
+            let (id, headers, span) = self.headers(channel, key, ts);
+            let reply = format!("{inbox}.{i}");
+            let sent = client
+                .publish_with_reply_and_headers(
+                    inner.subjects.inbound(channel),
+                    reply,
+                    headers,
+                    data,
+                )
+                .await;
+            match sent {
+                Ok(()) => {
+                    pending.push(Some(Batched { id, span }));
+                    waiting += 1;
+                }
+                Err(_) => {
+                    answers[i] = Some(Err(failed(&span, BusError::Unavailable("connection lost"))));
+                    pending.push(None);
+                }
+            }
         }
-        let mut answers = Vec::with_capacity(sent.len());
-        for pending in sent {
-            answers.push(match pending {
-                Ok(pending) => pending.acknowledged(self).await,
-                Err(err) => Err(err),
+        let deadline = tokio::time::Instant::now() + inner.publish_timeout;
+        while waiting > 0 {
+            let message = match tokio::time::timeout_at(deadline, acks.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) | Err(_) => break,
+            };
+            let Some(i) = message
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            let Some(Batched { id, span }) = pending.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            waiting -= 1;
+            answers[i] = Some(match self.read_ack(&message) {
+                Ok(ack) => {
+                    span.record("fanout.seq", ack.seq);
+                    let id = if ack.duplicate {
+                        self.stored_id(ack.seq).await.unwrap_or(id)
+                    } else {
+                        id
+                    };
+                    Ok(Published {
+                        id,
+                        seq: ack.seq,
+                        duplicate: ack.duplicate,
+                    })
+                }
+                Err(err) => Err(failed(&span, err)),
             });
         }
+        // No answer within the publish timeout (or the connection went): each may or may
+        // not be stored, as for a single publish.
+        for (answer, batched) in answers.iter_mut().zip(pending) {
+            if let Some(Batched { span, .. }) = batched {
+                *answer = Some(Err(failed(&span, BusError::Timeout(inner.publish_timeout))));
+            }
+        }
         answers
+            .into_iter()
+            .map(|answer| answer.expect("every event answered"))
+            .collect()
     }
 
-    /// Hands one event to the NATS connection; its acknowledgement comes later.
-    async fn send(
+    /// What one acknowledgement of [`Bus::publish_many`] says.
+    fn read_ack(&self, message: &async_nats::Message) -> Result<Ack, BusError> {
+        if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Err(self.publish_error(PublishError::new(PublishErrorKind::StreamNotFound)));
+        }
+        match serde_json::from_slice::<AckBody>(&message.payload) {
+            Ok(AckBody {
+                seq: Some(seq),
+                duplicate,
+                error: None,
+            }) => Ok(Ack {
+                seq,
+                duplicate: duplicate.unwrap_or(false),
+            }),
+            Ok(AckBody {
+                error: Some(error), ..
+            }) => Err(self.publish_error(PublishError::with_source(
+                PublishErrorKind::Other,
+                format!("{} (error {})", error.description, error.err_code),
+            ))),
+            _ => Err(self.publish_error(PublishError::with_source(
+                PublishErrorKind::Other,
+                "the stream's acknowledgement is not one",
+            ))),
+        }
+    }
+
+    /// An event's headers (id, timestamp, the key as `Nats-Msg-Id`, the trace context) and
+    /// its `publish` span (none with tracing off).
+    fn headers(
         &self,
         channel: &Channel,
-        data: Bytes,
         idempotency_key: Option<&str>,
         ts: u64,
-    ) -> Result<Pending, BusError> {
-        let inner = &self.inner;
+    ) -> (String, HeaderMap, tracing::Span) {
         let id = uuid::Uuid::new_v4().to_string();
-        let subject = inner.subjects.inbound(channel);
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_ID, id.as_str());
         headers.insert(HEADER_TS, ts.to_string().as_str());
@@ -199,6 +304,7 @@ impl Bus {
             headers.insert(NATS_MESSAGE_ID, key);
         }
         let span = if telemetry::tracing_enabled() {
+            let subject = self.inner.subjects.inbound(channel);
             let span = tracing::info_span!(
                 "publish",
                 otel.name = %format_args!("publish {subject}"),
@@ -223,6 +329,20 @@ impl Bus {
         } else {
             tracing::Span::none()
         };
+        (id, headers, span)
+    }
+
+    /// Hands one event to the NATS connection; its acknowledgement comes later.
+    async fn send(
+        &self,
+        channel: &Channel,
+        data: Bytes,
+        idempotency_key: Option<&str>,
+        ts: u64,
+    ) -> Result<Pending, BusError> {
+        let inner = &self.inner;
+        let (id, headers, span) = self.headers(channel, idempotency_key, ts);
+        let subject = inner.subjects.inbound(channel);
         let publish = inner.js.publish_with_headers(subject, headers, data);
         // No span, no wrapper: with tracing off this runs once per event for nothing.
         let ack = if span.is_none() {
@@ -693,6 +813,33 @@ pub(super) async fn keep_stream(inner: std::sync::Weak<Inner>) {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// One event of [`Bus::publish_many`] waiting for its acknowledgement.
+struct Batched {
+    id: String,
+    span: tracing::Span,
+}
+
+/// A JetStream publish acknowledgement, or its error.
+#[derive(serde::Deserialize)]
+struct AckBody {
+    seq: Option<u64>,
+    duplicate: Option<bool>,
+    error: Option<AckError>,
+}
+
+#[derive(serde::Deserialize)]
+struct AckError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+struct Ack {
+    seq: u64,
+    duplicate: bool,
 }
 
 /// One event handed to NATS, waiting for the stream's acknowledgement.
