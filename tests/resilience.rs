@@ -176,7 +176,7 @@ fn invalid_settings_fail_at_start_naming_the_setting() {
         ),
         (
             "fanout-api",
-            &[("FANOUT_BATCH_MAX_EVENTS", "0")],
+            &[("FANOUT_BATCH_MAX_EVENTS", "20000")],
             "FANOUT_BATCH_MAX_EVENTS",
         ),
         (

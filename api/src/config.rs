@@ -78,10 +78,12 @@ impl Config {
                 "must be between 1 and 1048576 (NATS's default max_payload)",
             ));
         }
-        if self.batch_max_events == 0 || self.batch_max_events > 100_000 {
+        // A batch's acknowledgements wait in one subscription's queue (async-nats holds
+        // 65,536 messages per subscription): stay well inside it.
+        if self.batch_max_events == 0 || self.batch_max_events > 10_000 {
             return Err(ConfigError::invalid(
                 "batch_max_events",
-                "must be between 1 and 100000",
+                "must be between 1 and 10000",
             ));
         }
         if self.batch_max_bytes == 0 || self.batch_max_bytes > 256 * 1024 * 1024 {

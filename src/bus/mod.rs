@@ -15,6 +15,7 @@
 //! It does not know about HTTP, WebSocket clients or which channels anyone wants: callers
 //! say what to publish and what to subscribe to.
 
+mod acks;
 mod discovery;
 mod link;
 mod presence;
@@ -261,6 +262,8 @@ pub struct Bus {
 #[derive(Debug)]
 struct Inner {
     client: async_nats::Client,
+    /// Where batched publishes are acknowledged; made with the first batch.
+    acks: tokio::sync::OnceCell<Arc<acks::Acks>>,
     js: jetstream::Context,
     subjects: Subjects,
     stream: jetstream::stream::Config,
@@ -378,6 +381,7 @@ impl Bus {
         let bus = Bus {
             inner: Arc::new(Inner {
                 client,
+                acks: tokio::sync::OnceCell::new(),
                 js,
                 subjects,
                 stream,

@@ -15,7 +15,6 @@ use async_nats::{
     },
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tracing::{Instrument, field::Empty};
 
 use super::{
@@ -155,11 +154,9 @@ impl Bus {
     /// order given. Events on one channel are stored in that order. One event's failure
     /// fails that event alone.
     ///
-    /// The acknowledgements come back on one subscription for the whole call, each to a
-    /// reply subject ending in its event's index, instead of through async-nats's request
-    /// per message (an inbox, a map entry, a oneshot and a timer each, and the answer parsed
-    /// through an untagged enum): measured with callgrind, that was most of the API's own
-    /// work per batched event.
+    /// The acknowledgements come back on this process's one subscription for batches, each
+    /// to a reply subject naming the batch and the event's index ([`super::acks`]), instead
+    /// of through async-nats's request per message.
     pub async fn publish_many<'a>(
         &self,
         events: Vec<(&'a Channel, Bytes, Option<&'a str>)>,
@@ -177,12 +174,14 @@ impl Bus {
         }
         let inner = &self.inner;
         let client = &inner.client;
-        let inbox = client.new_inbox();
-        // Subscribed before anything is published, on the same connection: the server
-        // has the subscription before the first acknowledgement.
-        let Ok(mut acks) = client.subscribe(format!("{inbox}.*")).await else {
+        let acks = inner
+            .acks
+            .get_or_try_init(|| super::acks::Acks::start(client))
+            .await;
+        let Ok(acks) = acks else {
             return unavailable("connection lost");
         };
+        let mut batch = acks.batch();
         let ts = now_ms();
         let mut pending: Vec<Option<Batched>> = Vec::with_capacity(events.len());
         let mut answers: Vec<Option<Result<Published, BusError>>> =
@@ -190,7 +189,7 @@ impl Bus {
         let mut waiting = 0;
         for (i, (channel, data, key)) in events.into_iter().enumerate() {
             let (id, headers, span) = self.headers(channel, key, ts);
-            let reply = format!("{inbox}.{i}");
+            let reply = batch.reply(i);
             let sent = client
                 .publish_with_reply_and_headers(
                     inner.subjects.inbound(channel),
@@ -212,7 +211,7 @@ impl Bus {
         }
         let deadline = tokio::time::Instant::now() + inner.publish_timeout;
         while waiting > 0 {
-            let message = match tokio::time::timeout_at(deadline, acks.next()).await {
+            let message = match tokio::time::timeout_at(deadline, batch.received.recv()).await {
                 Ok(Some(message)) => message,
                 Ok(None) | Err(_) => break,
             };
