@@ -2,7 +2,7 @@
 //! nodes (release builds), on loopback, each killed when dropped; and reading their CPU time.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -229,7 +229,18 @@ pub fn start_fanout(paths: &Paths, binary: &str, name: &str, env: &[(String, Str
             break addr.split_whitespace().next().unwrap().to_string();
         }
     };
-    std::thread::spawn(move || lines.for_each(drop));
+    // The rest of its log, for a look after the run: target/bench/logs/<name>-<pid>.log.
+    let dir = paths.bin.join("../bench/logs");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = std::fs::File::create(dir.join(format!("{name}-{}.log", child.id())));
+    std::thread::spawn(move || {
+        let mut file = file.ok().map(std::io::BufWriter::new);
+        for line in lines.map_while(Result::ok) {
+            if let Some(file) = file.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
     Proc { child, addr }
 }
 

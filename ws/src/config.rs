@@ -99,7 +99,7 @@ impl Default for Config {
             public_url: String::new(),
             max_buffered_bytes: 64 << 20,
             frame_timeout_ms: 10_000,
-            handshake_timeout_ms: 10_000,
+            handshake_timeout_ms: 30_000,
             canary_interval_ms: 5000,
         }
     }
