@@ -228,19 +228,7 @@ impl Bus {
             };
             waiting -= 1;
             answers[i] = Some(match self.read_ack(&message) {
-                Ok(ack) => {
-                    span.record("fanout.seq", ack.seq);
-                    let id = if ack.duplicate {
-                        self.stored_id(ack.seq).await.unwrap_or(id)
-                    } else {
-                        id
-                    };
-                    Ok(Published {
-                        id,
-                        seq: ack.seq,
-                        duplicate: ack.duplicate,
-                    })
-                }
+                Ok(ack) => Ok(self.published(id, &span, ack.seq, ack.duplicate).await),
                 Err(err) => Err(failed(&span, err)),
             });
         }
@@ -255,6 +243,24 @@ impl Bus {
             .into_iter()
             .map(|answer| answer.expect("every event answered"))
             .collect()
+    }
+
+    /// The answer for a stored event; for a duplicate, with the id of the event first stored
+    /// under its key.
+    async fn published(
+        &self,
+        id: String,
+        span: &tracing::Span,
+        seq: u64,
+        duplicate: bool,
+    ) -> Published {
+        span.record("fanout.seq", seq);
+        let id = if duplicate {
+            self.stored_id(seq).await.unwrap_or(id)
+        } else {
+            id
+        };
+        Published { id, seq, duplicate }
     }
 
     /// What one acknowledgement of [`Bus::publish_many`] says.
@@ -860,17 +866,7 @@ impl Pending {
             Ok(ack) => ack,
             Err(err) => return Err(failed(&span, err)),
         };
-        span.record("fanout.seq", ack.sequence);
-        let id = if ack.duplicate {
-            bus.stored_id(ack.sequence).await.unwrap_or(id)
-        } else {
-            id
-        };
-        Ok(Published {
-            id,
-            seq: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        Ok(bus.published(id, &span, ack.sequence, ack.duplicate).await)
     }
 }
 
