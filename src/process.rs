@@ -39,21 +39,21 @@ where
     if config.common().worker_threads > 0 {
         runtime.worker_threads(config.common().worker_threads);
     }
-    match runtime.enable_all().build() {
-        Ok(runtime) => runtime.block_on(serve(name, config, run)),
-        Err(err) => fail(name, &format!("cannot start the runtime: {err}")),
-    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(name, &format!("cannot start the runtime: {err}")),
+    };
+    runtime.block_on(serve(name, config, run))
 }
 
-async fn serve<C, Fut, E>(
+/// [`main`] once the runtime runs.
+async fn serve<C: Settings, Fut, E: std::error::Error + 'static>(
     name: &'static str,
     config: C,
     run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
 ) -> ExitCode
 where
-    C: Settings,
     Fut: Future<Output = Result<(), E>>,
-    E: std::error::Error + 'static,
 {
     let bound = async {
         let addr = config::parse_listen(config.listen())?;

@@ -56,14 +56,7 @@ impl Http1 {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("no status"))?;
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .ok_or_else(|| bad("no Content-Length"))?;
+        let length = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
         while self.buf.len() < head_end + length {
             self.fill().await?;
         }
@@ -81,6 +74,15 @@ impl Http1 {
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// The `Content-Length` of an HTTP answer's head.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

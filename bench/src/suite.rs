@@ -537,18 +537,22 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
     let raw = crate::jetstream::baseline(paths, 16, 256, 5, 100).await;
     println!("  {raw}");
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    // events/s; CPU µs per event (API + nats-server)
+    let publish_cell = |v: &Value| {
+        format!(
+            "{:.0}; {:.1} ({:.1} + {:.1})",
+            f(v, "acked_per_sec"),
+            f(v, "server_cpu_us_per_event"),
+            f(v, "api_cpu_us_per_event"),
+            f(v, "nats_cpu_us_per_event")
+        )
+    };
     row(
         &mut rows,
         [
             "publish, 16 publishers, one event per request",
             "acknowledged events/s; server CPU µs per event (API + nats-server)",
-            &format!(
-                "{:.0}; {:.1} ({:.1} + {:.1})",
-                f(&p, "acked_per_sec"),
-                f(&p, "server_cpu_us_per_event"),
-                f(&p, "api_cpu_us_per_event"),
-                f(&p, "nats_cpu_us_per_event")
-            ),
+            &publish_cell(&p),
             "",
             "",
             "≥ 40,000/s; ≤ 30 µs",
@@ -559,13 +563,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
         [
             "publish, 16 publishers, `/v1/batch` of 100",
             "acknowledged events/s; server CPU µs per event (API + nats-server)",
-            &format!(
-                "{:.0}; {:.1} ({:.1} + {:.1})",
-                f(&b, "acked_per_sec"),
-                f(&b, "server_cpu_us_per_event"),
-                f(&b, "api_cpu_us_per_event"),
-                f(&b, "nats_cpu_us_per_event")
-            ),
+            &publish_cell(&b),
             &format!(
                 "raw JetStream {:.0}; {:.1}",
                 f(&raw, "acked_per_sec"),

@@ -435,14 +435,8 @@ impl Poller {
             self.channels, self.authority
         );
         let head = self.socket.head(&request, "HTTP/1.1 200").await?;
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .ok_or("a poll answer without Content-Length")?;
+        let length =
+            crate::http1::content_length(&head).ok_or("a poll answer without Content-Length")?;
         while self.socket.buf.len() < length {
             if !self.socket.fill().await {
                 return Err("the connection ended".into());
