@@ -74,21 +74,29 @@ pub fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}_{}", key.to_ascii_uppercase())
 }
 
-/// Reads `--config FILE` (or `--config=FILE`) from the command line, else `FANOUT_CONFIG`.
-/// Any other argument is an error, so a typo never goes unnoticed.
-pub fn file_from_args(
-    mut args: impl Iterator<Item = String>,
-    usage: &str,
-) -> Result<Option<PathBuf>, ConfigError> {
-    let mut file = None;
+/// What the command line asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Args {
+    /// `--config FILE` (or `--config=FILE`), else `FANOUT_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// `--check`: validate the settings, print them and exit, without starting.
+    pub check: bool,
+}
+
+/// Reads `--config FILE` (or `--config=FILE`, else `FANOUT_CONFIG`) and `--check`. Any other
+/// argument is an error, so a typo never goes unnoticed.
+pub fn args_from(mut args: impl Iterator<Item = String>, usage: &str) -> Result<Args, ConfigError> {
+    let mut parsed = Args::default();
     while let Some(arg) = args.next() {
         if arg == "--config" {
             let path = args
                 .next()
                 .ok_or_else(|| ConfigError::Usage(format!("--config needs a file\n{usage}")))?;
-            file = Some(PathBuf::from(path));
+            parsed.file = Some(PathBuf::from(path));
         } else if let Some(path) = arg.strip_prefix("--config=") {
-            file = Some(PathBuf::from(path));
+            parsed.file = Some(PathBuf::from(path));
+        } else if arg == "--check" {
+            parsed.check = true;
         } else if arg == "-h" || arg == "--help" {
             return Err(ConfigError::Usage(usage.to_string()));
         } else {
@@ -97,7 +105,62 @@ pub fn file_from_args(
             )));
         }
     }
-    Ok(file.or_else(|| std::env::var_os(env_name("config")).map(PathBuf::from)))
+    parsed.file = parsed
+        .file
+        .or_else(|| std::env::var_os(env_name("config")).map(PathBuf::from));
+    Ok(parsed)
+}
+
+/// What `--check` prints for a setting that is a secret.
+pub const MASKED: &str = "********";
+
+/// `key=value` lines of every setting (`FANOUT_KEY=value`, sorted), with the values of
+/// `secrets` masked and any password or token in `nats_url` hidden: what `--check` prints.
+pub fn effective(settings: &[serde_json::Value], secrets: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = settings
+        .iter()
+        .filter_map(|value| value.as_object())
+        .flat_map(|fields| fields.iter())
+        .map(|(key, value)| {
+            let text = match value {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let shown = if key == "nats_url" {
+                list(&text)
+                    .iter()
+                    .map(|url| mask_userinfo(url))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            } else if secrets.contains(&key.as_str()) && !text.is_empty() {
+                MASKED.to_string()
+            } else {
+                text
+            };
+            format!("{}={shown}", env_name(key))
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    lines
+}
+
+/// `nats://user:pass@host` → `nats://user:********@host`; `nats://token@host` →
+/// `nats://********@host`.
+fn mask_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:{MASKED}"),
+        None => MASKED.to_string(),
+    };
+    if scheme.is_empty() {
+        format!("{masked}@{host}")
+    } else {
+        format!("{scheme}://{masked}@{host}")
+    }
 }
 
 /// Deserializes defaults (the struct's `Default`) < `file` < environment into `T`.
@@ -129,6 +192,15 @@ pub trait Settings: Default + Serialize + DeserializeOwned {
     fn listen(&self) -> &str;
     /// Checks this binary's own settings (the common ones are checked by [`Settings::load`]).
     fn validate(&self) -> Result<(), ConfigError>;
+    /// What `--check` verifies beyond [`Settings::validate`]: what the binary would read at
+    /// start (key files, for example). By default nothing more.
+    fn check(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+    /// The settings whose values `--check` masks.
+    fn secrets() -> &'static [&'static str] {
+        &[]
+    }
 
     /// Defaults < `file` < environment, validated.
     fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -499,10 +571,32 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into_iter()
         };
-        let file = file_from_args(args(&["--config", "a.toml"]), "usage").unwrap();
-        assert_eq!(file, Some(PathBuf::from("a.toml")));
-        let file = file_from_args(args(&["--config=b.toml"]), "usage").unwrap();
-        assert_eq!(file, Some(PathBuf::from("b.toml")));
-        assert!(file_from_args(args(&["--bogus"]), "usage").is_err());
+        let parsed = args_from(args(&["--config", "a.toml"]), "usage").unwrap();
+        assert_eq!(parsed.file, Some(PathBuf::from("a.toml")));
+        assert!(!parsed.check);
+        let parsed = args_from(args(&["--check", "--config=b.toml"]), "usage").unwrap();
+        assert_eq!(parsed.file, Some(PathBuf::from("b.toml")));
+        assert!(parsed.check);
+        assert!(args_from(args(&["--bogus"]), "usage").is_err());
+    }
+
+    #[test]
+    fn check_masks_secrets_and_nats_passwords() {
+        let settings = serde_json::json!({
+            "nats_url": "nats://ada:hunter2@a:4222, nats://s3cret@b:4222,nats://c:4222",
+            "jwt_secret": "hunter2",
+            "api_keys": "",
+            "heartbeat_secs": 25,
+        });
+        let lines = effective(&[settings], &["jwt_secret", "api_keys"]);
+        assert_eq!(
+            lines,
+            [
+                "FANOUT_API_KEYS=",
+                "FANOUT_HEARTBEAT_SECS=25",
+                "FANOUT_JWT_SECRET=********",
+                "FANOUT_NATS_URL=nats://ada:********@a:4222,nats://********@b:4222,nats://c:4222",
+            ]
+        );
     }
 }

@@ -26,11 +26,18 @@ where
     E: std::error::Error + 'static,
 {
     let usage = format!(
-        "usage: {name} [--config FILE]\n\
-         settings come from FILE (TOML) and FANOUT_* environment variables; see README.md"
+        "usage: {name} [--config FILE] [--check]\n\
+         settings come from FILE (TOML) and FANOUT_* environment variables; see README.md\n\
+         --check: validate them, print the effective settings (secrets masked) and exit"
     );
-    let loaded = config::file_from_args(std::env::args().skip(1), &usage)
-        .and_then(|file| C::load(file.as_deref()));
+    let args = match config::args_from(std::env::args().skip(1), &usage) {
+        Ok(args) => args,
+        Err(err) => return fail(name, &chain(&err)),
+    };
+    let loaded = C::load(args.file.as_deref());
+    if args.check {
+        return check(name, args.file.as_deref(), loaded);
+    }
     let config = match loaded {
         Ok(config) => config,
         Err(err) => return fail(name, &chain(&err)),
@@ -44,6 +51,32 @@ where
         Err(err) => return fail(name, &format!("cannot start the runtime: {err}")),
     };
     runtime.block_on(serve(name, config, run))
+}
+
+/// `--check`, as `nats-server -t`: the effective settings on stdout and status 0, or what is
+/// wrong on stderr and status 1; nothing is started or connected.
+fn check<C: Settings>(
+    name: &str,
+    file: Option<&std::path::Path>,
+    loaded: Result<C, ConfigError>,
+) -> ExitCode {
+    match loaded.and_then(|config| config.check().map(|()| config)) {
+        Ok(config) => {
+            let values = [
+                serde_json::to_value(config.common()).unwrap_or_default(),
+                serde_json::to_value(&config).unwrap_or_default(),
+            ];
+            let source = file.map_or("defaults and environment".to_string(), |file| {
+                format!("{}, defaults and environment", file.display())
+            });
+            println!("# {name}: settings are valid ({source})");
+            for line in config::effective(&values, C::secrets()) {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(name, &format!("settings are not valid: {}", chain(&err))),
+    }
 }
 
 /// [`main`] once the runtime runs.

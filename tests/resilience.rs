@@ -188,11 +188,71 @@ fn invalid_settings_fail_at_start_naming_the_setting() {
     for (name, env, expected) in cases {
         let stderr = refused(name, env, &[]);
         assert!(stderr.contains(expected), "{name} {env:?}: {stderr}");
+        // `--check` finds the same fault without starting anything.
+        let stderr = refused(name, env, &["--check"]);
+        assert!(
+            stderr.contains("settings are not valid") && stderr.contains(expected),
+            "{name} --check {env:?}: {stderr}"
+        );
     }
+    // What the node would only find at start: the key file.
+    let stderr = refused(
+        "fanout-ws",
+        &[
+            ("FANOUT_AUTH", "jwt"),
+            ("FANOUT_JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
+        ],
+        &["--check"],
+    );
+    assert!(stderr.contains("FANOUT_JWT_PUBLIC_KEY"), "{stderr}");
     let stderr = refused("fanout-api", &[], &["--config", "/nonexistent/fanout.toml"]);
     assert!(stderr.contains("/nonexistent/fanout.toml"), "{stderr}");
     let stderr = refused("fanout-api", &[], &["--bogus"]);
     assert!(stderr.contains("usage"), "{stderr}");
+}
+
+/// `--check` prints the effective settings, secrets masked, and exits 0 without listening or
+/// connecting (no NATS runs here, and the port is one nothing could bind twice).
+#[test]
+fn check_prints_the_effective_settings_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ws.toml");
+    std::fs::write(&file, "heartbeat_secs = 7\n").unwrap();
+    let cases: [(&str, &[(&str, &str)], &[&str], &str); 2] = [
+        (
+            "fanout-ws",
+            &[
+                ("FANOUT_AUTH", "jwt"),
+                ("FANOUT_JWT_SECRET", "hunter2"),
+                ("FANOUT_NATS_URL", "nats://ada:swordfish@127.0.0.1:1"),
+            ],
+            &["--check", "--config"],
+            "FANOUT_HEARTBEAT_SECS=7",
+        ),
+        (
+            "fanout-api",
+            &[("FANOUT_API_KEYS", "hunter2,swordfish")],
+            &["--check"],
+            "FANOUT_API_KEYS=********",
+        ),
+    ];
+    for (name, env, args, expected) in cases {
+        let mut command = Command::new(binary(name));
+        command.env_clear().envs(env.iter().copied()).args(args);
+        if args.contains(&"--config") {
+            command.arg(&file);
+        }
+        let output = command.output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{name}: {output:?}");
+        assert!(stdout.contains("settings are valid"), "{stdout}");
+        assert!(stdout.contains(expected), "{name}: {stdout}");
+        assert!(stdout.contains("FANOUT_LISTEN="), "{stdout}");
+        assert!(
+            !stdout.contains("hunter2") && !stdout.contains("swordfish"),
+            "{name} printed a secret: {stdout}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

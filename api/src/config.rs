@@ -67,6 +67,9 @@ impl Settings for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         Config::validate(self)
     }
+    fn secrets() -> &'static [&'static str] {
+        &["api_keys"]
+    }
 }
 
 impl Config {

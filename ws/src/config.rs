@@ -118,6 +118,13 @@ impl Settings for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         Config::validate(self)
     }
+    /// The JWT settings as the node would read them at start (the key file included).
+    fn check(&self) -> Result<(), ConfigError> {
+        crate::auth::Verifier::from_config(self).map(drop)
+    }
+    fn secrets() -> &'static [&'static str] {
+        &["jwt_secret"]
+    }
 }
 
 impl Config {
