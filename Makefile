@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test test-alone run lint fmt nats-server browser bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
+.PHONY: all build test test-alone run lint fmt nats-server browser promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
 
 all: build
 
@@ -35,6 +35,32 @@ py-tools: $(PY_TOOLS)
 $(PY_TOOLS):
 	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/py websockets==$(WEBSOCKETS_VERSION)
 
+# The contract and deployment checks run PyPI tools from one virtualenv in .tools/venv:
+# schemathesis and openapi-spec-validator (the OpenAPI documents), kubernetes-validate
+# (deploy/kubernetes), check-jsonschema (the compose files against the compose-spec schema).
+VENV := $(TOOLS)/venv
+PY_CHECKS := schemathesis==4.32.5 openapi-spec-validator==0.9.0 kubernetes-validate==1.37.0 check-jsonschema==0.39.0
+VENV_TOOLS := $(VENV)/.installed-4.32.5-0.9.0-1.37.0-0.39.0
+py-checks: $(VENV_TOOLS)
+$(VENV_TOOLS):
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_CHECKS)
+	touch $@
+
+# The client package's type check uses npm's typescript, installed into .tools/npm.
+TYPESCRIPT_VERSION := 5.9.3
+TSC := $(TOOLS)/npm/node_modules/.bin/tsc
+$(TSC):
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm typescript@$(TYPESCRIPT_VERSION)
+
+# promtool (Debian's prometheus package) checks /metrics, the alerts and the dashboard's queries.
+promtool:
+	@if ! command -v promtool >/dev/null; then \
+	  echo "installing Debian's prometheus package for promtool"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	fi
+
 # The browser test drives Debian's chromium through chromedriver (never a downloaded browser).
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -44,14 +70,14 @@ browser:
 
 # Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
 # integration tests start real nats-server processes and the built binaries, so build those first.
-test: $(NATS_SERVER) browser $(PY_TOOLS)
+test: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	node --test web/
 	cargo build --workspace --bins
 	cargo test --workspace
 
 # Each integration test file alone, RUNS times (default 5); STRESS=1 keeps both cores busy
 # with stress-ng meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
-test-alone: $(NATS_SERVER) browser $(PY_TOOLS)
+test-alone: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
 
 RUNS   ?= 5

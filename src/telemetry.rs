@@ -226,6 +226,8 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+/// Labels on every series of this process (`region`, with regions), set by [`init_metrics`].
+static GLOBAL_LABELS: OnceLock<Vec<(String, String)>> = OnceLock::new();
 
 /// Histogram buckets for `*_seconds` metrics: 100 µs to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -235,7 +237,11 @@ const LATENCY_BUCKETS: [f64; 14] = [
 /// The process's Prometheus recorder, installed on first use.
 fn metrics_handle() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
+        let mut builder = PrometheusBuilder::new();
+        for (key, value) in GLOBAL_LABELS.get().into_iter().flatten() {
+            builder = builder.add_global_label(key, value);
+        }
+        let recorder = builder
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
             .expect("the bucket list is not empty")
             .build_recorder();
@@ -257,9 +263,83 @@ fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Installs the metrics recorder now (so counters recorded before the first scrape count).
-pub fn init_metrics() {
+/// A metric's kind, for [`Metric`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric a binary exposes: described (`# HELP`) at start, and, unless it has labels or
+/// `zero` is false, present from the first scrape with the value 0, so `rate()` and alerts
+/// see a series before the first event (Prometheus's advice for counters).
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Label sets to create at 0 (`&[]` for none; `&[&[]]` for the unlabelled series).
+    pub zero: &'static [&'static [(&'static str, &'static str)]],
+}
+
+const fn metric(
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    zero: &'static [&'static [(&'static str, &'static str)]],
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        help,
+        zero,
+    }
+}
+
+const UNLABELLED: &[&[(&str, &str)]] = &[&[]];
+
+/// What both binaries expose.
+pub const COMMON_METRICS: &[Metric] = &[metric(
+    "fanout_nats_connected",
+    Kind::Gauge,
+    "1 while this process is connected to NATS, else 0 (set at each scrape).",
+    UNLABELLED,
+)];
+
+/// Installs the metrics recorder now (so counters recorded before the first scrape count),
+/// describes `catalogue` and creates its series (see [`Metric`]). With regions every series
+/// carries `region="<this region>"`, for dashboards per region (the first call's region
+/// holds for the process).
+pub fn init_metrics(common: &Common, catalogue: &[&[Metric]]) {
+    if !common.region.is_empty() {
+        let _ = GLOBAL_LABELS.set(vec![("region".into(), common.region.clone())]);
+    }
     metrics_handle();
+    for metric in catalogue.iter().copied().flatten() {
+        let Metric {
+            name,
+            kind,
+            help,
+            zero,
+        } = *metric;
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, metrics::Unit::Seconds, help),
+        }
+        for labels in zero {
+            let labels: Vec<metrics::Label> = labels
+                .iter()
+                .map(|(key, value)| metrics::Label::new(*key, *value))
+                .collect();
+            match kind {
+                Kind::Counter => metrics::counter!(name, labels).absolute(0),
+                Kind::Gauge => metrics::gauge!(name, labels).set(0.0),
+                Kind::Histogram => drop(metrics::histogram!(name, labels)),
+            }
+        }
+    }
 }
 
 /// The Prometheus text exposition of every metric of this process.

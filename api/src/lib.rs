@@ -17,7 +17,10 @@ pub mod web;
 pub use config::Config;
 pub use error::ApiError;
 
-use fanout::{Bus, BusError};
+use fanout::{
+    Bus, BusError,
+    telemetry::{Kind, Metric},
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +33,39 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// Every metric the API exposes besides [`fanout::telemetry::COMMON_METRICS`] (the README's
+/// table; `deploy/grafana` and `deploy/prometheus` query these).
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "fanout_api_events_accepted_total",
+        kind: Kind::Counter,
+        help: "Events stored and acknowledged, by class (channel, broadcast, ping) and duplicate (a repeated Idempotency-Key).",
+        zero: &[
+            &[("class", "channel"), ("duplicate", "false")],
+            &[("class", "broadcast"), ("duplicate", "false")],
+            &[("class", "ping"), ("duplicate", "false")],
+        ],
+    },
+    Metric {
+        name: "fanout_api_publish_duration_seconds",
+        kind: Kind::Histogram,
+        help: "From the JetStream publish to its acknowledgement.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_api_errors_total",
+        kind: Kind::Counter,
+        help: "Error answers, by their code (bus_unavailable: NATS or the stream could not take the event).",
+        zero: &[&[("code", "bus_unavailable")]],
+    },
+    Metric {
+        name: "fanout_region_mirror_behind",
+        kind: Kind::Gauge,
+        help: "1 while this region's mirror of another region's stream is behind (that region unreachable), by region.",
+        zero: &[],
+    },
+];
+
 /// Serves the API on `listener` until `shutdown` is cancelled, then finishes in-flight
 /// requests and drains the NATS connection.
 pub async fn run(
@@ -37,7 +73,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    fanout::telemetry::init_metrics();
+    fanout::telemetry::init_metrics(
+        &config.common,
+        &[fanout::telemetry::COMMON_METRICS, METRICS],
+    );
     let bus = Bus::connect(&config.common).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");

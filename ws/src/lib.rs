@@ -50,7 +50,10 @@ pub use config::Config;
 
 use std::time::Duration;
 
-use fanout::{Bus, BusError};
+use fanout::{
+    Bus, BusError,
+    telemetry::{Kind, Metric},
+};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -65,6 +68,155 @@ pub enum RunError {
     Io(#[from] std::io::Error),
 }
 
+/// Every metric a ws node exposes besides [`fanout::telemetry::COMMON_METRICS`] (the
+/// README's table; `deploy/grafana` and `deploy/prometheus` query these).
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "fanout_ws_connections",
+        kind: Kind::Gauge,
+        help: "Open client connections (WebSocket and SSE).",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_connections_opened_total",
+        kind: Kind::Counter,
+        help: "Connections accepted.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_connections_closed_total",
+        kind: Kind::Counter,
+        help: "Connections closed, by reason (client, shutdown, slow_consumer, heartbeat_timeout, message_too_big, protocol_error, invalid_data, frame_timeout, try_again_later, ...).",
+        zero: &[&[("reason", "client")], &[("reason", "slow_consumer")]],
+    },
+    Metric {
+        name: "fanout_ws_subscriptions",
+        kind: Kind::Gauge,
+        help: "(connection, channel) subscriptions.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_channels",
+        kind: Kind::Gauge,
+        help: "Channels with at least one local subscriber.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_nats_subscriptions",
+        kind: Kind::Gauge,
+        help: "NATS subscriptions held (channels and broadcast).",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_events_received_total",
+        kind: Kind::Counter,
+        help: "Events received from NATS.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_events_malformed_total",
+        kind: Kind::Counter,
+        help: "NATS messages dropped: not a stored event, or data not JSON.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_frames_delivered_total",
+        kind: Kind::Counter,
+        help: "Event frames queued to clients.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_bytes_out_total",
+        kind: Kind::Counter,
+        help: "Bytes of event frames queued to clients.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_slow_consumer_disconnects_total",
+        kind: Kind::Counter,
+        help: "Clients cut off because they did not read fast enough (close code 4001).",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_gap_repairs_total",
+        kind: Kind::Counter,
+        help: "Gaps (or NATS reconnects) filled from the stream.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_events_repaired_total",
+        kind: Kind::Counter,
+        help: "Events delivered by gap repairs.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_replayed_events_total",
+        kind: Kind::Counter,
+        help: "Events replayed to resuming clients.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_event_latency_seconds",
+        kind: Kind::Histogram,
+        help: "From an event's publish (its ts) to its arrival at this node.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_presence_changes_total",
+        kind: Kind::Counter,
+        help: "Presence join, leave and update changes this node published.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_presence_changes_dropped_total",
+        kind: Kind::Counter,
+        help: "Presence changes dropped because the queue to NATS was full.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_presence_ghost_leaves_total",
+        kind: Kind::Counter,
+        help: "Leaves sent for the members of nodes that died.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_auth_failures_total",
+        kind: Kind::Counter,
+        help: "Refused identities, by code (missing_token, invalid_token, token_expired, invalid_user, ...).",
+        zero: &[&[("code", "invalid_token")]],
+    },
+    Metric {
+        name: "fanout_ws_client_publishes_total",
+        kind: Kind::Counter,
+        help: "Events clients published through the protocol.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_buffered_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes held for clients against FANOUT_MAX_BUFFERED_BYTES (set at each scrape).",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_recent_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes of recent events kept in memory for resumes.",
+        zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_canary_ok",
+        kind: Kind::Gauge,
+        help: "1 while the canary's probes come back, 0 once two in a row did not (absent with the canary off).",
+        zero: &[],
+    },
+    Metric {
+        name: "fanout_ws_canary_failures_total",
+        kind: Kind::Counter,
+        help: "Times the canary found the delivery path broken.",
+        zero: &[&[]],
+    },
+];
+
 /// Serves `/ws` on `listener` until `shutdown` is cancelled; then stops accepting, drains
 /// (closes every client with 1001, spread over `drain_window_ms`), waits for the connections
 /// (bounded) and drains NATS.
@@ -73,7 +225,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    fanout::telemetry::init_metrics();
+    fanout::telemetry::init_metrics(
+        &config.common,
+        &[fanout::telemetry::COMMON_METRICS, METRICS],
+    );
     let verifier = auth::Verifier::from_config(&config)?;
     let bus = Bus::connect(&config.common).await?;
     let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
