@@ -11,6 +11,8 @@
 //!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
 //! - [`discovery`]: what ws nodes announce about themselves, and the directory of them.
 //! - [`presence`]: who is in a channel across nodes: the query, the answers, their parts.
+//! - [`stats`]: the tier's live numbers for operators (`GET /v1/stats`): what each node
+//!   answers and how the API adds them up.
 //! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
 //! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
@@ -27,6 +29,7 @@ pub mod envelope;
 pub mod presence;
 pub mod process;
 pub mod shutdown;
+pub mod stats;
 pub mod telemetry;
 pub mod time;
 

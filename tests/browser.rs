@@ -423,3 +423,119 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
 
     browser.close().await.unwrap();
 }
+
+/// The operators' page: with API keys set it asks for one, then shows both nodes, their
+/// connections and the busiest channels from `GET /v1/stats`, refreshing by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_page_shows_the_live_tier_behind_the_api_key() {
+    let nats = NatsServer::start();
+    let ws1 = start_ws(&nats, "ws-1", |_| {}).await;
+    let ws2 = start_ws(&nats, "ws-2", |_| {}).await;
+    let api = start_api_with(&nats, |c| c.api_keys = "admin-key".into()).await;
+    let mut clients = Vec::new();
+    for (server, channels) in [
+        (&ws1, &["maths"][..]),
+        (&ws2, &["maths", "art"][..]),
+        (&ws2, &["maths"][..]),
+    ] {
+        let mut client = Client::connect(server).await;
+        for channel in channels {
+            client.subscribe(channel).await;
+        }
+        clients.push(client);
+    }
+
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    browser.goto(&api.url("/admin")).await.unwrap();
+    let tab = Tab {
+        browser: &browser,
+        handle: browser.window().await.unwrap(),
+        name: "admin",
+    };
+    let shows = |script: &'static str| {
+        let tab = &tab;
+        async move { tab.eval(script).await }
+    };
+    let page = "return {state: document.getElementById('state').textContent, \
+                nodes: [...document.querySelectorAll('#nodes tbody tr')].map(tr => \
+                  [...tr.cells].map(td => td.textContent)), \
+                channels: [...document.querySelectorAll('#channels tbody tr')].map(tr => \
+                  [...tr.cells].map(td => td.textContent)), \
+                connections: document.getElementById('t-connections').textContent, \
+                delivered: document.getElementById('t-delivered').textContent, \
+                keyForm: !document.getElementById('key-form').hidden}";
+    let until = |what: &'static str, check: fn(&Value) -> bool| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = shows(page).await;
+            if check(&now) {
+                return now;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; the page shows {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // Without the key, /v1/stats refuses: the page asks for one and shows nothing.
+    let asked = until("the key form", |p| p["keyForm"] == true).await;
+    assert_eq!(asked["nodes"], json!([]), "{asked}");
+    assert_eq!(asked["state"], "needs an API key");
+    tab.eval(
+        "document.getElementById('key').value = 'admin-key'; \
+         document.getElementById('key-form').requestSubmit(); return true",
+    )
+    .await;
+
+    // Both nodes with their connections, the busiest channel first; "live" once every node
+    // the API knows of has answered.
+    let live = until("both nodes, live", |p| {
+        p["state"] == "live"
+            && p["nodes"].as_array().is_some_and(|n| n.len() == 2)
+            && p["channels"].as_array().is_some_and(|c| c.len() == 2)
+    })
+    .await;
+    let nodes = live["nodes"].as_array().unwrap();
+    assert_eq!(nodes[0][0], "ws-1", "{live}");
+    assert_eq!(nodes[0][2], "ready", "{live}");
+    assert_eq!(nodes[0][3], "1", "{live}");
+    assert_eq!(nodes[1][0], "ws-2", "{live}");
+    assert_eq!(nodes[1][3], "2", "{live}");
+    assert_eq!(live["channels"][0], json!(["maths", "3", "2"]), "{live}");
+    assert_eq!(live["channels"][1], json!(["art", "1", "1"]), "{live}");
+    assert_eq!(live["connections"], "3");
+    assert_eq!(live["keyForm"], false);
+
+    // It refreshes by itself: a client leaving ws-1 shows without a reload.
+    drop(clients.remove(0));
+    until("ws-1 at 0 connections", |p| {
+        p["nodes"][0][3] == "0" && p["channels"][0] == json!(["maths", "2", "1"])
+    })
+    .await;
+    // Events through the tier show as deliveries per second.
+    for n in 0..30 {
+        publish_with_key(&api, "maths", n).await;
+    }
+    until("deliveries per second", |p| {
+        p["delivered"] != "0" && p["delivered"] != "—"
+    })
+    .await;
+    tab.screenshot("admin.png").await;
+    browser.close().await.unwrap();
+}
+
+/// Publishes `{"n": n}` to `channel` with the API key of the admin test.
+async fn publish_with_key(api: &Server, channel: &str, n: u64) {
+    let response = reqwest::Client::new()
+        .post(api.url(&format!("/v1/channels/{channel}/events")))
+        .bearer_auth("admin-key")
+        .json(&json!({ "n": n }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}

@@ -211,6 +211,9 @@ fn invalid_settings_fail_at_start_naming_the_setting() {
     assert!(stderr.contains("usage"), "{stderr}");
 }
 
+/// A binary, its environment, its arguments, and a line `--check` must print.
+type Checked<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+
 /// `--check` prints the effective settings, secrets masked, and exits 0 without listening or
 /// connecting (no NATS runs here, and the port is one nothing could bind twice).
 #[test]
@@ -218,7 +221,7 @@ fn check_prints_the_effective_settings_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ws.toml");
     std::fs::write(&file, "heartbeat_secs = 7\n").unwrap();
-    let cases: [(&str, &[(&str, &str)], &[&str], &str); 2] = [
+    let cases: [Checked; 2] = [
         (
             "fanout-ws",
             &[

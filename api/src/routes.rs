@@ -11,8 +11,11 @@
 //! | GET | `/readyz` | 200 when NATS is connected, the stream exists and takes a write (a probe, at most once a second), else 503 with the reason |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/v1/nodes` | the live ws nodes (discovery) |
+//! | GET | `/v1/stats` | the tier's live figures, gathered from every ws node over NATS (the `/admin` page's data) |
 //! | GET | `/v1/channels/{channel}/presence` | who is in the channel across every ws node; `?count_only=true`: how many |
 //! | GET | `/`, `/v1/config` | the demo page and its node list ([`crate::web`]) |
+//! | GET | `/admin` | the operators' page, on `/v1/stats` ([`crate::web`]) |
+//! | GET | `/openapi.json` | this API's OpenAPI document |
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -66,6 +69,10 @@ pub struct Shared {
     /// The last check that the stream takes writes, and when (see [`readyz`]).
     write_check: std::sync::Arc<tokio::sync::Mutex<Option<WriteCheck>>>,
     probe_channel: Channel,
+    node_id: String,
+    /// The stream's last sequence as `GET /v1/stats` saw it, for the events stored per
+    /// second.
+    intake: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
 }
 
 impl AppState {
@@ -83,6 +90,8 @@ impl AppState {
             nodes: std::sync::Arc::default(),
             write_check: std::sync::Arc::default(),
             probe_channel: Channel::canary(&config.common.node_id),
+            node_id: config.common.node_id.clone(),
+            intake: std::sync::Mutex::default(),
         }))
     }
 
@@ -116,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/stats", get(stats))
         .route("/v1/channels/{channel}/presence", get(presence))
         .merge(crate::web::router())
         .fallback(|| async { ApiError::not_found() })
@@ -656,6 +666,67 @@ async fn presence(
             )
         })?;
     Ok(Json(answer).into_response())
+}
+
+/// The tier's live figures: every ws node's answer to a stats query (scatter-gather over
+/// NATS, as presence), added up, with this API's view of NATS and the stream.
+async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use fanout::stats::{ApiStats, NatsHealth, Stats, aggregate};
+    let (nodes, partial) = state.bus.stats(&state.nodes).await.map_err(|err| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            err.to_string(),
+        )
+    })?;
+    let stream = state.bus.stream_stats().await.ok();
+    let events_in = stream.as_ref().and_then(|s| state.intake_rate(s.last_seq));
+    let (nodes, channels, regions, mut totals) = aggregate(nodes);
+    totals.events_in_per_sec = events_in;
+    let stats = Stats {
+        generated_at: fanout::time::now_ms(),
+        nodes,
+        channels,
+        regions,
+        totals,
+        api: ApiStats {
+            node: state.node_id.clone(),
+            region: state.bus.region().map(|r| r.to_string()),
+            nats: NatsHealth {
+                state: state.bus.state().to_string(),
+                stream: state.bus.stream_name().to_string(),
+                stream_ready: state.bus.stream_ready(),
+            },
+            stream,
+        },
+        partial,
+    };
+    Ok(Json(stats).into_response())
+}
+
+impl Shared {
+    /// Events stored per second from the stream's last sequence now and as seen by earlier
+    /// calls within [`fanout::stats::RATE_WINDOW`]; `None` without a sample a second old.
+    fn intake_rate(&self, last_seq: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let mut samples = self.intake.lock().unwrap_or_else(|e| e.into_inner());
+        while samples
+            .front()
+            .is_some_and(|(then, _)| now.duration_since(*then) > fanout::stats::RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let rate = samples.front().and_then(|(then, seq)| {
+            let secs = now.duration_since(*then).as_secs_f64();
+            (secs >= 1.0).then(|| last_seq.saturating_sub(*seq) as f64 / secs)
+        });
+        samples.push_back((now, last_seq));
+        // Bounded whatever the polling rate: one sample per 100 ms is plenty.
+        if samples.len() > 128 {
+            samples.pop_front();
+        }
+        rate
+    }
 }
 
 /// The ws nodes that announced themselves within the last few seconds; `partial` while this

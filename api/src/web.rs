@@ -1,6 +1,7 @@
 //! The demo page and the client library, served at `/` from files compiled into the binary
 //! (`web/` in the repository), so a deployed API needs nothing next to it.
-//! Also `GET /v1/config`: which ws nodes the page may connect to.
+//! Also `GET /v1/config`: which ws nodes the page may connect to, and `/admin`, the
+//! operators' page (its figures come from `GET /v1/stats`).
 
 use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
 use serde_json::json;
@@ -8,7 +9,7 @@ use serde_json::json;
 use crate::routes::AppState;
 
 /// `(path, content type, body)` of every page file.
-const FILES: [(&str, &str, &str); 4] = [
+const FILES: [(&str, &str, &str); 7] = [
     (
         "/",
         "text/html; charset=utf-8",
@@ -28,6 +29,23 @@ const FILES: [(&str, &str, &str); 4] = [
         "/style.css",
         "text/css; charset=utf-8",
         include_str!("../../web/style.css"),
+    ),
+    // The operators' page: a shell that draws `GET /v1/stats` (which needs the API key when
+    // keys are set; the page holds no data of its own).
+    (
+        "/admin",
+        "text/html; charset=utf-8",
+        include_str!("../../web/admin.html"),
+    ),
+    (
+        "/admin.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/admin.js"),
+    ),
+    (
+        "/admin.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/admin.css"),
     ),
 ];
 

@@ -19,6 +19,7 @@ mod acks;
 mod discovery;
 mod link;
 mod presence;
+mod stats;
 mod stream;
 
 pub use presence::PresenceChanges;
@@ -214,6 +215,10 @@ impl Subjects {
     /// Presence queries, answered by every ws node (no queue group).
     fn presence_query(&self) -> String {
         format!("{}.presence_query", self.prefix)
+    }
+    /// Stats queries (`GET /v1/stats`), answered by every ws node (no queue group).
+    fn stats_query(&self) -> String {
+        format!("{}.stats_query", self.prefix)
     }
     fn stream_base(&self) -> String {
         self.prefix.replace('.', "_").to_ascii_uppercase()

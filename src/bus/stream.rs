@@ -435,6 +435,17 @@ impl Bus {
         self.read(copy, channel, region, after, until).await
     }
 
+    /// The info of this process's region's stream.
+    pub(super) async fn own_stream_info(
+        &self,
+    ) -> Result<async_nats::jetstream::stream::Info, BusError> {
+        self.own()
+            .handle
+            .get_info()
+            .await
+            .map_err(|_| BusError::Unavailable("no stream info"))
+    }
+
     /// This process's own region's stream.
     fn own(&self) -> &Copy {
         self.copy(self.inner.subjects.own)

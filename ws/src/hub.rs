@@ -130,6 +130,17 @@ pub struct Hub {
     membership: mpsc::UnboundedSender<Membership>,
     next_generation: AtomicU64,
     max_subscriptions: usize,
+    /// What `GET /v1/stats` reports of this node (the Prometheus counters cannot be read back).
+    totals: Counts,
+}
+
+/// [`fanout::stats::Totals`], counted as the metrics are.
+#[derive(Debug, Default)]
+struct Counts {
+    events_received: AtomicU64,
+    frames_delivered: AtomicU64,
+    bytes_out: AtomicU64,
+    slow_consumer_disconnects: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -206,6 +217,7 @@ impl Hub {
             broadcast_recent: Mutex::new(Recent::new(&recent_limits)),
             recent_limits,
             connections: AtomicUsize::new(0),
+            totals: Counts::default(),
             interest,
             membership,
             next_generation: AtomicU64::new(1),
@@ -658,6 +670,33 @@ impl Hub {
     /// Number of connections.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Counts `events` received from NATS, and the frames and bytes one fan-out pass queued
+    /// and the slow consumers it cut off.
+    pub fn count(&self, events: u64, frames: u64, bytes: u64, slow: u64) {
+        let totals = &self.totals;
+        for (counter, n) in [
+            (&totals.events_received, events),
+            (&totals.frames_delivered, frames),
+            (&totals.bytes_out, bytes),
+            (&totals.slow_consumer_disconnects, slow),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Everything [`Hub::count`] counted since the node started.
+    pub fn totals(&self) -> fanout::stats::Totals {
+        let totals = &self.totals;
+        fanout::stats::Totals {
+            events_received: totals.events_received.load(Ordering::Relaxed),
+            frames_delivered: totals.frames_delivered.load(Ordering::Relaxed),
+            bytes_out: totals.bytes_out.load(Ordering::Relaxed),
+            slow_consumer_disconnects: totals.slow_consumer_disconnects.load(Ordering::Relaxed),
+        }
     }
 
     /// Channels with at least one local subscriber, with their subscriber counts.

@@ -78,6 +78,8 @@ pub struct Node {
     budget: Arc<Budget>,
     /// What the canary last found of the delivery path.
     canary: Arc<canary::Health>,
+    /// The hub's totals, sampled every second, for the rates of `GET /v1/stats`.
+    sampler: std::sync::Mutex<fanout::stats::Sampler>,
 }
 
 impl Node {
@@ -117,6 +119,7 @@ impl Node {
             membership,
             budget: Budget::new(config_budget),
             canary: Arc::default(),
+            sampler: std::sync::Mutex::default(),
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -138,6 +141,18 @@ impl Node {
                     move |query| presence::answer(&hub, &node_id, region.as_deref(), query);
                 if let Err(err) = bus.answer_presence(answer).await {
                     tracing::error!(%err, "cannot answer presence queries");
+                }
+            }
+            .instrument(span.clone())
+        });
+        tracker.spawn(sample_totals(Arc::downgrade(&node), shutdown.clone()));
+        tokio::spawn({
+            let (bus, node) = (bus.clone(), Arc::downgrade(&node));
+            async move {
+                // Nothing to say once the node is gone (a query racing its shutdown).
+                let answer = move || node.upgrade().map(|node| node.stats());
+                if let Err(err) = bus.answer_stats(answer).await {
+                    tracing::error!(%err, "cannot answer stats queries");
                 }
             }
             .instrument(span.clone())
@@ -262,6 +277,66 @@ impl Node {
     /// Why the canary finds the delivery path broken, while it does.
     pub fn canary_failure(&self) -> Option<String> {
         self.canary.reason()
+    }
+
+    /// What this node answers a stats query with (`GET /v1/stats` on the API).
+    pub fn stats(&self) -> fanout::stats::NodeStats {
+        use fanout::stats::{NODE_TOP_CHANNELS, NatsHealth, NodeStats, busiest};
+        let totals = self.hub.totals();
+        let rates = self
+            .sampler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rates(Instant::now(), totals);
+        let channels = self.hub.channels();
+        let (state, reason) = if self.draining.load(Ordering::Acquire) {
+            ("draining", None)
+        } else if self.is_ready() {
+            ("ready", None)
+        } else {
+            let reason = self.canary_failure().or_else(|| {
+                Some(
+                    if self.bus.is_ready() {
+                        "broadcast is not subscribed yet"
+                    } else {
+                        "NATS or the stream is not ready"
+                    }
+                    .to_string(),
+                )
+            });
+            ("not_ready", reason)
+        };
+        let announced = self
+            .announcement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        NodeStats {
+            id: self.id().to_string(),
+            region: self.bus.region().map(|r| r.to_string()),
+            url: announced
+                .as_ref()
+                .map_or_else(String::new, |a| a.url.clone()),
+            state: state.to_string(),
+            reason,
+            started_at: announced.map_or(0, |a| a.started_at),
+            uptime_secs: self.uptime().as_secs(),
+            connections: self.hub.connections(),
+            subscriptions: channels.iter().map(|(_, n)| n).sum(),
+            channels: channels.len(),
+            buffered_bytes: self.budget.used(),
+            nats: NatsHealth {
+                state: self.nats_state().to_string(),
+                stream: self.bus.stream_name().to_string(),
+                stream_ready: self.bus.stream_ready(),
+            },
+            totals,
+            rates,
+            top_channels: busiest(
+                channels.into_iter().map(|(c, n)| (c.to_string(), n)),
+                NODE_TOP_CHANNELS,
+            ),
+        }
     }
 
     /// Subscribes connection `conn` to `channel` (with `presence`, to its presence changes
@@ -723,5 +798,22 @@ async fn follow_interest(
     for reader in readers.into_values() {
         reader.abort();
         gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
+    }
+}
+
+/// Samples the hub's totals every second while the node runs (for [`Node::stats`]).
+async fn sample_totals(node: std::sync::Weak<Node>, closing: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = closing.cancelled() => return,
+        }
+        let Some(node) = node.upgrade() else { return };
+        let totals = node.hub.totals();
+        node.sampler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(totals);
     }
 }

@@ -288,7 +288,14 @@ impl Reader {
             source,
             &mut self.recipients,
         );
+        let events = self.frames.len() as u64;
         self.frames.clear();
+        self.hub.count(
+            events,
+            outcome.delivered as u64,
+            outcome.bytes as u64,
+            outcome.slow as u64,
+        );
         self.delivered.increment(outcome.delivered as u64);
         self.bytes_out.increment(outcome.bytes as u64);
         self.slow.increment(outcome.slow as u64);

@@ -1,0 +1,96 @@
+//! The stats query on NATS: every ws node answers with its [`NodeStats`] (scatter-gather, no
+//! queue group, as presence queries), and the API gathers them (see [`crate::stats`]).
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Bus, BusError};
+use crate::{
+    discovery::Directory,
+    stats::{NodeStats, QUERY_TIMEOUT, StreamStats},
+};
+
+impl Bus {
+    /// Answers every stats query with `answer()` (none when it is `None`), until the bus
+    /// closes.
+    pub async fn answer_stats<F>(&self, answer: F) -> Result<(), BusError>
+    where
+        F: Fn() -> Option<NodeStats> + Send + 'static,
+    {
+        let mut queries = self
+            .inner
+            .client
+            .subscribe(self.inner.subjects.stats_query())
+            .await?;
+        let client = self.inner.client.clone();
+        tokio::spawn(async move {
+            while let Some(message) = queries.next().await {
+                let Some(reply) = message.reply else { continue };
+                let Some(stats) = answer() else { continue };
+                let payload: Bytes = serde_json::to_vec(&stats).expect("stats serialize").into();
+                if let Err(err) = client.publish(reply, payload).await {
+                    tracing::debug!(%err, "stats answer not sent");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Asks every ws node for its stats: the answers of those that answered within
+    /// [`QUERY_TIMEOUT`], and whether one the directory knows of (or may not know of yet)
+    /// is missing.
+    pub async fn stats(&self, directory: &Directory) -> Result<(Vec<NodeStats>, bool), BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS"));
+        }
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(self.inner.subjects.stats_query(), inbox, Bytes::new())
+            .await
+            .map_err(|_| BusError::Unavailable("cannot send the stats query"))?;
+        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
+        let mut nodes: HashMap<String, NodeStats> = HashMap::new();
+        let complete = |nodes: &HashMap<String, NodeStats>| {
+            directory.is_complete()
+                && directory
+                    .live()
+                    .iter()
+                    .all(|node| nodes.contains_key(&node.id))
+        };
+        let partial = loop {
+            if complete(&nodes) {
+                break false;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break true;
+            }
+            // Wake now and then: discovery may forget a crashed node meanwhile.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let Ok(Some(message)) = tokio::time::timeout(wait, answers.next()).await else {
+                continue;
+            };
+            match serde_json::from_slice::<NodeStats>(&message.payload) {
+                Ok(stats) => {
+                    nodes.insert(stats.id.clone(), stats);
+                }
+                Err(err) => tracing::debug!(%err, "ignoring a malformed stats answer"),
+            }
+        };
+        Ok((nodes.into_values().collect(), partial))
+    }
+
+    /// This process's region's stream: how much it holds and its sequences.
+    pub async fn stream_stats(&self) -> Result<StreamStats, BusError> {
+        let info = self.own_stream_info().await?;
+        Ok(StreamStats {
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            first_seq: info.state.first_sequence,
+            last_seq: info.state.last_sequence,
+        })
+    }
+}
