@@ -27,8 +27,10 @@ RUN mkdir -p src api/src ws/src bench/src \
 COPY src src
 COPY api/src api/src
 COPY ws/src ws/src
-# The demo page is compiled into fanout-api.
+# The demo page is compiled into fanout-api, each binary's OpenAPI document into it.
 COPY web web
+COPY api/openapi.json api/
+COPY ws/openapi.json ws/
 RUN touch src/lib.rs api/src/lib.rs ws/src/lib.rs \
  && cargo build --release --locked -p fanout-api -p fanout-ws \
  && mkdir /out && cp target/release/fanout-api target/release/fanout-ws /out/

@@ -49,8 +49,15 @@ const FILES: [(&str, &str, &str); 7] = [
     ),
 ];
 
+/// This API's OpenAPI 3.1 document (`api/openapi.json`; checked against the routes and the
+/// live answers in tests/contract.rs).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 pub fn router() -> Router<AppState> {
-    let mut router = Router::new().route("/v1/config", get(config));
+    let mut router = Router::new().route("/v1/config", get(config)).route(
+        "/openapi.json",
+        get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+    );
     for (path, content_type, body) in FILES {
         router = router.route(
             path,

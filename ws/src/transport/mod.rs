@@ -55,8 +55,12 @@ pub(crate) struct AppState {
     pub shutdown: CancellationToken,
 }
 
+/// This node's OpenAPI 3.1 document (`ws/openapi.json`; checked against the routes and the
+/// live answers in tests/contract.rs).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
 /// The node's HTTP surface: `/ws`, `/sse`, `/poll`, `/session/{conn}`, `/request`, `/healthz`,
-/// `/readyz`, `/metrics`, `/v1/debug/state`.
+/// `/readyz`, `/metrics`, `/v1/debug/state`, `/openapi.json`.
 pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/ws", get(websocket::upgrade))
@@ -68,7 +72,18 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/debug/state", get(debug_state))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "wrong method for this endpoint",
+            )
+        })
         .layer(cors(&node))
         .with_state(AppState {
             node,
