@@ -29,6 +29,7 @@ COPY api/src api/src
 COPY ws/src ws/src
 # The demo page is compiled into fanout-api, each binary's OpenAPI document into it.
 COPY web web
+COPY clients/js/fanout.js clients/js/
 COPY api/openapi.json api/
 COPY ws/openapi.json ws/
 RUN touch src/lib.rs api/src/lib.rs ws/src/lib.rs \

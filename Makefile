@@ -71,7 +71,7 @@ browser:
 # Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
 # integration tests start real nats-server processes and the built binaries, so build those first.
 test: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
-	node --test web/
+	node --test clients/js/test/
 	cargo build --workspace --bins
 	cargo test --workspace
 

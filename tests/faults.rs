@@ -1,4 +1,4 @@
-//! Fault scenarios: clients that resume, over every transport (WebSocket like `web/fanout.js`,
+//! Fault scenarios: clients that resume, over every transport (WebSocket like `clients/js/fanout.js`,
 //! SSE like `EventSource`, long-polls with their cursor, each poll to the next node), a
 //! publisher at a steady rate (200 events/s for `FAULT_SECONDS`, default 3), a fault in the
 //! middle, and at the end, per client: every acknowledged event, once, in order. Each prints

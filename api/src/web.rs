@@ -23,7 +23,7 @@ const FILES: [(&str, &str, &str); 7] = [
     (
         "/fanout.js",
         "text/javascript; charset=utf-8",
-        include_str!("../../web/fanout.js"),
+        include_str!("../../clients/js/fanout.js"),
     ),
     (
         "/style.css",

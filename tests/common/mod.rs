@@ -711,7 +711,7 @@ impl Drop for Process {
     }
 }
 
-/// A client that resumes, as `web/fanout.js` does: on any disconnect it moves to the next URL
+/// A client that resumes, as `clients/js/fanout.js` does: on any disconnect it moves to the next URL
 /// and subscribes with `since` = the last seq it received (0 before the first: the test
 /// channels are fresh). It records every delivery as it arrives, duplicates included.
 pub struct Resumer {
@@ -767,7 +767,7 @@ impl ResumerOptions {
 /// The transports a client can take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Transport {
-    /// `GET /ws`, resuming with `subscribe` + `since`, as `web/fanout.js` does.
+    /// `GET /ws`, resuming with `subscribe` + `since`, as `clients/js/fanout.js` does.
     #[default]
     WebSocket,
     /// `GET /sse`, resuming with `Last-Event-ID`, as `EventSource` does.

@@ -1,6 +1,6 @@
-// fanout.js: a small, dependency-free client for fanout's protocol, over WebSocket,
-// server-sent events or long-polling. Copy it into your app, or import it from a fanout API
-// server (`/fanout.js`).
+// fanout.js (@fanout/client, clients/js): a small, dependency-free client for fanout's protocol,
+// over WebSocket, server-sent events or long-polling. Install the package, or import it from
+// a fanout API server (`/fanout.js`); fanout.d.ts declares its types.
 //
 //   import { FanoutClient } from "./fanout.js";
 //   const client = new FanoutClient(["ws://localhost:8081/ws", "ws://localhost:8082/ws"]);

@@ -1,7 +1,7 @@
 // Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { FanoutClient, backoff, decodeCursor, encodeCursor, endpoint, shouldReconnect } from "./fanout.js";
+import { FanoutClient, backoff, decodeCursor, encodeCursor, endpoint, shouldReconnect } from "../fanout.js";
 
 /** A WebSocket stand-in that records what is sent and lets the test play the server. */
 class FakeSocket {

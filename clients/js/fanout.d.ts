@@ -1,0 +1,261 @@
+// Type declarations for @fanout/client (fanout.js). The protocol: docs/protocol.md.
+
+/** Any JSON value: an event's `data`, a member's `info`. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A position in a channel: a seq, or with regions a seq per region. */
+export type Position = number | Record<string, number>;
+
+/** Connection states, as reported by the `state` event and `client.state`. */
+export declare const State: Readonly<{
+  CONNECTING: "connecting";
+  OPEN: "open";
+  RECONNECTING: "reconnecting";
+  CLOSED: "closed";
+}>;
+export type ConnectionState = (typeof State)[keyof typeof State];
+
+/** The transports, in the default order of preference. */
+export type Transport = "websocket" | "sse" | "poll";
+export declare const TRANSPORTS: readonly Transport[];
+
+/** An event as delivered: the `event` frame. */
+export interface EventFrame<T = Json> {
+  op: "event";
+  channel: string;
+  /** The stream sequence (with regions: of `region`'s stream). */
+  seq: number;
+  /** The event id (a UUID). */
+  id: string;
+  /** Publish time, unix milliseconds. */
+  ts: number;
+  /** The JSON exactly as published. */
+  data: T;
+  /** With regions: where it was published. */
+  region?: string;
+  /** With FANOUT_EVENT_TRACE_ID: the trace id. */
+  trace?: string;
+}
+
+/** The first frame of every connection. */
+export interface WelcomeFrame {
+  op: "welcome";
+  node: string;
+  conn: string;
+  user: string;
+  /** Ping interval, seconds. */
+  heartbeat: number;
+  /** The event stream's identity: seqs compare only within one epoch. */
+  epoch: string;
+  region?: string;
+  /** SSE only: the secret of `POST /session/{conn}`. */
+  session?: string;
+}
+
+/** A presence member. */
+export interface Member {
+  user: string;
+  conn: string;
+  node: string;
+  region?: string;
+  info: Json;
+  /** Unix milliseconds. */
+  joined_at: number;
+}
+
+/** A presence change of a channel subscribed with `{ presence: true }`. */
+export interface PresenceChange extends Member {
+  op: "join" | "leave" | "update";
+  channel: string;
+}
+
+/** A `presence` answer. `members` is absent with `countOnly`. */
+export interface PresenceAnswer {
+  op: "presence";
+  channel: string;
+  count: number;
+  members?: Member[];
+  /** A node that should have answered did not within 1 s: members may be missing. */
+  partial: boolean;
+}
+
+/** A refused request: the node's error frame (docs/protocol.md, "Errors"). */
+export interface ErrorFrame {
+  op: "error";
+  code: string;
+  message: string;
+  /** The op of the refused request, or null. */
+  ref: string | null;
+  id?: number | string;
+}
+
+export interface SubscribedReply {
+  op: "subscribed";
+  channel: string;
+  id?: number;
+}
+/** `subscribe` before the connection is open: sent once it is. */
+export interface PendingReply {
+  op: "pending";
+  channel?: string;
+  info?: Json;
+}
+export interface UnsubscribedReply {
+  op: "unsubscribed";
+  channel: string;
+  id?: number;
+}
+export interface PublishedReply {
+  op: "published";
+  channel: string;
+  seq: number;
+  /** The stored event's id: match your own copy by `event.id === reply.event`. */
+  event: string;
+  region?: string;
+  id?: number;
+}
+export interface InfoUpdatedReply {
+  op: "info_updated";
+  info: Json;
+  id?: number;
+}
+
+/** After a (re)subscription that resumed: how the gap was filled. */
+export interface Resumed {
+  channel: string;
+  /** False when some events were no longer in the history. */
+  recovered: boolean;
+  replayed: number;
+}
+
+export interface StateChange {
+  state: ConnectionState;
+  attempt: number;
+  /** Milliseconds until the next attempt, while reconnecting. */
+  delay?: number;
+  url: string | null;
+  transport: Transport;
+}
+
+export interface CloseInfo {
+  code: number;
+  reason: string;
+  url: string | null;
+}
+
+/** What `client.on(name, ...)` delivers for each name. */
+export interface ClientEvents {
+  state: StateChange;
+  welcome: WelcomeFrame & { transport: Transport };
+  event: EventFrame;
+  resumed: Resumed;
+  presence: PresenceChange;
+  close: CloseInfo;
+  error: ErrorFrame | Error;
+}
+
+export interface ClientOptions {
+  /** The transports to use, in order of preference (default: all three). */
+  transports?: readonly Transport[];
+  /** Failed attempts in a row before the next transport (default 2). */
+  fallbackAfter?: number;
+  /** How long one long-poll waits for events, seconds (default 25). */
+  pollTimeout?: number;
+  /** First reconnect delay, ms before jitter (default 500). */
+  minDelay?: number;
+  /** Longest reconnect delay, ms (default 15000). */
+  maxDelay?: number;
+  /** Give up on an attempt without `welcome` after this many ms (default 10000). */
+  connectTimeout?: number;
+  /** For nodes with FANOUT_AUTH=jwt: a token for every attempt, and before expiry. */
+  getToken?: () => string | Promise<string>;
+  /** Round trip to a node in ms (URLs by region; default: two `GET /healthz`). */
+  measure?: (url: string) => Promise<number>;
+  /** Implementations to use instead of the globals (Node.js, tests). */
+  WebSocket?: unknown;
+  EventSource?: unknown;
+  fetch?: typeof fetch;
+}
+
+/** A client of fanout's protocol: reconnects, fails over, resumes every channel. */
+export declare class FanoutClient {
+  /**
+   * @param urls node URLs (`ws://host:8081/ws`; the HTTP transports use the same host and
+   *   query), or URLs by region (`{eu: [...], us: [...]}`: the nearest region first).
+   */
+  constructor(urls: string | readonly string[] | Record<string, readonly string[]>, options?: ClientOptions);
+
+  readonly urls: string[];
+  readonly options: Required<Pick<ClientOptions, "minDelay" | "maxDelay" | "connectTimeout" | "fallbackAfter" | "pollTimeout">> & ClientOptions;
+  /** One of {@link State}. */
+  readonly state: ConnectionState;
+  /** The transport of the current (or last) attempt. */
+  readonly transport: Transport;
+  /** From the last `welcome`. */
+  readonly node: string | null;
+  readonly conn: string | null;
+  readonly url: string | null;
+  readonly attempt: number;
+  readonly epoch: string | null;
+  /** With URLs by region: the regions by round trip, once measured. */
+  readonly regions: { region: string; rtt: number }[] | null;
+  /** The channels this client is (or will be, once connected) subscribed to. */
+  readonly channels: string[];
+
+  /** Listens to one kind of event; returns a function that removes the listener. */
+  on<K extends keyof ClientEvents>(name: K, callback: (value: ClientEvents[K]) => void): () => void;
+  /** Opens the connection and keeps it open until {@link close}. */
+  connect(): this;
+  /** Closes for good (no reconnect). */
+  close(): void;
+  /** Subscribes to `channel`; `callback` gets its events. Renewed after every reconnect. */
+  subscribe<T = Json>(
+    channel: string,
+    callback?: (event: EventFrame<T>) => void,
+    options?: { presence?: boolean },
+  ): Promise<SubscribedReply | PendingReply>;
+  unsubscribe(channel: string): Promise<UnsubscribedReply>;
+  /** Publishes `data` through the node; resolves once stored. */
+  publish(channel: string, data: Json): Promise<PublishedReply>;
+  /** Who is in `channel`, across every node. */
+  presence(channel: string, options?: { countOnly?: boolean }): Promise<PresenceAnswer>;
+  /** What other members see of this connection (kept across reconnects). */
+  setInfo(info: { [key: string]: Json } | null): Promise<InfoUpdatedReply | PendingReply>;
+  /** Sends a protocol request with a fresh id; resolves with its reply. */
+  request(frame: { op: string; [key: string]: unknown }): Promise<{ op: string; [key: string]: unknown }>;
+
+  /** The `exp` claim of a JWT (unix seconds), or undefined. */
+  static tokenExpiry(token: string): number | undefined;
+}
+
+/** Whether a close code asks the client to reconnect. */
+export declare function shouldReconnect(code: number): boolean;
+/** Whether a refused request may succeed when asked again. */
+export declare function retryable(error: unknown): boolean;
+/** Reconnect delay for attempt `attempt` (1, 2, ...): exponential, capped, jittered. */
+export declare function backoff(attempt: number, minDelay?: number, maxDelay?: number, random?: () => number): number;
+/** Where `transport` is served on the node of `url`. */
+export declare function endpoint(
+  url: string,
+  transport: Transport,
+): { url: string; base: null; query: null } | { url: null; base: string; query: URLSearchParams };
+
+/** An HTTP transports' cursor, decoded (docs/protocol.md, "The cursor"). */
+export interface Cursor {
+  v: 1 | 2;
+  e: string;
+  t: number;
+  c: Record<string, Position>;
+  s: Record<string, Position>;
+}
+export declare function decodeCursor(text: string): Cursor | null;
+export declare function encodeCursor(cursor: { e: string; t?: number; c?: Record<string, Position>; s?: Record<string, Position> }): string;
+/** Whether a client at `last` already has `frame`. */
+export declare function hasEvent(last: Position | undefined, frame: { seq: number; region?: string }): boolean;
+/** The position after `last` once `frame` is received. */
+export declare function advance(last: Position | undefined, frame: { seq: number; region?: string }): Position;
+/** Regions ordered by measured round trip, nearest first. */
+export declare function nearest(
+  groups: Record<string, readonly string[]>,
+  measure: (url: string) => Promise<number>,
+): Promise<{ region: string; rtt: number }[]>;
