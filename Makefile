@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build test test-alone run lint fmt nats-server browser promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
+.PHONY: all build check-settings test test-alone run lint fmt nats-server browser promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
 
 all: build
 
@@ -82,6 +82,12 @@ test-alone: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 
 RUNS   ?= 5
 STRESS ?= 0
+
+# Each binary's effective settings from FANOUT_* in this shell (and FANOUT_CONFIG), secrets
+# masked, or what is wrong with them: `fanout-api --check`, `fanout-ws --check`.
+check-settings: build
+	target/debug/fanout-api --check
+	target/debug/fanout-ws --check
 
 # One nats-server, one API on :8080 and $(WS) ws nodes on :8081... (make run WS=5); with
 # REGIONS=2 (or 3): per region a 3-server NATS cluster, an API and two ws nodes, the gateways

@@ -25,6 +25,12 @@ for bin in "$NATS_SERVER" "$BIN/fanout-api" "$BIN/fanout-ws"; do
   [[ -x "$bin" ]] || { echo "run: $bin is missing; use 'make run'" >&2; exit 2; }
 done
 
+# A FANOUT_* variable in this shell that a binary would refuse stops here, with the reason,
+# before anything starts (`--check` prints the settings, or what is wrong).
+for bin in fanout-api fanout-ws; do
+  "$BIN/$bin" --check > /dev/null || { echo "run: fix the settings above" >&2; exit 2; }
+done
+
 ws_port() { echo $((API_PORT + $1)); }
 
 # shellcheck source=scripts/lib.sh

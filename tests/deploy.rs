@@ -405,3 +405,194 @@ fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
     }
     assert!(compose["services"]["jaeger"].is_mapping(), "one Jaeger");
 }
+
+/// A tool of `.tools/venv` (PyPI; `make test` installs them) run on `args` in the workspace;
+/// panics with its output unless it succeeds.
+fn venv_check(tool: &str, args: &[&str]) -> String {
+    let path = workspace().join(".tools/venv/bin").join(tool);
+    assert!(
+        path.exists(),
+        "{} is missing: `make py-checks` (or `make test`) installs it",
+        path.display()
+    );
+    let output = Command::new(&path)
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{tool} {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn compose_files_pass_the_compose_spec_schema() {
+    venv_check(
+        "check-jsonschema",
+        &[
+            "--builtin-schema",
+            "vendor.compose-spec",
+            "docker-compose.yml",
+            "docker-compose.geo.yml",
+        ],
+    );
+}
+
+/// Every YAML document of `deploy/kubernetes/<file>`.
+fn manifests(file: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(workspace().join("deploy/kubernetes").join(file)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// A number, or a string of one (ConfigMap values are strings).
+fn number(value: &Value) -> u64 {
+    value
+        .as_u64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not a number: {value:?}"))
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_cover_readiness_drain_budgets_and_settings() {
+    let files = ["configmap.yaml", "secret.yaml", "api.yaml", "ws.yaml"];
+    let paths: Vec<String> = files
+        .iter()
+        .map(|f| format!("deploy/kubernetes/{f}"))
+        .collect();
+    let mut args = vec!["--strict"];
+    args.extend(paths.iter().map(String::as_str));
+    let report = venv_check("kubernetes-validate", &args);
+    assert_eq!(report.matches("passed").count(), 8, "{report}");
+
+    // The kustomization lists exactly these.
+    let kustomization = &manifests("kustomization.yaml")[0];
+    let listed: Vec<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(listed, files);
+
+    let config = &manifests("configmap.yaml")[0];
+    let secret = &manifests("secret.yaml")[0];
+    let setting = |key: &str| number(&config["data"][key]);
+    let api_reads = fanout_api::Config::env_names();
+    let ws_reads = fanout_ws::Config::env_names();
+    for (source, keys) in [
+        ("configmap", &config["data"]),
+        ("secret", &secret["stringData"]),
+    ] {
+        for (key, _) in keys.as_mapping().unwrap() {
+            let key = text(key);
+            assert!(
+                api_reads.contains(&key) || ws_reads.contains(&key),
+                "the {source} sets {key}, which neither binary reads"
+            );
+        }
+    }
+
+    for (file, binary, reads) in [
+        ("api.yaml", "fanout-api", &api_reads),
+        ("ws.yaml", "fanout-ws", &ws_reads),
+    ] {
+        let docs = manifests(file);
+        let deployment = of_kind(&docs, "Deployment");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert!(text(&container["image"]).starts_with(binary), "{file}");
+        let probe = |name: &str| text(&container[name]["httpGet"]["path"]);
+        assert_eq!(probe("readinessProbe"), "/readyz", "{file}");
+        assert_eq!(probe("livenessProbe"), "/healthz", "{file}");
+        for resource in ["cpu", "memory"] {
+            assert!(
+                container["resources"]["requests"][resource].is_string(),
+                "{file}: no {resource} request"
+            );
+        }
+        assert!(container["resources"]["limits"]["memory"].is_string());
+        // Settings from the ConfigMap and the Secret; a bad one fails the init container.
+        for pod_container in [container, &pod["initContainers"][0]] {
+            let from: Vec<String> = pod_container["envFrom"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    match (
+                        e["configMapRef"]["name"].as_str(),
+                        e["secretRef"]["name"].as_str(),
+                    ) {
+                        (Some(name), None) => format!("configmap {name}"),
+                        (None, Some(name)) => format!("secret {name}"),
+                        _ => panic!("{file}: {e:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(from, ["configmap fanout", "secret fanout"], "{file}");
+        }
+        let check = &pod["initContainers"][0];
+        assert_eq!(text(&check["image"]), text(&container["image"]));
+        assert_eq!(text(&check["args"][0]), "--check");
+        for env in container["env"].as_sequence().unwrap() {
+            let key = text(&env["name"]);
+            assert!(
+                reads.contains(&key),
+                "{file} sets {key}: {binary} does not read it"
+            );
+        }
+        // A disruption budget for the same pods.
+        let budget = of_kind(&docs, "PodDisruptionBudget");
+        assert_eq!(
+            budget["spec"]["selector"], deployment["spec"]["selector"],
+            "{file}"
+        );
+        let service = of_kind(&docs, "Service");
+        assert_eq!(
+            service["spec"]["selector"],
+            deployment["spec"]["selector"]["matchLabels"]
+        );
+    }
+
+    // The ws nodes' grace period covers the preStop pause, the drain window and the shutdown
+    // timeout, so Kubernetes never kills a node in the middle of its drain.
+    let ws = manifests("ws.yaml");
+    let pod = &of_kind(&ws, "Deployment")["spec"]["template"]["spec"];
+    let grace = number(&pod["terminationGracePeriodSeconds"]) * 1000;
+    let pre_stop = number(&pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]) * 1000;
+    let drain = setting("FANOUT_DRAIN_WINDOW_MS") + setting("FANOUT_SHUTDOWN_TIMEOUT_SECS") * 1000;
+    assert!(
+        grace > pre_stop + drain,
+        "grace {grace} ms <= preStop {pre_stop} ms + drain and shutdown {drain} ms"
+    );
+    assert_eq!(
+        text(&of_kind(&ws, "PodDisruptionBudget")["spec"]["maxUnavailable"]),
+        "1"
+    );
+
+    // NATS from the official chart: a JetStream cluster as large as the stream's replicas,
+    // on the version the tests run.
+    let nats = &manifests("nats-values.yaml")[0];
+    assert_eq!(
+        number(&nats["config"]["cluster"]["replicas"]),
+        setting("FANOUT_HISTORY_REPLICAS")
+    );
+    assert_eq!(nats["config"]["jetstream"]["enabled"], Value::Bool(true));
+    assert_eq!(
+        text(&nats["container"]["image"]["tag"]),
+        format!("{}-alpine", tested_nats_version())
+    );
+    assert_eq!(text(&config["data"]["FANOUT_NATS_URL"]), "nats://nats:4222");
+}
