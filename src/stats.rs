@@ -202,13 +202,18 @@ pub fn busiest(
             nodes: None,
         })
         .collect();
+    busiest_first(&mut loads, limit);
+    loads
+}
+
+/// Sorts by subscribers, most first (ties by name), and keeps the first `limit`.
+fn busiest_first(loads: &mut Vec<ChannelLoad>, limit: usize) {
     loads.sort_by(|a, b| {
         b.subscribers
             .cmp(&a.subscribers)
             .then_with(|| a.channel.cmp(&b.channel))
     });
     loads.truncate(limit);
-    loads
 }
 
 /// The tier's figures from the nodes' answers (any order).
@@ -258,12 +263,7 @@ pub fn aggregate(
             nodes: Some(on),
         })
         .collect();
-    top.sort_by(|a, b| {
-        b.subscribers
-            .cmp(&a.subscribers)
-            .then_with(|| a.channel.cmp(&b.channel))
-    });
-    top.truncate(TOP_CHANNELS);
+    busiest_first(&mut top, TOP_CHANNELS);
     let mut regions: Vec<RegionStats> = regions.into_values().collect();
     regions.sort_by(|a, b| a.region.cmp(&b.region));
     (nodes, top, regions, totals)

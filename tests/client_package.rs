@@ -9,21 +9,13 @@ mod common;
 
 use std::{collections::BTreeSet, process::Command};
 
-use common::workspace;
-use serde_json::Value;
+use common::{succeeds, workspace};
 
+/// `command`'s stdout; panics with its output unless it succeeds.
 fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{command:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    succeeds(command).0
 }
+use serde_json::Value;
 
 #[test]
 fn npm_pack_makes_the_package_and_it_imports_by_name() {

@@ -7,37 +7,15 @@
 
 mod common;
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
+use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use common::*;
 use serde_json::Value;
-
-fn venv_tool(name: &str) -> PathBuf {
-    let path = workspace().join(".tools/venv/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `make py-checks` (or `make test`) installs it",
-        path.display()
-    );
-    path
-}
 
 fn document(binary: &str) -> Value {
     let path = workspace().join(binary).join("openapi.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Runs `command`, panicking with its output unless it succeeds; returns its stdout.
-fn succeeds(command: &mut Command) -> String {
-    let output = command.output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{command:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 /// A tier of processes: nats-server, `fanout-api` and one `fanout-ws`, as deployed.
@@ -203,7 +181,7 @@ async fn every_route_is_documented_and_every_documented_operation_exists() {
 /// `config` for the per-operation settings.
 fn schemathesis(server: &Server, config: &std::path::Path) -> String {
     let report = tempfile::tempdir().unwrap();
-    succeeds(
+    let (stdout, _) = succeeds(
         Command::new(venv_tool("schemathesis"))
             .arg("--config-file")
             .arg(config)
@@ -224,7 +202,8 @@ fn schemathesis(server: &Server, config: &std::path::Path) -> String {
                 "--no-color",
             ])
             .current_dir(report.path()),
-    )
+    );
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,27 +406,15 @@ fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
     assert!(compose["services"]["jaeger"].is_mapping(), "one Jaeger");
 }
 
-/// A tool of `.tools/venv` (PyPI; `make test` installs them) run on `args` in the workspace;
-/// panics with its output unless it succeeds.
+/// `tool` of `.tools/venv` on `args` in the workspace; panics with its output unless it
+/// succeeds.
 fn venv_check(tool: &str, args: &[&str]) -> String {
-    let path = workspace().join(".tools/venv/bin").join(tool);
-    assert!(
-        path.exists(),
-        "{} is missing: `make py-checks` (or `make test`) installs it",
-        path.display()
+    let (stdout, stderr) = succeeds(
+        Command::new(venv_tool(tool))
+            .args(args)
+            .current_dir(workspace()),
     );
-    let output = Command::new(&path)
-        .args(args)
-        .current_dir(workspace())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{tool} {args:?}:\n{text}");
-    text
+    stdout + &stderr
 }
 
 #[test]

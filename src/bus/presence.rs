@@ -62,6 +62,44 @@ impl Bus {
         Ok(())
     }
 
+    /// Publishes `payload` to `subject` with a fresh inbox for the answers, and hands each
+    /// answer to `take` until `take` says everything has come (it is also asked with `None`
+    /// first, and now and then meanwhile) or [`presence::QUERY_TIMEOUT`] passes: then the
+    /// answer is partial (`true`). The query of presence and of stats (scatter-gather, no
+    /// queue group: every ws node answers).
+    pub(super) async fn scatter_gather(
+        &self,
+        subject: String,
+        payload: Bytes,
+        unsent: &'static str,
+        mut take: impl FnMut(Option<&[u8]>) -> bool,
+    ) -> Result<bool, BusError> {
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(subject, inbox, payload)
+            .await
+            .map_err(|_| BusError::Unavailable(unsent))?;
+        let deadline = tokio::time::Instant::now() + presence::QUERY_TIMEOUT;
+        let mut complete = take(None);
+        while !complete {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(true);
+            }
+            // Wake now and then: discovery may forget a crashed node meanwhile.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            complete = match tokio::time::timeout(wait, answers.next()).await {
+                Ok(Some(message)) => take(Some(&message.payload)),
+                // The connection closed: nothing more will come.
+                Ok(None) => return Ok(true),
+                Err(_) => take(None),
+            };
+        }
+        Ok(false)
+    }
+
     /// Asks every ws node who is in `channel` (or only how many) and gathers the answers:
     /// until every node in `directory` has answered, or [`presence::QUERY_TIMEOUT`] (then
     /// the answer is partial). One request whatever the number of members.
@@ -74,54 +112,43 @@ impl Bus {
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected to NATS"));
         }
-        let client = &self.inner.client;
-        let inbox = client.new_inbox();
-        let mut answers = client.subscribe(inbox.clone()).await?;
         let query = presence::Query {
             channel: channel.to_string(),
             count_only,
         };
         let payload = serde_json::to_vec(&query).expect("a query serializes");
-        client
-            .publish_with_reply(self.inner.subjects.presence_query(), inbox, payload.into())
-            .await
-            .map_err(|_| BusError::Unavailable("cannot send the presence query"))?;
-        let deadline = tokio::time::Instant::now() + presence::QUERY_TIMEOUT;
         // Per node: its count, and whether its last part came.
         let mut nodes: HashMap<String, (usize, bool)> = HashMap::new();
         let mut members = Vec::new();
-        let complete = |nodes: &HashMap<String, (usize, bool)>| {
-            directory.is_complete()
-                && directory
-                    .live()
-                    .iter()
-                    .all(|node| nodes.get(&node.id).is_some_and(|(_, done)| *done))
-                && nodes.values().all(|(_, done)| *done)
-        };
-        let partial = loop {
-            if complete(&nodes) {
-                break false;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                break true;
-            }
-            // Wake now and then: discovery may forget a crashed node meanwhile.
-            let wait = (deadline - now).min(Duration::from_millis(100));
-            let Ok(Some(message)) = tokio::time::timeout(wait, answers.next()).await else {
-                continue;
-            };
-            match serde_json::from_slice::<presence::Part>(&message.payload) {
-                Ok(part) => {
-                    let entry = nodes.entry(part.node).or_default();
-                    *entry = (part.count, part.last);
-                    if !count_only {
-                        members.extend(part.members);
+        let partial = self
+            .scatter_gather(
+                self.inner.subjects.presence_query(),
+                payload.into(),
+                "cannot send the presence query",
+                |answer| {
+                    if let Some(answer) = answer {
+                        match serde_json::from_slice::<presence::Part>(answer) {
+                            Ok(part) => {
+                                let entry = nodes.entry(part.node).or_default();
+                                *entry = (part.count, part.last);
+                                if !count_only {
+                                    members.extend(part.members);
+                                }
+                            }
+                            Err(err) => {
+                                tracing::debug!(%err, "ignoring a malformed presence answer")
+                            }
+                        }
                     }
-                }
-                Err(err) => tracing::debug!(%err, "ignoring a malformed presence answer"),
-            }
-        };
+                    directory.is_complete()
+                        && directory
+                            .live()
+                            .iter()
+                            .all(|node| nodes.get(&node.id).is_some_and(|(_, done)| *done))
+                        && nodes.values().all(|(_, done)| *done)
+                },
+            )
+            .await?;
         Ok(presence::Presence {
             channel: channel.clone(),
             count: nodes.values().map(|(count, _)| count).sum(),

@@ -1,6 +1,6 @@
 //! The stats query on NATS: every ws node answers with its [`NodeStats`] (scatter-gather, no
 //! queue group, as presence queries), and the API gathers them (see [`crate::stats`]).
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use super::{Bus, BusError};
 use crate::{
     discovery::Directory,
-    stats::{NodeStats, QUERY_TIMEOUT, StreamStats},
+    stats::{NodeStats, StreamStats},
 };
 
 impl Bus {
@@ -38,48 +38,35 @@ impl Bus {
     }
 
     /// Asks every ws node for its stats: the answers of those that answered within
-    /// [`QUERY_TIMEOUT`], and whether one the directory knows of (or may not know of yet)
+    /// [`crate::stats::QUERY_TIMEOUT`], and whether one the directory knows of (or may not know of yet)
     /// is missing.
     pub async fn stats(&self, directory: &Directory) -> Result<(Vec<NodeStats>, bool), BusError> {
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected to NATS"));
         }
-        let client = &self.inner.client;
-        let inbox = client.new_inbox();
-        let mut answers = client.subscribe(inbox.clone()).await?;
-        client
-            .publish_with_reply(self.inner.subjects.stats_query(), inbox, Bytes::new())
-            .await
-            .map_err(|_| BusError::Unavailable("cannot send the stats query"))?;
-        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
         let mut nodes: HashMap<String, NodeStats> = HashMap::new();
-        let complete = |nodes: &HashMap<String, NodeStats>| {
-            directory.is_complete()
-                && directory
-                    .live()
-                    .iter()
-                    .all(|node| nodes.contains_key(&node.id))
-        };
-        let partial = loop {
-            if complete(&nodes) {
-                break false;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                break true;
-            }
-            // Wake now and then: discovery may forget a crashed node meanwhile.
-            let wait = (deadline - now).min(Duration::from_millis(100));
-            let Ok(Some(message)) = tokio::time::timeout(wait, answers.next()).await else {
-                continue;
-            };
-            match serde_json::from_slice::<NodeStats>(&message.payload) {
-                Ok(stats) => {
-                    nodes.insert(stats.id.clone(), stats);
-                }
-                Err(err) => tracing::debug!(%err, "ignoring a malformed stats answer"),
-            }
-        };
+        let partial = self
+            .scatter_gather(
+                self.inner.subjects.stats_query(),
+                Bytes::new(),
+                "cannot send the stats query",
+                |answer| {
+                    if let Some(answer) = answer {
+                        match serde_json::from_slice::<NodeStats>(answer) {
+                            Ok(stats) => {
+                                nodes.insert(stats.id.clone(), stats);
+                            }
+                            Err(err) => tracing::debug!(%err, "ignoring a malformed stats answer"),
+                        }
+                    }
+                    directory.is_complete()
+                        && directory
+                            .live()
+                            .iter()
+                            .all(|node| nodes.contains_key(&node.id))
+                },
+            )
+            .await?;
         Ok((nodes.into_values().collect(), partial))
     }
 

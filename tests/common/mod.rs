@@ -1258,3 +1258,30 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// Runs `command`; panics with its output unless it succeeds. Returns (stdout, stderr).
+pub fn succeeds(command: &mut Command) -> (String, String) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// A tool of `.tools/venv` (the PyPI checkers; `make test` installs them).
+pub fn venv_tool(name: &str) -> PathBuf {
+    let path = workspace().join(".tools/venv/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `make py-checks` (or `make test`) installs it",
+        path.display()
+    );
+    path
+}
