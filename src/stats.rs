@@ -189,21 +189,26 @@ impl Sampler {
 }
 
 /// A node's busiest `limit` channels from `(channel, subscribers)`, busiest first (ties by
-/// name).
-pub fn busiest(
-    channels: impl IntoIterator<Item = (String, usize)>,
-    limit: usize,
-) -> Vec<ChannelLoad> {
-    let mut loads: Vec<ChannelLoad> = channels
+/// name). Only those `limit` become strings: a node may have 100,000 channels.
+pub fn busiest<C: AsRef<str>>(mut channels: Vec<(C, usize)>, limit: usize) -> Vec<ChannelLoad> {
+    let order =
+        |a: &(C, usize), b: &(C, usize)| b.1.cmp(&a.1).then_with(|| a.0.as_ref().cmp(b.0.as_ref()));
+    if limit == 0 {
+        return Vec::new();
+    }
+    if channels.len() > limit {
+        channels.select_nth_unstable_by(limit - 1, order);
+        channels.truncate(limit);
+    }
+    channels.sort_by(order);
+    channels
         .into_iter()
         .map(|(channel, subscribers)| ChannelLoad {
-            channel,
+            channel: channel.as_ref().to_string(),
             subscribers,
             nodes: None,
         })
-        .collect();
-    busiest_first(&mut loads, limit);
-    loads
+        .collect()
 }
 
 /// Sorts by subscribers, most first (ties by name), and keeps the first `limit`.
@@ -292,6 +297,19 @@ mod tests {
     }
 
     #[test]
+    fn a_node_reports_its_busiest_channels_first() {
+        let channels: Vec<(String, usize)> =
+            (0..1000).map(|i| (format!("c{i:04}"), i % 7)).collect();
+        let top = busiest(channels, 5);
+        let names: Vec<&str> = top.iter().map(|c| c.channel.as_str()).collect();
+        // Six subscribers: c0006, c0013, ... by name.
+        assert_eq!(names, ["c0006", "c0013", "c0020", "c0027", "c0034"]);
+        assert!(top.iter().all(|c| c.subscribers == 6));
+        assert!(busiest(vec![("a", 1)], 0).is_empty());
+        assert_eq!(busiest(vec![("b", 1), ("a", 2)], 5)[0].channel, "a");
+    }
+
+    #[test]
     fn the_tier_adds_up_its_nodes() {
         let node = |id: &str, region: &str, conns: usize, channels: &[(&str, usize)]| NodeStats {
             id: id.into(),
@@ -315,7 +333,7 @@ mod tests {
                 frames_delivered_per_sec: 10.0,
                 ..Rates::default()
             },
-            top_channels: busiest(channels.iter().map(|(c, n)| (c.to_string(), *n)), 50),
+            top_channels: busiest(channels.to_vec(), 50),
         };
         let (nodes, channels, regions, totals) = aggregate(vec![
             node("b", "us", 3, &[("maths", 2), ("art", 1)]),

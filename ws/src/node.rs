@@ -332,10 +332,7 @@ impl Node {
             },
             totals,
             rates,
-            top_channels: busiest(
-                channels.into_iter().map(|(c, n)| (c.to_string(), n)),
-                NODE_TOP_CHANNELS,
-            ),
+            top_channels: busiest(channels, NODE_TOP_CHANNELS),
         }
     }
 
