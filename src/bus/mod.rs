@@ -554,6 +554,44 @@ impl Bus {
         }
     }
 
+    /// Publishes `payload` to `subject` with a fresh inbox for the answers, and hands each
+    /// answer to `take` until `take` says everything has come (it is also asked with `None`
+    /// first, and now and then meanwhile) or [`crate::presence::QUERY_TIMEOUT`] passes: then the
+    /// answer is partial (`true`). The query of presence and of stats (scatter-gather, no
+    /// queue group: every ws node answers).
+    pub(super) async fn scatter_gather(
+        &self,
+        subject: String,
+        payload: Bytes,
+        unsent: &'static str,
+        mut take: impl FnMut(Option<&[u8]>) -> bool,
+    ) -> Result<bool, BusError> {
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(subject, inbox, payload)
+            .await
+            .map_err(|_| BusError::Unavailable(unsent))?;
+        let deadline = tokio::time::Instant::now() + crate::presence::QUERY_TIMEOUT;
+        let mut complete = take(None);
+        while !complete {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(true);
+            }
+            // Wake now and then: discovery may forget a crashed node meanwhile.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            complete = match tokio::time::timeout(wait, answers.next()).await {
+                Ok(Some(message)) => take(Some(&message.payload)),
+                // The connection closed: nothing more will come.
+                Ok(None) => return Ok(true),
+                Err(_) => take(None),
+            };
+        }
+        Ok(false)
+    }
+
     /// Stops the stream keeper, finishes in-flight publishes and closes the connection.
     pub async fn drain(&self) {
         self.inner.closed.cancel();

@@ -1,6 +1,6 @@
 //! Presence on NATS: each channel's changes on a subject of their own, and the query every ws
-//! node answers (scatter-gather; see [`crate::presence`]).
-use std::{collections::HashMap, time::Duration};
+//! node answers (scatter-gather, [`Bus::scatter_gather`]; see [`crate::presence`]).
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -60,44 +60,6 @@ impl Bus {
             }
         });
         Ok(())
-    }
-
-    /// Publishes `payload` to `subject` with a fresh inbox for the answers, and hands each
-    /// answer to `take` until `take` says everything has come (it is also asked with `None`
-    /// first, and now and then meanwhile) or [`presence::QUERY_TIMEOUT`] passes: then the
-    /// answer is partial (`true`). The query of presence and of stats (scatter-gather, no
-    /// queue group: every ws node answers).
-    pub(super) async fn scatter_gather(
-        &self,
-        subject: String,
-        payload: Bytes,
-        unsent: &'static str,
-        mut take: impl FnMut(Option<&[u8]>) -> bool,
-    ) -> Result<bool, BusError> {
-        let client = &self.inner.client;
-        let inbox = client.new_inbox();
-        let mut answers = client.subscribe(inbox.clone()).await?;
-        client
-            .publish_with_reply(subject, inbox, payload)
-            .await
-            .map_err(|_| BusError::Unavailable(unsent))?;
-        let deadline = tokio::time::Instant::now() + presence::QUERY_TIMEOUT;
-        let mut complete = take(None);
-        while !complete {
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(true);
-            }
-            // Wake now and then: discovery may forget a crashed node meanwhile.
-            let wait = (deadline - now).min(Duration::from_millis(100));
-            complete = match tokio::time::timeout(wait, answers.next()).await {
-                Ok(Some(message)) => take(Some(&message.payload)),
-                // The connection closed: nothing more will come.
-                Ok(None) => return Ok(true),
-                Err(_) => take(None),
-            };
-        }
-        Ok(false)
     }
 
     /// Asks every ws node who is in `channel` (or only how many) and gathers the answers:
