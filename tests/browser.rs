@@ -1,248 +1,19 @@
 //! The demo page in real headless Chromium (Debian's `chromium`, driven over WebDriver by
 //! Debian's `chromedriver`) against a real tier: nats-server, the API, two ws node processes.
 //!
-//! Tab A is pinned to node 1, tab B to node 2. "Call API" in tab A reaches both tabs. Then
-//! node 2 is killed: tab B shows it reconnecting; an event published meanwhile is replayed to
-//! tab B when node 2 is back on its port (it resumes), and the next one arrives live.
-//! Screenshots go to `target/screenshots/`.
+//! Tab A is pinned to node 1, tab B to node 2. "Call API" in tab A reaches every tab. Then
+//! node 2 is killed: tab B, pinned with `?node=2`, fails over to node 1 and says so; tabs C
+//! and E, bound to node 2's URL alone (`?ws=`), show it reconnecting, and an event published
+//! meanwhile is replayed to them when node 2 is back on its port (they resume); the next one
+//! arrives live everywhere. Screenshots go to `target/screenshots/`.
 
 mod common;
 
-use std::{
-    os::unix::process::CommandExt,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::*;
-use fantoccini::{Client as Browser, ClientBuilder, Locator, wd::WindowHandle};
+use common::{browser::*, *};
+use fantoccini::Locator;
 use serde_json::{Value, json};
-
-/// `$CHROMIUM_BIN` or Debian's `/usr/bin/chromium`; `make test` installs it when missing.
-fn chromium() -> String {
-    std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into())
-}
-
-fn chromedriver() -> String {
-    std::env::var("CHROMEDRIVER_BIN").unwrap_or_else(|_| "/usr/bin/chromedriver".into())
-}
-
-struct Driver {
-    child: Child,
-    port: u16,
-}
-
-impl Driver {
-    async fn start() -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(chromedriver())
-            .arg(format!("--port={port}"))
-            // A process group of its own, which the browsers it starts join: on drop the whole
-            // group goes, so that a failed test leaves no browser behind to reconnect to the
-            // next test's servers.
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e}; `make test` installs Debian's chromium and chromium-driver",
-                    chromedriver()
-                )
-            });
-        eventually("chromedriver to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        Driver { child, port }
-    }
-
-    async fn browser(&self, profile: &std::path::Path) -> Browser {
-        let args = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            // Background tabs keep their timers, so tab B reconnects on schedule.
-            "--disable-background-timer-throttling",
-            "--disable-renderer-backgrounding",
-            "--disable-backgrounding-occluded-windows",
-            "--window-size=1200,820",
-        ]
-        .into_iter()
-        .map(String::from)
-        .chain([format!("--user-data-dir={}", profile.display())])
-        .collect::<Vec<_>>();
-        let capabilities = json!({
-            "goog:chromeOptions": { "binary": chromium(), "args": args }
-        });
-        let Value::Object(capabilities) = capabilities else {
-            unreachable!()
-        };
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let mut builder = ClientBuilder::new(connector);
-        builder.capabilities(capabilities);
-        let url = format!("http://127.0.0.1:{}", self.port);
-        let session = builder.connect(&url);
-        // A cold start (fresh profile, font caches) on a busy machine can take far longer
-        // than any wait on fanout itself.
-        tokio::time::timeout(BROWSER_START, session)
-            .await
-            .unwrap_or_else(|_| panic!("chromium did not start within {BROWSER_START:?}"))
-            .expect("chromedriver could not start chromium")
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-/// One tab of the browser session.
-struct Tab<'a> {
-    browser: &'a Browser,
-    handle: WindowHandle,
-    name: &'static str,
-}
-
-impl Tab<'_> {
-    async fn focus(&self) {
-        self.browser
-            .switch_to_window(self.handle.clone())
-            .await
-            .unwrap();
-    }
-
-    /// Runs `script` (a function body) in this tab and returns its value.
-    async fn eval(&self, script: &str) -> Value {
-        self.focus().await;
-        self.browser.execute(script, vec![]).await.unwrap()
-    }
-
-    async fn state(&self) -> (String, String) {
-        let v = self
-            .eval("return [document.getElementById('conn').dataset.state, document.getElementById('node').textContent]")
-            .await;
-        (v[0].as_str().unwrap().into(), v[1].as_str().unwrap().into())
-    }
-
-    /// Waits until the tab shows `state` (and, when open, `node`), for at most `bound`.
-    async fn wait_for_within(&self, bound: Duration, state: &str, node: Option<&str>) {
-        let what = format!("tab {} to show {state} {node:?}", self.name);
-        self.until(bound, &what, || async {
-            let (s, n) = self.state().await;
-            s == state && node.is_none_or(|node| n == node)
-        })
-        .await;
-    }
-
-    /// Polls `check` until it holds, for at most `bound`; the failure says what the tab shows.
-    async fn until<F, Fut>(&self, bound: Duration, what: &str, mut check: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = tokio::time::Instant::now() + bound;
-        while !check().await {
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "timed out after {bound:?} waiting for {what}; tab {} shows {}",
-                    self.name,
-                    self.dump().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// [`Tab::wait_for_within`] [`WAIT`].
-    async fn wait_for(&self, state: &str, node: Option<&str>) {
-        self.wait_for_within(WAIT, state, node).await;
-    }
-
-    /// The (channel, seq) of every event in the tab's log, newest first.
-    async fn events(&self) -> Vec<(String, u64)> {
-        let v = self
-            .eval("return [...document.querySelectorAll('#log li')].map(li => [li.dataset.channel, Number(li.dataset.seq)])")
-            .await;
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_u64().unwrap()))
-            .collect()
-    }
-
-    async fn wait_for_event(&self, seq: u64) {
-        let what = format!("event #{seq}");
-        self.until(WAIT, &what, || async {
-            self.events().await.iter().any(|(_, s)| *s == seq)
-        })
-        .await;
-    }
-
-    /// What the tab shows (state, node, result line, log, members), for failure messages.
-    async fn dump(&self) -> Value {
-        self.eval(
-            "return Object.fromEntries(['conn', 'node', 'result', 'log', 'members'].map((id) => \
-             [id, document.getElementById(id).innerText + ' ' + \
-             (document.getElementById(id).dataset.state ?? '')]))",
-        )
-        .await
-    }
-
-    /// The lobby's member list as the tab shows it: "name-or-user · node".
-    async fn members(&self) -> Vec<String> {
-        let v = self
-            .eval("return [...document.querySelectorAll('#members li')].map(li => li.textContent)")
-            .await;
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    async fn click(&self, id: &str) {
-        self.focus().await;
-        self.browser
-            .find(Locator::Id(id))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-    }
-
-    async fn screenshot(&self, file: &str) -> PathBuf {
-        self.focus().await;
-        let png = self.browser.screenshot().await.unwrap();
-        let dir = workspace().join("target/screenshots");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(file);
-        std::fs::write(&path, png).unwrap();
-        path
-    }
-}
-
-/// How long chromium may take to start.
-const BROWSER_START: Duration = Duration::from_secs(90);
-
-/// fanout.js's longest reconnect delay (`maxDelay`, 15 s), plus [`WAIT`] for the attempt.
-const RECONNECT_BOUND: Duration = Duration::from_secs(15 + 15);
 
 /// The newest broadcast seq the API stored, read back from a fresh test client: the event
 /// that "Call API" produced.
@@ -290,7 +61,9 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     };
     b.focus().await;
     browser.goto(&format!("{page}?node=2")).await.unwrap();
-    // The HTTP transports: tab C follows node 2 over server-sent events, tab D polls node 1.
+    // The HTTP transports: tab C follows node 2 (its URL alone) over server-sent events, tab D
+    // polls node 1.
+    let ws2_url = format!("ws://{ws2_addr}/ws");
     let c = Tab {
         browser: &browser,
         handle: browser.new_window(true).await.unwrap().handle,
@@ -298,7 +71,7 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     };
     c.focus().await;
     browser
-        .goto(&format!("{page}?node=2&transport=sse"))
+        .goto(&format!("{page}?ws={ws2_url}&transport=sse"))
         .await
         .unwrap();
     let d = Tab {
@@ -316,6 +89,18 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     b.wait_for("open", Some("ws-2")).await;
     c.wait_for("open", Some("ws-2")).await;
     d.wait_for("open", Some("stateless polls")).await;
+    // Tab E: node 2's URL alone, over WebSocket.
+    let e = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "E",
+    };
+    e.focus().await;
+    browser.goto(&format!("{page}?ws={ws2_url}")).await.unwrap();
+    e.wait_for("open", Some("ws-2")).await;
+    // Beside the node, the tab says what it is pinned to.
+    assert_eq!(a.pin().await, ("ws-1".to_string(), false));
+    assert_eq!(b.pin().await, ("ws-2".to_string(), false));
     for (tab, transport) in [(&a, "websocket"), (&c, "sse"), (&d, "poll")] {
         let shown = tab
             .eval("return document.getElementById('transport').dataset.transport")
@@ -326,20 +111,20 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     // One click in tab A reaches both tabs, through two different nodes.
     a.click("call-api").await;
     let first = newest_broadcast(&mut listener).await;
-    for tab in [&a, &b, &c, &d] {
+    for tab in [&a, &b, &c, &d, &e] {
         tab.wait_for_event(first).await;
         assert_eq!(tab.events().await, [("broadcast".to_string(), first)]);
     }
 
-    // Presence: each tab lists the tabs with a live connection (A and B over WebSocket, C
+    // Presence: each tab lists the tabs with a live connection (A, B and E over WebSocket, C
     // over SSE; a long-poll is no member), across the two nodes; a name set in tab A shows
     // in tab B.
-    for tab in [&a, &b, &c, &d] {
-        tab.until(WAIT, "the three live tabs in the member list", || async {
+    for tab in [&a, &b, &c, &d, &e] {
+        tab.until(WAIT, "the four live tabs in the member list", || async {
             let members = tab.members().await;
-            members.len() == 3
+            members.len() == 4
                 && members.iter().filter(|m| m.ends_with("· ws-1")).count() == 1
-                && members.iter().filter(|m| m.ends_with("· ws-2")).count() == 2
+                && members.iter().filter(|m| m.ends_with("· ws-2")).count() == 3
         })
         .await;
     }
@@ -360,38 +145,44 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     a.screenshot("tab-a-ws-1.png").await;
     b.screenshot("tab-b-ws-2.png").await;
 
-    // Node 2 dies: tabs B and C say they are reconnecting.
+    // Node 2 dies. Tab B, pinned to it, fails over to node 1 and says so beside the node;
+    // tabs C and E, which have node 2's URL alone, say they are reconnecting.
     ws2.signal("-KILL");
     ws2.exit_code().await;
-    b.wait_for("reconnecting", None).await;
+    e.wait_for("reconnecting", None).await;
     c.wait_for("reconnecting", None).await;
-    b.screenshot("tab-b-reconnecting.png").await;
+    e.screenshot("tab-e-reconnecting.png").await;
+    b.wait_for_within(RECONNECT_BOUND, "open", Some("ws-1"))
+        .await;
+    assert_eq!(b.pin().await, ("ws-2".to_string(), true));
+    b.screenshot("tab-b-failed-over.png").await;
 
-    // While node 2 is down, tab A calls the API again: tab B misses that event...
+    // While node 2 is down, tab A calls the API again: tabs C and E miss that event...
     a.click("call-api").await;
     let missed = newest_broadcast(&mut listener).await;
-    a.wait_for_event(missed).await;
-    d.wait_for_event(missed).await;
+    for tab in [&a, &b, &d] {
+        tab.wait_for_event(missed).await;
+    }
 
-    // ...until node 2 comes back on its port: tab B reconnects, resumes, and gets the missed
+    // ...until node 2 comes back on its port: they reconnect, resume, and get the missed
     // event replayed, then the next one live.
     let ws2 = Process::start("fanout-ws", &ws_env("ws-2", &ws2_addr));
     wait_ready(&ws2.server()).await;
-    // The tab retries with backoff (fanout.js: at most 15 s between attempts, however long
+    // A tab retries with backoff (fanout.js: at most 15 s between attempts, however long
     // node 2 was away), so its next attempt may come up to that long after node 2 is back.
     // Tab C resumes from its last event's cursor the same way.
-    for tab in [&b, &c] {
+    for tab in [&e, &c] {
         tab.wait_for_within(RECONNECT_BOUND, "open", Some("ws-2"))
             .await;
         tab.wait_for_event(missed).await;
     }
-    let shown = b
+    let shown = e
         .eval("return document.getElementById('result').textContent")
         .await;
     assert_eq!(shown, "resumed broadcast, 1 replayed");
     a.click("call-api").await;
     let second = newest_broadcast(&mut listener).await;
-    for tab in [&a, &b, &c, &d] {
+    for tab in [&a, &b, &c, &d, &e] {
         tab.wait_for_event(second).await;
         let seqs: Vec<u64> = tab.events().await.iter().map(|(_, seq)| *seq).collect();
         assert_eq!(
@@ -401,7 +192,7 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
             tab.name
         );
     }
-    b.screenshot("tab-b-after-restart.png").await;
+    e.screenshot("tab-e-after-restart.png").await;
     c.screenshot("tab-c-sse.png").await;
     d.screenshot("tab-d-poll.png").await;
 

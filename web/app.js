@@ -10,15 +10,41 @@ function resolve(url) {
   return url.replaceAll("{host}", location.hostname);
 }
 
-/** Which URLs this tab connects to: `?ws=<url>`, `?node=<n or name>`, else every node. */
+/**
+ * Which URLs this tab connects to: `?ws=<url>` (that one only), `?node=<n or name>` (that node
+ * first; the others are where the tab fails over to when it goes away, so a pinned tab misses
+ * nothing when its node dies), else every node.
+ */
 function choose(nodes, params) {
-  if (params.get("ws")) return { urls: [params.get("ws")], pinned: "ws" };
+  if (params.get("ws")) return { urls: [params.get("ws")], pinned: "ws", name: params.get("ws") };
   const wanted = params.get("node");
   if (wanted) {
     const index = /^\d+$/.test(wanted) ? Number(wanted) - 1 : nodes.findIndex((n) => n.name === wanted);
-    if (nodes[index]) return { urls: [nodes[index].url], pinned: String(index + 1) };
+    if (nodes[index]) {
+      const others = nodes.filter((_, i) => i !== index).map((n) => n.url);
+      return { urls: [nodes[index].url, ...others], pinned: String(index + 1), name: nodes[index].name };
+    }
   }
   return { urls: nodes.map((n) => n.url), pinned: null };
+}
+
+/**
+ * Beside the node this tab is on: the node it is pinned to. With discovery a node's name is
+ * its id, so a tab that failed over to another node says so; with `FANOUT_WS_URLS` the names
+ * are labels and only the label is shown.
+ */
+function showPin(name, node, discovered) {
+  const pin = $("pin");
+  pin.dataset.pinned = name ?? "";
+  if (!name) {
+    pin.textContent = "";
+    delete pin.dataset.away;
+    return;
+  }
+  const away = discovered && node !== undefined && node !== name;
+  pin.textContent = away ? `pinned to ${name}, which is away: failed over` : `pinned to ${name}`;
+  if (away) pin.dataset.away = "true";
+  else delete pin.dataset.away;
 }
 
 /** The transports this tab may use: `?transport=sse` (or websocket, poll) forces one. */
@@ -244,9 +270,11 @@ async function main() {
   const listed = live.length ? live : config.nodes;
   const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url), region: n.region }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
-  const { urls, pinned } = choose(nodes, params);
+  const { urls, pinned, name } = choose(nodes, params);
   const allowed = transports(params);
   renderNodes(nodes, pinned, allowed.forced);
+  const discovered = live.length > 0 && pinned !== "ws";
+  showPin(name, undefined, discovered);
   if (allowed.unknown) {
     result(`no transport ${allowed.unknown}: use ${TRANSPORTS.join(", ")}`, false);
   }
@@ -267,6 +295,7 @@ async function main() {
   client.on("welcome", (w) => {
     // A long-poll has no node of its own: each poll may reach another.
     $("node").textContent = w.node ?? "stateless polls";
+    if (w.node) showPin(name, w.node, discovered);
     $("region").textContent = w.region ? `in region ${w.region}` : "";
     document.title = `fanout · ${w.node ?? "long-polling"}`;
   });
