@@ -25,7 +25,13 @@ async fn nodes_come_and_go() {
     let api = start_api(&nats).await;
     let env = |node: &str| ws_process_env(&nats.url(), node, 0);
     let mut ws1 = Process::start("fanout-ws", &env("ws-1"));
-    let ws2 = Process::start("fanout-ws", &env("ws-2"));
+    // Behind an edge that routes by node (the compose files'), `{node}` is the node's id.
+    let mut behind_edge = env("ws-2");
+    behind_edge.push((
+        "FANOUT_PUBLIC_URL",
+        "ws://{host}:8081/node/{node}/ws".into(),
+    ));
+    let ws2 = Process::start("fanout-ws", &behind_edge);
     let api = &api;
     eventually("both nodes to be listed", || async move {
         ids(&live_nodes(api).await) == ["ws-1", "ws-2"]
@@ -45,6 +51,7 @@ async fn nodes_come_and_go() {
     let nodes = live_nodes(api).await;
     let port = ws1.addr.rsplit(':').next().unwrap().to_string();
     assert_eq!(nodes[0]["url"], format!("ws://{{host}}:{port}/ws"));
+    assert_eq!(nodes[1]["url"], "ws://{host}:8081/node/ws-2/ws");
     assert!(nodes[0]["started_at"].as_u64().unwrap() > 1_700_000_000_000);
 
     let _client = Client::connect(&ws1.server()).await;

@@ -71,6 +71,8 @@ pub struct Config {
     pub canary_interval_ms: u64,
     /// Where browsers reach this node, announced for discovery (`GET /v1/nodes`). Empty:
     /// `ws://{host}:<listening port>/ws`, where the page replaces `{host}` with its own host.
+    /// `{node}` becomes this node's id: behind a proxy that routes by node (the compose
+    /// files' edge: `ws://{host}:8081/node/{node}/ws`), every replica can share one setting.
     pub public_url: String,
 }
 

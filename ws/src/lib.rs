@@ -239,7 +239,7 @@ pub async fn run(
     tracing::info!(%addr, node_id = %node.id(), "fanout-ws listening");
     let public_url = match node.config().public_url.trim() {
         "" => format!("ws://{{host}}:{}/ws", addr.port()),
-        url => url.to_string(),
+        url => url.replace("{node}", node.id()),
     };
     node.announce(public_url, &tasks);
     let app = transport::router(node.clone(), tasks.clone(), shutdown.clone());
