@@ -120,7 +120,8 @@ where
 /// lost none.
 const BACKLOG: u32 = 4096;
 
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds `addr` as both binaries do: `SO_REUSEADDR`, a backlog of [`BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
