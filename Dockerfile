@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One Dockerfile, two images: `--target api` (fanout-api) and `--target ws` (fanout-ws).
 #   docker build --target api -t fanout-api .
 #   docker build --target ws  -t fanout-ws  .

@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build check-settings test test-alone run lint fmt nats-server browser promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
+.PHONY: all build check-settings test test-alone run lint fmt nats-server browser docker images promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
 
 all: build
 
@@ -68,16 +68,31 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	fi
 
+# The compose test (tests/compose.rs) runs both compose files on Debian's Docker engine and
+# docker-compose, with base images made by debootstrap (make images); it starts dockerd itself
+# when none runs, and stops it again.
+docker:
+	@if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  echo "installing Debian's docker.io, docker-compose and debootstrap for the compose test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap; \
+	fi
+
+# The base images the compose files and the Dockerfile name, made here for an engine that
+# cannot pull them (scripts/images.sh says how); needs a running engine. Then
+# `docker-compose build` builds fanout's own from the real Dockerfile.
+images: $(NATS_SERVER) docker
+	./scripts/images.sh
+
 # Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
 # integration tests start real nats-server processes and the built binaries, so build those first.
-test: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
+test: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	node --test clients/js/test/
 	cargo build --workspace --bins
 	cargo test --workspace
 
 # Each integration test file alone, RUNS times (default 5); STRESS=1 keeps both cores busy
 # with stress-ng meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
-test-alone: $(NATS_SERVER) browser $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
+test-alone: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
 
 RUNS   ?= 5

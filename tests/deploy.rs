@@ -1,6 +1,9 @@
-//! The Docker side, checked without a Docker engine: `nats.conf` through `nats-server -t`,
-//! and `docker-compose.yml` / `Dockerfile` parsed and compared with what the README promises
-//! and with the settings the binaries really read.
+//! The Docker side, read rather than run (tests/compose.rs runs both compose files on a real
+//! engine): what a run would only show as a confusing failure or not at all. `nats.conf`
+//! through `nats-server -t`; every variable the files set is one the binaries read (a typo
+//! would be ignored in silence); the files pass the compose-spec schema of Compose v2 (the
+//! run uses Compose v1); the edge, the replicas' URLs and the page agree on one port; and
+//! the Dockerfile copies every workspace member's manifest and names the Rust we test with.
 
 mod common;
 
@@ -109,7 +112,7 @@ fn compose_has_the_promised_topology() {
         .keys()
         .map(text)
         .collect();
-    let expected = ["api", "jaeger", "nats-1", "nats-2", "nats-3", "ws"];
+    let expected = ["api", "edge", "jaeger", "nats-1", "nats-2", "nats-3", "ws"];
     assert_eq!(services, expected.iter().map(|s| s.to_string()).collect());
 
     // The NATS cluster: the version the tests use, nats.conf, a name each, JetStream storage.
@@ -182,37 +185,32 @@ fn compose_has_the_promised_topology() {
     }
     assert_eq!(ports(api), ["8080:8080"]);
 
-    // ws replicas: each on its own host port, from a range at least as long as the replicas,
-    // and the page offers exactly those ports.
+    // ws replicas: not published; each announces its own URL through the edge's one port,
+    // and before any has, the page offers that port (any replica).
     let replicas = ws["deploy"]["replicas"].as_u64().unwrap();
     assert!(replicas >= 2, "{replicas} ws replicas");
-    let [ws_ports] = ports(ws).try_into().unwrap();
-    let (range, container) = ws_ports.split_once(':').unwrap();
-    let (first, last) = range
-        .split_once('-')
-        .expect("ws publishes a host port range");
-    let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
-    assert!(u64::from(last - first + 1) >= replicas);
+    assert!(
+        ports(ws).is_empty(),
+        "the replicas are reached through the edge"
+    );
+    let edge = service(&compose, "edge");
+    assert_eq!(ports(edge), ["8081:8081"]);
+    assert_eq!(text(&edge["environment"]["WS_SERVICE"]), "ws");
     let ws_env: std::collections::HashMap<_, _> = environment(ws).into_iter().collect();
-    assert!(ws_env["FANOUT_LISTEN"].ends_with(&format!(":{container}")));
+    assert_eq!(
+        ws_env["FANOUT_LISTEN"], "0.0.0.0:8081",
+        "the port the edge forwards to"
+    );
+    assert_eq!(
+        ws_env["FANOUT_PUBLIC_URL"],
+        "ws://{host}:8081/node/{node}/ws"
+    );
     assert!(
         !ws_env.contains_key("FANOUT_NODE_ID"),
-        "replicas must not share a node id"
+        "replicas must not share a node id: the edge finds each by its host name"
     );
     let api_env: std::collections::HashMap<_, _> = environment(api).into_iter().collect();
-    let offered: Vec<u16> = api_env["FANOUT_WS_URLS"]
-        .split(',')
-        .map(|entry| {
-            entry
-                .rsplit(':')
-                .next()
-                .unwrap()
-                .trim_end_matches("/ws")
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(offered, (first..=last).collect::<Vec<_>>());
+    assert_eq!(api_env["FANOUT_WS_URLS"], "any=ws://{host}:8081/ws");
     let jaeger_ui = &api_env["FANOUT_JAEGER_UI"];
     assert!(
         jaeger_ui.ends_with(":16686"),
@@ -404,6 +402,22 @@ fn geo_compose_has_two_regions_each_on_its_own_cluster_over_tls() {
         }
     }
     assert!(compose["services"]["jaeger"].is_mapping(), "one Jaeger");
+    // Each region's replicas behind its own edge, on the port their URLs name.
+    for (region, port) in [("eu", "8081"), ("us", "8181")] {
+        let edge = service(&compose, &format!("edge-{region}"));
+        assert_eq!(ports(edge), [format!("{port}:8081")]);
+        assert_eq!(
+            text(&edge["environment"]["WS_SERVICE"]),
+            format!("ws-{region}")
+        );
+        let ws = service(&compose, &format!("ws-{region}"));
+        assert!(ports(ws).is_empty());
+        let env: std::collections::BTreeMap<String, String> = environment(ws).into_iter().collect();
+        assert_eq!(
+            env["FANOUT_PUBLIC_URL"],
+            format!("ws://{{host}}:{port}/node/{{node}}/ws")
+        );
+    }
 }
 
 /// `tool` of `.tools/venv` on `args` in the workspace; panics with its output unless it

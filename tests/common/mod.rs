@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod docker;
 pub mod geo;
 pub mod http;
 pub mod raw;
