@@ -11,7 +11,7 @@ WS           ?= 3
 # The tests and scripts find nats-server here.
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: all build check-settings test test-alone run lint fmt nats-server browser docker images promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
+.PHONY: all all-in-one build check-settings test test-alone run lint fmt nats-server browser docker images promtool py-checks bench bench-tracing bench-presence bench-geo soak soak-churn fuzz py-tools clean
 
 all: build
 
@@ -110,6 +110,12 @@ check-settings: build
 run: $(NATS_SERVER)
 	cargo build --workspace --bins
 	@if [ -n "$(REGIONS)" ]; then REGIONS=$(REGIONS) ./scripts/run-geo.sh; else WS=$(WS) ./scripts/run.sh; fi
+
+# The tier in one process (`fanout`, all-in-one/): the API on :8080, a ws node on :8081 and its
+# own nats-server with JetStream in ./fanout-data (FANOUT_DATA_DIR), until ctrl-c.
+all-in-one: $(NATS_SERVER)
+	cargo build -p fanout-all-in-one
+	target/debug/fanout
 
 # The benchmark suite: every scenario against fanout and nats-server's WebSocket port, the
 # table in target/bench/suite.md, the figures in target/bench/suite.json (about 10 minutes).

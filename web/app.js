@@ -16,7 +16,7 @@ function resolve(url) {
  * nothing when its node dies), else every node.
  */
 function choose(nodes, params) {
-  if (params.get("ws")) return { urls: [params.get("ws")], pinned: "ws", name: params.get("ws") };
+  if (params.get("ws")) return { urls: [params.get("ws")], pinned: "ws", name: null };
   const wanted = params.get("node");
   if (wanted) {
     const index = /^\d+$/.test(wanted) ? Number(wanted) - 1 : nodes.findIndex((n) => n.name === wanted);
@@ -33,11 +33,11 @@ function choose(nodes, params) {
  * its id, so a tab that failed over to another node says so; with `FANOUT_WS_URLS` the names
  * are labels and only the label is shown.
  */
-function showPin(name, node, discovered) {
+function showPin(name, node, discovered, bound) {
   const pin = $("pin");
   pin.dataset.pinned = name ?? "";
   if (!name) {
-    pin.textContent = "";
+    pin.textContent = bound ? "bound to this URL alone" : "";
     delete pin.dataset.away;
     return;
   }
@@ -274,7 +274,8 @@ async function main() {
   const allowed = transports(params);
   renderNodes(nodes, pinned, allowed.forced);
   const discovered = live.length > 0 && pinned !== "ws";
-  showPin(name, undefined, discovered);
+  const bound = pinned === "ws";
+  showPin(name, undefined, discovered, bound);
   if (allowed.unknown) {
     result(`no transport ${allowed.unknown}: use ${TRANSPORTS.join(", ")}`, false);
   }
@@ -295,7 +296,7 @@ async function main() {
   client.on("welcome", (w) => {
     // A long-poll has no node of its own: each poll may reach another.
     $("node").textContent = w.node ?? "stateless polls";
-    if (w.node) showPin(name, w.node, discovered);
+    if (w.node) showPin(name, w.node, discovered, bound);
     $("region").textContent = w.region ? `in region ${w.region}` : "";
     document.title = `fanout · ${w.node ?? "long-polling"}`;
   });
