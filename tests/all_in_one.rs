@@ -108,12 +108,20 @@ async fn fanout_alone_is_a_tier_that_keeps_its_history_and_leaves_nothing_runnin
     let page = reqwest::get(first.api.url("/")).await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("app.js"));
-    let nodes: serde_json::Value = reqwest::get(first.api.url("/v1/nodes"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nodes_url = first.api.url("/v1/nodes");
+    let listed = || async {
+        reqwest::get(&nodes_url)
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    eventually("the ws node in discovery", || async {
+        listed().await["partial"] == false
+    })
+    .await;
+    let nodes = listed().await;
     assert_eq!(nodes["nodes"][0]["id"], "solo", "{nodes}");
     assert_eq!(
         nodes["nodes"][0]["url"],

@@ -426,29 +426,33 @@ async fn compose_geo_delivers_across_regions_over_tls() {
     let nodes = nodes_listed(&eu, 4).await;
     phases.lap("up");
 
-    // TLS on every link: clients, routes and gateways require it, and every client has it.
-    for server in ["nats-eu-1", "nats-us-1"] {
-        let varz: Value = serde_json::from_str(
-            &project.exec(server, &["wget", "-qO-", "http://127.0.0.1:8222/varz"]),
-        )
-        .unwrap();
-        assert_eq!(varz["tls_required"], true, "{server}: clients");
-        assert_eq!(varz["cluster"]["tls_required"], true, "{server}: routes");
-        assert_eq!(varz["gateway"]["tls_required"], true, "{server}: gateways");
-        let connz: Value = serde_json::from_str(
-            &project.exec(server, &["wget", "-qO-", "http://127.0.0.1:8222/connz"]),
-        )
-        .unwrap();
-        let connections = connz["connections"].as_array().unwrap();
-        assert!(!connections.is_empty(), "{server}: {connz}");
-        for connection in connections {
-            assert!(
-                connection["tls_version"]
-                    .as_str()
-                    .is_some_and(|v| !v.is_empty()),
-                "{server}: a client without TLS: {connection}"
-            );
+    // TLS on every link: every server requires it of clients, routes and gateways, and every
+    // client connection (a region's API and two replicas, each on one server of its three)
+    // has it.
+    for region in ["eu", "us"] {
+        let mut clients = 0;
+        for i in 1..=3 {
+            let server = format!("nats-{region}-{i}");
+            let monitor = |path: &str| -> Value {
+                let url = format!("http://127.0.0.1:8222{path}");
+                serde_json::from_str(&project.exec(&server, &["wget", "-qO-", &url])).unwrap()
+            };
+            let varz = monitor("/varz");
+            assert_eq!(varz["tls_required"], true, "{server}: clients");
+            assert_eq!(varz["cluster"]["tls_required"], true, "{server}: routes");
+            assert_eq!(varz["gateway"]["tls_required"], true, "{server}: gateways");
+            let connz = monitor("/connz");
+            for connection in connz["connections"].as_array().unwrap() {
+                assert!(
+                    connection["tls_version"]
+                        .as_str()
+                        .is_some_and(|v| !v.is_empty()),
+                    "{server}: a client without TLS: {connection}"
+                );
+                clients += 1;
+            }
         }
+        assert!(clients >= 3, "{region}: {clients} client connections");
     }
 
     // A client on a us replica, through the us edge, gets what the eu API stored.

@@ -25,8 +25,7 @@ pub fn out_dir() -> PathBuf {
     dir
 }
 
-/// Polls `check` every 100 ms until it holds; panics with `what` (and what `status` says
-/// then) after `bound`.
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `bound`.
 pub fn poll_until(bound: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + bound;
     while !check() {
