@@ -46,19 +46,65 @@ fn the_api() -> Server {
     Server::external("127.0.0.1:8080".parse().unwrap())
 }
 
-/// The services to start: all but Jaeger, whose image no registry here holds.
-fn services_but_jaeger(project: &Project) -> Vec<String> {
-    let services: Vec<String> = project
-        .services()
-        .into_iter()
-        .filter(|s| s != "jaeger")
-        .collect();
-    eprintln!(
-        "{}: starting {} (not jaeger: no registry here holds its image)",
-        project.name,
-        services.join(", ")
-    );
-    services
+/// A compose file under test: its project (taken down before the engine is stopped), the
+/// services started, and the clock of its phases.
+struct Run {
+    phases: Phases,
+    project: Project,
+    /// Every service but Jaeger, whose image no registry here holds.
+    services: Vec<String>,
+    _engine: Engine,
+}
+
+impl Run {
+    /// The engine, the base images, `file` built as project `name` (the phase "images"),
+    /// then, once the host ports it publishes are free, every service but Jaeger started.
+    fn start(name: &str, file: &str, ports: &[u16]) -> Run {
+        let mut phases = Phases::new(file.trim_end_matches(".yml"));
+        let engine = Engine::start();
+        make_base_images();
+        let project = Project::new(name, file);
+        project.build();
+        phases.lap("images");
+        assert_ports_free(ports);
+        let services: Vec<String> = project
+            .services()
+            .into_iter()
+            .filter(|s| s != "jaeger")
+            .collect();
+        eprintln!(
+            "{name}: starting {} (not jaeger: no registry here holds its image)",
+            services.join(", ")
+        );
+        let run = Run {
+            phases,
+            project,
+            services,
+            _engine: engine,
+        };
+        run.up(&[]);
+        run
+    }
+
+    /// `docker-compose up -d <extra> <every service but Jaeger>`.
+    fn up(&self, extra: &[&str]) {
+        let mut args = vec!["up", "-d"];
+        args.extend_from_slice(extra);
+        args.extend(self.services.iter().map(String::as_str));
+        self.project.compose(&args);
+    }
+
+    /// Takes the project down: the last phase.
+    fn finish(self) {
+        let Run {
+            mut phases,
+            project,
+            _engine,
+            ..
+        } = self;
+        project.finish();
+        phases.lap("down");
+    }
 }
 
 /// The ws nodes `api` lists (`GET /v1/nodes`), once it lists `count` and is not partial.
@@ -138,18 +184,8 @@ async fn has_each_once(tab: &Tab<'_>, seqs: &[u64], bound: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
     let _serial = SERIAL.lock().await;
-    let mut phases = Phases::new("docker-compose");
-    let _engine = Engine::start();
-    make_base_images();
-    let project = Project::new("fanoutcompose", "docker-compose.yml");
-    project.build();
-    phases.lap("images");
-
-    assert_ports_free(&PORTS);
-    let services = services_but_jaeger(&project);
-    let mut up = vec!["up", "-d"];
-    up.extend(services.iter().map(String::as_str));
-    project.compose(&up);
+    let mut run = Run::start("fanoutcompose", "docker-compose.yml", &PORTS);
+    let project = &run.project;
     let api = the_api();
     wait_ready_for(&api, UP).await;
     let nodes = nodes_listed(&api, 3).await;
@@ -161,7 +197,7 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
             "each replica announces its own URL through the edge"
         );
     }
-    phases.lap("up");
+    run.phases.lap("up");
 
     // Three tabs, each through one of the page's node buttons.
     let driver = Driver::start().await;
@@ -225,7 +261,7 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
     for tab in &tabs {
         has_each_once(tab, &[ping], WAIT).await;
     }
-    phases.lap("checks: three tabs on three replicas");
+    run.phases.lap("checks: three tabs on three replicas");
 
     // Tab 1's replica is killed while 20 events go out at 10/s.
     let victim = pinned[0].clone();
@@ -271,12 +307,12 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
         has_each_once(tab, &seqs, RECONNECT_BOUND).await;
     }
     tabs[0].screenshot("compose-tab-1-failed-over.png").await;
-    phases.lap("checks: a replica killed");
+    run.phases.lap("checks: a replica killed");
 
     // The NATS server that leads the stream stops, then the next leader crashes: each time
     // the other two go on, and every event reaches every tab.
     for (how, verb) in [("stopped", "stop"), ("killed", "kill")] {
-        let leader = stream_leader(&project);
+        let leader = stream_leader(project);
         let began = Instant::now();
         project.compose(&[verb, &leader]);
         let (seqs, first, refused) = publish_while_nats_is_down(&api, how, &began).await;
@@ -293,12 +329,10 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
             project.healthy(&leader)
         });
     }
-    phases.lap("checks: a NATS server stopped, one killed");
+    run.phases.lap("checks: a NATS server stopped, one killed");
 
     // Five replicas: five distinct nodes on the page, each reachable through its URL.
-    let mut scale = vec!["up", "-d", "--scale", "ws=5"];
-    scale.extend(services.iter().map(String::as_str));
-    project.compose(&scale);
+    run.up(&["--scale", "ws=5"]);
     let nodes = nodes_listed(&api, 5).await;
     let ids: BTreeSet<&str> = nodes.iter().map(|n| n["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 5, "{nodes:?}");
@@ -327,11 +361,10 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
     })
     .await;
     tab.screenshot("compose-five-nodes.png").await;
-    phases.lap("checks: five replicas");
+    run.phases.lap("checks: five replicas");
 
     browser.close().await.unwrap();
-    project.finish();
-    phases.lap("down");
+    run.finish();
 }
 
 /// Publishes 10 broadcasts while a NATS server is `how` (stopped or killed): each until it is
@@ -406,25 +439,15 @@ fn stream_leader(project: &Project) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_geo_delivers_across_regions_over_tls() {
     let _serial = SERIAL.lock().await;
-    let mut phases = Phases::new("docker-compose.geo");
-    let _engine = Engine::start();
-    make_base_images();
     geo_certificates();
-    let project = Project::new("fanoutgeo", "docker-compose.geo.yml");
-    project.build();
-    phases.lap("images");
-
-    assert_ports_free(&GEO_PORTS);
-    let services = services_but_jaeger(&project);
-    let mut up = vec!["up", "-d"];
-    up.extend(services.iter().map(String::as_str));
-    project.compose(&up);
+    let mut run = Run::start("fanoutgeo", "docker-compose.geo.yml", &GEO_PORTS);
+    let project = &run.project;
     let eu = the_api();
     let us = Server::external("127.0.0.1:8180".parse().unwrap());
     wait_ready_for(&eu, UP).await;
     wait_ready_for(&us, UP).await;
     let nodes = nodes_listed(&eu, 4).await;
-    phases.lap("up");
+    run.phases.lap("up");
 
     // TLS on every link: every server requires it of clients, routes and gateways, and every
     // client connection (a region's API and two replicas, each on one server of its three)
@@ -473,10 +496,9 @@ async fn compose_geo_delivers_across_regions_over_tls() {
     assert_eq!(event["region"], "eu");
     assert_eq!(event["seq"], stored["seq"]);
     assert_eq!(event["data"], json!({ "from": "eu" }));
-    phases.lap("checks: eu to us over TLS");
+    run.phases.lap("checks: eu to us over TLS");
 
-    project.finish();
-    phases.lap("down");
+    run.finish();
 }
 
 /// The certificates `docker-compose.geo.yml` mounts (`deploy/geo/certs`), made as its header
@@ -488,6 +510,7 @@ fn geo_certificates() {
         && std::process::Command::new("openssl")
             .args(["x509", "-checkend", "86400", "-noout", "-in"])
             .arg(&ca)
+            .stdout(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
     if !fresh {
