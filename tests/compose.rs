@@ -199,6 +199,27 @@ async fn compose_up_pins_tabs_to_replicas_and_loses_nothing_when_one_dies() {
     }
     run.phases.lap("up");
 
+    // The edge: each replica through its own URL; a JSON error for a node it cannot reach
+    // and for what is no node id (it proxies to nothing else).
+    for node in &nodes {
+        let health = reachable(node["url"].as_str().unwrap())
+            .replace("ws://", "http://")
+            .replace("/ws", "/readyz");
+        let ready: Value = reqwest::get(&health).await.unwrap().json().await.unwrap();
+        assert_eq!(ready["node"], node["id"], "{health}");
+    }
+    for (path, status, code) in [
+        ("/node/0123456789ab/readyz", 502, "node_unreachable"),
+        ("/node/example.com/readyz", 404, "unknown_node"),
+    ] {
+        let answer = reqwest::get(format!("http://127.0.0.1:8081{path}"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status, "{path}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+    }
+
     // Three tabs, each through one of the page's node buttons.
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
