@@ -569,7 +569,7 @@ async fn recent_positions_resume_from_memory_older_ones_from_the_stream() {
 
 /// `cursor` with its position on `channel` set to event `seq`.
 fn cursor_after(cursor: &str, channel: &str, seq: u64) -> String {
-    use fanout_ws::cursor::{Cursor, Position};
+    use fanout_ws::{cursor::Cursor, position::Position};
     const ONE_REGION: &[&str] = &[];
     let mut cursor = Cursor::decode(cursor, ONE_REGION).unwrap();
     let channel = fanout::Channel::parse(channel).unwrap();

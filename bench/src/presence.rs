@@ -17,7 +17,8 @@ use fanout_ws::{
     auth::Verifier,
     hub::Profile,
     node::Node,
-    sink::{Kick, Outbox, WebSocket},
+    sink::{Kick, Outbox},
+    transport::websocket::WebSocket,
 };
 use serde_json::{Value, json, value::RawValue};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};

@@ -21,10 +21,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use fanout::Channel;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    mark::{self, Mark},
-    sink::{ChannelKey, channel_key},
-};
+use crate::position::{ChannelKey, Mark, Position, Spots, channel_key, mark, set_spot};
 
 /// The version this build writes and reads for one region.
 pub const VERSION: u32 = 1;
@@ -33,54 +30,6 @@ pub const VERSION_REGIONS: u32 = 2;
 
 /// Longest cursor accepted, encoded (128 channels of 128 characters fit).
 pub const MAX_BYTES: usize = 32 * 1024;
-
-/// Where a client is on one channel, in one region's stream (the region is the mark's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Position {
-    /// It has the channel's events up to this one (the mark of an event of the channel's).
-    Event(Mark),
-    /// It has seen none of the channel's events (of this region), and gets every one after
-    /// this stream sequence.
-    After(Mark),
-}
-
-impl Position {
-    /// The position after the client got event `mark` of the channel (of the same region).
-    pub fn advance(self, mark: Mark) -> Position {
-        match self {
-            Position::After(from) if mark <= from => self,
-            Position::Event(last) if mark <= last => self,
-            _ => Position::Event(mark),
-        }
-    }
-
-    /// The mark after which the client wants the channel's events.
-    pub fn mark(self) -> Mark {
-        match self {
-            Position::Event(m) | Position::After(m) => m,
-        }
-    }
-
-    /// The stream sequence after which the client wants the channel's events.
-    pub fn seq(self) -> u64 {
-        mark::seq(self.mark())
-    }
-
-    pub fn region(self) -> u8 {
-        mark::region(self.mark())
-    }
-}
-
-/// A channel's positions: at most one per region.
-pub type Spots = smallvec::SmallVec<[Position; 1]>;
-
-/// Sets `spots`' position for `position`'s region.
-pub fn set_spot(spots: &mut Spots, position: Position) {
-    match spots.iter_mut().find(|p| p.region() == position.region()) {
-        Some(p) => *p = position,
-        None => spots.push(position),
-    }
-}
 
 /// A stream's position on every channel, in one epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -385,14 +334,6 @@ mod tests {
             Cursor::decode(&other, REGIONS),
             Err(CursorError::Region("ap".into()))
         );
-    }
-
-    #[test]
-    fn positions_only_move_forward() {
-        assert_eq!(Position::After(40).advance(39), Position::After(40));
-        assert_eq!(Position::After(40).advance(45), Position::Event(45));
-        assert_eq!(Position::Event(45).advance(44), Position::Event(45));
-        assert_eq!(Position::Event(45).advance(50), Position::Event(50));
     }
 
     #[test]

@@ -38,9 +38,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::{
-    mark::{self, Marks},
+    position::{ChannelKey, Marks, channel_key, mark},
     recent::{self, Recent},
-    sink::{ChannelKey, Delivery, Kick, Outgoing, Sink, channel_key},
+    sink::{Delivery, Kick, Outgoing, Sink},
 };
 
 /// Where a fan-out pass's events come from: the reader of one generation of a channel's

@@ -36,8 +36,8 @@ pub mod disconnect;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;
-pub mod mark;
 pub mod node;
+pub mod position;
 pub mod presence;
 pub mod protocol;
 pub mod reader;

@@ -21,8 +21,10 @@ use tracing::field::Empty;
 
 use crate::{
     hub::{Hub, Recipients, Source},
-    mark, protocol,
-    sink::{ChannelKey, Outgoing, channel_key},
+    position::mark,
+    position::{ChannelKey, channel_key},
+    protocol,
+    sink::Outgoing,
 };
 
 /// Delivers one subscription's events to the hub until the subscription ends: in stream

@@ -30,31 +30,20 @@ use std::{
     sync::{Arc, LazyLock, Mutex, OnceLock},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use smallvec::SmallVec;
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     budget::Charge,
-    cursor::Position,
     disconnect::{self, Disconnect},
-    mark::{self, Mark},
+    position::{ChannelKey, Mark, Position, mark},
 };
 
-/// Identifies a channel in a connection's filters: a hash of its name, computed once per
-/// event (and the same in every process: the hasher has fixed keys).
-pub type ChannelKey = u64;
-
-pub fn channel_key(channel: &str) -> ChannelKey {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    channel.hash(&mut hasher);
-    hasher.finish()
-}
-
 /// `broadcast` reaches every connection without subscribing.
-static BROADCAST: LazyLock<ChannelKey> = LazyLock::new(|| channel_key(fanout::channel::BROADCAST));
+static BROADCAST: LazyLock<ChannelKey> =
+    LazyLock::new(|| crate::position::channel_key(fanout::channel::BROADCAST));
 
 /// Most slices one system call writes.
 const MAX_IOV: usize = 64;
@@ -105,6 +94,11 @@ pub struct Delivery {
     pub slow: usize,
 }
 
+/// How many framings of a frame can be shared between connections ([`Outgoing::framed`]):
+/// one slot per socket transport whose connections all write the same bytes for a frame
+/// (WebSocket's text frame, SSE's `event:`/`data:` lines).
+pub const SLOTS: usize = 2;
+
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that
 /// offers it (a channel's reader) is the only one that frames it.
@@ -117,8 +111,7 @@ pub struct Outgoing {
     /// What the frame is (`event`, `join`, ...): SSE's `event:` field.
     name: &'static str,
     json: Bytes,
-    websocket: OnceCell<Bytes>,
-    sse: OnceCell<Bytes>,
+    framed: [OnceCell<Bytes>; SLOTS],
 }
 
 impl Outgoing {
@@ -138,8 +131,7 @@ impl Outgoing {
             prev: 0,
             name,
             json,
-            websocket: OnceCell::new(),
-            sse: OnceCell::new(),
+            framed: Default::default(),
         }
     }
 
@@ -153,28 +145,17 @@ impl Outgoing {
         &self.json
     }
 
-    /// As one WebSocket text frame.
-    pub fn websocket(&self) -> &Bytes {
-        self.websocket
-            .get_or_init(|| crate::transport::frame::text_bytes(&self.json))
+    /// What the frame is (`event`, `join`, ...).
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
-    /// As the part of an SSE event that every stream shares: its `event:` and `data:` lines
-    /// (the `id:` line and the blank line that ends the event are the stream's own).
-    pub fn sse(&self) -> &Bytes {
-        self.sse.get_or_init(|| sse_fields(self.name, &self.json))
+    /// The framing in `slot` (one of [`SLOTS`], a transport's own), made by `make` from the
+    /// frame's name and JSON the first time it is asked for: the same bytes for every
+    /// connection of that transport.
+    pub fn framed(&self, slot: usize, make: impl FnOnce(&str, &[u8]) -> Bytes) -> &Bytes {
+        self.framed[slot].get_or_init(|| make(self.name, &self.json))
     }
-}
-
-/// `event: <name>\ndata: <json>\n` (the JSON has no newline: one `data:` line).
-pub fn sse_fields(name: &str, json: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(json.len() + name.len() + 16);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(json);
-    out.extend_from_slice(b"\n");
-    out.freeze()
 }
 
 /// What the hub holds for a connection.
@@ -275,24 +256,6 @@ impl Batch {
                 .enumerate()
                 .map(|(i, part)| (part, i == last)),
         );
-    }
-}
-
-/// WebSocket: each frame is one text frame, the same bytes for every connection.
-#[derive(Debug, Default)]
-pub struct WebSocket;
-
-impl Framing for WebSocket {
-    fn shared(frame: &Outgoing) -> Bytes {
-        frame.websocket().clone()
-    }
-
-    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
-        out.push(shared);
-    }
-
-    fn own(&mut self, _: &str, json: &str) -> Bytes {
-        crate::transport::frame::text(json)
     }
 }
 
@@ -862,6 +825,7 @@ impl Framing for Plain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::channel_key;
     use tokio::io::AsyncReadExt;
 
     async fn pair(bounds: Bounds) -> (Outbox<Plain>, TcpStream) {
@@ -999,23 +963,5 @@ mod tests {
         let seen = String::from_utf8_lossy(&seen);
         assert!(!seen.contains("live"), "a live frame after the gap");
         assert!(!seen.contains("r4;"), "a replayed frame after the gap");
-    }
-
-    #[test]
-    fn each_framing_is_made_once_and_shared() {
-        let frame = Outgoing::event(7, r#"{"op":"event"}"#);
-        let a = frame.websocket().clone();
-        let b = frame.websocket().clone();
-        assert_eq!(
-            a.as_ptr(),
-            b.as_ptr(),
-            "one WebSocket frame for every connection"
-        );
-        assert_eq!(&a[..2], &[0x81, 14]);
-        assert_eq!(
-            &frame.sse()[..],
-            b"event: event\ndata: {\"op\":\"event\"}\n"
-        );
-        assert_eq!(frame.sse().as_ptr(), frame.sse().as_ptr());
     }
 }

@@ -8,81 +8,27 @@
 //! while it subscribes). Nothing here knows a byte of any wire format beyond the protocol's
 //! JSON.
 //!
-//! - this file: the session, dispatch, `ping`, `refresh`, the publish budget;
+//! - [`state`]: the session (a connection's state in the protocol), how a request is
+//!   answered or refused, the publish budget;
+//! - this file: dispatch, `ping`, `refresh`;
 //! - [`subscribe`] handles `subscribe` (with resume) and `unsubscribe`;
 //! - [`publish`] handles `publish`;
 //! - [`presence`] handles `presence` queries and `info`.
 
 mod presence;
 mod publish;
+mod state;
 mod subscribe;
 
+pub(crate) use state::Bucket;
+pub use state::{ReplyTo, Session, deadline};
 pub use subscribe::{JoinError, Resume};
 
-use std::{sync::Arc, time::Duration};
-
 use fanout::Channel;
-use tokio::sync::{Semaphore, oneshot};
 
-use crate::{
-    auth::Identity,
-    hub::ConnId,
-    node::Node,
-    protocol::{self, Op, Rejection, Request, RequestId},
-    sink::Conduit,
-};
-
-/// Most presence queries one connection may have in flight.
-const MAX_QUERIES: usize = 4;
-
-/// A connection's state in the protocol.
-#[derive(Debug)]
-pub struct Session {
-    conn: ConnId,
-    node: Arc<Node>,
-    conduit: Arc<dyn Conduit>,
-    identity: Identity,
-    /// Publishes, info updates and presence queries, per second.
-    budget: Bucket,
-    /// Presence queries in flight; created on the first one.
-    queries: Option<Arc<Semaphore>>,
-}
-
-/// Where a request's reply goes.
-#[derive(Debug)]
-pub enum ReplyTo {
-    /// Into the connection's own stream, in order with everything written to it (WebSocket).
-    Stream,
-    /// To whoever asked, apart from the stream (an HTTP request, for SSE sessions).
-    Caller(oneshot::Sender<String>),
-}
+use crate::protocol::{self, Op, Request, RequestId};
 
 impl Session {
-    pub fn new(
-        conn: ConnId,
-        node: Arc<Node>,
-        conduit: Arc<dyn Conduit>,
-        identity: Identity,
-    ) -> Session {
-        let rate = node.config().publish_rate_per_sec;
-        Session {
-            conn,
-            node,
-            conduit,
-            identity,
-            budget: Bucket::new(rate),
-            queries: None,
-        }
-    }
-
-    pub fn conn(&self) -> ConnId {
-        self.conn
-    }
-
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
     /// Joins `channel` outside any request (an HTTP stream's channels, as its URL names
     /// them), resuming from `resume`; `announce` runs with what a replay found, before the
     /// replayed events are written.
@@ -136,46 +82,6 @@ impl Session {
         }
     }
 
-    /// Sends one reply.
-    fn send(&self, to: ReplyTo, json: String) {
-        match to {
-            ReplyTo::Stream => self.conduit.send("reply", &json),
-            ReplyTo::Caller(caller) => {
-                let _ = caller.send(json);
-            }
-        }
-    }
-
-    /// Refuses a request (`op`) with an error frame; the connection stays.
-    fn reject(
-        &self,
-        to: ReplyTo,
-        id: Option<RequestId>,
-        op: &str,
-        code: &'static str,
-        message: impl Into<String>,
-    ) {
-        let mut rejection = Rejection::new(code, message);
-        rejection.op = Some(op.to_string());
-        rejection.id = id;
-        self.send(to, rejection.encode());
-    }
-
-    /// Refuses `op` for want of publish budget.
-    fn rate_limited(&self, to: ReplyTo, id: Option<RequestId>, op: &str) {
-        let rate = self.node.config().publish_rate_per_sec;
-        self.reject(
-            to,
-            id,
-            op,
-            "rate_limited",
-            format!(
-                "at most {rate} publishes, info updates and presence queries per second \
-                 (FANOUT_PUBLISH_RATE_PER_SEC)"
-            ),
-        );
-    }
-
     /// `refresh`: a fresh token for the same user; the connection then runs on it (its new
     /// expiry and permissions).
     fn refresh(&mut self, to: ReplyTo, id: Option<RequestId>, token: &str) {
@@ -196,73 +102,5 @@ impl Session {
             ),
             Err(err) => self.reject(to, id, "refresh", err.code, err.message),
         }
-    }
-}
-
-/// A token bucket: `rate` per second, bursts up to `rate`.
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    rate: f64,
-    tokens: f64,
-    at: tokio::time::Instant,
-}
-
-impl Bucket {
-    pub fn new(rate: u32) -> Bucket {
-        Bucket {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            at: tokio::time::Instant::now(),
-        }
-    }
-
-    pub fn take(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-impl Bucket {
-    /// Whether it has refilled completely: its client has been idle for a second at least.
-    pub fn is_full(&self) -> bool {
-        let refill = self.at.elapsed().as_secs_f64() * self.rate;
-        self.tokens + refill >= self.rate
-    }
-}
-
-/// The instant a unix time (seconds) falls at.
-pub fn deadline(unix_secs: u64) -> tokio::time::Instant {
-    let left = unix_secs.saturating_sub(fanout::time::now_ms() / 1000);
-    tokio::time::Instant::now() + Duration::from_secs(left)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_publish_budget_is_a_burst_then_a_rate() {
-        let mut bucket = Bucket::new(3);
-        assert!((0..3).all(|_| bucket.take()), "a full burst");
-        assert!(!bucket.take());
-        tokio::time::advance(Duration::from_millis(300)).await;
-        assert!(!bucket.take(), "0.9 of a token");
-        tokio::time::advance(Duration::from_millis(40)).await;
-        assert!(bucket.take(), "one token per third of a second");
-        assert!(!bucket.take());
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!(
-            (0..5).filter(|_| bucket.take()).count(),
-            3,
-            "never more than a burst"
-        );
     }
 }

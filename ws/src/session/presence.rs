@@ -12,7 +12,10 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::{MAX_QUERIES, ReplyTo, Session};
+use super::state::{ReplyTo, Session};
+
+/// Most presence queries one connection may have in flight.
+const MAX_QUERIES: usize = 4;
 use crate::protocol::{self, Rejection, RequestId};
 
 pub(super) fn query(

@@ -4,7 +4,7 @@ use fanout::Channel;
 use metrics::counter;
 use serde_json::Value;
 
-use super::{ReplyTo, Session};
+use super::state::{ReplyTo, Session};
 use crate::protocol::{self, RequestId};
 
 pub(super) async fn publish(

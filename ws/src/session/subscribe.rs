@@ -8,14 +8,12 @@
 
 use fanout::Channel;
 
-use super::{ReplyTo, Session};
+use super::state::{ReplyTo, Session};
 use crate::{
-    cursor::{Position, Spots},
     hub::SubscribeError,
-    mark,
     node::Replay,
+    position::{Position, Spots, channel_key, mark},
     protocol::{self, RequestId, Resumed, Since},
-    sink::channel_key,
 };
 
 /// A `subscribe` request.

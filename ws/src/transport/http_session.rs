@@ -22,8 +22,8 @@ use axum::{
 };
 use tokio::sync::{Notify, oneshot};
 
-use super::{AppState, error};
-use crate::hub::ConnId;
+use super::admit::error;
+use crate::{hub::ConnId, node::Node};
 
 /// Requests one session may have waiting for its task.
 pub const QUEUE: usize = 16;
@@ -141,7 +141,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub(crate) async fn request(
-    State(state): State<AppState>,
+    State(sessions): State<Sessions>,
+    State(node): State<Arc<Node>>,
     Path(conn): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -155,7 +156,7 @@ pub(crate) async fn request(
     };
     let Some(handle) = ConnId::parse_str(&conn)
         .ok()
-        .and_then(|id| state.sessions.get(&id))
+        .and_then(|id| sessions.get(&id))
     else {
         return unknown();
     };
@@ -170,7 +171,7 @@ pub(crate) async fn request(
             "send Authorization: Bearer <session>, the secret of this session's welcome",
         );
     }
-    let limit = state.node.config().max_message_bytes;
+    let limit = node.config().max_message_bytes;
     let Ok(body) = to_bytes(body, limit).await else {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,

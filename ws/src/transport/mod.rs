@@ -8,13 +8,17 @@
 //! - [`http_session`]: `POST /session/{conn}`, the requests of an SSE stream.
 //! - [`poll`]: `GET /poll`, long-polling, stateless between polls, and `POST /request`, the
 //!   requests of a client without a live stream.
-//! - this file: the router, the refusals every transport shares (origin, identity, per-IP
-//!   limit), and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
+//! - [`admit`]: the checks every transport makes before it answers (origin, identity, per-IP
+//!   limit), and its JSON refusals.
+//! - [`connection`]: a connection's life, whatever its transport.
+//! - this file: the router and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
 //!   `/v1/debug/state`).
 //!
 //! A transport adapts a connection to the transport-neutral [`crate::session::Session`]; it
 //! touches no other module.
 
+pub mod admit;
+pub mod connection;
 pub mod frame;
 pub mod http;
 pub mod http_session;
@@ -22,25 +26,24 @@ pub mod poll;
 pub mod sse;
 pub mod websocket;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::State,
-    http::{HeaderMap, StatusCode, header},
+    extract::{FromRef, State},
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use fanout::telemetry;
-use metrics::{counter, gauge};
+use metrics::gauge;
 use serde_json::json;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    auth::Identity,
-    node::{IpPermit, Node},
-};
+use crate::node::Node;
+use admit::error;
 
+/// What the handlers share; each extracts only the parts it uses (`State<Arc<Node>>`, ...).
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub node: Arc<Node>,
@@ -53,6 +56,36 @@ pub(crate) struct AppState {
     pub budgets: poll::Budgets,
     /// Cancelled when the node begins to shut down: long-polls answer at once.
     pub shutdown: CancellationToken,
+}
+
+impl FromRef<AppState> for Arc<Node> {
+    fn from_ref(state: &AppState) -> Self {
+        state.node.clone()
+    }
+}
+
+impl FromRef<AppState> for TaskTracker {
+    fn from_ref(state: &AppState) -> Self {
+        state.sockets.clone()
+    }
+}
+
+impl FromRef<AppState> for http_session::Sessions {
+    fn from_ref(state: &AppState) -> Self {
+        state.sessions.clone()
+    }
+}
+
+impl FromRef<AppState> for poll::Budgets {
+    fn from_ref(state: &AppState) -> Self {
+        state.budgets.clone()
+    }
+}
+
+impl FromRef<AppState> for CancellationToken {
+    fn from_ref(state: &AppState) -> Self {
+        state.shutdown.clone()
+    }
 }
 
 /// This node's OpenAPI 3.1 document (`ws/openapi.json`; checked against the routes and the
@@ -119,91 +152,6 @@ fn cors(node: &Node) -> tower_http::cors::CorsLayer {
             header::HeaderName::from_static("last-event-id"),
         ])
         .max_age(std::time::Duration::from_secs(600))
-}
-
-/// A JSON error answer: `{"error":{"code","message"}}`.
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({"error": {"code": code, "message": message}});
-    (status, Json(body)).into_response()
-}
-
-/// A refusal before a stream starts: a JSON error answer.
-#[derive(Debug)]
-pub(crate) struct Refusal {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        error(self.status, self.code, &self.message)
-    }
-}
-
-/// A client that may connect: who it is, and its slot in the per-IP count.
-pub(crate) struct Admitted {
-    pub identity: Identity,
-    pub permit: IpPermit,
-}
-
-/// The checks every streaming transport makes before it answers: the browser origin is
-/// allowed, the token (or `?user=`) identifies someone, and the peer's IP has a connection
-/// to spare. Refusals are JSON errors.
-pub(crate) fn admit(
-    node: &Node,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    token: Option<&str>,
-    user: Option<&str>,
-) -> Result<Admitted, Refusal> {
-    let origins = node.config().origins();
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
-        if !origins.is_empty() && !origins.iter().any(|allowed| allowed == origin) {
-            return Err(Refusal::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_origin",
-                format!("origin {origin:?} may not connect (FANOUT_ALLOWED_ORIGINS)"),
-            ));
-        }
-    }
-    let identity = node.verifier().identify(token, user).map_err(|err| {
-        counter!("fanout_ws_auth_failures_total", "code" => err.code).increment(1);
-        Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
-    })?;
-    let Some(permit) = node.admit(peer.ip()) else {
-        return Err(Refusal::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
-            format!(
-                "{} already holds {} connections (FANOUT_MAX_CONNECTIONS_PER_IP)",
-                peer.ip(),
-                node.config().max_connections_per_ip
-            ),
-        ));
-    };
-    Ok(Admitted { identity, permit })
-}
-
-/// The span of a connection's task: it logs only at debug level, so the span (entered on
-/// every poll) exists only when those logs are on.
-pub(crate) fn connection_span(node: &Node, conn: &uuid::Uuid, user: &str) -> tracing::Span {
-    if tracing::enabled!(target: "fanout_ws", tracing::Level::DEBUG) {
-        tracing::info_span!(target: telemetry::LOG_CONTEXT, "conn", node_id = %node.id(), %conn, %user)
-    } else {
-        tracing::Span::none()
-    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -30,17 +30,20 @@ use axum::{
 };
 use bytes::Bytes;
 use serde_json::{Value, json, value::RawValue};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    Admitted, AppState, Refusal, admit,
+    admit::{Admitted, Refusal, admit},
     sse::{self, Query, Start},
 };
 use crate::{
-    cursor::{Position, Positions},
+    cursor::Positions,
+    node::Node,
+    position::{ChannelKey, Position},
     protocol::{self, Op, Rejection},
     session::{Bucket, JoinError, ReplyTo, Session},
-    sink::{Bounds, ChannelKey, Framing, Kick, Outbox, Outgoing, Parts, Sink},
+    sink::{Bounds, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
 /// How long a poll waits when it does not say.
@@ -89,24 +92,33 @@ impl Framing for JsonFraming {
 }
 
 pub(crate) async fn poll(
-    State(state): State<AppState>,
+    State(node): State<Arc<Node>>,
+    State(shutdown): State<CancellationToken>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    match answer(&state, peer, &headers, Query::parse(raw.as_deref())).await {
+    match answer(
+        &node,
+        &shutdown,
+        peer,
+        &headers,
+        Query::parse(raw.as_deref()),
+    )
+    .await
+    {
         Ok(answer) => Json(answer).into_response(),
         Err(refusal) => refusal.into_response(),
     }
 }
 
 async fn answer(
-    state: &AppState,
+    node: &Arc<Node>,
+    shutdown: &CancellationToken,
     peer: SocketAddr,
     headers: &HeaderMap,
     query: Query,
 ) -> Result<Answer, Refusal> {
-    let node = &state.node;
     let timeout = match query.timeout.as_deref() {
         None => DEFAULT_TIMEOUT,
         Some(text) => match text.parse::<u64>() {
@@ -208,7 +220,7 @@ async fn answer(
         tokio::select! {
             _ = outbox.waiting() => {}
             _ = tokio::time::sleep(Duration::from_secs(timeout)) => {}
-            _ = state.shutdown.cancelled() => {}
+            _ = shutdown.cancelled() => {}
             _ = outbox.kick().token().cancelled() => {}
         }
     }
@@ -265,13 +277,13 @@ impl Budgets {
 /// error frame for a refused op, `unsupported_op` for ops that need a live stream), or a JSON
 /// error as for a poll (401, 413, 429 `rate_limited`).
 pub(crate) async fn request(
-    State(state): State<AppState>,
+    State(node): State<Arc<Node>>,
+    State(budgets): State<Budgets>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
-    let node = &state.node;
     let query = Query::parse(raw.as_deref());
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -280,7 +292,7 @@ pub(crate) async fn request(
         .map(|token| token.trim().to_string());
     let token = query.token.or(bearer);
     let Admitted { identity, permit } = match admit(
-        node,
+        &node,
         peer,
         &headers,
         token.as_deref(),
@@ -330,7 +342,7 @@ pub(crate) async fn request(
         return reply(rejection.encode());
     }
     let rate = node.config().publish_rate_per_sec;
-    if name != "ping" && !state.budgets.take(peer.ip(), rate) {
+    if name != "ping" && !budgets.take(peer.ip(), rate) {
         let message = format!(
             "at most {rate} publishes and presence queries per second from one address \
              (FANOUT_PUBLISH_RATE_PER_SEC)"

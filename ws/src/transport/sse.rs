@@ -25,23 +25,26 @@ use bytes::{Bytes, BytesMut};
 use fanout::{Channel, time::now_ms};
 use metrics::counter;
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{
-    Admitted, AppState, Refusal, admit, connection_span,
+    admit::{Admitted, Refusal, admit},
+    connection::connection_span,
     http::{Taken, Takeover},
     http_session::{self, Sessions},
 };
 use crate::{
     auth::Identity,
-    cursor::{Cursor, Position, Positions, Spots},
+    cursor::{Cursor, Positions},
     disconnect::{self, Disconnect},
     hub::{ConnId, Profile},
     node::Node,
+    position::{ChannelKey, Position, Spots},
     protocol,
     session::{self, JoinError, ReplyTo, Resume, Session},
-    sink::{Bounds, ChannelKey, Conduit, Framing, Kick, Outbox, Outgoing, Parts, Sink},
+    sink::{Bounds, Conduit, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
 /// How long the closing `disconnect` event may take to be written.
@@ -79,14 +82,30 @@ impl Sse {
     }
 }
 
+/// `event: <name>\ndata: <json>\n` (the JSON has no newline: one `data:` line).
+pub fn fields(name: &str, json: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + name.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n");
+    out.freeze()
+}
+
+/// Its slot in [`Outgoing::framed`].
+const SLOT: usize = 1;
+
 /// The blank line that ends an SSE event.
 static END: Bytes = Bytes::from_static(b"\n");
 
 impl Framing for Sse {
     const TRACKS_POSITIONS: bool = true;
 
+    /// The part of an SSE event that every stream shares: its `event:` and `data:` lines
+    /// (the `id:` line and the blank line that ends the event are the stream's own).
     fn shared(frame: &Outgoing) -> Bytes {
-        frame.sse().clone()
+        frame.framed(SLOT, fields).clone()
     }
 
     fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
@@ -104,7 +123,7 @@ impl Framing for Sse {
     }
 
     fn own(&mut self, name: &str, json: &str) -> Bytes {
-        let mut out = BytesMut::from(&crate::sink::sse_fields(name, json.as_bytes())[..]);
+        let mut out = BytesMut::from(&fields(name, json.as_bytes())[..]);
         out.extend_from_slice(b"\n");
         out.freeze()
     }
@@ -216,16 +235,17 @@ pub(crate) fn channels(
 }
 
 pub(crate) async fn stream(
-    State(state): State<AppState>,
+    State(node): State<Arc<Node>>,
+    State(sockets): State<TaskTracker>,
+    State(sessions): State<Sessions>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     request: Request,
 ) -> Response {
     let query = Query::parse(raw.as_deref());
-    let node = &state.node;
     let Admitted { identity, permit } = match admit(
-        node,
+        &node,
         peer,
         &headers,
         query.token.as_deref(),
@@ -241,7 +261,7 @@ pub(crate) async fn stream(
         .map(str::to_string)
         .or(query.last_event_id);
     let channels = match channels(
-        node,
+        &node,
         &identity,
         &query.channels,
         last_event_id.as_deref(),
@@ -269,12 +289,6 @@ pub(crate) async fn stream(
         .into_response();
     };
     let socket = takeover.claim();
-    let AppState {
-        node,
-        sockets,
-        sessions,
-        ..
-    } = state;
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
     tokio::spawn(
@@ -574,14 +588,19 @@ mod tests {
             &[],
         );
         let (maths, art) = (
-            crate::sink::channel_key("maths"),
-            crate::sink::channel_key("art"),
+            crate::position::channel_key("maths"),
+            crate::position::channel_key("art"),
         );
         sse.enter(maths, "maths");
         sse.enter(art, "art"); // already in: keeps its position
         let frame = Outgoing::event(41, r#"{"op":"event"}"#);
         let mut parts = Parts::new();
         sse.write(maths, 41, Sse::shared(&frame), &mut parts);
+        assert_eq!(
+            Sse::shared(&frame).as_ptr(),
+            Sse::shared(&frame).as_ptr(),
+            "the fields are made once for every stream"
+        );
         let text: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
         let text = String::from_utf8(text).unwrap();
         let (fields, id) = text.split_once("id: ").unwrap();

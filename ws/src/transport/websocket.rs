@@ -19,8 +19,11 @@ use metrics::counter;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use tokio_util::task::TaskTracker;
+
 use super::{
-    Admitted, AppState, admit, connection_span, error,
+    admit::{Admitted, admit, error},
+    connection::connection_span,
     frame::{self, Decoder, FrameError, Incoming},
     http::{Taken, Takeover},
 };
@@ -29,10 +32,36 @@ use crate::{
     disconnect::{self, Disconnect},
     hub::{ConnId, Profile},
     node::Node,
+    position::ChannelKey,
     protocol::{self, Rejection},
     session::{self, ReplyTo, Session},
-    sink::{Bounds, Conduit, Kick, Outbox, WebSocket},
+    sink::{Bounds, Conduit, Framing, Kick, Outbox, Outgoing, Parts},
 };
+
+/// WebSocket framing: each frame is one text frame, the same bytes for every connection.
+#[derive(Debug, Default)]
+pub struct WebSocket;
+
+impl WebSocket {
+    /// Its slot in [`Outgoing::framed`].
+    const SLOT: usize = 0;
+}
+
+impl Framing for WebSocket {
+    fn shared(frame: &Outgoing) -> bytes::Bytes {
+        frame
+            .framed(Self::SLOT, |_, json| frame::text_bytes(json))
+            .clone()
+    }
+
+    fn write(&mut self, _: ChannelKey, _: u64, shared: bytes::Bytes, out: &mut Parts) {
+        out.push(shared);
+    }
+
+    fn own(&mut self, _: &str, json: &str) -> bytes::Bytes {
+        frame::text(json)
+    }
+}
 
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -41,7 +70,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 4096;
 
 pub(crate) async fn upgrade(
-    State(state): State<AppState>,
+    State(node): State<Arc<Node>>,
+    State(sockets): State<TaskTracker>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: Result<Query<HashMap<String, String>>, QueryRejection>,
@@ -63,7 +93,7 @@ pub(crate) async fn upgrade(
     };
     let token = params.get("token").map(String::as_str);
     let user = params.get("user").map(String::as_str);
-    let Admitted { identity, permit } = match admit(&state.node, peer, &headers, token, user) {
+    let Admitted { identity, permit } = match admit(&node, peer, &headers, token, user) {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
@@ -75,7 +105,6 @@ pub(crate) async fn upgrade(
         );
     };
     let socket = takeover.claim();
-    let AppState { node, sockets, .. } = state;
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
     // Taken-over sockets are invisible to the HTTP server's graceful shutdown: the tracker is
@@ -396,6 +425,19 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_is_framed_once_for_every_connection() {
+        let event = Outgoing::event(7, r#"{"op":"event"}"#);
+        let a = WebSocket::shared(&event);
+        let b = WebSocket::shared(&event);
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "one text frame for every connection"
+        );
+        assert_eq!(&a[..2], &[0x81, 14]);
+    }
 
     #[test]
     fn accept_key_is_the_rfc_example() {
