@@ -127,7 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/stats", get(stats))
         .route("/v1/channels/{channel}/presence", get(presence))
-        .merge(crate::web::router())
+        .merge(crate::web::router(state.ws_nodes(), state.jaeger_ui()))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(

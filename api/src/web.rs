@@ -3,10 +3,10 @@
 //! Also `GET /v1/config`: which ws nodes the page may connect to, and `/admin`, the
 //! operators' page (its figures come from `GET /v1/stats`).
 
-use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::{Json, Router, http::header, routing::get};
 use serde_json::json;
 
-use crate::routes::AppState;
+use crate::config::WsNode;
 
 /// `(path, content type, body)` of every page file.
 const FILES: [(&str, &str, &str); 7] = [
@@ -53,11 +53,17 @@ const FILES: [(&str, &str, &str); 7] = [
 /// live answers in tests/contract.rs).
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-pub fn router() -> Router<AppState> {
-    let mut router = Router::new().route("/v1/config", get(config)).route(
-        "/openapi.json",
-        get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-    );
+/// The page's routes. `GET /v1/config` answers `{"nodes":[{"name","url"}],"jaeger_ui":"..."}`
+/// from `FANOUT_WS_URLS` and `FANOUT_JAEGER_UI` (`ws_nodes`, `jaeger_ui`). A URL may contain
+/// `{host}`, which the page replaces with the host it was loaded from.
+pub fn router<S: Clone + Send + Sync + 'static>(ws_nodes: &[WsNode], jaeger_ui: &str) -> Router<S> {
+    let config = Json(json!({ "nodes": ws_nodes, "jaeger_ui": jaeger_ui }));
+    let mut router = Router::new()
+        .route("/v1/config", get(move || async move { config }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        );
     for (path, content_type, body) in FILES {
         router = router.route(
             path,
@@ -73,11 +79,4 @@ pub fn router() -> Router<AppState> {
         );
     }
     router
-}
-
-/// `{"nodes":[{"name","url"}],"jaeger_ui":"..."}` from `FANOUT_WS_URLS` and
-/// `FANOUT_JAEGER_UI`. A URL may contain `{host}`, which the page replaces with the host it
-/// was loaded from.
-async fn config(State(state): State<AppState>) -> impl IntoResponse {
-    Json(json!({ "nodes": state.ws_nodes(), "jaeger_ui": state.jaeger_ui() }))
 }
