@@ -4,7 +4,7 @@
 //! that could go stale. A query is one NATS request that every ws node answers with its own
 //! members of the channel (in [`CHUNK_BYTES`] parts) or only their count: one round trip
 //! whatever the number of members, and count-only answers are a few bytes per node. The asker
-//! ([`crate::Bus::presence`]) knows from the discovery [`crate::discovery::Directory`] which
+//! ([`crate::bus::Rpc::presence`]) knows from the discovery [`crate::discovery::Directory`] which
 //! nodes must answer: until all have, the answer is `partial`, never a wrong complete one. A
 //! crashed node answers nothing, so its members vanish from answers at once (the answer is
 //! partial until discovery forgets the node, within [`crate::discovery::FORGET_AFTER`]).

@@ -120,7 +120,7 @@ where
 /// lost none.
 const BACKLOG: u32 = 4096;
 
-/// Binds `addr` as both binaries do: `SO_REUSEADDR`, a backlog of [`BACKLOG`].
+/// Binds `addr` as both binaries do: `SO_REUSEADDR`, a backlog of 4,096 (see `BACKLOG`).
 pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?

@@ -18,14 +18,17 @@ async fn republished_events_carry_sequence_and_the_channels_previous_sequence() 
     let mut sub_b = bus.subscribe(&b).await.unwrap();
 
     let p1 = bus
+        .log()
         .publish(&a, Bytes::from_static(b"1"), None)
         .await
         .unwrap();
     let p2 = bus
+        .log()
         .publish(&b, Bytes::from_static(b"2"), None)
         .await
         .unwrap();
     let p3 = bus
+        .log()
         .publish(&a, Bytes::from_static(b"{\"n\":3}"), None)
         .await
         .unwrap();
@@ -58,16 +61,19 @@ async fn history_reads_back_one_channel_in_order() {
     let mut seqs_a = Vec::new();
     for i in 0..5 {
         seqs_a.push(
-            bus.publish(&a, Bytes::from(i.to_string()), None)
+            bus.log()
+                .publish(&a, Bytes::from(i.to_string()), None)
                 .await
                 .unwrap()
                 .seq,
         );
-        bus.publish(&b, Bytes::from_static(b"0"), None)
+        bus.log()
+            .publish(&b, Bytes::from_static(b"0"), None)
             .await
             .unwrap();
     }
     let all: Vec<u64> = bus
+        .log()
         .history(&a, 0, 0, None)
         .await
         .unwrap()
@@ -76,6 +82,7 @@ async fn history_reads_back_one_channel_in_order() {
         .collect();
     assert_eq!(all, seqs_a, "only channel a, in order");
     let after: Vec<u64> = bus
+        .log()
         .history(&a, 0, seqs_a[1], Some(seqs_a[3]))
         .await
         .unwrap()
@@ -83,24 +90,25 @@ async fn history_reads_back_one_channel_in_order() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(after, &seqs_a[2..=3], "after < seq <= until");
-    let events = bus.history(&a, 0, seqs_a[3], None).await.unwrap();
+    let events = bus.log().history(&a, 0, seqs_a[3], None).await.unwrap();
     assert_eq!(&events[0].data[..], b"4");
     assert!(!events[0].id.is_empty() && events[0].ts > 0);
     assert!(
-        bus.history(&a, 0, *seqs_a.last().unwrap(), None)
+        bus.log()
+            .history(&a, 0, *seqs_a.last().unwrap(), None)
             .await
             .unwrap()
             .is_empty()
     );
 
-    assert!(bus.is_stored(&a, 0, seqs_a[0]).await.unwrap());
+    assert!(bus.log().is_stored(&a, 0, seqs_a[0]).await.unwrap());
     assert!(
-        !bus.is_stored(&b, 0, seqs_a[0]).await.unwrap(),
+        !bus.log().is_stored(&b, 0, seqs_a[0]).await.unwrap(),
         "that seq belongs to another channel"
     );
-    assert!(!bus.is_stored(&a, 0, 10_000).await.unwrap());
-    let epoch = bus.epoch();
+    assert!(!bus.log().is_stored(&a, 0, 10_000).await.unwrap());
+    let epoch = bus.log().epoch();
     assert!(!epoch.is_empty());
-    assert_eq!(bus.refresh_epoch().await, epoch);
-    assert_eq!(bus.first_sequence(0).await.unwrap(), 1);
+    assert_eq!(bus.log().refresh_epoch().await, epoch);
+    assert_eq!(bus.log().first_sequence(0).await.unwrap(), 1);
 }

@@ -81,7 +81,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");
     let state = routes::AppState::new(bus.clone(), &config);
-    bus.follow_nodes(state.directory()).await?;
+    bus.rpc().follow_nodes(state.directory()).await?;
     let app = routes::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -277,7 +277,7 @@ async fn publish(
     check_body(&body)?;
     let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
-    let Published { id, seq, duplicate } = state.bus.publish(&channel, body, key).await?;
+    let Published { id, seq, duplicate } = state.bus.log().publish(&channel, body, key).await?;
     metrics::histogram!("fanout_api_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     count_accepted(&channel, duplicate);
@@ -287,7 +287,7 @@ async fn publish(
             id,
             channel,
             seq,
-            region: state.bus.region().map(|r| r.to_string()),
+            region: state.bus.topology().region().map(|r| r.to_string()),
             duplicate,
         }),
     ))
@@ -447,10 +447,10 @@ async fn publish_batch(
         .map(|(channel, data, key)| (channel, data.clone(), key.as_deref()))
         .collect();
     let started = std::time::Instant::now();
-    let mut stored = state.bus.publish_many(outgoing).await.into_iter();
+    let mut stored = state.bus.log().publish_many(outgoing).await.into_iter();
     metrics::histogram!("fanout_api_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    let region = state.bus.region().map(|r| r.to_string());
+    let region = state.bus.topology().region().map(|r| r.to_string());
     let mut accepted = AcceptedCounts::default();
     let results: Vec<BatchResult> = checked
         .into_iter()
@@ -608,6 +608,7 @@ async fn ping(State(state): State<AppState>) -> Result<impl IntoResponse, ApiErr
     let started = std::time::Instant::now();
     state
         .bus
+        .log()
         .publish(&Channel::broadcast(), Bytes::from(data), None)
         .await?;
     metrics::histogram!("fanout_api_publish_duration_seconds")
@@ -656,6 +657,7 @@ async fn presence(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let answer = state
         .bus
+        .rpc()
         .presence(&channel, params.count_only, &state.nodes)
         .await
         .map_err(|err| {
@@ -672,14 +674,14 @@ async fn presence(
 /// NATS, as presence), added up, with this API's view of NATS and the stream.
 async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     use fanout::stats::{ApiStats, NatsHealth, Stats, aggregate};
-    let (nodes, partial) = state.bus.stats(&state.nodes).await.map_err(|err| {
+    let (nodes, partial) = state.bus.rpc().stats(&state.nodes).await.map_err(|err| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "bus_unavailable",
             err.to_string(),
         )
     })?;
-    let stream = state.bus.stream_stats().await.ok();
+    let stream = state.bus.log().stream_stats().await.ok();
     let events_in = stream.as_ref().and_then(|s| state.intake_rate(s.last_seq));
     let (nodes, channels, regions, mut totals) = aggregate(nodes);
     totals.events_in_per_sec = events_in;
@@ -691,11 +693,11 @@ async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> {
         totals,
         api: ApiStats {
             node: state.node_id.clone(),
-            region: state.bus.region().map(|r| r.to_string()),
+            region: state.bus.topology().region().map(|r| r.to_string()),
             nats: NatsHealth {
                 state: state.bus.state().to_string(),
-                stream: state.bus.stream_name().to_string(),
-                stream_ready: state.bus.stream_ready(),
+                stream: state.bus.log().stream_name().to_string(),
+                stream_ready: state.bus.log().stream_ready(),
             },
             stream,
         },
@@ -758,7 +760,10 @@ async fn stream_takes_writes(state: &AppState) -> Result<(), String> {
     let probe = format!(r#"{{"probe":"readyz","at":{}}}"#, fanout::time::now_ms());
     let result = match tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        state.bus.publish(&state.probe_channel, probe.into(), None),
+        state
+            .bus
+            .log()
+            .publish(&state.probe_channel, probe.into(), None),
     )
     .await
     {
@@ -785,15 +790,15 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "nats": state.bus.state(),
-        "stream": state.bus.stream_name(),
-        "stream_ready": state.bus.stream_ready(),
+        "stream": state.bus.log().stream_name(),
+        "stream_ready": state.bus.log().stream_ready(),
         "stream_writable": write.is_ok(),
     });
     if let Err(reason) = write {
         body["reason"] = json!(reason);
     }
-    if let Some(regions) = state.bus.regions_report() {
-        body["region"] = json!(state.bus.region().map(|r| &**r));
+    if let Some(regions) = state.bus.log().regions_report() {
+        body["region"] = json!(state.bus.topology().region().map(|r| &**r));
         body["regions"] = regions;
     }
     (status, Json(body))

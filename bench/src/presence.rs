@@ -86,7 +86,7 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
     let asker = Bus::connect(&common(&url, "asker")).await.unwrap();
     ready(&asker).await;
     let directory = Arc::new(Directory::default());
-    asker.follow_nodes(directory.clone()).await.unwrap();
+    asker.rpc().follow_nodes(directory.clone()).await.unwrap();
     while !(directory.is_complete() && directory.live().len() == nodes) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -94,7 +94,11 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
     let mut count_ms = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        let answer = asker.presence(&channel, true, &directory).await.unwrap();
+        let answer = asker
+            .rpc()
+            .presence(&channel, true, &directory)
+            .await
+            .unwrap();
         count_ms.push(ms(t.elapsed()));
         assert_eq!((answer.count, answer.partial), (members, false));
     }
@@ -103,7 +107,11 @@ pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
     let mut bytes = 0;
     for _ in 0..5 {
         let t = Instant::now();
-        let answer = asker.presence(&channel, false, &directory).await.unwrap();
+        let answer = asker
+            .rpc()
+            .presence(&channel, false, &directory)
+            .await
+            .unwrap();
         let body = serde_json::to_vec(&answer).unwrap();
         full_ms.push(ms(t.elapsed()));
         bytes = body.len();

@@ -1,4 +1,4 @@
-//! The acknowledgements of batched publishes ([`Bus::publish_many`](super::Bus::publish_many)):
+//! The acknowledgements of batched publishes ([`EventLog::publish_many`](super::EventLog::publish_many)):
 //! all on one subscription of this process, `<inbox>.<batch>.<index>`, routed to the batch
 //! that waits for them.
 //!

@@ -2,16 +2,15 @@
 //! (see [`crate::discovery`]).
 use futures_util::StreamExt;
 
-use super::{Bus, BusError};
+use super::{error::BusError, rpc::Rpc};
 
-impl Bus {
+impl Rpc {
     /// Announces a ws node (fire and forget; the next announcement repeats it).
     pub async fn announce(&self, node: &crate::discovery::NodeInfo) {
         let payload = serde_json::to_vec(node).expect("a node announcement serializes");
         if let Err(err) = self
-            .inner
             .client
-            .publish(self.inner.subjects.nodes(), payload.into())
+            .publish(self.topology.nodes(), payload.into())
             .await
         {
             tracing::debug!(%err, "node announcement not sent");
@@ -23,11 +22,7 @@ impl Bus {
         &self,
         directory: std::sync::Arc<crate::discovery::Directory>,
     ) -> Result<(), BusError> {
-        let mut announcements = self
-            .inner
-            .client
-            .subscribe(self.inner.subjects.nodes())
-            .await?;
+        let mut announcements = self.client.subscribe(self.topology.nodes()).await?;
         tokio::spawn(async move {
             while let Some(message) = announcements.next().await {
                 match serde_json::from_slice(&message.payload) {

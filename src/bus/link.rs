@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use async_nats::{ConnectError, ConnectErrorKind, ConnectOptions, ServerAddr};
 
-use super::BusError;
+use super::error::BusError;
 use crate::Common;
 
 /// The servers and the options every connection attempt uses.

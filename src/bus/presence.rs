@@ -1,31 +1,33 @@
 //! Presence on NATS: each channel's changes on a subject of their own, and the query every ws
-//! node answers (scatter-gather, [`Bus::scatter_gather`]; see [`crate::presence`]).
+//! node answers (scatter-gather, [`Rpc::scatter_gather`]; see [`crate::presence`]).
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Bus, BusError};
+use super::{
+    error::BusError,
+    rpc::{Rpc, sync},
+};
 use crate::{Channel, discovery::Directory, presence};
 
-impl Bus {
+impl Rpc {
     /// Publishes a presence change of `channel` (fire and forget: core NATS, not stored).
     pub async fn publish_presence(&self, channel: &Channel, change: &presence::Change) {
-        let subject = self.inner.subjects.presence(channel);
-        if let Err(err) = self.inner.client.publish(subject, change.encode()).await {
+        let subject = self.topology.presence(channel);
+        if let Err(err) = self.client.publish(subject, change.encode()).await {
             tracing::debug!(%channel, %err, "presence change not sent");
         }
     }
 
     /// Follows the presence changes of `channel`. Returns once the server has registered the
-    /// interest (like [`Bus::subscribe`]).
+    /// interest (like [`Bus::subscribe`](super::Bus::subscribe)).
     pub async fn subscribe_presence(&self, channel: &Channel) -> Result<PresenceChanges, BusError> {
-        let inner = &self.inner;
-        let subscriber = inner
+        let subscriber = self
             .client
-            .subscribe(inner.subjects.presence(channel))
+            .subscribe(self.topology.presence(channel))
             .await?;
-        self.sync().await;
+        sync(&self.client, &self.topology).await;
         Ok(PresenceChanges { subscriber })
     }
 
@@ -36,11 +38,10 @@ impl Bus {
         F: Fn(presence::Query) -> Vec<Bytes> + Send + 'static,
     {
         let mut queries = self
-            .inner
             .client
-            .subscribe(self.inner.subjects.presence_query())
+            .subscribe(self.topology.presence_query())
             .await?;
-        let client = self.inner.client.clone();
+        let client = self.client.clone();
         tokio::spawn(async move {
             while let Some(message) = queries.next().await {
                 let Some(reply) = message.reply else { continue };
@@ -84,7 +85,7 @@ impl Bus {
         let mut members = Vec::new();
         let partial = self
             .scatter_gather(
-                self.inner.subjects.presence_query(),
+                self.topology.presence_query(),
                 payload.into(),
                 "cannot send the presence query",
                 |answer| {

@@ -5,25 +5,18 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Bus, BusError};
-use crate::{
-    discovery::Directory,
-    stats::{NodeStats, StreamStats},
-};
+use super::{error::BusError, rpc::Rpc};
+use crate::{discovery::Directory, stats::NodeStats};
 
-impl Bus {
+impl Rpc {
     /// Answers every stats query with `answer()` (none when it is `None`), until the bus
     /// closes.
     pub async fn answer_stats<F>(&self, answer: F) -> Result<(), BusError>
     where
         F: Fn() -> Option<NodeStats> + Send + 'static,
     {
-        let mut queries = self
-            .inner
-            .client
-            .subscribe(self.inner.subjects.stats_query())
-            .await?;
-        let client = self.inner.client.clone();
+        let mut queries = self.client.subscribe(self.topology.stats_query()).await?;
+        let client = self.client.clone();
         tokio::spawn(async move {
             while let Some(message) = queries.next().await {
                 let Some(reply) = message.reply else { continue };
@@ -47,7 +40,7 @@ impl Bus {
         let mut nodes: HashMap<String, NodeStats> = HashMap::new();
         let partial = self
             .scatter_gather(
-                self.inner.subjects.stats_query(),
+                self.topology.stats_query(),
                 Bytes::new(),
                 "cannot send the stats query",
                 |answer| {
@@ -68,16 +61,5 @@ impl Bus {
             )
             .await?;
         Ok((nodes.into_values().collect(), partial))
-    }
-
-    /// This process's region's stream: how much it holds and its sequences.
-    pub async fn stream_stats(&self) -> Result<StreamStats, BusError> {
-        let info = self.own_stream_info().await?;
-        Ok(StreamStats {
-            messages: info.state.messages,
-            bytes: info.state.bytes,
-            first_seq: info.state.first_sequence,
-            last_seq: info.state.last_sequence,
-        })
     }
 }

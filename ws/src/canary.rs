@@ -192,7 +192,7 @@ pub async fn run(
                 // The server may have refused or lost the probe's subscription too; and the
                 // stream's settings may have been changed again.
                 subscription = None;
-                bus.check_stream();
+                bus.log().check_stream();
             }
             Verdict::Recovered => recovered(&bus, &health),
         }
@@ -222,7 +222,7 @@ fn probe_out(
     let (bus, channel, refused) = (bus.clone(), channel.clone(), refused.clone());
     let data = format!(r#"{{"probe":{n},"nonce":"{nonce}"}}"#);
     tokio::spawn(async move {
-        if let Err(err) = bus.publish(&channel, data.into(), None).await {
+        if let Err(err) = bus.log().publish(&channel, data.into(), None).await {
             *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
         }
     });

@@ -92,7 +92,7 @@ impl Node {
             config.max_subscriptions,
             // With regions the windows are off: a replay reads each region's stream.
             crate::recent::Limits::new(
-                match bus.region_count() {
+                match bus.topology().count() {
                     1 => config.recent_events,
                     _ => 0,
                 },
@@ -132,13 +132,13 @@ impl Node {
             let (bus, hub, directory, node_id) =
                 (bus.clone(), hub.clone(), directory.clone(), node_id.clone());
             async move {
-                if let Err(err) = bus.follow_nodes(directory).await {
+                if let Err(err) = bus.rpc().follow_nodes(directory).await {
                     tracing::error!(%err, "cannot follow node announcements");
                 }
-                let region = bus.region().cloned();
+                let region = bus.topology().region().cloned();
                 let answer =
                     move |query| presence::answer(&hub, &node_id, region.as_deref(), query);
-                if let Err(err) = bus.answer_presence(answer).await {
+                if let Err(err) = bus.rpc().answer_presence(answer).await {
                     tracing::error!(%err, "cannot answer presence queries");
                 }
             }
@@ -150,7 +150,7 @@ impl Node {
             async move {
                 // Nothing to say once the node is gone (a query racing its shutdown).
                 let answer = move || node.upgrade().map(|node| node.stats());
-                if let Err(err) = bus.answer_stats(answer).await {
+                if let Err(err) = bus.rpc().answer_stats(answer).await {
                     tracing::error!(%err, "cannot answer stats queries");
                 }
             }
@@ -239,7 +239,7 @@ impl Node {
             .clone();
         if let Some(mut info) = announcement {
             info.leaving = true;
-            self.bus.announce(&info).await;
+            self.bus.rpc().announce(&info).await;
         }
         let kicks = self.hub.kicks();
         tracing::info!(connections = kicks.len(), ?window, "draining");
@@ -312,7 +312,7 @@ impl Node {
             .clone();
         NodeStats {
             id: self.id().to_string(),
-            region: self.bus.region().map(|r| r.to_string()),
+            region: self.bus.topology().region().map(|r| r.to_string()),
             url: announced
                 .as_ref()
                 .map_or_else(String::new, |a| a.url.clone()),
@@ -326,8 +326,8 @@ impl Node {
             buffered_bytes: self.budget.used(),
             nats: NatsHealth {
                 state: self.nats_state().to_string(),
-                stream: self.bus.stream_name().to_string(),
-                stream_ready: self.bus.stream_ready(),
+                stream: self.bus.log().stream_name().to_string(),
+                stream_ready: self.bus.log().stream_ready(),
             },
             totals,
             rates,
@@ -366,6 +366,7 @@ impl Node {
         count_only: bool,
     ) -> Result<fanout::presence::Presence, fanout::BusError> {
         self.bus
+            .rpc()
             .presence(channel, count_only, &self.directory)
             .await
     }
@@ -392,7 +393,7 @@ impl Node {
             url,
             connections: 0,
             started_at: now_ms(),
-            region: self.bus.region().map(|r| r.to_string()),
+            region: self.bus.topology().region().map(|r| r.to_string()),
             leaving: false,
         };
         *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
@@ -411,7 +412,7 @@ impl Node {
                     connections: node.hub.connections(),
                     ..info.clone()
                 };
-                node.bus.announce(&info).await;
+                node.bus.rpc().announce(&info).await;
             }
         });
     }
@@ -442,13 +443,13 @@ impl Node {
         channel: &Channel,
         data: bytes::Bytes,
     ) -> Result<fanout::Published, fanout::BusError> {
-        self.bus.publish(channel, data, None).await
+        self.bus.log().publish(channel, data, None).await
     }
 
     /// The stream epoch clients' sequences belong to (empty until the node has read the
     /// stream).
     pub fn epoch(&self) -> String {
-        self.bus.epoch()
+        self.bus.log().epoch()
     }
 
     /// The stream epoch, once the node has read the stream; `None` if that takes longer
@@ -456,7 +457,7 @@ impl Node {
     pub async fn known_epoch(&self) -> Option<String> {
         let deadline = tokio::time::Instant::now() + EPOCH_WAIT;
         loop {
-            let epoch = self.bus.epoch();
+            let epoch = self.bus.log().epoch();
             if !epoch.is_empty() {
                 return Some(epoch);
             }
@@ -509,7 +510,7 @@ impl Node {
         epoch: Option<&str>,
         at: Option<u64>,
     ) -> Result<Replay, fanout::BusError> {
-        let current = self.bus.epoch();
+        let current = self.bus.log().epoch();
         if current.is_empty() {
             // A node that has not read the stream yet (just started, NATS not reached): it
             // cannot tell one epoch from another.
@@ -526,7 +527,7 @@ impl Node {
             skip_upto: Marks::new(),
         };
         for &position in from {
-            if position.region() >= self.bus.region_count() {
+            if position.region() >= self.bus.topology().count() {
                 continue;
             }
             let (events, recovered, skip) = self
@@ -550,7 +551,7 @@ impl Node {
     ) -> Result<(Vec<Outgoing>, bool, Mark), fanout::BusError> {
         let region = from.region();
         let after = from.seq();
-        let one_region = self.bus.region_count() == 1;
+        let one_region = self.bus.topology().count() == 1;
         // Recent events first: a window that reaches back to the position holds every event
         // after it (up to what was delivered; the rest comes live). (With regions, the
         // windows are off: their sequences are per region.)
@@ -569,13 +570,14 @@ impl Node {
             false => self.hub.is_live(channel),
         };
         let sequences = match live {
-            true => self.bus.sequences(region).await.ok(),
+            true => self.bus.log().sequences(region).await.ok(),
             false => None,
         };
         let reach = self.hub.delivered(channel, region);
         let until = sequences.map(|(_, last)| last.max(reach));
         let events = self
             .bus
+            .log()
             .history_reaching(channel, region, after, until, reach)
             .await;
         // Nothing the per-channel limit removed since: that would have left the channel
@@ -589,13 +591,13 @@ impl Node {
         let young = at.is_some_and(|at| now_ms() + margin < at + window);
         let first = match sequences {
             Some((first, _)) => Ok(first),
-            None => self.bus.first_sequence(region).await,
+            None => self.bus.log().first_sequence(region).await,
         };
         let recovered = match from {
             // The event the client has is still stored: every later one is too (limits
             // remove the oldest first).
             Position::Event(_) if after > 0 => {
-                match self.bus.is_stored(channel, region, after).await {
+                match self.bus.log().is_stored(channel, region, after).await {
                     Ok(true) => Ok(true),
                     // Another region's copy that has not reached the client's position yet
                     // (a mirror lags its origin, where the client saw the event): nothing
@@ -604,6 +606,7 @@ impl Node {
                         Some((_, last)) => Ok(last < after || (young && below_limit)),
                         None => self
                             .bus
+                            .log()
                             .sequences(region)
                             .await
                             .map(|(_, last)| last < after || (young && below_limit)),
@@ -637,16 +640,21 @@ impl Node {
 
     /// Whether this node reads region `region`'s events from a mirror (another region's).
     fn is_mirror(&self, region: u8) -> bool {
-        self.bus.region_count() > 1
-            && self.bus.region().and_then(|own| self.bus.region_index(own)) != Some(region)
+        self.bus.topology().count() > 1
+            && self
+                .bus
+                .topology()
+                .region()
+                .and_then(|own| self.bus.topology().index(own))
+                != Some(region)
     }
 
     /// Every region's stream's last sequence: "now", for a stream that starts following a
     /// channel (a position per region).
     pub async fn now(&self) -> Result<Spots, fanout::BusError> {
         let mut now = Spots::new();
-        for region in 0..self.bus.region_count() {
-            let last = self.bus.sequences(region).await?.1;
+        for region in 0..self.bus.topology().count() {
+            let last = self.bus.log().sequences(region).await?.1;
             now.push(Position::After(mark::pack(region, last)));
         }
         Ok(now)

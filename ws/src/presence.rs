@@ -62,11 +62,11 @@ pub async fn publish_changes(
                     user: profile.user.to_string(),
                     conn: conn.to_string(),
                     node: node.to_string(),
-                    region: bus.region().map(|r| r.to_string()),
+                    region: bus.topology().region().map(|r| r.to_string()),
                     info: profile.info.clone(),
                     joined_at,
                 };
-                bus.publish_presence(&channel, &change).await;
+                bus.rpc().publish_presence(&channel, &change).await;
                 published.increment(1);
             }
             Membership::Flush(done) => {
@@ -319,7 +319,7 @@ pub async fn watch(
     channel: Channel,
     generation: u64,
 ) {
-    let mut changes = match bus.subscribe_presence(&channel).await {
+    let mut changes = match bus.rpc().subscribe_presence(&channel).await {
         Ok(changes) => changes,
         Err(err) => {
             tracing::error!(%channel, %err, "cannot follow presence changes");
@@ -338,11 +338,11 @@ pub async fn watch(
     connections.borrow_and_update();
     let query = || {
         let (bus, directory, channel) = (bus.clone(), directory.clone(), channel.clone());
-        Box::pin(async move { bus.presence(&channel, false, &directory).await })
+        Box::pin(async move { bus.rpc().presence(&channel, false, &directory).await })
     };
     // Changes that arrive while a seeding query runs wait for its answer, then apply on top.
     let mut seeding = Some((query(), false));
-    let joined_since = (bus.region_count() > 1).then(fanout::time::now_ms);
+    let joined_since = (bus.topology().count() > 1).then(fanout::time::now_ms);
     let mut waiting: Vec<Change> = Vec::new();
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {

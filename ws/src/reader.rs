@@ -49,11 +49,11 @@ pub async fn read(
     connections.borrow_and_update();
     let mut resyncs = bus.resyncs();
     resyncs.borrow_and_update();
-    let mut epoch = bus.epoch();
+    let mut epoch = bus.log().epoch();
     reader.epoch = epoch.clone();
     // The last sequence delivered, per region (each region's stream counts its own); none
     // until the region's first event.
-    let mut cursors: Vec<Option<u64>> = vec![None; bus.region_count() as usize];
+    let mut cursors: Vec<Option<u64>> = vec![None; bus.topology().count() as usize];
     // Events that arrived together, delivered together: each recipient gets them with one
     // write. Nothing waits for a batch to fill: it is whatever NATS has already handed over.
     let mut ready: VecDeque<Envelope> = VecDeque::new();
@@ -121,16 +121,17 @@ pub async fn read(
             if envelope.seq <= last {
                 // Delivered already (a repair fetched it), unless the stream was recreated:
                 // then sequences restarted and this is a channel's first event again.
-                if envelope.last_seq != 0 || bus.refresh_epoch().await == epoch {
+                if envelope.last_seq != 0 || bus.log().refresh_epoch().await == epoch {
                     continue;
                 }
-                epoch = bus.epoch();
+                epoch = bus.log().epoch();
                 reader.epoch = epoch.clone();
                 tracing::warn!(%channel, "the stream was recreated; following its new sequences");
             } else if envelope.last_seq > last {
                 // The channel's previous event is `last_seq`: stored, so the repair reaches it.
                 let previous = envelope.last_seq;
                 match bus
+                    .log()
                     .history_reaching(&channel, region, last, Some(envelope.seq - 1), previous)
                     .await
                 {
@@ -161,7 +162,7 @@ async fn catch_up(bus: &Bus, reader: &mut Reader, cursors: &mut [Option<u64>]) {
     for (region, cursor) in cursors.iter_mut().enumerate() {
         let region = region as u8;
         let Some(last) = *cursor else { continue };
-        match bus.history(&channel, region, last, None).await {
+        match bus.log().history(&channel, region, last, None).await {
             Ok(missed) if !missed.is_empty() => {
                 counter!("fanout_ws_gap_repairs_total").increment(1);
                 counter!("fanout_ws_events_repaired_total").increment(missed.len() as u64);

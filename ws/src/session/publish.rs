@@ -28,7 +28,7 @@ pub(super) async fn publish(
             let reply = protocol::published(
                 &channel,
                 published.seq,
-                session.node.bus().region().map(|r| &**r),
+                session.node.bus().topology().region().map(|r| &**r),
                 &published.id,
                 id.as_ref(),
             );

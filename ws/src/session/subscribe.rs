@@ -178,24 +178,24 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
 fn positions(session: &Session, since: Since) -> Result<Spots, String> {
     let bus = session.node.bus();
     match since {
-        Since::Seq(seq) if bus.regions().is_empty() => {
+        Since::Seq(seq) if bus.topology().regions().is_empty() => {
             Ok([Position::Event(mark::pack(0, seq))].into())
         }
         Since::Seq(_) => Err(format!(
             "this tier has regions ({}): \"since\" must be an object of seqs by region, e.g. {{\"{}\": 41}}",
-            bus.regions().join(","),
-            bus.regions()[0],
+            bus.topology().regions().join(","),
+            bus.topology().regions()[0],
         )),
-        Since::Regions(_) if bus.regions().is_empty() => {
+        Since::Regions(_) if bus.topology().regions().is_empty() => {
             Err("this tier has one region: \"since\" must be a number (a seq)".into())
         }
         Since::Regions(seqs) => seqs
             .into_iter()
-            .map(|(region, seq)| match bus.region_index(&region) {
+            .map(|(region, seq)| match bus.topology().index(&region) {
                 Some(index) => Ok(Position::Event(mark::pack(index, seq))),
                 None => Err(format!(
                     "\"since\" names region {region:?}, which is not one of this tier's ({})",
-                    bus.regions().join(",")
+                    bus.topology().regions().join(",")
                 )),
             })
             .collect(),

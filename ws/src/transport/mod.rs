@@ -171,8 +171,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Some(reason) => json!({"ok": false, "reason": reason}),
         },
     });
-    if let Some(regions) = node.bus().regions_report() {
-        body["region"] = json!(node.bus().region().map(|r| &**r));
+    if let Some(regions) = node.bus().log().regions_report() {
+        body["region"] = json!(node.bus().topology().region().map(|r| &**r));
         body["regions"] = regions;
     }
     (status, Json(body)).into_response()
@@ -213,8 +213,8 @@ async fn debug_state(State(state): State<AppState>) -> Response {
         "channels": channels,
         "nats": {
             "state": node.nats_state(),
-            "stream": node.bus().stream_name(),
-            "stream_ready": node.bus().stream_ready(),
+            "stream": node.bus().log().stream_name(),
+            "stream_ready": node.bus().log().stream_ready(),
         },
     }))
     .into_response()

@@ -163,7 +163,7 @@ async fn answer(
         })
         .collect();
     let framing = JsonFraming {
-        positions: Positions::new(epoch, &positions, node.bus().regions()),
+        positions: Positions::new(epoch, &positions, node.bus().topology().regions()),
     };
     let config = node.config();
     let bounds = Bounds {

@@ -185,7 +185,7 @@ pub(crate) fn channels(
     let bad = |status, code, message: String| Err(Refusal::new(status, code, message));
     let cursor = match cursor.filter(|c| !c.trim().is_empty()) {
         None => None,
-        Some(text) => match Cursor::decode(text, node.bus().regions()) {
+        Some(text) => match Cursor::decode(text, node.bus().topology().regions()) {
             Ok(cursor) => Some(cursor),
             Err(err) => return bad(StatusCode::BAD_REQUEST, "invalid_cursor", err.to_string()),
         },
@@ -401,7 +401,7 @@ async fn serve(
             (start.channel.clone(), from.unwrap_or_default())
         })
         .collect();
-    let framing = Sse::new(node.epoch(), &positions, node.bus().regions());
+    let framing = Sse::new(node.epoch(), &positions, node.bus().topology().regions());
     let outbox =
         Arc::new(Outbox::new(stream, framing, kick, bounds).charged(node.budget().charge()));
     let profile = Profile {
@@ -483,7 +483,7 @@ async fn run(
         user: &session.identity().user,
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
-        region: node.bus().region().map(|r| &**r),
+        region: node.bus().topology().region().map(|r| &**r),
         session: Some(secret),
     });
     outbox.send("welcome", &welcome);

@@ -312,7 +312,7 @@ async fn run(
         user: &session.identity().user,
         heartbeat: config.heartbeat_secs,
         epoch: &node.epoch(),
-        region: node.bus().region().map(|r| &**r),
+        region: node.bus().topology().region().map(|r| &**r),
         session: None,
     });
     outbox.send("welcome", &welcome);

@@ -1,138 +1,275 @@
-//! The stream (`<PREFIX>`): it captures `<prefix>.in.>`, keeps the history window and
-//! RePublishes every stored message to `<prefix>.out.<channel>` with `Nats-Sequence` /
-//! `Nats-Last-Sequence` headers. Whichever process starts first creates it; every process
-//! re-applies its settings after each (re)connect, so a NATS server that lost its state is
-//! repaired without a restart. Here too: publishing into it (acknowledged writes), its epoch,
-//! and reading a channel's history back (replay, gap repair).
-use std::{future::IntoFuture, sync::atomic::Ordering, time::Duration};
+//! The event log: the stream, per region. Publishing into it (acknowledged writes, one event
+//! or a batch), its epoch, and reading a channel's history back (replay, gap repair), from
+//! this region's copy of each region's events (its own stream, or its mirror of another's).
+//! The stream is made and kept by the [provisioner](super::provisioner); this handle only
+//! reads what the provisioner found ([`StreamState`]) and wakes it when a publish finds the
+//! stream missing.
+
+use std::{
+    future::IntoFuture,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::{
     HeaderMap,
     connection::State,
     jetstream::{
+        self,
         context::{PublishError, PublishErrorKind},
-        stream::{self, DirectGetErrorKind, RawMessageErrorKind, Republish, StorageType},
+        stream::{self, DirectGetErrorKind, RawMessageErrorKind},
     },
 };
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tracing::{Instrument, field::Empty};
 
 use super::{
-    Bus, BusError, DUPLICATE_WINDOW, Inner, NATS_MESSAGE_ID, Published, Subjects, envelope,
+    acks::Acks,
+    error::BusError,
+    subscription::{NATS_MESSAGE_ID, envelope},
+    topology::Topology,
 };
-// (`Copy` below is this module's struct, not the trait.)
 use crate::{
-    Channel, Common, Envelope,
+    Channel, Envelope,
     envelope::{HEADER_ID, HEADER_TS},
+    stats::StreamStats,
     telemetry,
     time::now_ms,
 };
+
+/// The stream's answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event id (for a duplicate: the id of the event first stored under that key).
+    pub id: String,
+    /// Stream sequence of the stored event.
+    pub seq: u64,
+    /// True when the `Idempotency-Key` was seen within the duplicate window and nothing new was
+    /// stored.
+    pub duplicate: bool,
+}
+
+/// What the provisioner finds and the log reads: whether the stream is there with our
+/// settings, each region's epoch, how each region's copy is doing; and how to wake the
+/// provisioner.
+#[derive(Debug)]
+pub(super) struct StreamState {
+    /// Set once the stream is known to exist with our settings; cleared when a publish finds
+    /// it missing. A std atomic: read on every publish and every `/readyz`.
+    pub ready: AtomicBool,
+    /// The stream's identity: its creation time. Changes when the stream is recreated (and
+    /// sequences restart), which makes every client's `since` meaningless. With regions,
+    /// one per region (its origin stream's creation time), combined by [`EventLog::epoch`].
+    pub epochs: RwLock<Vec<String>>,
+    /// Per region, how this region's copy of its events is doing (see
+    /// [`EventLog::regions_state`]).
+    pub mirrors: Mutex<Vec<&'static str>>,
+    /// Wakes the provisioner: after a (re)connect, or when the stream went missing.
+    pub check: Arc<Notify>,
+}
 
 /// Where a process reads one region's events: its own region's stream, or its region's
 /// mirror of another region's stream (which keeps the origin's sequences).
 #[derive(Debug)]
 pub(super) struct Copy {
-    /// `None` for this process's own stream (its settings are [`Inner::stream`]).
-    mirror: Option<stream::Config>,
     /// Direct gets on the copy.
-    handle: stream::Stream<()>,
+    pub handle: stream::Stream<()>,
     /// The origin stream (over the gateway for another region): its info says its epoch.
-    origin: stream::Stream<()>,
-    origin_name: String,
+    pub origin: stream::Stream<()>,
+    pub origin_name: String,
 }
 
 /// Stream metadata key: on a mirror, its origin's epoch (so that it is known while the
 /// origin's region is unreachable).
-const ORIGIN_EPOCH: &str = "fanout_origin_epoch";
+pub(super) const ORIGIN_EPOCH: &str = "fanout_origin_epoch";
 
-impl Copy {
+/// How long a process waits for another region's stream's info.
+const MIRROR_WAIT: Duration = Duration::from_secs(2);
+
+/// A handle on the stream. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EventLog {
+    inner: Arc<Log>,
+}
+
+#[derive(Debug)]
+struct Log {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    topology: Topology,
+    /// Per region (one entry with one region): where this process reads its events; this
+    /// region's entry is its own stream.
+    copies: Vec<Copy>,
+    stream_name: String,
+    publish_timeout: Duration,
+    /// Where batched publishes are acknowledged; made with the first batch.
+    acks: tokio::sync::OnceCell<Arc<Acks>>,
+    state: Arc<StreamState>,
+}
+
+impl EventLog {
     pub(super) async fn new(
-        js: &async_nats::jetstream::Context,
-        common: &Common,
-        subjects: &Subjects,
-        region: u8,
-    ) -> Copy {
-        let name = subjects.local_copy(region);
-        let origin_name = subjects.origin_stream(region);
-        // A mirror republishes too, to this region's nodes: that is how they get the other
-        // region's events.
-        let mirror = (region != subjects.own).then(|| stream::Config {
-            name: name.clone(),
-            mirror: Some(stream::Source {
-                name: origin_name.clone(),
-                ..Default::default()
-            }),
-            republish: Some(Republish {
-                source: subjects.inbound_all_in(region),
-                destination: subjects.outbound_all(),
-                headers_only: false,
-            }),
-            placement: placement(subjects),
-            ..limits(common)
+        client: async_nats::Client,
+        js: jetstream::Context,
+        topology: Topology,
+        publish_timeout: Duration,
+        check: Arc<Notify>,
+    ) -> EventLog {
+        let mut copies = Vec::new();
+        for region in 0..topology.count() {
+            let handle = |name: String| {
+                let js = &js;
+                async move {
+                    js.get_stream_no_info(&name)
+                        .await
+                        .expect("stream names are derived from a validated prefix and regions")
+                }
+            };
+            let origin_name = topology.origin_stream(region);
+            copies.push(Copy {
+                handle: handle(topology.local_copy(region)).await,
+                origin: handle(origin_name.clone()).await,
+                origin_name,
+            });
+        }
+        let count = topology.count();
+        let own = topology.own();
+        let state = Arc::new(StreamState {
+            ready: AtomicBool::new(false),
+            epochs: RwLock::new(vec![String::new(); count as usize]),
+            mirrors: Mutex::new(
+                (0..count)
+                    .map(|r| if r == own { "local" } else { "waiting" })
+                    .collect(),
+            ),
+            check,
         });
-        let handle = |name: String| async move {
-            js.get_stream_no_info(&name)
-                .await
-                .expect("stream names are derived from a validated prefix and regions")
-        };
-        Copy {
-            mirror,
-            handle: handle(name).await,
-            origin: handle(origin_name.clone()).await,
-            origin_name,
+        EventLog {
+            inner: Arc::new(Log {
+                client,
+                js,
+                stream_name: topology.stream_name(),
+                topology,
+                copies,
+                publish_timeout,
+                acks: tokio::sync::OnceCell::new(),
+                state,
+            }),
         }
     }
-}
 
-/// With regions: the stream lives in this process's region's cluster.
-fn placement(subjects: &Subjects) -> Option<stream::Placement> {
-    let region = subjects.regions.get(subjects.own as usize)?;
-    Some(stream::Placement {
-        cluster: Some(region.clone()),
-        ..Default::default()
-    })
-}
-
-/// The history settings every copy of a region's events shares.
-fn limits(common: &Common) -> stream::Config {
-    stream::Config {
-        max_age: Duration::from_secs(common.history_max_age_secs),
-        max_messages_per_subject: common.history_max_messages,
-        storage: match common.history_storage.as_str() {
-            "memory" => StorageType::Memory,
-            _ => StorageType::File,
-        },
-        num_replicas: common.history_replicas,
-        allow_direct: true,
-        duplicate_window: DUPLICATE_WINDOW.min(Duration::from_secs(common.history_max_age_secs)),
-        ..Default::default()
+    pub(super) fn state(&self) -> &Arc<StreamState> {
+        &self.inner.state
     }
-}
 
-/// The stream's settings, from the history settings every process shares.
-pub(super) fn config(common: &Common, subjects: &Subjects) -> stream::Config {
-    stream::Config {
-        name: subjects.stream_name(),
-        subjects: vec![subjects.inbound_all()],
-        republish: Some(Republish {
-            source: subjects.inbound_all(),
-            destination: subjects.outbound_all(),
-            headers_only: false,
-        }),
-        placement: placement(subjects),
-        ..limits(common)
+    pub(super) fn js(&self) -> &jetstream::Context {
+        &self.inner.js
     }
-}
 
-impl Bus {
-    /// Creates the stream, or brings an existing one to our settings. Idempotent.
-    pub async fn ensure_stream(&self) -> Result<(), BusError> {
-        ensure_stream(&self.inner).await
+    fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    /// The stream was found (or made) with our settings since the last (re)connect.
+    pub fn stream_ready(&self) -> bool {
+        self.inner.state.ready.load(Ordering::Acquire)
+    }
+
+    /// This process's region's stream.
+    pub fn stream_name(&self) -> &str {
+        &self.inner.stream_name
+    }
+
+    /// Asks the provisioner to check the stream against our settings (and restore them).
+    pub fn check_stream(&self) {
+        self.inner.state.check.notify_one();
+    }
+
+    /// Every region with the state of this region's copy of its events: `local` (this
+    /// region), `current` (a mirror in touch with its origin), `behind` (a mirror that cannot
+    /// reach its origin: the region, or the link to it, is down) or `waiting` (the other
+    /// region's stream does not exist yet). Empty with one region.
+    pub fn regions_state(&self) -> Vec<(Arc<str>, &'static str)> {
+        let states = self
+            .inner
+            .state
+            .mirrors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .topology
+            .regions()
+            .iter()
+            .cloned()
+            .zip(states.iter().copied())
+            .collect()
+    }
+
+    /// [`EventLog::regions_state`] as a JSON object (`{"eu":"local","us":"current"}`), for
+    /// health output; `None` with one region.
+    pub fn regions_report(&self) -> Option<serde_json::Value> {
+        let states = self.regions_state();
+        (!states.is_empty()).then(|| {
+            states
+                .into_iter()
+                .map(|(name, state)| (name.to_string(), serde_json::Value::from(state)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        })
+    }
+
+    /// This process's region's stream: how much it holds and its sequences.
+    pub async fn stream_stats(&self) -> Result<StreamStats, BusError> {
+        let info = self.own_stream_info().await?;
+        Ok(StreamStats {
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            first_seq: info.state.first_sequence,
+            last_seq: info.state.last_sequence,
+        })
+    }
+
+    pub(super) fn set_epoch(&self, region: u8, epoch: String) {
+        let mut epochs = self
+            .inner
+            .state
+            .epochs
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let current = &mut epochs[region as usize];
+        if !current.is_empty() && *current != epoch {
+            let stream = self.inner.topology.origin_stream(region);
+            tracing::warn!(%stream, "the stream was recreated: sequences restarted");
+        }
+        *current = epoch;
+    }
+
+    /// Reads region `region`'s origin stream's epoch (over the gateway), or else the one its
+    /// mirror here recorded, and keeps it.
+    pub(super) async fn origin_epoch(&self, region: u8) -> Option<String> {
+        let copy = self.copy(region);
+        let origin = tokio::time::timeout(MIRROR_WAIT, copy.origin.get_info()).await;
+        let epoch = match origin {
+            Ok(Ok(info)) => Some(epoch_of(&info)),
+            _ => {
+                tracing::debug!(stream = %copy.origin_name, "cannot reach another region's stream");
+                let mirror = copy.handle.get_info().await.ok()?;
+                mirror.config.metadata.get(ORIGIN_EPOCH).cloned()
+            }
+        };
+        if let Some(epoch) = &epoch {
+            self.set_epoch(region, epoch.clone());
+        }
+        epoch
     }
 
     /// Stores `data` (valid JSON) on `channel` and waits for the stream's acknowledgement.
     ///
-    /// `idempotency_key` becomes `Nats-Msg-Id`: a repeat within [`DUPLICATE_WINDOW`] stores
+    /// `idempotency_key` becomes `Nats-Msg-Id`: a repeat within [`DUPLICATE_WINDOW`](super::DUPLICATE_WINDOW) stores
     /// nothing and answers the first event's id and sequence with `duplicate: true`.
     pub async fn publish(
         &self,
@@ -155,7 +292,7 @@ impl Bus {
     /// fails that event alone.
     ///
     /// The acknowledgements come back on this process's one subscription for batches, each
-    /// to a reply subject naming the batch and the event's index ([`super::acks`]), instead
+    /// to a reply subject naming the batch and the event's index (`acks.rs`), instead
     /// of through async-nats's request per message.
     pub async fn publish_many<'a>(
         &self,
@@ -174,10 +311,7 @@ impl Bus {
         }
         let inner = &self.inner;
         let client = &inner.client;
-        let acks = inner
-            .acks
-            .get_or_try_init(|| super::acks::Acks::start(client))
-            .await;
+        let acks = inner.acks.get_or_try_init(|| Acks::start(client)).await;
         let Ok(acks) = acks else {
             return unavailable("connection lost");
         };
@@ -192,7 +326,7 @@ impl Bus {
             let reply = batch.reply(i);
             let sent = client
                 .publish_with_reply_and_headers(
-                    inner.subjects.inbound(channel),
+                    inner.topology.inbound(channel),
                     reply,
                     headers,
                     data,
@@ -263,7 +397,7 @@ impl Bus {
         Published { id, seq, duplicate }
     }
 
-    /// What one acknowledgement of [`Bus::publish_many`] says.
+    /// What one acknowledgement of [`EventLog::publish_many`] says.
     fn read_ack(&self, message: &async_nats::Message) -> Result<Ack, BusError> {
         if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
             return Err(self.publish_error(PublishError::new(PublishErrorKind::StreamNotFound)));
@@ -309,7 +443,7 @@ impl Bus {
             headers.insert(NATS_MESSAGE_ID, key);
         }
         let span = if telemetry::tracing_enabled() {
-            let subject = self.inner.subjects.inbound(channel);
+            let subject = self.inner.topology.inbound(channel);
             let span = tracing::info_span!(
                 "publish",
                 otel.name = %format_args!("publish {subject}"),
@@ -347,7 +481,7 @@ impl Bus {
     ) -> Result<Pending, BusError> {
         let inner = &self.inner;
         let (id, headers, span) = self.headers(channel, idempotency_key, ts);
-        let subject = inner.subjects.inbound(channel);
+        let subject = inner.topology.inbound(channel);
         let publish = inner.js.publish_with_headers(subject, headers, data);
         // No span, no wrapper: with tracing off this runs once per event for nothing.
         let ack = if span.is_none() {
@@ -365,8 +499,8 @@ impl Bus {
     fn publish_error(&self, err: async_nats::jetstream::context::PublishError) -> BusError {
         match err.kind() {
             PublishErrorKind::StreamNotFound => {
-                self.inner.stream_ready.store(false, Ordering::Release);
-                self.inner.check_stream.notify_one();
+                self.inner.state.ready.store(false, Ordering::Release);
+                self.inner.state.check.notify_one();
                 BusError::Unavailable("the stream does not exist (yet)")
             }
             PublishErrorKind::TimedOut => BusError::Timeout(self.inner.publish_timeout),
@@ -387,8 +521,13 @@ impl Bus {
     /// With regions: every region's stream's identity, combined (empty until all are known):
     /// positions in any region's stream mean nothing once it was recreated.
     pub fn epoch(&self) -> String {
-        let epochs = self.inner.epochs.read().unwrap_or_else(|e| e.into_inner());
-        if self.inner.region_names.is_empty() {
+        let epochs = self
+            .inner
+            .state
+            .epochs
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.inner.topology.regions().is_empty() {
             return epochs[0].clone();
         }
         if epochs.iter().any(String::is_empty) {
@@ -396,7 +535,8 @@ impl Bus {
         }
         let parts: Vec<String> = self
             .inner
-            .region_names
+            .topology
+            .regions()
             .iter()
             .zip(epochs.iter())
             .map(|(region, epoch)| format!("{region}-{epoch}"))
@@ -407,12 +547,11 @@ impl Bus {
     /// Reads the streams' identities again (after a sequence anomaly) and returns the epoch.
     pub async fn refresh_epoch(&self) -> String {
         if let Ok(info) = self.own().handle.get_info().await {
-            self.inner
-                .set_epoch(self.inner.subjects.own, epoch_of(&info));
+            self.set_epoch(self.inner.topology.own(), epoch_of(&info));
         }
-        for (region, copy) in self.inner.copies.iter().enumerate() {
-            if copy.mirror.is_some() {
-                origin_epoch(&self.inner, region as u8, copy).await;
+        for region in 0..self.inner.topology.count() {
+            if region != self.inner.topology.own() {
+                self.origin_epoch(region).await;
             }
         }
         self.epoch()
@@ -436,9 +575,7 @@ impl Bus {
     }
 
     /// The info of this process's region's stream.
-    pub(super) async fn own_stream_info(
-        &self,
-    ) -> Result<async_nats::jetstream::stream::Info, BusError> {
+    async fn own_stream_info(&self) -> Result<async_nats::jetstream::stream::Info, BusError> {
         self.own()
             .handle
             .get_info()
@@ -448,10 +585,10 @@ impl Bus {
 
     /// This process's own region's stream.
     fn own(&self) -> &Copy {
-        self.copy(self.inner.subjects.own)
+        self.copy(self.inner.topology.own())
     }
 
-    fn copy(&self, region: u8) -> &Copy {
+    pub(super) fn copy(&self, region: u8) -> &Copy {
         &self.inner.copies[(region as usize).min(self.inner.copies.len() - 1)]
     }
 
@@ -464,7 +601,7 @@ impl Bus {
         after: u64,
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
-        let subject = self.inner.subjects.inbound_in(region, channel);
+        let subject = self.inner.topology.inbound_in(region, channel);
         let mut events = read_range(channel, after, until, |next| {
             let subject = subject.clone();
             async move {
@@ -484,14 +621,14 @@ impl Bus {
     }
 
     fn mark(&self, events: &mut [Envelope], region: u8) {
-        let name = self.inner.region_names.get(region as usize);
+        let name = self.inner.topology.regions().get(region as usize);
         for event in events {
             event.region = region;
             event.region_name = name.cloned();
         }
     }
 
-    /// [`Bus::history`], reaching at least sequence `reach` (an event of the channel this
+    /// [`EventLog::history`], reaching at least sequence `reach` (an event of the channel this
     /// node has seen republished, so stored). Direct gets are answered by any replica, and a
     /// replica (or a mirror) may lag by a moment: while the answer falls short of `reach`,
     /// it asks again, then asks the leader (for another region: the origin stream).
@@ -522,7 +659,7 @@ impl Bus {
         Ok(events)
     }
 
-    /// [`Bus::history`], read from the copy's leader (the JetStream API rather than direct
+    /// [`EventLog::history`], read from the copy's leader (the JetStream API rather than direct
     /// gets): what it has acknowledged (or republished), it has.
     async fn leader_history(
         &self,
@@ -531,7 +668,7 @@ impl Bus {
         after: u64,
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
-        let subject = self.inner.subjects.inbound_in(region, channel);
+        let subject = self.inner.topology.inbound_in(region, channel);
         let copy = &self.copy(region).handle;
         read_range(channel, after, until, |next| {
             let subject = subject.clone();
@@ -566,7 +703,7 @@ impl Bus {
     ) -> Result<bool, BusError> {
         match self.copy(region).handle.direct_get(seq).await {
             Ok(message) => {
-                Ok(message.subject.as_str() == self.inner.subjects.inbound_in(region, channel))
+                Ok(message.subject.as_str() == self.inner.topology.inbound_in(region, channel))
             }
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(false),
             Err(err) => Err(BusError::History(err)),
@@ -600,8 +737,10 @@ impl Bus {
     }
 }
 
-/// How long a process waits for another region's stream's info.
-const MIRROR_WAIT: Duration = Duration::from_secs(2);
+/// A stream's identity: its creation time in nanoseconds, as hex.
+pub(super) fn epoch_of(info: &stream::Info) -> String {
+    format!("{:x}", info.created.unix_timestamp_nanos())
+}
 
 /// The events of `channel` with `after < seq <= until` (no bound if `until` is `None`), one
 /// `fetch(next)` at a time: the first stored event of the channel at `next` or later, as
@@ -631,207 +770,7 @@ where
     Ok(events)
 }
 
-async fn ensure_stream(inner: &Inner) -> Result<(), BusError> {
-    let info = apply(inner, inner.stream.clone()).await?;
-    inner.set_epoch(inner.subjects.own, epoch_of(&info));
-    for (region, copy) in inner.copies.iter().enumerate() {
-        if copy.mirror.is_some() {
-            ensure_mirror(inner, region as u8, copy).await?;
-        }
-    }
-    inner.stream_ready.store(true, Ordering::Release);
-    Ok(())
-}
-
-/// Creates or updates this region's mirror of region `region`'s stream, and learns that
-/// stream's epoch. A mirror is only created once its origin exists: a mirror that cannot
-/// find its origin retries ever more slowly (up to every 2 minutes). Returns whether the
-/// mirror exists.
-async fn ensure_mirror(inner: &Inner, region: u8, copy: &Copy) -> Result<bool, BusError> {
-    let Some(mirror) = &copy.mirror else {
-        return Ok(true);
-    };
-    let mut mirror = mirror.clone();
-    let existing = copy.handle.get_info().await.ok();
-    // The origin's epoch, kept on the mirror for when the origin cannot be reached.
-    match origin_epoch(inner, region, copy).await {
-        Some(epoch) => {
-            mirror.metadata.insert(ORIGIN_EPOCH.into(), epoch);
-        }
-        None => match &existing {
-            Some(info) => {
-                if let Some(epoch) = info.config.metadata.get(ORIGIN_EPOCH) {
-                    mirror.metadata.insert(ORIGIN_EPOCH.into(), epoch.clone());
-                }
-            }
-            None => {
-                tracing::info!(stream = %copy.origin_name, "another region's stream does not exist yet: its mirror waits for it");
-                return Ok(false);
-            }
-        },
-    }
-    apply(inner, mirror).await?;
-    Ok(true)
-}
-
-/// Creates or updates a stream. When that cannot be done (with regions: the JetStream meta
-/// group has lost its quorum because a region is down) but the stream exists, it is used as
-/// it is: publishing and reading need only the stream's own servers.
-async fn apply(inner: &Inner, config: stream::Config) -> Result<stream::Info, BusError> {
-    match inner.js.create_or_update_stream(config.clone()).await {
-        Ok(info) => Ok(info),
-        Err(source) => {
-            if let Ok(stream) = inner.js.get_stream_no_info(&config.name).await
-                && let Ok(info) = stream.get_info().await
-            {
-                tracing::warn!(stream = %config.name, err = %source, "cannot apply the stream's settings; using it as it is");
-                return Ok(info);
-            }
-            Err(BusError::Stream {
-                stream: config.name,
-                source,
-            })
-        }
-    }
-}
-
-/// Reads region `region`'s origin stream's epoch (over the gateway), or else the one its
-/// mirror here recorded, and keeps it.
-async fn origin_epoch(inner: &Inner, region: u8, copy: &Copy) -> Option<String> {
-    let origin = tokio::time::timeout(MIRROR_WAIT, copy.origin.get_info()).await;
-    let epoch = match origin {
-        Ok(Ok(info)) => Some(epoch_of(&info)),
-        _ => {
-            tracing::debug!(stream = %copy.origin_name, "cannot reach another region's stream");
-            let mirror = copy.handle.get_info().await.ok()?;
-            mirror.config.metadata.get(ORIGIN_EPOCH).cloned()
-        }
-    };
-    if let Some(epoch) = &epoch {
-        inner.set_epoch(region, epoch.clone());
-    }
-    epoch
-}
-
-/// A stream's identity: its creation time in nanoseconds, as hex.
-fn epoch_of(info: &stream::Info) -> String {
-    format!("{:x}", info.created.unix_timestamp_nanos())
-}
-
-impl Inner {
-    fn set_epoch(&self, region: u8, epoch: String) {
-        let mut epochs = self.epochs.write().unwrap_or_else(|e| e.into_inner());
-        let current = &mut epochs[region as usize];
-        if !current.is_empty() && *current != epoch {
-            let stream = self.subjects.origin_stream(region);
-            tracing::warn!(%stream, "the stream was recreated: sequences restarted");
-        }
-        *current = epoch;
-    }
-}
-
-/// Background task (with regions): learns the other regions' epochs, and watches this
-/// region's mirrors of them. A mirror that has not heard from its origin for a while is behind
-/// (the region, or the link to it, is down): said in the log and in
-/// `fanout_region_mirror_behind{region}`. Once it is current again it republishes what it
-/// missed, so this region's nodes get it live.
-pub(super) async fn watch_mirrors(inner: std::sync::Weak<Inner>) {
-    const EVERY: Duration = Duration::from_secs(1);
-    const SILENT: Duration = Duration::from_secs(3);
-    let mut behind: Vec<bool> = Vec::new();
-    let mut exists: Vec<bool> = Vec::new();
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let closed = strong.closed.clone();
-        behind.resize(strong.copies.len(), false);
-        exists.resize(strong.copies.len(), false);
-        for (region, copy) in strong.copies.iter().enumerate() {
-            if copy.mirror.is_none() {
-                continue;
-            }
-            let known = !strong.epochs.read().unwrap_or_else(|e| e.into_inner())[region].is_empty();
-            if !known || !exists[region] {
-                // Until its epoch is known, this node cannot judge positions in it; until its
-                // origin exists, the mirror is not made.
-                if strong.client.connection_state() == State::Connected {
-                    exists[region] = ensure_mirror(&strong, region as u8, copy)
-                        .await
-                        .unwrap_or(false);
-                }
-            }
-            let Ok(info) = copy.handle.get_info().await else {
-                continue;
-            };
-            let Some(source) = info.mirror else { continue };
-            let silent = source.active.is_none_or(|active| active > SILENT);
-            let name = strong.region_names[region].to_string();
-            if silent {
-                if !behind[region] {
-                    tracing::warn!(stream = %copy.origin_name, "the mirror of another region is behind: it cannot reach it");
-                }
-                behind[region] = true;
-            } else if behind[region] && source.lag == 0 {
-                behind[region] = false;
-                tracing::info!(stream = %copy.origin_name, "the mirror of another region caught up");
-            }
-            metrics::gauge!("fanout_region_mirror_behind", "region" => name)
-                .set(if behind[region] { 1.0 } else { 0.0 });
-            strong
-                .mirror_states
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())[region] = match behind[region] {
-                true => "behind",
-                false => "current",
-            };
-        }
-        drop(strong);
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = closed.cancelled() => return,
-        }
-    }
-}
-
-/// Background task: after every (re)connect, or when asked, makes sure the stream exists
-/// with our settings, retrying until it does. Ends when the bus is dropped or drained.
-pub(super) async fn keep_stream(inner: std::sync::Weak<Inner>) {
-    let Some((notify, closed)) = inner
-        .upgrade()
-        .map(|i| (i.check_stream.clone(), i.closed.clone()))
-    else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = notify.notified() => {}
-            _ = closed.cancelled() => return,
-        }
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let Some(inner) = inner.upgrade() else { return };
-            if inner.client.connection_state() != State::Connected {
-                break; // the next Connected event wakes us again
-            }
-            match ensure_stream(&inner).await {
-                Ok(()) => {
-                    tracing::info!(stream = %inner.stream.name, "stream ready");
-                    break;
-                }
-                Err(err) => tracing::warn!(%err, "retrying in {delay:?}"),
-            }
-            drop(inner);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = closed.cancelled() => return,
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
-/// One event of [`Bus::publish_many`] waiting for its acknowledgement.
+/// One event of [`EventLog::publish_many`] waiting for its acknowledgement.
 struct Batched {
     id: String,
     span: tracing::Span,
@@ -866,18 +805,18 @@ struct Pending {
 }
 
 impl Pending {
-    async fn acknowledged(self, bus: &Bus) -> Result<Published, BusError> {
+    async fn acknowledged(self, log: &EventLog) -> Result<Published, BusError> {
         let Pending { id, span, ack } = self;
         let ack = if span.is_none() {
             ack.await
         } else {
             ack.into_future().instrument(span.clone()).await
         };
-        let ack = match ack.map_err(|err| bus.publish_error(err)) {
+        let ack = match ack.map_err(|err| log.publish_error(err)) {
             Ok(ack) => ack,
             Err(err) => return Err(failed(&span, err)),
         };
-        Ok(bus.published(id, &span, ack.sequence, ack.duplicate).await)
+        Ok(log.published(id, &span, ack.sequence, ack.duplicate).await)
     }
 }
 
