@@ -30,6 +30,7 @@
 pub mod auth;
 pub mod budget;
 pub mod canary;
+pub mod channel;
 pub mod config;
 pub mod cursor;
 pub mod disconnect;
@@ -40,8 +41,6 @@ pub mod node;
 pub mod position;
 pub mod presence;
 pub mod protocol;
-pub mod reader;
-pub mod recent;
 pub mod session;
 pub mod sink;
 pub mod transport;

@@ -1,10 +1,7 @@
-//! The node wires the NATS bus and the hub together: it turns the hub's [`Interest`] reports
-//! into NATS subscriptions, each with a channel reader ([`crate::reader`]) that feeds the
-//! hub; it admits connections (the per-IP limit), announces the node, and drains it.
-//!
-//! Only [`fanout::Envelope`] crosses from the bus to the hub, as an encoded frame: one
-//! encoding per event, whatever the number of recipients. One reader task per subscribed
-//! channel keeps each channel's events in stream order.
+//! The node wires the NATS bus, the hub and the channels together, and does nothing else:
+//! the hub's reports go to the channels' interest follower ([`crate::channel::interest`]) and
+//! to presence; it admits connections (the per-IP limit), announces the node, answers stats,
+//! and drains it.
 
 use std::{
     collections::HashMap,
@@ -22,9 +19,8 @@ use fanout::{
     telemetry,
     time::now_ms,
 };
-use metrics::{counter, gauge};
 use serde_json::value::RawValue;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -33,16 +29,16 @@ use crate::{
     auth::Verifier,
     budget::Budget,
     canary,
-    hub::{ConnId, Hub, Interest, Membership, SubscribeError},
-    position::{Mark, Marks, Position, Spots, mark},
-    presence, protocol,
-    reader::read,
-    sink::Outgoing,
+    channel::{
+        Limits, Logs, Replay, Replayer, Totals,
+        interest::{self, Readers, Reports},
+        reader::{self, Target},
+        recovery,
+    },
+    hub::{BROADCAST_GENERATION, ConnId, Hub, Membership, SubscribeError},
+    position::{Position, Spots},
+    presence,
 };
-
-/// How much younger than the history window a cursor's time must be for a node to vouch
-/// that nothing after its positions expired: clocks of different nodes, and delivery.
-const VOUCH_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long an HTTP stream or poll waits for a just-started node to read the stream.
 const EPOCH_WAIT: Duration = Duration::from_secs(5);
@@ -67,12 +63,16 @@ pub struct Node {
     announcement: std::sync::Mutex<Option<NodeInfo>>,
     /// Open connections per IP address, for `max_connections_per_ip`.
     per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-    /// True once the always-on `broadcast` subscription is in place.
-    broadcast_live: Arc<AtomicBool>,
     /// The live ws nodes: who must answer a presence query, whose members are gone.
     directory: Arc<Directory>,
     /// Where the hub reports membership changes (kept to flush them at shutdown).
     membership: mpsc::UnboundedSender<Membership>,
+    /// What the readers counted, for `GET /v1/stats`.
+    totals: Arc<Totals>,
+    /// Every channel's current log, for resumes.
+    logs: Arc<Logs>,
+    /// Reads what resuming clients missed.
+    replayer: Replayer,
     /// Bytes held on behalf of clients, all connections together (`max_buffered_bytes`).
     budget: Arc<Budget>,
     /// What the canary last found of the delivery path.
@@ -86,22 +86,33 @@ impl Node {
     /// loop and the `broadcast` reader. They end when [`Node::drain`] has finished.
     pub fn start(config: Config, bus: Bus, verifier: Verifier, tracker: &TaskTracker) -> Arc<Node> {
         let shutdown = CancellationToken::new();
-        let (interest_tx, interest_rx) = mpsc::unbounded_channel();
+        // With regions the windows are off: a replay reads each region's stream.
+        let logs = Arc::new(Logs::new(Limits::new(
+            match bus.topology().count() {
+                1 => config.recent_events,
+                _ => 0,
+            },
+            config.recent_max_bytes,
+        )));
+        let broadcast_log = logs.open(&Channel::broadcast(), BROADCAST_GENERATION);
+        let (interest, interest_rx) = mpsc::unbounded_channel();
         let (membership, changes) = mpsc::unbounded_channel();
-        let hub = Arc::new(Hub::new(
-            config.max_subscriptions,
-            // With regions the windows are off: a replay reads each region's stream.
-            crate::recent::Limits::new(
-                match bus.topology().count() {
-                    1 => config.recent_events,
-                    _ => 0,
-                },
-                config.recent_max_bytes,
-            ),
-            interest_tx,
-            membership.clone(),
-        ));
+        let reports = Reports {
+            logs: logs.clone(),
+            interest,
+            membership: membership.clone(),
+        };
+        let hub = Arc::new(Hub::new(config.max_subscriptions, Arc::new(reports)));
         let directory = Arc::new(Directory::default());
+        let totals = Arc::new(Totals::default());
+        let replayer = Replayer::new(
+            bus.clone(),
+            recovery::Limits {
+                window: Duration::from_secs(config.common.history_max_age_secs),
+                per_channel: config.common.history_max_messages.max(0) as u64,
+            },
+            config.event_trace_id,
+        );
         let config_budget = config.max_buffered_bytes;
         let node = Arc::new(Node {
             config,
@@ -113,9 +124,11 @@ impl Node {
             verifier,
             announcement: std::sync::Mutex::new(None),
             per_ip: Arc::default(),
-            broadcast_live: Arc::new(AtomicBool::new(false)),
             directory: directory.clone(),
             membership,
+            totals: totals.clone(),
+            logs,
+            replayer,
             budget: Budget::new(config_budget),
             canary: Arc::default(),
             sampler: std::sync::Mutex::default(),
@@ -156,20 +169,29 @@ impl Node {
             }
             .instrument(span.clone())
         });
+        let readers = Readers {
+            bus: bus.clone(),
+            hub: hub.clone(),
+            totals,
+            with_trace: node.config.event_trace_id,
+            coalesce: Duration::from_millis(node.config.coalesce_ms),
+        };
+        let watch = {
+            let (bus, hub, directory) = (bus.clone(), hub.clone(), directory);
+            move |channel, generation| {
+                presence::watch(
+                    bus.clone(),
+                    hub.clone(),
+                    directory.clone(),
+                    node_id.clone(),
+                    channel,
+                    generation,
+                )
+            }
+        };
         tracker.spawn(
-            follow_interest(
-                Watching {
-                    bus: bus.clone(),
-                    hub: hub.clone(),
-                    directory,
-                    node: node_id,
-                },
-                interest_rx,
-                shutdown.clone(),
-                node.config.event_trace_id,
-                Duration::from_millis(node.config.coalesce_ms),
-            )
-            .instrument(span.clone()),
+            interest::follow(readers.clone(), interest_rx, shutdown.clone(), watch)
+                .instrument(span.clone()),
         );
         if node.config.canary_interval_ms > 0 {
             tracker.spawn(
@@ -183,19 +205,24 @@ impl Node {
                 .instrument(span.clone()),
             );
         }
-        let live = node.broadcast_live.clone();
-        let with_trace = node.config.event_trace_id;
-        let coalesce = Duration::from_millis(node.config.coalesce_ms);
+        // `broadcast`: the node's own interest, from start to end.
         tracker.spawn(
             async move {
-                let subscription = match bus.subscribe(&Channel::broadcast()).await {
+                let channel = Channel::broadcast();
+                let subscription = match bus.subscribe(&channel).await {
                     Ok(subscription) => subscription,
                     Err(err) => return tracing::error!(%err, "cannot subscribe to broadcast"),
                 };
-                live.store(true, Ordering::Release);
-                gauge!("fanout_ws_nats_subscriptions").increment(1.0);
+                readers.hub.set_live(&channel, BROADCAST_GENERATION);
+                metrics::gauge!("fanout_ws_nats_subscriptions").increment(1.0);
+                let target = Target {
+                    hub: readers.hub.clone(),
+                    log: broadcast_log,
+                    generation: BROADCAST_GENERATION,
+                    totals: readers.totals.clone(),
+                };
                 tokio::select! {
-                    _ = read(subscription, hub, bus, with_trace, coalesce, 0) => {}
+                    _ = reader::read(subscription, target, bus, readers.with_trace, readers.coalesce) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -268,7 +295,7 @@ impl Node {
     /// coming back, and not draining.
     pub fn is_ready(&self) -> bool {
         self.bus.is_ready()
-            && self.broadcast_live.load(Ordering::Acquire)
+            && self.hub.is_live(&Channel::broadcast())
             && self.canary.is_ok()
             && !self.draining.load(Ordering::Acquire)
     }
@@ -281,7 +308,7 @@ impl Node {
     /// What this node answers a stats query with (`GET /v1/stats` on the API).
     pub fn stats(&self) -> fanout::stats::NodeStats {
         use fanout::stats::{NODE_TOP_CHANNELS, NatsHealth, NodeStats, busiest};
-        let totals = self.hub.totals();
+        let totals = self.totals.get();
         let rates = self
             .sampler
             .lock()
@@ -468,15 +495,9 @@ impl Node {
         }
     }
 
-    /// The stored events of `channel` after `from` (a position per region; a region without
-    /// one is followed from now on), for a resuming client whose positions belong to `epoch`
-    /// (and were vouched for at `at`, unix ms), and whether they are all of them.
-    ///
-    /// Call it once the connection is in the channel: the replay then reaches everything this
-    /// node delivered before the connection joined (a replica that lags is waited for). A
-    /// stream that cannot be read is tried again for about a second (a NATS cluster electing
-    /// a leader), then the error is the caller's: it must not tell the client anything it
-    /// cannot know.
+    /// The stored events of `channel` after `from` (a position per region), for a resuming
+    /// client whose positions belong to `epoch` and were vouched for at `at` (see
+    /// [`Replayer::replay`]). Call it once the connection is in the channel.
     pub async fn replay(
         &self,
         channel: &Channel,
@@ -484,180 +505,14 @@ impl Node {
         epoch: Option<&str>,
         at: Option<u64>,
     ) -> Result<Replay, fanout::BusError> {
-        let mut pause = Duration::from_millis(200);
-        let mut attempt = 0;
-        loop {
-            match self.try_replay(channel, from, epoch, at).await {
-                Ok(replay) => return Ok(replay),
-                Err(err) if attempt < 2 => {
-                    tracing::debug!(%channel, %err, "cannot replay yet; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause *= 4;
-                    attempt += 1;
-                }
-                Err(err) => {
-                    tracing::warn!(%channel, %err, "cannot replay");
-                    return Err(err);
-                }
-            }
-        }
-    }
-
-    async fn try_replay(
-        &self,
-        channel: &Channel,
-        from: &[Position],
-        epoch: Option<&str>,
-        at: Option<u64>,
-    ) -> Result<Replay, fanout::BusError> {
-        let current = self.bus.log().epoch();
-        if current.is_empty() {
-            // A node that has not read the stream yet (just started, NATS not reached): it
-            // cannot tell one epoch from another.
-            return Err(fanout::BusError::Unavailable("the stream is not known yet"));
-        }
-        if epoch.is_some_and(|epoch| epoch != current) {
-            // The stream was recreated: the position counts in sequences that no longer exist.
-            return Ok(Replay::lost(current));
-        }
-        let mut replay = Replay {
-            events: Vec::new(),
-            recovered: true,
-            epoch: current,
-            skip_upto: Marks::new(),
-        };
-        for &position in from {
-            if position.region() >= self.bus.topology().count() {
-                continue;
-            }
-            let (events, recovered, skip) = self
-                .replay_region(channel, position, at, &replay.epoch)
-                .await?;
-            replay.events.extend(events);
-            replay.recovered &= recovered;
-            replay.skip_upto.push(skip);
-        }
-        Ok(replay)
-    }
-
-    /// [`Node::replay`] of one region's events: the events, whether they are all, and the
-    /// mark up to which live events are covered.
-    async fn replay_region(
-        &self,
-        channel: &Channel,
-        from: Position,
-        at: Option<u64>,
-        current: &str,
-    ) -> Result<(Vec<Outgoing>, bool, Mark), fanout::BusError> {
-        let region = from.region();
-        let after = from.seq();
-        let one_region = self.bus.topology().count() == 1;
-        // Recent events first: a window that reaches back to the position holds every event
-        // after it (up to what was delivered; the rest comes live). (With regions, the
-        // windows are off: their sequences are per region.)
-        if one_region && let Some(events) = self.hub.recent(channel, after, current) {
-            counter!("fanout_ws_replayed_events_total", "from" => "memory")
-                .increment(events.len() as u64);
-            let skip = events.last().map_or(after, |e| e.seq.max(after));
-            return Ok((events, true, skip));
-        }
-        // Once the channel's subscription is in place, every event after the stream's last
-        // sequence is delivered live: the read stops there (it would otherwise chase the end
-        // of a busy stream, one direct get per event), and that sequence tells the recent
-        // events where they start.
-        let live = match channel.is_broadcast() {
-            true => self.broadcast_live.load(Ordering::Acquire),
-            false => self.hub.is_live(channel),
-        };
-        let sequences = match live {
-            true => self.bus.log().sequences(region).await.ok(),
-            false => None,
-        };
-        let reach = self.hub.delivered(channel, region);
-        let until = sequences.map(|(_, last)| last.max(reach));
-        let events = self
-            .bus
-            .log()
-            .history_reaching(channel, region, after, until, reach)
-            .await;
-        // Nothing the per-channel limit removed since: that would have left the channel
-        // at the limit.
-        let limit = self.config.common.history_max_messages;
-        let below_limit = events.as_ref().is_ok_and(|e| (e.len() as i64) < limit);
-        // Nothing age removed since: whatever came after `after` is younger than `at`, and
-        // `at` is within the history window (with a margin for clocks and delivery).
-        let window = self.config.common.history_max_age_secs * 1000;
-        let margin = VOUCH_MARGIN.as_millis() as u64;
-        let young = at.is_some_and(|at| now_ms() + margin < at + window);
-        let first = match sequences {
-            Some((first, _)) => Ok(first),
-            None => self.bus.log().first_sequence(region).await,
-        };
-        let recovered = match from {
-            // The event the client has is still stored: every later one is too (limits
-            // remove the oldest first).
-            Position::Event(_) if after > 0 => {
-                match self.bus.log().is_stored(channel, region, after).await {
-                    Ok(true) => Ok(true),
-                    // Another region's copy that has not reached the client's position yet
-                    // (a mirror lags its origin, where the client saw the event): nothing
-                    // after it can be gone from the copy; it arrives there in order.
-                    Ok(false) if self.is_mirror(region) => match sequences {
-                        Some((_, last)) => Ok(last < after || (young && below_limit)),
-                        None => self
-                            .bus
-                            .log()
-                            .sequences(region)
-                            .await
-                            .map(|(_, last)| last < after || (young && below_limit)),
-                    },
-                    Ok(false) => Ok(young && below_limit),
-                    Err(err) => Err(err),
-                }
-            }
-            // Nothing of the channel seen: complete if nothing after `after` was removed, by
-            // age (the stream still starts right after it, or `at` says it is young) or by
-            // the limit.
-            _ => first.map(|first| (first <= after + 1 || young) && below_limit),
-        };
-        let (recovered, events) = (recovered?, events?);
-        if one_region && let Some((_, last)) = sequences {
-            self.hub.seed_recent(channel, last, current, live);
-        }
-        counter!("fanout_ws_replayed_events_total", "from" => "stream")
-            .increment(events.len() as u64);
-        let with_trace = self.config.event_trace_id;
-        let skip = mark::pack(region, events.last().map_or(after, |e| e.seq));
-        let events: Vec<Outgoing> = events
-            .iter()
-            .filter_map(|event| {
-                let json = protocol::event(event, with_trace).ok()?;
-                Some(Outgoing::event(mark::pack(region, event.seq), json))
-            })
-            .collect();
-        Ok((events, recovered, skip))
-    }
-
-    /// Whether this node reads region `region`'s events from a mirror (another region's).
-    fn is_mirror(&self, region: u8) -> bool {
-        self.bus.topology().count() > 1
-            && self
-                .bus
-                .topology()
-                .region()
-                .and_then(|own| self.bus.topology().index(own))
-                != Some(region)
+        let local = (self.logs.get(channel), self.hub.is_live(channel));
+        self.replayer.replay(channel, local, from, epoch, at).await
     }
 
     /// Every region's stream's last sequence: "now", for a stream that starts following a
     /// channel (a position per region).
     pub async fn now(&self) -> Result<Spots, fanout::BusError> {
-        let mut now = Spots::new();
-        for region in 0..self.bus.topology().count() {
-            let last = self.bus.log().sequences(region).await?.1;
-            now.push(Position::After(mark::pack(region, last)));
-        }
-        Ok(now)
+        self.replayer.now().await
     }
 
     pub fn unsubscribe(&self, conn: ConnId, channel: &Channel) {
@@ -684,127 +539,6 @@ impl Drop for IpPermit {
     }
 }
 
-/// What [`Node::replay`] found.
-#[derive(Debug)]
-pub struct Replay {
-    /// The events, encoded.
-    pub events: Vec<Outgoing>,
-    pub recovered: bool,
-    pub epoch: String,
-    /// Live events of the channel up to these marks (one per region) were replayed (or seen
-    /// by the client before): the connection skips them. Empty when `since` meant nothing.
-    pub skip_upto: Marks,
-}
-
-impl Replay {
-    fn lost(epoch: String) -> Replay {
-        Replay {
-            events: Vec::new(),
-            recovered: false,
-            epoch,
-            skip_upto: Marks::new(),
-        }
-    }
-}
-
-/// What a presence watcher needs.
-struct Watching {
-    bus: Bus,
-    hub: Arc<Hub>,
-    directory: Arc<Directory>,
-    node: Arc<str>,
-}
-
-/// Applies the hub's interest reports in order: subscribe in NATS on `Add`, drop the
-/// subscription (which unsubscribes) on `Remove`; follow presence changes from `Watch` to
-/// `Unwatch`.
-async fn follow_interest(
-    watching: Watching,
-    mut reports: mpsc::UnboundedReceiver<Interest>,
-    shutdown: CancellationToken,
-    with_trace: bool,
-    coalesce: Duration,
-) {
-    let Watching { bus, hub, .. } = &watching;
-    let (bus, hub) = (bus.clone(), hub.clone());
-    let mut readers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
-    let mut watchers: HashMap<Channel, JoinHandle<()>> = HashMap::new();
-    loop {
-        let report = tokio::select! {
-            report = reports.recv() => report,
-            _ = shutdown.cancelled() => None,
-        };
-        match report {
-            Some(Interest::Add {
-                channel,
-                generation,
-            }) => {
-                match bus.subscribe(&channel).await {
-                    Ok(subscription) => {
-                        tracing::debug!(%channel, "subscribed in NATS");
-                        let reader = tokio::spawn(
-                            read(
-                                subscription,
-                                hub.clone(),
-                                bus.clone(),
-                                with_trace,
-                                coalesce,
-                                generation,
-                            )
-                            .in_current_span(),
-                        );
-                        match readers.insert(channel.clone(), reader) {
-                            Some(stale) => stale.abort(),
-                            None => gauge!("fanout_ws_nats_subscriptions").increment(1.0),
-                        }
-                    }
-                    Err(err) => tracing::error!(%channel, %err, "cannot subscribe in NATS"),
-                }
-                hub.set_live(&channel, generation);
-            }
-            Some(Interest::Remove { channel }) => {
-                if let Some(reader) = readers.remove(&channel) {
-                    tracing::debug!(%channel, "unsubscribed in NATS");
-                    reader.abort();
-                    gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
-                }
-            }
-            Some(Interest::Watch {
-                channel,
-                generation,
-            }) => {
-                let watcher = tokio::spawn(
-                    presence::watch(
-                        bus.clone(),
-                        hub.clone(),
-                        watching.directory.clone(),
-                        watching.node.clone(),
-                        channel.clone(),
-                        generation,
-                    )
-                    .in_current_span(),
-                );
-                if let Some(stale) = watchers.insert(channel, watcher) {
-                    stale.abort();
-                }
-            }
-            Some(Interest::Unwatch { channel }) => {
-                if let Some(watcher) = watchers.remove(&channel) {
-                    watcher.abort();
-                }
-            }
-            None => break,
-        }
-    }
-    for watcher in watchers.into_values() {
-        watcher.abort();
-    }
-    for reader in readers.into_values() {
-        reader.abort();
-        gauge!("fanout_ws_nats_subscriptions").decrement(1.0);
-    }
-}
-
 /// Samples the hub's totals every second while the node runs (for [`Node::stats`]).
 async fn sample_totals(node: std::sync::Weak<Node>, closing: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -814,7 +548,7 @@ async fn sample_totals(node: std::sync::Weak<Node>, closing: CancellationToken) 
             _ = closing.cancelled() => return,
         }
         let Some(node) = node.upgrade() else { return };
-        let totals = node.hub.totals();
+        let totals = node.totals.get();
         node.sampler
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,6 +1,9 @@
-//! The words every layer of the node shares, and nothing else: a channel's key in
-//! connections' filters ([`ChannelKey`]), a place in one region's stream ([`mark`]), and where
-//! a client is on a channel ([`Position`]). A leaf: it uses no other module of the crate.
+//! The words every layer of the node shares, and nothing else: a connection's id
+//! ([`ConnId`]), a channel's key in connections' filters ([`ChannelKey`]), a place in one
+//! region's stream ([`mark`]), and where a client is on a channel ([`Position`]). A leaf: it uses no other module of the crate.
+
+/// A connection's id: the `conn` of its `welcome` frame.
+pub type ConnId = uuid::Uuid;
 
 /// Identifies a channel in a connection's filters: a hash of its name, computed once per
 /// event (and the same in every process: the hasher has fixed keys).

@@ -31,9 +31,10 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::{
-    hub::{Hub, LocalMember, Membership, Recipients},
+    hub::{Hub, LocalMember, Membership},
+    position::channel_key,
     protocol::{self, PresenceChange},
-    sink::Outgoing,
+    sink::{Outgoing, Recipients, offer_all},
 };
 
 /// How often a watcher looks for members of nodes discovery has forgotten.
@@ -329,8 +330,10 @@ pub async fn watch(
     hub.set_watch_live(&channel, generation);
     let ghosts = counter!("fanout_ws_presence_ghost_leaves_total");
     let mut recipients = Recipients::new();
+    let key = channel_key(channel.as_str());
     let mut deliver = |frame: &Outgoing| {
-        hub.deliver_presence(&channel, frame, &mut recipients);
+        hub.watchers(&channel, &mut recipients);
+        offer_all(key, std::slice::from_ref(frame), &mut recipients);
     };
     let dropped = counter!("fanout_ws_presence_changes_dropped_total");
     let mut replica = Replica::default();

@@ -4,10 +4,11 @@
 //! Client → node: `subscribe`, `unsubscribe`, `ping`, `publish`, `refresh`, `presence`,
 //! `info`, each with an optional `id` (a JSON number or string) that the reply echoes.
 //! Node → client: `welcome`, the replies (`subscribed`, `unsubscribed`, `pong`, `published`,
-//! `refreshed`, `presence`, `info_updated`), `event`, the presence changes (`join`, `leave`,
-//! `update`) and `error`.
+//! `refreshed`, `presence`, `info_updated`), the presence changes (`join`, `leave`,
+//! `update`) and `error`. (The `event` frame is the channel reader's: encoded once per event,
+//! where it is read.)
 
-use fanout::{Channel, Envelope};
+use fanout::Channel;
 use serde::Serialize;
 use serde_json::{Value, value::RawValue};
 
@@ -454,44 +455,6 @@ pub fn pong(id: Option<&RequestId>) -> String {
     to_json(&Pong { op: "pong", id })
 }
 
-/// The `event` frame. `data` is embedded as published, without re-encoding. With
-/// `with_trace`, a traced event also carries `"trace": "<trace id>"`.
-pub fn event(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json::Error> {
-    #[derive(Serialize)]
-    struct Event<'a> {
-        op: &'static str,
-        channel: &'a Channel,
-        seq: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        region: Option<&'a str>,
-        id: &'a str,
-        ts: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        trace: Option<&'a str>,
-        data: &'a RawValue,
-    }
-    let data: &RawValue = serde_json::from_slice(&envelope.data)?;
-    let trace = with_trace
-        .then(|| {
-            envelope
-                .traceparent
-                .as_deref()
-                .and_then(fanout::telemetry::trace_id_of)
-        })
-        .flatten();
-    let frame = serde_json::to_string(&Event {
-        op: "event",
-        channel: &envelope.channel,
-        seq: envelope.seq,
-        region: envelope.region_name.as_deref(),
-        id: &envelope.id,
-        ts: envelope.ts,
-        trace,
-        data,
-    })?;
-    Ok(frame)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,32 +561,6 @@ mod tests {
             "a".repeat(MAX_INFO_BYTES)
         );
         assert_eq!(reject(&big)["code"], "info_too_large");
-    }
-
-    #[test]
-    fn event_frame_embeds_data_verbatim() {
-        let envelope = Envelope {
-            channel: Channel::parse("maths").unwrap(),
-            seq: 42,
-            last_seq: 41,
-            region: 0,
-            region_name: None,
-            id: "abc".into(),
-            ts: 1_700_000_000_000,
-            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-            tracestate: None,
-            data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
-        };
-        let frame = event(&envelope, false).unwrap();
-        assert_eq!(
-            frame.as_str(),
-            r#"{"op":"event","channel":"maths","seq":42,"id":"abc","ts":1700000000000,"data":{"x": [1, 2.50]}}"#
-        );
-        let frame = event(&envelope, true).unwrap();
-        assert!(
-            frame.contains(r#""trace":"4bf92f3577b34da6a3ce929d0e0e4736","data""#),
-            "{frame}"
-        );
     }
 
     #[test]

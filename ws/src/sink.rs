@@ -158,6 +158,20 @@ impl Outgoing {
     }
 }
 
+/// The sinks a fan-out pass writes to, copied out of the hub (kept by a reader between
+/// passes, so that a pass allocates nothing).
+pub type Recipients = Vec<std::sync::Arc<dyn Sink>>;
+
+/// Offers `frames` of channel `key` to every sink in `recipients` (emptied), outside every
+/// lock: what happened to them.
+pub fn offer_all(key: ChannelKey, frames: &[Outgoing], recipients: &mut Recipients) -> Delivery {
+    let mut outcome = Delivery::default();
+    for sink in recipients.drain(..) {
+        sink.offer(key, frames, &mut outcome);
+    }
+    outcome
+}
+
 /// What the hub holds for a connection.
 pub trait Sink: Send + Sync + fmt::Debug {
     /// Offers live frames of channel `key`, in order (consecutive events, or presence

@@ -36,7 +36,7 @@ impl Session {
         &self,
         channel: &Channel,
         resume: Option<Resume>,
-        announce: impl FnOnce(Option<&crate::node::Replay>),
+        announce: impl FnOnce(Option<&crate::channel::Replay>),
     ) -> Result<(), JoinError> {
         subscribe::join(self, channel, false, resume, announce).await
     }

@@ -10,8 +10,8 @@ use fanout::Channel;
 
 use super::state::{ReplyTo, Session};
 use crate::{
+    channel::Replay,
     hub::SubscribeError,
-    node::Replay,
     position::{Position, Spots, channel_key, mark},
     protocol::{self, RequestId, Resumed, Since},
 };

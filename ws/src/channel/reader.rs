@@ -1,6 +1,8 @@
 //! Channel readers: one task per NATS subscription (per channel this node's clients are in,
-//! and `broadcast`), turning its events into [`Outgoing`] frames for the hub, in stream
-//! order, each once, and without gaps.
+//! and `broadcast`), turning its events into [`Outgoing`] frames for the channel's members,
+//! in stream order, each once, and without gaps. A fan-out pass records its frames in the
+//! channel's [`Log`], copies the members' sinks out of the hub, and offers the frames to each
+//! outside every lock.
 //!
 //! NATS may drop messages (a slow subscription, a reconnect): a live event whose
 //! `Nats-Last-Sequence` is not the last one delivered reveals a gap, which is filled from the
@@ -10,22 +12,121 @@
 
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use fanout::{Bus, Channel, Envelope, Subscription, telemetry, time::now_ms};
 use futures_util::FutureExt;
 use metrics::{counter, histogram};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use tracing::field::Empty;
 
+use super::log::Log;
 use crate::{
-    hub::{Hub, Recipients, Source},
-    position::mark,
-    position::{ChannelKey, channel_key},
-    protocol,
-    sink::Outgoing,
+    hub::Hub,
+    position::{ChannelKey, channel_key, mark},
+    sink::{Outgoing, Recipients, offer_all},
 };
+
+/// What every reader of the node counted since it started, for `GET /v1/stats` (the
+/// Prometheus counters cannot be read back).
+#[derive(Debug, Default)]
+pub struct Totals {
+    events_received: AtomicU64,
+    frames_delivered: AtomicU64,
+    bytes_out: AtomicU64,
+    slow_consumer_disconnects: AtomicU64,
+}
+
+impl Totals {
+    /// Counts `events` received from NATS, and the frames and bytes one fan-out pass queued
+    /// and the slow consumers it cut off.
+    fn count(&self, events: u64, frames: u64, bytes: u64, slow: u64) {
+        for (counter, n) in [
+            (&self.events_received, events),
+            (&self.frames_delivered, frames),
+            (&self.bytes_out, bytes),
+            (&self.slow_consumer_disconnects, slow),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Everything counted so far.
+    pub fn get(&self) -> fanout::stats::Totals {
+        fanout::stats::Totals {
+            events_received: self.events_received.load(Ordering::Relaxed),
+            frames_delivered: self.frames_delivered.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            slow_consumer_disconnects: self.slow_consumer_disconnects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a reader delivers to: the hub's members of its channel, for its stretch of interest
+/// (`generation`), whose events it records in `log`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub hub: Arc<Hub>,
+    pub log: Arc<Log>,
+    pub generation: u64,
+    pub totals: Arc<Totals>,
+}
+
+/// An event's `event` frame: its JSON, encoded once for every recipient, `data` embedded as
+/// published, without re-encoding. With `with_trace`, a traced event also carries
+/// `"trace": "<trace id>"`. Fails when the event's data is not JSON.
+pub fn encode(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Event<'a> {
+        op: &'static str,
+        channel: &'a Channel,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<&'a str>,
+        id: &'a str,
+        ts: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace: Option<&'a str>,
+        data: &'a RawValue,
+    }
+    let data: &RawValue = serde_json::from_slice(&envelope.data)?;
+    let trace = with_trace
+        .then(|| {
+            envelope
+                .traceparent
+                .as_deref()
+                .and_then(fanout::telemetry::trace_id_of)
+        })
+        .flatten();
+    serde_json::to_string(&Event {
+        op: "event",
+        channel: &envelope.channel,
+        seq: envelope.seq,
+        region: envelope.region_name.as_deref(),
+        id: &envelope.id,
+        ts: envelope.ts,
+        trace,
+        data,
+    })
+}
+
+/// A stored event (read back for a replay) as a frame, its seq marked with its region; none
+/// when its data is not JSON.
+pub fn frame(envelope: &Envelope, with_trace: bool) -> Option<Outgoing> {
+    let json = encode(envelope, with_trace).ok()?;
+    Some(Outgoing::event(
+        mark::pack(envelope.region, envelope.seq),
+        json,
+    ))
+}
 
 /// Delivers one subscription's events to the hub until the subscription ends: in stream
 /// order, each once, and without gaps. NATS may drop messages (a slow subscription, a
@@ -34,15 +135,13 @@ use crate::{
 /// what was stored meanwhile is fetched at once.
 pub async fn read(
     mut subscription: Subscription,
-    hub: Arc<Hub>,
+    target: Target,
     bus: Bus,
     with_trace: bool,
     coalesce: Duration,
-    generation: u64,
 ) {
     let channel = subscription.channel().clone();
-    let mut reader = Reader::new(channel.clone(), hub, with_trace, subscription.subject());
-    reader.generation = generation;
+    let mut reader = Reader::new(channel.clone(), target, with_trace, subscription.subject());
     let repairs = counter!("fanout_ws_gap_repairs_total");
     let repaired = counter!("fanout_ws_events_repaired_total");
     let mut connections = bus.connections();
@@ -192,15 +291,13 @@ struct Reader {
     frames: Vec<Outgoing>,
     /// The recipients of the pass under way (kept: a pass allocates nothing).
     recipients: Recipients,
+    target: Target,
     /// When the last flush wrote something.
     flushed: tokio::time::Instant,
     spans: Vec<(tracing::Span, Instant)>,
     subject: String,
-    hub: Arc<Hub>,
     with_trace: bool,
-    /// The interest generation this reader serves, and the stream epoch it reads in: the
-    /// hub keeps its events as the channel's recent ones only for that generation.
-    generation: u64,
+    /// The stream epoch it reads in.
     epoch: String,
     // Metric handles are looked up once, not once per event.
     received: metrics::Counter,
@@ -212,7 +309,7 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(channel: Channel, hub: Arc<Hub>, with_trace: bool, subject: &str) -> Reader {
+    fn new(channel: Channel, target: Target, with_trace: bool, subject: &str) -> Reader {
         Reader {
             key: channel_key(channel.as_str()),
             frames: Vec::new(),
@@ -221,9 +318,8 @@ impl Reader {
             spans: Vec::new(),
             channel,
             subject: subject.to_string(),
-            hub,
+            target,
             with_trace,
-            generation: 0,
             epoch: String::new(),
             received: counter!("fanout_ws_events_received_total"),
             malformed: counter!("fanout_ws_events_malformed_total"),
@@ -247,7 +343,7 @@ impl Reader {
             tracing::Span::none()
         };
         let started = Instant::now();
-        let frame = match span.in_scope(|| protocol::event(envelope, self.with_trace)) {
+        let frame = match span.in_scope(|| encode(envelope, self.with_trace)) {
             Ok(frame) => frame,
             Err(err) => {
                 self.malformed.increment(1);
@@ -280,20 +376,19 @@ impl Reader {
             return;
         }
         self.flushed = tokio::time::Instant::now();
-        let source = Source {
-            generation: self.generation,
-            epoch: &self.epoch,
-        };
-        let outcome = self.hub.deliver(
-            &self.channel,
-            self.key,
-            &self.frames,
-            source,
-            &mut self.recipients,
-        );
+        let Target {
+            hub,
+            log,
+            generation,
+            totals,
+        } = &self.target;
+        // Recorded before the members are copied (see `Log`).
+        log.record(&self.frames, &self.epoch);
+        hub.recipients(&self.channel, self.key, *generation, &mut self.recipients);
+        let outcome = offer_all(self.key, &self.frames, &mut self.recipients);
         let events = self.frames.len() as u64;
         self.frames.clear();
-        self.hub.count(
+        totals.count(
             events,
             outcome.delivered as u64,
             outcome.bytes as u64,
@@ -338,4 +433,35 @@ fn process_span(subject: &str, envelope: &Envelope) -> tracing::Span {
         envelope.tracestate.as_deref(),
     );
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_frame_embeds_data_verbatim() {
+        let envelope = Envelope {
+            channel: Channel::parse("maths").unwrap(),
+            seq: 42,
+            last_seq: 41,
+            region: 0,
+            region_name: None,
+            id: "abc".into(),
+            ts: 1_700_000_000_000,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: None,
+            data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
+        };
+        let frame = encode(&envelope, false).unwrap();
+        assert_eq!(
+            frame.as_str(),
+            r#"{"op":"event","channel":"maths","seq":42,"id":"abc","ts":1700000000000,"data":{"x": [1, 2.50]}}"#
+        );
+        let frame = encode(&envelope, true).unwrap();
+        assert!(
+            frame.contains(r#""trace":"4bf92f3577b34da6a3ce929d0e0e4736","data""#),
+            "{frame}"
+        );
+    }
 }

@@ -1,7 +1,15 @@
-//! The recent events of a channel, kept by the hub as they are delivered, so that a client
-//! that resumes from a recent position (every long-poll, an SSE or WebSocket reconnect)
-//! is answered from memory instead of the stream.
+//! A channel's log on this node, kept by its reader as it delivers: the highest seq offered
+//! to the channel's members (per region: the delivered marks), and the channel's recent
+//! events, so that a client that resumes from a recent position (every long-poll, an SSE or
+//! WebSocket reconnect) is answered from memory instead of the stream. One log per stretch of
+//! the node's interest in the channel: a reader of an ended stretch writes to its own.
 //!
+//! **Delivered marks.** A fan-out pass records its frames here *before* it copies the
+//! channel's members: a member that joins after the copy was not offered the pass's frames,
+//! but sees them counted here, and must get everything up to the mark from history; a member
+//! in the copy gets them live. (The member list's lock orders the copy and the join.)
+//!
+//! **Recent events.**
 //! Complete or not used: each event comes with the seq of the channel's event before it
 //! (`Nats-Last-Sequence`, or the reader's own repair), and an event that does not follow
 //! the last one kept starts the window afresh. So the window holds *every* event of the
@@ -14,14 +22,132 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use metrics::gauge;
 
-use crate::sink::Outgoing;
+use super::recovery;
+use crate::{
+    position::{Marks, mark},
+    sink::Outgoing,
+};
+
+/// The current log of every channel this node has interest in (and `broadcast`'s): opened
+/// when a channel gets its first local subscriber, closed when its last leaves, both in the
+/// hub's own order (see [`super::interest::Reports`]). A resume reads the log it finds here
+/// once its connection is in the channel.
+#[derive(Debug)]
+pub struct Logs {
+    limits: Limits,
+    current: Mutex<std::collections::HashMap<fanout::Channel, (u64, Arc<Log>)>>,
+}
+
+impl Logs {
+    pub fn new(limits: Limits) -> Logs {
+        Logs {
+            limits,
+            current: Mutex::default(),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<fanout::Channel, (u64, Arc<Log>)>>
+    {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh log for `channel`'s stretch of interest `generation`, now its current one.
+    pub fn open(&self, channel: &fanout::Channel, generation: u64) -> Arc<Log> {
+        let log = Log::new(&self.limits);
+        self.lock()
+            .insert(channel.clone(), (generation, log.clone()));
+        log
+    }
+
+    /// `channel`'s stretch of interest ended: its log is no one's current one.
+    pub fn close(&self, channel: &fanout::Channel) {
+        self.lock().remove(channel);
+    }
+
+    /// `channel`'s current log (none: no local subscriber).
+    pub fn get(&self, channel: &fanout::Channel) -> Option<Arc<Log>> {
+        self.lock().get(channel).map(|(_, log)| log.clone())
+    }
+}
+
+/// One channel's log (for one stretch of interest), shared by its reader and the resumes
+/// that read it.
+#[derive(Debug)]
+pub struct Log {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    recent: Recent,
+    /// The highest seq a fan-out pass has offered the channel's members, per region.
+    delivered: Marks,
+}
+
+impl Log {
+    pub fn new(limits: &Limits) -> Arc<Log> {
+        Arc::new(Log {
+            inner: Mutex::new(Inner {
+                recent: Recent::new(limits),
+                delivered: Marks::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `frames`, about to be offered to the channel's members (events of stream epoch
+    /// `epoch`; a frame with seq 0 is no event): raises the delivered marks and keeps them as
+    /// recent events. Call before the members are copied.
+    pub fn record(&self, frames: &[Outgoing], epoch: &str) {
+        let mut inner = self.lock();
+        for frame in frames.iter().filter(|f| f.seq != 0) {
+            mark::raise(&mut inner.delivered, frame.seq);
+            inner.recent.push(frame, epoch);
+        }
+    }
+
+    /// The highest seq of region `region`'s events offered to the channel's members so far.
+    /// A connection that joined the channel before calling this gets, live, every event above
+    /// it; those up to it it may have missed (they came before it joined) and must replay.
+    pub fn delivered(&self, region: u8) -> u64 {
+        mark::seq_of(&self.lock().delivered, region)
+    }
+
+    /// Every event of the channel after `after` (in stream epoch `epoch`) from its recent
+    /// events, if they reach back to it and include everything delivered so far; else `None`
+    /// (ask the stream). For a connection in the channel: what it does not get here it gets
+    /// live.
+    pub fn recent(&self, after: u64, epoch: &str) -> Option<Vec<Outgoing>> {
+        let inner = self.lock();
+        let delivered = mark::seq_of(&inner.delivered, 0);
+        inner.recent.after(after, delivered, epoch)
+    }
+
+    /// Whether the recent events know where they start (else a stream read can tell them:
+    /// [`Log::seed`]).
+    pub fn is_seeded(&self, epoch: &str) -> bool {
+        self.lock().recent.is_seeded(epoch)
+    }
+
+    /// Tells the recent events, if they know nothing yet, that every event after stream
+    /// sequence `last` is delivered from now on (`last` was read once the channel's
+    /// subscription was in place).
+    pub fn seed(&self, last: u64, epoch: &str) {
+        self.lock().recent.seed(last, epoch);
+    }
+}
 
 /// The bounds of every channel's window.
 #[derive(Debug, Clone)]
@@ -54,7 +180,7 @@ impl Limits {
 /// One channel's window: consecutive events of the channel, oldest first, and where it
 /// starts.
 #[derive(Debug)]
-pub struct Recent {
+struct Recent {
     /// The stream epoch the sequences belong to.
     epoch: String,
     /// Every event of the channel after this seq is in the window or not delivered yet
@@ -67,7 +193,7 @@ pub struct Recent {
 }
 
 impl Recent {
-    pub fn new(limits: &Limits) -> Recent {
+    fn new(limits: &Limits) -> Recent {
         Recent {
             epoch: String::new(),
             base: None,
@@ -79,7 +205,7 @@ impl Recent {
 
     /// Keeps `frame` (an event of stream epoch `epoch` whose channel predecessor is
     /// `frame.prev`), delivered now.
-    pub fn push(&mut self, frame: &Outgoing, epoch: &str) {
+    fn push(&mut self, frame: &Outgoing, epoch: &str) {
         if self.limits.events == 0 || frame.seq == 0 {
             return;
         }
@@ -116,14 +242,14 @@ impl Recent {
     }
 
     /// Whether the window knows where it starts.
-    pub fn is_seeded(&self, epoch: &str) -> bool {
+    fn is_seeded(&self, epoch: &str) -> bool {
         self.base.is_some() && self.epoch == epoch
     }
 
     /// Starts an empty window that knows nothing yet: every event of the channel after
     /// stream sequence `last` is delivered from now on (the channel's subscription was in
     /// place before `last` was read).
-    pub fn seed(&mut self, last: u64, epoch: &str) {
+    fn seed(&mut self, last: u64, epoch: &str) {
         if self.limits.events == 0 || self.is_seeded(epoch) {
             return;
         }
@@ -134,10 +260,10 @@ impl Recent {
     /// Every event of the channel after `after` (a seq of the channel's, or a stream
     /// sequence before its next event, in `epoch`), if the window reaches back to it and
     /// forward to `delivered` (everything delivered so far); else `None`: ask the stream.
-    pub fn after(&self, after: u64, delivered: u64, epoch: &str) -> Option<Vec<Outgoing>> {
+    fn after(&self, after: u64, delivered: u64, epoch: &str) -> Option<Vec<Outgoing>> {
         let base = self.base.filter(|_| self.epoch == epoch)?;
         let reach = self.events.back().map_or(base, |(seq, _)| *seq);
-        if base > after || reach < delivered {
+        if !recovery::in_window(base, reach, after, delivered) {
             return None;
         }
         Some(
@@ -263,6 +389,18 @@ mod tests {
         none.push(&event(1, 2), "E");
         assert_eq!(seqs(none.after(2, 2, "E")), Some(vec![]));
         assert_eq!(seqs(none.after(1, 2, "E")), None);
+    }
+
+    #[test]
+    fn the_log_marks_what_was_delivered_per_region() {
+        let log = Log::new(&Limits::new(8, 1 << 20));
+        assert_eq!(log.delivered(0), 0);
+        log.record(&[event(0, 3), event(3, 5)], "E");
+        log.record(&[Outgoing::other("join", "p")], "E"); // no event: nothing changes
+        assert_eq!(seqs(log.recent(3, "E")), Some(vec![5]));
+        // With regions (whose windows are off), a mark per region.
+        log.record(&[Outgoing::event(mark::pack(1, 9), "us")], "E");
+        assert_eq!((log.delivered(0), log.delivered(1)), (5, 9));
     }
 
     #[test]
