@@ -29,20 +29,21 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use serde_json::{Value, json, value::RawValue};
+use serde_json::{Value, value::RawValue};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
     admit::{Admitted, Refusal, admit},
-    sse::{self, Query, Start},
+    connection::{self, Connection},
+    sse::{self, Query},
 };
 use crate::{
     cursor::Positions,
     node::Node,
     position::{ChannelKey, Position},
     protocol::{self, Op, Rejection},
-    session::{Bucket, JoinError, ReplyTo, Session},
+    session::{Bucket, ReplyTo, Session},
     sink::{Bounds, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
@@ -165,56 +166,27 @@ async fn answer(
     let framing = JsonFraming {
         positions: Positions::new(epoch, &positions, node.bus().topology().regions()),
     };
-    let config = node.config();
     let bounds = Bounds {
         frames: MAX_EVENTS,
-        bytes: config.queue_max_bytes,
+        bytes: node.config().queue_max_bytes,
     };
-    let kick = Kick::new(node.closing_token().child_token());
-    let outbox = std::sync::Arc::new(Outbox::collecting(framing, kick, bounds));
-    let conn = Uuid::new_v4();
-    node.hub().add_hidden_conn(conn, outbox.clone());
-    let session = Session::new(conn, node.clone(), outbox.clone(), identity);
+    // Out of the hub again when it is dropped, whatever the answer.
+    let poll = Connection::hidden(node.clone(), identity, framing, bounds);
     let mut resumed = Vec::new();
-    for Start {
-        channel,
-        resume,
-        resuming,
-    } in starts
-    {
-        let joined = session
-            .join(&channel, resume, |replay| {
-                if let Some(replay) = replay.filter(|_| resuming) {
-                    resumed.push(json!({
-                        "channel": channel,
-                        "recovered": replay.recovered,
-                        "replayed": replay.events.len(),
-                    }));
-                }
-            })
-            .await;
-        match joined {
-            Ok(()) => {}
-            Err(JoinError::Replay(err)) => {
-                // The client asks again with the same cursor: nothing it missed is skipped.
-                node.hub().remove_conn(conn);
-                return Err(Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "bus_unavailable",
-                    err.to_string(),
-                ));
-            }
-            Err(err) => {
-                // The client asks again with the same cursor: nothing it missed is skipped.
-                node.hub().remove_conn(conn);
-                return Err(Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "bus_unavailable",
-                    format!("cannot follow {channel:?} now: {err}"),
-                ));
-            }
-        }
+    let joined = poll
+        .join_all(starts, |channel, recovered, replayed| {
+            resumed.push(connection::resumed(channel, recovered, replayed));
+        })
+        .await;
+    if let Err(err) = joined {
+        // The client asks again with the same cursor: nothing it missed is skipped.
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            err.to_string(),
+        ));
     }
+    let outbox = &poll.outbox;
     if !outbox.has_kept() && timeout > 0 {
         // The first event, the timeout, or the node going away: whichever comes first.
         tokio::select! {
@@ -225,7 +197,7 @@ async fn answer(
         }
     }
     let (events, cursor) = outbox.take(|framing| framing.positions.encode(fanout::time::now_ms()));
-    node.hub().remove_conn(conn);
+    drop(poll);
     drop(permit);
     let events = events
         .into_iter()

@@ -13,7 +13,7 @@
 //! events straight into it ([`Outbox`] with the [`Sse`] framing), so an idle stream costs
 //! what an idle WebSocket does.
 
-use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Body,
@@ -23,32 +23,28 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use fanout::{Channel, time::now_ms};
-use metrics::counter;
 use serde_json::json;
+use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{
     admit::{Admitted, Refusal, admit},
-    connection::connection_span,
+    connection::{self, Connection, End, Start, Transport, connection_span},
     http::{Taken, Takeover},
     http_session::{self, Sessions},
 };
 use crate::{
     auth::Identity,
     cursor::{Cursor, Positions},
-    disconnect::{self, Disconnect},
-    hub::{ConnId, Profile},
+    disconnect,
+    hub::ConnId,
     node::Node,
     position::{ChannelKey, Position, Spots},
-    protocol,
-    session::{self, JoinError, ReplyTo, Resume, Session},
-    sink::{Bounds, Conduit, Framing, Kick, Outbox, Outgoing, Parts, Sink},
+    session::{ReplyTo, Resume},
+    sink::{Conduit, Framing, Outbox, Outgoing, Parts},
 };
-
-/// How long the closing `disconnect` event may take to be written.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// SSE framing: each frame is an event (`event:` and `data:` lines, shared by every stream),
 /// and each `event` frame also carries `id: <cursor>`, the stream's position on every channel,
@@ -320,17 +316,6 @@ pub(crate) async fn stream(
     response
 }
 
-/// Where a stream starts on one of its channels.
-#[derive(Debug)]
-pub(crate) struct Start {
-    pub channel: Channel,
-    /// Where it resumes: the cursor's position, else "now" (the stream's last sequence when
-    /// it opened), so that nothing published between opening and subscribing is missed.
-    pub resume: Option<Resume>,
-    /// The cursor had a position for it: a `resumed` event says what came of it.
-    pub resuming: bool,
-}
-
 /// Where a stream starts on each channel (one look at the stream's sequence, for the
 /// channels the cursor does not cover).
 pub(crate) async fn starts(node: &Node, channels: Vec<(Channel, Option<Resume>)>) -> Vec<Start> {
@@ -366,15 +351,6 @@ pub(crate) async fn starts(node: &Node, channels: Vec<(Channel, Option<Resume>)>
         .collect()
 }
 
-/// How a stream ended.
-#[derive(Debug)]
-enum End {
-    /// The socket failed or the client went away.
-    Gone,
-    /// The node closes it, saying why.
-    Close(Disconnect),
-}
-
 /// A stream's life on the node, from the socket hyper handed over.
 async fn serve(
     taken: Taken,
@@ -384,12 +360,6 @@ async fn serve(
     identity: Identity,
     channels: Vec<(Channel, Option<Resume>)>,
 ) {
-    let config = node.config();
-    let kick = Kick::new(node.closing_token().child_token());
-    let bounds = Bounds {
-        frames: config.queue_capacity,
-        bytes: config.queue_max_bytes,
-    };
     let Taken { stream, read_ahead } = taken;
     drop(read_ahead); // a client sends nothing on an event stream
     // Boxed, as every rare step's future: an idle stream's task keeps only the loop's state.
@@ -402,156 +372,77 @@ async fn serve(
         })
         .collect();
     let framing = Sse::new(node.epoch(), &positions, node.bus().topology().regions());
-    let outbox =
-        Arc::new(Outbox::new(stream, framing, kick, bounds).charged(node.budget().charge()));
-    let profile = Profile {
-        user: identity.user.as_str().into(),
-        info: identity
-            .info
-            .as_ref()
-            .and_then(|info| serde_json::value::to_raw_value(info).ok()),
-    };
-    node.hub().add_conn(conn, outbox.clone(), profile);
-    counter!("fanout_ws_connections_opened_total").increment(1);
+    let connection = Connection::open(node, conn, identity, stream, framing);
     let secret = http_session::secret();
     let requests = sessions.insert(conn, &secret);
-    let mut session = Session::new(conn, node.clone(), outbox.clone(), identity);
-    let end = run(&outbox, &node, &mut session, channels, &secret, &requests).await;
+    let transport = Events {
+        channels: Some(channels),
+        requests,
+    };
+    connection.run(transport, Some(&secret)).await;
     sessions.remove(&conn);
-    node.hub().remove_conn(conn);
-    let reason = match &end {
-        End::Gone => "client",
-        End::Close(disconnect) => disconnect.name,
-    };
-    counter!("fanout_ws_connections_closed_total", "reason" => reason).increment(1);
-    if let End::Close(disconnect) = end {
-        let data = json!({"code": disconnect.code, "reason": disconnect.reason}).to_string();
-        outbox.send("disconnect", &data);
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, outbox.flush()).await;
-    }
-    if let Some(stream) = outbox.stream() {
-        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
-    }
 }
 
-/// Waits until what was sent is written, unless the stream is cut off first.
-async fn written(outbox: &Outbox<Sse>) -> Result<(), End> {
-    if outbox.is_written() {
-        return Ok(());
-    }
-    Box::pin(flush(outbox)).await
+/// The SSE transport's own part of a connection: its channels joined after `welcome`, its
+/// session requests (`POST /session/{conn}`), the heartbeat that carries its cursor, the
+/// `disconnect` event.
+struct Events {
+    /// Joined at the start.
+    channels: Option<Vec<Start>>,
+    requests: Arc<http_session::Inbox>,
 }
 
-async fn flush(outbox: &Outbox<Sse>) -> Result<(), End> {
-    let kick = outbox.kick();
-    tokio::select! {
-        biased;
-        written = outbox.flush() => written.map_err(|_| End::Gone),
-        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
-    }
-}
-
-/// What woke a stream's task.
-enum Wake {
-    Kicked,
-    Expired,
-    Backlog,
-    Readable(std::io::Result<()>),
+/// What a stream's task wakes up for besides its own events.
+enum Input {
     Request(http_session::Request),
-    Tick,
+    Readable(std::io::Result<()>),
 }
 
-/// The stream's life: welcome, its channels (resumed where the cursor says), then requests
-/// and heartbeats until one side ends it. Events do not pass through here: fan-out writes
-/// them.
-async fn run(
-    outbox: &Arc<Outbox<Sse>>,
-    node: &Arc<Node>,
-    session: &mut Session,
-    channels: Vec<Start>,
-    secret: &str,
-    requests: &http_session::Inbox,
-) -> End {
-    let config = node.config();
-    let kick = outbox.kick().clone();
-    let Some(stream) = outbox.stream() else {
-        return End::Gone;
-    };
-    let welcome = protocol::welcome(&protocol::Welcome {
-        node: node.id(),
-        conn: &session.conn().to_string(),
-        user: &session.identity().user,
-        heartbeat: config.heartbeat_secs,
-        epoch: &node.epoch(),
-        region: node.bus().topology().region().map(|r| &**r),
-        session: Some(secret),
-    });
-    outbox.send("welcome", &welcome);
-    for Start {
-        channel,
-        resume,
-        resuming,
-    } in channels
-    {
-        let joined = Box::pin(session.join(&channel, resume, |replay| {
-            if let Some(replay) = replay.filter(|_| resuming) {
-                let resumed = json!({
-                    "channel": channel,
-                    "recovered": replay.recovered,
-                    "replayed": replay.events.len(),
-                });
+impl Transport for Events {
+    type Framing = Sse;
+    type Input = Input;
+
+    /// The stream's channels, resumed where the cursor says.
+    async fn start(&mut self, conn: &mut Connection<Sse>) -> Result<(), End> {
+        let channels = self.channels.take().unwrap_or_default();
+        let outbox = conn.outbox.clone();
+        let joined = conn
+            .join_all(channels, |channel, recovered, replayed| {
+                let resumed = connection::resumed(channel, recovered, replayed);
                 outbox.send("resumed", &resumed.to_string());
-            }
-        }))
-        .await;
+            })
+            .await;
         match joined {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             // Closed, so that the client comes back with the same cursor: nothing it missed is
             // skipped.
-            Err(JoinError::Replay(err)) => {
-                tracing::warn!(%channel, %err, "cannot resume a stream's channel");
-                return End::Close(disconnect::UNAVAILABLE);
+            Err(err) => {
+                tracing::warn!(%err, "cannot resume a stream's channel");
+                Err(End::Close(disconnect::UNAVAILABLE))
             }
-            Err(err) => tracing::warn!(%channel, %err, "cannot follow a stream's channel"),
         }
     }
-    if let Err(end) = written(outbox).await {
-        return end;
+
+    async fn input(&mut self, stream: &TcpStream) -> Input {
+        tokio::select! {
+            request = self.requests.next() => Input::Request(request),
+            readable = stream.readable() => Input::Readable(readable),
+        }
     }
-    let heartbeat = config.heartbeat();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let cancelled = kick.token().cancelled();
-    tokio::pin!(cancelled);
-    let mut expires_at = session.identity().expires_at;
-    let mut expiry = expires_at.map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
-    loop {
-        let wake = tokio::select! {
-            biased;
-            _ = &mut cancelled => Wake::Kicked,
-            _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => Wake::Expired,
-            _ = outbox.waiting() => Wake::Backlog,
-            request = requests.next() => Wake::Request(request),
-            readable = stream.readable() => Wake::Readable(readable),
-            _ = ticker.tick() => Wake::Tick,
-        };
-        let step = match wake {
-            Wake::Kicked => Err(End::Close(kick.reason())),
-            Wake::Expired => Err(End::Close(disconnect::TOKEN_EXPIRED)),
-            Wake::Backlog => Box::pin(flush(outbox)).await,
-            Wake::Request((text, reply)) => {
-                Box::pin(session.handle(&text, ReplyTo::Caller(reply))).await;
-                if session.identity().expires_at != expires_at {
-                    expires_at = session.identity().expires_at;
-                    expiry = expires_at
-                        .map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
-                }
+
+    async fn act(&mut self, input: Input, conn: &mut Connection<Sse>) -> Result<(), End> {
+        match input {
+            Input::Request((text, reply)) => {
+                Box::pin(conn.session.handle(&text, ReplyTo::Caller(reply))).await;
                 Ok(())
             }
-            Wake::Readable(Err(_)) => Err(End::Gone),
+            Input::Readable(Err(_)) => Err(End::Gone),
             // A client sends nothing on an event stream; whatever comes is dropped, and the end
             // of what it sends is the end of the stream.
-            Wake::Readable(Ok(())) => {
+            Input::Readable(Ok(())) => {
+                let Some(stream) = conn.outbox.stream() else {
+                    return Err(End::Gone);
+                };
                 let mut chunk = [0u8; 1024];
                 match stream.try_read(&mut chunk) {
                     Ok(0) => Err(End::Gone),
@@ -560,17 +451,22 @@ async fn run(
                     Err(_) => Err(End::Gone),
                 }
             }
-            Wake::Tick => {
-                // A comment line: keeps proxies from timing the stream out, and finds a dead
-                // client by the write failing. Its id vouches for the positions only while
-                // this node receives events (so: while NATS is connected).
-                let vouch = node.bus().is_connected();
-                outbox.send_framed(|sse| sse.heartbeat(vouch));
-                written(outbox).await
-            }
-        };
-        if let Err(end) = step {
-            return end;
+        }
+    }
+
+    /// A comment line: keeps proxies from timing the stream out, and finds a dead client by
+    /// the write failing. Its id vouches for the positions only while this node receives
+    /// events (so: while NATS is connected).
+    fn heartbeat(&mut self, conn: &Connection<Sse>) -> Result<(), End> {
+        let vouch = conn.node.bus().is_connected();
+        conn.outbox.send_framed(|sse| sse.heartbeat(vouch));
+        Ok(())
+    }
+
+    fn goodbye(&self, end: &End, outbox: &Outbox<Sse>) {
+        if let End::Close(disconnect) = end {
+            let data = json!({"code": disconnect.code, "reason": disconnect.reason}).to_string();
+            outbox.send("disconnect", &data);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The WebSocket transport: `GET /ws`, the upgrade, and one task per socket that reads
-//! requests, hands them to the connection's [`Session`], and keeps the heartbeat.
+//! The WebSocket transport: `GET /ws`, the upgrade, its framing, and its part of a
+//! connection ([`super::connection`]): reading frames, pings and pongs, the close frame.
 //!
 //! The upgrade is done here rather than by a WebSocket library, so that the connection's
 //! socket can be shared: fan-out writes events into it directly ([`Outbox`]), and the
@@ -7,7 +7,7 @@
 //! once. An idle connection is its task, its socket and a few hub entries: no read or write
 //! buffers are kept while nothing is in flight.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Body,
@@ -15,27 +15,26 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use metrics::counter;
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use tokio_util::task::TaskTracker;
-
 use super::{
     admit::{Admitted, admit, error},
-    connection::connection_span,
+    connection::{Connection, End, Transport, connection_span},
     frame::{self, Decoder, FrameError, Incoming},
     http::{Taken, Takeover},
 };
 use crate::{
     auth::Identity,
-    disconnect::{self, Disconnect},
-    hub::{ConnId, Profile},
+    disconnect,
+    hub::ConnId,
     node::Node,
     position::ChannelKey,
-    protocol::{self, Rejection},
-    session::{self, ReplyTo, Session},
-    sink::{Bounds, Conduit, Framing, Kick, Outbox, Outgoing, Parts},
+    protocol::Rejection,
+    session::ReplyTo,
+    sink::{Conduit, Framing, Outbox, Outgoing, Parts},
 };
 
 /// WebSocket framing: each frame is one text frame, the same bytes for every connection.
@@ -62,9 +61,6 @@ impl Framing for WebSocket {
         frame::text(json)
     }
 }
-
-/// How long a closing handshake may take before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bytes read per system call.
 const READ_CHUNK: usize = 4096;
@@ -184,17 +180,6 @@ pub(crate) fn handshake(
     }
 }
 
-/// How a connection ended.
-#[derive(Debug)]
-enum End {
-    /// The socket failed or the client vanished: nothing more to say.
-    Gone,
-    /// The client sent a close frame (with this code): answer it.
-    ClientClosed(Option<u16>),
-    /// The node closes it with this code.
-    Close(Disconnect),
-}
-
 /// A WebSocket connection's life on the node, from the socket hyper handed over.
 async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let Taken { stream, read_ahead } = taken;
@@ -202,159 +187,51 @@ async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) 
     decoder.buf.extend_from_slice(&read_ahead);
     // Copied out: these bytes keep the HTTP server's whole read buffer (8 KiB) alive.
     drop(read_ahead);
-    let config = node.config();
-    let kick = Kick::new(node.closing_token().child_token());
-    let bounds = Bounds {
-        frames: config.queue_capacity,
-        bytes: config.queue_max_bytes,
+    let connection = Connection::open(node, conn, identity, stream, WebSocket);
+    let transport = Frames {
+        decoder,
+        awaiting_pong: false,
+        messages: 0,
     };
-    let outbox =
-        Arc::new(Outbox::new(stream, WebSocket, kick, bounds).charged(node.budget().charge()));
-    let profile = Profile {
-        user: identity.user.as_str().into(),
-        info: identity
-            .info
-            .as_ref()
-            .and_then(|info| serde_json::value::to_raw_value(info).ok()),
-    };
-    node.hub().add_conn(conn, outbox.clone(), profile);
-    counter!("fanout_ws_connections_opened_total").increment(1);
-    tracing::debug!("connected");
-    let mut session = Session::new(conn, node.clone(), outbox.clone(), identity);
-    let end = run(&outbox, &mut decoder, &node, &mut session).await;
-    node.hub().remove_conn(conn);
-    let reason = match &end {
-        End::Gone | End::ClientClosed(_) => "client",
-        End::Close(disconnect) => disconnect.name,
-    };
-    counter!("fanout_ws_connections_closed_total", "reason" => reason).increment(1);
-    let close = match end {
-        End::Gone => None,
-        End::ClientClosed(code) => {
-            tracing::debug!(?code, "client closed");
-            // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
-            let code = code.filter(|&c| frame::may_send(c)).unwrap_or(1000);
-            Some(frame::close(code, ""))
-        }
-        End::Close(reason) => {
-            tracing::debug!(code = reason.code, reason = reason.reason, "closing");
-            Some(frame::close(reason.code, reason.reason))
-        }
-    };
-    if let Some(close) = close {
-        outbox.send_raw(close);
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, outbox.flush()).await;
-    }
-    // Presence answers in flight may still hold the outbox: close the socket now.
-    if let Some(stream) = outbox.stream() {
-        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
-    }
+    connection.run(transport, None).await;
 }
 
-/// Reads what the socket has into the decoder, through a buffer on the stack: an idle
-/// connection keeps no read buffer (a 4 KiB one per connection, reserved for a read that
-/// found nothing, was half of an idle connection's memory).
-fn read_into(stream: &tokio::net::TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
-    let mut chunk = [0u8; READ_CHUNK];
-    let n = stream.try_read(&mut chunk)?;
-    decoder.buf.extend_from_slice(&chunk[..n]);
-    Ok(n)
+/// The WebSocket transport's own part of a connection: the frames the client sends, decoded
+/// as they come; pings and pongs; the close frame.
+struct Frames {
+    decoder: Decoder,
+    /// A ping went out and nothing came back since.
+    awaiting_pong: bool,
+    /// Whole messages so far (which one a pending frame belongs to).
+    messages: u64,
 }
 
-/// What woke a connection's task.
-enum Wake {
-    Kicked,
-    Expired,
-    /// Frames wait for the socket.
-    Backlog,
-    Readable(std::io::Result<()>),
-    Tick,
-    /// A frame started and not finished in time.
-    Stalled,
-}
-
-/// Waits until what was sent is written, unless the connection is cut off first: a client
-/// that does not read cannot make the node queue replies without end.
-async fn written(outbox: &Outbox<WebSocket>) -> Result<(), End> {
-    if outbox.is_written() {
-        return Ok(());
-    }
-    // Boxed: only a connection whose socket is full waits here; inline, the wait would take
-    // room in every connection's task.
-    Box::pin(flush(outbox)).await
-}
-
-async fn flush(outbox: &Outbox<WebSocket>) -> Result<(), End> {
-    let kick = crate::sink::Sink::kick(outbox);
-    tokio::select! {
-        biased;
-        written = outbox.flush() => written.map_err(|_| End::Gone),
-        _ = kick.token().cancelled() => Err(End::Close(kick.reason())),
-    }
-}
-
-/// The connection's life: welcome, then requests and heartbeats until one side ends it.
-/// Events do not pass through here: fan-out writes them.
-async fn run(
-    outbox: &Arc<Outbox<WebSocket>>,
-    decoder: &mut Decoder,
-    node: &Arc<Node>,
-    session: &mut Session,
-) -> End {
-    let config = node.config();
-    let kick = crate::sink::Sink::kick(&**outbox).clone();
-    let Some(stream) = outbox.stream() else {
-        return End::Gone;
-    };
-    let welcome = protocol::welcome(&protocol::Welcome {
-        node: node.id(),
-        conn: &session.conn().to_string(),
-        user: &session.identity().user,
-        heartbeat: config.heartbeat_secs,
-        epoch: &node.epoch(),
-        region: node.bus().topology().region().map(|r| &**r),
-        session: None,
-    });
-    outbox.send("welcome", &welcome);
-    if let Err(end) = written(outbox).await {
-        return end;
-    }
-    let heartbeat = config.heartbeat();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut awaiting_pong = false;
-    let cancelled = kick.token().cancelled();
-    tokio::pin!(cancelled);
-    let mut expires_at = session.identity().expires_at;
-    let mut expiry = expires_at.map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
-    // What the decoder holds, charged to the node's budget; and while a frame is pending,
-    // the time by which it must be complete (boxed: most connections never start one that
-    // does not complete in the same read).
-    let mut holding = node.budget().charge();
-    let mut stall: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    loop {
-        // Whole messages already read come first.
+impl Frames {
+    /// Acts on every whole message the decoder holds.
+    async fn messages(&mut self, conn: &mut Connection<WebSocket>) -> Result<(), End> {
+        let max = conn.node.config().max_message_bytes;
         loop {
-            let message = match decoder.next(config.max_message_bytes) {
+            let message = match self.decoder.next(max) {
                 Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(FrameError::TooBig(_)) => return End::Close(disconnect::MESSAGE_TOO_BIG),
-                Err(FrameError::InvalidUtf8) => return End::Close(disconnect::INVALID_DATA),
+                Ok(None) => return Ok(()),
+                Err(FrameError::TooBig(_)) => return Err(End::Close(disconnect::MESSAGE_TOO_BIG)),
+                Err(FrameError::InvalidUtf8) => return Err(End::Close(disconnect::INVALID_DATA)),
                 Err(FrameError::Protocol(why)) => {
                     tracing::debug!(why, "protocol error");
-                    return End::Close(disconnect::PROTOCOL_ERROR);
+                    return Err(End::Close(disconnect::PROTOCOL_ERROR));
                 }
             };
-            awaiting_pong = false;
+            self.awaiting_pong = false;
             if matches!(message, Incoming::Text(_) | Incoming::Binary) {
                 // A whole message is progress: the next pending one gets its own time.
-                stall = None;
+                self.messages += 1;
             }
+            let outbox = &conn.outbox;
             match message {
                 Incoming::Text(text) => {
                     // Boxed: answering may await a publish or a replay, whose futures are
                     // large; inline they would sit in every idle connection's task.
-                    Box::pin(session.handle(&text, ReplyTo::Stream)).await;
+                    Box::pin(conn.session.handle(&text, ReplyTo::Stream)).await;
                 }
                 Incoming::Binary => {
                     let rejection = Rejection::new(
@@ -365,61 +242,82 @@ async fn run(
                 }
                 Incoming::Ping(payload) => outbox.send_raw(frame::pong(&payload)),
                 Incoming::Pong => {}
-                Incoming::Close(code) => return End::ClientClosed(code),
+                Incoming::Close(code) => return Err(End::ClientClosed(code)),
             }
-            if let Err(end) = written(outbox).await {
-                return end;
-            }
-            if session.identity().expires_at != expires_at {
-                // A refresh moved the deadline.
-                expires_at = session.identity().expires_at;
-                expiry =
-                    expires_at.map(|at| Box::pin(tokio::time::sleep_until(session::deadline(at))));
-            }
-        }
-        if decoder.is_idle() {
-            stall = None;
-        } else if stall.is_none() {
-            stall = Some(Box::pin(tokio::time::sleep(config.frame_timeout())));
-        }
-        if holding.set(decoder.held()).is_err() {
-            return End::Close(disconnect::TRY_AGAIN_LATER);
-        }
-        let wake = tokio::select! {
-            biased;
-            _ = &mut cancelled => Wake::Kicked,
-            _ = async { stall.as_mut().unwrap().await }, if stall.is_some() => Wake::Stalled,
-            _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => Wake::Expired,
-            _ = outbox.waiting() => Wake::Backlog,
-            readable = stream.readable() => Wake::Readable(readable),
-            _ = ticker.tick() => Wake::Tick,
-        };
-        let step = match wake {
-            Wake::Kicked => Err(End::Close(kick.reason())),
-            Wake::Expired => Err(End::Close(disconnect::TOKEN_EXPIRED)),
-            Wake::Stalled => Err(End::Close(disconnect::FRAME_TIMEOUT)),
-            Wake::Backlog => Box::pin(flush(outbox)).await,
-            Wake::Readable(Err(_)) => Err(End::Gone),
-            Wake::Readable(Ok(())) => match read_into(stream, decoder) {
-                Ok(0) => Err(End::Gone),
-                Ok(_) => Ok(()),
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                Err(_) => Err(End::Gone),
-            },
-            Wake::Tick => {
-                if awaiting_pong {
-                    Err(End::Close(disconnect::HEARTBEAT_TIMEOUT))
-                } else {
-                    awaiting_pong = true;
-                    outbox.send_raw(frame::ping());
-                    written(outbox).await
-                }
-            }
-        };
-        if let Err(end) = step {
-            return end;
+            conn.written().await?;
         }
     }
+}
+
+impl Transport for Frames {
+    type Framing = WebSocket;
+    type Input = std::io::Result<()>;
+
+    /// What came with the upgrade request, if anything.
+    async fn start(&mut self, conn: &mut Connection<WebSocket>) -> Result<(), End> {
+        self.messages(conn).await
+    }
+
+    async fn input(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+        stream.readable().await
+    }
+
+    async fn act(
+        &mut self,
+        readable: std::io::Result<()>,
+        conn: &mut Connection<WebSocket>,
+    ) -> Result<(), End> {
+        let Some(stream) = conn.outbox.stream() else {
+            return Err(End::Gone);
+        };
+        readable.map_err(|_| End::Gone)?;
+        match read_into(stream, &mut self.decoder) {
+            Ok(0) => return Err(End::Gone),
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(_) => return Err(End::Gone),
+        }
+        self.messages(conn).await
+    }
+
+    fn pending(&self) -> Option<u64> {
+        (!self.decoder.is_idle()).then_some(self.messages)
+    }
+
+    fn held(&self) -> usize {
+        self.decoder.held()
+    }
+
+    fn heartbeat(&mut self, conn: &Connection<WebSocket>) -> Result<(), End> {
+        if self.awaiting_pong {
+            return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
+        }
+        self.awaiting_pong = true;
+        conn.outbox.send_raw(frame::ping());
+        Ok(())
+    }
+
+    fn goodbye(&self, end: &End, outbox: &Outbox<WebSocket>) {
+        let close = match end {
+            End::Gone => return,
+            // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
+            End::ClientClosed(code) => {
+                frame::close(code.filter(|&c| frame::may_send(c)).unwrap_or(1000), "")
+            }
+            End::Close(reason) => frame::close(reason.code, reason.reason),
+        };
+        outbox.send_raw(close);
+    }
+}
+
+/// Reads what the socket has into the decoder, through a buffer on the stack: an idle
+/// connection keeps no read buffer (a 4 KiB one per connection, reserved for a read that
+/// found nothing, was half of an idle connection's memory).
+fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = stream.try_read(&mut chunk)?;
+    decoder.buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 #[cfg(test)]
