@@ -1,4 +1,8 @@
-//! Settings: documented defaults < optional TOML file < `FANOUT_*` environment variables.
+//! Settings: documented defaults < optional TOML file < `FANOUT_*` environment variables,
+//! parsed once into typed values: enums ([`Storage`], [`LogFormat`]), lists ([`List`]:
+//! regions; [`Urls`]: NATS servers), secrets that mask themselves
+//! ([`crate::secret::Secret`]); what is left to check (ranges, names) is checked at start-up,
+//! naming the setting.
 //!
 //! Each binary has one serde `Config` of its own; the settings both share live in [`Common`].
 //! A binary deserializes the same sources twice, once into [`Common`] and once into its own
@@ -38,13 +42,173 @@ pub enum ConfigError {
 }
 
 impl From<config::ConfigError> for ConfigError {
+    /// Names the variable of the setting that could not be read, when the message names its
+    /// key.
     fn from(err: config::ConfigError) -> Self {
         let message = err.to_string();
-        ConfigError::Load(if message.contains("for key `") {
-            format!("{message} (a key `name` is set by the variable {ENV_PREFIX}_NAME)")
-        } else {
-            message
+        let key = message
+            .split_once("for key `")
+            .and_then(|(_, rest)| rest.split('`').next());
+        ConfigError::Load(match key {
+            Some(key) => format!("{message} (set by {})", env_name(key)),
+            None => message,
         })
+    }
+}
+
+/// A setting that is one of a few words: read from its word, refused with the words it may
+/// be.
+pub trait Word: Sized + Copy + 'static {
+    /// Every value, with its word.
+    const WORDS: &'static [(&'static str, Self)];
+
+    fn parse(word: &str) -> Result<Self, String> {
+        Self::WORDS
+            .iter()
+            .find(|(w, _)| *w == word)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| {
+                let words: Vec<String> =
+                    Self::WORDS.iter().map(|(w, _)| format!("{w:?}")).collect();
+                format!("{word:?}: use {}", words.join(" or "))
+            })
+    }
+}
+
+/// Where the stream keeps events (`FANOUT_HISTORY_STORAGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Storage {
+    /// On disk: survives a NATS restart.
+    #[default]
+    File,
+    Memory,
+}
+
+impl Word for Storage {
+    const WORDS: &'static [(&'static str, Storage)] =
+        &[("file", Storage::File), ("memory", Storage::Memory)];
+}
+
+impl TryFrom<String> for Storage {
+    type Error = String;
+    fn try_from(word: String) -> Result<Storage, String> {
+        Storage::parse(&word)
+    }
+}
+
+/// How log lines are written (`FANOUT_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line, with the trace id inside traced spans.
+    Json,
+}
+
+impl Word for LogFormat {
+    const WORDS: &'static [(&'static str, LogFormat)] =
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+    fn try_from(word: String) -> Result<LogFormat, String> {
+        LogFormat::parse(&word)
+    }
+}
+
+/// A list setting: comma-separated in a variable (`eu,us`), a list or a string in a file.
+/// Entries are trimmed, empty ones dropped, once, when the settings are read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct List(Vec<String>);
+
+impl List {
+    pub fn new<S: AsRef<str>>(entries: impl IntoIterator<Item = S>) -> List {
+        List(
+            entries
+                .into_iter()
+                .map(|entry| entry.as_ref().trim().to_string())
+                .filter(|entry| !entry.is_empty())
+                .collect(),
+        )
+    }
+
+    /// A comma-separated text's entries.
+    pub fn parse(text: &str) -> List {
+        List::new(text.split(','))
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for List {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for List {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<List, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Entries(Vec<String>),
+        }
+        Ok(match Raw::deserialize(deserializer)? {
+            Raw::Text(text) => List::parse(&text),
+            Raw::Entries(entries) => List::new(entries),
+        })
+    }
+}
+
+/// As its variable says it: comma-separated.
+impl Serialize for List {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.join(","))
+    }
+}
+
+/// NATS server URLs (`FANOUT_NATS_URL`): a [`List`] whose user and password (or token), if a
+/// URL carries them, never print.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Urls(List);
+
+impl Urls {
+    pub fn parse(text: &str) -> Urls {
+        Urls(List::parse(text))
+    }
+}
+
+impl From<&str> for Urls {
+    fn from(text: &str) -> Urls {
+        Urls::parse(text)
+    }
+}
+
+impl From<&str> for List {
+    fn from(text: &str) -> List {
+        List::parse(text)
+    }
+}
+
+impl std::ops::Deref for Urls {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl Serialize for Urls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let shown: Vec<String> = self.0.iter().map(|url| mask_userinfo(url)).collect();
+        serializer.serialize_str(&shown.join(","))
     }
 }
 
@@ -74,49 +238,41 @@ pub fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}_{}", key.to_ascii_uppercase())
 }
 
-/// What the command line asks for.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What the command line asks for (clap reads it; `--help` says so).
+#[derive(Debug, Default, PartialEq, Eq, clap::Parser)]
+#[command(
+    after_help = "Settings come from FILE (TOML) and FANOUT_* environment variables, the \
+                  environment winning; see README.md, \"Configuration\"."
+)]
 pub struct Args {
-    /// `--config FILE` (or `--config=FILE`), else `FANOUT_CONFIG`.
+    /// A TOML file of settings (a key `name` is the variable FANOUT_NAME).
+    #[arg(long = "config", value_name = "FILE", env = "FANOUT_CONFIG")]
     pub file: Option<PathBuf>,
-    /// `--check`: validate the settings, print them and exit, without starting.
+    /// Validate the settings, print them (secrets masked) and exit, starting nothing.
+    #[arg(long)]
     pub check: bool,
 }
 
-/// Reads `--config FILE` (or `--config=FILE`, else `FANOUT_CONFIG`) and `--check`. Any other
-/// argument is an error, so a typo never goes unnoticed.
-pub fn args_from(mut args: impl Iterator<Item = String>, usage: &str) -> Result<Args, ConfigError> {
-    let mut parsed = Args::default();
-    while let Some(arg) = args.next() {
-        if arg == "--config" {
-            let path = args
-                .next()
-                .ok_or_else(|| ConfigError::Usage(format!("--config needs a file\n{usage}")))?;
-            parsed.file = Some(PathBuf::from(path));
-        } else if let Some(path) = arg.strip_prefix("--config=") {
-            parsed.file = Some(PathBuf::from(path));
-        } else if arg == "--check" {
-            parsed.check = true;
-        } else if arg == "-h" || arg == "--help" {
-            return Err(ConfigError::Usage(usage.to_string()));
-        } else {
-            return Err(ConfigError::Usage(format!(
-                "unknown argument {arg:?}\n{usage}"
-            )));
-        }
+impl Args {
+    /// Reads `args` (the program's name first) as binary `name`'s command line (`about`:
+    /// what `--help` says it is).
+    pub fn parse_from(
+        name: &'static str,
+        about: &'static str,
+        args: impl IntoIterator<Item = String>,
+    ) -> Result<Args, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Args::command().name(name).about(about);
+        Args::from_arg_matches(&command.try_get_matches_from(args)?)
     }
-    parsed.file = parsed
-        .file
-        .or_else(|| std::env::var_os(env_name("config")).map(PathBuf::from));
-    Ok(parsed)
 }
 
 /// What `--check` prints for a setting that is a secret.
-pub const MASKED: &str = "********";
+pub use crate::secret::MASKED;
 
-/// `key=value` lines of every setting (`FANOUT_KEY=value`, sorted), with the values of
-/// `secrets` masked and any password or token in `nats_url` hidden: what `--check` prints.
-pub fn effective(settings: &[serde_json::Value], secrets: &[&str]) -> Vec<String> {
+/// `key=value` lines of every setting (`FANOUT_KEY=value`, sorted): what `--check` prints.
+/// Secrets are masked already: their types serialize so.
+pub fn effective(settings: &[serde_json::Value]) -> Vec<String> {
     let mut lines: Vec<String> = settings
         .iter()
         .filter_map(|value| value.as_object())
@@ -126,18 +282,7 @@ pub fn effective(settings: &[serde_json::Value], secrets: &[&str]) -> Vec<String
                 serde_json::Value::String(text) => text.clone(),
                 other => other.to_string(),
             };
-            let shown = if key == "nats_url" {
-                list(&text)
-                    .iter()
-                    .map(|url| mask_userinfo(url))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            } else if secrets.contains(&key.as_str()) && !text.is_empty() {
-                MASKED.to_string()
-            } else {
-                text
-            };
-            format!("{}={shown}", env_name(key))
+            format!("{}={text}", env_name(key))
         })
         .collect();
     lines.sort();
@@ -197,11 +342,6 @@ pub trait Settings: Default + Serialize + DeserializeOwned {
     fn check(&self) -> Result<(), ConfigError> {
         Ok(())
     }
-    /// The settings whose values `--check` masks.
-    fn secrets() -> &'static [&'static str] {
-        &[]
-    }
-
     /// Defaults < `file` < environment, validated.
     fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut settings: Self = load(file)?;
@@ -228,7 +368,7 @@ pub trait Settings: Default + Serialize + DeserializeOwned {
 pub struct Common {
     /// NATS servers, comma-separated (`nats://a:4222,nats://b:4222`). The client connects to
     /// one and fails over to the others.
-    pub nats_url: String,
+    pub nats_url: Urls,
     /// This process's name in logs, in NATS (`/connz`) and in the `welcome` frame.
     /// Default: the host name.
     pub node_id: String,
@@ -241,19 +381,19 @@ pub struct Common {
     /// Stream replicas: 1 for a single NATS server, 3 in a three-node cluster.
     pub history_replicas: usize,
     /// `file` (survives a NATS restart) or `memory`.
-    pub history_storage: String,
+    pub history_storage: Storage,
     /// How long a publish waits for the stream's acknowledgement, milliseconds.
     pub publish_timeout_ms: u64,
     /// OTLP/HTTP collector base URL (`http://jaeger:4318`); `/v1/traces` is appended. Empty:
     /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` decides, and without it tracing is off.
     pub otlp_endpoint: String,
     /// `text` (default) or `json` log lines.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// This process's region: the name of its NATS cluster (e.g. `eu`). Empty (with
     /// `regions` empty): one region, no region anywhere in names, subjects or frames.
     pub region: String,
     /// Every region of the tier, comma-separated (`eu,us`); `region` is one of them.
-    pub regions: String,
+    pub regions: List,
     /// PEM file of the CA(s) that signed the NATS servers' certificates (implies TLS).
     pub nats_tls_ca: String,
     /// PEM client certificate and key, for NATS servers that verify clients (mutual TLS).
@@ -269,18 +409,18 @@ pub struct Common {
 impl Default for Common {
     fn default() -> Self {
         Common {
-            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_url: Urls::parse("nats://127.0.0.1:4222"),
             node_id: default_node_id(),
             prefix: "fanout".into(),
             history_max_age_secs: 600,
             history_max_messages: 1000,
             history_replicas: 1,
-            history_storage: "file".into(),
+            history_storage: Storage::File,
             publish_timeout_ms: 5000,
             otlp_endpoint: String::new(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             region: String::new(),
-            regions: String::new(),
+            regions: List::default(),
             nats_tls_ca: String::new(),
             nats_tls_cert: String::new(),
             nats_tls_key: String::new(),
@@ -307,7 +447,7 @@ impl Common {
                 "must be between 0 (one per CPU) and 1024",
             ));
         }
-        if self.nats_servers().is_empty() {
+        if self.nats_url.is_empty() {
             return Err(ConfigError::invalid("nats_url", "no server given"));
         }
         let id_ok = !self.node_id.is_empty()
@@ -358,18 +498,6 @@ impl Common {
                 "must be between 1 and 5",
             ));
         }
-        if !matches!(self.history_storage.as_str(), "file" | "memory") {
-            return Err(ConfigError::invalid(
-                "history_storage",
-                format!("{:?}: use \"file\" or \"memory\"", self.history_storage),
-            ));
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::invalid(
-                "log_format",
-                format!("{:?}: use \"text\" or \"json\"", self.log_format),
-            ));
-        }
         let endpoint = self.otlp_endpoint.trim();
         let http = endpoint.starts_with("http://") || endpoint.starts_with("https://");
         if !(endpoint.is_empty() || http) {
@@ -395,7 +523,7 @@ impl Common {
     }
 
     fn validate_regions(&self) -> Result<(), ConfigError> {
-        let regions = self.regions();
+        let regions = &self.regions;
         match (self.region.is_empty(), regions.is_empty()) {
             (true, true) => return Ok(()),
             (false, true) => {
@@ -412,7 +540,7 @@ impl Common {
             }
             (false, false) => {}
         }
-        for region in &regions {
+        for region in regions.iter() {
             let ok = region.len() <= 32
                 && region.chars().all(|c| {
                     c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
@@ -426,7 +554,7 @@ impl Common {
                 ));
             }
         }
-        let mut unique = regions.clone();
+        let mut unique = regions.to_vec();
         unique.sort();
         unique.dedup();
         if unique.len() != regions.len() {
@@ -443,21 +571,12 @@ impl Common {
                 "region",
                 format!(
                     "{:?} is not one of FANOUT_REGIONS ({})",
-                    self.region, self.regions
+                    self.region,
+                    self.regions.join(",")
                 ),
             ));
         }
         Ok(())
-    }
-
-    /// The regions of [`Common::regions`], in the order given; empty for one region.
-    pub fn regions(&self) -> Vec<String> {
-        list(&self.regions)
-    }
-
-    /// The servers of [`Common::nats_url`], trimmed, empty entries dropped.
-    pub fn nats_servers(&self) -> Vec<String> {
-        list(&self.nats_url)
     }
 
     pub fn publish_timeout(&self) -> Duration {
@@ -508,11 +627,15 @@ mod tests {
             "{err}"
         );
 
-        let common = Common {
-            history_storage: "disk".into(),
-            ..Common::default()
-        };
-        let err = common.validate().unwrap_err().to_string();
+        // A value no variant takes is refused as it is read, naming its variable.
+        let raw = serde_json::json!({ "history_storage": "disk" });
+        let err = ConfigError::from(config::ConfigError::Message(
+            serde_json::from_value::<Common>(raw)
+                .unwrap_err()
+                .to_string()
+                + " for key `history_storage`",
+        ))
+        .to_string();
         assert!(err.contains("FANOUT_HISTORY_STORAGE"), "{err}");
 
         let err = parse_listen("nope").unwrap_err().to_string();
@@ -547,7 +670,10 @@ mod tests {
             nats_url: " nats://a:1, nats://b:2 ,".into(),
             ..Common::default()
         };
-        assert_eq!(common.nats_servers(), ["nats://a:1", "nats://b:2"]);
+        assert_eq!(&*common.nats_url, ["nats://a:1", "nats://b:2"]);
+        let file: Common =
+            serde_json::from_value(serde_json::json!({ "regions": [" eu", "us", ""] })).unwrap();
+        assert_eq!(&*file.regions, ["eu", "us"], "a file may list them");
     }
 
     #[test]
@@ -566,29 +692,38 @@ mod tests {
     #[test]
     fn args_name_the_config_file() {
         let args = |v: &[&str]| {
-            v.iter()
-                .map(|s| s.to_string())
+            std::iter::once("fanout-ws".to_string())
+                .chain(v.iter().map(|s| s.to_string()))
                 .collect::<Vec<_>>()
-                .into_iter()
         };
-        let parsed = args_from(args(&["--config", "a.toml"]), "usage").unwrap();
+        let parsed = Args::parse_from("fanout-ws", "", args(&["--config", "a.toml"])).unwrap();
         assert_eq!(parsed.file, Some(PathBuf::from("a.toml")));
         assert!(!parsed.check);
-        let parsed = args_from(args(&["--check", "--config=b.toml"]), "usage").unwrap();
+        let parsed =
+            Args::parse_from("fanout-ws", "", args(&["--check", "--config=b.toml"])).unwrap();
         assert_eq!(parsed.file, Some(PathBuf::from("b.toml")));
         assert!(parsed.check);
-        assert!(args_from(args(&["--bogus"]), "usage").is_err());
+        let err = Args::parse_from("fanout-ws", "", args(&["--bogus"])).unwrap_err();
+        assert!(err.to_string().contains("--bogus"), "{err}");
     }
 
     #[test]
     fn check_masks_secrets_and_nats_passwords() {
-        let settings = serde_json::json!({
-            "nats_url": "nats://ada:hunter2@a:4222, nats://s3cret@b:4222,nats://c:4222",
-            "jwt_secret": "hunter2",
-            "api_keys": "",
-            "heartbeat_secs": 25,
-        });
-        let lines = effective(&[settings], &["jwt_secret", "api_keys"]);
+        #[derive(Serialize)]
+        struct Shown {
+            nats_url: Urls,
+            jwt_secret: crate::secret::Secret,
+            api_keys: crate::secret::Secret,
+            heartbeat_secs: u64,
+        }
+        let settings = serde_json::to_value(Shown {
+            nats_url: "nats://ada:hunter2@a:4222, nats://s3cret@b:4222,nats://c:4222".into(),
+            jwt_secret: "hunter2".into(),
+            api_keys: "".into(),
+            heartbeat_secs: 25,
+        })
+        .unwrap();
+        let lines = effective(&[settings]);
         assert_eq!(
             lines,
             [

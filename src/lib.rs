@@ -5,6 +5,7 @@
 //! - [`config`]: loading settings (defaults < TOML file < `FANOUT_*` environment) and the
 //!   settings both binaries share ([`config::Common`]).
 //! - [`channel`]: what a channel name may be ([`Channel`]), and the reserved `broadcast`.
+//! - [`codes`]: every error code on the wire ([`Code`]).
 //! - [`envelope`]: the event as it travels through NATS ([`Envelope`]) and the header names
 //!   that carry its id and timestamp.
 //! - [`bus`]: the only module that talks to NATS. It builds every subject, owns the
@@ -14,6 +15,7 @@
 //! - [`stats`]: the tier's live numbers for operators (`GET /v1/stats`): what each node
 //!   answers and how the API adds them up.
 //! - [`time`]: wall-clock helpers (unix milliseconds, Go's `time.ANSIC` layout).
+//! - [`secret`]: secrets in the settings, masked by type; constant-time comparison.
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
 //! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
 //! - [`telemetry`]: log output set-up.
@@ -23,11 +25,13 @@
 
 pub mod bus;
 pub mod channel;
+pub mod codes;
 pub mod config;
 pub mod discovery;
 pub mod envelope;
 pub mod presence;
 pub mod process;
+pub mod secret;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
@@ -35,5 +39,6 @@ pub mod time;
 
 pub use bus::{Bus, BusError, PresenceChanges, Published, Subscription};
 pub use channel::{Channel, ChannelError};
+pub use codes::Code;
 pub use config::{Common, ConfigError};
 pub use envelope::Envelope;

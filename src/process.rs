@@ -18,6 +18,7 @@ use crate::{
 /// with status 1 and one line on stderr naming the cause.
 pub fn main<C, Fut, E>(
     name: &'static str,
+    about: &'static str,
     run: impl FnOnce(C, TcpListener, CancellationToken) -> Fut,
 ) -> ExitCode
 where
@@ -25,14 +26,13 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + 'static,
 {
-    let usage = format!(
-        "usage: {name} [--config FILE] [--check]\n\
-         settings come from FILE (TOML) and FANOUT_* environment variables; see README.md\n\
-         --check: validate them, print the effective settings (secrets masked) and exit"
-    );
-    let args = match config::args_from(std::env::args().skip(1), &usage) {
+    let args = match config::Args::parse_from(name, about, std::env::args()) {
         Ok(args) => args,
-        Err(err) => return fail(name, &chain(&err)),
+        // `--help` (status 0), or what is wrong with the command line (status 2).
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(err.exit_code().clamp(0, 255) as u8);
+        }
     };
     let loaded = C::load(args.file.as_deref());
     if args.check {
@@ -70,7 +70,7 @@ fn check<C: Settings>(
                 format!("{}, defaults and environment", file.display())
             });
             println!("# {name}: settings are valid ({source})");
-            for line in config::effective(&values, C::secrets()) {
+            for line in config::effective(&values) {
                 println!("{line}");
             }
             ExitCode::SUCCESS

@@ -136,7 +136,7 @@ pub fn init(service: &'static str, common: &Common) -> Result<Telemetry, Telemet
     }
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = common.log_format == "json";
+    let json = common.log_format == crate::config::LogFormat::Json;
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()

@@ -43,7 +43,7 @@ async fn refused(url: &str) -> (u16, Value) {
 
 async fn jwt_node(nats: &NatsServer, tweak: impl FnOnce(&mut fanout_ws::Config)) -> Server {
     start_ws(nats, "ws-1", |c| {
-        c.auth = "jwt".into();
+        c.auth = fanout_ws::config::AuthMode::Jwt;
         c.jwt_secret = SECRET.into();
         tweak(c);
     })
@@ -188,7 +188,7 @@ async fn rs256_and_eddsa_tokens_verify_with_a_public_key() {
         };
         let path = public.display().to_string();
         let ws = start_ws(&nats, kind, |c| {
-            c.auth = "jwt".into();
+            c.auth = fanout_ws::config::AuthMode::Jwt;
             c.jwt_public_key = path;
         })
         .await;

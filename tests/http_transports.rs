@@ -121,7 +121,7 @@ async fn sse_refusals_are_json_errors() {
     let nats = NatsServer::start();
     let secret = "test-secret-test-secret-test-secret";
     let ws = start_ws(&nats, "ws-1", |c| {
-        c.auth = "jwt".into();
+        c.auth = fanout_ws::config::AuthMode::Jwt;
         c.jwt_secret = secret.into();
         c.max_subscriptions = 2;
         c.allowed_origins = "https://good.example".into();

@@ -208,7 +208,10 @@ fn invalid_settings_fail_at_start_naming_the_setting() {
     let stderr = refused("fanout-api", &[], &["--config", "/nonexistent/fanout.toml"]);
     assert!(stderr.contains("/nonexistent/fanout.toml"), "{stderr}");
     let stderr = refused("fanout-api", &[], &["--bogus"]);
-    assert!(stderr.contains("usage"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("usage") && stderr.contains("--bogus"),
+        "{stderr}"
+    );
 }
 
 /// A binary, its environment, its arguments, and a line `--check` must print.

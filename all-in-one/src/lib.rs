@@ -20,7 +20,7 @@ use std::path::Path;
 
 use fanout::{
     ConfigError,
-    config::{Settings, parse_listen},
+    config::{Settings, Urls, parse_listen},
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -96,9 +96,6 @@ impl Settings for Config {
     fn check(&self) -> Result<(), ConfigError> {
         self.ws.check()
     }
-    fn secrets() -> &'static [&'static str] {
-        &["api_keys", "jwt_secret"]
-    }
 
     /// Each server's settings as its own binary reads them, then this binary's two.
     fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -128,8 +125,8 @@ impl Settings for Config {
         };
         if own_nats {
             // None was given: `--check` shows that, and `run` fills in the child's.
-            config.api.common.nats_url.clear();
-            config.ws.common.nats_url.clear();
+            config.api.common.nats_url = Urls::default();
+            config.ws.common.nats_url = Urls::default();
         }
         Ok(config)
     }
@@ -175,8 +172,8 @@ pub async fn run(
     })?;
     let nats = if own_nats {
         let nats = nats::Nats::start(Path::new(&data_dir)).await?;
-        api.common.nats_url = nats.url().to_string();
-        ws.common.nats_url = nats.url().to_string();
+        api.common.nats_url = Urls::parse(nats.url());
+        ws.common.nats_url = Urls::parse(nats.url());
         Some(nats)
     } else {
         None

@@ -1,6 +1,6 @@
 //! `fanout-api`'s settings: [`fanout::Common`] plus what only the API uses.
 
-use fanout::{Common, ConfigError, config::Settings};
+use fanout::{Common, ConfigError, config::Settings, secret::Secret};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -26,7 +26,7 @@ pub struct Config {
     pub jaeger_ui: String,
     /// API keys, comma-separated (`FANOUT_API_KEYS`). When set, every `/v1` endpoint and
     /// `POST /ping` need `Authorization: Bearer <key>`.
-    pub api_keys: String,
+    pub api_keys: Secret,
     /// Keep `POST /ping` (the demo) open even when API keys are set (`FANOUT_PUBLIC_PING`).
     pub public_ping: bool,
 }
@@ -48,7 +48,7 @@ impl Default for Config {
             batch_max_bytes: 8 * 1024 * 1024,
             ws_urls: String::new(),
             jaeger_ui: String::new(),
-            api_keys: String::new(),
+            api_keys: Secret::default(),
             public_ping: false,
         }
     }
@@ -66,9 +66,6 @@ impl Settings for Config {
     }
     fn validate(&self) -> Result<(), ConfigError> {
         Config::validate(self)
-    }
-    fn secrets() -> &'static [&'static str] {
-        &["api_keys"]
     }
 }
 
@@ -101,7 +98,7 @@ impl Config {
 
     /// The configured API keys.
     pub fn keys(&self) -> Vec<String> {
-        fanout::config::list(&self.api_keys)
+        fanout::config::list(self.api_keys.expose())
     }
 
     /// Parses [`Config::ws_urls`]; unnamed entries are called `node-1`, `node-2`, ...

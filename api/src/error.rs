@@ -6,18 +6,18 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use fanout::{BusError, ChannelError};
+use fanout::{BusError, ChannelError, Code};
 use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -26,13 +26,17 @@ impl ApiError {
     }
 
     pub fn invalid_channel(err: ChannelError) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_channel", err.to_string())
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidChannel,
+            err.to_string(),
+        )
     }
 
     pub fn invalid_json(err: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            Code::InvalidJson,
             format!("the body must be one JSON value: {err}"),
         )
     }
@@ -40,19 +44,19 @@ impl ApiError {
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Code::PayloadTooLarge,
             format!("the body is larger than the limit of {limit} bytes"),
         )
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        Self::new(StatusCode::NOT_FOUND, Code::NotFound, "no such endpoint")
     }
 
     pub fn method_not_allowed() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "this endpoint does not take that method",
         )
     }
@@ -63,7 +67,7 @@ impl From<BusError> for ApiError {
         tracing::warn!(%err, "publish not acknowledged");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
+            Code::BusUnavailable,
             err.to_string(),
         )
     }
@@ -71,7 +75,7 @@ impl From<BusError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        metrics::counter!("fanout_api_errors_total", "code" => self.code).increment(1);
+        metrics::counter!("fanout_api_errors_total", "code" => self.code.as_str()).increment(1);
         let body = json!({"error": {"code": self.code, "message": self.message}});
         (self.status, Json(body)).into_response()
     }

@@ -56,7 +56,7 @@ pub const METRICS: &[Metric] = &[
         name: "fanout_api_errors_total",
         kind: Kind::Counter,
         help: "Error answers, by their code (bus_unavailable: NATS or the stream could not take the event).",
-        zero: &[&[("code", "bus_unavailable")]],
+        zero: &[&[("code", fanout::Code::BusUnavailable.as_str())]],
     },
     Metric {
         name: "fanout_region_mirror_behind",

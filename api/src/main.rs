@@ -7,5 +7,9 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    fanout::process::main::<fanout_api::Config, _, _>("fanout-api", fanout_api::run)
+    fanout::process::main::<fanout_api::Config, _, _>(
+        "fanout-api",
+        "fanout's stateless HTTP API: stores events in NATS JetStream, answers once stored",
+        fanout_api::run,
+    )
 }

@@ -31,7 +31,7 @@ use axum::{
     routing::{get, post},
 };
 use bytes::Bytes;
-use fanout::{Bus, Channel, Published, telemetry};
+use fanout::{Bus, Channel, Code, Published, telemetry};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, value::RawValue};
 use std::borrow::Cow;
@@ -156,7 +156,7 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
         None => {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                Code::Unauthorized,
                 "this endpoint needs Authorization: Bearer <API key>",
             )
             .into_response();
@@ -168,26 +168,16 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
         }
         // Every key is compared, in constant time, so timing tells nothing.
         Some(key)
-            if state
-                .api_keys
-                .iter()
-                .fold(false, |ok, k| ok | same(k.as_bytes(), key.as_bytes())) =>
+            if state.api_keys.iter().fold(false, |ok, k| {
+                ok | fanout::secret::same(k.as_bytes(), key.as_bytes())
+            }) =>
         {
             next.run(request).await
         }
         Some(_) => {
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden", "unknown API key").into_response()
+            ApiError::new(StatusCode::FORBIDDEN, Code::Forbidden, "unknown API key").into_response()
         }
     }
-}
-
-/// Equality whose time depends only on the lengths.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
 }
 
 /// The HTTP server span of a publishing request (when tracing is on), continuing the
@@ -245,7 +235,7 @@ async fn publish_event(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Path(channel) = channel
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidChannel, e.body_text()))?;
     let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
     if channel.is_internal() {
         return Err(reserved());
@@ -271,7 +261,7 @@ async fn publish(
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(state.body_limit)
         } else {
-            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+            ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
         }
     })?;
     check_body(&body)?;
@@ -297,7 +287,7 @@ async fn publish(
 fn reserved() -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
-        "reserved_channel",
+        Code::ReservedChannel,
         format!(
             "channels starting with {:?} are fanout's own",
             fanout::channel::INTERNAL_PREFIX
@@ -375,13 +365,13 @@ enum BatchResult {
 
 #[derive(Debug, Serialize)]
 struct ErrorBody {
-    code: &'static str,
+    code: Code,
     message: String,
 }
 
 impl From<ApiError> for BatchResult {
     fn from(err: ApiError) -> Self {
-        metrics::counter!("fanout_api_errors_total", "code" => err.code).increment(1);
+        metrics::counter!("fanout_api_errors_total", "code" => err.code.as_str()).increment(1);
         BatchResult::Failed {
             error: ErrorBody {
                 code: err.code,
@@ -403,27 +393,27 @@ async fn publish_batch(
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                Code::PayloadTooLarge,
                 format!(
                     "the batch is larger than the limit of {} bytes (FANOUT_BATCH_MAX_BYTES)",
                     state.batch_max_bytes
                 ),
             )
         } else {
-            ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+            ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
         }
     })?;
     let batch: Batch = serde_json::from_slice(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_batch",
+            Code::InvalidBatch,
             format!(r#"the body must be {{"events":[{{"channel","data","idempotency_key"?}}, ...]}}: {err}"#),
         )
     })?;
     if batch.events.len() > state.batch_max_events {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
+            Code::BatchTooLarge,
             format!(
                 "{} events; a batch carries at most {} (FANOUT_BATCH_MAX_EVENTS)",
                 batch.events.len(),
@@ -483,7 +473,7 @@ fn check_event(body_limit: usize, body: &Bytes, raw: &RawValue) -> Result<Checke
     let event: BatchEvent = serde_json::from_str(raw.get()).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_event",
+            Code::InvalidEvent,
             format!(r#"an event is {{"channel","data","idempotency_key"?}}: {err}"#),
         )
     })?;
@@ -495,7 +485,7 @@ fn check_event(body_limit: usize, body: &Bytes, raw: &RawValue) -> Result<Checke
     if data.len() > body_limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Code::PayloadTooLarge,
             format!("the event's data is larger than the limit of {body_limit} bytes"),
         ));
     }
@@ -574,7 +564,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 fn invalid_key(why: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
-        "invalid_idempotency_key",
+        Code::InvalidIdempotencyKey,
         format!("Idempotency-Key {why}"),
     )
 }
@@ -644,17 +634,17 @@ async fn presence(
     params: Result<axum::extract::Query<PresenceParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Path(channel) = channel
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_channel", e.body_text()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidChannel, e.body_text()))?;
     let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
     if channel.is_broadcast() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "reserved_channel",
+            Code::ReservedChannel,
             "\"broadcast\" reaches every connection; it has no presence",
         ));
     }
     let axum::extract::Query(params) = params
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidQuery, e.body_text()))?;
     let answer = state
         .bus
         .rpc()
@@ -663,7 +653,7 @@ async fn presence(
         .map_err(|err| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "bus_unavailable",
+                Code::BusUnavailable,
                 err.to_string(),
             )
         })?;
@@ -677,7 +667,7 @@ async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (nodes, partial) = state.bus.rpc().stats(&state.nodes).await.map_err(|err| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
+            Code::BusUnavailable,
             err.to_string(),
         )
     })?;

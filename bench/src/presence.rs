@@ -29,7 +29,7 @@ fn common(nats: &str, node: &str) -> fanout::Common {
     fanout::Common {
         nats_url: nats.into(),
         node_id: node.into(),
-        history_storage: "memory".into(),
+        history_storage: fanout::config::Storage::Memory,
         ..fanout::Common::default()
     }
 }

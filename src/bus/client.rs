@@ -106,7 +106,7 @@ impl Bus {
         };
         let mut js = jetstream::new(client.clone());
         js.set_timeout(common.publish_timeout());
-        let topology = Topology::new(&common.prefix, common.regions(), &common.region);
+        let topology = Topology::new(&common.prefix, common.regions.to_vec(), &common.region);
         let log = EventLog::new(
             client.clone(),
             js,

@@ -32,11 +32,11 @@ impl Link {
             client: None,
             creds: None,
         };
-        for url in common.nats_servers() {
+        for url in common.nats_url.iter() {
             let server = url
                 .parse::<ServerAddr>()
                 .map_err(|source| BusError::InvalidUrl {
-                    url: redact(&url),
+                    url: redact(url),
                     source,
                 })?;
             link.tls |= server.tls_required();

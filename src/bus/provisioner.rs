@@ -19,7 +19,7 @@ use super::{
     log::{EventLog, ORIGIN_EPOCH, StreamState, epoch_of},
     topology::Topology,
 };
-use crate::Common;
+use crate::{Common, config::Storage};
 
 /// How long JetStream remembers a `Nats-Msg-Id` to drop a repeated publish. NATS requires
 /// it to be no longer than the history window, so a shorter history shortens it.
@@ -39,9 +39,9 @@ fn limits(common: &Common) -> stream::Config {
     stream::Config {
         max_age: Duration::from_secs(common.history_max_age_secs),
         max_messages_per_subject: common.history_max_messages,
-        storage: match common.history_storage.as_str() {
-            "memory" => StorageType::Memory,
-            _ => StorageType::File,
+        storage: match common.history_storage {
+            Storage::Memory => StorageType::Memory,
+            Storage::File => StorageType::File,
         },
         num_replicas: common.history_replicas,
         allow_direct: true,

@@ -12,12 +12,12 @@
 //! Patterns: `*` matches every channel, `room:*` every channel starting with `room:`, anything
 //! else exactly that channel. `broadcast` is always allowed to subscribe.
 
-use fanout::{Channel, ConfigError};
+use fanout::{Channel, Code, ConfigError};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::Config;
+use crate::{Config, config::AuthMode};
 
 /// Checks tokens (or lets everyone in).
 pub enum Verifier {
@@ -43,12 +43,12 @@ impl std::fmt::Debug for Verifier {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct AuthError {
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
 }
 
 impl AuthError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         AuthError {
             code,
             message: message.into(),
@@ -118,15 +118,15 @@ const MAX_USER: usize = 128;
 impl Verifier {
     /// Builds the verifier the settings describe; errors name the setting.
     pub fn from_config(config: &Config) -> Result<Verifier, ConfigError> {
-        match config.auth.as_str() {
-            "none" => Ok(Verifier::Anonymous),
-            "jwt" => {
+        match config.auth {
+            AuthMode::None => Ok(Verifier::Anonymous),
+            AuthMode::Jwt => {
                 let (key, algorithm) = match (
                     config.jwt_secret.is_empty(),
                     config.jwt_public_key.is_empty(),
                 ) {
                     (false, true) => (
-                        DecodingKey::from_secret(config.jwt_secret.as_bytes()),
+                        DecodingKey::from_secret(config.jwt_secret.expose().as_bytes()),
                         Algorithm::HS256,
                     ),
                     (true, false) => public_key(&config.jwt_public_key)?,
@@ -144,10 +144,6 @@ impl Verifier {
                     validation: Box::new(validation),
                 })
             }
-            other => Err(ConfigError::invalid(
-                "auth",
-                format!("{other:?}: use \"none\" or \"jwt\""),
-            )),
         }
     }
 
@@ -159,7 +155,7 @@ impl Verifier {
                     Some(user) if valid_user(user) => user.to_string(),
                     Some(_) => {
                         return Err(AuthError::new(
-                            "invalid_user",
+                            Code::InvalidUser,
                             format!("?user= must be 1-{MAX_USER} printable characters"),
                         ));
                     }
@@ -175,37 +171,37 @@ impl Verifier {
             }
             Verifier::Jwt { key, validation } => {
                 let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
-                    AuthError::new("missing_token", "this node requires a JWT as ?token=")
+                    AuthError::new(Code::MissingToken, "this node requires a JWT as ?token=")
                 })?;
                 let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
                     .map_err(|err| match err.kind() {
                         ErrorKind::ExpiredSignature => {
-                            AuthError::new("token_expired", "the token has expired")
+                            AuthError::new(Code::TokenExpired, "the token has expired")
                         }
                         ErrorKind::InvalidSignature => AuthError::new(
-                            "invalid_signature",
+                            Code::InvalidSignature,
                             "the token's signature does not verify",
                         ),
                         ErrorKind::InvalidAlgorithm => AuthError::new(
-                            "wrong_algorithm",
+                            Code::WrongAlgorithm,
                             format!(
                                 "the token is not signed with {:?}",
                                 validation.algorithms[0]
                             ),
                         ),
                         ErrorKind::MissingRequiredClaim(claim) => AuthError::new(
-                            "invalid_token",
+                            Code::InvalidToken,
                             format!("the token has no \"{claim}\" claim"),
                         ),
                         _ => AuthError::new(
-                            "invalid_token",
+                            Code::InvalidToken,
                             format!("the token cannot be used: {err}"),
                         ),
                     })?
                     .claims;
                 if !valid_user(&claims.sub) {
                     return Err(AuthError::new(
-                        "invalid_token",
+                        Code::InvalidToken,
                         format!("\"sub\" must be 1-{MAX_USER} printable characters"),
                     ));
                 }
@@ -266,6 +262,9 @@ mod tests {
         let v = Verifier::Anonymous;
         assert_eq!(v.identify(None, Some("ada")).unwrap().user, "ada");
         assert!(v.identify(None, None).unwrap().user.starts_with("anon-"));
-        assert_eq!(v.identify(None, Some("")).unwrap_err().code, "invalid_user");
+        assert_eq!(
+            v.identify(None, Some("")).unwrap_err().code,
+            Code::InvalidUser
+        );
     }
 }

@@ -2,8 +2,34 @@
 
 use std::time::Duration;
 
-use fanout::{Common, ConfigError, config::Settings};
+use fanout::{
+    Common, ConfigError,
+    config::{Settings, Word},
+    secret::Secret,
+};
 use serde::{Deserialize, Serialize};
+
+/// Who may connect (`FANOUT_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum AuthMode {
+    /// Anyone, as `?user=` (development only).
+    None,
+    /// A JWT (see [`crate::auth`]).
+    Jwt,
+}
+
+impl Word for AuthMode {
+    const WORDS: &'static [(&'static str, AuthMode)] =
+        &[("none", AuthMode::None), ("jwt", AuthMode::Jwt)];
+}
+
+impl TryFrom<String> for AuthMode {
+    type Error = String;
+    fn try_from(word: String) -> Result<AuthMode, String> {
+        AuthMode::parse(&word)
+    }
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -43,9 +69,9 @@ pub struct Config {
     /// Put the trace id in `event` frames (`"trace"`), so a page can link to the trace.
     pub event_trace_id: bool,
     /// `none` (anyone, as `?user=`: development only) or `jwt` (see [`crate::auth`]).
-    pub auth: String,
+    pub auth: AuthMode,
     /// HS256 secret, with `auth = "jwt"`.
-    pub jwt_secret: String,
+    pub jwt_secret: Secret,
     /// Path of a PEM public key (RSA for RS256, Ed25519 for EdDSA), with `auth = "jwt"`.
     pub jwt_public_key: String,
     /// Browser origins allowed to connect, comma-separated (`https://app.example`); empty:
@@ -92,8 +118,8 @@ impl Default for Config {
             drain_window_ms: 3000,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
-            auth: "none".into(),
-            jwt_secret: String::new(),
+            auth: AuthMode::None,
+            jwt_secret: Secret::default(),
             jwt_public_key: String::new(),
             allowed_origins: String::new(),
             max_connections_per_ip: 0,
@@ -123,9 +149,6 @@ impl Settings for Config {
     /// The JWT settings as the node would read them at start (the key file included).
     fn check(&self) -> Result<(), ConfigError> {
         crate::auth::Verifier::from_config(self).map(drop)
-    }
-    fn secrets() -> &'static [&'static str] {
-        &["jwt_secret"]
     }
 }
 
@@ -167,12 +190,6 @@ impl Config {
             ("drain_window_ms", self.drain_window_ms as usize, 0, 600_000),
             ("coalesce_ms", self.coalesce_ms as usize, 0, 1000),
         ];
-        if !matches!(self.auth.as_str(), "none" | "jwt") {
-            return Err(ConfigError::invalid(
-                "auth",
-                format!("{:?}: use \"none\" or \"jwt\"", self.auth),
-            ));
-        }
         if self.canary_interval_ms != 0 && !(100..=600_000).contains(&self.canary_interval_ms) {
             return Err(ConfigError::invalid(
                 "canary_interval_ms",

@@ -102,7 +102,7 @@ pub fn jwt(data: &[u8]) {
     static VERIFIER: OnceLock<Verifier> = OnceLock::new();
     let verifier = VERIFIER.get_or_init(|| {
         let config = Config {
-            auth: "jwt".into(),
+            auth: crate::config::AuthMode::Jwt,
             jwt_secret: "fuzzing-secret".into(),
             ..Config::default()
         };

@@ -182,7 +182,7 @@ pub const METRICS: &[Metric] = &[
         name: "fanout_ws_auth_failures_total",
         kind: Kind::Counter,
         help: "Refused identities, by code (missing_token, invalid_token, token_expired, invalid_user, ...).",
-        zero: &[&[("code", "invalid_token")]],
+        zero: &[&[("code", fanout::Code::InvalidToken.as_str())]],
     },
     Metric {
         name: "fanout_ws_client_publishes_total",

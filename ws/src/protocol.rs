@@ -8,7 +8,7 @@
 //! `update`) and `error`. (The `event` frame is the channel reader's: encoded once per event,
 //! where it is read.)
 
-use fanout::Channel;
+use fanout::{Channel, Code};
 use serde::Serialize;
 use serde_json::{Value, value::RawValue};
 
@@ -80,7 +80,7 @@ pub struct Request {
 /// A request the node cannot act on. Encoded as an `error` frame; the connection stays open.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     /// The `op` of the offending request, when it had one.
     pub op: Option<String>,
@@ -88,7 +88,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Rejection {
             code,
             message: message.into(),
@@ -107,7 +107,7 @@ impl Rejection {
         #[derive(Serialize)]
         struct ErrorFrame<'a> {
             op: &'static str,
-            code: &'static str,
+            code: Code,
             message: &'a str,
             #[serde(rename = "ref")]
             reference: Option<&'a str>,
@@ -127,10 +127,10 @@ impl Rejection {
 /// Parses one text frame from a client.
 pub fn parse(text: &str) -> Result<Request, Rejection> {
     let value: Value = serde_json::from_str(text)
-        .map_err(|e| Rejection::new("invalid_json", format!("not valid JSON: {e}")))?;
+        .map_err(|e| Rejection::new(Code::InvalidJson, format!("not valid JSON: {e}")))?;
     let Value::Object(mut fields) = value else {
         return Err(Rejection::new(
-            "invalid_json",
+            Code::InvalidJson,
             "a request must be a JSON object",
         ));
     };
@@ -139,7 +139,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         Some(id @ (Value::Number(_) | Value::String(_))) => Some(id),
         Some(_) => {
             return Err(Rejection::new(
-                "invalid_request",
+                Code::InvalidRequest,
                 "\"id\" must be a number or a string",
             ));
         }
@@ -148,21 +148,21 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         Some(Value::String(op)) => op.as_str(),
         _ => {
             return Err(
-                Rejection::new("invalid_request", "a request needs \"op\", a string")
+                Rejection::new(Code::InvalidRequest, "a request needs \"op\", a string")
                     .about(None, id.as_ref()),
             );
         }
     };
     let channel = || match fields.get("channel") {
         Some(Value::String(name)) => {
-            Channel::parse(name).map_err(|e| Rejection::new("invalid_channel", e.to_string()))
+            Channel::parse(name).map_err(|e| Rejection::new(Code::InvalidChannel, e.to_string()))
         }
         Some(_) => Err(Rejection::new(
-            "invalid_channel",
+            Code::InvalidChannel,
             "\"channel\" must be a string",
         )),
         None => Err(Rejection::new(
-            "invalid_request",
+            Code::InvalidRequest,
             format!("{op:?} needs \"channel\""),
         )),
     };
@@ -175,13 +175,13 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
             .map(|regions| Some(Since::Regions(regions)))
             .ok_or_else(|| {
                 Rejection::new(
-                    "invalid_request",
+                    Code::InvalidRequest,
                     "\"since\" must map each region to a non-negative integer (a seq)",
                 )
             }),
         Some(value) => value.as_u64().map(|seq| Some(Since::Seq(seq))).ok_or_else(|| {
             Rejection::new(
-                "invalid_request",
+                Code::InvalidRequest,
                 "\"since\" must be a non-negative integer (a seq) or an object of seqs by region",
             )
         }),
@@ -190,7 +190,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(epoch)) => Ok(Some(epoch.clone())),
         Some(_) => Err(Rejection::new(
-            "invalid_request",
+            Code::InvalidRequest,
             "\"epoch\" must be a string",
         )),
     };
@@ -198,7 +198,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(flag)) => Ok(*flag),
         Some(_) => Err(Rejection::new(
-            "invalid_request",
+            Code::InvalidRequest,
             format!("{name:?} must be true or false"),
         )),
     };
@@ -223,7 +223,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
                 let info = info.to_string();
                 if info.len() > MAX_INFO_BYTES {
                     Err(Rejection::new(
-                        "info_too_large",
+                        Code::InfoTooLarge,
                         format!("\"info\" may be at most {MAX_INFO_BYTES} bytes of JSON"),
                     ))
                 } else {
@@ -231,7 +231,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
                 }
             }
             _ => Err(Rejection::new(
-                "invalid_request",
+                Code::InvalidRequest,
                 "\"info\" needs \"info\", a JSON object or null",
             )),
         },
@@ -243,7 +243,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
                 data: data.clone(),
             }),
             None => Err(Rejection::new(
-                "invalid_request",
+                Code::InvalidRequest,
                 "\"publish\" needs \"data\"",
             )),
         }),
@@ -252,12 +252,12 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
                 token: token.clone(),
             }),
             _ => Err(Rejection::new(
-                "invalid_request",
+                Code::InvalidRequest,
                 "\"refresh\" needs \"token\", a string",
             )),
         },
         _ => Err(Rejection::new(
-            "unknown_op",
+            Code::UnknownOp,
             format!(
                 "unknown op {op:?}; expected subscribe, unsubscribe, publish, presence, info, \
                  refresh or ping"

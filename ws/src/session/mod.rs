@@ -24,7 +24,7 @@ pub(crate) use state::Bucket;
 pub use state::{ReplyTo, Session, deadline};
 pub use subscribe::{JoinError, Resume};
 
-use fanout::Channel;
+use fanout::{Channel, Code};
 
 use crate::protocol::{self, Op, Request, RequestId};
 
@@ -97,7 +97,7 @@ impl Session {
                 to,
                 id,
                 "refresh",
-                "invalid_token",
+                Code::InvalidToken,
                 "the new token is for another user",
             ),
             Err(err) => self.reject(to, id, "refresh", err.code, err.message),

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use fanout::Channel;
+use fanout::{Channel, Code};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -27,11 +27,11 @@ pub(super) fn query(
 ) {
     if channel.is_broadcast() {
         let message = "\"broadcast\" reaches every connection; it has no presence";
-        return session.reject(to, id, "presence", "reserved_channel", message);
+        return session.reject(to, id, "presence", Code::ReservedChannel, message);
     }
     if !session.identity.may_subscribe(&channel) {
         let message = format!("your token does not allow subscribing to {channel:?}");
-        return session.reject(to, id, "presence", "forbidden", message);
+        return session.reject(to, id, "presence", Code::Forbidden, message);
     }
     if !session.budget.take() {
         return session.rate_limited(to, id, "presence");
@@ -41,7 +41,7 @@ pub(super) fn query(
         .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_QUERIES)));
     let Ok(permit) = in_flight.clone().try_acquire_owned() else {
         let message = format!("at most {MAX_QUERIES} presence queries in flight per connection");
-        return session.reject(to, id, "presence", "too_many_requests", message);
+        return session.reject(to, id, "presence", Code::TooManyRequests, message);
     };
     let (node, conduit) = (session.node.clone(), session.conduit.clone());
     tokio::spawn(
@@ -49,7 +49,7 @@ pub(super) fn query(
             let reply = match node.presence(&channel, count_only).await {
                 Ok(answer) => protocol::presence(&answer, id.as_ref()),
                 Err(err) => {
-                    let mut rejection = Rejection::new("bus_unavailable", err.to_string());
+                    let mut rejection = Rejection::new(Code::BusUnavailable, err.to_string());
                     rejection.op = Some("presence".into());
                     rejection.id = id;
                     rejection.encode()

@@ -1,6 +1,6 @@
 //! `publish`: a client's event, through the same acknowledged JetStream path as the HTTP API.
 
-use fanout::Channel;
+use fanout::{Channel, Code};
 use metrics::counter;
 use serde_json::Value;
 
@@ -16,7 +16,7 @@ pub(super) async fn publish(
 ) {
     if !session.identity.may_publish(&channel) {
         let message = format!("your token does not allow publishing to {channel:?}");
-        return session.reject(to, id, "publish", "forbidden", message);
+        return session.reject(to, id, "publish", Code::Forbidden, message);
     }
     if !session.budget.take() {
         return session.rate_limited(to, id, "publish");
@@ -34,6 +34,6 @@ pub(super) async fn publish(
             );
             session.send(to, reply);
         }
-        Err(err) => session.reject(to, id, "publish", "bus_unavailable", err.to_string()),
+        Err(err) => session.reject(to, id, "publish", Code::BusUnavailable, err.to_string()),
     }
 }

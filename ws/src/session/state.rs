@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use fanout::Code;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::{
@@ -77,7 +78,7 @@ impl Session {
         to: ReplyTo,
         id: Option<RequestId>,
         op: &str,
-        code: &'static str,
+        code: Code,
         message: impl Into<String>,
     ) {
         let mut rejection = Rejection::new(code, message);
@@ -93,7 +94,7 @@ impl Session {
             to,
             id,
             op,
-            "rate_limited",
+            Code::RateLimited,
             format!(
                 "at most {rate} publishes, info updates and presence queries per second \
                  (FANOUT_PUBLISH_RATE_PER_SEC)"

@@ -6,7 +6,7 @@
 //! live first, then replays the stored events after the client's position, then lets the
 //! held live events go, without those the replay covered: no gap, no duplicate.
 
-use fanout::Channel;
+use fanout::{Channel, Code};
 
 use super::state::{ReplyTo, Session};
 use crate::{
@@ -141,15 +141,15 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
     } = request;
     if !session.identity.may_subscribe(&channel) {
         let message = format!("your token does not allow subscribing to {channel:?}");
-        return session.reject(to, id, "subscribe", "forbidden", message);
+        return session.reject(to, id, "subscribe", Code::Forbidden, message);
     }
     if presence && channel.is_broadcast() {
         let message = "\"broadcast\" reaches every connection; it has no presence";
-        return session.reject(to, id, "subscribe", "reserved_channel", message);
+        return session.reject(to, id, "subscribe", Code::ReservedChannel, message);
     }
     let from = match since.map(|since| positions(session, since)).transpose() {
         Ok(from) => from,
-        Err(message) => return session.reject(to, id, "subscribe", "invalid_request", message),
+        Err(message) => return session.reject(to, id, "subscribe", Code::InvalidRequest, message),
     };
     let resume = from.map(|from| Resume {
         from,
@@ -164,9 +164,9 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
     .await;
     if let Err(err) = joined {
         let code = match err {
-            JoinError::Subscribe(SubscribeError::TooMany(_)) => "too_many_subscriptions",
-            JoinError::Subscribe(SubscribeError::UnknownConn) => "internal",
-            JoinError::Replay(_) => "bus_unavailable",
+            JoinError::Subscribe(SubscribeError::TooMany(_)) => Code::TooManySubscriptions,
+            JoinError::Subscribe(SubscribeError::UnknownConn) => Code::Internal,
+            JoinError::Replay(_) => Code::BusUnavailable,
         };
         let to = to.expect("not announced on failure");
         session.reject(to, id, "subscribe", code, err.to_string());
@@ -210,7 +210,7 @@ pub(super) fn unsubscribe(
 ) {
     if channel.is_broadcast() {
         let message = "every connection receives \"broadcast\"; it cannot be unsubscribed";
-        return session.reject(to, id, "unsubscribe", "reserved_channel", message);
+        return session.reject(to, id, "unsubscribe", Code::ReservedChannel, message);
     }
     // The hub has the connection's sink leave the channel: nothing of it comes after the reply.
     session.node.unsubscribe(session.conn, &channel);

@@ -8,6 +8,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use fanout::Code;
 use metrics::counter;
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use crate::{
 };
 
 /// A JSON error answer: `{"error":{"code","message"}}`.
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: Code, message: &str) -> Response {
     let body = json!({"error": {"code": code, "message": message}});
     (status, Json(body)).into_response()
 }
@@ -26,12 +27,12 @@ pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
 #[derive(Debug)]
 pub(crate) struct Refusal {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
 }
 
 impl Refusal {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+    pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Refusal {
         Refusal {
             status,
             code,
@@ -68,19 +69,19 @@ pub(crate) fn admit(
         if !origins.is_empty() && !origins.iter().any(|allowed| allowed == origin) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
-                "forbidden_origin",
+                Code::ForbiddenOrigin,
                 format!("origin {origin:?} may not connect (FANOUT_ALLOWED_ORIGINS)"),
             ));
         }
     }
     let identity = node.verifier().identify(token, user).map_err(|err| {
-        counter!("fanout_ws_auth_failures_total", "code" => err.code).increment(1);
+        counter!("fanout_ws_auth_failures_total", "code" => err.code.as_str()).increment(1);
         Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
     })?;
     let Some(permit) = node.admit(peer.ip()) else {
         return Err(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections",
+            Code::TooManyConnections,
             format!(
                 "{} already holds {} connections (FANOUT_MAX_CONNECTIONS_PER_IP)",
                 peer.ip(),

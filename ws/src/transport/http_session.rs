@@ -8,6 +8,7 @@
 //! `401 invalid_session` without it or with another, `404 unknown_session` for a session this
 //! node does not hold (never held, or closed).
 
+use fanout::Code;
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
@@ -135,11 +136,6 @@ pub fn secret() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// Compares in time that does not depend on where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 pub(crate) async fn request(
     State(sessions): State<Sessions>,
     State(node): State<Arc<Node>>,
@@ -150,7 +146,7 @@ pub(crate) async fn request(
     let unknown = || {
         error(
             StatusCode::NOT_FOUND,
-            "unknown_session",
+            Code::UnknownSession,
             &format!("no live session {conn:?} on this node (it closed, or is held elsewhere)"),
         )
     };
@@ -164,10 +160,12 @@ pub(crate) async fn request(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    if !presented.is_some_and(|secret| same(secret.trim().as_bytes(), handle.secret.as_bytes())) {
+    if !presented.is_some_and(|secret| {
+        fanout::secret::same(secret.trim().as_bytes(), handle.secret.as_bytes())
+    }) {
         return error(
             StatusCode::UNAUTHORIZED,
-            "invalid_session",
+            Code::InvalidSession,
             "send Authorization: Bearer <session>, the secret of this session's welcome",
         );
     }
@@ -175,7 +173,7 @@ pub(crate) async fn request(
     let Ok(body) = to_bytes(body, limit).await else {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Code::PayloadTooLarge,
             &format!("a request may be at most {limit} bytes (FANOUT_MAX_MESSAGE_BYTES)"),
         );
     };
@@ -186,7 +184,7 @@ pub(crate) async fn request(
         Err(Refused::Full) => {
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
+                Code::TooManyRequests,
                 &format!("at most {QUEUE} requests may wait for one session"),
             );
         }
@@ -202,7 +200,7 @@ pub(crate) async fn request(
         Ok(Err(_)) => unknown(),
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+            Code::Timeout,
             &format!("no reply within {REPLY_TIMEOUT:?}"),
         ),
     }

@@ -35,7 +35,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use fanout::telemetry;
+use fanout::{Code, telemetry};
 use metrics::gauge;
 use serde_json::json;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -109,11 +109,11 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, Code::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                Code::MethodNotAllowed,
                 "wrong method for this endpoint",
             )
         })

@@ -14,6 +14,7 @@
 //! `publish`, `presence` or `ping` at a time, identified like a poll, within a budget per
 //! client IP.
 
+use fanout::Code;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -127,7 +128,7 @@ async fn answer(
             _ => {
                 return Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
-                    "invalid_query",
+                    Code::InvalidQuery,
                     format!("timeout must be a whole number of seconds, 0 to {MAX_TIMEOUT}"),
                 ));
             }
@@ -151,7 +152,7 @@ async fn answer(
     let Some(epoch) = node.known_epoch().await else {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
+            Code::BusUnavailable,
             "this node has not reached the stream yet: try again with the same cursor",
         ));
     };
@@ -182,7 +183,7 @@ async fn answer(
         // The client asks again with the same cursor: nothing it missed is skipped.
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
+            Code::BusUnavailable,
             err.to_string(),
         ));
     }
@@ -276,8 +277,12 @@ pub(crate) async fn request(
     let limit = node.config().max_message_bytes;
     let Ok(body) = to_bytes(body, limit).await else {
         let message = format!("a request may be at most {limit} bytes (FANOUT_MAX_MESSAGE_BYTES)");
-        return Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
-            .into_response();
+        return Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::PayloadTooLarge,
+            message,
+        )
+        .into_response();
     };
     let reply = |json: String| {
         (
@@ -303,7 +308,7 @@ pub(crate) async fn request(
     };
     if !matches!(name, "publish" | "presence" | "ping") {
         let mut rejection = Rejection::new(
-            "unsupported_op",
+            Code::UnsupportedOp,
             format!(
                 "{name:?} needs a live connection (WebSocket or SSE); a poll names its channels \
                  in its query"
@@ -319,7 +324,7 @@ pub(crate) async fn request(
             "at most {rate} publishes and presence queries per second from one address \
              (FANOUT_PUBLISH_RATE_PER_SEC)"
         );
-        return Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        return Refusal::new(StatusCode::TOO_MANY_REQUESTS, Code::RateLimited, message)
             .into_response();
     }
     // A session for this one request, in no channel and hidden from presence.
@@ -341,7 +346,7 @@ pub(crate) async fn request(
         Ok(json) => reply(json),
         Err(_) => Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            Code::Internal,
             "the request got no reply",
         )
         .into_response(),

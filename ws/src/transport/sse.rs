@@ -22,7 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use fanout::{Channel, time::now_ms};
+use fanout::{Channel, Code, time::now_ms};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -183,7 +183,13 @@ pub(crate) fn channels(
         None => None,
         Some(text) => match Cursor::decode(text, node.bus().topology().regions()) {
             Ok(cursor) => Some(cursor),
-            Err(err) => return bad(StatusCode::BAD_REQUEST, "invalid_cursor", err.to_string()),
+            Err(err) => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    Code::InvalidCursor,
+                    err.to_string(),
+                );
+            }
         },
     };
     let mut wanted: Vec<Channel> = Vec::new();
@@ -192,7 +198,7 @@ pub(crate) fn channels(
             Ok(channel) => wanted.push(channel),
             Err(err) => {
                 let message = format!("channel {name:?}: {err}");
-                return bad(StatusCode::BAD_REQUEST, "invalid_channel", message);
+                return bad(StatusCode::BAD_REQUEST, Code::InvalidChannel, message);
             }
         }
     }
@@ -204,7 +210,7 @@ pub(crate) fn channels(
     for channel in &wanted {
         if !identity.may_subscribe(channel) {
             let message = format!("your token does not allow subscribing to {channel:?}");
-            return bad(StatusCode::FORBIDDEN, "forbidden", message);
+            return bad(StatusCode::FORBIDDEN, Code::Forbidden, message);
         }
     }
     let limit = node.config().max_subscriptions;
@@ -213,7 +219,7 @@ pub(crate) fn channels(
             "{} channels; a stream may follow at most {limit} (FANOUT_MAX_SUBSCRIPTIONS)",
             wanted.len()
         );
-        return bad(StatusCode::BAD_REQUEST, "too_many_subscriptions", message);
+        return bad(StatusCode::BAD_REQUEST, Code::TooManySubscriptions, message);
     }
     Ok(std::iter::once(Channel::broadcast())
         .chain(wanted)
@@ -271,7 +277,7 @@ pub(crate) async fn stream(
     if node.known_epoch().await.is_none() {
         return Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
+            Code::BusUnavailable,
             "this node has not reached the stream yet: try again",
         )
         .into_response();
@@ -279,7 +285,7 @@ pub(crate) async fn stream(
     let Some(takeover) = request.extensions().get::<Takeover>() else {
         return Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            Code::Internal,
             "this connection cannot be streamed",
         )
         .into_response();

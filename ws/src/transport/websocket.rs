@@ -7,6 +7,7 @@
 //! once. An idle connection is its task, its socket and a few hub entries: no read or write
 //! buffers are kept while nothing is in flight.
 
+use fanout::Code;
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use axum::{
@@ -78,14 +79,14 @@ pub(crate) async fn upgrade(
         Err(rejection) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "invalid_query",
+                Code::InvalidQuery,
                 &rejection.body_text(),
             );
         }
     };
     let key = match handshake(request.method(), &headers) {
         Ok(key) => key,
-        Err((status, message)) => return error(status, "websocket_required", message),
+        Err((status, message)) => return error(status, Code::WebsocketRequired, message),
     };
     let token = params.get("token").map(String::as_str);
     let user = params.get("user").map(String::as_str);
@@ -96,7 +97,7 @@ pub(crate) async fn upgrade(
     let Some(takeover) = request.extensions().get::<Takeover>() else {
         return error(
             StatusCode::UPGRADE_REQUIRED,
-            "websocket_required",
+            Code::WebsocketRequired,
             "this connection cannot be upgraded",
         );
     };
@@ -235,7 +236,7 @@ impl Frames {
                 }
                 Incoming::Binary => {
                     let rejection = Rejection::new(
-                        "unsupported_frame",
+                        Code::UnsupportedFrame,
                         "binary frames are not supported; send JSON text frames",
                     );
                     outbox.send("error", &rejection.encode());
