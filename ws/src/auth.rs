@@ -13,11 +13,11 @@
 //! else exactly that channel. `broadcast` is always allowed to subscribe.
 
 use fanout::{Channel, Code, ConfigError};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use jsonwebtoken::{DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{Config, config::AuthMode};
+use crate::Config;
 
 /// Checks tokens (or lets everyone in).
 pub enum Verifier {
@@ -118,33 +118,17 @@ const MAX_USER: usize = 128;
 impl Verifier {
     /// Builds the verifier the settings describe; errors name the setting.
     pub fn from_config(config: &Config) -> Result<Verifier, ConfigError> {
-        match config.auth {
-            AuthMode::None => Ok(Verifier::Anonymous),
-            AuthMode::Jwt => {
-                let (key, algorithm) = match (
-                    config.jwt_secret.is_empty(),
-                    config.jwt_public_key.is_empty(),
-                ) {
-                    (false, true) => (
-                        DecodingKey::from_secret(config.jwt_secret.expose().as_bytes()),
-                        Algorithm::HS256,
-                    ),
-                    (true, false) => public_key(&config.jwt_public_key)?,
-                    _ => {
-                        return Err(ConfigError::invalid(
-                            "auth",
-                            "\"jwt\" needs exactly one of FANOUT_JWT_SECRET (HS256) or FANOUT_JWT_PUBLIC_KEY (RS256/EdDSA)",
-                        ));
-                    }
-                };
+        Ok(match config.jwt_key()? {
+            None => Verifier::Anonymous,
+            Some((key, algorithm)) => {
                 let mut validation = Validation::new(algorithm);
                 validation.leeway = 5;
-                Ok(Verifier::Jwt {
+                Verifier::Jwt {
                     key,
                     validation: Box::new(validation),
-                })
+                }
             }
-        }
+        })
     }
 
     /// The identity of a connection presenting `token` (jwt) or `user` (none).
@@ -219,22 +203,6 @@ impl Verifier {
 
 fn valid_user(user: &str) -> bool {
     !user.is_empty() && user.len() <= MAX_USER && !user.chars().any(char::is_control)
-}
-
-fn public_key(path: &str) -> Result<(DecodingKey, Algorithm), ConfigError> {
-    let pem = std::fs::read(path).map_err(|err| {
-        ConfigError::invalid("jwt_public_key", format!("cannot read {path}: {err}"))
-    })?;
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-        return Ok((key, Algorithm::RS256));
-    }
-    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
-        return Ok((key, Algorithm::EdDSA));
-    }
-    Err(ConfigError::invalid(
-        "jwt_public_key",
-        format!("{path} is neither an RSA nor an Ed25519 public key in PEM"),
-    ))
 }
 
 #[cfg(test)]

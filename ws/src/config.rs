@@ -7,6 +7,7 @@ use fanout::{
     config::{Settings, Word},
     secret::Secret,
 };
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::{Deserialize, Serialize};
 
 /// Who may connect (`FANOUT_AUTH`).
@@ -148,11 +149,30 @@ impl Settings for Config {
     }
     /// The JWT settings as the node would read them at start (the key file included).
     fn check(&self) -> Result<(), ConfigError> {
-        crate::auth::Verifier::from_config(self).map(drop)
+        self.jwt_key().map(drop)
     }
 }
 
 impl Config {
+    /// The key tokens are checked with (`None` with `auth = "none"`): `jwt_secret` (HS256) or
+    /// the PEM file `jwt_public_key` (RS256 or EdDSA, by what the file holds); exactly one.
+    pub fn jwt_key(&self) -> Result<Option<(DecodingKey, Algorithm)>, ConfigError> {
+        match self.auth {
+            AuthMode::None => Ok(None),
+            AuthMode::Jwt => match (self.jwt_secret.is_empty(), self.jwt_public_key.is_empty()) {
+                (false, true) => Ok(Some((
+                    DecodingKey::from_secret(self.jwt_secret.expose().as_bytes()),
+                    Algorithm::HS256,
+                ))),
+                (true, false) => public_key(&self.jwt_public_key).map(Some),
+                _ => Err(ConfigError::invalid(
+                    "auth",
+                    "\"jwt\" needs exactly one of FANOUT_JWT_SECRET (HS256) or FANOUT_JWT_PUBLIC_KEY (RS256/EdDSA)",
+                )),
+            },
+        }
+    }
+
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ranges: [(&'static str, usize, usize, usize); 13] = [
@@ -226,6 +246,22 @@ impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs)
     }
+}
+
+fn public_key(path: &str) -> Result<(DecodingKey, Algorithm), ConfigError> {
+    let pem = std::fs::read(path).map_err(|err| {
+        ConfigError::invalid("jwt_public_key", format!("cannot read {path}: {err}"))
+    })?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((key, Algorithm::RS256));
+    }
+    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+        return Ok((key, Algorithm::EdDSA));
+    }
+    Err(ConfigError::invalid(
+        "jwt_public_key",
+        format!("{path} is neither an RSA nor an Ed25519 public key in PEM"),
+    ))
 }
 
 #[cfg(test)]
