@@ -16,8 +16,9 @@ COPY api/Cargo.toml api/
 COPY ws/Cargo.toml ws/
 COPY all-in-one/Cargo.toml all-in-one/
 COPY bench/Cargo.toml bench/
-RUN mkdir -p src api/src ws/src all-in-one/src bench/src \
- && touch src/lib.rs api/src/lib.rs ws/src/lib.rs all-in-one/src/lib.rs \
+COPY testkit/Cargo.toml testkit/
+RUN mkdir -p src api/src ws/src all-in-one/src bench/src testkit/src \
+ && touch src/lib.rs api/src/lib.rs ws/src/lib.rs all-in-one/src/lib.rs testkit/src/lib.rs \
  && echo 'fn main() {}' > api/src/main.rs \
  && echo 'fn main() {}' > ws/src/main.rs \
  && echo 'fn main() {}' > all-in-one/src/main.rs \

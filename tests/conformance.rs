@@ -112,12 +112,12 @@ fn cases() -> Vec<(String, Vec<u8>, Expect)> {
     for (rsv, name) in [(0x40, "RSV1"), (0x20, "RSV2"), (0x10, "RSV3")] {
         case(
             format!("3 {name} on text"),
-            frame_with(0x80 | rsv | TEXT, &ping_of(30, 1), true),
+            frame_with(0x80 | rsv | TEXT, &ping_of(30, 1), Some(MASK)),
             Expect::Close(1002),
         );
         case(
             format!("3 {name} on ping"),
-            frame_with(0x80 | rsv | PING, b"", true),
+            frame_with(0x80 | rsv | PING, b"", Some(MASK)),
             Expect::Close(1002),
         );
     }

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, eventually, geo::Supercluster, geo::Tier, is_push, publish_json, within};
+use common::{
+    Client, ProcessExt, eventually, geo::Supercluster, geo::Tier, is_push, publish_json, within,
+};
 use serde_json::{Value, json};
 
 /// One-way delay of the gateway links.

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use common::{Client, Process, WAIT, nats_server_bin, publish, wait_ready_for, within, workspace};
+use common::{
+    Client, Process, ProcessExt, WAIT, nats_server_bin, publish, wait_ready_for, within, workspace,
+};
 use serde_json::json;
 
 const API_PASSWORD: &str = "api-secret-pw";

@@ -10,7 +10,6 @@
 //!   and for one with subscribers in both regions (idle gateway traffic subtracted).
 
 use std::{
-    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -25,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::{
     hist::Histogram,
     proxy,
-    tier::{Paths, Proc, free_port, start_fanout, wait_ready},
+    tier::{Paths, Supercluster, start_fanout, wait_ready},
 };
 
 const REGIONS: [&str; 2] = ["eu", "us"];
@@ -37,155 +36,36 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// The supercluster: 3 servers per region, gateways behind proxies.
-struct Supercluster {
-    _servers: Vec<Proc>,
-    /// Client URLs per region.
-    urls: Vec<String>,
-    monitors: Vec<u16>,
+/// The supercluster (the test kit's: 3 servers per region), its gateways behind in-process
+/// delay proxies that count the bytes crossing them.
+struct Geo {
+    servers: Supercluster,
     delay: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
 }
 
-async fn supercluster(paths: &Paths, dir: &Path, delay_ms: u64) -> Supercluster {
+async fn supercluster(delay_ms: u64) -> Geo {
     let delay = Arc::new(AtomicU64::new(delay_ms));
     let bytes = Arc::new(AtomicU64::new(0));
-    struct Ports {
-        client: u16,
-        monitor: u16,
-        route: u16,
-        gateway: u16,
-        proxy: u16,
-    }
-    let ports: Vec<Vec<Ports>> = REGIONS
-        .iter()
-        .map(|_| {
-            (0..3)
-                .map(|_| Ports {
-                    client: free_port(),
-                    monitor: free_port(),
-                    route: free_port(),
-                    gateway: free_port(),
-                    proxy: free_port(),
-                })
-                .collect()
-        })
-        .collect();
-    for p in ports.iter().flatten() {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", p.proxy))
+    let servers = Supercluster::start(&REGIONS);
+    for (front, gateway) in servers.fronts() {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", *front))
             .await
-            .unwrap();
-        let target = format!("127.0.0.1:{}", p.gateway).parse().unwrap();
+            .expect("a proxy's port");
+        let target = format!("127.0.0.1:{gateway}").parse().expect("an address");
         tokio::spawn(proxy::serve(listener, target, delay.clone(), bytes.clone()));
     }
-    let gateways = REGIONS
-        .iter()
-        .zip(&ports)
-        .map(|(name, ports)| {
-            let urls: Vec<String> = ports
-                .iter()
-                .map(|p| format!("\"nats://127.0.0.1:{}\"", p.proxy))
-                .collect();
-            format!("{{ name: {name}, urls: [{}] }}", urls.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join("\n    ");
-    let mut servers = Vec::new();
-    for (name, ports) in REGIONS.iter().zip(&ports) {
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|p| format!("\"nats://127.0.0.1:{}\"", p.route))
-            .collect();
-        for (i, p) in ports.iter().enumerate() {
-            let conf = dir.join(format!("{name}-{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: {name}-{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
-                     jetstream {{ store_dir: \"{}\" }}\n\
-                     cluster {{ name: {name}, listen: 127.0.0.1:{}, routes: [{}] }}\n\
-                     gateway {{ name: {name}, listen: 127.0.0.1:{}, advertise: \"127.0.0.1:{}\",\n  gateways: [\n    {gateways}\n  ] }}\n",
-                    p.client,
-                    p.monitor,
-                    dir.join(format!("js-{name}-{i}")).display(),
-                    p.route,
-                    routes.join(", "),
-                    p.gateway,
-                    p.proxy,
-                ),
-            )
-            .unwrap();
-            let child = std::process::Command::new(&paths.nats_server)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start nats-server");
-            servers.push(Proc {
-                child,
-                addr: format!("127.0.0.1:{}", p.client),
-            });
-        }
-    }
-    let urls = ports
-        .iter()
-        .map(|ports| {
-            ports
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{}", p.client))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect();
-    let monitors = ports.iter().flatten().map(|p| p.monitor).collect();
-    let cluster = Supercluster {
-        _servers: servers,
-        urls,
-        monitors,
+    servers.wait_ready(Duration::from_secs(60)).await;
+    Geo {
+        servers,
         delay,
         bytes,
-    };
-    cluster.wait_formed().await;
-    cluster
-}
-
-impl Supercluster {
-    async fn wait_formed(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        'wait: loop {
-            assert!(Instant::now() < deadline, "the supercluster did not form");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            for port in &self.monitors {
-                let get = |path: &str| {
-                    let url = format!("http://127.0.0.1:{port}{path}");
-                    async move {
-                        serde_json::from_str::<Value>(
-                            &reqwest::get(url).await.ok()?.text().await.ok()?,
-                        )
-                        .ok()
-                    }
-                };
-                let (Some(jsz), Some(gatewayz)) = (get("/jsz").await, get("/gatewayz").await)
-                else {
-                    continue 'wait;
-                };
-                let leader = jsz["meta_cluster"]["leader"].as_str().unwrap_or("");
-                let outbound = gatewayz["outbound_gateways"]
-                    .as_object()
-                    .map_or(0, |o| o.len());
-                if leader.is_empty() || outbound < REGIONS.len() - 1 {
-                    continue 'wait;
-                }
-            }
-            return;
-        }
     }
 }
 
-fn env(cluster: &Supercluster, region: usize, replicas: usize) -> Vec<(String, String)> {
+fn env(cluster: &Geo, region: usize, replicas: usize) -> Vec<(String, String)> {
     [
-        ("FANOUT_NATS_URL", cluster.urls[region].clone()),
+        ("FANOUT_NATS_URL", cluster.servers.regions[region].urls(0)),
         ("FANOUT_REGION", REGIONS[region].to_string()),
         ("FANOUT_REGIONS", REGIONS.join(",")),
         ("FANOUT_HISTORY_REPLICAS", replicas.to_string()),
@@ -281,7 +161,7 @@ async fn publish(api: &str, channel: &str, count: usize, rate: u64, pad: usize) 
 
 /// Gateway bytes per event while `count` events of `pad` bytes go to `channel` through
 /// `api`, idle traffic (measured over as long, just before) subtracted.
-async fn bytes_per_event(cluster: &Supercluster, api: &str, channel: &str, count: usize) -> f64 {
+async fn bytes_per_event(cluster: &Geo, api: &str, channel: &str, count: usize) -> f64 {
     let rate = 200;
     let window = Duration::from_millis(count as u64 * 1000 / rate);
     let before = cluster.bytes.load(Ordering::Relaxed);
@@ -302,9 +182,8 @@ pub async fn run(
     secs: u64,
     replicas: usize,
 ) -> Value {
-    let dir = tempfile::tempdir().unwrap();
     println!("geo: 2 regions x 3 NATS servers, streams R{replicas}, WAN {delay_ms} ms each way");
-    let cluster = supercluster(paths, dir.path(), delay_ms).await;
+    let cluster = supercluster(delay_ms).await;
     let mut apis = Vec::new();
     let mut nodes = Vec::new();
     for (i, name) in REGIONS.iter().enumerate() {

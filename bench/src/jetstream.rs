@@ -16,20 +16,13 @@ use async_nats::{
 };
 use serde_json::{Value, json};
 
-use crate::tier::{self, Paths};
+use crate::tier;
 
 /// `publishers` tasks on one NATS connection, each keeping `window` publishes in flight,
 /// for `secs`. Reports acknowledged events/s and nats-server's CPU per event.
-pub async fn baseline(
-    paths: &Paths,
-    publishers: usize,
-    window: usize,
-    secs: u64,
-    size: usize,
-) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = tier::start_nats(paths, dir.path());
-    let client = async_nats::connect(&nats.addr)
+pub async fn baseline(publishers: usize, window: usize, secs: u64, size: usize) -> Value {
+    let nats = tier::start_nats(&[]);
+    let client = async_nats::connect(nats.url())
         .await
         .expect("connect to NATS");
     let js = jetstream::new(client);

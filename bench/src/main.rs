@@ -199,7 +199,6 @@ async fn coordinate(command: &str, rest: &[String]) {
         }
         "jetstream" => {
             let r = jetstream::baseline(
-                &paths,
                 o.num("publishers", 16),
                 o.num("window", 256),
                 o.num("duration", 5) as u64,
@@ -209,7 +208,7 @@ async fn coordinate(command: &str, rest: &[String]) {
             println!("{r}");
             r
         }
-        "presence" => presence::run(&paths, o.num("members", 100_000), o.num("nodes", 3)).await,
+        "presence" => presence::run(o.num("members", 100_000), o.num("nodes", 3)).await,
         "geo" => {
             geo::run(
                 &paths,

@@ -48,10 +48,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn run(paths: &tier::Paths, members: usize, nodes: usize) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = tier::start_nats(paths, dir.path());
-    let url = nats.addr.clone();
+pub async fn run(members: usize, nodes: usize) -> Value {
+    let nats = tier::start_nats(&[]);
+    let url = nats.url();
     let tracker = TaskTracker::new();
     let mut ws = Vec::new();
     for i in 1..=nodes {

@@ -152,10 +152,9 @@ async fn otlp_sink() -> (String, Arc<AtomicUsize>) {
 }
 
 async fn fanout(paths: &tier::Paths, params: &Params) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = tier::start_nats(paths, dir.path());
+    let nats = tier::start_nats(&[]);
     let mut env = vec![
-        ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
+        ("FANOUT_NATS_URL".to_string(), nats.url()),
         ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
         ("FANOUT_HISTORY_STORAGE".to_string(), "memory".to_string()),
         ("FANOUT_QUEUE_CAPACITY".to_string(), "4096".to_string()),
@@ -194,8 +193,9 @@ async fn fanout(paths: &tier::Paths, params: &Params) -> Outcome {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let servers: Vec<&tier::Proc> = nodes.iter().chain([&api, &nats]).collect();
-    let cpu = |servers: &[&tier::Proc]| servers.iter().map(|p| p.cpu_seconds()).sum::<f64>();
+    let servers: Vec<u32> = nodes.iter().chain([&api]).map(|p| p.child.id()).collect();
+    let servers = [servers, vec![nats.pid()]].concat();
+    let cpu = |pids: &[u32]| pids.iter().copied().map(tier::cpu_seconds).sum::<f64>();
     let cpu_before = cpu(&servers);
     let started = Instant::now();
     let deadline = started + params.duration;

@@ -22,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::tier::{self, Paths, Proc};
+use crate::tier::{self, Paths};
 
 const CHANNELS: usize = 10;
 const STEADY_PER_NODE: usize = 10;
@@ -139,11 +139,11 @@ struct Sample {
     fds: Vec<usize>,
 }
 
-fn sample(procs: &[(&str, &Proc)], start: Instant) -> Sample {
+fn sample(procs: &[(&str, u32)], start: Instant) -> Sample {
     Sample {
         at: start.elapsed().as_secs_f64(),
-        rss_kib: procs.iter().map(|(_, p)| p.rss_kib()).collect(),
-        fds: procs.iter().map(|(_, p)| fds(p.child.id())).collect(),
+        rss_kib: procs.iter().map(|(_, pid)| tier::rss_kib(*pid)).collect(),
+        fds: procs.iter().map(|(_, pid)| fds(*pid)).collect(),
     }
 }
 
@@ -154,13 +154,9 @@ pub async fn churn(
     churners: usize,
     plot: Option<&str>,
 ) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = tier::start_nats(paths, dir.path());
+    let nats = tier::start_nats(&[]);
     let env = vec![
-        (
-            "FANOUT_NATS_URL".to_string(),
-            format!("nats://{}", nats.addr.trim_start_matches("nats://")),
-        ),
+        ("FANOUT_NATS_URL".to_string(), nats.url()),
         ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
     ];
     let api = tier::start_fanout(paths, "fanout-api", "soak-api", &env);
@@ -178,11 +174,10 @@ pub async fn churn(
         tier::wait_ready(&node.addr).await;
     }
     let names = ["nats-server", "fanout-api", "ws-1", "ws-2", "ws-3"];
-    let procs: Vec<(&str, &Proc)> = names
-        .iter()
-        .copied()
-        .zip([&nats, &api, &nodes[0], &nodes[1], &nodes[2]])
-        .collect();
+    let pids = [nats.pid(), api.child.id()]
+        .into_iter()
+        .chain(nodes.iter().map(|n| n.child.id()));
+    let procs: Vec<(&str, u32)> = names.iter().copied().zip(pids).collect();
 
     // Steady clients: on every node, each in 3 of the channels.
     let ready = Arc::new(AtomicU64::new(0));
@@ -509,10 +504,9 @@ pub async fn hostile(paths: &Paths, connections: usize, announce: usize) -> Valu
         ),
         ("defaults", vec![]),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = tier::start_nats(paths, dir.path());
+        let nats = tier::start_nats(&[]);
         let mut env = vec![
-            ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
+            ("FANOUT_NATS_URL".to_string(), nats.url()),
             (
                 "FANOUT_MAX_MESSAGE_BYTES".to_string(),
                 (announce + 1024).to_string(),

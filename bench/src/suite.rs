@@ -8,16 +8,15 @@ use serde_json::{Value, json};
 use crate::{
     hist::Histogram,
     load::{self, Workers},
-    tier::{self, Paths, Proc},
+    tier::{self, NatsCluster, NatsServer, Paths, Process},
     worker::{Mode, Target},
 };
 
 /// fanout's processes: nats-server (JetStream), the API, the ws nodes.
 pub struct FanoutTier {
-    pub nats: Proc,
-    pub api: Proc,
-    pub nodes: Vec<Proc>,
-    _dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub api: Process,
+    pub nodes: Vec<Process>,
 }
 
 impl FanoutTier {
@@ -38,10 +37,9 @@ impl FanoutTier {
         extra: &[(String, String)],
         threads: usize,
     ) -> FanoutTier {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = tier::start_nats_with(paths, dir.path(), &gomaxprocs(threads));
+        let nats = tier::start_nats(&gomaxprocs(threads));
         let mut env = vec![
-            ("FANOUT_NATS_URL".to_string(), nats.addr.clone()),
+            ("FANOUT_NATS_URL".to_string(), nats.url()),
             ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
         ];
         env.extend(extra.iter().cloned());
@@ -56,23 +54,22 @@ impl FanoutTier {
             }));
         }
         let api = tier::start_fanout(paths, "fanout-api", "api-1", &env);
-        let nodes: Vec<Proc> = (1..=nodes)
+        let nodes: Vec<Process> = (1..=nodes)
             .map(|i| tier::start_fanout(paths, "fanout-ws", &format!("ws-{i}"), &env))
             .collect();
         tier::wait_ready(&api.addr).await;
         for node in &nodes {
             tier::wait_ready(&node.addr).await;
         }
-        FanoutTier {
-            nats,
-            api,
-            nodes,
-            _dir: dir,
-        }
+        FanoutTier { nats, api, nodes }
     }
 
-    pub fn servers(&self) -> Vec<&Proc> {
-        self.nodes.iter().chain([&self.api, &self.nats]).collect()
+    /// The process ids of the ws nodes, the API and nats-server, in that order.
+    pub fn servers(&self) -> Vec<u32> {
+        let nodes = self.nodes.iter().map(|n| n.child.id());
+        nodes
+            .chain([self.api.child.id(), self.nats.pid()])
+            .collect()
     }
 
     pub fn ws_urls(&self) -> Vec<String> {
@@ -89,11 +86,10 @@ impl FanoutTier {
 
 /// The baseline: nats-server nodes in a cluster, each with a WebSocket port.
 pub struct NatsTier {
-    pub nodes: Vec<Proc>,
+    pub cluster: NatsCluster,
     pub clients: Vec<String>,
     pub ws: Vec<String>,
     pub monitor: Vec<u16>,
-    _dir: tempfile::TempDir,
 }
 
 /// nats-server's environment for `threads` runtime threads (0: its default).
@@ -105,26 +101,30 @@ fn gomaxprocs(threads: usize) -> Vec<(String, String)> {
 }
 
 impl NatsTier {
-    pub fn start(paths: &Paths, nodes: usize) -> NatsTier {
-        Self::start_threads(paths, nodes, 0)
+    pub fn start(nodes: usize) -> NatsTier {
+        Self::start_threads(nodes, 0)
     }
 
-    pub fn start_threads(paths: &Paths, nodes: usize, threads: usize) -> NatsTier {
-        let dir = tempfile::tempdir().unwrap();
-        let (nodes, clients, ws, monitor) =
-            tier::start_nats_ws_cluster(paths, dir.path(), nodes, &gomaxprocs(threads));
-        NatsTier {
+    pub fn start_threads(nodes: usize, threads: usize) -> NatsTier {
+        let cluster = NatsCluster::start_with(
             nodes,
-            clients,
-            ws,
-            monitor,
-            _dir: dir,
+            tier::ClusterOptions {
+                websocket: true,
+                env: gomaxprocs(threads),
+                ..Default::default()
+            },
+        );
+        NatsTier {
+            clients: cluster.client_urls(),
+            ws: cluster.ws_urls(),
+            monitor: cluster.monitor_ports.clone(),
+            cluster,
         }
     }
 }
 
-fn cpu(servers: &[&Proc]) -> f64 {
-    servers.iter().map(|p| p.cpu_seconds()).sum()
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter().copied().map(tier::cpu_seconds).sum()
 }
 
 fn self_cpu() -> f64 {
@@ -241,7 +241,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         }
         Target::Nats => (
             None,
-            Some(NatsTier::start_threads(paths, spec.nodes, spec.threads)),
+            Some(NatsTier::start_threads(spec.nodes, spec.threads)),
         ),
     };
     let urls = match (&fanout, &nats) {
@@ -249,9 +249,9 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         (_, Some(n)) => n.ws.clone(),
         _ => unreachable!(),
     };
-    let servers: Vec<&Proc> = match (&fanout, &nats) {
+    let servers: Vec<u32> = match (&fanout, &nats) {
         (Some(t), _) => t.servers(),
-        (_, Some(n)) => n.nodes.iter().collect(),
+        (_, Some(n)) => n.cluster.pids(),
         _ => unreachable!(),
     };
     let (mut workers, _) = Workers::start(
@@ -273,7 +273,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let channels = channels(&spec);
     let duration = Duration::from_secs(spec.secs);
     let (server_before, loadgen_before) = (cpu(&servers), workers.cpu_seconds() + self_cpu());
-    let each_before: Vec<f64> = servers.iter().map(|p| p.cpu_seconds()).collect();
+    let each_before: Vec<f64> = servers.iter().copied().map(tier::cpu_seconds).collect();
     let started = std::time::Instant::now();
     let (published, acks) = match (&fanout, &nats) {
         (Some(t), _) if spec.tick_ms > 0 => {
@@ -320,7 +320,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let by_process: Vec<f64> = servers
         .iter()
         .zip(&each_before)
-        .map(|(p, before)| p.cpu_seconds() - before)
+        .map(|(pid, before)| tier::cpu_seconds(*pid) - before)
         .collect();
     let loadgen_cpu = workers.cpu_seconds() + self_cpu() - loadgen_before;
     let seen = workers.stop(&published);
@@ -351,19 +351,19 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, nodes).await), None)
         }
-        Target::Nats => (None, Some(NatsTier::start(paths, nodes))),
+        Target::Nats => (None, Some(NatsTier::start(nodes))),
     };
-    let (holders, urls): (Vec<&Proc>, Vec<String>) = match (&fanout, &nats) {
-        (Some(t), _) => (t.nodes.iter().collect(), t.ws_urls()),
-        (_, Some(n)) => (n.nodes.iter().collect(), n.ws.clone()),
+    let (holders, urls): (Vec<u32>, Vec<String>) = match (&fanout, &nats) {
+        (Some(t), _) => (t.nodes.iter().map(|n| n.child.id()).collect(), t.ws_urls()),
+        (_, Some(n)) => (n.cluster.pids(), n.ws.clone()),
         _ => unreachable!(),
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
+    let before: Vec<u64> = holders.iter().copied().map(tier::rss_kib).collect();
     let concurrency = 500;
     let (workers, secs) = Workers::start(target, Mode::Idle, &urls, connections, 0, 1, concurrency);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after: Vec<u64> = holders.iter().map(|p| p.rss_kib()).collect();
+    let after: Vec<u64> = holders.iter().copied().map(tier::rss_kib).collect();
     // Per connection actually held (clients spread evenly over the nodes).
     let per_node = workers.connected as f64 / nodes as f64;
     let kib: Vec<f64> = before
@@ -387,7 +387,7 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, 1).await), None)
         }
-        Target::Nats => (None, Some(NatsTier::start(paths, 1))),
+        Target::Nats => (None, Some(NatsTier::start(1))),
     };
     let urls = match (&fanout, &nats) {
         (Some(t), _) => t.ws_urls(),
@@ -464,7 +464,7 @@ pub async fn publish(
     payload: usize,
 ) -> Value {
     let tier = FanoutTier::start(paths, 1).await;
-    let servers = [&tier.api, &tier.nats];
+    let servers = [tier.api.child.id(), tier.nats.pid()];
     let (before, api_before, loadgen_before) = (cpu(&servers), tier.api.cpu_seconds(), self_cpu());
     let (acked, errors, hist) = load::publish_closed_loop(
         &tier.api_url(),
@@ -534,7 +534,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
     println!(
         "raw JetStream: 16 publishers on one NATS connection, 256 acknowledgements in flight each"
     );
-    let raw = crate::jetstream::baseline(paths, 16, 256, 5, 100).await;
+    let raw = crate::jetstream::baseline(16, 256, 5, 100).await;
     println!("  {raw}");
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     // events/s; CPU µs per event (API + nats-server)
@@ -944,7 +944,7 @@ pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
 
     let members = if quick { 10_000 } else { 100_000 };
     println!("presence: {members} members on 3 nodes");
-    let p = crate::presence::run(paths, members, 3).await;
+    let p = crate::presence::run(members, 3).await;
     row(
         &mut rows,
         [

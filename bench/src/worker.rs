@@ -28,6 +28,8 @@ use tokio::{
     sync::watch,
 };
 
+use fanout_testkit::raw;
+
 use crate::hist::Histogram;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,16 +207,7 @@ type ServerFrame<'a> = (u8, &'a [u8]);
 impl Socket {
     /// Sends one masked client frame (the mask is all zeros: allowed, and free to apply).
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<(), String> {
-        let mut frame = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&[0, 0, 0, 0]);
-        frame.extend_from_slice(payload);
+        let frame = raw::frame_with(0x80 | opcode, payload, Some([0; 4]));
         self.stream
             .write_all(&frame)
             .await
@@ -236,25 +229,10 @@ impl Socket {
         }
         let buf = &self.buf[..];
         let mut at = 0;
-        loop {
-            let rest = &buf[at..];
-            if rest.len() < 2 {
-                break;
-            }
-            let (len, header) = match rest[1] & 0x7F {
-                126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
-                127 if rest.len() >= 10 => (
-                    u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
-                    10,
-                ),
-                126 | 127 => break,
-                n => (n as usize, 2),
-            };
-            if rest.len() < header + len {
-                break;
-            }
-            on((rest[0] & 0x0F, &rest[header..header + len]));
-            at += header + len;
+        // A malformed frame (a masked one) ends the parse: the rest never completes.
+        while let Ok(Some(frame)) = raw::parse(&buf[at..]) {
+            on((frame.opcode, &buf[at..][frame.payload]));
+            at += frame.len;
         }
         self.buf.drain(..at);
     }
@@ -338,23 +316,7 @@ impl Socket {
     /// Sends `request` and reads the answer's head (up to the empty line), which must start
     /// with `status`; returns the head.
     async fn head(&mut self, request: &str, status: &str) -> Result<String, String> {
-        self.stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                if !head.starts_with(status) {
-                    return Err(format!("HTTP error: {}", head.lines().next().unwrap_or("")));
-                }
-                self.buf.drain(..end + 4);
-                return Ok(head);
-            }
-            if !self.fill().await {
-                return Err("closed during the handshake".into());
-            }
-        }
+        raw::read_head(&mut self.stream, &mut self.buf, request.as_bytes(), status).await
     }
 }
 
@@ -364,10 +326,7 @@ async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
         .trim_start_matches("ws://")
         .split_once('/')
         .map_or("", |(_, p)| p);
-    let request = format!(
-        "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let request = raw::upgrade(&authority, &format!("/{path}"));
     socket.head(&request, "HTTP/1.1 101").await?;
     Ok(socket)
 }

@@ -9,185 +9,21 @@ pub mod browser;
 pub mod docker;
 pub mod geo;
 pub mod http;
-pub mod raw;
+#[allow(unused_imports)]
+pub use fanout_testkit::{
+    NatsCluster, NatsServer, Process, WAIT, binary, eventually, eventually_within,
+    nats::nats_server_bin, process::workspace, raw, within,
+};
 #[allow(unused_imports)]
 pub use http::*;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tempfile::TempDir;
 use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 use tokio_util::sync::CancellationToken;
-
-/// Upper bound for any single wait in a test.
-pub const WAIT: Duration = Duration::from_secs(15);
-
-/// Runs `fut` under [`WAIT`], failing the test with `what` if it takes longer.
-pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
-/// Polls `check` until it returns true, failing after [`WAIT`].
-pub async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    eventually_within(WAIT, what, check).await
-}
-
-/// [`eventually`] with another bound, for a wait that the system under test itself may
-/// legitimately make longer than [`WAIT`] (say, a client's reconnect backoff).
-pub async fn eventually_within<F, Fut>(bound: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let polling = async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(bound, polling)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {what}"))
-}
-
-/// The workspace root (this package's manifest directory).
-pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// nats-server: `$NATS_SERVER_BIN`, else `.tools/bin/nats-server` (what `make test`
-/// installs), else `nats-server` on PATH.
-pub fn nats_server_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
-        return bin.into();
-    }
-    let local = workspace().join(".tools/bin/nats-server");
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from("nats-server")
-}
-
-/// A nats-server with JetStream, on dynamic ports, with its own temp directory. Killed on drop.
-pub struct NatsServer {
-    child: Option<Child>,
-    dir: TempDir,
-    pub port: u16,
-    pub monitor_port: u16,
-}
-
-impl NatsServer {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = NatsServer {
-            child: None,
-            dir,
-            port: 0,
-            monitor_port: 0,
-        };
-        server.spawn("-1", "-1");
-        server
-    }
-
-    fn spawn(&mut self, port: &str, monitor: &str) {
-        let ports_dir = self.dir.path().join("ports");
-        let _ = std::fs::remove_dir_all(&ports_dir);
-        std::fs::create_dir_all(&ports_dir).unwrap();
-        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", port, "-m", monitor, "-js", "-sd"])
-            .arg(self.dir.path().join("js"))
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e}; run `make test` (it installs nats-server) or set NATS_SERVER_BIN",
-                    nats_server_bin().display()
-                )
-            });
-        self.child = Some(child);
-        let ports = wait_for_ports_file(&ports_dir);
-        self.port = port_of(&ports["nats"][0]);
-        self.monitor_port = port_of(&ports["monitoring"][0]);
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn monitor_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.monitor_port)
-    }
-
-    /// Kills the server (SIGKILL) and waits for it to exit.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same ports with the same storage.
-    pub fn restart(&mut self) {
-        self.stop();
-        let (port, monitor) = (self.port.to_string(), self.monitor_port.to_string());
-        self.spawn(&port, &monitor);
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn wait_for_ports_file(dir: &Path) -> Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(entry) = std::fs::read_dir(dir).unwrap().flatten().next()
-            && let Ok(text) = std::fs::read_to_string(entry.path())
-            && let Ok(value) = serde_json::from_str::<Value>(&text)
-        {
-            return value;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nats-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn port_of(url: &Value) -> u16 {
-    url.as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 /// A server started in-process; cancelled on drop.
 pub struct Server {
@@ -398,15 +234,7 @@ pub async fn wait_ready(server: &Server) {
 /// [`wait_ready`] with a longer bound, for what legitimately takes long on a loaded machine
 /// (a NATS cluster electing its JetStream leaders).
 pub async fn wait_ready_for(server: &Server, bound: Duration) {
-    let url = server.url("/readyz");
-    let ready = async {
-        while !matches!(reqwest::get(&url).await, Ok(r) if r.status() == 200) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(bound, ready)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {url} to answer 200"));
+    fanout_testkit::http::wait_ready(&server.addr.to_string(), bound).await
 }
 
 /// POSTs `body` (raw bytes) to `path` and returns status and JSON answer.
@@ -606,110 +434,15 @@ pub async fn node_subjects(nats: &NatsServer, node_id: &str) -> Vec<String> {
         .collect()
 }
 
-/// Where `cargo build` put the workspace's binaries (next to this test's `deps/` folder).
-pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (`make test` does)",
-        path.display()
-    );
-    path
+/// What tests ask of a [`Process`] beyond the test kit's.
+pub trait ProcessExt {
+    /// The process as a [`Server`] (its address).
+    fn server(&self) -> Server;
 }
 
-/// A server binary running as a child process; killed on drop if still running.
-pub struct Process {
-    pub child: Child,
-    pub addr: String,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Starts `name` with `env`, and reads its log until it says where it listens
-    /// (text `addr=…` or JSON `"addr":"…"`).
-    pub fn start(name: &str, env: &[(&str, String)]) -> Process {
-        Process::start_with_args(name, env, &[])
-    }
-
-    /// [`Process::start`] with command-line arguments.
-    pub fn start_with_args(name: &str, env: &[(&str, String)], args: &[&str]) -> Process {
-        let mut child = Command::new(binary(name))
-            .args(args)
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let addr = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("{name} exited before listening"))
-                .unwrap();
-            log.lock().unwrap().push(line.clone());
-            if !line.contains("listening") {
-                continue;
-            }
-            let text = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|a| a.split_whitespace().next());
-            let json = line
-                .split("\"addr\":\"")
-                .nth(1)
-                .and_then(|a| a.split('"').next());
-            if let Some(addr) = text.or(json) {
-                break addr.to_string();
-            }
-        };
-        // Keep reading so the child never blocks on a full pipe; keep the lines for tests.
-        let keep = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                keep.lock().unwrap().push(line);
-            }
-        });
-        Process { child, addr, log }
-    }
-
-    /// Every log line so far.
-    pub fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    pub fn server(&self) -> Server {
+impl ProcessExt for Process {
+    fn server(&self) -> Server {
         Server::external(self.addr.parse().unwrap())
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    pub async fn exit_code(&mut self) -> i32 {
-        within("the process to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return status.code().unwrap_or(-1);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1185,80 +918,6 @@ pub fn fault_seconds() -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
-}
-
-/// Three nats-servers with JetStream, clustered over loopback routes.
-pub struct NatsCluster {
-    pub servers: Vec<Option<Child>>,
-    pub ports: Vec<u16>,
-    _dir: TempDir,
-}
-
-impl NatsCluster {
-    pub fn start() -> NatsCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let free = |_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let ports: Vec<u16> = (0..3).map(free).collect();
-        let cluster: Vec<u16> = (0..3).map(free).collect();
-        let routes = cluster
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let servers = (0..3)
-            .map(|i| {
-                let log = std::fs::File::create(dir.path().join(format!("nats-{i}.log"))).unwrap();
-                Some(
-                    Command::new(nats_server_bin())
-                        .args(["-a", "127.0.0.1", "-p", &ports[i].to_string(), "-js", "-n"])
-                        .arg(format!("nats-{i}"))
-                        .arg("-sd")
-                        .arg(dir.path().join(format!("js-{i}")))
-                        .args(["--cluster_name", "fanout", "--cluster"])
-                        .arg(format!("nats://127.0.0.1:{}", cluster[i]))
-                        .args(["--routes", &routes])
-                        .stdout(Stdio::null())
-                        .stderr(log)
-                        .spawn()
-                        .unwrap(),
-                )
-            })
-            .collect();
-        NatsCluster {
-            servers,
-            ports,
-            _dir: dir,
-        }
-    }
-
-    /// Client URLs, starting with server `first`.
-    pub fn urls(&self, first: usize) -> String {
-        (0..3)
-            .map(|i| format!("nats://127.0.0.1:{}", self.ports[(first + i) % 3]))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.servers[i].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for i in 0..3 {
-            self.kill(i);
-        }
-    }
 }
 
 /// Runs `command`; panics with its output unless it succeeds. Returns (stdout, stderr).
