@@ -139,12 +139,12 @@ bench-geo: $(NATS_SERVER)
 	cargo build --release --workspace --bins
 	target/release/fanout-bench geo --delay-ms $(or $(GEO_DELAY_MS),40) $(BENCH_ARGS)
 
-# The fault scenarios of tests/faults.rs, each publishing for SOAK_SECONDS (default 60)
+# The fault scenarios of tests/integration/faults.rs, each publishing for SOAK_SECONDS (default 60)
 # instead of 3, with their totals printed.
 SOAK_SECONDS ?= 60
 soak: $(NATS_SERVER)
 	cargo build --workspace --bins
-	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test faults -- --nocapture --test-threads=1
+	FAULT_SECONDS=$(SOAK_SECONDS) cargo test --test integration faults:: -- --nocapture --test-threads=1
 
 # Long run with churn (bench/src/soak.rs): 3 ws nodes, steady clients that must get every
 # event, clients churning over WebSocket, SSE and long-poll, presence queries, 200 events/s,
@@ -158,7 +158,7 @@ soak-churn: $(NATS_SERVER)
 # Every fuzz target (fuzz/fuzz_targets: WebSocket frames, the upgrade request, protocol ops,
 # SSE/long-poll cursors, JWTs, the HTTP publish body) for FUZZ_SECONDS each, FUZZ_JOBS at a
 # time, with cargo fuzz on nightly; prints the executions per target (scripts/fuzz.sh).
-# make test replays the seed corpora and regressions on stable (tests/fuzz_corpus.rs).
+# make test replays the seed corpora and regressions on stable (tests/integration/fuzz_corpus.rs).
 FUZZ_SECONDS ?= 60
 FUZZ_JOBS    ?= 1
 fuzz:

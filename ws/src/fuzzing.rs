@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets (`fuzz/`, `make fuzz`) and for their corpus replay in
-//! `make test` (`tests/fuzz_corpus.rs`): each takes arbitrary bytes, runs one of the parsers
+//! `make test` (`tests/integration/fuzz_corpus.rs`): each takes arbitrary bytes, runs one of the parsers
 //! that hostile input reaches first, checks what must hold whatever the input, and must
 //! never panic. Not an API: the names may change with the targets.
 

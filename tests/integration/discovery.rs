@@ -1,6 +1,6 @@
 //! Live node discovery: ws nodes announce themselves; `GET /v1/nodes` lists the live ones.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! requests) and long-polling (`GET /poll`): the same events as WebSocket, resume anywhere
 //! with the cursor, and every bad input answered.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

@@ -4,7 +4,7 @@
 //! middle, and at the end, per client: every acknowledged event, once, in order. Each prints
 //! its totals (`cargo test --test faults -- --nocapture`). Loopback only; every wait bounded.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

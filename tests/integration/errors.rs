@@ -1,7 +1,7 @@
 //! Bad input, over HTTP and WebSocket: every case gets a clear error, and nothing else is
 //! disturbed.
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::SinkExt;

@@ -1,7 +1,7 @@
 //! Regions: two NATS clusters joined by gateways through a delay proxy (the WAN), each with
 //! its own stream and a mirror of the other's, and fanout processes in each.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

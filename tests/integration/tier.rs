@@ -1,6 +1,6 @@
 //! The tier end to end: real nats-server, the API and ws nodes over real sockets.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

@@ -1,7 +1,7 @@
 //! The core bus against a real nats-server: the stream's RePublish headers are what the rest
 //! of the design relies on.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

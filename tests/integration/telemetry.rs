@@ -1,7 +1,7 @@
 //! Traces and metrics, against the real binaries (each process has its own tracer and
 //! metrics registry): an in-test OTLP/HTTP receiver decodes what they export.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

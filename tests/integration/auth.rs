@@ -1,7 +1,7 @@
 //! Identity and auth: JWT (HS256, RS256, EdDSA), channel permissions, token expiry and
 //! refresh, origins, the per-IP limit, client publish and its rate limit, API keys.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

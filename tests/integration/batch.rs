@@ -1,7 +1,7 @@
 //! `POST /v1/batch`: many events in one request, each stored and answered on its own, in
 //! the request's order; a bad event fails alone.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

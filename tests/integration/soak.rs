@@ -4,7 +4,7 @@
 //! out of order, and every ws node's descriptors return to where they were before the churn.
 //! (RSS growth needs the long run's warm-up to mean anything: `make soak-churn`.)
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

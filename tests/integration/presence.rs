@@ -1,7 +1,7 @@
 //! Presence across nodes: who is in a channel (HTTP and WebSocket), join / leave / update
 //! frames from every node, and no ghosts when a node crashes or shuts down.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

@@ -2,7 +2,7 @@
 //! least-privilege permissions of deploy/nats/permissions.conf; and what start-up says when
 //! the certificate or the credentials are wrong.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

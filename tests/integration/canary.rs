@@ -5,7 +5,7 @@
 //! revoked by a server reload and restored); the API's `/readyz` says whether the stream
 //! takes writes.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@
 //! A parent module that its children use is a cycle: what children share lives in a file of
 //! its own below them (`session/state.rs`, `transport/admit.rs`).
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,7 +18,14 @@ use std::{
 };
 
 /// The crates' source roots.
-const CRATES: [&str; 5] = ["src", "api/src", "ws/src", "all-in-one/src", "bench/src"];
+const CRATES: [&str; 6] = [
+    "src",
+    "api/src",
+    "ws/src",
+    "all-in-one/src",
+    "bench/src",
+    "testkit/src",
+];
 
 /// A module: its path inside the crate (empty: the root).
 type Module = Vec<String>;

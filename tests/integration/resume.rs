@@ -1,7 +1,7 @@
 //! Resuming: `subscribe` with `since` replays what the client missed, then continues live,
 //! with no gap and no duplicate; and says so when it cannot.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{Value, json};

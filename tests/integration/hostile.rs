@@ -3,7 +3,7 @@
 //! (`FANOUT_MAX_BUFFERED_BYTES`, 1013 to the one asking for more, never to the others), and
 //! HTTP requests whose head never ends (`FANOUT_HANDSHAKE_TIMEOUT_MS`).
 
-mod common;
+use crate::common;
 
 use common::{raw::*, *};
 use serde_json::json;

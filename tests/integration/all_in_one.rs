@@ -4,7 +4,7 @@
 //! (SIGKILL), it leaves no nats-server behind. Given `FANOUT_NATS_URL` it starts none; bad
 //! settings end it with one line naming the setting.
 
-mod common;
+use crate::common;
 
 use std::{
     path::Path,

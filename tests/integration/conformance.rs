@@ -6,7 +6,7 @@
 //! Every case runs on a connection of its own; a case that does not close the connection
 //! ends by checking that the connection still answers (an op `ping` gets its `pong`).
 
-mod common;
+use crate::common;
 
 use common::{raw::*, *};
 

@@ -1,6 +1,6 @@
 //! Losing NATS, and the real binaries: configuration from the environment, signals, exit codes.
 
-mod common;
+use crate::common;
 
 use std::{process::Command, time::Duration};
 
