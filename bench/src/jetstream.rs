@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::{outcome::JetStream, tier};
 use async_nats::{
     HeaderMap,
     jetstream::{
@@ -14,13 +15,10 @@ use async_nats::{
         stream::{Config, Republish, StorageType},
     },
 };
-use serde_json::{Value, json};
-
-use crate::tier;
 
 /// `publishers` tasks on one NATS connection, each keeping `window` publishes in flight,
 /// for `secs`. Reports acknowledged events/s and nats-server's CPU per event.
-pub async fn baseline(publishers: usize, window: usize, secs: u64, size: usize) -> Value {
+pub async fn baseline(publishers: usize, window: usize, secs: u64, size: usize) -> JetStream {
     let nats = tier::start_nats(&[]);
     let client = async_nats::connect(nats.url())
         .await
@@ -90,9 +88,13 @@ pub async fn baseline(publishers: usize, window: usize, secs: u64, size: usize) 
         errors += e;
     }
     let used = nats.cpu_seconds() - before;
-    json!({
-        "publishers": publishers, "window": window, "seconds": secs, "acked": acked, "errors": errors,
-        "acked_per_sec": acked as f64 / secs as f64,
-        "server_cpu_us_per_event": used * 1e6 / acked.max(1) as f64,
-    })
+    JetStream {
+        publishers,
+        window,
+        seconds: secs,
+        acked,
+        errors,
+        acked_per_sec: acked as f64 / secs as f64,
+        server_cpu_us_per_event: used * 1e6 / acked.max(1) as f64,
+    }
 }

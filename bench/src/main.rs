@@ -1,263 +1,397 @@
 //! `fanout-bench`: measures a real fanout tier (release builds of nats-server, fanout-api and
 //! fanout-ws, all on loopback) from the outside, side by side with nats-server's native
-//! WebSocket port.
-//!
-//! ```text
-//! fanout-bench suite [--quick]           # what `make bench` runs: every scenario, a table, JSON
-//! fanout-bench fanout   [--clients 300] [--nodes 3] [--rate 100] [--duration 10] [--payload 100] [--shared 0] [--coalesce 0] [--target both]
-//! fanout-bench idle     [--clients 45000] [--nodes 3] [--target both]
-//! fanout-bench storm    [--clients 15000] [--target both]
-//! fanout-bench joinstorm [--clients 300] [--storm 12000] [--rate 100]
-//! fanout-bench publish  [--publishers 16] [--batch 0] [--duration 5] [--payload 100]
-//! fanout-bench jetstream [--publishers 16] [--window 256] [--duration 5] [--payload 100]
-//! fanout-bench presence [--members 100000] [--nodes 3]
-//! fanout-bench saturate | tracing [...]   # closed-loop saturation, tracing off vs on
-//! fanout-bench geo      [--delay-ms 40] [--clients 50] [--rate 100] [--duration 10] [--replicas 3]
-//! fanout-bench delay-proxy --delay-ms 40 --pairs LISTEN=TARGET,...   # a WAN link on loopback
-//! fanout-bench soak-churn [--minutes 30] [--rate 200] [--churners 30] [--plot FILE.svg] [--out FILE.json]
-//! fanout-bench hostile  [--connections 3000] [--announce 64000]
-//! ```
-//!
-//! `--shared N` turns fan-out into "many channels": each client in its own channel plus one
-//! of N shared ones. `--target` is `fanout`, `nats`, `both`, `sse` (fanout over server-sent
-//! events), `poll` (fanout over long-polling) or `transports` (fanout over WebSocket, then SSE).
+//! WebSocket port. `fanout-bench --help` lists the commands, `fanout-bench <command> --help`
+//! their options and defaults; `make bench` runs `fanout-bench suite`.
 //!
 //! Clients live in worker processes (`fanout-bench worker`, see [`worker`]), several when
 //! needed, each from its own 127.0.0.x source address; the coordinator publishes and reads
-//! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`).
+//! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`), or to
+//! `--out FILE`.
 
 mod geo;
 mod hist;
 mod http1;
 mod jetstream;
 mod load;
+mod outcome;
 mod presence;
 mod proxy;
 mod saturate;
+mod scenarios;
 mod soak;
 mod suite;
 mod tier;
 mod worker;
 
-use std::collections::HashMap;
+use std::path::PathBuf;
 
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use worker::Target;
 
-const USAGE: &str = "usage: fanout-bench suite [--quick] | fanout | idle | storm | joinstorm | publish | jetstream | presence | saturate | tracing | geo | delay-proxy | soak-churn | hostile [options]; see bench/src/main.rs";
+#[derive(Parser)]
+#[command(
+    name = "fanout-bench",
+    about = "Benchmarks a real fanout tier on loopback, side by side with nats-server's WebSocket port"
+)]
+struct Cli {
+    /// Write the results to FILE instead of target/bench/<command>.json.
+    #[arg(long, global = true, value_name = "FILE")]
+    out: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
 
-/// `--name value` options, as numbers, with `--target` and flags kept as text.
-struct Options(HashMap<String, String>);
+/// Which servers a scenario runs against.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Targets {
+    /// fanout over WebSocket.
+    Fanout,
+    /// nats-server's native WebSocket port.
+    Nats,
+    /// fanout, then nats-server.
+    Both,
+    /// fanout over server-sent events.
+    Sse,
+    /// fanout over long-polling.
+    Poll,
+    /// fanout over WebSocket, then over SSE.
+    Transports,
+}
 
-impl Options {
-    fn parse(args: &[String]) -> Options {
-        let mut map = HashMap::new();
-        let mut i = 0;
-        while i < args.len() {
-            let key = args[i].trim_start_matches("--").to_string();
-            match args.get(i + 1) {
-                Some(value) if !value.starts_with("--") => {
-                    map.insert(key, value.clone());
-                    i += 2;
-                }
-                _ => {
-                    map.insert(key, "true".into());
-                    i += 1;
-                }
-            }
+impl Targets {
+    fn each(self) -> Vec<Target> {
+        match self {
+            Targets::Fanout => vec![Target::Fanout],
+            Targets::Nats => vec![Target::Nats],
+            Targets::Both => vec![Target::Fanout, Target::Nats],
+            Targets::Sse => vec![Target::FanoutSse],
+            Targets::Poll => vec![Target::FanoutPoll],
+            Targets::Transports => vec![Target::Fanout, Target::FanoutSse],
         }
-        Options(map)
     }
+}
 
-    fn num(&self, key: &str, default: usize) -> usize {
-        self.0.get(key).map_or(default, |v| {
-            v.parse().unwrap_or_else(|_| {
-                eprintln!("fanout-bench: --{key} needs a number\n{USAGE}");
-                std::process::exit(2)
-            })
-        })
-    }
+#[derive(Subcommand)]
+enum Command {
+    /// What `make bench` runs: every scenario, the table (suite.md) and the JSON (suite.json).
+    Suite {
+        /// Shorter runs (a smoke test of the suite).
+        #[arg(long)]
+        quick: bool,
+        /// Only these scenarios (comma-separated; all when not given).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<scenarios::Scenario>,
+    },
+    /// Fan-out: clients over nodes, `rate` events/s for `duration` seconds.
+    Fanout {
+        #[arg(long, default_value_t = 300)]
+        clients: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Events per second, spread over the channels.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Bytes of payload per event.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Many channels: each client in a channel of its own plus one of N shared ones (0: one
+        /// channel for all).
+        #[arg(long, default_value_t = 0)]
+        shared: usize,
+        /// The ws nodes coalesce a channel's events for this many milliseconds
+        /// (`FANOUT_COALESCE_MS`; 0: none).
+        #[arg(long = "coalesce", default_value_t = 0)]
+        coalesce_ms: u64,
+        /// Publish in ticks of this many milliseconds (0: one event at a time).
+        #[arg(long, default_value_t = 0)]
+        tick_ms: u64,
+        /// Runtime threads in every server process, nats-server's included (0: their default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, value_enum, default_value_t = Targets::Both)]
+        target: Targets,
+    },
+    /// Idle memory: RSS growth per held connection on each node.
+    Idle {
+        #[arg(long, default_value_t = 45_000)]
+        clients: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, value_enum, default_value_t = Targets::Both)]
+        target: Targets,
+    },
+    /// Connect storm: clients connecting as fast as they can.
+    Storm {
+        #[arg(long, default_value_t = 15_000)]
+        clients: usize,
+        #[arg(long, value_enum, default_value_t = Targets::Both)]
+        target: Targets,
+    },
+    /// Join storm: `storm` clients joining channels of their own while `clients` receive.
+    Joinstorm {
+        #[arg(long, default_value_t = 300)]
+        clients: usize,
+        #[arg(long, default_value_t = 12_000)]
+        storm: usize,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+    },
+    /// The API alone: acknowledged events/s with closed-loop publishers.
+    Publish {
+        #[arg(long, default_value_t = 16)]
+        publishers: usize,
+        /// Events per `/v1/batch` (0: one POST per event).
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+    /// JetStream alone: acknowledged publishes/s on one NATS connection (the API's ceiling).
+    Jetstream {
+        #[arg(long, default_value_t = 16)]
+        publishers: usize,
+        /// Publishes each publisher keeps in flight.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+    /// Presence queries over a channel with many members.
+    Presence {
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Closed-loop saturation of the fan-out.
+    Saturate(saturate::Params),
+    /// Saturation twice, tracing off then on (OTLP export, sampling 1.0), and the ratio.
+    Tracing(saturate::Params),
+    /// Two regions on loopback, the gateways through delay proxies.
+    Geo {
+        /// The WAN's delay each way.
+        #[arg(long, default_value_t = 40)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// The streams' replicas.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
+    /// A WAN link on loopback: each LISTEN port forwarded to TARGET with a delay.
+    DelayProxy {
+        #[arg(long, default_value_t = 40)]
+        delay_ms: u64,
+        /// LISTEN=TARGET pairs, comma-separated (ports or host:port).
+        #[arg(long, value_name = "LISTEN=TARGET,...")]
+        pairs: String,
+    },
+    /// Hours of churn in minutes: steady clients, churning ones, memory and descriptors.
+    SoakChurn {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        churners: usize,
+        /// Draw RSS over time into this SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<String>,
+    },
+    /// Hostile clients: frames announced and never finished, against the node's budget.
+    Hostile {
+        #[arg(long, default_value_t = 3000)]
+        connections: usize,
+        /// The length each frame announces.
+        #[arg(long, default_value_t = 64_000)]
+        announce: usize,
+    },
+    /// A worker process holding clients (started by the coordinator with its job as JSON).
+    #[command(hide = true)]
+    Worker { job: String },
+}
 
-    fn targets(&self) -> Vec<Target> {
-        match self.0.get("target").map(String::as_str) {
-            None | Some("both") => vec![Target::Fanout, Target::Nats],
-            Some("fanout") => vec![Target::Fanout],
-            Some("nats") => vec![Target::Nats],
-            Some("sse") => vec![Target::FanoutSse],
-            Some("poll") => vec![Target::FanoutPoll],
-            Some("transports") => vec![Target::Fanout, Target::FanoutSse],
-            Some(other) => {
-                eprintln!("fanout-bench: unknown target {other}\n{USAGE}");
-                std::process::exit(2)
-            }
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Suite { .. } => "suite",
+            Command::Fanout { .. } => "fanout",
+            Command::Idle { .. } => "idle",
+            Command::Storm { .. } => "storm",
+            Command::Joinstorm { .. } => "joinstorm",
+            Command::Publish { .. } => "publish",
+            Command::Jetstream { .. } => "jetstream",
+            Command::Presence { .. } => "presence",
+            Command::Saturate(_) => "saturate",
+            Command::Tracing(_) => "tracing",
+            Command::Geo { .. } => "geo",
+            Command::DelayProxy { .. } => "delay-proxy",
+            Command::SoakChurn { .. } => "soak-churn",
+            Command::Hostile { .. } => "hostile",
+            Command::Worker { .. } => "worker",
         }
     }
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((command, rest)) = args.split_first() else {
-        eprintln!("{USAGE}");
-        std::process::exit(2);
-    };
-    if command == "worker" {
-        let job = serde_json::from_str(rest.first().map_or("", String::as_str))
-            .expect("a worker needs its job as JSON");
-        worker::run(job);
-        return;
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Worker { job } => {
+            let job = serde_json::from_str(&job).expect("a worker needs its job as JSON");
+            worker::run(job);
+        }
+        command => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(coordinate(command, cli.out));
+        }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    if command == "delay-proxy" {
-        let o = Options::parse(rest);
-        let pairs = o.0.get("pairs").cloned().unwrap_or_default();
-        let delay = std::time::Duration::from_millis(o.num("delay-ms", 40) as u64);
-        runtime.block_on(proxy::run(&pairs, delay));
-        return;
-    }
-    runtime.block_on(coordinate(command, rest));
 }
 
-async fn coordinate(command: &str, rest: &[String]) {
-    let paths = tier::Paths::find();
-    let o = Options::parse(rest);
-    let label = |t: Target| match t {
+fn label(target: Target) -> &'static str {
+    match target {
         Target::Fanout => "fanout",
         Target::FanoutSse => "fanout SSE",
         Target::FanoutPoll => "fanout long-poll",
         Target::Nats => "NATS",
-    };
+    }
+}
+
+async fn coordinate(command: Command, out: Option<PathBuf>) {
+    let name = command.name();
+    if let Command::DelayProxy { delay_ms, pairs } = &command {
+        return proxy::run(pairs, std::time::Duration::from_millis(*delay_ms)).await;
+    }
+    let paths = tier::Paths::find();
     let results: Value = match command {
-        "suite" => {
-            let (results, table) = suite::run(&paths, o.0.contains_key("quick")).await;
+        Command::Suite { quick, only } => {
+            let (results, table) = scenarios::run(&paths, quick, &only).await;
             println!("\n{table}");
             write("suite.md", &table);
             results
         }
-        "fanout" => {
+        Command::Fanout {
+            clients,
+            nodes,
+            rate,
+            duration,
+            payload,
+            shared,
+            coalesce_ms,
+            tick_ms,
+            threads,
+            target,
+        } => {
             let spec = suite::Spec {
-                clients: o.num("clients", 300),
-                nodes: o.num("nodes", 3),
-                rate: o.num("rate", 100) as u64,
-                secs: o.num("duration", 10) as u64,
-                payload: o.num("payload", 100),
-                shared: o.num("shared", 0),
-                coalesce_ms: o.num("coalesce", 0) as u64,
-                tick_ms: o.num("tick-ms", 0) as u64,
-                threads: o.num("threads", 0),
+                clients,
+                nodes,
+                rate,
+                secs: duration,
+                payload,
+                shared,
+                coalesce_ms,
+                tick_ms,
+                threads,
             };
             println!("fan-out: {spec:?}");
             let mut results = serde_json::Map::new();
-            for target in o.targets() {
+            for target in target.each() {
                 let run = suite::fan_out(&paths, spec, target).await;
                 suite::describe(label(target), &run);
                 results.insert(label(target).into(), run.json());
             }
             Value::Object(results)
         }
-        "idle" => {
+        Command::Idle {
+            clients,
+            nodes,
+            target,
+        } => {
             let mut results = serde_json::Map::new();
-            for target in o.targets() {
-                let r =
-                    suite::idle(&paths, target, o.num("clients", 45_000), o.num("nodes", 3)).await;
-                println!("{} {r}", label(target));
-                results.insert(label(target).into(), r);
+            for target in target.each() {
+                let r = suite::idle(&paths, target, clients, nodes).await;
+                println!("{} {r:?}", label(target));
+                results.insert(label(target).into(), json!(r));
             }
             Value::Object(results)
         }
-        "storm" => {
+        Command::Storm { clients, target } => {
             let mut results = serde_json::Map::new();
-            for target in o.targets() {
-                let r = suite::storm(&paths, target, o.num("clients", 15_000)).await;
-                println!("{} {r}", label(target));
-                results.insert(label(target).into(), r);
+            for target in target.each() {
+                let r = suite::storm(&paths, target, clients).await;
+                println!("{} {r:?}", label(target));
+                results.insert(label(target).into(), json!(r));
             }
             Value::Object(results)
         }
-        "joinstorm" => {
-            suite::join_storm(
-                &paths,
-                o.num("clients", 300),
-                o.num("storm", 12_000),
-                o.num("rate", 100) as u64,
-            )
-            .await
+        Command::Joinstorm {
+            clients,
+            storm,
+            rate,
+        } => json!(suite::join_storm(&paths, clients, storm, rate).await),
+        Command::Publish {
+            publishers,
+            batch,
+            duration,
+            payload,
+        } => {
+            let r = suite::publish(&paths, publishers, batch, duration, payload).await;
+            println!("{r:?}");
+            json!(r)
         }
-        "publish" => {
-            let r = suite::publish(
-                &paths,
-                o.num("publishers", 16),
-                o.num("batch", 0),
-                o.num("duration", 5) as u64,
-                o.num("payload", 100),
-            )
-            .await;
-            println!("{r}");
-            r
+        Command::Jetstream {
+            publishers,
+            window,
+            duration,
+            payload,
+        } => {
+            let r = jetstream::baseline(publishers, window, duration, payload).await;
+            println!("{r:?}");
+            json!(r)
         }
-        "jetstream" => {
-            let r = jetstream::baseline(
-                o.num("publishers", 16),
-                o.num("window", 256),
-                o.num("duration", 5) as u64,
-                o.num("payload", 100),
-            )
-            .await;
-            println!("{r}");
-            r
-        }
-        "presence" => presence::run(o.num("members", 100_000), o.num("nodes", 3)).await,
-        "geo" => {
-            geo::run(
-                &paths,
-                o.num("delay-ms", 40) as u64,
-                o.num("clients", 50),
-                o.num("rate", 100) as u64,
-                o.num("duration", 10) as u64,
-                o.num("replicas", 3),
-            )
-            .await
-        }
-        "saturate" | "tracing" => saturate::run(&paths, command, rest).await,
-        "soak-churn" => {
-            let minutes = o.0.get("minutes").map_or(30.0, |m| {
-                m.parse().unwrap_or_else(|_| {
-                    eprintln!("fanout-bench: --minutes needs a number\n{USAGE}");
-                    std::process::exit(2)
-                })
-            });
-            soak::churn(
-                &paths,
-                minutes,
-                o.num("rate", 200) as u64,
-                o.num("churners", 30),
-                o.0.get("plot").map(String::as_str),
-            )
-            .await
-        }
-        "hostile" => {
-            soak::hostile(
-                &paths,
-                o.num("connections", 3000),
-                o.num("announce", 64_000),
-            )
-            .await
-        }
-        other => {
-            eprintln!("fanout-bench: unknown command {other}\n{USAGE}");
-            std::process::exit(2);
-        }
+        Command::Presence { members, nodes } => json!(presence::run(members, nodes).await),
+        Command::Geo {
+            delay_ms,
+            clients,
+            rate,
+            duration,
+            replicas,
+        } => geo::run(&paths, delay_ms, clients, rate, duration, replicas).await,
+        Command::Saturate(params) => saturate::run(&paths, "saturate", params).await,
+        Command::Tracing(params) => saturate::run(&paths, "tracing", params).await,
+        Command::SoakChurn {
+            minutes,
+            rate,
+            churners,
+            plot,
+        } => soak::churn(&paths, minutes, rate, churners, plot.as_deref()).await,
+        Command::Hostile {
+            connections,
+            announce,
+        } => soak::hostile(&paths, connections, announce).await,
+        Command::DelayProxy { .. } | Command::Worker { .. } => unreachable!("handled above"),
     };
-    let text = serde_json::to_string_pretty(&json!(results)).unwrap();
-    // `--out FILE`: the results there instead (a test's own copy).
-    let file = match o.0.get("out") {
+    let text = serde_json::to_string_pretty(&json!(results)).expect("JSON");
+    let file = match out {
         Some(path) => {
-            std::fs::write(path, &text).unwrap();
-            std::path::PathBuf::from(path)
+            std::fs::write(&path, &text).expect("the --out file");
+            path
         }
-        None => write(&format!("{command}.json"), &text),
+        None => write(&format!("{name}.json"), &text),
     };
     println!("results: {}", file.display());
 }

@@ -20,10 +20,13 @@ use fanout_ws::{
     sink::{Kick, Outbox},
     transport::websocket::WebSocket,
 };
-use serde_json::{Value, json, value::RawValue};
+use serde_json::{json, value::RawValue};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::tier;
+use crate::{
+    outcome::{MedianMax, Presence},
+    tier,
+};
 
 fn common(nats: &str, node: &str) -> fanout::Common {
     fanout::Common {
@@ -48,7 +51,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn run(members: usize, nodes: usize) -> Value {
+pub async fn run(members: usize, nodes: usize) -> Presence {
     let nats = tier::start_nats(&[]);
     let url = nats.url();
     let tracker = TaskTracker::new();
@@ -136,10 +139,15 @@ pub async fn run(members: usize, nodes: usize) -> Value {
         full_ms.len(),
         bytes as f64 / 1e6
     );
-    json!({
-        "members": members, "nodes": nodes,
-        "count_only_ms": {"median": median(&count_ms), "max": count_ms.last()},
-        "full_ms": {"median": median(&full_ms), "max": full_ms.last()},
-        "full_bytes": bytes,
-    })
+    let median_max = |v: &[f64]| MedianMax {
+        median: median(v),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    };
+    Presence {
+        members,
+        nodes,
+        count_only_ms: median_max(&count_ms),
+        full_ms: median_max(&full_ms),
+        full_bytes: bytes,
+    }
 }

@@ -28,14 +28,39 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-#[derive(Debug, Clone)]
-struct Params {
+#[derive(Debug, Clone, clap::Args)]
+pub struct Params {
+    /// WebSocket clients, spread over the nodes, all in one channel.
+    #[arg(long, default_value_t = 200)]
     clients: usize,
+    /// ws nodes.
+    #[arg(long, default_value_t = 2, value_parser = positive)]
     nodes: usize,
+    /// Closed-loop publishers, each POSTing one event at a time.
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     publishers: usize,
+    /// Seconds of publishing.
+    #[arg(long = "duration", value_name = "SECONDS", default_value = "5", value_parser = seconds)]
     duration: Duration,
+    /// Bytes of payload per event.
+    #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Tracing on (OTLP export to a receiver in this process, sampling 1.0).
+    #[arg(long)]
     tracing: bool,
+}
+
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(0) | Err(_) => Err(format!("{text} is not a whole number of at least 1")),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    text.parse()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{text} is not a whole number of seconds"))
 }
 
 #[derive(Debug, Default, Clone)]
@@ -307,48 +332,8 @@ fn json(o: &Outcome) -> serde_json::Value {
     })
 }
 
-fn parse(args: &[String]) -> Result<Params, String> {
-    let mut params = Params {
-        clients: 200,
-        nodes: 2,
-        publishers: 16,
-        duration: Duration::from_secs(5),
-        payload: 100,
-        tracing: false,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        let value = || {
-            args.get(i + 1)
-                .and_then(|v| v.parse::<usize>().ok())
-                .ok_or(format!("{} needs a number", args[i]))
-        };
-        match args[i].as_str() {
-            "--clients" => params.clients = value()?,
-            "--nodes" => params.nodes = value()?.max(1),
-            "--publishers" => params.publishers = value()?.max(1),
-            "--duration" => params.duration = Duration::from_secs(value()? as u64),
-            "--payload" => params.payload = value()?,
-            "--tracing" => {
-                params.tracing = true;
-                i += 1;
-                continue;
-            }
-            other => return Err(format!("unknown option {other}")),
-        }
-        i += 2;
-    }
-    Ok(params)
-}
-
-const USAGE: &str = "usage: fanout-bench saturate|tracing [--clients N] [--nodes K] [--publishers P] [--duration S] [--payload BYTES] [--tracing]";
-
 /// Runs `saturate` or `tracing`; returns the JSON results.
-pub async fn run(paths: &tier::Paths, command: &str, rest: &[String]) -> serde_json::Value {
-    let params = parse(rest).unwrap_or_else(|e| {
-        eprintln!("fanout-bench: {e}\n{USAGE}");
-        std::process::exit(2);
-    });
+pub async fn run(paths: &tier::Paths, command: &str, params: Params) -> serde_json::Value {
     println!(
         "fan-out: {} clients on {} nodes, {} publishers for {:?}, {}-byte events, {} cores",
         params.clients,

@@ -1,5 +1,6 @@
-//! The scenarios, each run against fanout and (fan-out, idle, storm) against nats-server's
-//! native WebSocket port, and the suite that `make bench` runs.
+//! The scenarios' runs, each against fanout and (fan-out, idle, storm) against nats-server's
+//! native WebSocket port: the tiers they start and what each measures ([`crate::outcome`]).
+//! The suite that `make bench` runs is [`crate::scenarios`].
 
 use std::{collections::HashMap, time::Duration};
 
@@ -8,6 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     hist::Histogram,
     load::{self, Workers},
+    outcome::{Idle, JoinStorm, Phase, Publish, Quantiles, Storm},
     tier::{self, NatsCluster, NatsServer, Paths, Process},
     worker::{Mode, Target},
 };
@@ -346,7 +348,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
 }
 
 /// Idle memory: RSS growth per connection on each node.
-pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Value {
+pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Idle {
     let (fanout, nats) = match target {
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, nodes).await), None)
@@ -373,16 +375,20 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
         .collect();
     let connected = workers.connected;
     drop(workers.stop(&HashMap::new()));
-    json!({
-        "connections": connections, "connected": connected, "nodes": nodes, "connect_seconds": secs,
-        "kib_per_connection": kib,
-        "kib_per_connection_mean": kib.iter().sum::<f64>() / kib.len() as f64,
-        "rss_before_kib": before, "rss_after_kib": after,
-    })
+    Idle {
+        connections,
+        connected,
+        nodes,
+        connect_seconds: secs,
+        kib_per_connection_mean: kib.iter().sum::<f64>() / kib.len() as f64,
+        kib_per_connection: kib,
+        rss_before_kib: before,
+        rss_after_kib: after,
+    }
 }
 
 /// Connect storm: connections per second one node accepts (handshake + first frame).
-pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
+pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
     let (fanout, nats) = match target {
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, 1).await), None)
@@ -397,18 +403,22 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Value {
     let (workers, secs) = Workers::start(target, Mode::Storm, &urls, connections, 0, 2, 256);
     let connected = workers.connected;
     drop(workers.stop(&HashMap::new()));
-    json!({"connections": connections, "connected": connected, "seconds": secs,
-        "per_second": connected as f64 / secs})
+    Storm {
+        connections,
+        connected,
+        seconds: secs,
+        per_second: connected as f64 / secs,
+    }
 }
 
 /// Join storm: the latency of `clients` in one channel at `rate` events/s on one node, first
 /// quiet (10 s), then while `storm` connections connect and each subscribes to a channel of
 /// its own (publishing until the last of them is subscribed).
-pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) -> Value {
+pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) -> JoinStorm {
     let tier = FanoutTier::start(paths, 1).await;
     let urls = tier.ws_urls();
     let channels = vec!["bench".to_string()];
-    let mut results = serde_json::Map::new();
+    let mut phases = Vec::new();
     for phase in ["quiet", "storm"] {
         let (mut workers, _) =
             Workers::start(Target::Fanout, Mode::Record, &urls, clients, 0, 2, 200);
@@ -436,22 +446,30 @@ pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) 
         let expected = published.values().sum::<u64>() * clients as u64;
         workers.settle(expected, Duration::from_secs(2)).await;
         let seen = workers.stop(&published);
-        let l = &seen.hist;
-        let mut phase_result = json!({
-            "seconds": secs, "published": published.values().sum::<u64>(),
-            "deliveries": seen.received, "missing": seen.missing,
-            "latency_ms": {"p50": l.quantile_ms(0.5), "p99": l.quantile_ms(0.99), "max": l.quantile_ms(1.0)},
-        });
+        let mut result = Phase {
+            seconds: secs,
+            published: published.values().sum::<u64>(),
+            deliveries: seen.received,
+            missing: seen.missing,
+            latency_ms: Quantiles::of(&seen.hist),
+            storm: None,
+        };
         if let Some(storming) = storming {
             let (joined, join_secs) = storming.join().expect("the storm's workers");
-            phase_result["storm"] = json!({"connections": storm, "subscribed": joined.connected,
-                "seconds": join_secs, "per_second": joined.connected as f64 / join_secs});
+            result.storm = Some(Storm {
+                connections: storm,
+                connected: joined.connected,
+                seconds: join_secs,
+                per_second: joined.connected as f64 / join_secs,
+            });
             drop(joined.stop(&HashMap::new()));
         }
-        println!("  {phase}: {phase_result}");
-        results.insert(phase.into(), phase_result);
+        println!("  {phase}: {result:?}");
+        phases.push(result);
     }
-    Value::Object(results)
+    let storm = phases.pop().expect("the storm phase");
+    let quiet = phases.pop().expect("the quiet phase");
+    JoinStorm { quiet, storm }
 }
 
 /// The API alone: acknowledged events/s with `publishers` closed-loop publishers, each
@@ -462,7 +480,7 @@ pub async fn publish(
     batch: usize,
     secs: u64,
     payload: usize,
-) -> Value {
+) -> Publish {
     let tier = FanoutTier::start(paths, 1).await;
     let servers = [tier.api.child.id(), tier.nats.pid()];
     let (before, api_before, loadgen_before) = (cpu(&servers), tier.api.cpu_seconds(), self_cpu());
@@ -477,15 +495,19 @@ pub async fn publish(
     let used = cpu(&servers) - before;
     let api = tier.api.cpu_seconds() - api_before;
     let per_event = |cpu: f64| cpu * 1e6 / acked.max(1) as f64;
-    json!({
-        "publishers": publishers, "batch": batch, "seconds": secs, "acked": acked, "errors": errors,
-        "acked_per_sec": acked as f64 / secs as f64,
-        "request_ms": {"p50": hist.quantile_ms(0.5), "p99": hist.quantile_ms(0.99), "max": hist.quantile_ms(1.0)},
-        "server_cpu_us_per_event": per_event(used),
-        "api_cpu_us_per_event": per_event(api),
-        "nats_cpu_us_per_event": per_event(used - api),
-        "loadgen_cpu_us_per_event": per_event(self_cpu() - loadgen_before),
-    })
+    Publish {
+        publishers,
+        batch,
+        seconds: secs,
+        acked,
+        errors,
+        acked_per_sec: acked as f64 / secs as f64,
+        request_ms: Quantiles::of(&hist),
+        server_cpu_us_per_event: per_event(used),
+        api_cpu_us_per_event: per_event(api),
+        nats_cpu_us_per_event: per_event(used - api),
+        loadgen_cpu_us_per_event: per_event(self_cpu() - loadgen_before),
+    }
 }
 
 pub fn describe(label: &str, o: &FanOut) {
@@ -513,475 +535,4 @@ pub fn describe(label: &str, o: &FanOut) {
         o.by_process,
         o.loadgen_cpu,
     );
-}
-
-/// `make bench`: every scenario, the table, the JSON.
-pub async fn run(paths: &Paths, quick: bool) -> (Value, String) {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let scale = |n: usize| if quick { n / 10 } else { n };
-    let mut rows: Vec<[String; 6]> = Vec::new();
-    let mut results = serde_json::Map::new();
-    let row = |rows: &mut Vec<[String; 6]>, cells: [&str; 6]| {
-        rows.push(cells.map(String::from));
-    };
-
-    println!("publish: 16 closed-loop publishers through the API, one event per request");
-    let p = publish(paths, 16, 0, 5, 100).await;
-    println!("  {p}");
-    println!("publish: 16 closed-loop publishers, /v1/batch of 100 events");
-    let b = publish(paths, 16, 100, 5, 100).await;
-    println!("  {b}");
-    println!(
-        "raw JetStream: 16 publishers on one NATS connection, 256 acknowledgements in flight each"
-    );
-    let raw = crate::jetstream::baseline(16, 256, 5, 100).await;
-    println!("  {raw}");
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    // events/s; CPU µs per event (API + nats-server)
-    let publish_cell = |v: &Value| {
-        format!(
-            "{:.0}; {:.1} ({:.1} + {:.1})",
-            f(v, "acked_per_sec"),
-            f(v, "server_cpu_us_per_event"),
-            f(v, "api_cpu_us_per_event"),
-            f(v, "nats_cpu_us_per_event")
-        )
-    };
-    row(
-        &mut rows,
-        [
-            "publish, 16 publishers, one event per request",
-            "acknowledged events/s; server CPU µs per event (API + nats-server)",
-            &publish_cell(&p),
-            "",
-            "",
-            "≥ 40,000/s; ≤ 30 µs",
-        ],
-    );
-    row(
-        &mut rows,
-        [
-            "publish, 16 publishers, `/v1/batch` of 100",
-            "acknowledged events/s; server CPU µs per event (API + nats-server)",
-            &publish_cell(&b),
-            &format!(
-                "raw JetStream {:.0}; {:.1}",
-                f(&raw, "acked_per_sec"),
-                f(&raw, "server_cpu_us_per_event")
-            ),
-            &format!(
-                "CPU {:.2}× raw",
-                f(&b, "server_cpu_us_per_event") / f(&raw, "server_cpu_us_per_event")
-            ),
-            "≥ 100,000/s; ≤ 1.5× raw",
-        ],
-    );
-    results.insert("publish".into(), p);
-    results.insert("publish_batch".into(), b);
-    results.insert("raw_jetstream".into(), raw);
-
-    let specs = [
-        (
-            "latency",
-            Spec {
-                clients: 300,
-                nodes: 3,
-                rate: 100,
-                secs: 10,
-                payload: 100,
-                shared: 0,
-                coalesce_ms: 0,
-                tick_ms: 0,
-                threads: 0,
-            },
-        ),
-        (
-            "cpu",
-            Spec {
-                clients: scale(3000),
-                nodes: 3,
-                rate: 100,
-                secs: 10,
-                payload: 100,
-                shared: 0,
-                coalesce_ms: 0,
-                tick_ms: 0,
-                threads: 0,
-            },
-        ),
-        (
-            "throughput",
-            Spec {
-                clients: scale(3000),
-                nodes: 3,
-                rate: 1000,
-                secs: 5,
-                payload: 100,
-                shared: 0,
-                coalesce_ms: 0,
-                tick_ms: 0,
-                threads: 0,
-            },
-        ),
-    ];
-    let mut fan = HashMap::new();
-    for (name, spec) in specs {
-        println!(
-            "fan-out ({name}): {} clients on {} nodes, {} events/s for {} s",
-            spec.clients, spec.nodes, spec.rate, spec.secs
-        );
-        let f = fan_out(paths, spec, Target::Fanout).await;
-        describe("fanout", &f);
-        let n = fan_out(paths, spec, Target::Nats).await;
-        describe("NATS", &n);
-        results.insert(
-            format!("fanout_{name}"),
-            json!({"spec": format!("{spec:?}"), "fanout": f.json(), "nats": n.json()}),
-        );
-        fan.insert(name, (spec, f, n));
-    }
-    let (spec, f, n) = &fan["latency"];
-    row(
-        &mut rows,
-        [
-            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
-            "p50 / p99 / p99.9 latency, ms",
-            &format!(
-                "{:.2} / {:.2} / {:.2}",
-                f.latency.quantile_ms(0.5),
-                f.latency.quantile_ms(0.99),
-                f.latency.quantile_ms(0.999)
-            ),
-            &format!(
-                "{:.2} / {:.2} / {:.2}",
-                n.latency.quantile_ms(0.5),
-                n.latency.quantile_ms(0.99),
-                n.latency.quantile_ms(0.999)
-            ),
-            &format!(
-                "{:.2}",
-                f.latency.quantile_ms(0.99) / n.latency.quantile_ms(0.99)
-            ),
-            "p99 ≤ 2 ms",
-        ],
-    );
-    let (spec, f, n) = &fan["cpu"];
-    row(
-        &mut rows,
-        [
-            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
-            "server CPU µs per delivery",
-            &format!("{:.2}", f.cpu_us()),
-            &format!("{:.2}", n.cpu_us()),
-            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
-            "≤ 0.5×",
-        ],
-    );
-    row(
-        &mut rows,
-        [
-            "",
-            "p99 latency, ms",
-            &format!("{:.2}", f.latency.quantile_ms(0.99)),
-            &format!("{:.2}", n.latency.quantile_ms(0.99)),
-            "",
-            "",
-        ],
-    );
-    // The same with fanout writing each channel's events at most every 20 ms, together.
-    let coalesced = Spec {
-        coalesce_ms: 20,
-        ..*spec
-    };
-    println!("fan-out (cpu) again with FANOUT_COALESCE_MS=20");
-    let c = fan_out(paths, coalesced, Target::Fanout).await;
-    describe("fanout", &c);
-    row(
-        &mut rows,
-        [
-            "  with `FANOUT_COALESCE_MS=20`",
-            "server CPU µs per delivery; p99 ms",
-            &format!("{:.2}; {:.2}", c.cpu_us(), c.latency.quantile_ms(0.99)),
-            &format!("{:.2}; {:.2}", n.cpu_us(), n.latency.quantile_ms(0.99)),
-            &format!("{:.2}", c.cpu_us() / n.cpu_us()),
-            "",
-        ],
-    );
-    results.insert(
-        "fanout_cpu_coalesce_20ms".into(),
-        json!({"spec": format!("{coalesced:?}"), "fanout": c.json()}),
-    );
-    let (spec, f, n) = &fan["throughput"];
-    row(
-        &mut rows,
-        [
-            &format!("fan-out {}×{} ev/s", spec.clients, spec.rate),
-            "deliveries/s (missing)",
-            &format!("{:.0} ({})", f.per_second(), f.missing),
-            &format!("{:.0} ({})", n.per_second(), n.missing),
-            &format!("{:.2}", f.per_second() / n.per_second()),
-            "≥ 1×, 0 missing",
-        ],
-    );
-    row(
-        &mut rows,
-        [
-            "",
-            "server CPU µs per delivery",
-            &format!("{:.2}", f.cpu_us()),
-            &format!("{:.2}", n.cpu_us()),
-            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
-            "",
-        ],
-    );
-
-    // The HTTP transports: SSE against WebSocket in the same run (the "cpu" scenario), and
-    // 1,000 long-polling clients.
-    let (spec, f, _) = &fan["cpu"];
-    println!(
-        "fan-out over SSE: {} clients on {} nodes, {} events/s for {} s",
-        spec.clients, spec.nodes, spec.rate, spec.secs
-    );
-    let sse = fan_out(paths, *spec, Target::FanoutSse).await;
-    describe("SSE", &sse);
-    row(
-        &mut rows,
-        [
-            &format!("SSE fan-out {}×{} ev/s", spec.clients, spec.rate),
-            "server CPU µs per delivery (vs WebSocket); p99 ms",
-            &format!("{:.2}; {:.2}", sse.cpu_us(), sse.latency.quantile_ms(0.99)),
-            &format!(
-                "WebSocket {:.2}; {:.2}",
-                f.cpu_us(),
-                f.latency.quantile_ms(0.99)
-            ),
-            &format!("SSE / WS {:.2}", sse.cpu_us() / f.cpu_us()),
-            "≤ 1.3× WebSocket",
-        ],
-    );
-    results.insert(
-        "sse_fanout_cpu".into(),
-        json!({"spec": format!("{spec:?}"), "sse": sse.json(), "websocket": f.json()}),
-    );
-    let polling = Spec {
-        clients: scale(1000),
-        nodes: 3,
-        rate: 100,
-        secs: 10,
-        payload: 100,
-        shared: 0,
-        coalesce_ms: 0,
-        tick_ms: 0,
-        threads: 0,
-    };
-    println!(
-        "long-polling: {} clients on {} nodes, {} events/s for {} s",
-        polling.clients, polling.nodes, polling.rate, polling.secs
-    );
-    let poll = fan_out(paths, polling, Target::FanoutPoll).await;
-    describe("poll", &poll);
-    row(
-        &mut rows,
-        [
-            &format!(
-                "long-poll, {} clients × {} ev/s",
-                polling.clients, polling.rate
-            ),
-            "deliveries/s, p50 / p99 ms (missing); CPU µs/delivery",
-            &format!(
-                "{:.0}, {:.2} / {:.2} ({}); {:.2}",
-                poll.per_second(),
-                poll.latency.quantile_ms(0.5),
-                poll.latency.quantile_ms(0.99),
-                poll.missing,
-                poll.cpu_us()
-            ),
-            "",
-            "",
-            "0 missing",
-        ],
-    );
-    results.insert(
-        "long_poll".into(),
-        json!({"spec": format!("{polling:?}"), "fanout": poll.json()}),
-    );
-
-    // Many small channels: every client in a channel of its own and one of 10 shared; both
-    // publishers release what came due every 5 ms (fanout: one `/v1/batch`).
-    let spec = Spec {
-        clients: scale(10_000),
-        nodes: 3,
-        rate: 2000,
-        secs: 10,
-        payload: 100,
-        shared: 10,
-        coalesce_ms: 0,
-        tick_ms: 5,
-        threads: 1,
-    };
-    println!(
-        "many channels: {} clients, each in its own channel and one of {} shared, {} events/s in {} ms ticks",
-        spec.clients, spec.shared, spec.rate, spec.tick_ms
-    );
-    let f = fan_out(paths, spec, Target::Fanout).await;
-    describe("fanout", &f);
-    let n = fan_out(paths, spec, Target::Nats).await;
-    describe("NATS", &n);
-    row(
-        &mut rows,
-        [
-            &format!(
-                "many channels ({} own + {} shared), {} ev/s",
-                spec.clients, spec.shared, spec.rate
-            ),
-            "server CPU µs per delivery; p99 ms (missing)",
-            &format!(
-                "{:.1}; {:.2} ({})",
-                f.cpu_us(),
-                f.latency.quantile_ms(0.99),
-                f.missing
-            ),
-            &format!(
-                "{:.1}; {:.2} ({})",
-                n.cpu_us(),
-                n.latency.quantile_ms(0.99),
-                n.missing
-            ),
-            &format!("{:.2}", f.cpu_us() / n.cpu_us()),
-            "≤ 20 µs, ≤ NATS; p99 ≤ 10 ms; 0 missing",
-        ],
-    );
-    results.insert(
-        "many_channels".into(),
-        json!({"spec": format!("{spec:?}"), "fanout": f.json(), "nats": n.json()}),
-    );
-
-    let idle_conns = scale(45_000);
-    println!("idle: {idle_conns} connections on 3 nodes");
-    let f = idle(paths, Target::Fanout, idle_conns, 3).await;
-    println!("  fanout {f}");
-    let n = idle(paths, Target::Nats, idle_conns, 3).await;
-    println!("  NATS   {n}");
-    let (fk, nk) = (
-        f["kib_per_connection_mean"].as_f64().unwrap(),
-        n["kib_per_connection_mean"].as_f64().unwrap(),
-    );
-    row(
-        &mut rows,
-        [
-            &format!("idle, 3 × {}", idle_conns / 3),
-            "RSS KiB per connection",
-            &format!("{fk:.2}"),
-            &format!("{nk:.2}"),
-            &format!("{:.2}", fk / nk),
-            "≤ 6 KiB",
-        ],
-    );
-    results.insert("idle".into(), json!({"fanout": f, "nats": n}));
-    println!("idle SSE: {idle_conns} streams on 3 nodes");
-    let sse = idle(paths, Target::FanoutSse, idle_conns, 3).await;
-    println!("  SSE    {sse}");
-    let sk = sse["kib_per_connection_mean"].as_f64().unwrap();
-    row(
-        &mut rows,
-        [
-            &format!("idle SSE, 3 × {}", idle_conns / 3),
-            "RSS KiB per stream (vs WebSocket)",
-            &format!("{sk:.2}"),
-            &format!("WebSocket {fk:.2}"),
-            &format!("SSE / WS {:.2}", sk / fk),
-            "≤ 8 KiB",
-        ],
-    );
-    results.insert("idle_sse".into(), sse);
-
-    let storm_conns = scale(15_000);
-    println!("connect storm: {storm_conns} connections to one node");
-    let f = storm(paths, Target::Fanout, storm_conns).await;
-    println!("  fanout {f}");
-    let n = storm(paths, Target::Nats, storm_conns).await;
-    println!("  NATS   {n}");
-    let (fs, ns) = (
-        f["per_second"].as_f64().unwrap(),
-        n["per_second"].as_f64().unwrap(),
-    );
-    row(
-        &mut rows,
-        [
-            &format!("connect storm, {storm_conns} to one node"),
-            "connections/s",
-            &format!("{fs:.0}"),
-            &format!("{ns:.0}"),
-            &format!("{:.2}", fs / ns),
-            "≥ 10,000/s",
-        ],
-    );
-    results.insert("storm".into(), json!({"fanout": f, "nats": n}));
-
-    let joiners = scale(12_000);
-    println!(
-        "join storm: 300 clients × 100 events/s on one node, quiet, then while {joiners} connect and subscribe"
-    );
-    let j = join_storm(paths, 300, joiners, 100).await;
-    let p99 = |phase: &str| j[phase]["latency_ms"]["p99"].as_f64().unwrap_or(f64::NAN);
-    row(
-        &mut rows,
-        [
-            &format!("join storm, 300 × 100 ev/s while {joiners} join"),
-            "p99 latency quiet / storm (max), ms",
-            &format!(
-                "{:.2} / {:.2} ({:.1})",
-                p99("quiet"),
-                p99("storm"),
-                j["storm"]["latency_ms"]["max"].as_f64().unwrap_or(f64::NAN)
-            ),
-            "",
-            "",
-            "storm close to quiet",
-        ],
-    );
-    results.insert("join_storm".into(), j);
-
-    let members = if quick { 10_000 } else { 100_000 };
-    println!("presence: {members} members on 3 nodes");
-    let p = crate::presence::run(members, 3).await;
-    row(
-        &mut rows,
-        [
-            &format!("presence, {members} members"),
-            "count-only query, median ms",
-            &format!("{:.2}", p["count_only_ms"]["median"].as_f64().unwrap()),
-            "",
-            "",
-            "milliseconds",
-        ],
-    );
-    results.insert("presence".into(), p);
-
-    let header = [
-        "scenario",
-        "figure",
-        "fanout",
-        "NATS WebSocket",
-        "fanout / NATS",
-        "target",
-    ];
-    let mut table = String::new();
-    table.push_str(&format!("| {} |\n", header.join(" | ")));
-    table.push_str(&format!("|{}\n", "---|".repeat(header.len())));
-    for r in &rows {
-        table.push_str(&format!("| {} |\n", r.join(" | ")));
-    }
-    let machine = format!(
-        "{cores} cores, {} (load generator on the same cores)",
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| c
-                .lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-            .unwrap_or_default()
-    );
-    results.insert("machine".into(), json!(machine));
-    (Value::Object(results), format!("{machine}\n\n{table}"))
 }

@@ -1,28 +1,36 @@
 //! `fanout-ws`: a WebSocket node. It holds browser connections, subscribes in NATS only to
 //! the channels its clients want, and fans every event out to its local clients.
 //!
-//! # Layout (one idea per file, after centrifuge)
+//! # Layout (one idea per file, after centrifuge), in layers
 //!
-//! The event path, NATS to socket, is three files: [`reader`] (a channel's events, in order,
-//! encoded once), [`hub`] (who gets them) and [`sink`] (how the bytes reach each connection).
+//! The modules form layers, listed here roughly from the top down: no file and no top-level
+//! module uses one that uses it (`tests/integration/layers.rs` checks it).
 //!
+//! One event's path, NATS to socket: [`channel::reader`] (a channel's events, in order, gaps
+//! repaired, encoded once) → [`channel::log`] (recorded for resumes) → [`hub`] (its
+//! `subs.rs`: who gets them) → [`sink`] (into each socket, queued only when it is full) → the
+//! transport's framing ([`transport::websocket`], [`transport::sse`], [`transport::poll`]).
+//!
+//! - [`node`]: wiring, admission, announcement, drain.
+//! - [`transport`]: the HTTP front; [`transport::connection`], one connection lifecycle for
+//!   every transport (outbox, registration, heartbeat, expiry and stall timers, kicks,
+//!   counters, goodbye); each transport keeps how it reads, writes and closes.
 //! - [`session`]: transport-neutral: a connection's state in the protocol, one handler per op,
 //!   the publish budget.
-//! - [`transport`]: the HTTP front and the transports that adapt a connection to a session
-//!   (WebSocket); knows the wire, not NATS.
-//! - [`hub`]: this node's connections and their channels, holding sinks; reports first/last
-//!   local subscriber.
-//! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
-//!   bounded) only when the socket is full.
-//! - [`reader`]: NATS channel readers: order, gap repair, one encoding per event.
-//! - [`recent`]: each channel's recent events, for resumes answered from memory.
-//! - [`node`]: wiring, admission, announcement, drain.
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
 //!   following other nodes' changes (and their crashes) for local clients.
-//! - [`protocol`]: the JSON frames.
-//! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
-//! - [`disconnect`]: the close codes and what they ask of a client.
+//! - [`channel`]: each channel's interest (NATS subscriptions, concurrently per channel), its
+//!   reader and its recent log, and recovery: the resume decision as pure functions
+//!   ([`channel::recovery`]) and the reads it asks for ([`channel::replay`]).
+//! - [`hub`]: this node's connections (`hub/conns.rs`) and memberships (`hub/subs.rs`),
+//!   holding sinks; one observer for first/last member and presence changes.
+//! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
+//!   bounded) only when the socket is full.
 //! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
+//! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
+//! - [`protocol`]: the JSON frames.
+//! - [`position`]: channel keys, marks and positions, the vocabulary every layer shares.
+//! - [`disconnect`]: the close codes and what they ask of a client.
 //! - [`budget`]: the node-wide budget of bytes held on behalf of clients.
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
