@@ -79,7 +79,7 @@ pub async fn run(members: usize, nodes: usize) -> Presence {
             info,
         };
         let hub = node.hub();
-        let outbox = Outbox::sink(WebSocket, Kick::new(CancellationToken::new()));
+        let outbox = Outbox::discarding(WebSocket, Kick::new(CancellationToken::new()));
         hub.add_conn(conn, Arc::new(outbox), profile);
         hub.subscribe(conn, &channel, false).unwrap();
     }

@@ -16,7 +16,7 @@
 //!   every transport (outbox, registration, heartbeat, expiry and stall timers, kicks,
 //!   counters, goodbye); each transport keeps how it reads, writes and closes.
 //! - [`session`]: transport-neutral: a connection's state in the protocol, one handler per op,
-//!   the publish budget.
+//!   its request rate.
 //! - [`presence`]: publishing this node's membership changes, answering presence queries,
 //!   following other nodes' changes (and their crashes) for local clients.
 //! - [`channel`]: each channel's interest (NATS subscriptions, concurrently per channel), its

@@ -382,7 +382,7 @@ impl<F: Framing> Outbox<F> {
     }
 
     /// An outbox that takes every frame and sends it nowhere.
-    pub fn sink(framing: F, kick: Kick) -> Outbox<F> {
+    pub fn discarding(framing: F, kick: Kick) -> Outbox<F> {
         Outbox::build(Out::Discard, framing, kick, Bounds::NONE)
     }
 

@@ -9,7 +9,7 @@
 //! JSON.
 //!
 //! - [`state`]: the session (a connection's state in the protocol), how a request is
-//!   answered or refused, the publish budget;
+//!   answered or refused, its request rate (publishes, info updates, presence queries);
 //! - this file: dispatch, `ping`, `refresh`;
 //! - [`subscribe`] handles `subscribe` (with resume) and `unsubscribe`;
 //! - [`publish`] handles `publish`;

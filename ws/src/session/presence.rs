@@ -33,7 +33,7 @@ pub(super) fn query(
         let message = format!("your token does not allow subscribing to {channel:?}");
         return session.reject(to, id, "presence", Code::Forbidden, message);
     }
-    if !session.budget.take() {
+    if !session.requests.take() {
         return session.rate_limited(to, id, "presence");
     }
     let in_flight = session
@@ -74,7 +74,7 @@ pub(super) fn info(
     id: Option<RequestId>,
     info: Option<String>,
 ) {
-    if !session.budget.take() {
+    if !session.requests.take() {
         return session.rate_limited(to, id, "info");
     }
     let info = info.and_then(|info| RawValue::from_string(info).ok());

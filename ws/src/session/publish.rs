@@ -18,7 +18,7 @@ pub(super) async fn publish(
         let message = format!("your token does not allow publishing to {channel:?}");
         return session.reject(to, id, "publish", Code::Forbidden, message);
     }
-    if !session.budget.take() {
+    if !session.requests.take() {
         return session.rate_limited(to, id, "publish");
     }
     let data = serde_json::to_vec(&data).expect("a JSON value serializes");

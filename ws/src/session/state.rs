@@ -22,7 +22,7 @@ pub struct Session {
     pub(super) conduit: Arc<dyn Conduit>,
     pub(super) identity: Identity,
     /// Publishes, info updates and presence queries, per second.
-    pub(super) budget: Bucket,
+    pub(super) requests: Bucket,
     /// Presence queries in flight; created on the first one.
     pub(super) queries: Option<Arc<Semaphore>>,
 }
@@ -49,7 +49,7 @@ impl Session {
             node,
             conduit,
             identity,
-            budget: Bucket::new(rate),
+            requests: Bucket::new(rate),
             queries: None,
         }
     }
@@ -87,7 +87,7 @@ impl Session {
         self.send(to, rejection.encode());
     }
 
-    /// Refuses `op` for want of publish budget.
+    /// Refuses `op`: the request rate is spent.
     pub(super) fn rate_limited(&self, to: ReplyTo, id: Option<RequestId>, op: &str) {
         let rate = self.node.config().publish_rate_per_sec;
         self.reject(
@@ -153,7 +153,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn the_publish_budget_is_a_burst_then_a_rate() {
+    async fn the_request_rate_is_a_burst_then_a_rate() {
         let mut bucket = Bucket::new(3);
         assert!((0..3).all(|_| bucket.take()), "a full burst");
         assert!(!bucket.take());

@@ -52,8 +52,8 @@ pub(crate) struct AppState {
     pub sockets: TaskTracker,
     /// The live SSE streams, for their `POST /session/{conn}` requests.
     pub sessions: http_session::Sessions,
-    /// The request budgets of clients without a live stream (`POST /request`).
-    pub budgets: poll::Budgets,
+    /// The request rates of clients without a live stream (`POST /request`).
+    pub rates: poll::RequestRates,
     /// Cancelled when the node begins to shut down: long-polls answer at once.
     pub shutdown: CancellationToken,
 }
@@ -76,9 +76,9 @@ impl FromRef<AppState> for http_session::Sessions {
     }
 }
 
-impl FromRef<AppState> for poll::Budgets {
+impl FromRef<AppState> for poll::RequestRates {
     fn from_ref(state: &AppState) -> Self {
-        state.budgets.clone()
+        state.rates.clone()
     }
 }
 
@@ -122,7 +122,7 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
             node,
             sockets,
             sessions: http_session::Sessions::default(),
-            budgets: poll::Budgets::default(),
+            rates: poll::RequestRates::default(),
             shutdown,
         })
 }

@@ -11,7 +11,7 @@
 //! an [`Outbox`] that keeps frames instead of writing them, and hidden from presence.
 //!
 //! A polling client has no session for its requests: `POST /request` ([`request`]) takes one
-//! `publish`, `presence` or `ping` at a time, identified like a poll, within a budget per
+//! `publish`, `presence` or `ping` at a time, identified like a poll, within a request rate per
 //! client IP.
 
 use fanout::Code;
@@ -219,28 +219,26 @@ struct Answer {
     resumed: Vec<Value>,
 }
 
-/// Most client IPs whose request budget is remembered at once.
-const MAX_BUDGETS: usize = 10_000;
+/// Most client IPs whose request rate is remembered at once.
+const MAX_RATES: usize = 10_000;
 
-/// The request budgets of stateless clients, one per IP: `FANOUT_PUBLISH_RATE_PER_SEC`
-/// publishes and presence queries per second, as one connection has. Bounded: the budgets of
-/// idle clients are forgotten when the table fills, and beyond that requests are refused.
+/// The request rates of stateless clients, one token bucket per IP:
+/// `FANOUT_PUBLISH_RATE_PER_SEC` publishes and presence queries per second, as one connection
+/// has. Bounded: the buckets of idle clients are forgotten when the table fills, and beyond
+/// that requests are refused.
 #[derive(Debug, Clone, Default)]
-pub struct Budgets(Arc<Mutex<HashMap<IpAddr, Bucket>>>);
+pub struct RequestRates(Arc<Mutex<HashMap<IpAddr, Bucket>>>);
 
-impl Budgets {
+impl RequestRates {
     fn take(&self, ip: IpAddr, rate: u32) -> bool {
-        let mut budgets = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if budgets.len() >= MAX_BUDGETS && !budgets.contains_key(&ip) {
-            budgets.retain(|_, budget| !budget.is_full());
-            if budgets.len() >= MAX_BUDGETS {
+        let mut rates = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if rates.len() >= MAX_RATES && !rates.contains_key(&ip) {
+            rates.retain(|_, bucket| !bucket.is_full());
+            if rates.len() >= MAX_RATES {
                 return false;
             }
         }
-        budgets
-            .entry(ip)
-            .or_insert_with(|| Bucket::new(rate))
-            .take()
+        rates.entry(ip).or_insert_with(|| Bucket::new(rate)).take()
     }
 }
 
@@ -251,7 +249,7 @@ impl Budgets {
 /// error as for a poll (401, 413, 429 `rate_limited`).
 pub(crate) async fn request(
     State(node): State<Arc<Node>>,
-    State(budgets): State<Budgets>,
+    State(rates): State<RequestRates>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -319,7 +317,7 @@ pub(crate) async fn request(
         return reply(rejection.encode());
     }
     let rate = node.config().publish_rate_per_sec;
-    if name != "ping" && !budgets.take(peer.ip(), rate) {
+    if name != "ping" && !rates.take(peer.ip(), rate) {
         let message = format!(
             "at most {rate} publishes and presence queries per second from one address \
              (FANOUT_PUBLISH_RATE_PER_SEC)"
