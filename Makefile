@@ -90,8 +90,9 @@ test: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	cargo build --workspace --bins
 	cargo test --workspace
 
-# Each integration test file alone, RUNS times (default 5); STRESS=1 keeps both cores busy
-# with stress-ng meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
+# Each test file alone (a module of tests/integration/, or a binary of tests/), RUNS times
+# (default 5; FILES="faults browser" for some); STRESS=1 keeps both cores busy with stress-ng
+# meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
 test-alone: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
 
