@@ -400,6 +400,10 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
         (_, Some(n)) => n.ws.clone(),
         _ => unreachable!(),
     };
+    let waited = tier::wait_time_wait_drained().await;
+    if waited > Duration::from_secs(1) {
+        println!("  waited {waited:.0?} for earlier connections to leave TIME_WAIT");
+    }
     let (workers, secs) = Workers::start(target, Mode::Storm, &urls, connections, 0, 2, 256);
     let connected = workers.connected;
     drop(workers.stop(&HashMap::new()));

@@ -126,3 +126,24 @@ pub fn nats_counters(monitor: &[u16]) -> serde_json::Value {
         .collect();
     serde_json::Value::Array(nodes)
 }
+
+/// Sockets in TIME_WAIT here (`/proc/net/sockstat`), if it can be read.
+fn time_wait() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = stat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
+/// Waits (at most 90 s) until earlier runs' connections have left TIME_WAIT. A connect storm
+/// started while the kernel still holds up to 131,072 of them binds its source ports slowly:
+/// one run measured 420 connections/s where a drained machine gives about 18,000. Returns
+/// how long it waited.
+pub async fn wait_time_wait_drained() -> Duration {
+    let started = Instant::now();
+    while time_wait().is_some_and(|n| n > 1000) && started.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    started.elapsed()
+}
