@@ -19,7 +19,7 @@ use async_nats::{
 /// `publishers` tasks on one NATS connection, each keeping `window` publishes in flight,
 /// for `secs`. Reports acknowledged events/s and nats-server's CPU per event.
 pub async fn baseline(publishers: usize, window: usize, secs: u64, size: usize) -> JetStream {
-    let nats = tier::start_nats(&[]);
+    let nats = tier::NatsServer::start();
     let client = async_nats::connect(nats.url())
         .await
         .expect("connect to NATS");

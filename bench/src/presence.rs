@@ -52,7 +52,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub async fn run(members: usize, nodes: usize) -> Presence {
-    let nats = tier::start_nats(&[]);
+    let nats = tier::NatsServer::start();
     let url = nats.url();
     let tracker = TaskTracker::new();
     let mut ws = Vec::new();

@@ -177,7 +177,7 @@ async fn otlp_sink() -> (String, Arc<AtomicUsize>) {
 }
 
 async fn fanout(paths: &tier::Paths, params: &Params) -> Outcome {
-    let nats = tier::start_nats(&[]);
+    let nats = tier::NatsServer::start();
     let mut env = vec![
         ("FANOUT_NATS_URL".to_string(), nats.url()),
         ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),

@@ -154,7 +154,7 @@ pub async fn churn(
     churners: usize,
     plot: Option<&str>,
 ) -> Value {
-    let nats = tier::start_nats(&[]);
+    let nats = tier::NatsServer::start();
     let env = vec![
         ("FANOUT_NATS_URL".to_string(), nats.url()),
         ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
@@ -504,7 +504,7 @@ pub async fn hostile(paths: &Paths, connections: usize, announce: usize) -> Valu
         ),
         ("defaults", vec![]),
     ] {
-        let nats = tier::start_nats(&[]);
+        let nats = tier::NatsServer::start();
         let mut env = vec![
             ("FANOUT_NATS_URL".to_string(), nats.url()),
             (

@@ -39,7 +39,7 @@ impl FanoutTier {
         extra: &[(String, String)],
         threads: usize,
     ) -> FanoutTier {
-        let nats = tier::start_nats(&gomaxprocs(threads));
+        let nats = NatsServer::start_with(&gomaxprocs(threads));
         let mut env = vec![
             ("FANOUT_NATS_URL".to_string(), nats.url()),
             ("FANOUT_HISTORY_MAX_AGE_SECS".to_string(), "120".to_string()),
@@ -86,14 +86,6 @@ impl FanoutTier {
     }
 }
 
-/// The baseline: nats-server nodes in a cluster, each with a WebSocket port.
-pub struct NatsTier {
-    pub cluster: NatsCluster,
-    pub clients: Vec<String>,
-    pub ws: Vec<String>,
-    pub monitor: Vec<u16>,
-}
-
 /// nats-server's environment for `threads` runtime threads (0: its default).
 fn gomaxprocs(threads: usize) -> Vec<(String, String)> {
     if threads == 0 {
@@ -102,27 +94,17 @@ fn gomaxprocs(threads: usize) -> Vec<(String, String)> {
     vec![("GOMAXPROCS".into(), threads.to_string())]
 }
 
-impl NatsTier {
-    pub fn start(nodes: usize) -> NatsTier {
-        Self::start_threads(nodes, 0)
-    }
-
-    pub fn start_threads(nodes: usize, threads: usize) -> NatsTier {
-        let cluster = NatsCluster::start_with(
-            nodes,
-            tier::ClusterOptions {
-                websocket: true,
-                env: gomaxprocs(threads),
-                ..Default::default()
-            },
-        );
-        NatsTier {
-            clients: cluster.client_urls(),
-            ws: cluster.ws_urls(),
-            monitor: cluster.monitor_ports.clone(),
-            cluster,
-        }
-    }
+/// The baseline: `nodes` nats-servers in a cluster, each with a WebSocket port, with
+/// `threads` runtime threads each (0: their default).
+fn nats_tier(nodes: usize, threads: usize) -> NatsCluster {
+    NatsCluster::start_with(
+        nodes,
+        tier::ClusterOptions {
+            websocket: true,
+            env: gomaxprocs(threads),
+            ..Default::default()
+        },
+    )
 }
 
 fn cpu(pids: &[u32]) -> f64 {
@@ -241,19 +223,16 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
                 None,
             )
         }
-        Target::Nats => (
-            None,
-            Some(NatsTier::start_threads(spec.nodes, spec.threads)),
-        ),
+        Target::Nats => (None, Some(nats_tier(spec.nodes, spec.threads))),
     };
     let urls = match (&fanout, &nats) {
         (Some(t), _) => t.ws_urls(),
-        (_, Some(n)) => n.ws.clone(),
+        (_, Some(n)) => n.ws_urls(),
         _ => unreachable!(),
     };
     let servers: Vec<u32> = match (&fanout, &nats) {
         (Some(t), _) => t.servers(),
-        (_, Some(n)) => n.cluster.pids(),
+        (_, Some(n)) => n.pids(),
         _ => unreachable!(),
     };
     let (mut workers, _) = Workers::start(
@@ -266,11 +245,11 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         200,
     );
     let interest_wait = nats.as_ref().map(|n| {
-        let mut wanted = vec![std::collections::HashSet::new(); n.monitor.len()];
+        let mut wanted = vec![std::collections::HashSet::new(); n.monitor_ports.len()];
         for (client, node) in workers.placement() {
             wanted[node].extend(crate::worker::channels_of(client, spec.shared));
         }
-        tier::wait_route_interest(&n.monitor, &wanted)
+        tier::wait_route_interest(&n.monitor_ports, &wanted)
     });
     let channels = channels(&spec);
     let duration = Duration::from_secs(spec.secs);
@@ -298,7 +277,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         }
         (_, Some(n)) if spec.tick_ms > 0 => (
             load::publish_nats_ticked(
-                &n.clients[0],
+                &n.client_urls()[0],
                 &channels,
                 spec.rate,
                 duration,
@@ -309,7 +288,14 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
             None,
         ),
         (_, Some(n)) => (
-            load::publish_nats(&n.clients[0], &channels, spec.rate, duration, spec.payload).await,
+            load::publish_nats(
+                &n.client_urls()[0],
+                &channels,
+                spec.rate,
+                duration,
+                spec.payload,
+            )
+            .await,
             None,
         ),
         _ => unreachable!(),
@@ -327,7 +313,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let loadgen_cpu = workers.cpu_seconds() + self_cpu() - loadgen_before;
     let seen = workers.stop(&published);
     let counters = nats.as_ref().map(|n| {
-        json!({"nodes": tier::nats_counters(&n.monitor),
+        json!({"nodes": tier::nats_counters(&n.monitor_ports),
             "route_interest_wait_ms": interest_wait.map_or(0.0, |d| d.as_secs_f64() * 1e3)})
     });
     FanOut {
@@ -353,11 +339,11 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, nodes).await), None)
         }
-        Target::Nats => (None, Some(NatsTier::start(nodes))),
+        Target::Nats => (None, Some(nats_tier(nodes, 0))),
     };
     let (holders, urls): (Vec<u32>, Vec<String>) = match (&fanout, &nats) {
         (Some(t), _) => (t.nodes.iter().map(|n| n.child.id()).collect(), t.ws_urls()),
-        (_, Some(n)) => (n.cluster.pids(), n.ws.clone()),
+        (_, Some(n)) => (n.pids(), n.ws_urls()),
         _ => unreachable!(),
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -393,11 +379,11 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
         Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
             (Some(FanoutTier::start(paths, 1).await), None)
         }
-        Target::Nats => (None, Some(NatsTier::start(1))),
+        Target::Nats => (None, Some(nats_tier(1, 0))),
     };
     let urls = match (&fanout, &nats) {
         (Some(t), _) => t.ws_urls(),
-        (_, Some(n)) => n.ws.clone(),
+        (_, Some(n)) => n.ws_urls(),
         _ => unreachable!(),
     };
     let waited = tier::wait_time_wait_drained().await;

@@ -36,11 +36,6 @@ impl Paths {
     }
 }
 
-/// nats-server with JetStream (and `env`: `GOMAXPROCS`).
-pub fn start_nats(env: &[(String, String)]) -> NatsServer {
-    NatsServer::start_with(env)
-}
-
 /// Starts a fanout binary with `env`, as `name` on a free port, and waits for the address it
 /// logs. Its log goes to `target/bench/logs/<name>.log`, for a look after the run.
 pub fn start_fanout(paths: &Paths, binary: &str, name: &str, env: &[(String, String)]) -> Process {
