@@ -6,10 +6,12 @@
 //! The modules form layers, listed here roughly from the top down: no file and no top-level
 //! module uses one that uses it (`tests/integration/layers.rs` checks it).
 //!
-//! One event's path, NATS to socket: [`channel::reader`] (a channel's events, in order, gaps
-//! repaired, encoded once) → [`channel::log`] (recorded for resumes) → [`hub`] (its
-//! `subs.rs`: who gets them) → [`sink`] (into each socket, queued only when it is full) → the
-//! transport's framing ([`transport::websocket`], [`transport::sse`], [`transport::poll`]).
+//! One event's path, NATS to socket, five files: [`channel::reader`] (a channel's events, in
+//! order, gaps repaired, encoded once) → [`channel::log`] (recorded for resumes) →
+//! `hub/subs.rs` (who gets them: the members' sinks, copied; `broadcast`'s reader takes every
+//! connection's from `hub/conns.rs` instead) → [`sink`] (into each socket, queued only when it
+//! is full) → the transport, which frames it ([`transport::websocket`], [`transport::sse`],
+//! [`transport::poll`]).
 //!
 //! - [`node`]: wiring, admission, announcement, drain.
 //! - [`transport`]: the HTTP front; [`transport::connection`], one connection lifecycle for

@@ -384,7 +384,17 @@ impl Reader {
         } = &self.target;
         // Recorded before the members are copied (see `Log`).
         log.record(&self.frames, &self.epoch);
-        hub.recipients(&self.channel, self.key, *generation, &mut self.recipients);
+        if self.channel.is_broadcast() {
+            hub.conns().sinks(&mut self.recipients);
+        } else {
+            // Nobody when this stretch of interest has ended (this reader is being stopped).
+            hub.memberships().recipients(
+                &self.channel,
+                self.key,
+                *generation,
+                &mut self.recipients,
+            );
+        }
         let outcome = offer_all(self.key, &self.frames, &mut self.recipients);
         let events = self.frames.len() as u64;
         self.frames.clear();

@@ -22,7 +22,7 @@ use crate::position::ConnId;
 use crate::sink::{Kick, Sink};
 
 #[derive(Debug)]
-pub(super) struct Conns {
+pub struct Conns {
     shards: Box<[Mutex<HashMap<ConnId, Conn>>]>,
     /// Connections, without locking every shard to count them.
     count: AtomicUsize,
@@ -57,7 +57,7 @@ pub enum SubscribeError {
 }
 
 impl Conns {
-    pub fn new() -> Conns {
+    pub(super) fn new() -> Conns {
         Conns {
             shards: shards(),
             count: AtomicUsize::new(0),
@@ -68,13 +68,13 @@ impl Conns {
         lock(&self.shards[id.as_u128() as usize % SHARDS])
     }
 
-    pub fn insert(&self, id: ConnId, conn: Conn) {
+    pub(super) fn insert(&self, id: ConnId, conn: Conn) {
         gauge!("fanout_ws_connections").increment(1.0);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.shard(&id).insert(id, conn);
     }
 
-    pub fn remove(&self, id: ConnId) -> Option<Conn> {
+    pub(super) fn remove(&self, id: ConnId) -> Option<Conn> {
         let conn = self.shard(&id).remove(&id)?;
         gauge!("fanout_ws_connections").decrement(1.0);
         self.count.fetch_sub(1, Ordering::Relaxed);
@@ -82,7 +82,7 @@ impl Conns {
     }
 
     /// Puts `channel` in connection `id`'s channels, unless that would pass `max`.
-    pub fn join(
+    pub(super) fn join(
         &self,
         id: ConnId,
         channel: &Channel,
@@ -107,7 +107,7 @@ impl Conns {
     }
 
     /// Takes `channel` out of connection `id`'s channels: its sink, if it was in.
-    pub fn leave(&self, id: ConnId, channel: &Channel) -> Option<Arc<dyn Sink>> {
+    pub(super) fn leave(&self, id: ConnId, channel: &Channel) -> Option<Arc<dyn Sink>> {
         let mut conns = self.shard(&id);
         let conn = conns.get_mut(&id)?;
         if !conn.channels.remove(channel) {
@@ -118,7 +118,7 @@ impl Conns {
     }
 
     /// Replaces connection `id`'s presence info: its new profile and its channels.
-    pub fn set_info(
+    pub(super) fn set_info(
         &self,
         id: ConnId,
         info: Option<Box<RawValue>>,
@@ -143,7 +143,7 @@ impl Conns {
     }
 
     /// Every connection's cut-off switch (for draining).
-    pub fn kicks(&self) -> Vec<Kick> {
+    pub(super) fn kicks(&self) -> Vec<Kick> {
         self.shards
             .iter()
             .flat_map(|shard| {
@@ -155,7 +155,7 @@ impl Conns {
             .collect()
     }
 
-    pub fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
 }

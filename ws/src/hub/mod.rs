@@ -9,7 +9,7 @@
 //! **Locks.** Connections and channels live in shards (64 each, as centrifuge's `hub.go`),
 //! each a std mutex held for a few map operations and never while another lock is taken or a
 //! socket is written, so that one busy channel cannot stall the others. A fan-out pass copies
-//! the channel's sinks out of its shard ([`Hub::recipients`]) and writes outside every lock:
+//! the channel's sinks out of its shard ([`Subs::recipients`]) and writes outside every lock:
 //! a join, a connect or a subscription elsewhere never waits for it. (A member that leaves
 //! during a pass may still be offered that pass's frames; its sink drops them, see
 //! [`Sink::leave`].)
@@ -22,21 +22,17 @@ mod observer;
 mod shard;
 mod subs;
 
-pub use conns::SubscribeError;
+pub use conns::{Conns, SubscribeError};
 pub use observer::{Interest, Membership, Observer, Profile};
-pub use subs::{BROADCAST_GENERATION, LocalMember, Subscribed};
+pub use subs::{BROADCAST_GENERATION, LocalMember, Subs, Subscribed};
 
 use std::{collections::HashSet, sync::Arc};
 
 use fanout::Channel;
 use serde_json::value::RawValue;
 
-use crate::{
-    position::{ChannelKey, channel_key},
-    sink::Sink,
-};
-use conns::{Conn, Conns};
-use subs::{Recipients, Subs};
+use crate::{position::channel_key, sink::Sink};
+use conns::Conn;
 
 pub use crate::position::ConnId;
 
@@ -171,25 +167,15 @@ impl Hub {
         self.subs.is_live(channel)
     }
 
-    /// Copies the sinks a fan-out pass of `channel` (`key`) offers its frames to into `out`:
-    /// the channel's members (for `broadcast`, every connection), if `generation` is still
-    /// the channel's current stretch of interest. False when it is not (the pass's reader is
-    /// being stopped): nothing is copied.
-    pub fn recipients(
-        &self,
-        channel: &Channel,
-        key: ChannelKey,
-        generation: u64,
-        out: &mut Vec<Arc<dyn Sink>>,
-    ) -> bool {
-        match self.subs.recipients(channel, key, generation, out) {
-            Recipients::Members => true,
-            Recipients::Everyone => {
-                self.conns.sinks(out);
-                true
-            }
-            Recipients::Ended => false,
-        }
+    /// The memberships: where a channel's reader copies the sinks of its members for a
+    /// fan-out pass ([`Subs::recipients`]).
+    pub fn memberships(&self) -> &Subs {
+        &self.subs
+    }
+
+    /// The connections: where `broadcast`'s reader copies every sink ([`Conns::sinks`]).
+    pub fn conns(&self) -> &Conns {
+        &self.conns
     }
 
     /// Copies the sinks of `channel`'s members that asked for its presence changes into `out`.
@@ -219,6 +205,7 @@ mod tests {
     use super::*;
     use crate::{
         disconnect,
+        position::ChannelKey,
         sink::{Bounds, Delivery, Kick, Outbox, Outgoing, Plain, Recipients, offer_all},
     };
     use fanout::presence::ChangeOp;
@@ -269,7 +256,12 @@ mod tests {
     fn pass(hub: &Hub, channel: &str, generation: u64, frames: &[Outgoing]) -> Delivery {
         let mut recipients = Recipients::new();
         let key = channel_key(channel);
-        if !hub.recipients(&ch(channel), key, generation, &mut recipients) {
+        if channel == "broadcast" {
+            hub.conns().sinks(&mut recipients);
+        } else if !hub
+            .memberships()
+            .recipients(&ch(channel), key, generation, &mut recipients)
+        {
             return Delivery::default();
         }
         let outcome = offer_all(key, frames, &mut recipients);

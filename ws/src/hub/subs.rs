@@ -4,8 +4,10 @@
 //! channel go to the observer under its shard's lock, which keeps them in order.
 //!
 //! `broadcast` is a channel like any other but for its members: every connection, without
-//! joining (its entry says so, and the hub copies the connections instead); it is never
-//! vacated.
+//! joining (its entry says so, and its reader copies the connections, [`Conns::sinks`],
+//! instead); it is never vacated.
+//!
+//! [`Conns::sinks`]: super::conns::Conns::sinks
 
 use std::{
     collections::HashMap,
@@ -33,7 +35,7 @@ use crate::{
 pub const BROADCAST_GENERATION: u64 = 0;
 
 #[derive(Debug)]
-pub(super) struct Subs {
+pub struct Subs {
     shards: Box<[Mutex<HashMap<Channel, Entry>>]>,
     next_generation: AtomicU64,
 }
@@ -84,17 +86,6 @@ pub struct Subscribed {
     pub watch_live: Option<watch::Receiver<bool>>,
 }
 
-/// Whose sinks a fan-out pass offers its frames to.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Recipients {
-    /// The members were copied.
-    Members,
-    /// Every connection (`broadcast`).
-    Everyone,
-    /// The pass's stretch of interest has ended: nobody (its reader is being stopped).
-    Ended,
-}
-
 fn report(
     observer: &dyn Observer,
     change: ChangeOp,
@@ -112,7 +103,7 @@ fn report(
 }
 
 impl Subs {
-    pub fn new() -> Subs {
+    pub(super) fn new() -> Subs {
         let subs = Subs {
             shards: shards(),
             next_generation: AtomicU64::new(BROADCAST_GENERATION + 1),
@@ -152,7 +143,7 @@ impl Subs {
 
     /// Makes connection `id` (`joining`) a member of `channel` (`key`) and, with `presence`,
     /// a watcher of its presence changes.
-    pub fn add(
+    pub(super) fn add(
         &self,
         channel: &Channel,
         key: ChannelKey,
@@ -214,7 +205,13 @@ impl Subs {
     }
 
     /// Takes connection `id` out of `channel` (`key`).
-    pub fn remove(&self, channel: &Channel, key: ChannelKey, id: ConnId, observer: &dyn Observer) {
+    pub(super) fn remove(
+        &self,
+        channel: &Channel,
+        key: ChannelKey,
+        id: ConnId,
+        observer: &dyn Observer,
+    ) {
         let mut channels = self.shard(key);
         let Some(entry) = channels.get_mut(channel) else {
             return;
@@ -240,7 +237,7 @@ impl Subs {
     }
 
     /// Gives member `id` of `channel` its new profile, and reports the update.
-    pub fn update(
+    pub(super) fn update(
         &self,
         channel: &Channel,
         id: ConnId,
@@ -259,7 +256,7 @@ impl Subs {
 
     /// Marks `channel` as receiving events, if its interest is still the stretch that
     /// `generation` named (it may have ended, and begun again, in the meantime).
-    pub fn set_live(&self, channel: &Channel, generation: u64) {
+    pub(super) fn set_live(&self, channel: &Channel, generation: u64) {
         if let Some(entry) = self.shard_of(channel).get(channel)
             && entry.generation == generation
         {
@@ -269,7 +266,7 @@ impl Subs {
 
     /// Marks `channel`'s presence changes as followed, if `generation` is still the current
     /// stretch of watching.
-    pub fn set_watch_live(&self, channel: &Channel, generation: u64) {
+    pub(super) fn set_watch_live(&self, channel: &Channel, generation: u64) {
         if let Some(entry) = self.shard_of(channel).get(channel)
             && entry.watchers > 0
             && entry.watch_generation == generation
@@ -279,35 +276,39 @@ impl Subs {
     }
 
     /// Whether `channel`'s subscription is in place (for its current stretch of interest).
-    pub fn is_live(&self, channel: &Channel) -> bool {
+    pub(super) fn is_live(&self, channel: &Channel) -> bool {
         self.shard_of(channel)
             .get(channel)
             .is_some_and(|entry| *entry.live.borrow())
     }
 
     /// Copies the sinks of `channel`'s members into `out`, for a pass of stretch
-    /// `generation`.
+    /// `generation`. False when that stretch of interest has ended (the pass's reader is
+    /// being stopped): nothing is copied. (`broadcast` has no members to copy: its reader
+    /// takes every connection's sink.)
     pub fn recipients(
         &self,
         channel: &Channel,
         key: ChannelKey,
         generation: u64,
         out: &mut Vec<Arc<dyn Sink>>,
-    ) -> Recipients {
+    ) -> bool {
         match self.shard(key).get(channel) {
             Some(entry) if entry.generation == generation => {
-                if entry.everyone {
-                    return Recipients::Everyone;
-                }
                 out.extend(entry.members.values().map(|m| m.sink.clone()));
-                Recipients::Members
+                true
             }
-            _ => Recipients::Ended,
+            _ => false,
         }
     }
 
     /// Copies the sinks of `channel`'s members that watch its presence into `out`.
-    pub fn watchers(&self, channel: &Channel, key: ChannelKey, out: &mut Vec<Arc<dyn Sink>>) {
+    pub(super) fn watchers(
+        &self,
+        channel: &Channel,
+        key: ChannelKey,
+        out: &mut Vec<Arc<dyn Sink>>,
+    ) {
         if let Some(entry) = self.shard(key).get(channel) {
             out.extend(
                 entry
@@ -320,7 +321,7 @@ impl Subs {
     }
 
     /// This node's members of `channel`.
-    pub fn members(&self, channel: &Channel) -> Vec<LocalMember> {
+    pub(super) fn members(&self, channel: &Channel) -> Vec<LocalMember> {
         let shard = self.shard_of(channel);
         let Some(entry) = shard.get(channel) else {
             return Vec::new();
@@ -338,14 +339,14 @@ impl Subs {
     }
 
     /// How many members `channel` has on this node.
-    pub fn member_count(&self, channel: &Channel) -> usize {
+    pub(super) fn member_count(&self, channel: &Channel) -> usize {
         self.shard_of(channel)
             .get(channel)
             .map_or(0, |entry| entry.members.len() - entry.hidden)
     }
 
     /// Channels with at least one local subscriber, with their subscriber counts.
-    pub fn channels(&self) -> Vec<(Channel, usize)> {
+    pub(super) fn channels(&self) -> Vec<(Channel, usize)> {
         let mut channels: Vec<_> = self
             .shards
             .iter()

@@ -1,68 +1,21 @@
-//! WebSocket framing (RFC 6455), the server's side: encoding the frames the node sends
-//! (unmasked, so one encoded event frame is the same bytes for every recipient and is written
-//! as is), and decoding the masked frames clients send, incrementally, with a size limit.
+//! Reading WebSocket frames (RFC 6455): the masked frames clients send, decoded
+//! incrementally, with a size limit. (The frames the node sends are encoded where they are
+//! written, in `websocket.rs`.)
 //!
 //! Why not a WebSocket library's stream: fan-out writes each event's frame straight into
 //! every recipient's socket from the channel's reader task, without waking the connection's
 //! task; that needs the frame bytes up front and the socket shared, which a library stream
 //! that owns the socket cannot give.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 
-const FIN: u8 = 0x80;
+pub const FIN: u8 = 0x80;
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
-
-/// One unfragmented, unmasked frame.
-fn encode(opcode: u8, payload: &[u8]) -> Bytes {
-    let len = payload.len();
-    let mut out = BytesMut::with_capacity(len + 10);
-    out.extend_from_slice(&[FIN | opcode]);
-    if len < 126 {
-        out.extend_from_slice(&[len as u8]);
-    } else if len <= u16::MAX as usize {
-        out.extend_from_slice(&[126]);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.extend_from_slice(&[127]);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(payload);
-    out.freeze()
-}
-
-/// A text frame.
-pub fn text(payload: &str) -> Bytes {
-    encode(OP_TEXT, payload.as_bytes())
-}
-
-/// A text frame of `payload`, UTF-8 already (the node's own JSON).
-pub fn text_bytes(payload: &[u8]) -> Bytes {
-    encode(OP_TEXT, payload)
-}
-
-pub fn ping() -> Bytes {
-    encode(OP_PING, &[])
-}
-
-pub fn pong(payload: &[u8]) -> Bytes {
-    encode(OP_PONG, &payload[..payload.len().min(125)])
-}
-
-/// A close frame with `code` and `reason` (cut to fit the 125-byte control frame limit).
-pub fn close(code: u16, reason: &str) -> Bytes {
-    let mut payload = code.to_be_bytes().to_vec();
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    payload.extend_from_slice(&reason.as_bytes()[..end]);
-    encode(OP_CLOSE, &payload)
-}
 
 /// A message a client sent.
 #[derive(Debug, PartialEq, Eq)]
@@ -260,16 +213,6 @@ mod tests {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         out
-    }
-
-    #[test]
-    fn encodes_server_frames() {
-        assert_eq!(&text("hi")[..], b"\x81\x02hi");
-        let long = text(&"x".repeat(300));
-        assert_eq!(&long[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(long.len(), 304);
-        assert_eq!(&close(1001, "bye")[..], b"\x88\x05\x03\xe9bye");
-        assert_eq!(close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
     }
 
     #[test]

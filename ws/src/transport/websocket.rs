@@ -7,6 +7,7 @@
 //! once. An idle connection is its task, its socket and a few hub entries: no read or write
 //! buffers are kept while nothing is in flight.
 
+use bytes::{Bytes, BytesMut};
 use fanout::Code;
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
@@ -24,7 +25,7 @@ use uuid::Uuid;
 use super::{
     admit::{Admitted, admit, error},
     connection::{Connection, End, Transport, connection_span},
-    frame::{self, Decoder, FrameError, Incoming},
+    frame::{Decoder, FIN, FrameError, Incoming, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, may_send},
     http::{Taken, Takeover},
 };
 use crate::{
@@ -48,19 +49,67 @@ impl WebSocket {
 }
 
 impl Framing for WebSocket {
-    fn shared(frame: &Outgoing) -> bytes::Bytes {
-        frame
-            .framed(Self::SLOT, |_, json| frame::text_bytes(json))
-            .clone()
+    fn shared(frame: &Outgoing) -> Bytes {
+        frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone()
     }
 
-    fn write(&mut self, _: ChannelKey, _: u64, shared: bytes::Bytes, out: &mut Parts) {
+    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
         out.push(shared);
     }
 
-    fn own(&mut self, _: &str, json: &str) -> bytes::Bytes {
-        frame::text(json)
+    fn own(&mut self, _: &str, json: &str) -> Bytes {
+        text(json)
     }
+}
+
+// The frames the node sends (RFC 6455), unmasked: one encoded event frame is the same bytes
+// for every recipient and is written as is.
+
+/// One unfragmented, unmasked frame.
+fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.extend_from_slice(&[FIN | opcode]);
+    if len < 126 {
+        out.extend_from_slice(&[len as u8]);
+    } else if len <= u16::MAX as usize {
+        out.extend_from_slice(&[126]);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&[127]);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// A text frame.
+fn text(payload: &str) -> Bytes {
+    encode(OP_TEXT, payload.as_bytes())
+}
+
+/// A text frame of `payload`, UTF-8 already (the node's own JSON).
+fn text_bytes(payload: &[u8]) -> Bytes {
+    encode(OP_TEXT, payload)
+}
+
+fn ping() -> Bytes {
+    encode(OP_PING, &[])
+}
+
+fn pong(payload: &[u8]) -> Bytes {
+    encode(OP_PONG, &payload[..payload.len().min(125)])
+}
+
+/// A close frame with `code` and `reason` (cut to fit the 125-byte control frame limit).
+fn close(code: u16, reason: &str) -> Bytes {
+    let mut payload = code.to_be_bytes().to_vec();
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(OP_CLOSE, &payload)
 }
 
 /// Bytes read per system call.
@@ -241,7 +290,7 @@ impl Frames {
                     );
                     outbox.send("error", &rejection.encode());
                 }
-                Incoming::Ping(payload) => outbox.send_raw(frame::pong(&payload)),
+                Incoming::Ping(payload) => outbox.send_raw(pong(&payload)),
                 Incoming::Pong => {}
                 Incoming::Close(code) => return Err(End::ClientClosed(code)),
             }
@@ -294,7 +343,7 @@ impl Transport for Frames {
             return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
         }
         self.awaiting_pong = true;
-        conn.outbox.send_raw(frame::ping());
+        conn.outbox.send_raw(ping());
         Ok(())
     }
 
@@ -302,10 +351,8 @@ impl Transport for Frames {
         let close = match end {
             End::Gone => return,
             // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
-            End::ClientClosed(code) => {
-                frame::close(code.filter(|&c| frame::may_send(c)).unwrap_or(1000), "")
-            }
-            End::Close(reason) => frame::close(reason.code, reason.reason),
+            End::ClientClosed(code) => close(code.filter(|&c| may_send(c)).unwrap_or(1000), ""),
+            End::Close(reason) => close(reason.code, reason.reason),
         };
         outbox.send_raw(close);
     }
@@ -324,6 +371,16 @@ fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encodes_server_frames() {
+        assert_eq!(&text("hi")[..], b"\x81\x02hi");
+        let long = text(&"x".repeat(300));
+        assert_eq!(&long[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(long.len(), 304);
+        assert_eq!(&close(1001, "bye")[..], b"\x88\x05\x03\xe9bye");
+        assert_eq!(close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
+    }
 
     #[test]
     fn an_event_is_framed_once_for_every_connection() {
