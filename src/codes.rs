@@ -27,6 +27,8 @@
 //! | `not_found`, `method_not_allowed` | HTTP 404, 405 | no such endpoint, or the wrong method |
 //! | `bus_unavailable` | frame, HTTP 503 | NATS did not take or answer it: try again |
 //! | `timeout` | HTTP 504 | a session request got no reply in time |
+//! | `profiling_off` | HTTP 404 | `/debug/pprof/profile` without `FANOUT_PROFILING=true` |
+//! | `profiling_busy` | HTTP 409 | a CPU profile is already being taken (`/debug/pprof/profile`) |
 //! | `internal` | frame, HTTP 500 | a bug: never expected |
 
 use serde::Serialize;
@@ -71,12 +73,14 @@ pub enum Code {
     MethodNotAllowed,
     BusUnavailable,
     Timeout,
+    ProfilingOff,
+    ProfilingBusy,
     Internal,
 }
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 37] = [
+    pub const ALL: [Code; 39] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -113,6 +117,8 @@ impl Code {
         Code::MethodNotAllowed,
         Code::BusUnavailable,
         Code::Timeout,
+        Code::ProfilingOff,
+        Code::ProfilingBusy,
         Code::Internal,
     ];
 
@@ -155,6 +161,8 @@ impl Code {
             Code::MethodNotAllowed => "method_not_allowed",
             Code::BusUnavailable => "bus_unavailable",
             Code::Timeout => "timeout",
+            Code::ProfilingOff => "profiling_off",
+            Code::ProfilingBusy => "profiling_busy",
             Code::Internal => "internal",
         }
     }

@@ -404,6 +404,8 @@ pub struct Common {
     /// Runtime worker threads (`FANOUT_WORKER_THREADS`); 0: one per CPU this process may use.
     /// Where several fanout processes share a few cores, 1 each costs less CPU per event.
     pub worker_threads: usize,
+    /// Serve CPU profiles at `GET /debug/pprof/profile` (`FANOUT_PROFILING`); off by default.
+    pub profiling: bool,
 }
 
 impl Default for Common {
@@ -426,6 +428,7 @@ impl Default for Common {
             nats_tls_key: String::new(),
             nats_creds: String::new(),
             worker_threads: 0,
+            profiling: false,
         }
     }
 }

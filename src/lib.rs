@@ -19,6 +19,7 @@
 //! - [`shutdown`]: ctrl-c / SIGTERM as a cancellation token.
 //! - [`process`]: the `main` both binaries share (settings, socket, signals, exit code).
 //! - [`telemetry`]: log output set-up.
+//! - [`profiling`]: CPU profiles on demand, in pprof's format.
 //!
 //! The HTTP API (`fanout-api`) and the WebSocket node (`fanout-ws`) are crates of their own
 //! that build on this one.
@@ -31,6 +32,7 @@ pub mod discovery;
 pub mod envelope;
 pub mod presence;
 pub mod process;
+pub mod profiling;
 pub mod secret;
 pub mod shutdown;
 pub mod stats;

@@ -300,12 +300,20 @@ const fn metric(
 const UNLABELLED: &[&[(&str, &str)]] = &[&[]];
 
 /// What both binaries expose.
-pub const COMMON_METRICS: &[Metric] = &[metric(
-    "fanout_nats_connected",
-    Kind::Gauge,
-    "1 while this process is connected to NATS, else 0 (set at each scrape).",
-    UNLABELLED,
-)];
+pub const COMMON_METRICS: &[Metric] = &[
+    metric(
+        "fanout_nats_connected",
+        Kind::Gauge,
+        "1 while this process is connected to NATS, else 0 (set at each scrape).",
+        UNLABELLED,
+    ),
+    metric(
+        "fanout_profiling_active",
+        Kind::Gauge,
+        "1 while a CPU profile of this process is being taken (/debug/pprof/profile), else 0.",
+        UNLABELLED,
+    ),
+];
 
 /// Installs the metrics recorder now (so counters recorded before the first scrape count),
 /// describes `catalogue` and creates its series (see [`Metric`]). With regions every series

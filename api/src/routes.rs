@@ -65,6 +65,8 @@ pub struct Shared {
     jaeger_ui: std::sync::Arc<str>,
     api_keys: std::sync::Arc<[String]>,
     public_ping: bool,
+    /// `FANOUT_PROFILING`: whether `/debug/pprof/profile` answers.
+    profiling: bool,
     nodes: std::sync::Arc<fanout::discovery::Directory>,
     /// The last check that the stream takes writes, and when (see [`readyz`]).
     write_check: std::sync::Arc<tokio::sync::Mutex<Option<WriteCheck>>>,
@@ -87,6 +89,7 @@ impl AppState {
             jaeger_ui: config.jaeger_ui.trim_end_matches('/').into(),
             api_keys: config.keys().into(),
             public_ping: config.public_ping,
+            profiling: config.common.profiling,
             nodes: std::sync::Arc::default(),
             write_check: std::sync::Arc::default(),
             probe_channel: Channel::canary(&config.common.node_id),
@@ -127,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/stats", get(stats))
         .route("/v1/channels/{channel}/presence", get(presence))
+        .route("/debug/pprof/profile", get(profile))
         .merge(crate::web::router(state.ws_nodes(), state.jaeger_ui()))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -138,11 +142,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// With API keys configured, `/v1/*` and `POST /ping` (unless `public_ping`) need
-/// `Authorization: Bearer <key>`: missing → 401, unknown → 403.
+/// With API keys configured, `/v1/*`, `/debug/*` and `POST /ping` (unless `public_ping`)
+/// need `Authorization: Bearer <key>`: missing → 401, unknown → 403.
 async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let guarded = path.starts_with("/v1/") || (path == "/ping" && !state.public_ping);
+    let guarded = path.starts_with("/v1/")
+        || path.starts_with("/debug/")
+        || (path == "/ping" && !state.public_ping);
     if state.api_keys.is_empty() || !guarded {
         return next.run(request).await;
     }
@@ -725,6 +731,22 @@ impl Shared {
 /// process has not followed announcements long enough to have heard every running node.
 async fn nodes(State(state): State<AppState>) -> impl IntoResponse {
     Json(json!({ "nodes": state.nodes.live(), "partial": !state.nodes.is_complete() }))
+}
+
+/// A CPU profile of the API, in pprof's format, when `FANOUT_PROFILING` allows it.
+async fn profile(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    match fanout::profiling::serve(state.profiling, uri.query()).await {
+        Ok(profile) => (
+            [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+            profile,
+        )
+            .into_response(),
+        Err(err) => {
+            let (status, code) = err.status_and_code();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            ApiError::new(status, code, err.to_string()).into_response()
+        }
+    }
 }
 
 async fn healthz() -> impl IntoResponse {

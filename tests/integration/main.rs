@@ -23,6 +23,7 @@ mod hostile;
 mod http_transports;
 mod layers;
 mod presence;
+mod profiling;
 mod regions;
 mod resilience;
 mod resume;

@@ -3,7 +3,7 @@
 //! - [`http`]: the accept loop: hyper serves every connection, until a handler takes its
 //!   socket over ([`http::Takeover`]).
 //! - [`websocket`]: `GET /ws`, the upgrade and the per-socket loop.
-//! - [`frame`]: WebSocket framing.
+//! - [`frame`]: reading clients' WebSocket frames.
 //! - [`sse`]: `GET /sse`, server-sent events, with a cursor in every event's id.
 //! - [`http_session`]: `POST /session/{conn}`, the requests of an SSE stream.
 //! - [`poll`]: `GET /poll`, long-polling, stateless between polls, and `POST /request`, the
@@ -12,7 +12,7 @@
 //!   limit), and its JSON refusals.
 //! - [`connection`]: a connection's life, whatever its transport.
 //! - this file: the router and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
-//!   `/v1/debug/state`).
+//!   `/v1/debug/state`, `/debug/pprof/profile`).
 //!
 //! A transport adapts a connection to the transport-neutral [`crate::session::Session`]; it
 //! touches no other module.
@@ -93,7 +93,7 @@ impl FromRef<AppState> for CancellationToken {
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// The node's HTTP surface: `/ws`, `/sse`, `/poll`, `/session/{conn}`, `/request`, `/healthz`,
-/// `/readyz`, `/metrics`, `/v1/debug/state`, `/openapi.json`.
+/// `/readyz`, `/metrics`, `/v1/debug/state`, `/debug/pprof/profile`, `/openapi.json`.
 pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/ws", get(websocket::upgrade))
@@ -105,6 +105,7 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/debug/state", get(debug_state))
+        .route("/debug/pprof/profile", get(profile))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -193,6 +194,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
         telemetry::render_metrics(),
     )
         .into_response()
+}
+
+/// A CPU profile of the node, in pprof's format, when `FANOUT_PROFILING` allows it.
+async fn profile(State(node): State<Arc<Node>>, uri: axum::http::Uri) -> Response {
+    match fanout::profiling::serve(node.config().common.profiling, uri.query()).await {
+        Ok(profile) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            profile,
+        )
+            .into_response(),
+        Err(err) => {
+            let (status, code) = err.status_and_code();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            error(status, code, &err.to_string())
+        }
+    }
 }
 
 /// What an operator looks at instead of attaching a debugger.
