@@ -12,6 +12,8 @@
 //! | `Nats-Last-Sequence` | JetStream RePublish | previous sequence on the same channel, or 0 |
 //! | `Nats-Stream` | JetStream RePublish | the stream that stored it: with regions, its origin region's |
 //! | `traceparent`, `tracestate` | API, when tracing | W3C trace context of the API's `publish` span |
+//! | `Fanout-Volatile` | publisher of a volatile event | `1`: not stored, no sequence, published straight to the ws nodes' subject |
+//! | `Fanout-Region` | publisher of a volatile event | the region it was published in (with regions) |
 //!
 //! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
 //! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
@@ -24,11 +26,17 @@ use crate::Channel;
 pub const HEADER_ID: &str = "Fanout-Id";
 /// Header carrying the publish time, unix milliseconds.
 pub const HEADER_TS: &str = "Fanout-Ts";
+/// Header marking a volatile event (never stored): `1`.
+pub const HEADER_VOLATILE: &str = "Fanout-Volatile";
+/// Header naming a volatile event's region (a stored one's is its stream's).
+pub const HEADER_REGION: &str = "Fanout-Region";
 
-/// One stored event, as a ws node receives it.
+/// One event, as a ws node receives it: stored, or volatile.
 #[derive(Debug, Clone)]
 pub struct Envelope {
     pub channel: Channel,
+    /// Not stored: at most once, never replayed; `seq` and `last_seq` are 0.
+    pub volatile: bool,
     /// Stream sequence: increases across the whole stream, so per channel it increases with gaps.
     pub seq: u64,
     /// The previous sequence stored on the same channel, or 0 for the first one.

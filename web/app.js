@@ -110,7 +110,9 @@ function addEvent(event) {
   const li = document.createElement("li");
   li.className = "event";
   li.dataset.channel = event.channel;
-  li.dataset.seq = event.seq;
+  // A volatile event has no seq: it is shown as such.
+  const position = event.volatile ? "volatile" : `#${event.seq}`;
+  if (!event.volatile) li.dataset.seq = event.seq;
   const head = document.createElement("div");
   head.className = "event-head";
   const channel = document.createElement("span");
@@ -118,11 +120,11 @@ function addEvent(event) {
   channel.textContent = event.channel;
   const seq = document.createElement("span");
   seq.className = "seq";
-  seq.textContent = `#${event.seq}`;
+  seq.textContent = position;
   if (event.region) {
     // With regions, seqs count per region: the event says where it was published.
     li.dataset.region = event.region;
-    seq.textContent = `${event.region} #${event.seq}`;
+    seq.textContent = `${event.region} ${position}`;
     seq.title = `published in region ${event.region}`;
   }
   const lat = document.createElement("span");

@@ -117,6 +117,7 @@ pub fn router(state: AppState) -> Router {
     let (limit, batch_max_bytes) = (state.body_limit, state.batch_max_bytes);
     Router::new()
         .route("/v1/channels/{channel}/events", post(publish_event))
+        .route("/v1/channels/{channel}/volatile", post(publish_volatile))
         .route("/v1/broadcast", post(publish_broadcast))
         .route(
             "/v1/batch",
@@ -249,6 +250,44 @@ async fn publish_event(
     publish(&state, channel, &headers, body).await
 }
 
+/// `POST /v1/channels/{channel}/volatile`: an event that is not stored (no `seq`, at most
+/// once, never replayed), handed to NATS without JetStream.
+async fn publish_volatile(
+    State(state): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Path(channel) = channel
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidChannel, e.body_text()))?;
+    let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
+    if channel.is_internal() {
+        return Err(reserved());
+    }
+    let body = body_of(&state, body)?;
+    let id = state.bus.publish_volatile(&channel, body).await?;
+    metrics::counter!("fanout_api_events_accepted_total", "class" => "volatile", "duplicate" => "false")
+        .increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(VolatileAccepted {
+            id,
+            channel,
+            volatile: true,
+            region: state.bus.topology().region().map(|r| r.to_string()),
+        }),
+    ))
+}
+
+/// The `202 Accepted` answer to a volatile publish: handed to NATS, not stored.
+#[derive(Debug, Serialize)]
+struct VolatileAccepted {
+    id: String,
+    channel: Channel,
+    volatile: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+}
+
 async fn publish_broadcast(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -263,14 +302,7 @@ async fn publish(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(state.body_limit)
-        } else {
-            ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
-        }
-    })?;
-    check_body(&body)?;
+    let body = body_of(state, body)?;
     let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
     let Published { id, seq, duplicate } = state.bus.log().publish(&channel, body, key).await?;
@@ -287,6 +319,19 @@ async fn publish(
             duplicate,
         }),
     ))
+}
+
+/// A publish's body, read within the size limit and checked to be JSON.
+fn body_of(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(state.body_limit)
+        } else {
+            ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
+        }
+    })?;
+    check_body(&body)?;
+    Ok(body)
 }
 
 /// The answer to a publish on a `_fanout.` channel.

@@ -19,12 +19,10 @@ export type ConnectionState = (typeof State)[keyof typeof State];
 export type Transport = "websocket" | "sse" | "poll";
 export declare const TRANSPORTS: readonly Transport[];
 
-/** An event as delivered: the `event` frame. */
-export interface EventFrame<T = Json> {
+/** What every event frame carries. */
+interface EventFrameBase<T = Json> {
   op: "event";
   channel: string;
-  /** The stream sequence (with regions: of `region`'s stream). */
-  seq: number;
   /** The event id (a UUID). */
   id: string;
   /** Publish time, unix milliseconds. */
@@ -36,6 +34,22 @@ export interface EventFrame<T = Json> {
   /** With FANOUT_EVENT_TRACE_ID: the trace id. */
   trace?: string;
 }
+
+/** A stored event: it has a place in the stream, and a resume replays it. */
+export interface StoredEventFrame<T = Json> extends EventFrameBase<T> {
+  /** The stream sequence (with regions: of `region`'s stream). */
+  seq: number;
+  volatile?: undefined;
+}
+
+/** A volatile event: not stored, no `seq`, at most once, never replayed. */
+export interface VolatileEventFrame<T = Json> extends EventFrameBase<T> {
+  volatile: true;
+  seq?: undefined;
+}
+
+/** An event as delivered: the `event` frame (`if (!event.volatile)` narrows to a stored one). */
+export type EventFrame<T = Json> = StoredEventFrame<T> | VolatileEventFrame<T>;
 
 /** The first frame of every connection. */
 export interface WelcomeFrame {
@@ -103,6 +117,16 @@ export interface PendingReply {
 export interface UnsubscribedReply {
   op: "unsubscribed";
   channel: string;
+  id?: number;
+}
+/** The reply to a volatile publish: NATS has it; nothing stores it. */
+export interface VolatilePublishedReply {
+  op: "published";
+  channel: string;
+  volatile: true;
+  /** The event's id: match your own copy by `event.id === reply.event`. */
+  event: string;
+  region?: string;
   id?: number;
 }
 export interface PublishedReply {
@@ -216,7 +240,9 @@ export declare class FanoutClient {
   ): Promise<SubscribedReply | PendingReply>;
   unsubscribe(channel: string): Promise<UnsubscribedReply>;
   /** Publishes `data` through the node; resolves once stored. */
-  publish(channel: string, data: Json): Promise<PublishedReply>;
+  publish(channel: string, data: Json, options?: { volatile?: false }): Promise<PublishedReply>;
+  /** Publishes a volatile event (not stored, at most once); resolves once NATS has it. */
+  publish(channel: string, data: Json, options: { volatile: true }): Promise<VolatilePublishedReply>;
   /** Who is in `channel`, across every node. */
   presence(channel: string, options?: { countOnly?: boolean }): Promise<PresenceAnswer>;
   /** What other members see of this connection (kept across reconnects). */

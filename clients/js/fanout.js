@@ -371,9 +371,14 @@ export class FanoutClient {
    * the event is stored; rejects with the error frame (`forbidden`, `rate_limited`, ...).
    * If this client is subscribed to `channel`, its own copy of the event may arrive before or
    * after the reply (docs/protocol.md, "Ordering"): match them by `event.id === reply.event`.
+   * With `{volatile: true}` the event is not stored: no `seq`, at most once, never replayed
+   * (a cursor position, say); the reply, `{channel, volatile: true, event}`, comes once NATS
+   * has it, and subscribers get it as an `event` with `volatile: true`.
    */
-  publish(channel, data) {
-    return this.request({ op: "publish", channel, data });
+  publish(channel, data, options = {}) {
+    const frame = { op: "publish", channel, data };
+    if (options.volatile) frame.volatile = true;
+    return this.request(frame);
   }
 
   /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
@@ -613,18 +618,21 @@ export class FanoutClient {
         this._emit("resumed", { channel: frame.channel, recovered: frame.recovered, replayed: frame.replayed });
         return;
       case "event": {
-        // A live broadcast event can come before the reply of the broadcast resume (every
-        // connection receives broadcast from its start): the replay has it, in order.
-        if (this._resuming.has(frame.channel) && frame.channel === "broadcast") return;
-        const last = this._last.get(frame.channel);
-        if (hasEvent(last, frame)) return; // had it already
-        this._last.set(frame.channel, advance(last, frame));
-        const after = this._after.get(frame.channel);
-        if (frame.region !== undefined && typeof after === "object") {
-          delete after[frame.region];
-          if (Object.keys(after).length === 0) this._after.delete(frame.channel);
-        } else {
-          this._after.delete(frame.channel);
+        // A volatile event has no seq: it moves no position and is never replayed.
+        if (!frame.volatile) {
+          // A live broadcast event can come before the reply of the broadcast resume (every
+          // connection receives broadcast from its start): the replay has it, in order.
+          if (this._resuming.has(frame.channel) && frame.channel === "broadcast") return;
+          const last = this._last.get(frame.channel);
+          if (hasEvent(last, frame)) return; // had it already
+          this._last.set(frame.channel, advance(last, frame));
+          const after = this._after.get(frame.channel);
+          if (frame.region !== undefined && typeof after === "object") {
+            delete after[frame.region];
+            if (Object.keys(after).length === 0) this._after.delete(frame.channel);
+          } else {
+            this._after.delete(frame.channel);
+          }
         }
         for (const callback of this._channels.get(frame.channel) ?? []) {
           try {

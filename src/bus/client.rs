@@ -4,7 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::{ConnectOptions, connection::State, jetstream};
+use async_nats::{ConnectOptions, HeaderMap, connection::State, jetstream};
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +18,12 @@ use super::{
     subscription::Subscription,
     topology::Topology,
 };
-use crate::{Channel, Common};
+use crate::{
+    Channel, Common,
+    envelope::{HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE},
+    telemetry,
+    time::now_ms,
+};
 
 /// A handle on the NATS connection, and through it the event log ([`Bus::log`]), the
 /// messages between processes ([`Bus::rpc`]) and the tier's regions ([`Bus::topology`]).
@@ -209,6 +215,46 @@ impl Bus {
             subscriber,
             topology: inner.topology.clone(),
         })
+    }
+
+    /// Publishes a volatile event on `channel` (`data`: what clients get, JSON): core NATS,
+    /// not stored, no sequence, at most once, straight to the subject every region's ws nodes
+    /// get `channel`'s events on. Returns its id once the connection has taken it: nothing
+    /// acknowledges it, as nothing stores it.
+    pub async fn publish_volatile(
+        &self,
+        channel: &Channel,
+        data: Bytes,
+    ) -> Result<String, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected"));
+        }
+        let inner = &self.inner;
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_ID, id.as_str());
+        headers.insert(HEADER_TS, now_ms().to_string().as_str());
+        headers.insert(HEADER_VOLATILE, "1");
+        if let Some(region) = inner.topology.region() {
+            headers.insert(HEADER_REGION, &**region);
+        }
+        if telemetry::tracing_enabled() {
+            telemetry::inject(&tracing::Span::current(), |name, value| {
+                headers.insert(name, value.as_str())
+            });
+        }
+        for region in 0..inner.topology.count() {
+            inner
+                .client
+                .publish_with_headers(
+                    inner.topology.outbound_in(region, channel),
+                    headers.clone(),
+                    data.clone(),
+                )
+                .await
+                .map_err(|_| BusError::Unavailable("connection lost"))?;
+        }
+        Ok(id)
     }
 
     /// Stops the stream keeper, finishes in-flight publishes and closes the connection.

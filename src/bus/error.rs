@@ -64,4 +64,6 @@ pub enum DecodeError {
     NoSequence,
     #[error("republished by stream {0:?}, which is no region's")]
     UnknownStream(String),
+    #[error("a volatile event from region {0:?}, which is not one of this tier's")]
+    UnknownRegion(String),
 }

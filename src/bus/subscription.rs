@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use super::{error::DecodeError, topology::Topology};
 use crate::{
     Channel,
-    envelope::{Envelope, HEADER_ID, HEADER_TS},
+    envelope::{Envelope, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE},
     time::now_ms,
 };
 
@@ -45,12 +45,32 @@ impl Subscription {
 
     fn decode(&self, message: async_nats::Message) -> Result<Envelope, DecodeError> {
         let headers = message.headers.as_ref();
-        let stream = headers.and_then(|h| h.get(NATS_STREAM)).map(|v| v.as_str());
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+        if header(HEADER_VOLATILE).is_some() {
+            return self.decode_volatile(message);
+        }
+        let stream = header(NATS_STREAM);
         let region = self
             .topology
             .region_of_stream(stream)
             .ok_or_else(|| DecodeError::UnknownStream(stream.unwrap_or_default().to_string()))?;
         let mut envelope = decode(&self.channel, message)?;
+        envelope.region = region;
+        envelope.region_name = self.topology.regions().get(region as usize).cloned();
+        Ok(envelope)
+    }
+
+    /// A volatile event: published straight to this subject, its region in a header.
+    fn decode_volatile(&self, message: async_nats::Message) -> Result<Envelope, DecodeError> {
+        let headers = message.headers.unwrap_or_default();
+        let region = match headers.get(HEADER_REGION).map(|v| v.as_str()) {
+            None if self.topology.count() <= 1 => 0,
+            named => named
+                .and_then(|name| self.topology.index(name))
+                .ok_or_else(|| DecodeError::UnknownRegion(named.unwrap_or_default().to_string()))?,
+        };
+        let mut envelope = envelope(&self.channel, 0, 0, &headers, message.payload);
+        envelope.volatile = true;
         envelope.region = region;
         envelope.region_name = self.topology.regions().get(region as usize).cloned();
         Ok(envelope)
@@ -80,6 +100,7 @@ pub(super) fn envelope(
     let header = |name: &str| headers.get(name).map(|v| v.as_str());
     Envelope {
         channel: channel.clone(),
+        volatile: false,
         seq,
         last_seq,
         id: header(HEADER_ID)

@@ -98,13 +98,21 @@ impl Topology {
     }
     /// Where this process's region's streams republish, and its ws nodes subscribe.
     pub(super) fn outbound_base(&self) -> String {
-        match self.0.regions.get(self.0.own as usize) {
+        self.outbound_base_in(self.0.own)
+    }
+    fn outbound_base_in(&self, region: u8) -> String {
+        match self.0.regions.get(region as usize) {
             Some(name) => format!("{}.out.{name}", self.0.prefix),
             None => format!("{}.out", self.0.prefix),
         }
     }
     pub(super) fn outbound(&self, channel: &Channel) -> String {
         format!("{}.{channel}", self.outbound_base())
+    }
+    /// Where region `region`'s ws nodes get `channel`'s events (a volatile event is published
+    /// to every region's).
+    pub(super) fn outbound_in(&self, region: u8, channel: &Channel) -> String {
+        format!("{}.{channel}", self.outbound_base_in(region))
     }
     /// What this process's region's stream captures.
     pub(super) fn inbound_all(&self) -> String {
@@ -197,6 +205,9 @@ mod tests {
         assert_eq!(s.region_of_stream(Some("FANOUT_US")), Some(1));
         assert_eq!(s.region_of_stream(Some("FANOUT_EU")), None);
         assert_eq!(s.region_of_stream(None), None);
+        let ch = Channel::parse("a").unwrap();
+        assert_eq!(s.outbound(&ch), "fanout.out.us.a");
+        assert_eq!(s.outbound_in(0, &ch), "fanout.out.eu.a");
         let one = Topology::new("fanout", vec![], "");
         assert_eq!(one.region_of_stream(None), Some(0));
         assert_eq!(one.local_copy(0), "FANOUT");
@@ -208,6 +219,7 @@ mod tests {
         let ch = Channel::parse("room:1.a").unwrap();
         assert_eq!(s.inbound(&ch), "acme.rt.in.room:1.a");
         assert_eq!(s.outbound(&ch), "acme.rt.out.room:1.a");
+        assert_eq!(s.outbound_in(0, &ch), "acme.rt.out.room:1.a");
         assert_eq!(s.inbound_all(), "acme.rt.in.>");
         assert_eq!(s.outbound_all(), "acme.rt.out.>");
         assert_eq!(s.stream_name(), "ACME_RT");

@@ -31,3 +31,4 @@ mod secure;
 mod soak;
 mod telemetry;
 mod tier;
+mod volatile;

@@ -40,10 +40,12 @@ pub enum Op {
     },
     Unsubscribe(Channel),
     Ping,
-    /// Publish `data` (any JSON) to `channel` through the stream, like the HTTP API.
+    /// Publish `data` (any JSON) to `channel` through the stream, like the HTTP API; with
+    /// `volatile`, straight to the nodes instead: not stored, no seq, at most once.
     Publish {
         channel: Channel,
         data: Value,
+        volatile: bool,
     },
     /// A fresh token before the current one expires.
     Refresh {
@@ -241,6 +243,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
             Some(data) => Ok(Op::Publish {
                 channel,
                 data: data.clone(),
+                volatile: flag("volatile")?,
             }),
             None => Err(Rejection::new(
                 Code::InvalidRequest,
@@ -303,10 +306,10 @@ pub fn welcome(welcome: &Welcome<'_>) -> String {
     })
 }
 
-/// `published`: a client's event was stored.
+/// `published`: a client's event was stored (`seq`), or, volatile (no `seq`), handed to NATS.
 pub fn published(
     channel: &Channel,
-    seq: u64,
+    seq: Option<u64>,
     region: Option<&str>,
     event_id: &str,
     id: Option<&RequestId>,
@@ -315,7 +318,10 @@ pub fn published(
     struct Published<'a> {
         op: &'static str,
         channel: &'a Channel,
-        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        volatile: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         region: Option<&'a str>,
         event: &'a str,
@@ -326,6 +332,7 @@ pub fn published(
         op: "published",
         channel,
         seq,
+        volatile: seq.is_none(),
         region,
         event: event_id,
         id,
@@ -512,7 +519,8 @@ mod tests {
             r.op,
             Op::Publish {
                 channel: Channel::parse("a").unwrap(),
-                data: json!({"x": 1})
+                data: json!({"x": 1}),
+                volatile: false,
             }
         );
         assert_eq!(
@@ -598,8 +606,12 @@ mod tests {
             r#"{"op":"welcome","node":"ws-1","conn":"c","user":"ada","heartbeat":25,"epoch":"e1"}"#
         );
         assert_eq!(
-            published(&ch, 7, None, "e", None),
+            published(&ch, Some(7), None, "e", None),
             r#"{"op":"published","channel":"maths","seq":7,"event":"e"}"#
+        );
+        assert_eq!(
+            published(&ch, None, None, "e", None),
+            r#"{"op":"published","channel":"maths","volatile":true,"event":"e"}"#
         );
     }
 }

@@ -36,7 +36,9 @@ client.on("error", (error) => console.error(error));
 // Events with the payload type the app publishes.
 await client.subscribe<Order>("orders", (event: EventFrame<Order>) => {
   const status: "paid" | "shipped" = event.data.status;
-  console.log(event.seq, event.id, event.ts, event.region ?? "", status);
+  // A stored event has a seq; a volatile one (`volatile: true`) has none.
+  const position: number | "volatile" = event.volatile ? "volatile" : event.seq;
+  console.log(position, event.id, event.ts, event.region ?? "", status);
 });
 await client.subscribe("room:maths", undefined, { presence: true });
 client.connect();
@@ -44,6 +46,8 @@ client.connect();
 const published = await client.publish("orders", { order: 17, status: "shipped" });
 const seq: number = published.seq;
 const eventId: string = published.event;
+const cursorMoved = await client.publish("room:maths", { x: 10, y: 20 }, { volatile: true });
+const volatile: true = cursorMoved.volatile;
 
 const answer = await client.presence("room:maths");
 const members: Member[] = answer.members ?? [];
@@ -54,7 +58,7 @@ const count: number = counted.count;
 await client.setInfo({ name: "Ada" });
 const cursor = decodeCursor("eyJ2IjoxfQ");
 const version: 1 | 2 | undefined = cursor?.v;
-const data: Json = { seq, eventId, names, count, version: version ?? null };
+const data: Json = { seq, eventId, volatile, names, count, version: version ?? null };
 console.log(data, client.channels, client.state);
 client.close();
 

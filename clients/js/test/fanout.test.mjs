@@ -319,6 +319,36 @@ test("publish resolves with its reply whether the own event comes before or afte
   }
 });
 
+test("volatile events reach the handlers and move no position; publish({volatile}) asks for one", async () => {
+  const { client, last } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 10 });
+  try {
+    const seen = [];
+    client.subscribe("lobby", (e) => seen.push(e.volatile ? `v:${e.id}` : `#${e.seq}`));
+    client.connect();
+    last().frame({ op: "welcome", node: "ws-a", conn: "c1", heartbeat: 25, epoch: "E1" });
+    last().frame({ op: "subscribed", channel: "lobby", id: last().sent[0].id });
+    last().frame({ op: "event", channel: "lobby", seq: 4, id: "s4", ts: 1, data: 1 });
+    last().frame({ op: "event", channel: "lobby", volatile: true, id: "v1", ts: 1, data: { x: 1 } });
+    last().frame({ op: "event", channel: "lobby", volatile: true, id: "v2", ts: 1, data: { x: 2 } });
+    assert.deepEqual(seen, ["#4", "v:v1", "v:v2"], "every volatile event, none taken for a duplicate");
+
+    const published = client.publish("lobby", { x: 3 }, { volatile: true });
+    const request = last().sent.at(-1);
+    assert.deepEqual([request.op, request.volatile], ["publish", true]);
+    last().frame({ op: "published", channel: "lobby", volatile: true, event: "v3", id: request.id });
+    assert.equal((await published).volatile, true);
+
+    // A reconnect resumes from the last stored event: volatile ones moved nothing.
+    last().drop(1001, "going away");
+    mock.timers.tick(10);
+    last().frame({ op: "welcome", node: "ws-b", conn: "c2", heartbeat: 25, epoch: "E1" });
+    assert.equal(last().sent[0].since, 4);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
 // --- the HTTP transports -------------------------------------------------------------------
 
 /** An EventSource stand-in: the test plays the server with `emit`. */

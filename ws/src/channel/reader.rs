@@ -81,14 +81,17 @@ pub struct Target {
 }
 
 /// An event's `event` frame: its JSON, encoded once for every recipient, `data` embedded as
-/// published, without re-encoding. With `with_trace`, a traced event also carries
+/// published, without re-encoding. A volatile event's has `"volatile": true` and no `seq`. With `with_trace`, a traced event also carries
 /// `"trace": "<trace id>"`. Fails when the event's data is not JSON.
 pub fn encode(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json::Error> {
     #[derive(Serialize)]
     struct Event<'a> {
         op: &'static str,
         channel: &'a Channel,
-        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        volatile: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         region: Option<&'a str>,
         id: &'a str,
@@ -109,7 +112,8 @@ pub fn encode(envelope: &Envelope, with_trace: bool) -> Result<String, serde_jso
     serde_json::to_string(&Event {
         op: "event",
         channel: &envelope.channel,
-        seq: envelope.seq,
+        seq: (!envelope.volatile).then_some(envelope.seq),
+        volatile: envelope.volatile,
         region: envelope.region_name.as_deref(),
         id: &envelope.id,
         ts: envelope.ts,
@@ -213,6 +217,11 @@ pub async fn read(
             }
             first
         };
+        if envelope.volatile {
+            // Not stored: no sequence to follow or repair, nothing to record.
+            reader.volatile(&envelope);
+            continue;
+        }
         let region = envelope.region;
         let index = (region as usize).min(cursors.len() - 1);
         let cursor = &mut cursors[index];
@@ -333,24 +342,8 @@ impl Reader {
     /// Encodes one event for delivery with the next [`Reader::flush`]; `prev` is the seq of
     /// the channel's event before it.
     fn push(&mut self, envelope: &Envelope, prev: u64) {
-        self.received.increment(1);
-        self.latency
-            .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
-        // One span per event and node, never per recipient; none at all when tracing is off.
-        let span = if telemetry::tracing_enabled() {
-            process_span(&self.subject, envelope)
-        } else {
-            tracing::Span::none()
-        };
-        let started = Instant::now();
-        let frame = match span.in_scope(|| encode(envelope, self.with_trace)) {
-            Ok(frame) => frame,
-            Err(err) => {
-                self.malformed.increment(1);
-                let channel = &self.channel;
-                tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
-                return;
-            }
+        let Some((frame, span, started)) = self.encode(envelope) else {
+            return;
         };
         // Encoded once; each transport frames it once, for all its connections.
         let region = envelope.region;
@@ -366,6 +359,45 @@ impl Reader {
         }
     }
 
+    /// An event's frame, with its span and when its encoding began; none (counted, logged)
+    /// when its data is not JSON.
+    fn encode(&self, envelope: &Envelope) -> Option<(String, tracing::Span, Instant)> {
+        self.received.increment(1);
+        self.latency
+            .record(now_ms().saturating_sub(envelope.ts) as f64 / 1000.0);
+        // One span per event and node, never per recipient; none at all when tracing is off.
+        let span = if telemetry::tracing_enabled() {
+            process_span(&self.subject, envelope)
+        } else {
+            tracing::Span::none()
+        };
+        let started = Instant::now();
+        match span.in_scope(|| encode(envelope, self.with_trace)) {
+            Ok(frame) => Some((frame, span, started)),
+            Err(err) => {
+                self.malformed.increment(1);
+                let channel = &self.channel;
+                tracing::warn!(%channel, seq = envelope.seq, %err, "dropping an event whose data is not JSON");
+                None
+            }
+        }
+    }
+
+    /// Delivers a volatile event at once, behind the events pushed before it: never recorded
+    /// in the log, since it is never replayed. Its frame has no seq (0: not an event for the
+    /// connections' resume filters).
+    fn volatile(&mut self, envelope: &Envelope) {
+        self.flush();
+        let Some((frame, span, started)) = self.encode(envelope) else {
+            return;
+        };
+        if !span.is_none() {
+            self.spans.push((span, started));
+        }
+        self.frames.push(Outgoing::event(0, frame));
+        self.deliver();
+    }
+
     fn has_frames(&self) -> bool {
         !self.frames.is_empty()
     }
@@ -376,14 +408,19 @@ impl Reader {
             return;
         }
         self.flushed = tokio::time::Instant::now();
+        // Recorded before the members are copied (see `Log`).
+        self.target.log.record(&self.frames, &self.epoch);
+        self.deliver();
+    }
+
+    /// Offers the frames pushed to the channel's members, now.
+    fn deliver(&mut self) {
         let Target {
             hub,
-            log,
             generation,
             totals,
+            ..
         } = &self.target;
-        // Recorded before the members are copied (see `Log`).
-        log.record(&self.frames, &self.epoch);
         if self.channel.is_broadcast() {
             hub.conns().sinks(&mut self.recipients);
         } else {
@@ -451,8 +488,9 @@ mod tests {
 
     #[test]
     fn event_frame_embeds_data_verbatim() {
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             channel: Channel::parse("maths").unwrap(),
+            volatile: false,
             seq: 42,
             last_seq: 41,
             region: 0,
@@ -472,6 +510,13 @@ mod tests {
         assert!(
             frame.contains(r#""trace":"4bf92f3577b34da6a3ce929d0e0e4736","data""#),
             "{frame}"
+        );
+        // A volatile event: no seq.
+        (envelope.volatile, envelope.seq, envelope.last_seq) = (true, 0, 0);
+        envelope.region_name = Some("eu".into());
+        assert_eq!(
+            encode(&envelope, false).unwrap(),
+            r#"{"op":"event","channel":"maths","volatile":true,"region":"eu","id":"abc","ts":1700000000000,"data":{"x": [1, 2.50]}}"#
         );
     }
 }

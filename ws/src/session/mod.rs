@@ -72,7 +72,11 @@ impl Session {
                 subscribe::subscribe(self, to, request).await;
             }
             Op::Unsubscribe(channel) => subscribe::unsubscribe(self, to, id, channel),
-            Op::Publish { channel, data } => publish::publish(self, to, id, channel, data).await,
+            Op::Publish {
+                channel,
+                data,
+                volatile,
+            } => publish::publish(self, to, id, channel, data, volatile).await,
             Op::Presence {
                 channel,
                 count_only,

@@ -1,4 +1,5 @@
-//! `publish`: a client's event, through the same acknowledged JetStream path as the HTTP API.
+//! `publish`: a client's event, through the same acknowledged JetStream path as the HTTP API,
+//! or, volatile, straight to the nodes as `POST /v1/channels/{channel}/volatile` does.
 
 use fanout::{Channel, Code};
 use metrics::counter;
@@ -13,6 +14,7 @@ pub(super) async fn publish(
     id: Option<RequestId>,
     channel: Channel,
     data: Value,
+    volatile: bool,
 ) {
     if !session.identity.may_publish(&channel) {
         let message = format!("your token does not allow publishing to {channel:?}");
@@ -22,16 +24,25 @@ pub(super) async fn publish(
         return session.rate_limited(to, id, "publish");
     }
     let data = serde_json::to_vec(&data).expect("a JSON value serializes");
-    match session.node.publish(&channel, data.into()).await {
-        Ok(published) => {
+    let region = session.node.bus().topology().region().cloned();
+    let published = if volatile {
+        session
+            .node
+            .bus()
+            .publish_volatile(&channel, data.into())
+            .await
+            .map(|event| (None, event))
+    } else {
+        session
+            .node
+            .publish(&channel, data.into())
+            .await
+            .map(|published| (Some(published.seq), published.id))
+    };
+    match published {
+        Ok((seq, event)) => {
             counter!("fanout_ws_client_publishes_total").increment(1);
-            let reply = protocol::published(
-                &channel,
-                published.seq,
-                session.node.bus().topology().region().map(|r| &**r),
-                &published.id,
-                id.as_ref(),
-            );
+            let reply = protocol::published(&channel, seq, region.as_deref(), &event, id.as_ref());
             session.send(to, reply);
         }
         Err(err) => session.reject(to, id, "publish", Code::BusUnavailable, err.to_string()),
