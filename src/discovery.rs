@@ -35,6 +35,20 @@ pub struct NodeInfo {
     /// Sent once when the node starts draining.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
+    /// Its WebTransport listener, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webtransport: Option<WebTransportInfo>,
+}
+
+/// Where a node takes WebTransport sessions, and the certificates a page may pin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WebTransportInfo {
+    /// e.g. `https://{host}:8443/wt` (`{host}`: the page's host).
+    pub url: String,
+    /// SHA-256 of each certificate it may present, lowercase hex, newest first: what
+    /// browsers' `serverCertificateHashes` take (as bytes) for a self-signed certificate.
+    /// Empty with a certificate from `FANOUT_TLS_CERT` (browsers check it as usual).
+    pub cert_hashes: Vec<String>,
 }
 
 /// The live nodes, as heard from their announcements.
@@ -99,6 +113,7 @@ mod tests {
 
     fn node(id: &str, leaving: bool) -> NodeInfo {
         NodeInfo {
+            webtransport: None,
             id: id.into(),
             url: format!("ws://{id}/ws"),
             connections: 0,

@@ -65,7 +65,7 @@ pub async fn run(members: usize, nodes: usize) -> Presence {
         let bus = Bus::connect(&config.common).await.unwrap();
         ready(&bus).await;
         let node = Node::start(config, bus, Verifier::Anonymous, &tracker);
-        node.announce(format!("ws://127.0.0.1:0/{id}"), &tracker);
+        node.announce(format!("ws://127.0.0.1:0/{id}"), None, &tracker);
         ws.push(node);
     }
     let channel = Channel::parse("room:big").unwrap();

@@ -32,3 +32,4 @@ mod soak;
 mod telemetry;
 mod tier;
 mod volatile;
+mod webtransport;

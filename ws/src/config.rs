@@ -101,6 +101,15 @@ pub struct Config {
     /// `{node}` becomes this node's id: behind a proxy that routes by node (the compose
     /// files' edge: `ws://{host}:8081/node/{node}/ws`), every replica can share one setting.
     pub public_url: String,
+    /// UDP address of the WebTransport listener (HTTP/3, `https://<node>/wt`); empty: off.
+    pub webtransport_listen: String,
+    /// Where browsers reach the WebTransport listener, announced for discovery. Empty:
+    /// `https://{host}:<its port>/wt`; `{node}` becomes this node's id.
+    pub webtransport_public_url: String,
+    /// PEM certificate chain and key for WebTransport; both empty: a self-signed ECDSA
+    /// certificate, renewed, whose hash the node announces.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for Config {
@@ -130,6 +139,10 @@ impl Default for Config {
             frame_timeout_ms: 10_000,
             handshake_timeout_ms: 30_000,
             canary_interval_ms: 5000,
+            webtransport_listen: String::new(),
+            webtransport_public_url: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -227,7 +240,27 @@ impl Config {
                 ));
             }
         }
+        self.webtransport_addr()?;
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            return Err(ConfigError::invalid(
+                "tls_cert",
+                "FANOUT_TLS_CERT and FANOUT_TLS_KEY go together (neither: a self-signed certificate)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The WebTransport listener's UDP address (`None`: off).
+    pub fn webtransport_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        match self.webtransport_listen.trim() {
+            "" => Ok(None),
+            addr => addr.parse().map(Some).map_err(|_| {
+                ConfigError::invalid(
+                    "webtransport_listen",
+                    format!("{addr:?} is not a host:port address (empty: off)"),
+                )
+            }),
+        }
     }
 
     /// The allowed origins, parsed; empty means any.

@@ -75,6 +75,8 @@ pub enum RunError {
     Bus(#[from] BusError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("WebTransport: {0}")]
+    WebTransport(String),
 }
 
 /// Every metric a ws node exposes besides [`fanout::telemetry::COMMON_METRICS`] (the
@@ -250,7 +252,8 @@ pub async fn run(
         "" => format!("ws://{{host}}:{}/ws", addr.port()),
         url => url.replace("{node}", node.id()),
     };
-    node.announce(public_url, &tasks);
+    let webtransport = transport::webtransport::start(&node, &tasks, &shutdown)?;
+    node.announce(public_url, webtransport, &tasks);
     let app = transport::router(node.clone(), tasks.clone(), shutdown.clone());
     let limits = transport::http::Limits {
         header_read_timeout: Duration::from_millis(node.config().handshake_timeout_ms),

@@ -15,7 +15,7 @@ use std::{
 
 use fanout::{
     Bus, Channel,
-    discovery::{ANNOUNCE_EVERY, Directory, NodeInfo},
+    discovery::{ANNOUNCE_EVERY, Directory, NodeInfo, WebTransportInfo},
     telemetry,
     time::now_ms,
 };
@@ -414,7 +414,12 @@ impl Node {
 
     /// Announces this node every [`ANNOUNCE_EVERY`] (on `tracker`) until it drains, as
     /// reachable at `url`.
-    pub fn announce(self: &Arc<Self>, url: String, tracker: &TaskTracker) {
+    pub fn announce(
+        self: &Arc<Self>,
+        url: String,
+        webtransport: Option<Box<dyn Fn() -> WebTransportInfo + Send + Sync>>,
+        tracker: &TaskTracker,
+    ) {
         let info = NodeInfo {
             id: self.id().to_string(),
             url,
@@ -422,6 +427,7 @@ impl Node {
             started_at: now_ms(),
             region: self.bus.topology().region().map(|r| r.to_string()),
             leaving: false,
+            webtransport: webtransport.as_ref().map(|info| info()),
         };
         *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
         let node = self.clone();
@@ -437,6 +443,7 @@ impl Node {
                 }
                 let info = NodeInfo {
                     connections: node.hub.connections(),
+                    webtransport: webtransport.as_ref().map(|info| info()),
                     ..info.clone()
                 };
                 node.bus.rpc().announce(&info).await;

@@ -95,9 +95,10 @@ pub struct Delivery {
 }
 
 /// How many framings of a frame can be shared between connections ([`Outgoing::framed`]):
-/// one slot per socket transport whose connections all write the same bytes for a frame
-/// (WebSocket's text frame, SSE's `event:`/`data:` lines).
-pub const SLOTS: usize = 2;
+/// one slot per transport whose connections all write the same bytes for a frame
+/// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
+/// frame).
+pub const SLOTS: usize = 3;
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that
@@ -318,6 +319,10 @@ enum Out {
     /// Into the backlog, for whoever takes them ([`Outbox::take`], a long-poll): its bounds
     /// stop the taking instead of cutting the client off.
     Collect,
+    /// Into the backlog, which the connection's task writes out itself ([`Outbox::drain`]):
+    /// a transport whose stream is not a socket (WebTransport's QUIC stream). Bounded as a
+    /// socket's backlog is: beyond the bounds the client is cut off.
+    Queue,
 }
 
 #[derive(Debug)]
@@ -391,6 +396,11 @@ impl<F: Framing> Outbox<F> {
         Outbox::build(Out::Collect, framing, kick, bounds)
     }
 
+    /// An outbox whose connection writes it out itself ([`Outbox::drain`]), within `bounds`.
+    pub fn queued(framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
+        Outbox::build(Out::Queue, framing, kick, bounds)
+    }
+
     fn build(out: Out, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
         Outbox {
             out,
@@ -442,7 +452,7 @@ impl<F: Framing> Outbox<F> {
     pub fn stream(&self) -> Option<&TcpStream> {
         match &self.out {
             Out::Socket(stream) => Some(stream),
-            Out::Discard | Out::Collect => None,
+            Out::Discard | Out::Collect | Out::Queue => None,
         }
     }
 
@@ -459,6 +469,34 @@ impl<F: Framing> Outbox<F> {
         self.recharge(&mut state);
         state.stopped = true; // nothing more: the taker answers with what it has
         (kept, read(&state.framing))
+    }
+
+    /// What waits in a queued outbox, taken for its connection to write out (at most
+    /// `max_bytes`, whole parts, at least one); empty when nothing waits.
+    pub fn drain(&self, max_bytes: usize) -> Vec<Bytes> {
+        let mut state = self.lock();
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Some((part, ends)) = state.backlog.pop_front() {
+            bytes += part.len();
+            state.backlog_bytes -= part.len();
+            state.backlog_frames -= usize::from(ends);
+            taken.push(part);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        if state.backlog.is_empty() && state.backlog.capacity() > 0 {
+            // Give the memory back: an idle connection keeps no queue.
+            state.backlog = VecDeque::new();
+        }
+        self.recharge(&mut state);
+        taken
+    }
+
+    /// Whether the outbox is written out by its connection ([`Outbox::queued`]).
+    pub fn is_queued(&self) -> bool {
+        matches!(self.out, Out::Queue)
     }
 
     /// Whether a collecting outbox has kept anything.
@@ -517,7 +555,7 @@ impl<F: Framing> Outbox<F> {
         let stream = match &self.out {
             Out::Socket(stream) => stream,
             Out::Discard => return,
-            Out::Collect => {
+            Out::Collect | Out::Queue => {
                 if !parts.is_empty() {
                     self.queue(state, parts.into_iter());
                     self.waiting.notify_one();

@@ -66,8 +66,9 @@ pub(crate) trait Transport: Send {
         async { Ok(()) }
     }
 
-    /// Waits for the client's next input.
-    fn input(&mut self, stream: &TcpStream) -> impl Future<Output = Self::Input> + Send;
+    /// Waits for the client's next input (a socket transport reads the outbox's socket).
+    fn input(&mut self, outbox: &Outbox<Self::Framing>)
+    -> impl Future<Output = Self::Input> + Send;
 
     /// Acts on it: reads whole requests and answers them.
     fn act(
@@ -96,6 +97,26 @@ pub(crate) trait Transport: Send {
     /// Writes what the transport says as the connection ends (a close frame, a `disconnect`
     /// event), if anything.
     fn goodbye(&self, end: &End, outbox: &Outbox<Self::Framing>);
+
+    /// Writes out what waits in a queued outbox ([`Outbox::queued`]): for a transport whose
+    /// stream is not a socket the outbox writes into (WebTransport). Socket transports never
+    /// get here.
+    fn write_out(
+        &mut self,
+        _outbox: &Outbox<Self::Framing>,
+    ) -> impl Future<Output = Result<(), End>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Ends the connection the transport's way once the goodbye is written (a WebTransport
+    /// session's close, with its code and reason). Socket transports close the socket.
+    fn close(
+        &mut self,
+        _end: &End,
+        _outbox: &Outbox<Self::Framing>,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A connection: its id, its node, its outbox and its session.
@@ -119,15 +140,32 @@ impl<F: Framing> Connection<F> {
         stream: TcpStream,
         framing: F,
     ) -> Connection<F> {
+        Self::register(node, conn, identity, |kick, bounds| {
+            Outbox::new(stream, framing, kick, bounds)
+        })
+    }
+
+    /// A connection whose transport writes its outbox out itself ([`Outbox::queued`],
+    /// [`Transport::write_out`]): otherwise as [`Connection::open`].
+    pub fn queued(node: Arc<Node>, conn: ConnId, identity: Identity, framing: F) -> Connection<F> {
+        Self::register(node, conn, identity, |kick, bounds| {
+            Outbox::queued(framing, kick, bounds)
+        })
+    }
+
+    fn register(
+        node: Arc<Node>,
+        conn: ConnId,
+        identity: Identity,
+        outbox: impl FnOnce(Kick, Bounds) -> Outbox<F>,
+    ) -> Connection<F> {
         let config = node.config();
         let kick = Kick::new(node.closing_token().child_token());
         let bounds = Bounds {
             frames: config.queue_capacity,
             bytes: config.queue_max_bytes,
         };
-        let outbox = Arc::new(
-            Outbox::new(stream, framing, kick.clone(), bounds).charged(node.budget().charge()),
-        );
+        let outbox = Arc::new(outbox(kick.clone(), bounds).charged(node.budget().charge()));
         let profile = Profile {
             user: identity.user.as_str().into(),
             info: identity
@@ -258,6 +296,7 @@ impl<F: Framing> Connection<F> {
             tracing::debug!(?end, "closing");
             transport.goodbye(&end, &conn.outbox);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.outbox.flush()).await;
+            transport.close(&end, &conn.outbox).await;
             // Presence answers in flight may still hold the outbox: close the socket now.
             if let Some(stream) = conn.outbox.stream() {
                 let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
@@ -286,9 +325,7 @@ impl<F: Framing> Connection<F> {
         let mut holding = self.node.budget().charge();
         let mut stall: Option<(u64, Pin<Box<Sleep>>)> = None;
         let outbox = self.outbox.clone();
-        let Some(stream) = outbox.stream() else {
-            return End::Gone;
-        };
+        let queued = outbox.is_queued();
         loop {
             match transport.pending() {
                 None => stall = None,
@@ -309,8 +346,12 @@ impl<F: Framing> Connection<F> {
                 _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => {
                     Err(End::Close(disconnect::TOKEN_EXPIRED))
                 }
-                _ = outbox.waiting() => Box::pin(self.flush()).await,
-                input = transport.input(stream) => transport.act(input, self).await,
+                _ = outbox.waiting() => if queued {
+                    transport.write_out(&outbox).await
+                } else {
+                    Box::pin(self.flush()).await
+                },
+                input = transport.input(&outbox) => transport.act(input, self).await,
                 _ = ticker.tick() => match transport.heartbeat(self) {
                     Ok(()) => self.written().await,
                     Err(end) => Err(end),

@@ -10,6 +10,8 @@
 //!   requests of a client without a live stream.
 //! - [`admit`]: the checks every transport makes before it answers (origin, identity, per-IP
 //!   limit), and its JSON refusals.
+//! - [`webtransport`]: WebTransport sessions (HTTP/3 over QUIC, `FANOUT_WEBTRANSPORT_LISTEN`):
+//!   length-prefixed frames on one stream, the listener and its certificate.
 //! - [`connection`]: a connection's life, whatever its transport.
 //! - this file: the router and the operational endpoints (`/healthz`, `/readyz`, `/metrics`,
 //!   `/v1/debug/state`, `/debug/pprof/profile`).
@@ -25,6 +27,7 @@ pub mod http_session;
 pub mod poll;
 pub mod sse;
 pub mod websocket;
+pub mod webtransport;
 
 use std::sync::Arc;
 

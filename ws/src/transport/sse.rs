@@ -24,7 +24,6 @@ use axum::{
 use bytes::{Bytes, BytesMut};
 use fanout::{Channel, Code, time::now_ms};
 use serde_json::json;
-use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -429,7 +428,10 @@ impl Transport for Events {
         }
     }
 
-    async fn input(&mut self, stream: &TcpStream) -> Input {
+    async fn input(&mut self, outbox: &Outbox<Sse>) -> Input {
+        let Some(stream) = outbox.stream() else {
+            return Input::Readable(Err(std::io::ErrorKind::NotConnected.into()));
+        };
         tokio::select! {
             request = self.requests.next() => Input::Request(request),
             readable = stream.readable() => Input::Readable(readable),

@@ -308,8 +308,11 @@ impl Transport for Frames {
         self.messages(conn).await
     }
 
-    async fn input(&mut self, stream: &TcpStream) -> std::io::Result<()> {
-        stream.readable().await
+    async fn input(&mut self, outbox: &Outbox<WebSocket>) -> std::io::Result<()> {
+        match outbox.stream() {
+            Some(stream) => stream.readable().await,
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
 
     async fn act(

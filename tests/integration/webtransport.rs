@@ -1,0 +1,237 @@
+//! WebTransport (`FANOUT_WEBTRANSPORT_LISTEN`): a session at `https://<node>/wt`, found through
+//! discovery (`GET /v1/nodes`: its URL and its self-signed certificate's hash), carries the
+//! protocol's frames, each preceded by its length as a QUIC varint, on one bidirectional
+//! stream; the same event bytes as WebSocket; resumes like every transport; closes with the
+//! protocol's close codes, which the client reads (CLOSE_WEBTRANSPORT_SESSION). The client is
+//! web-transport-quinn's (the browser test drives Chromium's).
+
+use crate::common;
+
+use bytes::{Buf, BufMut, BytesMut};
+use common::*;
+use serde_json::{Value, json};
+use web_transport_quinn::{ClientBuilder, RecvStream, SendStream, Session};
+
+/// Where a node takes sessions, as discovery says: its URL (with `{host}` filled in) and its
+/// certificate's hashes.
+async fn discovered(api: &Server, node: &str) -> (url::Url, Vec<Vec<u8>>) {
+    let info = within("the node's WebTransport announcement", async {
+        loop {
+            let body: Value = reqwest::get(api.url("/v1/nodes"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let found = body["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == node && n.get("webtransport").is_some())
+                .map(|n| n["webtransport"].clone());
+            if let Some(info) = found {
+                return info;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let url = info["url"].as_str().unwrap().replace("{host}", "127.0.0.1");
+    let hashes = info["cert_hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let h = h.as_str().unwrap();
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect();
+    (url.parse().unwrap(), hashes)
+}
+
+/// A client of the protocol over one WebTransport session.
+struct WtClient {
+    session: Session,
+    send: SendStream,
+    recv: RecvStream,
+    buf: BytesMut,
+    welcome: Value,
+}
+
+impl WtClient {
+    async fn connect(url: &url::Url, hashes: &[Vec<u8>], query: &str) -> WtClient {
+        let client = ClientBuilder::new()
+            .with_server_certificate_hashes(hashes.to_vec())
+            .unwrap();
+        let mut url = url.clone();
+        url.set_query(Some(query));
+        let session = within("a WebTransport session", client.connect(url))
+            .await
+            .unwrap();
+        let (send, recv) = session.open_bi().await.unwrap();
+        let mut client = WtClient {
+            session,
+            send,
+            recv,
+            buf: BytesMut::new(),
+            welcome: Value::Null,
+        };
+        // A QUIC stream exists for the server once bytes travel on it: an empty frame.
+        client.send.write_all(&[0]).await.unwrap();
+        client.welcome = client.recv().await;
+        assert_eq!(client.welcome["op"], "welcome", "{}", client.welcome);
+        client
+    }
+
+    async fn send(&mut self, frame: Value) {
+        let json = frame.to_string();
+        let mut out = BytesMut::new();
+        fanout_ws::transport::webtransport::put_varint(&mut out, json.len() as u64);
+        out.put_slice(json.as_bytes());
+        self.send.write_all(&out).await.unwrap();
+    }
+
+    /// The next frame's JSON text, as sent.
+    async fn recv_text(&mut self) -> String {
+        within("a WebTransport frame", async {
+            loop {
+                if let Some((len, header)) =
+                    fanout_ws::transport::webtransport::read_varint(&self.buf)
+                    && self.buf.len() >= header + len as usize
+                {
+                    self.buf.advance(header);
+                    let payload = self.buf.split_to(len as usize);
+                    return String::from_utf8(payload.to_vec()).unwrap();
+                }
+                let chunk = self.recv.read_chunk(4096, true).await.unwrap();
+                self.buf
+                    .extend_from_slice(&chunk.expect("the stream ended").bytes);
+            }
+        })
+        .await
+    }
+
+    async fn recv(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text().await).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_gets_what_websocket_gets_and_resumes_anywhere() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let wt = |c: &mut fanout_ws::Config| c.webtransport_listen = "127.0.0.1:0".into();
+    let ws1 = start_ws(&nats, "ws-1", wt).await;
+    let ws2 = start_ws(&nats, "ws-2", wt).await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    assert_eq!(url.path(), "/wt");
+    assert_eq!(hashes.len(), 1);
+    assert_eq!(hashes[0].len(), 32, "a SHA-256");
+
+    let mut wt_client = WtClient::connect(&url, &hashes, "user=ada").await;
+    assert_eq!(wt_client.welcome["user"], "ada");
+    assert_eq!(wt_client.welcome["node"], "ws-1");
+    wt_client
+        .send(json!({"op": "subscribe", "channel": "news", "id": 1}))
+        .await;
+    let reply = wt_client.recv().await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    let mut ws_client = Client::connect(&ws2).await;
+    ws_client.subscribe("news").await;
+
+    // The same event, byte for byte, on both transports.
+    let seq = publish(
+        &api,
+        "news",
+        &json!({"headline": "WebTransport", "n": [1, 2.5]}),
+    )
+    .await;
+    let over_wt = wt_client.recv_text().await;
+    let over_ws = ws_client.event().await;
+    assert_eq!(serde_json::from_str::<Value>(&over_wt).unwrap(), over_ws);
+    assert_eq!(over_ws["seq"], seq);
+
+    // Requests and their replies.
+    wt_client.send(json!({"op": "ping", "id": 2})).await;
+    assert_eq!(wt_client.recv().await["op"], "pong");
+
+    // Resumed on another node and transport: nothing missed.
+    drop(wt_client);
+    let missed = publish(&api, "news", &json!("while away")).await;
+    let mut back = Client::connect(&ws2).await;
+    let reply = back
+        .request(
+            json!({"op": "subscribe", "channel": "news", "since": seq, "id": 1,
+                        "epoch": back.welcome["epoch"].clone()}),
+        )
+        .await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(back.event().await["seq"], missed);
+
+    // And from WebSocket back to WebTransport, on the other node.
+    let later = publish(&api, "news", &json!("later")).await;
+    let (url2, hashes2) = discovered(&api, "ws-2").await;
+    let mut again = WtClient::connect(&url2, &hashes2, "user=ada").await;
+    again
+        .send(
+            json!({"op": "subscribe", "channel": "news", "since": missed, "id": 1,
+                     "epoch": again.welcome["epoch"].clone()}),
+        )
+        .await;
+    let reply = again.recv().await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(again.recv().await["seq"], later);
+    drop(ws1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_the_session_with_a_code_and_reason() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let _ws = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into();
+        c.max_message_bytes = 1024;
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+
+    // Malformed JSON: an error frame, and the session goes on.
+    let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
+    let mut out = BytesMut::new();
+    fanout_ws::transport::webtransport::put_varint(&mut out, 5);
+    out.put_slice(b"nope!");
+    client.send.write_all(&out).await.unwrap();
+    let error = client.recv().await;
+    assert_eq!(error["op"], "error", "{error}");
+    assert_eq!(error["code"], "invalid_json", "{error}");
+
+    // A frame over FANOUT_MAX_MESSAGE_BYTES: closed with 1009 and its reason.
+    let mut out = BytesMut::new();
+    fanout_ws::transport::webtransport::put_varint(&mut out, 4096);
+    client.send.write_all(&out).await.unwrap();
+    let closed = within("the session to close", client.session.closed()).await;
+    match closed {
+        web_transport_quinn::SessionError::WebTransportError(
+            web_transport_quinn::WebTransportError::Closed(code, reason),
+        ) => {
+            assert_eq!(code, 1009);
+            assert!(!reason.is_empty());
+        }
+        other => panic!("closed without a code: {other:?}"),
+    }
+
+    // Another path: refused (404) before any session.
+    let mut elsewhere = url.clone();
+    elsewhere.set_path("/ws");
+    let client = ClientBuilder::new()
+        .with_server_certificate_hashes(hashes.clone())
+        .unwrap();
+    assert!(
+        within("a refusal", client.connect(elsewhere))
+            .await
+            .is_err()
+    );
+}
