@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole tier without Docker: one nats-server (JetStream, data in .run/), one fanout-api
-# on :8080 and $WS fanout-ws nodes on :8081, :8082, ... (ids ws-1, ws-2, ...).
+# on :8080 and $WS fanout-ws nodes on :8081, :8082, ... (ids ws-1, ws-2, ...), each also
+# taking WebTransport sessions on UDP :8443, :8444, ... (self-signed; the page pins its hash).
 # Each process's log lines are prefixed with its name; ctrl-c stops everything.
 # Run it through `make run` (which builds the binaries and installs nats-server first).
 set -euo pipefail
@@ -13,6 +14,7 @@ WS=${WS:-3}
 API_PORT=${API_PORT:-8080}
 NATS_PORT=${NATS_PORT:-4222}
 NATS_MONITOR_PORT=${NATS_MONITOR_PORT:-8222}
+WT_PORT=${WT_PORT:-8442}
 NATS_SERVER=${NATS_SERVER_BIN:-.tools/bin/nats-server}
 BIN=${BIN:-target/debug}
 RUN_DIR=${RUN_DIR:-.run}
@@ -32,6 +34,11 @@ for bin in fanout-api fanout-ws; do
 done
 
 ws_port() { echo $((API_PORT + $1)); }
+wt_port() { echo $((WT_PORT + $1)); }
+# WebTransport on each node's own UDP port; FANOUT_WEBTRANSPORT_LISTEN= (empty) turns it off.
+wt_listen() {
+  if [[ -v FANOUT_WEBTRANSPORT_LISTEN && -z "$FANOUT_WEBTRANSPORT_LISTEN" ]]; then echo ""; else echo "0.0.0.0:$(wt_port "$1")"; fi
+}
 
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
@@ -57,7 +64,9 @@ for i in $(seq 1 "$WS"); do ws_urls+="${ws_urls:+,}ws-$i=ws://{host}:$(ws_port "
 FANOUT_NODE_ID=api-1 FANOUT_LISTEN="0.0.0.0:$API_PORT" FANOUT_WS_URLS="$ws_urls" start api "$BIN/fanout-api"
 pids+=($!)
 for i in $(seq 1 "$WS"); do
-  FANOUT_NODE_ID="ws-$i" FANOUT_LISTEN="0.0.0.0:$(ws_port "$i")" start "ws-$i" "$BIN/fanout-ws"
+  FANOUT_NODE_ID="ws-$i" FANOUT_LISTEN="0.0.0.0:$(ws_port "$i")" \
+    FANOUT_WEBTRANSPORT_LISTEN="$(wt_listen "$i")" \
+    start "ws-$i" "$BIN/fanout-ws"
   pids+=($!)
 done
 
@@ -68,7 +77,7 @@ echo "[run] ready:"
 echo "[run]   open       http://localhost:$API_PORT/?node=1  and  http://localhost:$API_PORT/?node=2  in two tabs"
 echo "[run]   API        http://localhost:$API_PORT   (try: curl -X POST localhost:$API_PORT/ping)"
 for i in $(seq 1 "$WS"); do
-  echo "[run]   ws-$i       ws://localhost:$(ws_port "$i")/ws"
+  echo "[run]   ws-$i       ws://localhost:$(ws_port "$i")/ws$([[ -n "$(wt_listen "$i")" ]] && echo "  and  https://localhost:$(wt_port "$i")/wt (WebTransport, UDP)")"
 done
 echo "[run]   NATS       nats://localhost:$NATS_PORT  (monitoring http://localhost:$NATS_MONITOR_PORT)"
 echo "[run] ctrl-c stops everything"
