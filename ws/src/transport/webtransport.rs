@@ -518,6 +518,10 @@ impl Transport for Stream {
         // What is still queued (the last replies), within the goodbye's time.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all(outbox)).await;
         self.session.close(u32::from(code), reason.as_bytes());
+        // Held until the connection is closed: dropped earlier, the session's streams would
+        // be stopped ahead of the close capsule, and a browser would see "connection lost"
+        // instead of the code and reason.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.session.closed()).await;
     }
 }
 

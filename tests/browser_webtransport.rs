@@ -1,0 +1,266 @@
+//! WebTransport in real headless Chromium (Debian's, over WebDriver), with the browser's own
+//! `WebTransport` API: a page connects to a ws node process with the certificate hash the node
+//! announces (`serverCertificateHashes`), gets byte for byte the event frame a raw WebSocket
+//! client gets, survives `kill -9` of its node by resuming on the other node with nothing
+//! missed, and reads a close code and reason from `WebTransport.closed`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{browser::*, *};
+use fanout_testkit::raw;
+use serde_json::{Value, json};
+
+/// The page's WebTransport client: `window.wt.open(name, url, hashHex)` connects, opens the
+/// stream, keeps every frame's text in `window.wt.frames[name]`; `send(name, frame)` writes
+/// one; `closed[name]` says how the session ended.
+const CLIENT: &str = r#"
+window.wt = window.wt ?? {
+  frames: {}, closed: {}, sessions: {}, writers: {},
+  varint(n) {
+    if (n < 64) return [n];
+    if (n < 16384) return [0x40 | (n >> 8), n & 0xff];
+    return [0x80 | (n >>> 24), (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff];
+  },
+  async open(name, url, hashHex) {
+    const value = new Uint8Array(hashHex.match(/../g).map((h) => parseInt(h, 16)));
+    const session = new WebTransport(url, { serverCertificateHashes: [{ algorithm: "sha-256", value }] });
+    this.sessions[name] = session;
+    this.frames[name] = [];
+    session.closed.then(
+      (info) => { this.closed[name] = { code: info.closeCode, reason: info.reason }; },
+      (error) => { this.closed[name] = { error: String(error) }; });
+    await session.ready;
+    const stream = await session.createBidirectionalStream();
+    this.writers[name] = stream.writable.getWriter();
+    await this.writers[name].write(new Uint8Array([0])); // the stream reaches the node with its first bytes
+    const reader = stream.readable.getReader();
+    (async () => {
+      let buf = new Uint8Array(0);
+      const decoder = new TextDecoder();
+      for (;;) {
+        const { value: chunk, done } = await reader.read();
+        if (done) return;
+        const joined = new Uint8Array(buf.length + chunk.length);
+        joined.set(buf); joined.set(chunk, buf.length); buf = joined;
+        for (;;) {
+          if (buf.length === 0) break;
+          const len = 1 << (buf[0] >> 6);
+          if (buf.length < len) break;
+          let n = buf[0] & 0x3f;
+          for (let i = 1; i < len; i++) n = n * 256 + buf[i];
+          if (buf.length < len + n) break;
+          this.frames[name].push(decoder.decode(buf.subarray(len, len + n)));
+          buf = buf.slice(len + n);
+        }
+      }
+    })().catch(() => {});
+  },
+  async send(name, frame) {
+    const bytes = new TextEncoder().encode(JSON.stringify(frame));
+    await this.writers[name].write(new Uint8Array([...this.varint(bytes.length), ...bytes]));
+  },
+};
+"#;
+
+/// Each ws node's WebTransport URL and certificate hash, from discovery.
+async fn webtransport_of(api: &Server, node: &str) -> (String, String) {
+    within("the node's WebTransport announcement", async {
+        loop {
+            let body: Value = reqwest::get(api.url("/v1/nodes"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let info = body["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == node)
+                .and_then(|n| n.get("webtransport"))
+                .cloned();
+            if let Some(info) = info {
+                return (
+                    info["url"].as_str().unwrap().replace("{host}", "127.0.0.1"),
+                    info["cert_hashes"][0].as_str().unwrap().to_string(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// The frames tab has received on `name`, as text.
+async fn frames(tab: &Tab<'_>, name: &str) -> Vec<String> {
+    let v = tab
+        .eval(&format!("return window.wt.frames[{name:?}] ?? []"))
+        .await;
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until a frame on `name` satisfies `check`; returns it.
+async fn frame_where(
+    tab: &Tab<'_>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = frames(tab, name)
+            .await
+            .into_iter()
+            .find(|f| check(&serde_json::from_str(f).unwrap()));
+        if let Some(found) = found {
+            return found;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what} on {name}; frames: {:?}, closed: {}",
+                frames(tab, name).await,
+                tab.eval("return window.wt.closed").await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(tab: &Tab<'_>, script: &str) {
+    tab.focus().await;
+    let result = tab
+        .browser
+        .execute_async(
+            &format!("const done = arguments[arguments.length - 1]; {script}.then(() => done('ok'), (e) => done('error: ' + e))"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, "ok", "{script}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9() {
+    let nats = NatsServer::start();
+    let env = |node: &str| {
+        let mut env = ws_process_env(&nats.url(), node, 0);
+        env.push(("FANOUT_WEBTRANSPORT_LISTEN", "127.0.0.1:0".to_string()));
+        env.push(("FANOUT_MAX_MESSAGE_BYTES", "1024".to_string()));
+        env
+    };
+    let ws1 = Process::start("fanout-ws", &env("ws-1"));
+    let ws2 = Process::start("fanout-ws", &env("ws-2"));
+    wait_ready(&ws1.server()).await;
+    wait_ready(&ws2.server()).await;
+    let api = start_api(&nats).await;
+    let (url1, hash1) = webtransport_of(&api, "ws-1").await;
+    let (url2, hash2) = webtransport_of(&api, "ws-2").await;
+
+    // A raw WebSocket client on node 2: the bytes of each event frame as they travel.
+    let mut raw_ws = raw::Conn::open(ws2.server().addr).await;
+    raw_ws
+        .send(&raw::frame(
+            true,
+            1,
+            br#"{"op":"subscribe","channel":"news"}"#,
+            true,
+        ))
+        .await;
+    loop {
+        let frame = within("subscribed", raw_ws.next()).await.unwrap();
+        if frame.text().contains("subscribed") {
+            break;
+        }
+    }
+
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    browser.goto(&api.url("/")).await.unwrap();
+    let tab = Tab {
+        browser: &browser,
+        handle: browser.window().await.unwrap(),
+        name: "WT",
+    };
+    tab.eval(&format!("{CLIENT}; return true")).await;
+    run(&tab, &format!("window.wt.open('a', {url1:?}, {hash1:?})")).await;
+    frame_where(&tab, "a", "welcome", |f| {
+        f["op"] == "welcome" && f["node"] == "ws-1"
+    })
+    .await;
+    run(
+        &tab,
+        r#"window.wt.send('a', {op: "subscribe", channel: "news", id: 1})"#,
+    )
+    .await;
+    frame_where(&tab, "a", "subscribed", |f| f["op"] == "subscribed").await;
+
+    // Byte for byte what WebSocket gets.
+    let seq = publish(
+        &api,
+        "news",
+        &json!({"text": "héllo", "n": [1, 2.50, null]}),
+    )
+    .await;
+    let over_wt = frame_where(&tab, "a", "the event", |f| f["seq"] == seq).await;
+    let over_ws = within("the WebSocket event", async {
+        loop {
+            let frame = raw_ws.next().await.unwrap();
+            if frame.text().contains("\"event\"") {
+                return frame.text();
+            }
+        }
+    })
+    .await;
+    assert_eq!(over_wt, over_ws, "the same frame, byte for byte");
+
+    // Node 1 is killed: the session ends; an event published meanwhile is replayed when the
+    // page resumes on node 2.
+    ws1.signal("-KILL");
+    tab.until(WAIT, "the session to end", || async {
+        !tab.eval("return window.wt.closed['a'] ?? null")
+            .await
+            .is_null()
+    })
+    .await;
+    let missed = publish(&api, "news", &json!("while away")).await;
+    run(&tab, &format!("window.wt.open('b', {url2:?}, {hash2:?})")).await;
+    frame_where(&tab, "b", "welcome", |f| f["op"] == "welcome").await;
+    let epoch =
+        serde_json::from_str::<Value>(&frames(&tab, "b").await[0]).unwrap()["epoch"].clone();
+    run(
+        &tab,
+        &format!(
+            r#"window.wt.send('b', {{op: "subscribe", channel: "news", since: {seq}, epoch: {epoch}, id: 1}})"#
+        ),
+    )
+    .await;
+    let reply = frame_where(&tab, "b", "the resume", |f| f["op"] == "subscribed").await;
+    assert!(reply.contains("\"recovered\":true"), "{reply}");
+    frame_where(&tab, "b", "the missed event", |f| f["seq"] == missed).await;
+
+    // A frame over FANOUT_MAX_MESSAGE_BYTES: the browser reads the close code and reason.
+    run(
+        &tab,
+        r#"window.wt.writers['b'].write(new Uint8Array([0x40 | 0x10, 0x00]))"#,
+    )
+    .await;
+    tab.until(Duration::from_secs(15), "the close", || async {
+        !tab.eval("return window.wt.closed['b'] ?? null")
+            .await
+            .is_null()
+    })
+    .await;
+    let closed = tab.eval("return window.wt.closed['b']").await;
+    assert_eq!(closed["code"], 1009, "{closed}");
+    assert!(
+        !closed["reason"].as_str().unwrap_or_default().is_empty(),
+        "{closed}"
+    );
+}
