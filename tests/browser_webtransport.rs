@@ -1,8 +1,9 @@
 //! WebTransport in real headless Chromium (Debian's, over WebDriver), with the browser's own
 //! `WebTransport` API: a page connects to a ws node process with the certificate hash the node
 //! announces (`serverCertificateHashes`), gets byte for byte the event frame a raw WebSocket
-//! client gets, survives `kill -9` of its node by resuming on the other node with nothing
-//! missed, and reads a close code and reason from `WebTransport.closed`.
+//! client gets, receives volatile events as datagrams, survives `kill -9` of its node by
+//! resuming on the other node with nothing missed, and reads a close code and reason from
+//! `WebTransport.closed`.
 
 mod common;
 
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 /// one; `closed[name]` says how the session ended.
 const CLIENT: &str = r#"
 window.wt = window.wt ?? {
-  frames: {}, closed: {}, sessions: {}, writers: {},
+  frames: {}, datagrams: {}, closed: {}, sessions: {}, writers: {},
   varint(n) {
     if (n < 64) return [n];
     if (n < 16384) return [0x40 | (n >> 8), n & 0xff];
@@ -32,6 +33,15 @@ window.wt = window.wt ?? {
       (info) => { this.closed[name] = { code: info.closeCode, reason: info.reason }; },
       (error) => { this.closed[name] = { error: String(error) }; });
     await session.ready;
+    this.datagrams[name] = [];
+    const datagrams = session.datagrams.readable.getReader();
+    (async () => {
+      for (;;) {
+        const { value, done } = await datagrams.read();
+        if (done) return;
+        this.datagrams[name].push(new TextDecoder().decode(value));
+      }
+    })().catch(() => {});
     const stream = await session.createBidirectionalStream();
     this.writers[name] = stream.writable.getWriter();
     await this.writers[name].write(new Uint8Array([0])); // the stream reaches the node with its first bytes
@@ -219,6 +229,29 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
     })
     .await;
     assert_eq!(over_wt, over_ws, "the same frame, byte for byte");
+
+    // A volatile event: a datagram, holding the frame's JSON.
+    let (status, answer) = post_raw(
+        &api,
+        "/v1/channels/news/volatile",
+        r#"{"x":10,"y":20}"#.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let datagram = within("the datagram", async {
+        loop {
+            let got = tab.eval("return window.wt.datagrams['a']").await;
+            if let Some(first) = got.as_array().and_then(|d| d.first()) {
+                return first.as_str().unwrap().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let datagram: Value = serde_json::from_str(&datagram).unwrap();
+    assert_eq!(datagram["volatile"], true, "{datagram}");
+    assert_eq!(datagram["id"], answer["id"]);
+    assert_eq!(datagram["data"], json!({"x": 10, "y": 20}));
 
     // Node 1 is killed: the session ends; an event published meanwhile is replayed when the
     // page resumes on node 2.

@@ -2,7 +2,8 @@
 //! discovery (`GET /v1/nodes`: its URL and its self-signed certificate's hash), carries the
 //! protocol's frames, each preceded by its length as a QUIC varint, on one bidirectional
 //! stream; the same event bytes as WebSocket; resumes like every transport; closes with the
-//! protocol's close codes, which the client reads (CLOSE_WEBTRANSPORT_SESSION). The client is
+//! protocol's close codes, which the client reads (CLOSE_WEBTRANSPORT_SESSION); volatile
+//! events come as datagrams (on the stream when too large for one). The client is
 //! web-transport-quinn's (the browser test drives Chromium's).
 
 use crate::common;
@@ -234,4 +235,41 @@ async fn bad_input_closes_the_session_with_a_code_and_reason() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let _ws = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into()
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
+    client
+        .send(json!({"op": "subscribe", "channel": "lobby", "id": 1}))
+        .await;
+    assert_eq!(client.recv().await["op"], "subscribed");
+
+    let position = json!({"x": 10, "y": 20});
+    let (status, answer) =
+        post_raw(&api, "/v1/channels/lobby/volatile", position.to_string()).await;
+    assert_eq!(status, 202, "{answer}");
+    let datagram = within("a datagram", client.session.read_datagram())
+        .await
+        .unwrap();
+    let frame: Value = serde_json::from_slice(&datagram).unwrap();
+    assert_eq!(frame["volatile"], true, "{frame}");
+    assert_eq!(frame["data"], position);
+    assert_eq!(frame["id"], answer["id"]);
+
+    // Larger than a datagram: the same frame on the stream.
+    let big = json!({"blob": "x".repeat(4000)});
+    let (status, answer) = post_raw(&api, "/v1/channels/lobby/volatile", big.to_string()).await;
+    assert_eq!(status, 202, "{answer}");
+    let frame = client.recv().await;
+    assert_eq!(frame["volatile"], true);
+    assert_eq!(frame["data"], big);
+    assert_eq!(frame["id"], answer["id"]);
 }

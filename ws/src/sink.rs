@@ -111,6 +111,8 @@ pub struct Outgoing {
     pub prev: u64,
     /// What the frame is (`event`, `join`, ...): SSE's `event:` field.
     name: &'static str,
+    /// A volatile event: a transport with datagrams sends it as one ([`Datagrams`]).
+    volatile: bool,
     json: Bytes,
     framed: [OnceCell<Bytes>; SLOTS],
 }
@@ -126,11 +128,20 @@ impl Outgoing {
         Outgoing::new(0, name, json.into())
     }
 
+    /// A volatile event's frame: no seq, and a datagram where the transport has them.
+    pub fn volatile(json: impl Into<Bytes>) -> Outgoing {
+        Outgoing {
+            volatile: true,
+            ..Outgoing::new(0, "event", json.into())
+        }
+    }
+
     fn new(seq: u64, name: &'static str, json: Bytes) -> Outgoing {
         Outgoing {
             seq,
             prev: 0,
             name,
+            volatile: false,
             json,
             framed: Default::default(),
         }
@@ -289,10 +300,16 @@ impl Bounds {
     };
 }
 
+/// Sends one frame's JSON as a datagram (WebTransport's): true once sent, false when it
+/// cannot go so (too large for one), and the frame then takes the stream.
+pub type Datagrams = Box<dyn Fn(Bytes) -> bool + Send + Sync>;
+
 /// A connection's way out over its socket. Shared by its task, the hub and every reader that
 /// offers it frames.
 pub struct Outbox<F: Framing> {
     out: Out,
+    /// Where volatile events go when the transport has datagrams.
+    datagrams: Option<Datagrams>,
     state: Mutex<State<F>>,
     /// Wakes the connection's task when frames wait for the socket.
     waiting: Notify,
@@ -396,14 +413,24 @@ impl<F: Framing> Outbox<F> {
         Outbox::build(Out::Collect, framing, kick, bounds)
     }
 
-    /// An outbox whose connection writes it out itself ([`Outbox::drain`]), within `bounds`.
-    pub fn queued(framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
-        Outbox::build(Out::Queue, framing, kick, bounds)
+    /// An outbox whose connection writes it out itself ([`Outbox::drain`]), within `bounds`;
+    /// volatile events go to `datagrams`, when given, if they fit in one.
+    pub fn queued(
+        framing: F,
+        kick: Kick,
+        bounds: Bounds,
+        datagrams: Option<Datagrams>,
+    ) -> Outbox<F> {
+        Outbox {
+            datagrams,
+            ..Outbox::build(Out::Queue, framing, kick, bounds)
+        }
     }
 
     fn build(out: Out, framing: F, kick: Kick, bounds: Bounds) -> Outbox<F> {
         Outbox {
             out,
+            datagrams: None,
             state: Mutex::new(State {
                 framing,
                 backlog: VecDeque::new(),
@@ -761,6 +788,42 @@ impl<F: Framing> Sink for Outbox<F> {
 impl<F: Framing> Outbox<F> {
     /// [`Sink::offer`] of frames none of which the connection has.
     fn offer_run(
+        &self,
+        state: &mut std::sync::MutexGuard<'_, State<F>>,
+        key: ChannelKey,
+        frames: &[Outgoing],
+        outcome: &mut Delivery,
+    ) {
+        if state.broken || state.stopped || frames.is_empty() {
+            return;
+        }
+        if let Some(datagrams) = &self.datagrams
+            && state.held.is_none()
+            && frames.iter().any(|frame| frame.volatile)
+        {
+            // Volatile events as datagrams (unordered, at most once, as they are); the rest,
+            // and any too large for a datagram, on the stream.
+            let (mut run, mut sent) = (0, false);
+            for (i, frame) in frames.iter().enumerate() {
+                if frame.volatile && datagrams(frame.json.clone()) {
+                    self.offer_run_stream(state, key, &frames[run..i], outcome);
+                    outcome.delivered += 1;
+                    outcome.bytes += frame.json.len();
+                    (run, sent) = (i + 1, true);
+                }
+            }
+            if sent {
+                if run == frames.len() {
+                    outcome.recipients += 1;
+                }
+                return self.offer_run_stream(state, key, &frames[run..], outcome);
+            }
+        }
+        self.offer_run_stream(state, key, frames, outcome);
+    }
+
+    /// [`Outbox::offer_run`] on the connection's stream.
+    fn offer_run_stream(
         &self,
         state: &mut std::sync::MutexGuard<'_, State<F>>,
         key: ChannelKey,

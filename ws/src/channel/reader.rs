@@ -394,7 +394,7 @@ impl Reader {
         if !span.is_none() {
             self.spans.push((span, started));
         }
-        self.frames.push(Outgoing::event(0, frame));
+        self.frames.push(Outgoing::volatile(frame));
         self.deliver();
     }
 

@@ -25,7 +25,7 @@ use crate::{
     node::Node,
     protocol,
     session::{self, JoinError, Resume, Session},
-    sink::{Bounds, Conduit, Framing, Kick, Outbox},
+    sink::{Bounds, Conduit, Datagrams, Framing, Kick, Outbox},
 };
 
 /// How long the goodbye (a close frame, a `disconnect` event) may take to be written.
@@ -146,10 +146,17 @@ impl<F: Framing> Connection<F> {
     }
 
     /// A connection whose transport writes its outbox out itself ([`Outbox::queued`],
-    /// [`Transport::write_out`]): otherwise as [`Connection::open`].
-    pub fn queued(node: Arc<Node>, conn: ConnId, identity: Identity, framing: F) -> Connection<F> {
+    /// [`Transport::write_out`]), volatile events as `datagrams` when given: otherwise as
+    /// [`Connection::open`].
+    pub fn queued(
+        node: Arc<Node>,
+        conn: ConnId,
+        identity: Identity,
+        framing: F,
+        datagrams: Option<Datagrams>,
+    ) -> Connection<F> {
         Self::register(node, conn, identity, |kick, bounds| {
-            Outbox::queued(framing, kick, bounds)
+            Outbox::queued(framing, kick, bounds, datagrams)
         })
     }
 

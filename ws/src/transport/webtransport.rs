@@ -40,7 +40,7 @@ use crate::{
     node::Node,
     position::ChannelKey,
     session::ReplyTo,
-    sink::{Framing, Kick, Outbox, Outgoing, Parts, Sink},
+    sink::{Datagrams, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
 /// The path of a session.
@@ -385,7 +385,11 @@ async fn serve(session: Session, node: Arc<Node>, conn: ConnId, identity: Identi
             return;
         }
     };
-    let connection = Connection::queued(node, conn, identity, WebTransport);
+    // Volatile events as datagrams, one frame each (its JSON, without a length: a datagram
+    // is one frame); one too large for a datagram takes the stream.
+    let datagrams = session.clone();
+    let datagrams: Datagrams = Box::new(move |json| datagrams.send_datagram(json).is_ok());
+    let connection = Connection::queued(node, conn, identity, WebTransport, Some(datagrams));
     let transport = Stream {
         session,
         send,
