@@ -242,19 +242,9 @@ fn body_at(n: u64, size: usize, t: u64) -> String {
 pub type Published = HashMap<String, u64>;
 
 /// Publishes `rate` events per second for `duration`, round-robin over `channels`, through
-/// fanout's HTTP API (open loop: sends on schedule whatever the answers). Returns how many
-/// were acknowledged per channel, and the acknowledgement latency.
-pub async fn publish_http(
-    api: &str,
-    channels: &[String],
-    rate: u64,
-    duration: Duration,
-    size: usize,
-) -> (Published, Histogram) {
-    publish_http_until(api, channels, rate, duration, None, size).await
-}
-
-/// [`publish_http`], stopping early once `stop` turns true.
+/// fanout's HTTP API (open loop: sends on schedule whatever the answers), stopping early once
+/// `stop` turns true; `volatile`: volatile events (`/volatile`) instead of stored ones.
+/// Returns how many were acknowledged per channel, and the acknowledgement latency.
 pub async fn publish_http_until(
     api: &str,
     channels: &[String],
@@ -262,6 +252,7 @@ pub async fn publish_http_until(
     duration: Duration,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
     size: usize,
+    volatile: bool,
 ) -> (Published, Histogram) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -283,7 +274,8 @@ pub async fn publish_http_until(
         }
         let c = (k as usize) % channels.len();
         let n = counters[c].fetch_add(1, Ordering::Relaxed);
-        let url = format!("{api}/v1/channels/{}/events", channels[c]);
+        let kind = if volatile { "volatile" } else { "events" };
+        let url = format!("{api}/v1/channels/{}/{kind}", channels[c]);
         let (http, acked, acks) = (http.clone(), acked.clone(), acks.clone());
         let permit = in_flight.clone().acquire_owned().await.unwrap();
         let payload = body(n, size);
@@ -439,7 +431,7 @@ fn stored(answer: &[u8]) -> Vec<usize> {
         .unwrap_or_default()
 }
 
-/// [`publish_http`]'s schedule released in ticks of `tick`, as a busy backend sends: every
+/// [`publish_http_until`]'s schedule released in ticks of `tick`, as a busy backend sends: every
 /// `tick`, the events that came due go out together, in one `/v1/batch` (one connection,
 /// one request at a time: a slow answer makes the next batch larger). Each event carries
 /// its due time, so the wait for its tick is in the latency.

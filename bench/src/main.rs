@@ -57,6 +57,8 @@ enum Targets {
     Poll,
     /// fanout over WebSocket, then over SSE.
     Transports,
+    /// fanout over WebTransport.
+    Wt,
 }
 
 impl Targets {
@@ -68,6 +70,7 @@ impl Targets {
             Targets::Sse => vec![Target::FanoutSse],
             Targets::Poll => vec![Target::FanoutPoll],
             Targets::Transports => vec![Target::Fanout, Target::FanoutSse],
+            Targets::Wt => vec![Target::FanoutWt],
         }
     }
 }
@@ -112,6 +115,9 @@ enum Command {
         /// Runtime threads in every server process, nats-server's included (0: their default).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// fanout's events are volatile (`/volatile`: not stored; datagrams over WebTransport).
+        #[arg(long)]
+        volatile: bool,
         #[arg(long, value_enum, default_value_t = Targets::Both)]
         target: Targets,
     },
@@ -266,6 +272,7 @@ fn label(target: Target) -> &'static str {
     match target {
         Target::Fanout => "fanout",
         Target::FanoutSse => "fanout SSE",
+        Target::FanoutWt => "fanout WT",
         Target::FanoutPoll => "fanout long-poll",
         Target::Nats => "NATS",
     }
@@ -294,6 +301,7 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             coalesce_ms,
             tick_ms,
             threads,
+            volatile,
             target,
         } => {
             let spec = suite::Spec {
@@ -306,6 +314,7 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
                 coalesce_ms,
                 tick_ms,
                 threads,
+                volatile,
             };
             println!("fan-out: {spec:?}");
             let mut results = serde_json::Map::new();

@@ -257,6 +257,7 @@ impl Suite<'_> {
             coalesce_ms: 0,
             tick_ms: 0,
             threads: 0,
+            volatile: false,
         }
     }
 

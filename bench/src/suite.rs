@@ -84,6 +84,55 @@ impl FanoutTier {
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api.addr)
     }
+
+    /// Each node's WebTransport URL, its certificate's hash as the fragment
+    /// (`https://127.0.0.1:<port>/wt#<hash>`), from discovery once every node has announced.
+    pub async fn wt_urls(&self) -> Vec<String> {
+        let ids: Vec<String> = (1..=self.nodes.len()).map(|i| format!("ws-{i}")).collect();
+        loop {
+            let answer = fanout_testkit::http::get(&self.api.addr, "/v1/nodes").await;
+            if let Some(body) = answer.map(|a| a.json()) {
+                let urls: Option<Vec<String>> = ids
+                    .iter()
+                    .map(|id| {
+                        let node = body["nodes"]
+                            .as_array()?
+                            .iter()
+                            .find(|n| n["id"] == id.as_str())?;
+                        let wt = node.get("webtransport")?;
+                        Some(format!(
+                            "{}#{}",
+                            wt["url"].as_str()?.replace("{host}", "127.0.0.1"),
+                            wt["cert_hashes"][0].as_str()?
+                        ))
+                    })
+                    .collect();
+                if let Some(urls) = urls {
+                    return urls;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The URLs clients of `target` connect to.
+    pub async fn urls(&self, target: Target) -> Vec<String> {
+        match target {
+            Target::FanoutWt => self.wt_urls().await,
+            _ => self.ws_urls(),
+        }
+    }
+}
+
+/// The settings a tier for `target` needs besides the defaults (WebTransport on).
+pub fn target_env(target: Target) -> Vec<(String, String)> {
+    match target {
+        Target::FanoutWt => vec![(
+            "FANOUT_WEBTRANSPORT_LISTEN".to_string(),
+            "127.0.0.1:0".to_string(),
+        )],
+        _ => Vec::new(),
+    }
 }
 
 /// nats-server's environment for `threads` runtime threads (0: its default).
@@ -133,6 +182,9 @@ pub struct Spec {
     /// release what came due every N ms, together (fanout: one `/v1/batch`; NATS: the
     /// publishes, then one flush).
     pub tick_ms: u64,
+    /// fanout's publisher posts volatile events (`/v1/channels/{channel}/volatile`): not
+    /// stored, datagrams to WebTransport clients.
+    pub volatile: bool,
 }
 
 #[derive(Debug, Default)]
@@ -213,11 +265,12 @@ fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
 
 pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
-            let extra = [(
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => {
+            let mut extra = vec![(
                 "FANOUT_COALESCE_MS".to_string(),
                 spec.coalesce_ms.to_string(),
             )];
+            extra.extend(target_env(target));
             (
                 Some(FanoutTier::start_threads(paths, spec.nodes, &extra, spec.threads).await),
                 None,
@@ -226,7 +279,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         Target::Nats => (None, Some(nats_tier(spec.nodes, spec.threads))),
     };
     let urls = match (&fanout, &nats) {
-        (Some(t), _) => t.ws_urls(),
+        (Some(t), _) => t.urls(target).await,
         (_, Some(n)) => n.ws_urls(),
         _ => unreachable!(),
     };
@@ -270,9 +323,16 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
             (p, Some(a))
         }
         (Some(t), _) => {
-            let (p, a) =
-                load::publish_http(&t.api_url(), &channels, spec.rate, duration, spec.payload)
-                    .await;
+            let (p, a) = load::publish_http_until(
+                &t.api_url(),
+                &channels,
+                spec.rate,
+                duration,
+                None,
+                spec.payload,
+                spec.volatile,
+            )
+            .await;
             (p, Some(a))
         }
         (_, Some(n)) if spec.tick_ms > 0 => (
@@ -336,13 +396,17 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
 /// Idle memory: RSS growth per connection on each node.
 pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Idle {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
-            (Some(FanoutTier::start(paths, nodes).await), None)
-        }
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => (
+            Some(FanoutTier::start_with(paths, nodes, &target_env(target)).await),
+            None,
+        ),
         Target::Nats => (None, Some(nats_tier(nodes, 0))),
     };
     let (holders, urls): (Vec<u32>, Vec<String>) = match (&fanout, &nats) {
-        (Some(t), _) => (t.nodes.iter().map(|n| n.child.id()).collect(), t.ws_urls()),
+        (Some(t), _) => (
+            t.nodes.iter().map(|n| n.child.id()).collect(),
+            t.urls(target).await,
+        ),
         (_, Some(n)) => (n.pids(), n.ws_urls()),
         _ => unreachable!(),
     };
@@ -376,13 +440,14 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
 /// Connect storm: connections per second one node accepts (handshake + first frame).
 pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll => {
-            (Some(FanoutTier::start(paths, 1).await), None)
-        }
+        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => (
+            Some(FanoutTier::start_with(paths, 1, &target_env(target)).await),
+            None,
+        ),
         Target::Nats => (None, Some(nats_tier(1, 0))),
     };
     let urls = match (&fanout, &nats) {
-        (Some(t), _) => t.ws_urls(),
+        (Some(t), _) => t.urls(target).await,
         (_, Some(n)) => n.ws_urls(),
         _ => unreachable!(),
     };
@@ -430,6 +495,7 @@ pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) 
             duration,
             storming.is_some().then_some(stopped),
             100,
+            false,
         )
         .await;
         let secs = started.elapsed().as_secs_f64();

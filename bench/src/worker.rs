@@ -42,6 +42,8 @@ pub enum Target {
     FanoutPoll,
     /// nats-server's WebSocket port.
     Nats,
+    /// fanout over WebTransport (`https://<node>/wt#<certificate hash>`).
+    FanoutWt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,6 +421,90 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 enum Conn {
     Socket(Socket),
     Poller(Poller),
+    Wt(Box<Wt>),
+}
+
+/// A WebTransport client: its session, and the stream the protocol's frames travel on, each
+/// after its length as a QUIC varint; volatile events come as datagrams too.
+struct Wt {
+    session: web_transport_quinn::Session,
+    send: web_transport_quinn::SendStream,
+    recv: web_transport_quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl Wt {
+    async fn open(url: &str, channels: &[String]) -> Result<Wt, String> {
+        let mut url: url::Url = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let hash = url.fragment().unwrap_or_default().to_string();
+        url.set_fragment(None);
+        let hash: Vec<u8> = (0..hash.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(hash.get(i..i + 2)?, 16).ok())
+            .collect();
+        let client = web_transport_quinn::ClientBuilder::new()
+            .with_server_certificate_hashes(vec![hash])
+            .map_err(|e| e.to_string())?;
+        let session = client.connect(url).await.map_err(|e| e.to_string())?;
+        let (send, recv) = session.open_bi().await.map_err(|e| e.to_string())?;
+        let mut wt = Wt {
+            session,
+            send,
+            recv,
+            buf: Vec::new(),
+        };
+        let mut out = vec![0u8]; // the stream reaches the node with its first bytes
+        for channel in channels {
+            let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
+            out.extend(varint(request.len()));
+            out.extend_from_slice(request.as_bytes());
+        }
+        wt.send.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut left = channels.len();
+        while left > 0 {
+            if !wt.fill().await {
+                return Err("the session ended".into());
+            }
+            wt.frames(|f| {
+                if contains(f, b"\"subscribed\"") {
+                    left -= 1;
+                }
+            });
+        }
+        Ok(wt)
+    }
+
+    async fn fill(&mut self) -> bool {
+        match self.recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Calls `on` with each whole frame read, and drops it.
+    fn frames(&mut self, mut on: impl FnMut(&[u8])) {
+        let mut at = 0;
+        while let Some((len, header)) =
+            fanout_ws::transport::webtransport::read_varint(&self.buf[at..])
+        {
+            let end = at + header + len as usize;
+            if end > self.buf.len() {
+                break;
+            }
+            on(&self.buf[at + header..end]);
+            at = end;
+        }
+        self.buf.drain(..at);
+    }
+}
+
+fn varint(n: usize) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    fanout_ws::transport::webtransport::put_varint(&mut out, n as u64);
+    out.to_vec()
 }
 
 /// The channels client `i` of `job` follows.
@@ -444,12 +530,19 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
                 Poller::start(url, job.source, &channels).await?,
             ));
         }
+        Target::FanoutWt => {
+            let channels = match job.mode {
+                Mode::Storm => Vec::new(),
+                _ => job_channels(job, i),
+            };
+            return Ok(Conn::Wt(Box::new(Wt::open(url, &channels).await?)));
+        }
         Target::Fanout | Target::Nats => {}
     }
     let mut ws = open(url, job.source).await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
-        Target::FanoutSse | Target::FanoutPoll => unreachable!(),
+        Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => unreachable!(),
         Target::Fanout => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
@@ -504,7 +597,7 @@ fn count(
     ws.frames(|(opcode, data)| match (opcode, target) {
         (0x9, _) => pong = true,
         (0x8, _) => closed = true,
-        (_, Target::Fanout | Target::FanoutSse | Target::FanoutPoll) => {
+        (_, Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt) => {
             if let Some((channel, t, n)) = fanout_event(data) {
                 shared.hist.record(now.saturating_sub(t));
                 shared.received += 1;
@@ -557,6 +650,46 @@ async fn record(
                     let _ = ws.answer(opcode, answer).await;
                 }
             }
+            _ = stop.changed() => break,
+        }
+    }
+    account(seen, lost, &shared, stop).await;
+}
+
+/// Records a WebTransport client's events until `stop`: frames on its stream and datagrams.
+async fn record_wt(
+    mut wt: Wt,
+    mut seen: Seen,
+    shared: Rc<RefCell<Shared>>,
+    mut stop: watch::Receiver<Option<Rc<Stop>>>,
+) {
+    let mut lost = false;
+    let session = wt.session.clone();
+    let on = |event: &[u8], seen: &mut Seen| {
+        if let Some((channel, t, n)) = fanout_event(event) {
+            let mut shared = shared.borrow_mut();
+            shared.hist.record(now_us().saturating_sub(t));
+            shared.received += 1;
+            seen.saw(channel, n);
+        }
+    };
+    loop {
+        tokio::select! {
+            more = wt.fill() => {
+                if !more {
+                    lost = true;
+                    break;
+                }
+                let seen = &mut seen;
+                wt.frames(|frame| on(frame, seen));
+            }
+            datagram = session.read_datagram() => match datagram {
+                Ok(datagram) => on(&datagram, &mut seen),
+                Err(_) => {
+                    lost = true;
+                    break;
+                }
+            },
             _ = stop.changed() => break,
         }
     }
@@ -670,6 +803,7 @@ async fn work(job: Job) {
     let (stop_tx, stop_rx) = watch::channel::<Option<Rc<Stop>>>(None);
     let started = Instant::now();
     let mut held = Vec::new();
+    let mut held_wt = Vec::new();
     let mut failed = 0;
     let mut next = 0;
     let mut connecting = futures_util::stream::FuturesUnordered::new();
@@ -692,6 +826,10 @@ async fn work(job: Job) {
                     (Mode::Record, Conn::Poller(poller)) => tasks.push(tokio::task::spawn_local(
                         record_poll(poller, seen, shared, stop),
                     )),
+                    (Mode::Record, Conn::Wt(wt)) => {
+                        tasks.push(tokio::task::spawn_local(record_wt(*wt, seen, shared, stop)))
+                    }
+                    (_, Conn::Wt(wt)) => held_wt.push(wt),
                     (_, Conn::Socket(ws)) => held.push(ws),
                     // An idle poller is a poll that waits: held like a socket.
                     (_, Conn::Poller(poller)) => held.push(poller.socket),
@@ -707,7 +845,7 @@ async fn work(job: Job) {
         }
     }
     say(&Out::Ready {
-        ok: held.len() + tasks.len(),
+        ok: held.len() + held_wt.len() + tasks.len(),
         failed,
         secs: started.elapsed().as_secs_f64(),
     });
@@ -731,6 +869,18 @@ async fn work(job: Job) {
                             let _ = ws.answer(opcode, answer).await;
                         }
                     }
+                    _ = stop.changed() => break,
+                }
+            }
+        }));
+    }
+    // Held sessions: read (nothing comes) until the stop, so that QUIC keeps them open.
+    for mut wt in held_wt {
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            loop {
+                tokio::select! {
+                    more = wt.fill() => if !more { break } else { wt.buf.clear() },
                     _ = stop.changed() => break,
                 }
             }
