@@ -74,35 +74,6 @@ window.wt = window.wt ?? {
 };
 "#;
 
-/// Each ws node's WebTransport URL and certificate hash, from discovery.
-async fn webtransport_of(api: &Server, node: &str) -> (String, String) {
-    within("the node's WebTransport announcement", async {
-        loop {
-            let body: Value = reqwest::get(api.url("/v1/nodes"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let info = body["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["id"] == node)
-                .and_then(|n| n.get("webtransport"))
-                .cloned();
-            if let Some(info) = info {
-                return (
-                    info["url"].as_str().unwrap().replace("{host}", "127.0.0.1"),
-                    info["cert_hashes"][0].as_str().unwrap().to_string(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-}
-
 /// The frames tab has received on `name`, as text.
 async fn frames(tab: &Tab<'_>, name: &str) -> Vec<String> {
     let v = tab
@@ -169,8 +140,9 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
     wait_ready(&ws1.server()).await;
     wait_ready(&ws2.server()).await;
     let api = start_api(&nats).await;
-    let (url1, hash1) = webtransport_of(&api, "ws-1").await;
-    let (url2, hash2) = webtransport_of(&api, "ws-2").await;
+    let (url1, hashes1) = webtransport_of(&api, "ws-1").await;
+    let (url2, hashes2) = webtransport_of(&api, "ws-2").await;
+    let (hash1, hash2) = (&hashes1[0], &hashes2[0]);
 
     // A raw WebSocket client on node 2: the bytes of each event frame as they travel.
     let mut raw_ws = raw::Conn::open(ws2.server().addr).await;

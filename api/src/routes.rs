@@ -241,13 +241,18 @@ async fn publish_event(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    publish(&state, publishable(channel)?, &headers, body).await
+}
+
+/// The channel of a publish's path: valid, and not one of fanout's own.
+fn publishable(channel: Result<Path<String>, PathRejection>) -> Result<Channel, ApiError> {
     let Path(channel) = channel
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidChannel, e.body_text()))?;
     let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
     if channel.is_internal() {
         return Err(reserved());
     }
-    publish(&state, channel, &headers, body).await
+    Ok(channel)
 }
 
 /// `POST /v1/channels/{channel}/volatile`: an event that is not stored (no `seq`, at most
@@ -257,12 +262,7 @@ async fn publish_volatile(
     channel: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(channel) = channel
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidChannel, e.body_text()))?;
-    let channel = Channel::parse(&channel).map_err(ApiError::invalid_channel)?;
-    if channel.is_internal() {
-        return Err(reserved());
-    }
+    let channel = publishable(channel)?;
     let body = body_of(&state, body)?;
     let id = state.bus.publish_volatile(&channel, body).await?;
     metrics::counter!("fanout_api_events_accepted_total", "class" => "volatile", "duplicate" => "false")

@@ -946,3 +946,34 @@ pub fn venv_tool(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A ws node's WebTransport listener as discovery announces it (`GET /v1/nodes` on `api`):
+/// its URL with `{host}` as 127.0.0.1, and its certificate hashes (hex), once announced.
+pub async fn webtransport_of(api: &Server, node: &str) -> (String, Vec<String>) {
+    within("the node's WebTransport announcement", async {
+        loop {
+            let body: Value = reqwest::get(api.url("/v1/nodes"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let info = body["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == node)
+                .and_then(|n| n.get("webtransport"))
+                .cloned();
+            if let Some(info) = info {
+                let hashes = info["cert_hashes"].as_array().unwrap().iter();
+                return (
+                    info["url"].as_str().unwrap().replace("{host}", "127.0.0.1"),
+                    hashes.map(|h| h.as_str().unwrap().to_string()).collect(),
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}

@@ -13,44 +13,19 @@ use common::*;
 use serde_json::{Value, json};
 use web_transport_quinn::{ClientBuilder, RecvStream, SendStream, Session};
 
-/// Where a node takes sessions, as discovery says: its URL (with `{host}` filled in) and its
-/// certificate's hashes.
+/// Where a node takes sessions, as discovery says: its URL and its certificate's hashes.
 async fn discovered(api: &Server, node: &str) -> (url::Url, Vec<Vec<u8>>) {
-    let info = within("the node's WebTransport announcement", async {
-        loop {
-            let body: Value = reqwest::get(api.url("/v1/nodes"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let found = body["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["id"] == node && n.get("webtransport").is_some())
-                .map(|n| n["webtransport"].clone());
-            if let Some(info) = found {
-                return info;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let url = info["url"].as_str().unwrap().replace("{host}", "127.0.0.1");
-    let hashes = info["cert_hashes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            let h = h.as_str().unwrap();
-            (0..h.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
-                .collect()
-        })
-        .collect();
-    (url.parse().unwrap(), hashes)
+    let (url, hashes) = webtransport_of(api, node).await;
+    let bytes = |h: &str| -> Vec<u8> {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    (
+        url.parse().unwrap(),
+        hashes.iter().map(|h| bytes(h)).collect(),
+    )
 }
 
 /// A client of the protocol over one WebTransport session.
