@@ -187,7 +187,8 @@ async fn the_tier_runs_over_tls_with_least_privilege_users() {
         .await;
     assert_eq!(reply["op"], "published", "{reply}");
     // Volatile events, from the API and from a client: straight to the nodes' subjects.
-    let (status, answer) = post_raw(&api.server(), "/v1/channels/room/volatile", "{}").await;
+    let (status, answer) =
+        common::post_raw(&api.server(), "/v1/channels/room/volatile", "{}").await;
     assert_eq!(status, 202, "{answer}");
     let reply = alice
         .request(json!({"op": "publish", "channel": "room", "data": 1, "volatile": true, "id": 3}))
