@@ -11,7 +11,8 @@
 //! `hub/subs.rs` (who gets them: the members' sinks, copied; `broadcast`'s reader takes every
 //! connection's from `hub/conns.rs` instead) → [`sink`] (into each socket, queued only when it
 //! is full) → the transport, which frames it ([`transport::websocket`], [`transport::sse`],
-//! [`transport::poll`]).
+//! [`transport::poll`], [`transport::webtransport`]: its outbox is a queue its connection
+//! writes into the QUIC stream, through `transport/connection.rs`).
 //!
 //! - [`node`]: wiring, admission, announcement, drain.
 //! - [`transport`]: the HTTP front; [`transport::connection`], one connection lifecycle for
