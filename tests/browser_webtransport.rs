@@ -3,7 +3,8 @@
 //! announces (`serverCertificateHashes`), gets byte for byte the event frame a raw WebSocket
 //! client gets, receives volatile events as datagrams, survives `kill -9` of its node by
 //! resuming on the other node with nothing missed, and reads a close code and reason from
-//! `WebTransport.closed`.
+//! `WebTransport.closed`. Then the demo page, whose fanout.js takes WebTransport first where the
+//! node offers it, connects over it and shows the events the API publishes.
 
 mod common;
 
@@ -268,4 +269,20 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
         !closed["reason"].as_str().unwrap_or_default().is_empty(),
         "{closed}"
     );
+
+    // The page: fanout.js over WebTransport by default, to the node that is left.
+    let page = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "page",
+    };
+    page.focus().await;
+    browser.goto(&api.url("/")).await.unwrap();
+    page.wait_for("open", Some("ws-2")).await;
+    let transport = page
+        .eval("return document.getElementById('transport').dataset.transport")
+        .await;
+    assert_eq!(transport, "webtransport", "{}", page.dump().await);
+    let seq = publish(&api, "broadcast", &json!({"over": "webtransport"})).await;
+    page.wait_for_event(seq).await;
 }

@@ -1,5 +1,5 @@
 // The demo page: pins this tab to a ws node, shows what arrives, and calls the HTTP API.
-import { FanoutClient, TRANSPORTS } from "./fanout.js";
+import { FanoutClient, TRANSPORTS, defaultTransports } from "./fanout.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LOG = 200;
@@ -47,12 +47,15 @@ function showPin(name, node, discovered, bound) {
   else delete pin.dataset.away;
 }
 
-/** The transports this tab may use: `?transport=sse` (or websocket, poll) forces one. */
+/**
+ * The transports this tab may use: `?transport=webtransport` (or websocket, sse, poll) forces
+ * one; by default WebTransport first where the browser has it.
+ */
 function transports(params) {
   const forced = params.get("transport");
-  if (!forced) return { list: TRANSPORTS, forced: null };
+  if (!forced) return { list: defaultTransports(), forced: null };
   if (TRANSPORTS.includes(forced)) return { list: [forced], forced };
-  return { list: TRANSPORTS, forced: null, unknown: forced };
+  return { list: defaultTransports(), forced: null, unknown: forced };
 }
 
 function renderNodes(nodes, pinned, forced) {
@@ -85,7 +88,12 @@ function renderNodes(nodes, pinned, forced) {
   }
 }
 
-const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "server-sent events", poll: "long-polling" };
+const TRANSPORT_NAMES = {
+  webtransport: "WebTransport",
+  websocket: "WebSocket",
+  sse: "server-sent events",
+  poll: "long-polling",
+};
 
 function showState({ state, attempt, delay, url, transport }) {
   if (transport) {
@@ -256,7 +264,7 @@ async function liveNodes(params) {
     const live = await fetch("/v1/nodes")
       .then((r) => (r.ok ? r.json() : { nodes: [] }))
       .catch(() => ({ nodes: [] }));
-    const nodes = live.nodes.map((n) => ({ name: n.id, url: n.url, region: n.region }));
+    const nodes = live.nodes.map((n) => ({ name: n.id, url: n.url, region: n.region, webtransport: n.webtransport }));
     const wanted = params.get("node");
     const found = !wanted || choose(nodes, params).pinned !== null;
     if (!live.partial || found || Date.now() > deadline) return nodes;
@@ -270,7 +278,7 @@ async function main() {
   // Live discovery first; the configured list (FANOUT_WS_URLS) when no node announced itself.
   const live = await liveNodes(params);
   const listed = live.length ? live : config.nodes;
-  const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url), region: n.region }));
+  const nodes = listed.map((n) => ({ name: n.name, url: resolve(n.url), region: n.region, webtransport: n.webtransport }));
   jaegerUi = config.jaeger_ui ? resolve(config.jaeger_ui) : "";
   const { urls, pinned, name } = choose(nodes, params);
   const allowed = transports(params);
@@ -290,7 +298,11 @@ async function main() {
     return;
   }
 
-  const client = new FanoutClient(urls, { transports: allowed.list });
+  // Each node's WebTransport listener, by its URL, as discovery announced it.
+  const webtransport = Object.fromEntries(
+    nodes.filter((n) => n.webtransport).map((n) => [n.url, n.webtransport]),
+  );
+  const client = new FanoutClient(urls, { transports: allowed.list, webtransport });
   client.on("state", (s) => {
     showState(s);
     $("url").textContent = s.url ? `(${s.url})` : "";

@@ -16,7 +16,7 @@ export declare const State: Readonly<{
 export type ConnectionState = (typeof State)[keyof typeof State];
 
 /** The transports, in the default order of preference. */
-export type Transport = "websocket" | "sse" | "poll";
+export type Transport = "webtransport" | "websocket" | "sse" | "poll";
 export declare const TRANSPORTS: readonly Transport[];
 
 /** What every event frame carries. */
@@ -179,7 +179,7 @@ export interface ClientEvents {
 }
 
 export interface ClientOptions {
-  /** The transports to use, in order of preference (default: all three). */
+  /** The transports to use, in order of preference (default: WebTransport where the runtime has it, then WebSocket, SSE, long-polling). */
   transports?: readonly Transport[];
   /** Failed attempts in a row before the next transport (default 2). */
   fallbackAfter?: number;
@@ -197,6 +197,14 @@ export interface ClientOptions {
   measure?: (url: string) => Promise<number>;
   /** Implementations to use instead of the globals (Node.js, tests). */
   WebSocket?: unknown;
+  /** WebTransport implementation (default: the global one). */
+  WebTransport?: unknown;
+  /**
+   * Each node's WebTransport listener by the node's URL, as `GET /v1/nodes` announces it
+   * (`{host}` in `url` is this page's host): a node without one is reached over the next
+   * transport.
+   */
+  webtransport?: Record<string, WebTransportInfo>;
   EventSource?: unknown;
   fetch?: typeof fetch;
 }
@@ -255,6 +263,21 @@ export declare class FanoutClient {
 }
 
 /** Whether a close code asks the client to reconnect. */
+/** A node's WebTransport listener, as `GET /v1/nodes` announces it. */
+export interface WebTransportInfo {
+  /** e.g. `https://{host}:8443/wt`. */
+  url: string;
+  /** SHA-256 (hex) of each self-signed certificate it may present: pinned by the browser. */
+  cert_hashes?: string[];
+}
+
+/** The transports a client tries by default: WebTransport first where the runtime has it. */
+export declare function defaultTransports(runtime?: { WebTransport?: unknown }): Transport[];
+/** `n` as a QUIC variable-length integer (RFC 9000, 16). */
+export declare function varint(n: number): number[];
+/** The whole frames in `buf` (each after its varint length), and the bytes left over. */
+export declare function unframe(buf: Uint8Array): { frames: Uint8Array[]; rest: Uint8Array };
+
 export declare function shouldReconnect(code: number): boolean;
 /** Whether a refused request may succeed when asked again. */
 export declare function retryable(error: unknown): boolean;

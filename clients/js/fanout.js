@@ -59,7 +59,15 @@ export function retryable(error) {
  * the same node spread out instead of returning together.
  */
 /** The transports, in the default order of preference. */
-export const TRANSPORTS = Object.freeze(["websocket", "sse", "poll"]);
+export const TRANSPORTS = Object.freeze(["webtransport", "websocket", "sse", "poll"]);
+
+/**
+ * The transports a client tries by default, in order: WebTransport first where this runtime
+ * has it (it is skipped for a node that does not offer it), then WebSocket, SSE, long-polling.
+ */
+export function defaultTransports(runtime = globalThis) {
+  return TRANSPORTS.filter((t) => t !== "webtransport" || typeof runtime.WebTransport === "function");
+}
 
 /**
  * Where `transport` is served on the node of `url` (a node URL as given to the client,
@@ -184,8 +192,14 @@ export class FanoutClient {
    * @param {(url: string) => Promise<number>} [options.measure] measures the round trip to a
    *   node in ms (default: the better of two `GET /healthz`)
    * @param {object} [options]
-   * @param {string[]} [options.transports=["websocket","sse","poll"]] the transports to use, in
-   *   order of preference
+   * @param {string[]} [options.transports] the transports to use, in order of preference
+   *   (default: `webtransport` where the runtime has it, then `websocket`, `sse`, `poll`)
+   * @param {Object<string,{url: string, cert_hashes?: string[]}>} [options.webtransport] each
+   *   node's WebTransport listener by the node's URL, as `GET /v1/nodes` gives it
+   *   (`{url, cert_hashes}`; `{host}` is this page's host): a node without an entry is
+   *   reached over the next transport
+   * @param {typeof WebTransport} [options.WebTransport] WebTransport implementation (default:
+   *   the global one)
    * @param {number} [options.fallbackAfter=2]     failed attempts in a row before the next transport
    * @param {number} [options.pollTimeout=25]      how long one long-poll waits for events (s)
    * @param {number} [options.minDelay=500]        first reconnect delay (ms, before jitter)
@@ -212,10 +226,11 @@ export class FanoutClient {
       minDelay: 500,
       maxDelay: 15000,
       connectTimeout: 10000,
-      transports: TRANSPORTS,
+      transports: defaultTransports(),
       fallbackAfter: 2,
       pollTimeout: 25,
       WebSocket: globalThis.WebSocket,
+      WebTransport: globalThis.WebTransport,
       EventSource: globalThis.EventSource,
       fetch: globalThis.fetch?.bind(globalThis),
       ...options,
@@ -476,8 +491,20 @@ export class FanoutClient {
   /** Opens a connection to `url` over the current transport (with `token`, if any). */
   _connect(url, token) {
     let link;
+    if (this.transport === "webtransport" && !webTransportOf(this, url)) {
+      if (this.options.transports.length > 1) {
+        // This node offers no WebTransport: straight to the next transport, not a failure.
+        this._transportIndex += 1;
+        this._open();
+        return;
+      }
+      this._emit("error", { code: "connect_failed", message: "this node offers no WebTransport", transport: this.transport });
+      this._failures += 1;
+      this._scheduleReconnect();
+      return;
+    }
     try {
-      const Link = { websocket: SocketLink, sse: SseLink, poll: PollLink }[this.transport];
+      const Link = { webtransport: WebTransportLink, websocket: SocketLink, sse: SseLink, poll: PollLink }[this.transport];
       link = new Link(this, url, token);
     } catch (error) {
       this._emit("error", { code: "connect_failed", message: String(error), transport: this.transport });
@@ -761,6 +788,141 @@ class SocketLink {
 
   close(code, reason) {
     this.socket.close(code, reason);
+  }
+}
+
+/** The WebTransport listener of the node at `url` (`{url, cert_hashes}`), if it has one. */
+function webTransportOf(client, url) {
+  if (typeof client.options.WebTransport !== "function") return null;
+  return client.options.webtransport?.[url] ?? null;
+}
+
+/** `n` as a QUIC variable-length integer (RFC 9000, 16): 1, 2, 4 or 8 bytes. */
+export function varint(n) {
+  if (n < 0x40) return [n];
+  if (n < 0x4000) return [0x40 | (n >> 8), n & 0xff];
+  if (n < 0x40000000) return [0x80 | (n >>> 24), (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
+  const high = Math.floor(n / 2 ** 32);
+  return [0xc0 | (high >>> 24), (high >>> 16) & 0xff, (high >>> 8) & 0xff, high & 0xff,
+    (n >>> 24) & 0xff, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
+}
+
+/** The frames whole in `buf` (each after its varint length), and the bytes left over. */
+export function unframe(buf) {
+  const frames = [];
+  let at = 0;
+  while (at < buf.length) {
+    const len = 1 << (buf[at] >> 6);
+    if (at + len > buf.length) break;
+    let n = buf[at] & 0x3f;
+    for (let i = 1; i < len; i++) n = n * 256 + buf[at + i];
+    if (at + len + n > buf.length) break;
+    if (n > 0) frames.push(buf.subarray(at + len, at + len + n));
+    at += len + n;
+  }
+  return { frames, rest: buf.subarray(at) };
+}
+
+/**
+ * WebTransport (`https://<node>/wt`, HTTP/3): frames both ways on one bidirectional stream,
+ * each after its length as a QUIC varint; volatile events also come as datagrams. A
+ * self-signed node is pinned by the hashes it announces (`serverCertificateHashes`).
+ */
+class WebTransportLink {
+  constructor(client, url, token) {
+    const info = webTransportOf(client, url);
+    const host = globalThis.location?.hostname ?? "localhost";
+    const target = new URL(info.url.replace("{host}", host));
+    for (const [key, value] of endpoint(url, "sse").query) target.searchParams.set(key, value);
+    if (token) target.searchParams.set("token", token);
+    const hashes = (info.cert_hashes ?? []).map((hex) => ({
+      algorithm: "sha-256",
+      value: new Uint8Array(hex.match(/../g).map((h) => parseInt(h, 16))),
+    }));
+    this.client = client;
+    this.queue = [];
+    this.ended = false;
+    this.session = new client.options.WebTransport(
+      target.toString(),
+      hashes.length ? { serverCertificateHashes: hashes } : {},
+    );
+    this.session.closed.then(
+      (info) => this._end({ code: info?.closeCode ?? 1000, reason: info?.reason ?? "" }),
+      (error) => this._end({ code: 1006, reason: String(error?.message ?? error) }),
+    );
+    this._start().catch((error) => {
+      try {
+        this.session.close({ closeCode: 1006, reason: "" });
+      } catch {
+        // already closed
+      }
+      this._end({ code: 1006, reason: String(error?.message ?? error) });
+    });
+  }
+
+  async _start() {
+    await this.session.ready;
+    const stream = await this.session.createBidirectionalStream();
+    this.writer = stream.writable.getWriter();
+    // A stream reaches the node with its first bytes: an empty frame, then what waited.
+    await this.writer.write(new Uint8Array([0]));
+    for (const frame of this.queue.splice(0)) this._write(frame);
+    this._read(stream.readable.getReader());
+    this._readDatagrams(this.session.datagrams.readable.getReader());
+  }
+
+  async _read(reader) {
+    const decoder = new TextDecoder();
+    let buf = new Uint8Array(0);
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      const joined = new Uint8Array(buf.length + value.length);
+      joined.set(buf);
+      joined.set(value, buf.length);
+      const { frames, rest } = unframe(joined);
+      buf = rest.slice();
+      for (const frame of frames) this.client._received(this, decoder.decode(frame));
+    }
+  }
+
+  async _readDatagrams(reader) {
+    const decoder = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      this.client._received(this, decoder.decode(value));
+    }
+  }
+
+  _write(frame) {
+    const bytes = new TextEncoder().encode(JSON.stringify(frame));
+    this.writer.write(new Uint8Array([...varint(bytes.length), ...bytes])).catch(() => {});
+  }
+
+  send(frame) {
+    if (this.writer) this._write(frame);
+    else this.queue.push(frame);
+  }
+
+  /** A fresh session follows nothing but broadcast, and that from now (as a WebSocket). */
+  covers() {
+    return false;
+  }
+
+  _end(event) {
+    if (this.ended) return;
+    this.ended = true;
+    this.client._closed(this, event);
+  }
+
+  close(code = 1000, reason = "") {
+    try {
+      this.session.close({ closeCode: code, reason });
+    } catch {
+      // already closed
+    }
+    this._end({ code, reason });
   }
 }
 

@@ -1,7 +1,7 @@
 // Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { FanoutClient, backoff, decodeCursor, encodeCursor, endpoint, shouldReconnect } from "../fanout.js";
+import { FanoutClient, backoff, decodeCursor, defaultTransports, encodeCursor, endpoint, shouldReconnect, unframe, varint } from "../fanout.js";
 
 /** A WebSocket stand-in that records what is sent and lets the test play the server. */
 class FakeSocket {
@@ -343,6 +343,98 @@ test("volatile events reach the handlers and move no position; publish({volatile
     mock.timers.tick(10);
     last().frame({ op: "welcome", node: "ws-b", conn: "c2", heartbeat: 25, epoch: "E1" });
     assert.equal(last().sent[0].since, 4);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+/** A WebTransport stand-in: the test plays the node through `frame`, `datagram` and `end`. */
+class FakeWebTransport {
+  static all = [];
+  constructor(url, options) {
+    this.url = url;
+    this.options = options;
+    this.written = [];
+    let closed;
+    this.closed = new Promise((resolve) => { closed = resolve; });
+    this._closed = closed;
+    let readable;
+    this._readable = new ReadableStream({ start: (c) => { readable = c; } });
+    this._toClient = readable;
+    let datagrams;
+    this.datagrams = { readable: new ReadableStream({ start: (c) => { datagrams = c; } }) };
+    this._datagrams = datagrams;
+    this.ready = Promise.resolve();
+    FakeWebTransport.all.push(this);
+  }
+  async createBidirectionalStream() {
+    const written = this.written;
+    return {
+      readable: this._readable,
+      writable: new WritableStream({ write(chunk) { written.push(...chunk); } }),
+    };
+  }
+  /** What the client wrote: its frames, parsed. */
+  sent() { return unframe(new Uint8Array(this.written)).frames.map((f) => JSON.parse(new TextDecoder().decode(f))); }
+  frame(value) {
+    const bytes = new TextEncoder().encode(JSON.stringify(value));
+    this._toClient.enqueue(new Uint8Array([...varint(bytes.length), ...bytes]));
+  }
+  datagram(value) { this._datagrams.enqueue(new TextEncoder().encode(JSON.stringify(value))); }
+  end(closeCode, reason) { this._closed({ closeCode, reason }); }
+  close() {}
+}
+
+const tick = () => new Promise((done) => setImmediate(done));
+
+test("WebTransport first where the node offers it: frames on a stream, volatile datagrams, close codes", async () => {
+  FakeWebTransport.all = [];
+  FakeSocket.all = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  assert.deepEqual(defaultTransports({}), ["websocket", "sse", "poll"]);
+  assert.deepEqual(defaultTransports({ WebTransport: FakeWebTransport }), ["webtransport", "websocket", "sse", "poll"]);
+  const webtransport = { "ws://a:8081/ws?user=ada": { url: "https://{host}:8443/wt", cert_hashes: ["00ff"] } };
+  const client = new FanoutClient(["ws://a:8081/ws?user=ada", "ws://b:8081/ws"], {
+    WebSocket: FakeSocket,
+    WebTransport: FakeWebTransport,
+    transports: defaultTransports({ WebTransport: FakeWebTransport }),
+    webtransport,
+    minDelay: 10,
+  });
+  try {
+    const closes = [];
+    const seen = [];
+    client.on("close", (c) => closes.push(c));
+    client.subscribe("news", (e) => seen.push(e.volatile ? "volatile" : e.seq));
+    client.connect();
+    const wt = FakeWebTransport.all[0];
+    assert.equal(wt.url, "https://localhost:8443/wt?user=ada");
+    assert.deepEqual([...wt.options.serverCertificateHashes[0].value], [0, 255]);
+    await tick();
+    assert.equal(wt.written[0], 0, "an empty frame opens the stream");
+    wt.frame({ op: "welcome", node: "ws-1", conn: "c1", heartbeat: 25, epoch: "E" });
+    await tick();
+    assert.equal(client.state, "open");
+    assert.equal(client.transport, "webtransport");
+    const subscribe = wt.sent().find((f) => f.op === "subscribe");
+    assert.equal(subscribe.channel, "news");
+    wt.frame({ op: "subscribed", channel: "news", id: subscribe.id });
+    wt.frame({ op: "event", channel: "news", seq: 3, id: "e3", ts: 1, data: 1 });
+    wt.datagram({ op: "event", channel: "news", volatile: true, id: "v1", ts: 1, data: { x: 1 } });
+    await tick();
+    // A datagram and the stream are read apart: no order between them.
+    assert.deepEqual(seen.map(String).sort(), ["3", "volatile"]);
+
+    // Closed with a code: reconnects (4001), to the next node, which offers no WebTransport:
+    // WebSocket at once.
+    wt.end(4001, "slow consumer");
+    await tick();
+    assert.deepEqual(closes.map((c) => [c.code, c.transport]), [[4001, "webtransport"]]);
+    mock.timers.tick(100);
+    assert.equal(FakeSocket.all.length, 1);
+    assert.equal(FakeSocket.all[0].url, "ws://b:8081/ws");
+    assert.equal(client.transport, "websocket");
   } finally {
     client.close();
     mock.timers.reset();
