@@ -285,4 +285,36 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
     assert_eq!(transport, "webtransport", "{}", page.dump().await);
     let seq = publish(&api, "broadcast", &json!({"over": "webtransport"})).await;
     page.wait_for_event(seq).await;
+
+    // Moving cursors: a second tab draws where the first one's pointer is, from volatile
+    // events in the lobby (datagrams over WebTransport).
+    let other = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "other",
+    };
+    other.focus().await;
+    browser.goto(&api.url("/")).await.unwrap();
+    other.wait_for("open", Some("ws-2")).await;
+    let conn = page.eval("return window.fanoutClient?.conn ?? null").await;
+    let conn = match conn.as_str() {
+        Some(conn) => conn.to_string(),
+        None => panic!("the page exposes no client: {}", page.dump().await),
+    };
+    other
+        .until(WAIT, "the first tab's cursor", || async {
+            // Moved again on every check: a volatile event may be lost, the next one comes.
+            page.eval(
+                "document.dispatchEvent(new MouseEvent('mousemove', {clientX: 120, clientY: 80})); return true",
+            )
+            .await;
+            other.focus().await;
+            !other
+                .eval(&format!(
+                    "return document.querySelector('#cursors [data-conn=\"{conn}\"]')?.style.left ?? null"
+                ))
+                .await
+                .is_null()
+        })
+        .await;
 }

@@ -202,6 +202,56 @@ function renderChannels(client) {
   }
 }
 
+/**
+ * Moving cursors (the virtual-headquarters idea): each tab publishes where its pointer is as
+ * volatile events in the lobby, at most 8 a second (within the publish rate,
+ * FANOUT_PUBLISH_RATE_PER_SEC); every other tab draws them. The latest
+ * position is what matters: a lost one is replaced by the next, none is stored.
+ */
+function followPointer(client) {
+  let last = 0;
+  let pending = null;
+  const send = () => {
+    pending = null;
+    last = Date.now();
+    if (client.state !== "open" || !client.conn) return;
+    client
+      .publish(LOBBY, { cursor: { x: pointer.x, y: pointer.y }, conn: client.conn, name: $("name").value.trim() || client.conn.slice(0, 8) }, { volatile: true })
+      .catch(() => {});
+  };
+  const pointer = { x: 0, y: 0 };
+  document.addEventListener("mousemove", (e) => {
+    pointer.x = Math.round((e.clientX / window.innerWidth) * 1000) / 1000;
+    pointer.y = Math.round((e.clientY / window.innerHeight) * 1000) / 1000;
+    if (pending) return;
+    pending = setTimeout(send, Math.max(0, 125 - (Date.now() - last)));
+  });
+}
+
+/** Draws another tab's cursor where it says it is (the page's share of width and height). */
+function moveCursor({ cursor, conn, name }, client) {
+  if (!conn || conn === client.conn) return;
+  const layer = $("cursors");
+  let dot = layer.querySelector(`[data-conn="${CSS.escape(conn)}"]`);
+  if (!dot) {
+    dot = document.createElement("div");
+    dot.className = "cursor";
+    dot.dataset.conn = conn;
+    layer.append(dot);
+  }
+  dot.textContent = String(name ?? "").slice(0, 24);
+  dot.style.left = `${Math.min(1, Math.max(0, Number(cursor.x))) * 100}%`;
+  dot.style.top = `${Math.min(1, Math.max(0, Number(cursor.y))) * 100}%`;
+  dot.dataset.seen = String(Date.now());
+}
+
+// A cursor not heard from for 10 s (its tab closed, or moved away) fades out.
+setInterval(() => {
+  for (const dot of document.querySelectorAll("#cursors .cursor")) {
+    if (Date.now() - Number(dot.dataset.seen) > 10000) dot.remove();
+  }
+}, 2000);
+
 /** The lobby's members, by connection, kept current by presence changes. */
 const LOBBY = "lobby";
 const members = new Map();
@@ -303,6 +353,8 @@ async function main() {
     nodes.filter((n) => n.webtransport).map((n) => [n.url, n.webtransport]),
   );
   const client = new FanoutClient(urls, { transports: allowed.list, webtransport });
+  // For the console (and the browser tests): the tab's client.
+  window.fanoutClient = client;
   client.on("state", (s) => {
     showState(s);
     $("url").textContent = s.url ? `(${s.url})` : "";
@@ -314,7 +366,12 @@ async function main() {
     $("region").textContent = w.region ? `in region ${w.region}` : "";
     document.title = `fanout · ${w.node ?? "long-polling"}`;
   });
-  client.on("event", addEvent);
+  client.on("event", (event) => {
+    // The tabs' cursors are volatile events in the lobby: drawn, not logged.
+    if (event.volatile && event.channel === LOBBY && event.data?.cursor) return moveCursor(event.data, client);
+    addEvent(event);
+  });
+  followPointer(client);
   client.on("resumed", ({ channel, recovered, replayed }) => {
     result(
       recovered
