@@ -248,3 +248,76 @@ async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
     assert_eq!(frame["data"], big);
     assert_eq!(frame["id"], answer["id"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_node_closes_its_sessions_with_1001() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let ws = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into();
+        c.drain_window_ms = 0;
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    let client = WtClient::connect(&url, &hashes, "user=ada").await;
+    // SIGTERM's path: the node drains, closing every connection with 1001.
+    let stopping = tokio::spawn(ws.stop());
+    match within("the session to close", client.session.closed()).await {
+        web_transport_quinn::SessionError::WebTransportError(
+            web_transport_quinn::WebTransportError::Closed(code, reason),
+        ) => {
+            assert_eq!(code, 1001);
+            assert!(!reason.is_empty());
+        }
+        other => panic!("closed without a code: {other:?}"),
+    }
+    within("the node to stop", stopping).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_refused_as_websockets_are() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let _ws = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into();
+        c.auth = fanout_ws::config::AuthMode::Jwt;
+        c.jwt_secret = "a-secret-of-at-least-32-bytes-long!!".into();
+        c.allowed_origins = "https://app.example".into();
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    let client = ClientBuilder::new()
+        .with_server_certificate_hashes(hashes.clone())
+        .unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "ada", "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(b"a-secret-of-at-least-32-bytes-long!!"),
+    )
+    .unwrap();
+    let request = |query: &str, origin: &str| {
+        let mut url = url.clone();
+        url.set_query(Some(query));
+        let mut request = web_transport_quinn::proto::ConnectRequest::new(url);
+        request.headers.insert("origin", origin.parse().unwrap());
+        request
+    };
+    // A valid token from an allowed origin: a session.
+    let good = format!("token={token}");
+    let session = within(
+        "a session",
+        client.connect(request(&good, "https://app.example")),
+    )
+    .await
+    .expect("a valid token from an allowed origin is accepted");
+    drop(session);
+    // No token (401), a bad one (401), a foreign origin (403): no session.
+    for (query, origin) in [
+        ("user=ada", "https://app.example"),
+        ("token=not-a-jwt", "https://app.example"),
+        (good.as_str(), "https://evil.example"),
+    ] {
+        let refused = within("a refusal", client.connect(request(query, origin))).await;
+        assert!(refused.is_err(), "{query} from {origin}: a session");
+    }
+}
