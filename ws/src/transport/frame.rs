@@ -21,7 +21,7 @@ pub const OP_PONG: u8 = 0xA;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    Binary,
+    Binary(Vec<u8>),
     Ping(Vec<u8>),
     Pong,
     /// The close code, if any.
@@ -184,7 +184,7 @@ pub fn may_send(code: u16) -> bool {
 
 fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, FrameError> {
     if opcode == OP_BINARY {
-        return Ok(Incoming::Binary);
+        return Ok(Incoming::Binary(payload));
     }
     String::from_utf8(payload)
         .map(Incoming::Text)
@@ -271,7 +271,7 @@ mod tests {
         ));
         assert_eq!(
             decode(client(true, OP_BINARY, b"a"), 100),
-            Ok(Some(Incoming::Binary))
+            Ok(Some(Incoming::Binary(b"a".to_vec())))
         );
         for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
             assert!(

@@ -25,7 +25,10 @@ use uuid::Uuid;
 use super::{
     admit::{Admitted, admit, error},
     connection::{Connection, End, Transport, connection_span},
-    frame::{Decoder, FIN, FrameError, Incoming, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, may_send},
+    frame::{
+        Decoder, FIN, FrameError, Incoming, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
+        may_send,
+    },
     http::{Taken, Takeover},
 };
 use crate::{
@@ -59,6 +62,70 @@ impl Framing for WebSocket {
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
         text(json)
+    }
+}
+
+/// The subprotocol of MessagePack frames (`Sec-WebSocket-Protocol: fanout.msgpack`).
+pub const MSGPACK: &str = "fanout.msgpack";
+
+/// WebSocket framing of the `fanout.msgpack` subprotocol: each frame is one binary frame
+/// holding the JSON frame's MessagePack (the same ops and fields), encoded once per frame for
+/// every such connection.
+#[derive(Debug, Default)]
+pub struct WebSocketMsgpack;
+
+impl WebSocketMsgpack {
+    /// Its slot in [`Outgoing::framed`].
+    const SLOT: usize = 3;
+}
+
+impl Framing for WebSocketMsgpack {
+    fn shared(frame: &Outgoing) -> Bytes {
+        frame
+            .framed(Self::SLOT, |_, json| binary_msgpack(json))
+            .clone()
+    }
+
+    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+        out.push(shared);
+    }
+
+    fn own(&mut self, _: &str, json: &str) -> Bytes {
+        binary_msgpack(json.as_bytes())
+    }
+}
+
+/// A binary frame of `json`'s MessagePack (maps with their keys by name).
+fn binary_msgpack(json: &[u8]) -> Bytes {
+    let packed = serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|value| rmp_serde::to_vec_named(&value).ok())
+        .unwrap_or_default();
+    encode(OP_BINARY, &packed)
+}
+
+/// How a connection's messages are encoded: JSON text, or (`fanout.msgpack`) MessagePack.
+trait Codec: Framing + Default + Send + 'static {
+    /// A binary message as the protocol's JSON text, or why it cannot be read.
+    fn binary(payload: &[u8]) -> Result<String, Rejection>;
+}
+
+impl Codec for WebSocket {
+    fn binary(_: &[u8]) -> Result<String, Rejection> {
+        Err(Rejection::new(
+            Code::UnsupportedFrame,
+            "binary frames need the fanout.msgpack subprotocol; send JSON text frames",
+        ))
+    }
+}
+
+impl Codec for WebSocketMsgpack {
+    fn binary(payload: &[u8]) -> Result<String, Rejection> {
+        rmp_serde::from_slice::<serde_json::Value>(payload)
+            .map(|value| value.to_string())
+            .map_err(|err| {
+                Rejection::new(Code::InvalidJson, format!("not a MessagePack frame: {err}"))
+            })
     }
 }
 
@@ -153,26 +220,42 @@ pub(crate) async fn upgrade(
     let socket = takeover.claim();
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
+    let msgpack = offers_msgpack(&headers);
     // Taken-over sockets are invisible to the HTTP server's graceful shutdown: the tracker is
     // how shutdown waits for them.
     tokio::spawn(
         sockets.track_future(
             async move {
                 if let Ok(taken) = socket.await {
-                    serve(taken, node, conn, identity).await;
+                    match msgpack {
+                        true => serve::<WebSocketMsgpack>(taken, node, conn, identity).await,
+                        false => serve::<WebSocket>(taken, node, conn, identity).await,
+                    }
                 }
                 drop(permit);
             }
             .instrument(span),
         ),
     );
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(&key))
-        .body(Body::empty())
-        .expect("a valid response")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(&key));
+    if msgpack {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, MSGPACK);
+    }
+    response.body(Body::empty()).expect("a valid response")
+}
+
+/// Whether the client offers the `fanout.msgpack` subprotocol (RFC 6455 4.2.2: the server
+/// picks one of those offered, or none: JSON text frames).
+fn offers_msgpack(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .any(|p| p.trim() == MSGPACK)
 }
 
 /// The `Sec-WebSocket-Accept` answer to a `Sec-WebSocket-Key` (RFC 6455 4.2.2): the base64
@@ -230,35 +313,38 @@ pub(crate) fn handshake(
     }
 }
 
-/// A WebSocket connection's life on the node, from the socket hyper handed over.
-async fn serve(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) {
+/// A WebSocket connection's life on the node, from the socket hyper handed over, its frames
+/// encoded by `C` (JSON text, or MessagePack).
+async fn serve<C: Codec>(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let Taken { stream, read_ahead } = taken;
     let mut decoder = Decoder::default();
     decoder.buf.extend_from_slice(&read_ahead);
     // Copied out: these bytes keep the HTTP server's whole read buffer (8 KiB) alive.
     drop(read_ahead);
-    let connection = Connection::open(node, conn, identity, stream, WebSocket);
-    let transport = Frames {
+    let connection = Connection::open(node, conn, identity, stream, C::default());
+    let transport = Frames::<C> {
         decoder,
         awaiting_pong: false,
         messages: 0,
+        codec: std::marker::PhantomData,
     };
     connection.run(transport, None).await;
 }
 
 /// The WebSocket transport's own part of a connection: the frames the client sends, decoded
 /// as they come; pings and pongs; the close frame.
-struct Frames {
+struct Frames<C> {
     decoder: Decoder,
     /// A ping went out and nothing came back since.
     awaiting_pong: bool,
     /// Whole messages so far (which one a pending frame belongs to).
     messages: u64,
+    codec: std::marker::PhantomData<fn() -> C>,
 }
 
-impl Frames {
+impl<C: Codec> Frames<C> {
     /// Acts on every whole message the decoder holds.
-    async fn messages(&mut self, conn: &mut Connection<WebSocket>) -> Result<(), End> {
+    async fn messages(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
         loop {
             let message = match self.decoder.next(max) {
@@ -272,7 +358,7 @@ impl Frames {
                 }
             };
             self.awaiting_pong = false;
-            if matches!(message, Incoming::Text(_) | Incoming::Binary) {
+            if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
                 // A whole message is progress: the next pending one gets its own time.
                 self.messages += 1;
             }
@@ -283,13 +369,10 @@ impl Frames {
                     // large; inline they would sit in every idle connection's task.
                     Box::pin(conn.session.handle(&text, ReplyTo::Stream)).await;
                 }
-                Incoming::Binary => {
-                    let rejection = Rejection::new(
-                        Code::UnsupportedFrame,
-                        "binary frames are not supported; send JSON text frames",
-                    );
-                    outbox.send("error", &rejection.encode());
-                }
+                Incoming::Binary(payload) => match C::binary(&payload) {
+                    Ok(text) => Box::pin(conn.session.handle(&text, ReplyTo::Stream)).await,
+                    Err(rejection) => outbox.send("error", &rejection.encode()),
+                },
                 Incoming::Ping(payload) => outbox.send_raw(pong(&payload)),
                 Incoming::Pong => {}
                 Incoming::Close(code) => return Err(End::ClientClosed(code)),
@@ -299,16 +382,16 @@ impl Frames {
     }
 }
 
-impl Transport for Frames {
-    type Framing = WebSocket;
+impl<C: Codec> Transport for Frames<C> {
+    type Framing = C;
     type Input = std::io::Result<()>;
 
     /// What came with the upgrade request, if anything.
-    async fn start(&mut self, conn: &mut Connection<WebSocket>) -> Result<(), End> {
+    async fn start(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
         self.messages(conn).await
     }
 
-    async fn input(&mut self, outbox: &Outbox<WebSocket>) -> std::io::Result<()> {
+    async fn input(&mut self, outbox: &Outbox<C>) -> std::io::Result<()> {
         match outbox.stream() {
             Some(stream) => stream.readable().await,
             None => Err(std::io::ErrorKind::NotConnected.into()),
@@ -318,7 +401,7 @@ impl Transport for Frames {
     async fn act(
         &mut self,
         readable: std::io::Result<()>,
-        conn: &mut Connection<WebSocket>,
+        conn: &mut Connection<C>,
     ) -> Result<(), End> {
         let Some(stream) = conn.outbox.stream() else {
             return Err(End::Gone);
@@ -341,7 +424,7 @@ impl Transport for Frames {
         self.decoder.held()
     }
 
-    fn heartbeat(&mut self, conn: &Connection<WebSocket>) -> Result<(), End> {
+    fn heartbeat(&mut self, conn: &Connection<C>) -> Result<(), End> {
         if self.awaiting_pong {
             return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
         }
@@ -350,7 +433,7 @@ impl Transport for Frames {
         Ok(())
     }
 
-    fn goodbye(&self, end: &End, outbox: &Outbox<WebSocket>) {
+    fn goodbye(&self, end: &End, outbox: &Outbox<C>) {
         let close = match end {
             End::Gone => return,
             // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
@@ -383,6 +466,29 @@ mod tests {
         assert_eq!(long.len(), 304);
         assert_eq!(&close(1001, "bye")[..], b"\x88\x05\x03\xe9bye");
         assert_eq!(close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
+    }
+
+    #[test]
+    fn msgpack_frames_are_binary_maps_made_once() {
+        let event = Outgoing::event(7, r#"{"op":"event","seq":7,"data":{"x":[1,2.5]}}"#);
+        let a = WebSocketMsgpack::shared(&event);
+        assert_eq!(a.as_ptr(), WebSocketMsgpack::shared(&event).as_ptr());
+        assert_eq!(a[0], 0x80 | OP_BINARY);
+        let header = if a[1] < 126 { 2 } else { 4 };
+        let value: serde_json::Value = rmp_serde::from_slice(&a[header..]).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"op": "event", "seq": 7, "data": {"x": [1, 2.5]}})
+        );
+        // Text frames are JSON connections' own: a separate framing.
+        assert_ne!(WebSocket::shared(&event)[0], a[0]);
+        assert!(
+            WebSocketMsgpack::binary(&a[header..])
+                .unwrap()
+                .contains(r#""seq":7"#)
+        );
+        assert!(WebSocketMsgpack::binary(b"\xc1").is_err());
+        assert!(WebSocket::binary(&a[header..]).is_err());
     }
 
     #[test]
