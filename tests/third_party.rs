@@ -9,16 +9,17 @@ mod common;
 
 use common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_websockets_does_the_whole_protocol() {
+/// Runs `script` (tests/clients/) with .tools/py's packages against a one-node tier; asserts
+/// it holds every step, and returns what it printed.
+async fn python(script: &str, package: &str) -> String {
     let tier = Tier::start(1).await;
     let py_tools = workspace().join(".tools/py");
     assert!(
-        py_tools.join("websockets").exists(),
-        "{} has no websockets: `make test` installs it (make py-tools)",
+        py_tools.join(package).exists(),
+        "{} has no {package}: `make test` installs it (make py-tools)",
         py_tools.display()
     );
-    let script = workspace().join("tests/clients/websockets_client.py");
+    let script = workspace().join("tests/clients").join(script);
     let ws = format!("ws://{}", tier.nodes[0].addr);
     let api = format!("http://{}", tier.api.addr);
     // The script bounds each of its own steps (15 s).
@@ -39,35 +40,15 @@ async fn python_websockets_does_the_whole_protocol() {
     );
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("every step held"), "{stdout}");
+    stdout.into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_does_the_whole_protocol() {
+    python("websockets_client.py", "websockets").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_msgpack_speaks_the_binary_subprotocol() {
-    let tier = Tier::start(1).await;
-    let py_tools = workspace().join(".tools/py");
-    assert!(
-        py_tools.join("msgpack").exists(),
-        "{} has no msgpack: `make test` installs it (make py-tools)",
-        py_tools.display()
-    );
-    let script = workspace().join("tests/clients/msgpack_client.py");
-    let ws = format!("ws://{}", tier.nodes[0].addr);
-    let api = format!("http://{}", tier.api.addr);
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(&script)
-            .arg(&ws)
-            .arg(&api)
-            .env("PYTHONPATH", &py_tools)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("every step held"), "{stdout}");
+    python("msgpack_client.py", "msgpack").await;
 }
