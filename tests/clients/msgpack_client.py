@@ -6,27 +6,18 @@ usage: msgpack_client.py WS_BASE_URL API_BASE_URL
 """
 
 import asyncio
-import json
 import sys
-import urllib.request
 
 import msgpack
 from websockets.asyncio.client import connect
 
+from fanout_api import TIMEOUT, post as post_to
+
 WS, API = sys.argv[1], sys.argv[2]
-TIMEOUT = 15
 
 
 def post(channel, data):
-    request = urllib.request.Request(
-        f"{API}/v1/channels/{channel}/events",
-        data=json.dumps(data).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-        assert response.status == 202, response.status
-        return json.load(response)
+    return post_to(API, channel, data)
 
 
 async def frame(ws):

@@ -947,18 +947,22 @@ pub fn venv_tool(name: &str) -> PathBuf {
     path
 }
 
+/// What `GET /v1/nodes` on `api` answers: `{"nodes": [...], "partial"}`.
+pub async fn discovery(api: &Server) -> Value {
+    reqwest::get(api.url("/v1/nodes"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A ws node's WebTransport listener as discovery announces it (`GET /v1/nodes` on `api`):
 /// its URL with `{host}` as 127.0.0.1, and its certificate hashes (hex), once announced.
 pub async fn webtransport_of(api: &Server, node: &str) -> (String, Vec<String>) {
     within("the node's WebTransport announcement", async {
         loop {
-            let body: Value = reqwest::get(api.url("/v1/nodes"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let info = body["nodes"]
+            let info = discovery(api).await["nodes"]
                 .as_array()
                 .into_iter()
                 .flatten()

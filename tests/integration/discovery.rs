@@ -6,13 +6,7 @@ use common::*;
 use serde_json::Value;
 
 async fn live_nodes(api: &Server) -> Vec<Value> {
-    let body: Value = reqwest::get(api.url("/v1/nodes"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["nodes"].as_array().unwrap().clone()
+    discovery(api).await["nodes"].as_array().unwrap().clone()
 }
 
 fn ids(nodes: &[Value]) -> Vec<&str> {
@@ -39,13 +33,7 @@ async fn nodes_come_and_go() {
     .await;
     // Once the API has followed announcements for a full round, it says its list is whole.
     eventually("the list to be complete", || async move {
-        let body: Value = reqwest::get(api.url("/v1/nodes"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["partial"] == false
+        discovery(api).await["partial"] == false
     })
     .await;
     let nodes = live_nodes(api).await;
