@@ -14,6 +14,7 @@
 //! | `traceparent`, `tracestate` | API, when tracing | W3C trace context of the API's `publish` span |
 //! | `Fanout-Volatile` | publisher of a volatile event | `1`: not stored, no sequence, published straight to the ws nodes' subject |
 //! | `Fanout-Region` | publisher of a volatile event | the region it was published in (with regions) |
+//! | `Fanout-Encoding` | publisher of binary data | `binary`: the payload is bytes, not JSON |
 //!
 //! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
 //! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
@@ -30,6 +31,40 @@ pub const HEADER_TS: &str = "Fanout-Ts";
 pub const HEADER_VOLATILE: &str = "Fanout-Volatile";
 /// Header naming a volatile event's region (a stored one's is its stream's).
 pub const HEADER_REGION: &str = "Fanout-Region";
+
+/// Header marking binary data: `binary` (absent: the payload is JSON).
+pub const HEADER_ENCODING: &str = "Fanout-Encoding";
+/// [`HEADER_ENCODING`]'s value for bytes.
+pub const BINARY: &str = "binary";
+
+/// An event's data as published: JSON text (checked by the publisher, stored as sent), or
+/// bytes (`Content-Type: application/octet-stream`, a MessagePack client's bin, a JSON
+/// client's base64), which JSON clients receive as base64 and MessagePack clients as bin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data {
+    pub bytes: Bytes,
+    pub binary: bool,
+}
+
+impl Data {
+    /// Bytes, not JSON.
+    pub fn binary(bytes: impl Into<Bytes>) -> Data {
+        Data {
+            bytes: bytes.into(),
+            binary: true,
+        }
+    }
+}
+
+/// JSON text.
+impl From<Bytes> for Data {
+    fn from(bytes: Bytes) -> Data {
+        Data {
+            bytes,
+            binary: false,
+        }
+    }
+}
 
 /// One event, as a ws node receives it: stored, or volatile.
 #[derive(Debug, Clone)]
@@ -52,7 +87,10 @@ pub struct Envelope {
     /// W3C trace context of the publish, when the publisher traced it.
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
-    /// The event's data as published. The API accepts only JSON; the ws node checks it
-    /// again when it embeds it in the `event` frame, since anyone with NATS access can publish.
+    /// The event's data as published. The API accepts JSON or, marked [`Envelope::binary`],
+    /// bytes; the ws node checks JSON again when it embeds it in the `event` frame, since
+    /// anyone with NATS access can publish.
     pub data: Bytes,
+    /// `data` is bytes, not JSON ([`HEADER_ENCODING`]).
+    pub binary: bool,
 }

@@ -43,4 +43,4 @@ pub use bus::{Bus, BusError, PresenceChanges, Published, Subscription};
 pub use channel::{Channel, ChannelError};
 pub use codes::Code;
 pub use config::{Common, ConfigError};
-pub use envelope::Envelope;
+pub use envelope::{Data, Envelope};

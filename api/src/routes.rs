@@ -31,7 +31,7 @@ use axum::{
     routing::{get, post},
 };
 use bytes::Bytes;
-use fanout::{Bus, Channel, Code, Published, telemetry};
+use fanout::{Bus, Channel, Code, Data, Published, telemetry};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, value::RawValue};
 use std::borrow::Cow;
@@ -260,11 +260,12 @@ fn publishable(channel: Result<Path<String>, PathRejection>) -> Result<Channel, 
 async fn publish_volatile(
     State(state): State<AppState>,
     channel: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let channel = publishable(channel)?;
-    let body = body_of(&state, body)?;
-    let id = state.bus.publish_volatile(&channel, body).await?;
+    let data = data_of(&state, &headers, body)?;
+    let id = state.bus.publish_volatile(&channel, data).await?;
     metrics::counter!("fanout_api_events_accepted_total", "class" => "volatile", "duplicate" => "false")
         .increment(1);
     Ok((
@@ -302,10 +303,10 @@ async fn publish(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let body = body_of(state, body)?;
+    let data = data_of(state, headers, body)?;
     let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
-    let Published { id, seq, duplicate } = state.bus.log().publish(&channel, body, key).await?;
+    let Published { id, seq, duplicate } = state.bus.log().publish(&channel, data, key).await?;
     metrics::histogram!("fanout_api_publish_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     count_accepted(&channel, duplicate);
@@ -321,8 +322,14 @@ async fn publish(
     ))
 }
 
-/// A publish's body, read within the size limit and checked to be JSON.
-fn body_of(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+/// A publish's data, read within the size limit: bytes as sent when the body is
+/// `application/octet-stream` (JSON clients get them as base64, MessagePack clients as bin),
+/// else JSON, checked to be one value.
+fn data_of(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Data, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(state.body_limit)
@@ -330,8 +337,20 @@ fn body_of(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Byte
             ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
         }
     })?;
+    if is_octet_stream(headers) {
+        return Ok(Data::binary(body));
+    }
     check_body(&body)?;
-    Ok(body)
+    Ok(body.into())
+}
+
+/// Whether the body is `application/octet-stream` (parameters aside, any case).
+fn is_octet_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/octet-stream"))
 }
 
 /// The answer to a publish on a `_fanout.` channel.
@@ -820,7 +839,7 @@ async fn stream_takes_writes(state: &AppState) -> Result<(), String> {
         state
             .bus
             .log()
-            .publish(&state.probe_channel, probe.into(), None),
+            .publish(&state.probe_channel, Bytes::from(probe), None),
     )
     .await
     {

@@ -5,7 +5,6 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{ConnectOptions, HeaderMap, connection::State, jetstream};
-use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +19,9 @@ use super::{
 };
 use crate::{
     Channel, Common,
-    envelope::{HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE},
+    envelope::{
+        BINARY, Data, HEADER_ENCODING, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE,
+    },
     telemetry,
     time::now_ms,
 };
@@ -217,15 +218,19 @@ impl Bus {
         })
     }
 
-    /// Publishes a volatile event on `channel` (`data`: what clients get, JSON): core NATS,
+    /// Publishes a volatile event on `channel` (`data`: what clients get, JSON or bytes): core NATS,
     /// not stored, no sequence, at most once, straight to the subject every region's ws nodes
     /// get `channel`'s events on. Returns its id once the connection has taken it: nothing
     /// acknowledges it, as nothing stores it.
     pub async fn publish_volatile(
         &self,
         channel: &Channel,
-        data: Bytes,
+        data: impl Into<Data>,
     ) -> Result<String, BusError> {
+        let Data {
+            bytes: data,
+            binary,
+        } = data.into();
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected"));
         }
@@ -235,6 +240,9 @@ impl Bus {
         headers.insert(HEADER_ID, id.as_str());
         headers.insert(HEADER_TS, now_ms().to_string().as_str());
         headers.insert(HEADER_VOLATILE, "1");
+        if binary {
+            headers.insert(HEADER_ENCODING, BINARY);
+        }
         if let Some(region) = inner.topology.region() {
             headers.insert(HEADER_REGION, &**region);
         }

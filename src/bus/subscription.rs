@@ -7,7 +7,9 @@ use futures_util::StreamExt;
 use super::{error::DecodeError, topology::Topology};
 use crate::{
     Channel,
-    envelope::{Envelope, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE},
+    envelope::{
+        BINARY, Envelope, HEADER_ENCODING, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE,
+    },
     time::now_ms,
 };
 
@@ -115,5 +117,6 @@ pub(super) fn envelope(
         traceparent: header("traceparent").map(String::from),
         tracestate: header("tracestate").map(String::from),
         data,
+        binary: header(HEADER_ENCODING) == Some(BINARY),
     }
 }

@@ -222,7 +222,11 @@ fn probe_out(
     let (bus, channel, refused) = (bus.clone(), channel.clone(), refused.clone());
     let data = format!(r#"{{"probe":{n},"nonce":"{nonce}"}}"#);
     tokio::spawn(async move {
-        if let Err(err) = bus.log().publish(&channel, data.into(), None).await {
+        if let Err(err) = bus
+            .log()
+            .publish(&channel, bytes::Bytes::from(data), None)
+            .await
+        {
             *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(err.to_string());
         }
     });

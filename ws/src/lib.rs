@@ -31,7 +31,7 @@
 //!   bounded) only when the socket is full.
 //! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
-//! - [`protocol`]: the JSON frames.
+//! - [`protocol`]: the JSON frames; [`msgpack`]: the same frames as MessagePack.
 //! - [`position`]: channel keys, marks and positions, the vocabulary every layer shares.
 //! - [`disconnect`]: the close codes and what they ask of a client.
 //! - [`budget`]: the node-wide budget of bytes held on behalf of clients.
@@ -48,6 +48,7 @@ pub mod disconnect;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;
+pub mod msgpack;
 pub mod node;
 pub mod position;
 pub mod presence;

@@ -475,7 +475,7 @@ impl Node {
     pub async fn publish(
         &self,
         channel: &Channel,
-        data: bytes::Bytes,
+        data: fanout::Data,
     ) -> Result<fanout::Published, fanout::BusError> {
         self.bus.log().publish(channel, data, None).await
     }

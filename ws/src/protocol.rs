@@ -40,11 +40,12 @@ pub enum Op {
     },
     Unsubscribe(Channel),
     Ping,
-    /// Publish `data` (any JSON) to `channel` through the stream, like the HTTP API; with
-    /// `volatile`, straight to the nodes instead: not stored, no seq, at most once.
+    /// Publish `data` (any JSON, or bytes: base64 with `"encoding":"base64"`) to `channel`
+    /// through the stream, like the HTTP API; with `volatile`, straight to the nodes instead:
+    /// not stored, no seq, at most once.
     Publish {
         channel: Channel,
-        data: Value,
+        data: fanout::Data,
         volatile: bool,
     },
     /// A fresh token before the current one expires.
@@ -123,6 +124,38 @@ impl Rejection {
             reference: self.op.as_deref(),
             id: self.id.as_ref(),
         })
+    }
+}
+
+/// A `publish`'s `data`: JSON as it is, or, with `"encoding":"base64"`, the bytes a base64
+/// string holds.
+fn publish_data(fields: &serde_json::Map<String, Value>) -> Result<fanout::Data, Rejection> {
+    let invalid = |why: &str| Rejection::new(Code::InvalidRequest, why);
+    let data = fields
+        .get("data")
+        .ok_or_else(|| invalid("\"publish\" needs \"data\""))?;
+    match fields.get("encoding") {
+        None | Some(Value::Null) => Ok(bytes::Bytes::from(data.to_string()).into()),
+        Some(Value::String(encoding)) if encoding == "base64" => {
+            let Value::String(text) = data else {
+                return Err(invalid(
+                    "with \"encoding\":\"base64\", \"data\" must be a base64 string",
+                ));
+            };
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map(fanout::Data::binary)
+                .map_err(|err| {
+                    Rejection::new(
+                        Code::InvalidRequest,
+                        format!("\"data\" is not base64 (RFC 4648, padded): {err}"),
+                    )
+                })
+        }
+        Some(_) => Err(invalid(
+            "\"encoding\" may only be \"base64\" (bytes); leave it out for JSON data",
+        )),
     }
 }
 
@@ -239,16 +272,12 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
         },
         "unsubscribe" => channel().map(Op::Unsubscribe),
         "ping" => Ok(Op::Ping),
-        "publish" => channel().and_then(|channel| match fields.get("data") {
-            Some(data) => Ok(Op::Publish {
+        "publish" => channel().and_then(|channel| {
+            Ok(Op::Publish {
                 channel,
-                data: data.clone(),
+                data: publish_data(&fields)?,
                 volatile: flag("volatile")?,
-            }),
-            None => Err(Rejection::new(
-                Code::InvalidRequest,
-                "\"publish\" needs \"data\"",
-            )),
+            })
         }),
         "refresh" => match fields.get("token") {
             Some(Value::String(token)) => Ok(Op::Refresh {
@@ -519,10 +548,26 @@ mod tests {
             r.op,
             Op::Publish {
                 channel: Channel::parse("a").unwrap(),
-                data: json!({"x": 1}),
+                data: bytes::Bytes::from_static(br#"{"x":1}"#).into(),
                 volatile: false,
             }
         );
+        let r = parse(r#"{"op":"publish","channel":"a","data":"AP8=","encoding":"base64"}"#);
+        assert_eq!(
+            r.unwrap().op,
+            Op::Publish {
+                channel: Channel::parse("a").unwrap(),
+                data: fanout::Data::binary(vec![0, 255]),
+                volatile: false,
+            }
+        );
+        for bad in [
+            r#"{"op":"publish","channel":"a","data":"AP8","encoding":"base64"}"#,
+            r#"{"op":"publish","channel":"a","data":[0],"encoding":"base64"}"#,
+            r#"{"op":"publish","channel":"a","data":"x","encoding":"hex"}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, Code::InvalidRequest, "{bad}");
+        }
         assert_eq!(
             parse(r#"{"op":"refresh","token":"t"}"#).unwrap().op,
             Op::Refresh { token: "t".into() }

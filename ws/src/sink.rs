@@ -97,8 +97,8 @@ pub struct Delivery {
 /// How many framings of a frame can be shared between connections ([`Outgoing::framed`]):
 /// one slot per transport whose connections all write the same bytes for a frame
 /// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
-/// frame, WebSocket's MessagePack binary frame).
-pub const SLOTS: usize = 4;
+/// frame, WebSocket's MessagePack binary frame, WebTransport's length-prefixed MessagePack).
+pub const SLOTS: usize = 5;
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that
@@ -253,6 +253,11 @@ pub trait Framing: Send + fmt::Debug + 'static {
     /// Whether this framing writes positions (see [`Conduit::tracks_positions`]).
     const TRACKS_POSITIONS: bool = false;
 
+    /// What a datagram carries for a volatile `frame` ([`Datagrams`]): one frame, unframed.
+    fn datagram(frame: &Outgoing) -> Bytes {
+        frame.json.clone()
+    }
+
     /// Channel `key` starts at `position`.
     fn position(&mut self, _key: ChannelKey, _position: Position) {}
 }
@@ -300,8 +305,9 @@ impl Bounds {
     };
 }
 
-/// Sends one frame's JSON as a datagram (WebTransport's): true once sent, false when it
-/// cannot go so (too large for one), and the frame then takes the stream.
+/// Sends one frame ([`Framing::datagram`]: its JSON, or its MessagePack) as a datagram
+/// (WebTransport's): true once sent, false when it cannot go so (too large for one), and the
+/// frame then takes the stream.
 pub type Datagrams = Box<dyn Fn(Bytes) -> bool + Send + Sync>;
 
 /// A connection's way out over its socket. Shared by its task, the hub and every reader that
@@ -805,10 +811,14 @@ impl<F: Framing> Outbox<F> {
             // and any too large for a datagram, on the stream.
             let (mut run, mut sent) = (0, false);
             for (i, frame) in frames.iter().enumerate() {
-                if frame.volatile && datagrams(frame.json.clone()) {
+                let datagram = frame.volatile.then(|| F::datagram(frame));
+                if let Some(datagram) = datagram
+                    && let len = datagram.len()
+                    && datagrams(datagram)
+                {
                     self.offer_run_stream(state, key, &frames[run..i], outcome);
                     outcome.delivered += 1;
-                    outcome.bytes += frame.json.len();
+                    outcome.bytes += len;
                     (run, sent) = (i + 1, true);
                 }
             }

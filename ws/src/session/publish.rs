@@ -3,7 +3,6 @@
 
 use fanout::{Channel, Code};
 use metrics::counter;
-use serde_json::Value;
 
 use super::state::{ReplyTo, Session};
 use crate::protocol::{self, RequestId};
@@ -13,7 +12,7 @@ pub(super) async fn publish(
     to: ReplyTo,
     id: Option<RequestId>,
     channel: Channel,
-    data: Value,
+    data: fanout::Data,
     volatile: bool,
 ) {
     if !session.identity.may_publish(&channel) {
@@ -23,19 +22,18 @@ pub(super) async fn publish(
     if !session.requests.take() {
         return session.rate_limited(to, id, "publish");
     }
-    let data = serde_json::to_vec(&data).expect("a JSON value serializes");
     let region = session.node.bus().topology().region().cloned();
     let published = if volatile {
         session
             .node
             .bus()
-            .publish_volatile(&channel, data.into())
+            .publish_volatile(&channel, data)
             .await
             .map(|event| (None, event))
     } else {
         session
             .node
-            .publish(&channel, data.into())
+            .publish(&channel, data)
             .await
             .map(|published| (Some(published.seq), published.id))
     };

@@ -35,6 +35,7 @@ use crate::{
     auth::Identity,
     disconnect,
     hub::ConnId,
+    msgpack,
     node::Node,
     position::ChannelKey,
     protocol::Rejection,
@@ -95,13 +96,9 @@ impl Framing for WebSocketMsgpack {
     }
 }
 
-/// A binary frame of `json`'s MessagePack (maps with their keys by name).
+/// A binary frame of `json`'s MessagePack ([`msgpack::from_json`]).
 fn binary_msgpack(json: &[u8]) -> Bytes {
-    let packed = serde_json::from_slice::<serde_json::Value>(json)
-        .ok()
-        .and_then(|value| rmp_serde::to_vec_named(&value).ok())
-        .unwrap_or_default();
-    encode(OP_BINARY, &packed)
+    encode(OP_BINARY, &msgpack::from_json(json))
 }
 
 /// How a connection's messages are encoded: JSON text, or (`fanout.msgpack`) MessagePack.
@@ -121,11 +118,7 @@ impl Codec for WebSocket {
 
 impl Codec for WebSocketMsgpack {
     fn binary(payload: &[u8]) -> Result<String, Rejection> {
-        rmp_serde::from_slice::<serde_json::Value>(payload)
-            .map(|value| value.to_string())
-            .map_err(|err| {
-                Rejection::new(Code::InvalidJson, format!("not a MessagePack frame: {err}"))
-            })
+        msgpack::to_json(payload)
     }
 }
 
@@ -475,7 +468,8 @@ mod tests {
         assert_eq!(a.as_ptr(), WebSocketMsgpack::shared(&event).as_ptr());
         assert_eq!(a[0], 0x80 | OP_BINARY);
         let header = if a[1] < 126 { 2 } else { 4 };
-        let value: serde_json::Value = rmp_serde::from_slice(&a[header..]).unwrap();
+        let value: serde_json::Value =
+            serde_json::from_str(&crate::msgpack::to_json(&a[header..]).unwrap()).unwrap();
         assert_eq!(
             value,
             serde_json::json!({"op": "event", "seq": 7, "data": {"x": [1, 2.5]}})

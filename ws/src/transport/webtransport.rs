@@ -1,7 +1,9 @@
 //! The WebTransport transport (HTTP/3 over QUIC, `FANOUT_WEBTRANSPORT_LISTEN`): a session at
 //! `https://<node>/wt?user=…&token=…`, checked as `/ws` is ([`admit`]). The client opens one
 //! bidirectional stream; the protocol's frames travel on it both ways, each preceded by its
-//! length as a QUIC variable-length integer (RFC 9000, section 16).
+//! length as a QUIC variable-length integer (RFC 9000, section 16). JSON frames, or, when the
+//! client offers the `fanout.msgpack` subprotocol (`new WebTransport(url, {protocols:
+//! ["fanout.msgpack"]})`), MessagePack ones ([`crate::msgpack`]).
 //!
 //! Its part of a connection ([`super::connection`]): its outbox is a queue
 //! ([`Outbox::queued`]) that the connection's task writes into the stream, since a QUIC
@@ -16,6 +18,8 @@
 //! that a page can connect to a development node with `serverCertificateHashes`.
 
 use std::{
+    borrow::Cow,
+    marker::PhantomData,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -27,7 +31,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 use uuid::Uuid;
-use web_transport_quinn::{Session, quinn};
+use web_transport_quinn::{Session, proto::ConnectResponse, quinn};
 
 use super::{
     admit::{Admitted, admit},
@@ -37,10 +41,12 @@ use crate::{
     auth::Identity,
     disconnect,
     hub::ConnId,
+    msgpack,
     node::Node,
     position::ChannelKey,
+    protocol::Rejection,
     session::ReplyTo,
-    sink::{Datagrams, Framing, Kick, Outbox, Outgoing, Parts, Sink},
+    sink::{Conduit, Datagrams, Framing, Kick, Outbox, Outgoing, Parts, Sink},
 };
 
 /// The path of a session.
@@ -84,6 +90,65 @@ impl Framing for WebTransport {
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
         prefixed(json.as_bytes())
+    }
+}
+
+/// The session's subprotocol for MessagePack frames (the WebTransport constructor's
+/// `protocols`, `WT-Available-Protocols` / `WT-Protocol`), as WebSocket's.
+pub const MSGPACK: &str = super::websocket::MSGPACK;
+
+/// WebTransport framing of the `fanout.msgpack` subprotocol: each frame is its length as a
+/// QUIC varint, then its MessagePack ([`msgpack::from_json`]); a datagram is the MessagePack
+/// alone.
+#[derive(Debug, Default)]
+pub struct WebTransportMsgpack;
+
+impl WebTransportMsgpack {
+    /// Its slot in [`Outgoing::framed`].
+    const SLOT: usize = 4;
+}
+
+impl Framing for WebTransportMsgpack {
+    fn shared(frame: &Outgoing) -> Bytes {
+        frame
+            .framed(Self::SLOT, |_, json| prefixed(&msgpack::from_json(json)))
+            .clone()
+    }
+
+    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+        out.push(shared);
+    }
+
+    fn own(&mut self, _: &str, json: &str) -> Bytes {
+        prefixed(&msgpack::from_json(json.as_bytes()))
+    }
+
+    /// The stream's frame without its length: the same bytes, shared.
+    fn datagram(frame: &Outgoing) -> Bytes {
+        let framed = Self::shared(frame);
+        let header = read_varint(&framed).map_or(0, |(_, header)| header);
+        framed.slice(header..)
+    }
+}
+
+/// How a session's frames are encoded: JSON, or (`fanout.msgpack`) MessagePack.
+trait Codec: Framing + Default + Send + 'static {
+    /// A client's frame as the protocol's JSON text; a rejection to answer with an `error`
+    /// frame, or none when the session must close (JSON that is not UTF-8).
+    fn text(payload: &[u8]) -> Result<Cow<'_, str>, Option<Rejection>>;
+}
+
+impl Codec for WebTransport {
+    fn text(payload: &[u8]) -> Result<Cow<'_, str>, Option<Rejection>> {
+        std::str::from_utf8(payload)
+            .map(Cow::Borrowed)
+            .map_err(|_| None)
+    }
+}
+
+impl Codec for WebTransportMsgpack {
+    fn text(payload: &[u8]) -> Result<Cow<'_, str>, Option<Rejection>> {
+        msgpack::to_json(payload).map(Cow::Owned).map_err(Some)
     }
 }
 
@@ -362,17 +427,33 @@ async fn accept(request: web_transport_quinn::Request, node: Arc<Node>) {
             return;
         }
     };
-    let Ok(session) = request.ok().await else {
+    let msgpack = request.protocols.iter().any(|p| p == MSGPACK);
+    let response = match msgpack {
+        true => ConnectResponse::OK.with_protocol(MSGPACK),
+        false => ConnectResponse::OK,
+    };
+    let Ok(session) = request.respond(response).await else {
         return;
     };
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
-    serve(session, node, conn, identity).instrument(span).await;
+    match msgpack {
+        true => {
+            serve::<WebTransportMsgpack>(session, node, conn, identity)
+                .instrument(span)
+                .await
+        }
+        false => {
+            serve::<WebTransport>(session, node, conn, identity)
+                .instrument(span)
+                .await
+        }
+    }
     drop(permit);
 }
 
 /// A session's life: its stream, then the connection on it.
-async fn serve(session: Session, node: Arc<Node>, conn: ConnId, identity: Identity) {
+async fn serve<C: Codec>(session: Session, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let (send, recv) = match tokio::time::timeout(STREAM_WAIT, session.accept_bi()).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(_)) => return,
@@ -389,20 +470,21 @@ async fn serve(session: Session, node: Arc<Node>, conn: ConnId, identity: Identi
     // is one frame); one too large for a datagram takes the stream.
     let datagrams = session.clone();
     let datagrams: Datagrams = Box::new(move |json| datagrams.send_datagram(json).is_ok());
-    let connection = Connection::queued(node, conn, identity, WebTransport, Some(datagrams));
-    let transport = Stream {
+    let connection = Connection::queued(node, conn, identity, C::default(), Some(datagrams));
+    let transport = Stream::<C> {
         session,
         send,
         recv,
         buf: BytesMut::new(),
         messages: 0,
+        codec: PhantomData,
     };
     connection.run(transport, None).await;
 }
 
 /// The WebTransport transport's own part of a connection: its stream's frames, read as they
 /// come and written from the outbox; its session's close.
-struct Stream {
+struct Stream<C> {
     session: Session,
     send: web_transport_quinn::SendStream,
     recv: web_transport_quinn::RecvStream,
@@ -410,14 +492,15 @@ struct Stream {
     buf: BytesMut,
     /// Whole messages so far (which one a pending frame belongs to).
     messages: u64,
+    codec: PhantomData<fn() -> C>,
 }
 
 /// What the stream gave: bytes, its end, or an error (the session is gone).
 type Read = Result<Option<Bytes>, ()>;
 
-impl Stream {
+impl<C: Codec> Stream<C> {
     /// Acts on every whole frame the buffer holds.
-    async fn messages(&mut self, conn: &mut Connection<WebTransport>) -> Result<(), End> {
+    async fn messages(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
         loop {
             let Some((len, header)) = read_varint(&self.buf) else {
@@ -440,18 +523,19 @@ impl Stream {
                 continue; // a keep-alive
             }
             self.messages += 1;
-            let Ok(text) = std::str::from_utf8(&payload) else {
-                return Err(End::Close(disconnect::INVALID_DATA));
-            };
-            // Boxed: answering may await a publish or a replay (see websocket.rs).
-            Box::pin(conn.session.handle(text, ReplyTo::Stream)).await;
+            match C::text(&payload) {
+                // Boxed: answering may await a publish or a replay (see websocket.rs).
+                Ok(text) => Box::pin(conn.session.handle(&text, ReplyTo::Stream)).await,
+                Err(Some(rejection)) => conn.outbox.send("error", &rejection.encode()),
+                Err(None) => return Err(End::Close(disconnect::INVALID_DATA)),
+            }
             conn.written().await?;
         }
     }
 
     /// Writes what waits in the outbox into the stream, unless the connection is cut off
     /// first (a client that does not read stalls the stream).
-    async fn write_all(&mut self, outbox: &Outbox<WebTransport>) -> Result<(), End> {
+    async fn write_all(&mut self, outbox: &Outbox<C>) -> Result<(), End> {
         let kick: Kick = outbox.kick().clone();
         loop {
             let parts = outbox.drain(WRITE_CHUNK);
@@ -469,11 +553,11 @@ impl Stream {
     }
 }
 
-impl Transport for Stream {
-    type Framing = WebTransport;
+impl<C: Codec> Transport for Stream<C> {
+    type Framing = C;
     type Input = Read;
 
-    async fn input(&mut self, _: &Outbox<WebTransport>) -> Read {
+    async fn input(&mut self, _: &Outbox<C>) -> Read {
         match self.recv.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
             Ok(None) => Ok(None),
@@ -481,7 +565,7 @@ impl Transport for Stream {
         }
     }
 
-    async fn act(&mut self, read: Read, conn: &mut Connection<WebTransport>) -> Result<(), End> {
+    async fn act(&mut self, read: Read, conn: &mut Connection<C>) -> Result<(), End> {
         match read {
             Ok(Some(bytes)) => {
                 self.buf.extend_from_slice(&bytes);
@@ -503,17 +587,17 @@ impl Transport for Stream {
 
     /// QUIC keeps the session alive and finds a dead peer (its keep-alives, its idle
     /// timeout): nothing to write.
-    fn heartbeat(&mut self, _: &Connection<WebTransport>) -> Result<(), End> {
+    fn heartbeat(&mut self, _: &Connection<C>) -> Result<(), End> {
         Ok(())
     }
 
-    fn goodbye(&self, _: &End, _: &Outbox<WebTransport>) {}
+    fn goodbye(&self, _: &End, _: &Outbox<C>) {}
 
-    async fn write_out(&mut self, outbox: &Outbox<WebTransport>) -> Result<(), End> {
+    async fn write_out(&mut self, outbox: &Outbox<C>) -> Result<(), End> {
         self.write_all(outbox).await
     }
 
-    async fn close(&mut self, end: &End, outbox: &Outbox<WebTransport>) {
+    async fn close(&mut self, end: &End, outbox: &Outbox<C>) {
         let (code, reason) = match end {
             End::Gone => return,
             End::ClientClosed(code) => (code.unwrap_or(1000), ""),
