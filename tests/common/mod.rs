@@ -239,9 +239,27 @@ pub async fn wait_ready_for(server: &Server, bound: Duration) {
 
 /// POSTs `body` (raw bytes) to `path` and returns status and JSON answer.
 pub async fn post_raw(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    post_typed(server, path, "application/json", body).await
+}
+
+/// POSTs `body` as `application/octet-stream` (bytes to publish) to `path`: status and answer.
+pub async fn post_bytes(
+    server: &Server,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    post_typed(server, path, "application/octet-stream", body).await
+}
+
+async fn post_typed(
+    server: &Server,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(server.url(path))
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(body)
         .send()
         .await

@@ -628,3 +628,38 @@ async fn an_sse_stream_resumes_broadcast_on_its_restarted_node() {
         "{resumed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_reach_every_json_transport_as_base64() {
+    let tier = Tier::start(2).await;
+    let mut ws = tier.client(0).await;
+    ws.subscribe("raw").await;
+    let mut sse = SseClient::connect(&tier.nodes[1], "channel=raw", None)
+        .await
+        .unwrap();
+    let (status, first) = poll(&tier.nodes[0], "channel=raw&timeout=0").await;
+    assert_eq!(status, 200, "{first}");
+    let cursor = cursor_of(&first);
+
+    // Bytes that are not JSON, nor UTF-8.
+    let (status, answer) =
+        post_bytes(&tier.api, "/v1/channels/raw/events", &b"\xff{\x00"[..]).await;
+    assert_eq!(status, 202, "{answer}");
+    let from_ws = ws.event().await;
+    assert_eq!(from_ws["data"], "/3sA", "{from_ws}");
+    assert_eq!(from_ws["encoding"], "base64");
+    assert_eq!(from_ws["seq"], answer["seq"]);
+    assert_eq!(sse.event().await, from_ws, "SSE's data is the same frame");
+    let (status, polled) = poll(&tier.nodes[1], &format!("channel=raw&cursor={cursor}")).await;
+    assert_eq!(status, 200, "{polled}");
+    assert_eq!(
+        polled["events"],
+        json!([from_ws]),
+        "and a poll's, read back"
+    );
+
+    // Without the content type, the same body is refused as JSON.
+    let (status, error) = post_raw(&tier.api, "/v1/channels/raw/events", &b"\xff{\x00"[..]).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_json");
+}

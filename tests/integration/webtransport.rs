@@ -3,7 +3,8 @@
 //! protocol's frames, each preceded by its length as a QUIC varint, on one bidirectional
 //! stream; the same event bytes as WebSocket; resumes like every transport; closes with the
 //! protocol's close codes, which the client reads (CLOSE_WEBTRANSPORT_SESSION); volatile
-//! events come as datagrams (on the stream when too large for one). The client is
+//! events come as datagrams (on the stream when too large for one); the `fanout.msgpack`
+//! subprotocol carries MessagePack frames and bytes as bin. The client is
 //! web-transport-quinn's (the browser test drives Chromium's).
 
 use crate::common;
@@ -39,12 +40,24 @@ struct WtClient {
 
 impl WtClient {
     async fn connect(url: &url::Url, hashes: &[Vec<u8>], query: &str) -> WtClient {
+        WtClient::offering(url, hashes, query, &[]).await
+    }
+
+    /// A session whose CONNECT offers `protocols` (`WT-Available-Protocols`).
+    async fn offering(
+        url: &url::Url,
+        hashes: &[Vec<u8>],
+        query: &str,
+        protocols: &[&str],
+    ) -> WtClient {
         let client = ClientBuilder::new()
             .with_server_certificate_hashes(hashes.to_vec())
             .unwrap();
         let mut url = url.clone();
         url.set_query(Some(query));
-        let session = within("a WebTransport session", client.connect(url))
+        let request = web_transport_quinn::proto::ConnectRequest::new(url)
+            .with_protocols(protocols.iter().map(|p| p.to_string()));
+        let session = within("a WebTransport session", client.connect(request))
             .await
             .unwrap();
         let (send, recv) = session.open_bi().await.unwrap();
@@ -57,21 +70,33 @@ impl WtClient {
         };
         // A QUIC stream exists for the server once bytes travel on it: an empty frame.
         client.send.write_all(&[0]).await.unwrap();
+        if !protocols.is_empty() {
+            return client;
+        }
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["op"], "welcome", "{}", client.welcome);
         client
     }
 
     async fn send(&mut self, frame: Value) {
-        let json = frame.to_string();
+        self.send_bytes(frame.to_string().as_bytes()).await;
+    }
+
+    /// One frame of `payload` (JSON text or MessagePack).
+    async fn send_bytes(&mut self, payload: &[u8]) {
         let mut out = BytesMut::new();
-        fanout_ws::transport::webtransport::put_varint(&mut out, json.len() as u64);
-        out.put_slice(json.as_bytes());
+        fanout_ws::transport::webtransport::put_varint(&mut out, payload.len() as u64);
+        out.put_slice(payload);
         self.send.write_all(&out).await.unwrap();
     }
 
     /// The next frame's JSON text, as sent.
     async fn recv_text(&mut self) -> String {
+        String::from_utf8(self.recv_frame().await).unwrap()
+    }
+
+    /// The next frame's payload, as sent.
+    async fn recv_frame(&mut self) -> Vec<u8> {
         within("a WebTransport frame", async {
             loop {
                 if let Some((len, header)) =
@@ -79,8 +104,7 @@ impl WtClient {
                     && self.buf.len() >= header + len as usize
                 {
                     self.buf.advance(header);
-                    let payload = self.buf.split_to(len as usize);
-                    return String::from_utf8(payload.to_vec()).unwrap();
+                    return self.buf.split_to(len as usize).to_vec();
                 }
                 let chunk = self.recv.read_chunk(4096, true).await.unwrap();
                 self.buf
@@ -319,5 +343,146 @@ async fn sessions_are_refused_as_websockets_are() {
     ] {
         let refused = within("a refusal", client.connect(request(query, origin))).await;
         assert!(refused.is_err(), "{query} from {origin}: a session");
+    }
+}
+
+/// A MessagePack frame (rmpv's), decoded.
+fn unpack(payload: &[u8]) -> rmpv::Value {
+    let mut rest = payload;
+    let value = rmpv::decode::read_value(&mut rest).unwrap();
+    assert!(rest.is_empty(), "one value per frame");
+    value
+}
+
+/// A field of a MessagePack map.
+fn field<'a>(map: &'a rmpv::Value, name: &str) -> Option<&'a rmpv::Value> {
+    map.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(name))
+        .map(|(_, v)| v)
+}
+
+fn pack(value: rmpv::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &value).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_sessions_get_bytes_as_bin_on_the_stream_and_in_datagrams() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let _ws = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into()
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    let mut packed =
+        WtClient::offering(&url, &hashes, "user=ada", &["x-other", "fanout.msgpack"]).await;
+    assert_eq!(packed.session.protocol(), Some("fanout.msgpack"));
+    let welcome = unpack(&packed.recv_frame().await);
+    assert_eq!(
+        field(&welcome, "op").and_then(|v| v.as_str()),
+        Some("welcome")
+    );
+    let subscribe = |id: u64| {
+        pack(rmpv::Value::Map(vec![
+            ("op".into(), "subscribe".into()),
+            ("channel".into(), "bin".into()),
+            ("id".into(), id.into()),
+        ]))
+    };
+    packed.send_bytes(&subscribe(1)).await;
+    let reply = unpack(&packed.recv_frame().await);
+    assert_eq!(
+        field(&reply, "op").and_then(|v| v.as_str()),
+        Some("subscribed")
+    );
+    // A JSON session on the same channel, and one that offers a protocol the node lacks.
+    let mut json_client = WtClient::connect(&url, &hashes, "user=bo").await;
+    json_client
+        .send(json!({"op": "subscribe", "channel": "bin", "id": 1}))
+        .await;
+    assert_eq!(json_client.recv().await["op"], "subscribed");
+    let other = WtClient::offering(&url, &hashes, "user=cy", &["x-other"]).await;
+    assert_eq!(other.session.protocol(), None);
+
+    // Stored bytes: bin for MessagePack, base64 for JSON.
+    let bytes: Vec<u8> = (0..=255).collect();
+    let (status, answer) = post_bytes(&api, "/v1/channels/bin/events", bytes.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    let event = unpack(&packed.recv_frame().await);
+    assert_eq!(
+        field(&event, "data").and_then(|v| v.as_slice()),
+        Some(&bytes[..])
+    );
+    assert_eq!(field(&event, "encoding"), None);
+    assert_eq!(
+        field(&event, "seq").and_then(|v| v.as_u64()),
+        answer["seq"].as_u64()
+    );
+    let event = json_client.recv().await;
+    assert_eq!(event["encoding"], "base64", "{event}");
+    assert_eq!(event["seq"], answer["seq"]);
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(event["data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, bytes);
+
+    // Volatile bytes: a datagram holding one MessagePack frame.
+    let (status, answer) = post_bytes(&api, "/v1/channels/bin/volatile", vec![7u8, 0, 7]).await;
+    assert_eq!(status, 202, "{answer}");
+    let datagram = within("a datagram", packed.session.read_datagram())
+        .await
+        .unwrap();
+    let event = unpack(&datagram);
+    assert_eq!(
+        field(&event, "volatile").and_then(|v| v.as_bool()),
+        Some(true)
+    );
+    assert_eq!(
+        field(&event, "data").and_then(|v| v.as_slice()),
+        Some(&[7u8, 0, 7][..])
+    );
+    assert_eq!(
+        field(&event, "id").and_then(|v| v.as_str()),
+        answer["id"].as_str()
+    );
+
+    // A MessagePack client publishes bin; the JSON client gets base64.
+    packed
+        .send_bytes(&pack(rmpv::Value::Map(vec![
+            ("op".into(), "publish".into()),
+            ("channel".into(), "bin".into()),
+            ("data".into(), rmpv::Value::Binary(vec![1, 2, 3])),
+        ])))
+        .await;
+    let event = loop {
+        let frame = json_client.recv().await;
+        if frame["op"] == "event" && frame["volatile"].is_null() {
+            break frame;
+        }
+    };
+    assert_eq!(event["data"], "AQID", "{event}");
+
+    // A frame that is not MessagePack: an error frame, and the session goes on.
+    packed.send_bytes(b"\xc1").await;
+    let error = loop {
+        let frame = unpack(&packed.recv_frame().await);
+        if field(&frame, "op").and_then(|v| v.as_str()) == Some("error") {
+            break frame;
+        }
+    };
+    assert_eq!(
+        field(&error, "code").and_then(|v| v.as_str()),
+        Some("invalid_json")
+    );
+    packed.send_bytes(&subscribe(9)).await;
+    loop {
+        let frame = unpack(&packed.recv_frame().await);
+        if field(&frame, "id").and_then(|v| v.as_u64()) == Some(9) {
+            break;
+        }
     }
 }
