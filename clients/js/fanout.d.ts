@@ -3,6 +3,10 @@
 /** Any JSON value: an event's `data`, a member's `info`. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
+/** An event's data: JSON, or bytes (published as `application/octet-stream`, or as a
+ * `Uint8Array`), which reach handlers as a `Uint8Array` on every transport and protocol. */
+export type Data = Json | Uint8Array;
+
 /** A position in a channel: a seq, or with regions a seq per region. */
 export type Position = number | Record<string, number>;
 
@@ -20,14 +24,14 @@ export type Transport = "webtransport" | "websocket" | "sse" | "poll";
 export declare const TRANSPORTS: readonly Transport[];
 
 /** What every event frame carries. */
-interface EventFrameBase<T = Json> {
+interface EventFrameBase<T = Data> {
   op: "event";
   channel: string;
   /** The event id (a UUID). */
   id: string;
   /** Publish time, unix milliseconds. */
   ts: number;
-  /** The JSON exactly as published. */
+  /** The JSON exactly as published, or its bytes as a `Uint8Array`. */
   data: T;
   /** With regions: where it was published. */
   region?: string;
@@ -36,20 +40,20 @@ interface EventFrameBase<T = Json> {
 }
 
 /** A stored event: it has a place in the stream, and a resume replays it. */
-export interface StoredEventFrame<T = Json> extends EventFrameBase<T> {
+export interface StoredEventFrame<T = Data> extends EventFrameBase<T> {
   /** The stream sequence (with regions: of `region`'s stream). */
   seq: number;
   volatile?: undefined;
 }
 
 /** A volatile event: not stored, no `seq`, at most once, never replayed. */
-export interface VolatileEventFrame<T = Json> extends EventFrameBase<T> {
+export interface VolatileEventFrame<T = Data> extends EventFrameBase<T> {
   volatile: true;
   seq?: undefined;
 }
 
 /** An event as delivered: the `event` frame (`if (!event.volatile)` narrows to a stored one). */
-export type EventFrame<T = Json> = StoredEventFrame<T> | VolatileEventFrame<T>;
+export type EventFrame<T = Data> = StoredEventFrame<T> | VolatileEventFrame<T>;
 
 /** The first frame of every connection. */
 export interface WelcomeFrame {
@@ -205,6 +209,11 @@ export interface ClientOptions {
    * transport.
    */
   webtransport?: Record<string, WebTransportInfo>;
+  /**
+   * How WebSocket and WebTransport frames are encoded: JSON text (default), or MessagePack
+   * (the `fanout.msgpack` subprotocol). SSE and long-polling speak JSON either way.
+   */
+  protocol?: "json" | "msgpack";
   EventSource?: unknown;
   fetch?: typeof fetch;
 }
@@ -241,16 +250,16 @@ export declare class FanoutClient {
   /** Closes for good (no reconnect). */
   close(): void;
   /** Subscribes to `channel`; `callback` gets its events. Renewed after every reconnect. */
-  subscribe<T = Json>(
+  subscribe<T = Data>(
     channel: string,
     callback?: (event: EventFrame<T>) => void,
     options?: { presence?: boolean },
   ): Promise<SubscribedReply | PendingReply>;
   unsubscribe(channel: string): Promise<UnsubscribedReply>;
-  /** Publishes `data` through the node; resolves once stored. */
-  publish(channel: string, data: Json, options?: { volatile?: false }): Promise<PublishedReply>;
+  /** Publishes `data` (JSON, or bytes) through the node; resolves once stored. */
+  publish(channel: string, data: Data | ArrayBuffer, options?: { volatile?: false }): Promise<PublishedReply>;
   /** Publishes a volatile event (not stored, at most once); resolves once NATS has it. */
-  publish(channel: string, data: Json, options: { volatile: true }): Promise<VolatilePublishedReply>;
+  publish(channel: string, data: Data | ArrayBuffer, options: { volatile: true }): Promise<VolatilePublishedReply>;
   /** Who is in `channel`, across every node. */
   presence(channel: string, options?: { countOnly?: boolean }): Promise<PresenceAnswer>;
   /** What other members see of this connection (kept across reconnects). */
@@ -277,6 +286,15 @@ export declare function defaultTransports(runtime?: { WebTransport?: unknown }):
 export declare function varint(n: number): number[];
 /** The whole frames in `buf` (each after its varint length), and the bytes left over. */
 export declare function unframe(buf: Uint8Array): { frames: Uint8Array[]; rest: Uint8Array };
+
+/** The subprotocol of MessagePack frames: `"fanout.msgpack"`. */
+export declare const MSGPACK: "fanout.msgpack";
+/** A value as MessagePack (maps, arrays, strings, bin from `Uint8Array`, numbers, booleans, nil). */
+export declare function pack(value: unknown): Uint8Array;
+/** One MessagePack value (bin as `Uint8Array`; 64-bit integers beyond 2^53 as `bigint`). */
+export declare function unpack(bytes: Uint8Array): unknown;
+export declare function toBase64(bytes: Uint8Array): string;
+export declare function fromBase64(text: string): Uint8Array;
 
 export declare function shouldReconnect(code: number): boolean;
 /** Whether a refused request may succeed when asked again. */

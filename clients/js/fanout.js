@@ -200,6 +200,10 @@ export class FanoutClient {
    *   reached over the next transport
    * @param {typeof WebTransport} [options.WebTransport] WebTransport implementation (default:
    *   the global one)
+   * @param {"json"|"msgpack"} [options.protocol="json"] how WebSocket and WebTransport frames
+   *   are encoded: JSON text, or MessagePack (`fanout.msgpack`: smaller frames, bytes as bin).
+   *   SSE and long-polling speak JSON either way. Whatever the protocol, an event whose data
+   *   is bytes reaches handlers with `data` a `Uint8Array`, and `publish` takes one.
    * @param {number} [options.fallbackAfter=2]     failed attempts in a row before the next transport
    * @param {number} [options.pollTimeout=25]      how long one long-poll waits for events (s)
    * @param {number} [options.minDelay=500]        first reconnect delay (ms, before jitter)
@@ -229,12 +233,16 @@ export class FanoutClient {
       transports: defaultTransports(),
       fallbackAfter: 2,
       pollTimeout: 25,
+      protocol: "json",
       WebSocket: globalThis.WebSocket,
       WebTransport: globalThis.WebTransport,
       EventSource: globalThis.EventSource,
       fetch: globalThis.fetch?.bind(globalThis),
       ...options,
     };
+    if (!["json", "msgpack"].includes(this.options.protocol)) {
+      throw new Error(`fanout: protocol is "json" or "msgpack", not ${this.options.protocol}`);
+    }
     const unknown = this.options.transports.filter((t) => !TRANSPORTS.includes(t));
     if (unknown.length || this.options.transports.length === 0) {
       throw new Error(`fanout: transports are some of ${TRANSPORTS.join(", ")}, not ${unknown}`);
@@ -391,6 +399,7 @@ export class FanoutClient {
    * has it, and subscribers get it as an `event` with `volatile: true`.
    */
   publish(channel, data, options = {}) {
+    if (data instanceof ArrayBuffer) data = new Uint8Array(data);
     const frame = { op: "publish", channel, data };
     if (options.volatile) frame.volatile = true;
     return this.request(frame);
@@ -516,16 +525,24 @@ export class FanoutClient {
     link.timeout = setTimeout(() => link.close(), this.options.connectTimeout);
   }
 
-  /** What a link received: a frame (its JSON text, or the object), while it is current. */
+  /**
+   * What a link received: a frame (its JSON text, its MessagePack bytes, or the object), while
+   * it is current. Bytes in an event's data (JSON's base64) become a `Uint8Array`.
+   */
   _received(link, frame) {
     if (link !== this._socket) return;
-    if (typeof frame === "string") {
+    if (typeof frame === "string" || frame instanceof ArrayBuffer || frame instanceof Uint8Array) {
       try {
-        frame = JSON.parse(frame);
+        frame = typeof frame === "string" ? JSON.parse(frame) : unpack(new Uint8Array(frame));
       } catch {
-        this._emit("error", { code: "invalid_frame", message: "the server sent invalid JSON" });
+        const message = `the server sent invalid ${typeof frame === "string" ? "JSON" : "MessagePack"}`;
+        this._emit("error", { code: "invalid_frame", message });
         return;
       }
+    }
+    if (frame?.op === "event" && frame.encoding === "base64" && typeof frame.data === "string") {
+      frame.data = fromBase64(frame.data);
+      delete frame.encoding;
     }
     if (frame.op === "welcome") clearTimeout(link.timeout);
     this._onFrame(frame, link);
@@ -767,18 +784,192 @@ export class FanoutClient {
   }
 }
 
+// MessagePack (https://github.com/msgpack/msgpack/blob/master/spec.md), as much of it as
+// fanout's frames use, without a dependency: maps with string keys, arrays, strings, bin
+// (`Uint8Array`), integers, floats, booleans and nil. Ext types are refused.
+
+/** The subprotocol of MessagePack frames, on WebSocket and WebTransport. */
+export const MSGPACK = "fanout.msgpack";
+
+/** `value` as MessagePack bytes. */
+export function pack(value) {
+  const out = [];
+  const bytes = (array) => { for (let i = 0; i < array.length; i++) out.push(array[i]); };
+  const be = (n, width) => { for (let i = width - 1; i >= 0; i--) out.push(Number((BigInt(n) >> BigInt(8 * i)) & 0xffn)); };
+  const head = (small, base, n) => {
+    if (small !== null && n < 16) out.push(small | n);
+    else if (n < 0x10000) { out.push(base + 1); be(n, 2); }
+    else { out.push(base + 2); be(n, 4); }
+  };
+  const write = (v) => {
+    if (v === null || v === undefined) out.push(0xc0);
+    else if (v === false) out.push(0xc2);
+    else if (v === true) out.push(0xc3);
+    else if (typeof v === "number" && Number.isInteger(v) && Math.abs(v) <= Number.MAX_SAFE_INTEGER) {
+      if (v >= 0 && v < 0x80) out.push(v);
+      else if (v < 0 && v >= -32) out.push(v & 0xff);
+      else if (v >= 0) {
+        if (v < 0x100) out.push(0xcc, v);
+        else if (v < 0x10000) { out.push(0xcd); be(v, 2); }
+        else if (v < 0x100000000) { out.push(0xce); be(v, 4); }
+        else { out.push(0xcf); be(v, 8); }
+      } else if (v >= -0x80) out.push(0xd0, v & 0xff);
+      else if (v >= -0x8000) { out.push(0xd1); be(v & 0xffff, 2); }
+      else if (v >= -0x80000000) { out.push(0xd2); be(v >>> 0, 4); }
+      else { out.push(0xd3); be(BigInt.asUintN(64, BigInt(v)), 8); }
+    } else if (typeof v === "number") {
+      const view = new DataView(new ArrayBuffer(8));
+      view.setFloat64(0, v);
+      out.push(0xcb);
+      bytes(new Uint8Array(view.buffer));
+    } else if (typeof v === "bigint") {
+      out.push(v < 0n ? 0xd3 : 0xcf);
+      be(BigInt.asUintN(64, v), 8);
+    } else if (typeof v === "string") {
+      const utf8 = new TextEncoder().encode(v);
+      if (utf8.length < 32) out.push(0xa0 | utf8.length);
+      else if (utf8.length < 0x100) out.push(0xd9, utf8.length);
+      else head(null, 0xd9, utf8.length);
+      bytes(utf8);
+    } else if (v instanceof Uint8Array || v instanceof ArrayBuffer) {
+      const bin = new Uint8Array(v);
+      if (bin.length < 0x100) out.push(0xc4, bin.length);
+      else head(null, 0xc4, bin.length);
+      bytes(bin);
+    } else if (Array.isArray(v)) {
+      head(0x90, 0xdc - 1, v.length);
+      for (const item of v) write(item);
+    } else if (typeof v === "object") {
+      const entries = Object.entries(v).filter(([, item]) => item !== undefined);
+      head(0x80, 0xde - 1, entries.length);
+      for (const [key, item] of entries) { write(key); write(item); }
+    } else {
+      throw new TypeError(`fanout: cannot encode ${typeof v} as MessagePack`);
+    }
+  };
+  write(value);
+  return new Uint8Array(out);
+}
+
+/** One MessagePack value from `bytes` (all of them); bin becomes a `Uint8Array`. */
+export function unpack(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const utf8 = new TextDecoder("utf-8", { fatal: true });
+  let at = 0;
+  const take = (n) => {
+    if (at + n > bytes.length) throw new RangeError("fanout: a MessagePack value ends early");
+    const start = at;
+    at += n;
+    return start;
+  };
+  const uint = (width) => {
+    const i = take(width);
+    if (width === 1) return view.getUint8(i);
+    if (width === 2) return view.getUint16(i);
+    if (width === 4) return view.getUint32(i);
+    const n = view.getBigUint64(i);
+    return n <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(n) : n;
+  };
+  const int = (width) => {
+    const i = take(width);
+    if (width === 1) return view.getInt8(i);
+    if (width === 2) return view.getInt16(i);
+    if (width === 4) return view.getInt32(i);
+    const n = view.getBigInt64(i);
+    return n >= BigInt(Number.MIN_SAFE_INTEGER) && n <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(n) : n;
+  };
+  const str = (n) => utf8.decode(bytes.subarray(take(n), at));
+  const bin = (n) => bytes.slice(take(n), at);
+  const array = (n) => Array.from({ length: n }, () => read());
+  const map = (n) => {
+    const object = {};
+    for (let i = 0; i < n; i++) {
+      const key = read();
+      if (typeof key !== "string") throw new TypeError("fanout: a MessagePack map key is not a string");
+      object[key] = read();
+    }
+    return object;
+  };
+  const read = () => {
+    const b = uint(1);
+    if (b < 0x80) return b;
+    if (b < 0x90) return map(b & 0x0f);
+    if (b < 0xa0) return array(b & 0x0f);
+    if (b < 0xc0) return str(b & 0x1f);
+    if (b >= 0xe0) return b - 0x100;
+    switch (b) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return bin(uint(1));
+      case 0xc5: return bin(uint(2));
+      case 0xc6: return bin(uint(4));
+      case 0xca: return view.getFloat32(take(4));
+      case 0xcb: return view.getFloat64(take(8));
+      case 0xcc: return uint(1);
+      case 0xcd: return uint(2);
+      case 0xce: return uint(4);
+      case 0xcf: return uint(8);
+      case 0xd0: return int(1);
+      case 0xd1: return int(2);
+      case 0xd2: return int(4);
+      case 0xd3: return int(8);
+      case 0xd9: return str(uint(1));
+      case 0xda: return str(uint(2));
+      case 0xdb: return str(uint(4));
+      case 0xdc: return array(uint(2));
+      case 0xdd: return array(uint(4));
+      case 0xde: return map(uint(2));
+      case 0xdf: return map(uint(4));
+      default: throw new TypeError(`fanout: MessagePack type 0x${b.toString(16)} is not used`);
+    }
+  };
+  const value = read();
+  if (at !== bytes.length) throw new RangeError("fanout: bytes after a MessagePack value");
+  return value;
+}
+
+/** `bytes` as base64 (RFC 4648, padded). */
+export function toBase64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
+
+/** The bytes of base64 `text`. */
+export function fromBase64(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+/** A request as JSON text: bytes in `data` as base64 with `"encoding":"base64"`. */
+function jsonFrame(frame) {
+  if (!(frame.data instanceof Uint8Array)) return JSON.stringify(frame);
+  return JSON.stringify({ ...frame, data: toBase64(frame.data), encoding: "base64" });
+}
+
 /** A WebSocket connection (`/ws`): requests and frames both ways on one socket. */
 class SocketLink {
   constructor(client, url, token) {
     let target = endpoint(url, "websocket").url;
     if (token) target += `${target.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
-    this.socket = new client.options.WebSocket(target);
+    const packed = client.options.protocol === "msgpack";
+    this.socket = packed
+      ? new client.options.WebSocket(target, [MSGPACK])
+      : new client.options.WebSocket(target);
+    if (packed) this.socket.binaryType = "arraybuffer";
     this.socket.onmessage = (message) => client._received(this, message.data);
     this.socket.onclose = (event) => client._closed(this, { code: event.code, reason: event.reason });
   }
 
   send(frame) {
-    this.socket.send(JSON.stringify(frame));
+    // The node chose MessagePack only if this socket offered it.
+    if (this.socket.protocol === MSGPACK) this.socket.send(pack(frame));
+    else this.socket.send(jsonFrame(frame));
   }
 
   /** A fresh WebSocket follows nothing but broadcast, and that from now. */
@@ -842,10 +1033,10 @@ class WebTransportLink {
     this.client = client;
     this.queue = [];
     this.ended = false;
-    this.session = new client.options.WebTransport(
-      target.toString(),
-      hashes.length ? { serverCertificateHashes: hashes } : {},
-    );
+    const options = hashes.length ? { serverCertificateHashes: hashes } : {};
+    if (client.options.protocol === "msgpack") options.protocols = [MSGPACK];
+    this.session = new client.options.WebTransport(target.toString(), options);
+    this.packed = false; // known once the session is ready (`session.protocol`)
     this.session.closed.then(
       (info) => this._end({ code: info?.closeCode ?? 1000, reason: info?.reason ?? "" }),
       (error) => this._end({ code: 1006, reason: String(error?.message ?? error) }),
@@ -862,6 +1053,8 @@ class WebTransportLink {
 
   async _start() {
     await this.session.ready;
+    // A browser without `protocols` offers nothing, and the node then speaks JSON.
+    this.packed = this.session.protocol === MSGPACK;
     const stream = await this.session.createBidirectionalStream();
     this.writer = stream.writable.getWriter();
     // A stream reaches the node with its first bytes: an empty frame, then what waited.
@@ -869,6 +1062,11 @@ class WebTransportLink {
     for (const frame of this.queue.splice(0)) this._write(frame);
     this._read(stream.readable.getReader());
     this._readDatagrams(this.session.datagrams.readable.getReader());
+  }
+
+  /** One frame's payload as `_received` takes it: JSON text or MessagePack bytes. */
+  _payload(bytes, decoder) {
+    return this.packed ? bytes : decoder.decode(bytes);
   }
 
   async _read(reader) {
@@ -882,7 +1080,7 @@ class WebTransportLink {
       joined.set(value, buf.length);
       const { frames, rest } = unframe(joined);
       buf = rest.slice();
-      for (const frame of frames) this.client._received(this, decoder.decode(frame));
+      for (const frame of frames) this.client._received(this, this._payload(frame, decoder));
     }
   }
 
@@ -891,12 +1089,12 @@ class WebTransportLink {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return;
-      this.client._received(this, decoder.decode(value));
+      this.client._received(this, this._payload(value, decoder));
     }
   }
 
   _write(frame) {
-    const bytes = new TextEncoder().encode(JSON.stringify(frame));
+    const bytes = this.packed ? pack(frame) : new TextEncoder().encode(jsonFrame(frame));
     this.writer.write(new Uint8Array([...varint(bytes.length), ...bytes])).catch(() => {});
   }
 
@@ -1028,7 +1226,7 @@ class SseLink {
     const post = this.client.options.fetch(`${this.base}/session/${this.conn}`, {
       method: "POST",
       headers: { Authorization: `Bearer ${this.secret}`, "Content-Type": "application/json" },
-      body: JSON.stringify(frame),
+      body: jsonFrame(frame),
     });
     post
       .then(async (response) => {
@@ -1194,7 +1392,7 @@ class PollLink {
       .fetch(this._url("/request"), {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(frame),
+        body: jsonFrame(frame),
       })
       .then(async (response) => {
         if (response.ok) client._received(this, await response.text());

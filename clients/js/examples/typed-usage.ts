@@ -49,6 +49,15 @@ const eventId: string = published.event;
 const cursorMoved = await client.publish("room:maths", { x: 10, y: 20 }, { volatile: true });
 const volatile: true = cursorMoved.volatile;
 
+// Bytes: a Uint8Array both ways, on every transport; MessagePack frames where they go.
+const packed = new FanoutClient("ws://localhost:8081/ws", { protocol: "msgpack" });
+await packed.subscribe("files", (event) => {
+  if (event.data instanceof Uint8Array) console.log(event.data.byteLength, "bytes");
+});
+await packed.publish("files", new Uint8Array([0, 1, 2]));
+// @ts-expect-error: the protocols are "json" and "msgpack"
+new FanoutClient("ws://localhost:8081/ws", { protocol: "cbor" });
+
 const answer = await client.presence("room:maths");
 const members: Member[] = answer.members ?? [];
 const names = members.map((m) => m.user);

@@ -1,7 +1,7 @@
 // Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { FanoutClient, backoff, decodeCursor, defaultTransports, encodeCursor, endpoint, shouldReconnect, unframe, varint } from "../fanout.js";
+import { FanoutClient, backoff, decodeCursor, defaultTransports, encodeCursor, endpoint, pack, shouldReconnect, unframe, unpack, varint } from "../fanout.js";
 
 /** A WebSocket stand-in that records what is sent and lets the test play the server. */
 class FakeSocket {
@@ -742,4 +742,91 @@ test("URLs by region: the nearest region first, the others to fail over to", asy
   } finally {
     client.close();
   }
+});
+
+test("MessagePack: the bytes Python's msgpack makes, both ways", () => {
+  // Each value with its encoding by PyPI's msgpack 1.1.2 (`packb(v, use_bin_type=True)`).
+  const golden = [
+    [{ op: "publish", channel: "a", data: new Uint8Array([0, 1, 255]), id: 7 },
+     "84a26f70a77075626c697368a76368616e6e656ca161a464617461c4030001ffa2696407"],
+    [[0, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1, -1, -32, -33, -128, -129, -32768, -32769, -(2 ** 31), -(2 ** 31) - 1, -(2 ** 53 - 1)],
+     "dc0014007fcc80ccffcd0100cdffffce00010000ceffffffffcf0000000100000000cf001fffffffffffffffe0d0dfd080d1ff7fd18000d2ffff7fffd280000000d3ffffffff7fffffffd3ffe0000000000001"],
+    [1.5,
+     "cb3ff8000000000000"],
+    [-0.25,
+     "cbbfd0000000000000"],
+    ["x".repeat(31),
+     "bf78787878787878787878787878787878787878787878787878787878787878"],
+    ["y".repeat(32),
+     "d9207979797979797979797979797979797979797979797979797979797979797979"],
+    ["z".repeat(256),
+     "da01007a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a"],
+    [new Uint8Array(256).fill(98),
+     "c5010062626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262626262"],
+    [Array.from({ length: 16 }, (_, i) => i),
+     "dc0010000102030405060708090a0b0c0d0e0f"],
+    [Object.fromEntries(Array.from({ length: 16 }, (_, i) => [String(i), i])),
+     "de0010a13000a13101a13202a13303a13404a13505a13606a13707a13808a13909a231300aa231310ba231320ca231330da231340ea231350f"],
+    [null,
+     "c0"],
+    [true,
+     "c3"],
+    [false,
+     "c2"],
+    ["héllo",
+     "a668c3a96c6c6f"],
+  ];
+  const hex = (bytes) => Buffer.from(bytes).toString("hex");
+  for (const [value, expected] of golden) {
+    assert.equal(hex(pack(value)), expected, JSON.stringify(value));
+    assert.deepEqual(unpack(new Uint8Array(Buffer.from(expected, "hex"))), value);
+  }
+  assert.equal(unpack(new Uint8Array(Buffer.from("cf0020000000000001", "hex"))), 2n ** 53n + 1n);
+  for (const bad of ["c1", "a3616263ff", "81c0c0", "d40000", "c403aa", "90c0"]) {
+    assert.throws(() => unpack(new Uint8Array(Buffer.from(bad, "hex"))), bad);
+  }
+});
+
+test("bytes: Uint8Array data over MessagePack (bin) and JSON (base64); published both ways", async () => {
+  // A WebSocket offered fanout.msgpack, whose node chose it.
+  class PackedSocket extends FakeSocket {
+    constructor(url, protocols) {
+      super(url);
+      this.protocols = protocols;
+      this.protocol = protocols?.[0] ?? "";
+    }
+    send(bytes) { this.sent.push(unpack(bytes)); }
+    frame(value) { this.onmessage?.({ data: pack(value).buffer }); }
+  }
+  const { client, last } = setup("ws://a/ws", { WebSocket: PackedSocket, protocol: "msgpack" });
+  const got = [];
+  client.subscribe("files", (event) => got.push(event.data));
+  client.connect();
+  assert.deepEqual(last().protocols, ["fanout.msgpack"]);
+  assert.equal(last().binaryType, "arraybuffer");
+  last().welcome("n1");
+  last().frame({ op: "event", channel: "files", seq: 1, data: new Uint8Array([1, 2]) });
+  last().frame({ op: "event", channel: "files", seq: 2, data: "AwQ=", encoding: "base64" });
+  last().frame({ op: "event", channel: "files", seq: 3, data: { json: true } });
+  assert.deepEqual(got, [new Uint8Array([1, 2]), new Uint8Array([3, 4]), { json: true }]);
+  client.publish("files", new Uint8Array([9])).catch(() => {});
+  assert.deepEqual(last().sent.at(-1).data, new Uint8Array([9]));
+  client.close();
+  mock.timers.reset();
+
+  const json = setup("ws://a/ws");
+  const plain = [];
+  json.client.subscribe("files", (event) => plain.push(event));
+  json.client.connect();
+  json.last().welcome("n1");
+  json.last().frame({ op: "event", channel: "files", seq: 1, data: "/3sA", encoding: "base64" });
+  assert.deepEqual(plain[0].data, new Uint8Array([255, 123, 0]));
+  assert.equal(plain[0].encoding, undefined);
+  json.client.publish("files", new Uint8Array([255, 123, 0]).buffer).catch(() => {});
+  const sent = json.last().sent.at(-1);
+  assert.equal(sent.data, "/3sA");
+  assert.equal(sent.encoding, "base64");
+  assert.throws(() => new FanoutClient("ws://a/ws", { protocol: "cbor" }), /protocol/);
+  json.client.close();
+  mock.timers.reset();
 });
