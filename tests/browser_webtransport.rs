@@ -318,3 +318,142 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
         })
         .await;
 }
+
+/// What a page's clients received, by name: each event's data (bytes as an array of numbers,
+/// marked), as `window.got` keeps it.
+async fn got(tab: &Tab<'_>, name: &str) -> Vec<Value> {
+    tab.eval(&format!("return window.got?.[{name:?}] ?? []"))
+        .await
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_speaks_msgpack_on_websocket_and_webtransport_and_gets_bytes_everywhere() {
+    let nats = NatsServer::start();
+    let mut env = ws_process_env(&nats.url(), "ws-1", 0);
+    env.push(("FANOUT_WEBTRANSPORT_LISTEN", "127.0.0.1:0".to_string()));
+    let ws = Process::start("fanout-ws", &env);
+    wait_ready(&ws.server()).await;
+    let api = start_api(&nats).await;
+    let (wt_url, hashes) = webtransport_of(&api, "ws-1").await;
+    let node = format!("ws://{}/ws", ws.server().addr);
+
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    browser.goto(&api.url("/")).await.unwrap();
+    let tab = Tab {
+        browser: &browser,
+        handle: browser.window().await.unwrap(),
+        name: "msgpack",
+    };
+    // fanout.js as the page serves it: MessagePack over WebTransport and WebSocket, JSON over
+    // SSE, each subscribed to `bin`.
+    let webtransport = json!({ node.clone(): {"url": wt_url, "cert_hashes": hashes} });
+    run(
+        &tab,
+        &format!(
+            r#"import('/fanout.js').then((m) => {{
+              window.got = {{}};
+              window.clients = {{}};
+              for (const [name, transport, protocol] of [["wt", "webtransport", "msgpack"], ["ws", "websocket", "msgpack"], ["sse", "sse", "json"]]) {{
+                const client = new m.FanoutClient([{node:?}], {{ transports: [transport], protocol, webtransport: {webtransport} }});
+                window.got[name] = [];
+                client.subscribe("bin", (e) => window.got[name].push({{
+                  bytes: e.data instanceof Uint8Array,
+                  data: e.data instanceof Uint8Array ? [...e.data] : e.data,
+                  volatile: !!e.volatile,
+                }}));
+                client.connect();
+                window.clients[name] = client;
+              }}
+            }})"#
+        ),
+    )
+    .await;
+    let names = ["wt", "ws", "sse"];
+    // Every client follows `bin` once a JSON event reaches it (published until one does).
+    let mut n = 0;
+    tab.until(WAIT, "every client to follow bin", || {
+        n += 1;
+        let api = &api;
+        let tab = &tab;
+        async move {
+            publish(api, "bin", &json!({"warm": n})).await;
+            let mut all = true;
+            for name in names {
+                all &= !got(tab, name).await.is_empty();
+            }
+            all
+        }
+    })
+    .await;
+    // Negotiated: MessagePack on the WebSocket and on the WebTransport session.
+    let negotiated = tab
+        .eval(
+            "return [window.clients.ws._socket.socket.protocol, window.clients.wt._socket.packed]",
+        )
+        .await;
+    assert_eq!(
+        negotiated,
+        json!(["fanout.msgpack", true]),
+        "{}",
+        tab.dump().await
+    );
+
+    // Bytes from the API, stored and volatile: a Uint8Array for every client.
+    let bytes: Vec<u8> = (0..=255).rev().collect();
+    let (status, _) = post_bytes(&api, "/v1/channels/bin/events", bytes.clone()).await;
+    assert_eq!(status, 202);
+    let (status, _) = post_bytes(&api, "/v1/channels/bin/volatile", vec![1u8, 2, 3]).await;
+    assert_eq!(status, 202);
+    // From a MessagePack client over WebTransport: a Uint8Array published.
+    run(
+        &tab,
+        "window.clients.wt.publish('bin', new Uint8Array([7, 0, 255]))",
+    )
+    .await;
+    for name in names {
+        for (what, expected, volatile) in [
+            ("the API's bytes", &bytes[..], false),
+            ("the volatile bytes", &[1u8, 2, 3][..], true),
+            ("the client's bytes", &[7u8, 0, 255][..], false),
+        ] {
+            tab.until(WAIT, &format!("{what} on {name}"), || async {
+                got(&tab, name).await.iter().any(|e| {
+                    e["bytes"] == true && e["volatile"] == volatile && e["data"] == json!(expected)
+                })
+            })
+            .await;
+        }
+        let json_events = got(&tab, name).await;
+        assert!(
+            json_events
+                .iter()
+                .filter(|e| e["bytes"] == false)
+                .all(|e| e["data"]["warm"].is_u64()),
+            "{name}: JSON data stays objects: {json_events:?}"
+        );
+    }
+
+    // The demo page with ?protocol=msgpack.
+    let page = Tab {
+        browser: &browser,
+        handle: browser.new_window(true).await.unwrap().handle,
+        name: "page",
+    };
+    page.focus().await;
+    browser
+        .goto(&api.url("/?protocol=msgpack&transport=websocket"))
+        .await
+        .unwrap();
+    page.wait_for("open", Some("ws-1")).await;
+    let seq = publish(&api, "broadcast", &json!({"over": "msgpack"})).await;
+    page.wait_for_event(seq).await;
+    let protocol = page
+        .eval("return window.fanoutClient._socket.socket.protocol")
+        .await;
+    assert_eq!(protocol, "fanout.msgpack");
+}

@@ -154,7 +154,10 @@ function addEvent(event) {
   }
   const data = document.createElement("code");
   data.className = "data";
-  data.textContent = JSON.stringify(event.data);
+  // Bytes (a Uint8Array): their length and first bytes in hex.
+  data.textContent = event.data instanceof Uint8Array
+    ? `${event.data.length} bytes: ${[...event.data.subarray(0, 16)].map((b) => b.toString(16).padStart(2, "0")).join(" ")}${event.data.length > 16 ? " …" : ""}`
+    : JSON.stringify(event.data);
   li.append(head, data);
   const log = $("log");
   log.prepend(li);
@@ -352,7 +355,9 @@ async function main() {
   const webtransport = Object.fromEntries(
     nodes.filter((n) => n.webtransport).map((n) => [n.url, n.webtransport]),
   );
-  const client = new FanoutClient(urls, { transports: allowed.list, webtransport });
+  // `?protocol=msgpack`: MessagePack frames on WebSocket and WebTransport (fanout.msgpack).
+  const protocol = params.get("protocol") === "msgpack" ? "msgpack" : "json";
+  const client = new FanoutClient(urls, { transports: allowed.list, webtransport, protocol });
   // For the console (and the browser tests): the tab's client.
   window.fanoutClient = client;
   client.on("state", (s) => {

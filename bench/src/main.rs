@@ -59,6 +59,10 @@ enum Targets {
     Transports,
     /// fanout over WebTransport.
     Wt,
+    /// fanout over WebSocket with MessagePack frames (`fanout.msgpack`).
+    Msgpack,
+    /// fanout over WebSocket with JSON frames, then with MessagePack ones.
+    Encodings,
 }
 
 impl Targets {
@@ -71,6 +75,8 @@ impl Targets {
             Targets::Poll => vec![Target::FanoutPoll],
             Targets::Transports => vec![Target::Fanout, Target::FanoutSse],
             Targets::Wt => vec![Target::FanoutWt],
+            Targets::Msgpack => vec![Target::FanoutMsgpack],
+            Targets::Encodings => vec![Target::Fanout, Target::FanoutMsgpack],
         }
     }
 }
@@ -273,6 +279,7 @@ fn label(target: Target) -> &'static str {
         Target::Fanout => "fanout",
         Target::FanoutSse => "fanout SSE",
         Target::FanoutWt => "fanout WT",
+        Target::FanoutMsgpack => "fanout msgpack",
         Target::FanoutPoll => "fanout long-poll",
         Target::Nats => "NATS",
     }

@@ -81,6 +81,29 @@ impl FanoutTier {
             .collect()
     }
 
+    /// What the nodes' event frames came to so far: (frames, bytes), summed over the nodes'
+    /// `fanout_ws_frames_delivered_total` and `fanout_ws_bytes_out_total` (each frame as
+    /// written: its transport's framing included).
+    pub async fn frames_out(&self) -> (u64, u64) {
+        let (mut frames, mut bytes) = (0, 0);
+        for node in &self.nodes {
+            let metrics = fanout_testkit::http::get(&node.addr.to_string(), "/metrics")
+                .await
+                .map(|a| a.body)
+                .unwrap_or_default();
+            let counter = |name: &str| {
+                metrics
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64
+            };
+            frames += counter("fanout_ws_frames_delivered_total");
+            bytes += counter("fanout_ws_bytes_out_total");
+        }
+        (frames, bytes)
+    }
+
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api.addr)
     }
@@ -207,6 +230,8 @@ pub struct FanOut {
     /// Server CPU seconds per process (fanout: the ws nodes, the API, nats-server; NATS: its
     /// nodes).
     pub by_process: Vec<f64>,
+    /// fanout only: bytes the nodes wrote per event frame, framing included.
+    pub bytes_per_delivery: Option<f64>,
 }
 
 impl FanOut {
@@ -233,6 +258,7 @@ impl FanOut {
             "ack_ms": self.acks.as_ref().map(|a| json!({"p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99)})),
             "nats_server": self.nats,
             "server_cpu_seconds_by_process": self.by_process,
+            "bytes_per_delivery": self.bytes_per_delivery,
         })
     }
 }
@@ -265,7 +291,11 @@ fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
 
 pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => {
+        Target::Fanout
+        | Target::FanoutSse
+        | Target::FanoutPoll
+        | Target::FanoutWt
+        | Target::FanoutMsgpack => {
             let mut extra = vec![(
                 "FANOUT_COALESCE_MS".to_string(),
                 spec.coalesce_ms.to_string(),
@@ -306,6 +336,10 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     });
     let channels = channels(&spec);
     let duration = Duration::from_secs(spec.secs);
+    let out_before = match &fanout {
+        Some(t) => Some(t.frames_out().await),
+        None => None,
+    };
     let (server_before, loadgen_before) = (cpu(&servers), workers.cpu_seconds() + self_cpu());
     let each_before: Vec<f64> = servers.iter().copied().map(tier::cpu_seconds).collect();
     let started = std::time::Instant::now();
@@ -371,6 +405,13 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         .map(|(pid, before)| tier::cpu_seconds(*pid) - before)
         .collect();
     let loadgen_cpu = workers.cpu_seconds() + self_cpu() - loadgen_before;
+    let bytes_per_delivery = match (&fanout, out_before) {
+        (Some(t), Some((frames, bytes))) => {
+            let (f, b) = t.frames_out().await;
+            Some((b - bytes) as f64 / (f - frames).max(1) as f64)
+        }
+        _ => None,
+    };
     let seen = workers.stop(&published);
     let counters = nats.as_ref().map(|n| {
         json!({"nodes": tier::nats_counters(&n.monitor_ports),
@@ -390,13 +431,18 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         loadgen_cpu,
         latency: seen.hist,
         acks,
+        bytes_per_delivery,
     }
 }
 
 /// Idle memory: RSS growth per connection on each node.
 pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usize) -> Idle {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => (
+        Target::Fanout
+        | Target::FanoutSse
+        | Target::FanoutPoll
+        | Target::FanoutWt
+        | Target::FanoutMsgpack => (
             Some(FanoutTier::start_with(paths, nodes, &target_env(target)).await),
             None,
         ),
@@ -440,7 +486,11 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
 /// Connect storm: connections per second one node accepts (handshake + first frame).
 pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
     let (fanout, nats) = match target {
-        Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => (
+        Target::Fanout
+        | Target::FanoutSse
+        | Target::FanoutPoll
+        | Target::FanoutWt
+        | Target::FanoutMsgpack => (
             Some(FanoutTier::start_with(paths, 1, &target_env(target)).await),
             None,
         ),
@@ -573,6 +623,9 @@ pub fn describe(label: &str, o: &FanOut) {
             acks.quantile_ms(0.5),
             acks.quantile_ms(0.99)
         );
+    }
+    if let Some(bytes) = o.bytes_per_delivery {
+        println!("  {label:<7} {bytes:.1} bytes per delivery (as written, framing included)");
     }
     let l = &o.latency;
     println!(

@@ -44,6 +44,8 @@ pub enum Target {
     Nats,
     /// fanout over WebTransport (`https://<node>/wt#<certificate hash>`).
     FanoutWt,
+    /// fanout over WebSocket with the `fanout.msgpack` subprotocol (MessagePack frames).
+    FanoutMsgpack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +193,39 @@ fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
     Some((&text[start..end], t, n))
 }
 
+/// A fanout event frame in MessagePack: (channel, t, n) (decoded: the load generator's cost,
+/// not the servers').
+fn msgpack_event(frame: &[u8]) -> Option<(Vec<u8>, u64, u64)> {
+    let value = rmpv::decode::read_value(&mut &frame[..]).ok()?;
+    let field = |map: &rmpv::Value, name: &str| -> Option<rmpv::Value> {
+        map.as_map()?
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v.clone())
+    };
+    if field(&value, "op")?.as_str()? != "event" {
+        return None;
+    }
+    let channel = field(&value, "channel")?.as_str()?.as_bytes().to_vec();
+    let data = field(&value, "data")?;
+    Some((
+        channel,
+        field(&data, "t")?.as_u64()?,
+        field(&data, "n")?.as_u64()?,
+    ))
+}
+
+/// A request as a MessagePack map of strings.
+fn msgpack_request(fields: &[(&str, &str)]) -> Vec<u8> {
+    let map = fields
+        .iter()
+        .map(|(k, v)| (rmpv::Value::from(*k), rmpv::Value::from(*v)))
+        .collect();
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &rmpv::Value::Map(map)).expect("a Vec takes it");
+    out
+}
+
 /// A client's socket after the WebSocket handshake, read and written without a WebSocket
 /// library: the load generator shares the cores with the servers, and parsing unmasked server
 /// frames by hand costs a fraction of a general-purpose stream's per-message work.
@@ -322,13 +357,17 @@ impl Socket {
     }
 }
 
-async fn open(url: &str, source: IpAddr) -> Result<Socket, String> {
+async fn open(url: &str, source: IpAddr, msgpack: bool) -> Result<Socket, String> {
     let (mut socket, authority) = dial(url, source).await?;
     let path = url
         .trim_start_matches("ws://")
         .split_once('/')
         .map_or("", |(_, p)| p);
-    let request = raw::upgrade(&authority, &format!("/{path}"));
+    let mut request = raw::upgrade(&authority, &format!("/{path}"));
+    if msgpack {
+        request.truncate(request.len() - 2);
+        request.push_str("Sec-WebSocket-Protocol: fanout.msgpack\r\n\r\n");
+    }
     socket.head(&request, "HTTP/1.1 101").await?;
     Ok(socket)
 }
@@ -537,12 +576,31 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
             };
             return Ok(Conn::Wt(Box::new(Wt::open(url, &channels).await?)));
         }
-        Target::Fanout | Target::Nats => {}
+        Target::Fanout | Target::FanoutMsgpack | Target::Nats => {}
     }
-    let mut ws = open(url, job.source).await?;
+    let mut ws = open(url, job.source, job.target == Target::FanoutMsgpack).await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
         Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => unreachable!(),
+        Target::FanoutMsgpack => {
+            // MessagePack strings are their UTF-8 bytes: the ops show as they are.
+            ws.until(|f| contains(f, b"welcome")).await?;
+            if subscribe {
+                let channels = job_channels(job, i);
+                for channel in &channels {
+                    let request = msgpack_request(&[("op", "subscribe"), ("channel", channel)]);
+                    ws.send(0x2, &request).await?;
+                }
+                let mut left = channels.len();
+                ws.until(|f| {
+                    if contains(f, b"subscribed") {
+                        left -= 1;
+                    }
+                    left == 0
+                })
+                .await?;
+            }
+        }
         Target::Fanout => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
@@ -602,6 +660,13 @@ fn count(
                 shared.hist.record(now.saturating_sub(t));
                 shared.received += 1;
                 seen.saw(channel, n);
+            }
+        }
+        (_, Target::FanoutMsgpack) => {
+            if let Some((channel, t, n)) = msgpack_event(data) {
+                shared.hist.record(now.saturating_sub(t));
+                shared.received += 1;
+                seen.saw(&channel, n);
             }
         }
         (_, Target::Nats) => pending.extend_from_slice(data),
