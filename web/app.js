@@ -70,8 +70,10 @@ function renderNodes(nodes, pinned, forced) {
     if (active) a.setAttribute("aria-current", "page");
     nav.append(a);
   };
-  // The node buttons keep the forced transport; with regions, they come grouped by region.
-  const keep = forced ? `transport=${forced}` : "";
+  // The node buttons keep the forced transport and the protocol; with regions, they come
+  // grouped by region.
+  const protocol = new URLSearchParams(location.search).get("protocol") === "msgpack" ? "protocol=msgpack" : "";
+  const keep = [forced ? `transport=${forced}` : "", protocol].filter(Boolean).join("&");
   link("any node", `?${keep}`, pinned === null, "fail over across all nodes");
   const regions = [...new Set(nodes.map((n) => n.region ?? ""))];
   for (const region of regions) {
