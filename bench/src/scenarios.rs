@@ -25,7 +25,8 @@ pub enum Scenario {
     /// One channel: latency (300 × 100), CPU (3,000 × 100, also coalesced), throughput
     /// (3,000 × 1,000), against NATS.
     FanOut,
-    /// SSE against WebSocket, and long-polling.
+    /// SSE, WebTransport and MessagePack against WebSocket's JSON, long-polling, and volatile
+    /// events as WebTransport datagrams.
     Transports,
     /// 10,000 clients each in a channel of its own and one of 10 shared, against NATS.
     ManyChannels,
@@ -449,6 +450,68 @@ impl Suite<'_> {
         report.run(
             "long_poll",
             json!({"spec": format!("{polling:?}"), "fanout": poll.json()}),
+        );
+
+        // WebTransport and MessagePack, against the same WebSocket run.
+        let wt = self
+            .fan_out("fan-out over WebTransport", cpu, Target::FanoutWt)
+            .await;
+        let packed = self
+            .fan_out("fan-out in MessagePack", cpu, Target::FanoutMsgpack)
+            .await;
+        let ws = self.websocket_cpu.as_ref().expect("the WebSocket run");
+        let bytes = |run: &FanOut| run.bytes_per_delivery.unwrap_or_default();
+        report.row(
+            format!("WebTransport fan-out {}×{} ev/s", cpu.clients, cpu.rate),
+            vec![
+                Figure::new("server CPU µs per delivery", wt.cpu_us(), 2)
+                    .against("WebSocket", ws.cpu_us()),
+                Figure::new("missing", wt.missing as f64, 0).goal(Goal::AtMost(0.0)),
+            ],
+        );
+        report.row(
+            format!("MessagePack fan-out {}×{} ev/s", cpu.clients, cpu.rate),
+            vec![
+                Figure::new("bytes per delivery (as written)", bytes(&packed), 1)
+                    .against("JSON", bytes(ws))
+                    .goal(Goal::AtMostTimesBaseline(1.0)),
+                Figure::new("server CPU µs per delivery", packed.cpu_us(), 2)
+                    .against("JSON", ws.cpu_us())
+                    .goal(Goal::AtMostTimesBaseline(1.1)),
+                Figure::new("missing", packed.missing as f64, 0).goal(Goal::AtMost(0.0)),
+            ],
+        );
+        report.run(
+            "webtransport_msgpack_fanout_cpu",
+            json!({"spec": format!("{cpu:?}"), "webtransport": wt.json(), "msgpack": packed.json()}),
+        );
+
+        // Volatile events: datagrams over WebTransport against frames over WebSocket.
+        let volatile = Spec {
+            volatile: true,
+            ..self.one_channel(self.scale(300), 100, 10)
+        };
+        let (datagrams, frames) = (
+            self.fan_out("volatile", volatile, Target::FanoutWt).await,
+            self.fan_out("volatile", volatile, Target::Fanout).await,
+        );
+        report.row(
+            format!(
+                "volatile {}×{} ev/s, WebTransport datagrams",
+                volatile.clients, volatile.rate
+            ),
+            vec![
+                Figure::new("p50 latency, ms", datagrams.latency.quantile_ms(0.5), 2)
+                    .against("WebSocket", frames.latency.quantile_ms(0.5)),
+                Figure::new("p99 latency, ms", datagrams.latency.quantile_ms(0.99), 2)
+                    .against("WebSocket", frames.latency.quantile_ms(0.99)),
+                Figure::new("server CPU µs per delivery", datagrams.cpu_us(), 2)
+                    .against("WebSocket", frames.cpu_us()),
+            ],
+        );
+        report.run(
+            "volatile",
+            json!({"spec": format!("{volatile:?}"), "datagrams": datagrams.json(), "websocket": frames.json()}),
         );
     }
 
