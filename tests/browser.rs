@@ -54,49 +54,29 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
         handle: browser.window().await.unwrap(),
         name: "A",
     };
-    let b = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "B",
-    };
-    b.focus().await;
-    browser.goto(&format!("{page}?node=2")).await.unwrap();
+    let b = Tab::open(&browser, "B", &format!("{page}?node=2")).await;
     // The HTTP transports: tab C follows node 2 (its URL alone) over server-sent events, tab D
     // polls node 1.
     let ws2_url = format!("ws://{ws2_addr}/ws");
-    let c = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "C (SSE)",
-    };
-    c.focus().await;
-    browser
-        .goto(&format!("{page}?ws={ws2_url}&transport=sse"))
-        .await
-        .unwrap();
-    let d = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "D (long-polling)",
-    };
-    d.focus().await;
-    browser
-        .goto(&format!("{page}?node=1&transport=poll"))
-        .await
-        .unwrap();
+    let c = Tab::open(
+        &browser,
+        "C (SSE)",
+        &format!("{page}?ws={ws2_url}&transport=sse"),
+    )
+    .await;
+    let d = Tab::open(
+        &browser,
+        "D (long-polling)",
+        &format!("{page}?node=1&transport=poll"),
+    )
+    .await;
 
     a.wait_for("open", Some("ws-1")).await;
     b.wait_for("open", Some("ws-2")).await;
     c.wait_for("open", Some("ws-2")).await;
     d.wait_for("open", Some("stateless polls")).await;
     // Tab E: node 2's URL alone, over WebSocket.
-    let e = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "E",
-    };
-    e.focus().await;
-    browser.goto(&format!("{page}?ws={ws2_url}")).await.unwrap();
+    let e = Tab::open(&browser, "E", &format!("{page}?ws={ws2_url}")).await;
     e.wait_for("open", Some("ws-2")).await;
     // Beside the node, the tab says what it is pinned to.
     assert_eq!(a.pin().await, ("ws-1".to_string(), false));

@@ -271,13 +271,7 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
     );
 
     // The page: fanout.js over WebTransport by default, to the node that is left.
-    let page = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "page",
-    };
-    page.focus().await;
-    browser.goto(&api.url("/")).await.unwrap();
+    let page = Tab::open(&browser, "page", &api.url("/")).await;
     page.wait_for("open", Some("ws-2")).await;
     let transport = page
         .eval("return document.getElementById('transport').dataset.transport")
@@ -288,13 +282,7 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
 
     // Moving cursors: a second tab draws where the first one's pointer is, from volatile
     // events in the lobby (datagrams over WebTransport).
-    let other = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "other",
-    };
-    other.focus().await;
-    browser.goto(&api.url("/")).await.unwrap();
+    let other = Tab::open(&browser, "other", &api.url("/")).await;
     other.wait_for("open", Some("ws-2")).await;
     let conn = page.eval("return window.fanoutClient?.conn ?? null").await;
     let conn = match conn.as_str() {
@@ -439,16 +427,12 @@ async fn chromium_speaks_msgpack_on_websocket_and_webtransport_and_gets_bytes_ev
     }
 
     // The demo page with ?protocol=msgpack.
-    let page = Tab {
-        browser: &browser,
-        handle: browser.new_window(true).await.unwrap().handle,
-        name: "page",
-    };
-    page.focus().await;
-    browser
-        .goto(&api.url("/?protocol=msgpack&transport=websocket"))
-        .await
-        .unwrap();
+    let page = Tab::open(
+        &browser,
+        "page",
+        &api.url("/?protocol=msgpack&transport=websocket"),
+    )
+    .await;
     page.wait_for("open", Some("ws-1")).await;
     let seq = publish(&api, "broadcast", &json!({"over": "msgpack"})).await;
     page.wait_for_event(seq).await;

@@ -114,7 +114,19 @@ pub struct Tab<'a> {
     pub name: &'static str,
 }
 
-impl Tab<'_> {
+impl<'a> Tab<'a> {
+    /// A new tab (window) of `browser`, focused, at `url`.
+    pub async fn open(browser: &'a Browser, name: &'static str, url: &str) -> Tab<'a> {
+        let tab = Tab {
+            browser,
+            handle: browser.new_window(true).await.unwrap().handle,
+            name,
+        };
+        tab.focus().await;
+        browser.goto(url).await.unwrap();
+        tab
+    }
+
     pub async fn focus(&self) {
         self.browser
             .switch_to_window(self.handle.clone())

@@ -29,6 +29,34 @@ async fn discovered(api: &Server, node: &str) -> (url::Url, Vec<Vec<u8>>) {
     )
 }
 
+/// A tier of one node with WebTransport on (and `configure`'s settings), its listener as
+/// discovery announces it.
+struct WtTier {
+    _nats: NatsServer,
+    api: Server,
+    node: Server,
+    url: url::Url,
+    hashes: Vec<Vec<u8>>,
+}
+
+async fn wt_tier(configure: impl FnOnce(&mut fanout_ws::Config)) -> WtTier {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let node = start_ws(&nats, "ws-1", |c| {
+        c.webtransport_listen = "127.0.0.1:0".into();
+        configure(c);
+    })
+    .await;
+    let (url, hashes) = discovered(&api, "ws-1").await;
+    WtTier {
+        _nats: nats,
+        api,
+        node,
+        url,
+        hashes,
+    }
+}
+
 /// A client of the protocol over one WebTransport session.
 struct WtClient {
     session: Session,
@@ -189,14 +217,8 @@ async fn a_webtransport_session_gets_what_websocket_gets_and_resumes_anywhere() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_closes_the_session_with_a_code_and_reason() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let _ws = start_ws(&nats, "ws-1", |c| {
-        c.webtransport_listen = "127.0.0.1:0".into();
-        c.max_message_bytes = 1024;
-    })
-    .await;
-    let (url, hashes) = discovered(&api, "ws-1").await;
+    let tier = wt_tier(|c| c.max_message_bytes = 1024).await;
+    let (url, hashes) = (tier.url.clone(), tier.hashes.clone());
 
     // Malformed JSON: an error frame, and the session goes on.
     let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
@@ -238,13 +260,8 @@ async fn bad_input_closes_the_session_with_a_code_and_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let _ws = start_ws(&nats, "ws-1", |c| {
-        c.webtransport_listen = "127.0.0.1:0".into()
-    })
-    .await;
-    let (url, hashes) = discovered(&api, "ws-1").await;
+    let tier = wt_tier(|_| {}).await;
+    let (url, hashes) = (tier.url.clone(), tier.hashes.clone());
     let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
     client
         .send(json!({"op": "subscribe", "channel": "lobby", "id": 1}))
@@ -252,8 +269,12 @@ async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
     assert_eq!(client.recv().await["op"], "subscribed");
 
     let position = json!({"x": 10, "y": 20});
-    let (status, answer) =
-        post_raw(&api, "/v1/channels/lobby/volatile", position.to_string()).await;
+    let (status, answer) = post_raw(
+        &tier.api,
+        "/v1/channels/lobby/volatile",
+        position.to_string(),
+    )
+    .await;
     assert_eq!(status, 202, "{answer}");
     let datagram = within("a datagram", client.session.read_datagram())
         .await
@@ -265,7 +286,8 @@ async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
 
     // Larger than a datagram: the same frame on the stream.
     let big = json!({"blob": "x".repeat(4000)});
-    let (status, answer) = post_raw(&api, "/v1/channels/lobby/volatile", big.to_string()).await;
+    let (status, answer) =
+        post_raw(&tier.api, "/v1/channels/lobby/volatile", big.to_string()).await;
     assert_eq!(status, 202, "{answer}");
     let frame = client.recv().await;
     assert_eq!(frame["volatile"], true);
@@ -275,14 +297,13 @@ async fn volatile_events_come_as_datagrams_and_on_the_stream_when_too_large() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_closes_its_sessions_with_1001() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let ws = start_ws(&nats, "ws-1", |c| {
-        c.webtransport_listen = "127.0.0.1:0".into();
-        c.drain_window_ms = 0;
-    })
-    .await;
-    let (url, hashes) = discovered(&api, "ws-1").await;
+    let WtTier {
+        _nats,
+        api: _api,
+        node: ws,
+        url,
+        hashes,
+    } = wt_tier(|c| c.drain_window_ms = 0).await;
     let client = WtClient::connect(&url, &hashes, "user=ada").await;
     // SIGTERM's path: the node drains, closing every connection with 1001.
     let stopping = tokio::spawn(ws.stop());
@@ -300,16 +321,13 @@ async fn a_draining_node_closes_its_sessions_with_1001() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_refused_as_websockets_are() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let _ws = start_ws(&nats, "ws-1", |c| {
-        c.webtransport_listen = "127.0.0.1:0".into();
+    let tier = wt_tier(|c| {
         c.auth = fanout_ws::config::AuthMode::Jwt;
         c.jwt_secret = "a-secret-of-at-least-32-bytes-long!!".into();
         c.allowed_origins = "https://app.example".into();
     })
     .await;
-    let (url, hashes) = discovered(&api, "ws-1").await;
+    let (url, hashes) = (tier.url.clone(), tier.hashes.clone());
     let client = ClientBuilder::new()
         .with_server_certificate_hashes(hashes.clone())
         .unwrap();
@@ -370,13 +388,8 @@ fn pack(value: rmpv::Value) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn msgpack_sessions_get_bytes_as_bin_on_the_stream_and_in_datagrams() {
-    let nats = NatsServer::start();
-    let api = start_api(&nats).await;
-    let _ws = start_ws(&nats, "ws-1", |c| {
-        c.webtransport_listen = "127.0.0.1:0".into()
-    })
-    .await;
-    let (url, hashes) = discovered(&api, "ws-1").await;
+    let tier = wt_tier(|_| {}).await;
+    let (url, hashes) = (tier.url.clone(), tier.hashes.clone());
     let mut packed =
         WtClient::offering(&url, &hashes, "user=ada", &["x-other", "fanout.msgpack"]).await;
     assert_eq!(packed.session.protocol(), Some("fanout.msgpack"));
@@ -409,7 +422,7 @@ async fn msgpack_sessions_get_bytes_as_bin_on_the_stream_and_in_datagrams() {
 
     // Stored bytes: bin for MessagePack, base64 for JSON.
     let bytes: Vec<u8> = (0..=255).collect();
-    let (status, answer) = post_bytes(&api, "/v1/channels/bin/events", bytes.clone()).await;
+    let (status, answer) = post_bytes(&tier.api, "/v1/channels/bin/events", bytes.clone()).await;
     assert_eq!(status, 202, "{answer}");
     let event = unpack(&packed.recv_frame().await);
     assert_eq!(
@@ -431,7 +444,8 @@ async fn msgpack_sessions_get_bytes_as_bin_on_the_stream_and_in_datagrams() {
     assert_eq!(decoded, bytes);
 
     // Volatile bytes: a datagram holding one MessagePack frame.
-    let (status, answer) = post_bytes(&api, "/v1/channels/bin/volatile", vec![7u8, 0, 7]).await;
+    let (status, answer) =
+        post_bytes(&tier.api, "/v1/channels/bin/volatile", vec![7u8, 0, 7]).await;
     assert_eq!(status, 202, "{answer}");
     let datagram = within("a datagram", packed.session.read_datagram())
         .await
