@@ -48,12 +48,7 @@ async fn two_tabs_on_two_nodes_see_one_post_and_survive_a_node_restart() {
     let profile = tempfile::tempdir().unwrap();
     let browser = driver.browser(profile.path()).await;
     let page = api.url("/");
-    browser.goto(&format!("{page}?node=1")).await.unwrap();
-    let a = Tab {
-        browser: &browser,
-        handle: browser.window().await.unwrap(),
-        name: "A",
-    };
+    let a = Tab::first(&browser, "A", &format!("{page}?node=1")).await;
     let b = Tab::open(&browser, "B", &format!("{page}?node=2")).await;
     // The HTTP transports: tab C follows node 2 (its URL alone) over server-sent events, tab D
     // polls node 1.
@@ -219,12 +214,7 @@ async fn the_admin_page_shows_the_live_tier_behind_the_api_key() {
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
     let browser = driver.browser(profile.path()).await;
-    browser.goto(&api.url("/admin")).await.unwrap();
-    let tab = Tab {
-        browser: &browser,
-        handle: browser.window().await.unwrap(),
-        name: "admin",
-    };
+    let tab = Tab::first(&browser, "admin", &api.url("/admin")).await;
     let shows = |script: &'static str| {
         let tab = &tab;
         async move { tab.eval(script).await }

@@ -165,12 +165,7 @@ async fn chromium_on_webtransport_gets_websockets_bytes_and_resumes_after_kill_9
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
     let browser = driver.browser(profile.path()).await;
-    browser.goto(&api.url("/")).await.unwrap();
-    let tab = Tab {
-        browser: &browser,
-        handle: browser.window().await.unwrap(),
-        name: "WT",
-    };
+    let tab = Tab::first(&browser, "WT", &api.url("/")).await;
     tab.eval(&format!("{CLIENT}; return true")).await;
     run(&tab, &format!("window.wt.open('a', {url1:?}, {hash1:?})")).await;
     frame_where(&tab, "a", "welcome", |f| {
@@ -331,12 +326,7 @@ async fn chromium_speaks_msgpack_on_websocket_and_webtransport_and_gets_bytes_ev
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
     let browser = driver.browser(profile.path()).await;
-    browser.goto(&api.url("/")).await.unwrap();
-    let tab = Tab {
-        browser: &browser,
-        handle: browser.window().await.unwrap(),
-        name: "msgpack",
-    };
+    let tab = Tab::first(&browser, "msgpack", &api.url("/")).await;
     // fanout.js as the page serves it: MessagePack over WebTransport and WebSocket, JSON over
     // SSE, each subscribed to `bin`.
     let webtransport = json!({ node.clone(): {"url": wt_url, "cert_hashes": hashes} });

@@ -115,6 +115,16 @@ pub struct Tab<'a> {
 }
 
 impl<'a> Tab<'a> {
+    /// `browser`'s first tab, at `url`.
+    pub async fn first(browser: &'a Browser, name: &'static str, url: &str) -> Tab<'a> {
+        browser.goto(url).await.unwrap();
+        Tab {
+            browser,
+            handle: browser.window().await.unwrap(),
+            name,
+        }
+    }
+
     /// A new tab (window) of `browser`, focused, at `url`.
     pub async fn open(browser: &'a Browser, name: &'static str, url: &str) -> Tab<'a> {
         let tab = Tab {
