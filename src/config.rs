@@ -406,6 +406,15 @@ pub struct Common {
     pub worker_threads: usize,
     /// Serve CPU profiles at `GET /debug/pprof/profile` (`FANOUT_PROFILING`); off by default.
     pub profiling: bool,
+    /// Where lifecycle webhooks go (`FANOUT_WEBHOOK_URL`); empty: no lifecycle events. The ws
+    /// nodes report to the tier's decider only when it is set.
+    pub webhook_url: String,
+    /// Channels whose clients' publishes become `client_event`s (`FANOUT_WEBHOOK_CLIENT_EVENTS`,
+    /// comma-separated patterns, `*` any run of characters).
+    pub webhook_client_events: List,
+    /// How long a vacated channel or a removed member waits for a comeback
+    /// (`FANOUT_WEBHOOK_DEBOUNCE_MS`).
+    pub webhook_debounce_ms: u64,
 }
 
 impl Default for Common {
@@ -429,6 +438,9 @@ impl Default for Common {
             nats_creds: String::new(),
             worker_threads: 0,
             profiling: false,
+            webhook_url: String::new(),
+            webhook_client_events: List::default(),
+            webhook_debounce_ms: 3000,
         }
     }
 }

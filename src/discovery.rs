@@ -100,6 +100,14 @@ impl Directory {
         self.nodes().contains_key(id)
     }
 
+    /// Whether node `id`'s instance that started at `started_at` (unix ms) was heard from
+    /// within [`FORGET_AFTER`]: a restart under the same id is another instance.
+    pub fn instance_alive(&self, id: &str, started_at: u64) -> bool {
+        self.nodes()
+            .get(id)
+            .is_some_and(|(info, _)| info.started_at == started_at)
+    }
+
     /// True once following has lasted long enough for every running node to have announced
     /// itself at least once.
     pub fn is_complete(&self) -> bool {

@@ -30,6 +30,7 @@ pub mod codes;
 pub mod config;
 pub mod discovery;
 pub mod envelope;
+pub mod lifecycle;
 pub mod presence;
 pub mod process;
 pub mod profiling;

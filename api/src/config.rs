@@ -29,6 +29,18 @@ pub struct Config {
     pub api_keys: Secret,
     /// Keep `POST /ping` (the demo) open even when API keys are set (`FANOUT_PUBLIC_PING`).
     pub public_ping: bool,
+    /// The webhook signing secret(s), comma-separated (`FANOUT_WEBHOOK_SECRET`): each gives
+    /// a `v1` in `X-Fanout-Signature` (a second one during rotation).
+    pub webhook_secret: Secret,
+    /// How long a webhook receiver has to answer, ms (`FANOUT_WEBHOOK_TIMEOUT_MS`).
+    pub webhook_timeout_ms: u64,
+    /// Most events in one webhook (`FANOUT_WEBHOOK_BATCH_MAX`).
+    pub webhook_batch_max: usize,
+    /// How long a webhook waits for more events before it goes, ms (`FANOUT_WEBHOOK_BATCH_MS`).
+    pub webhook_batch_ms: u64,
+    /// How long a webhook is retried before it goes to the dead letters, seconds
+    /// (`FANOUT_WEBHOOK_RETRY_SECS`).
+    pub webhook_retry_secs: u64,
 }
 
 /// One entry of [`Config::ws_urls`].
@@ -50,6 +62,11 @@ impl Default for Config {
             jaeger_ui: String::new(),
             api_keys: Secret::default(),
             public_ping: false,
+            webhook_secret: Secret::default(),
+            webhook_timeout_ms: 4000,
+            webhook_batch_max: 20,
+            webhook_batch_ms: 250,
+            webhook_retry_secs: 86_400,
         }
     }
 }
@@ -93,7 +110,31 @@ impl Config {
             ));
         }
         self.ws_nodes()?;
+        if self.webhook_batch_max == 0 || self.webhook_batch_max > 1000 {
+            return Err(ConfigError::invalid(
+                "webhook_batch_max",
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.webhook_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "webhook_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        let url = &self.common.webhook_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "webhook_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
         Ok(())
+    }
+
+    /// The webhook signing secrets.
+    pub fn webhook_secrets(&self) -> Vec<String> {
+        fanout::config::list(self.webhook_secret.expose())
     }
 
     /// The configured API keys.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod routes;
 pub mod web;
+pub mod webhooks;
 
 pub use config::Config;
 pub use error::ApiError;
@@ -59,6 +60,24 @@ pub const METRICS: &[Metric] = &[
         zero: &[&[("code", fanout::Code::BusUnavailable.as_str())]],
     },
     Metric {
+        name: "fanout_webhook_events_decided_total",
+        kind: Kind::Counter,
+        help: "Lifecycle events this API process decided (FANOUT_WEBHOOK_URL), by name.",
+        zero: &[],
+    },
+    Metric {
+        name: "fanout_webhook_deliveries_total",
+        kind: Kind::Counter,
+        help: "Webhook attempts by outcome: delivered (a 2xx), failed (retried), dead (dead-lettered after FANOUT_WEBHOOK_RETRY_SECS).",
+        zero: &[],
+    },
+    Metric {
+        name: "fanout_webhook_lag_seconds",
+        kind: Kind::Gauge,
+        help: "Age of the oldest event in the webhook batch being delivered (0 when none waits).",
+        zero: &[],
+    },
+    Metric {
         name: "fanout_region_mirror_behind",
         kind: Kind::Gauge,
         help: "1 while this region's mirror of another region's stream is behind (that region unreachable), by region.",
@@ -82,6 +101,7 @@ pub async fn run(
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");
     let state = routes::AppState::new(bus.clone(), &config);
     bus.rpc().follow_nodes(state.directory()).await?;
+    webhooks::start(&config, bus.clone(), state.directory(), shutdown.clone());
     let app = routes::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     error::BusError,
+    lifecycle::Lifecycle,
     link,
     log::EventLog,
     provisioner::Provisioner,
@@ -40,6 +41,7 @@ struct Client {
     topology: Topology,
     log: EventLog,
     rpc: Rpc,
+    lifecycle: Lifecycle,
     /// Counts (re)connections to NATS; subscribers catch up on each change.
     connections: Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts [`Bus::resync`]s: subscribers subscribe afresh and catch up on each change.
@@ -113,6 +115,10 @@ impl Bus {
         };
         let mut js = jetstream::new(client.clone());
         js.set_timeout(common.publish_timeout());
+        let lifecycle = Lifecycle {
+            js: js.clone(),
+            topology: Topology::new(&common.prefix, common.regions.to_vec(), &common.region),
+        };
         let topology = Topology::new(&common.prefix, common.regions.to_vec(), &common.region);
         let log = EventLog::new(
             client.clone(),
@@ -141,6 +147,7 @@ impl Bus {
                 client,
                 topology,
                 log,
+                lifecycle,
                 connections,
                 resyncs: tokio::sync::watch::Sender::new(0),
                 closed,
@@ -154,6 +161,11 @@ impl Bus {
     }
 
     /// Fanout's messages between processes: presence, stats, discovery.
+    /// Lifecycle events: deltas, states, decided events, their delivery.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.lifecycle
+    }
+
     pub fn rpc(&self) -> &Rpc {
         &self.inner.rpc
     }

@@ -13,6 +13,8 @@
 //! - [`Rpc`] (`rpc.rs`): fanout's messages between processes, not stored: presence changes
 //!   and queries (`presence.rs`), stats queries (`stats.rs`), node announcements
 //!   (`discovery.rs`);
+//! - [`Lifecycle`] (`lifecycle.rs`): lifecycle events (the nodes' deltas, each channel's
+//!   state, the decided events, their delivery's lease and dead letters);
 //! - [`Topology`] (`topology.rs`): the tier's regions, and every subject and stream name,
 //!   derived in one place from the prefix and the regions;
 //! - `link.rs`: how this process reaches NATS (TLS, credentials); `error.rs`: [`BusError`].
@@ -24,6 +26,7 @@ mod acks;
 mod client;
 mod discovery;
 mod error;
+mod lifecycle;
 mod link;
 mod log;
 mod presence;
@@ -35,6 +38,7 @@ mod topology;
 
 pub use client::Bus;
 pub use error::{BusError, DecodeError};
+pub use lifecycle::{Batch, Incoming, LEASE, Lifecycle};
 pub use log::{EventLog, Published};
 pub use presence::PresenceChanges;
 pub use provisioner::DUPLICATE_WINDOW;

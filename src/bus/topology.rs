@@ -146,6 +146,25 @@ impl Topology {
     pub(super) fn stats_query(&self) -> String {
         format!("{}.stats_query", self.0.prefix)
     }
+    /// Lifecycle: the nodes' deltas (and the deciders' checks) into the stream
+    /// [`Topology::life_stream`], per region.
+    pub(super) fn life(&self) -> String {
+        match self.region() {
+            Some(region) => format!("{}.life.{region}", self.0.prefix),
+            None => format!("{}.life", self.0.prefix),
+        }
+    }
+    /// The decided lifecycle events, and the batches no receiver took.
+    pub(super) fn hooks(&self) -> String {
+        format!("{}.events", self.life())
+    }
+    pub(super) fn hooks_dead(&self) -> String {
+        format!("{}.dead", self.life())
+    }
+    /// A lifecycle name (stream or key-value bucket): `<PREFIX>[_<REGION>]_<what>`.
+    pub(super) fn life_name(&self, what: &str) -> String {
+        format!("{}_{what}", self.stream_name())
+    }
     pub(super) fn stream_base(&self) -> String {
         self.0.prefix.replace('.', "_").to_ascii_uppercase()
     }

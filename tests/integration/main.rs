@@ -32,4 +32,5 @@ mod soak;
 mod telemetry;
 mod tier;
 mod volatile;
+mod webhooks;
 mod webtransport;

@@ -29,6 +29,7 @@
 //!   holding sinks; one observer for first/last member and presence changes.
 //! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
 //!   bounded) only when the socket is full.
+//! - [`lifecycle`]: this node's reports to the tier's lifecycle decider (webhooks).
 //! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
 //! - [`protocol`]: the JSON frames; [`msgpack`]: the same frames as MessagePack.
@@ -48,6 +49,7 @@ pub mod disconnect;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;
+pub mod lifecycle;
 pub mod msgpack;
 pub mod node;
 pub mod position;

@@ -36,6 +36,7 @@ use crate::{
         recovery,
     },
     hub::{BROADCAST_GENERATION, ConnId, Hub, Membership, SubscribeError},
+    lifecycle,
     position::{Position, Spots},
     presence,
 };
@@ -77,6 +78,11 @@ pub struct Node {
     budget: Arc<Budget>,
     /// What the canary last found of the delivery path.
     canary: Arc<canary::Health>,
+    /// When this instance started (unix ms): in its announcements and lifecycle reports.
+    started_at: u64,
+    /// With lifecycle events on (`FANOUT_WEBHOOK_URL`): where the hub and the sessions
+    /// report to.
+    lifecycle: Option<mpsc::UnboundedSender<lifecycle::Report>>,
     /// The hub's totals, sampled every second, for the rates of `GET /v1/stats`.
     sampler: std::sync::Mutex<fanout::stats::Sampler>,
 }
@@ -97,10 +103,19 @@ impl Node {
         let broadcast_log = logs.open(&Channel::broadcast(), BROADCAST_GENERATION);
         let (interest, interest_rx) = mpsc::unbounded_channel();
         let (membership, changes) = mpsc::unbounded_channel();
+        let started_at = now_ms();
+        let (lifecycle, lifecycle_rx) = match config.common.webhook_url.is_empty() {
+            true => (None, None),
+            false => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+        };
         let reports = Reports {
             logs: logs.clone(),
             interest,
             membership: membership.clone(),
+            lifecycle: lifecycle.clone(),
         };
         let hub = Arc::new(Hub::new(config.max_subscriptions, Arc::new(reports)));
         let directory = Arc::new(Directory::default());
@@ -132,11 +147,19 @@ impl Node {
             budget: Budget::new(config_budget),
             canary: Arc::default(),
             sampler: std::sync::Mutex::default(),
+            started_at,
+            lifecycle,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
         let node_id: Arc<str> = node.id().into();
         // Not on `tracker`: these end with the bus (or the hub), after the connections' leaves.
+        if let Some(reports) = lifecycle_rx {
+            let instance = format!("{}@{started_at}", node.id());
+            tokio::spawn(
+                lifecycle::report(bus.clone(), instance, reports).instrument(span.clone()),
+            );
+        }
         tokio::spawn(
             presence::publish_changes(bus.clone(), node_id.clone(), changes)
                 .instrument(span.clone()),
@@ -424,7 +447,7 @@ impl Node {
             id: self.id().to_string(),
             url,
             connections: 0,
-            started_at: now_ms(),
+            started_at: self.started_at,
             region: self.bus.topology().region().map(|r| r.to_string()),
             leaving: false,
             webtransport: webtransport.as_ref().map(|info| info()),
@@ -469,6 +492,36 @@ impl Node {
             ip,
             per_ip: self.per_ip.clone(),
         })
+    }
+
+    /// With lifecycle events on, tells the decider of a client's publish on a channel
+    /// `FANOUT_WEBHOOK_CLIENT_EVENTS` names (bytes as a base64 string).
+    pub fn client_event(&self, channel: &Channel, user: &str, data: &fanout::Data) {
+        let Some(lifecycle) = &self.lifecycle else {
+            return;
+        };
+        if !fanout::lifecycle::matches(&self.config.common.webhook_client_events, channel.as_str())
+        {
+            return;
+        }
+        let value = match data.binary {
+            true => {
+                use base64::Engine;
+                Some(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&data.bytes)
+                        .into(),
+                )
+            }
+            false => serde_json::from_slice(&data.bytes).ok(),
+        };
+        if let Some(value) = value {
+            let _ = lifecycle.send(lifecycle::Report::ClientEvent(
+                channel.clone(),
+                user.into(),
+                value,
+            ));
+        }
     }
 
     /// Publishes `data` to `channel` from a client, through the same JetStream path as the API.

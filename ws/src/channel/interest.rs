@@ -21,7 +21,10 @@ use super::{
     log::{Log, Logs},
     reader::{self, Target, Totals},
 };
-use crate::hub::{Hub, Interest, Membership, Observer};
+use crate::{
+    hub::{Hub, Interest, Membership, Observer},
+    lifecycle::{self, Report as Lifecycle},
+};
 
 /// An interest report, with the log of the stretch an `Add` begins.
 pub type Report = (Interest, Option<Arc<Log>>);
@@ -35,6 +38,8 @@ pub struct Reports {
     pub logs: Arc<Logs>,
     pub interest: mpsc::UnboundedSender<Report>,
     pub membership: mpsc::UnboundedSender<Membership>,
+    /// With lifecycle events on: the first and last subscribers and members, reported.
+    pub lifecycle: Option<mpsc::UnboundedSender<Lifecycle>>,
 }
 
 impl Observer for Reports {
@@ -50,10 +55,45 @@ impl Observer for Reports {
             }
             Interest::Watch { .. } | Interest::Unwatch { .. } => None,
         };
+        if let Some(lifecycle) = &self.lifecycle {
+            let report = match &interest {
+                Interest::Add { channel, .. } if lifecycle::reported(channel) => {
+                    Some(Lifecycle::Sub(channel.clone()))
+                }
+                Interest::Remove { channel } if lifecycle::reported(channel) => {
+                    Some(Lifecycle::Unsub(channel.clone()))
+                }
+                _ => None,
+            };
+            if let Some(report) = report {
+                let _ = lifecycle.send(report);
+            }
+        }
         let _ = self.interest.send((interest, log));
     }
 
     fn membership(&self, membership: Membership) {
+        if let (
+            Some(lifecycle),
+            Membership::Changed {
+                change,
+                channel,
+                profile,
+                ..
+            },
+        ) = (&self.lifecycle, &membership)
+            && lifecycle::reported(channel)
+        {
+            let user = profile.user.clone();
+            let report = match change {
+                fanout::presence::ChangeOp::Join => Some(Lifecycle::Joined(channel.clone(), user)),
+                fanout::presence::ChangeOp::Leave => Some(Lifecycle::Left(channel.clone(), user)),
+                fanout::presence::ChangeOp::Update => None,
+            };
+            if let Some(report) = report {
+                let _ = lifecycle.send(report);
+            }
+        }
         let _ = self.membership.send(membership);
     }
 }

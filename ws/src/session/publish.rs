@@ -23,6 +23,7 @@ pub(super) async fn publish(
         return session.rate_limited(to, id, "publish");
     }
     let region = session.node.bus().topology().region().cloned();
+    let reported = data.clone();
     let published = if volatile {
         session
             .node
@@ -40,6 +41,9 @@ pub(super) async fn publish(
     match published {
         Ok((seq, event)) => {
             counter!("fanout_ws_client_publishes_total").increment(1);
+            session
+                .node
+                .client_event(&channel, &session.identity.user, &reported);
             let reply = protocol::published(&channel, seq, region.as_deref(), &event, id.as_ref());
             session.send(to, reply);
         }

@@ -1,0 +1,355 @@
+//! Lifecycle events and their webhooks (`FANOUT_WEBHOOK_URL`): every API process runs the
+//! three loops, and NATS makes them one for the tier ([`fanout::lifecycle`] has the design):
+//!
+//! - the **decider** folds the nodes' deltas into each channel's state, one delta at a time
+//!   across every API process (one durable consumer holding one message), and records the
+//!   events they decide;
+//! - the **sweeper** reports node instances discovery has forgotten (kill -9), so that the
+//!   decider releases what they held;
+//! - the **sender** delivers the recorded events in batches, signed, retrying with
+//!   exponential backoff and jitter until `FANOUT_WEBHOOK_RETRY_SECS`, then dead-letters the
+//!   batch. One API process delivers at a time (a lease in a key-value bucket); another takes
+//!   over within the lease's 10 s when it dies, and what it held is delivered again (the
+//!   receiver dedupes by event id).
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use fanout::{
+    Bus,
+    bus::{Batch, Incoming, LEASE, Lifecycle},
+    discovery::Directory,
+    lifecycle::{Delta, Event, State, signature},
+    time::now_ms,
+};
+use futures_util::StreamExt;
+use metrics::{counter, gauge};
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+
+/// What the loops need of the settings.
+#[derive(Debug, Clone)]
+struct Settings {
+    url: String,
+    secrets: Vec<String>,
+    timeout: Duration,
+    batch_max: usize,
+    batch_wait: Duration,
+    retry: Duration,
+    debounce: u64,
+    region: Option<String>,
+}
+
+/// Starts the loops when `FANOUT_WEBHOOK_URL` is set; they end with `shutdown`.
+pub fn start(config: &Config, bus: Bus, directory: Arc<Directory>, shutdown: CancellationToken) {
+    if config.common.webhook_url.is_empty() {
+        return;
+    }
+    // The HTTP client's TLS uses ring, like the rest of the workspace.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = Settings {
+        url: config.common.webhook_url.clone(),
+        secrets: config.webhook_secrets(),
+        timeout: Duration::from_millis(config.webhook_timeout_ms),
+        batch_max: config.webhook_batch_max,
+        batch_wait: Duration::from_millis(config.webhook_batch_ms),
+        retry: Duration::from_secs(config.webhook_retry_secs),
+        debounce: config.common.webhook_debounce_ms,
+        region: bus.topology().region().map(|r| r.to_string()),
+    };
+    tokio::spawn(async move {
+        let lifecycle = bus.lifecycle().clone();
+        let mut wait = Duration::from_millis(200);
+        while let Err(err) = lifecycle.ensure(settings.retry, settings.batch_max).await {
+            tracing::warn!(%err, "lifecycle streams not ready; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        tracing::info!(url = %settings.url, "lifecycle webhooks on");
+        tokio::spawn(until(
+            shutdown.clone(),
+            decide(lifecycle.clone(), settings.clone()),
+        ));
+        tokio::spawn(until(shutdown.clone(), sweep(lifecycle.clone(), directory)));
+        tokio::spawn(until(shutdown, send(lifecycle, settings)));
+    });
+}
+
+async fn until(shutdown: CancellationToken, work: impl Future<Output = ()>) {
+    tokio::select! {
+        _ = work => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Folds deltas, one at a time, forever.
+async fn decide(lifecycle: Lifecycle, settings: Settings) {
+    loop {
+        match lifecycle.deltas().await {
+            Ok(deltas) => {
+                let mut deltas = std::pin::pin!(deltas);
+                while let Some(incoming) = deltas.next().await {
+                    if let Err(err) = fold(&lifecycle, &settings, &incoming).await {
+                        tracing::warn!(%err, seq = incoming.seq, "lifecycle delta not folded; again in 1 s");
+                        let _ = incoming.later(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "lifecycle deltas not followed"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One delta: the states it changes, the events it decides (recorded before the state is
+/// written, so a repeat after a crash records the same ids, which JetStream drops), then its
+/// acknowledgement, or a later delivery for a check before its time.
+async fn fold(
+    lifecycle: &Lifecycle,
+    settings: &Settings,
+    incoming: &Incoming,
+) -> Result<(), fanout::BusError> {
+    let now = now_ms();
+    let delta = &incoming.delta;
+    if let Delta::Sub { node, .. } | Delta::Join { node, .. } = delta {
+        let (mut instances, revision) = lifecycle.instances().await?;
+        if instances.insert(node.clone()) {
+            lifecycle.save_instances(&instances, revision).await?;
+        }
+    }
+    let mut next_check: Option<(String, u64)> = None;
+    match delta {
+        Delta::NodeGone { node } => {
+            for channel in lifecycle.channels().await? {
+                let (state, revision) = lifecycle.state(&channel).await?;
+                let holds = state.nodes.contains(node)
+                    || state.users.values().any(|nodes| nodes.contains(node));
+                if !holds {
+                    continue;
+                }
+                if let Some(due) =
+                    apply(lifecycle, settings, &channel, state, revision, delta, now).await?
+                {
+                    schedule(lifecycle, &channel, due).await?;
+                }
+            }
+            let (mut instances, revision) = lifecycle.instances().await?;
+            if instances.remove(node) {
+                lifecycle.save_instances(&instances, revision).await?;
+            }
+        }
+        _ => {
+            let channel = delta.channel().unwrap_or_default().to_string();
+            let (state, revision) = lifecycle.state(&channel).await?;
+            let due = apply(lifecycle, settings, &channel, state, revision, delta, now).await?;
+            next_check = due.map(|due| (channel, due));
+        }
+    }
+    match (delta, next_check) {
+        // A check before its time waits for it.
+        (Delta::Check { .. }, Some((_, due))) => {
+            incoming
+                .later(Duration::from_millis(due.saturating_sub(now_ms()).max(1)))
+                .await
+        }
+        (_, Some((channel, due))) => {
+            schedule(lifecycle, &channel, due).await?;
+            incoming.ack().await
+        }
+        (_, None) => incoming.ack().await,
+    }
+}
+
+/// Folds `delta` into `channel`'s `state`, records what it decides, writes the state back;
+/// returns when to check the channel again.
+async fn apply(
+    lifecycle: &Lifecycle,
+    settings: &Settings,
+    channel: &str,
+    mut state: State,
+    revision: Option<u64>,
+    delta: &Delta,
+    now: u64,
+) -> Result<Option<u64>, fanout::BusError> {
+    let decision = state.apply(delta, now, settings.debounce);
+    let due = decision.next_check;
+    tracing::debug!(
+        ?delta,
+        events = decision.events.len(),
+        ?due,
+        now,
+        "lifecycle fold"
+    );
+    let events = state.stamp(decision, channel, now, settings.region.as_deref());
+    lifecycle.record(&events).await?;
+    for event in &events {
+        counter!("fanout_webhook_events_decided_total", "name" => name(event)).increment(1);
+    }
+    lifecycle.save(channel, &state, revision).await?;
+    Ok(due)
+}
+
+fn name(event: &Event) -> &'static str {
+    match event.name {
+        fanout::lifecycle::Name::ChannelOccupied => "channel_occupied",
+        fanout::lifecycle::Name::ChannelVacated => "channel_vacated",
+        fanout::lifecycle::Name::MemberAdded => "member_added",
+        fanout::lifecycle::Name::MemberRemoved => "member_removed",
+        fanout::lifecycle::Name::ClientEvent => "client_event",
+    }
+}
+
+/// A check of `channel` at `due`: a delta the decider holds back until then.
+async fn schedule(lifecycle: &Lifecycle, channel: &str, due: u64) -> Result<(), fanout::BusError> {
+    let _ = due;
+    lifecycle
+        .report(
+            &Delta::Check {
+                channel: channel.to_string(),
+            },
+            None,
+        )
+        .await
+}
+
+/// Reports the node instances discovery has forgotten, every second.
+async fn sweep(lifecycle: Lifecycle, directory: Arc<Directory>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if !directory.is_complete() {
+            continue;
+        }
+        let Ok((instances, _)) = lifecycle.instances().await else {
+            continue;
+        };
+        for instance in instances {
+            let alive = instance
+                .rsplit_once('@')
+                .and_then(|(id, started)| Some((id, started.parse::<u64>().ok()?)))
+                .is_some_and(|(id, started)| directory.instance_alive(id, started));
+            if alive {
+                continue;
+            }
+            tracing::info!(%instance, "a ws node is gone: releasing its members");
+            let gone = Delta::NodeGone {
+                node: instance.clone(),
+            };
+            let once = format!("gone-{instance}");
+            if let Err(err) = lifecycle.report(&gone, Some(&once)).await {
+                tracing::warn!(%err, %instance, "node_gone not reported; again in 1 s");
+            }
+        }
+    }
+}
+
+/// Delivers recorded events while this process holds the lease.
+async fn send(lifecycle: Lifecycle, settings: Settings) {
+    let holder = uuid::Uuid::new_v4().to_string();
+    let client = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .build()
+        .expect("an HTTP client");
+    loop {
+        if !lifecycle.lease(&holder).await {
+            tokio::time::sleep(LEASE / 4).await;
+            continue;
+        }
+        let batch = match lifecycle
+            .batch(settings.batch_max, settings.batch_wait)
+            .await
+        {
+            Ok(batch) if batch.events.is_empty() => {
+                gauge!("fanout_webhook_lag_seconds").set(0.0);
+                continue;
+            }
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::warn!(%err, "webhook events not fetched");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        deliver(&lifecycle, &settings, &client, &holder, batch).await;
+    }
+}
+
+/// One batch, until a receiver takes it or the retry window ends.
+async fn deliver(
+    lifecycle: &Lifecycle,
+    settings: &Settings,
+    client: &reqwest::Client,
+    holder: &str,
+    batch: Batch,
+) {
+    let id = batch.id();
+    let started = tokio::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        let oldest = batch.events.iter().map(|e| e.time_ms).min().unwrap_or(0);
+        gauge!("fanout_webhook_lag_seconds").set(now_ms().saturating_sub(oldest) as f64 / 1000.0);
+        let body: Bytes = serde_json::to_vec(&serde_json::json!({
+            "time_ms": now_ms(),
+            "events": batch.events,
+        }))
+        .expect("events are JSON")
+        .into();
+        let t = now_ms() / 1000;
+        let answer = client
+            .post(&settings.url)
+            .header("content-type", "application/json")
+            .header("x-fanout-webhook-id", &id)
+            .header("x-fanout-signature", signature(&settings.secrets, t, &body))
+            .body(body.clone())
+            .send()
+            .await;
+        let status = match &answer {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => 0,
+        };
+        if (200..300).contains(&status) {
+            counter!("fanout_webhook_deliveries_total", "outcome" => "delivered").increment(1);
+            if let Err(err) = batch.done().await {
+                tracing::warn!(%err, %id, "delivered webhook not acknowledged: it may come again");
+            }
+            return;
+        }
+        counter!("fanout_webhook_deliveries_total", "outcome" => "failed").increment(1);
+        if started.elapsed() >= settings.retry {
+            tracing::error!(%id, status, "webhook not taken within the retry window: dead-lettered");
+            counter!("fanout_webhook_deliveries_total", "outcome" => "dead").increment(1);
+            match lifecycle.dead_letter(&id, body).await {
+                Ok(()) => {
+                    let _ = batch.done().await;
+                }
+                Err(err) => tracing::warn!(%err, %id, "dead letter not stored"),
+            }
+            return;
+        }
+        attempt += 1;
+        let delay = backoff(attempt);
+        tracing::debug!(%id, status, attempt, ?delay, "webhook refused; retrying");
+        // Keep the lease and the messages while waiting.
+        let mut left = delay;
+        while !left.is_zero() {
+            let step = left.min(LEASE / 4);
+            tokio::time::sleep(step).await;
+            left -= step;
+            lifecycle.lease(holder).await;
+            batch.progress().await;
+        }
+    }
+}
+
+/// The wait before retry `attempt` (1, 2, ...): 250 ms doubling to at most 60 s, jittered
+/// over its upper half.
+fn backoff(attempt: u32) -> Duration {
+    let full = Duration::from_millis(250).saturating_mul(1 << attempt.min(8));
+    let full = full.min(Duration::from_secs(60));
+    let jitter = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    full.mul_f64(0.5 + jitter / 2.0)
+}

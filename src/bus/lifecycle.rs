@@ -1,0 +1,426 @@
+//! Lifecycle events on NATS ([`crate::lifecycle`] says how the tier decides them): the nodes'
+//! deltas (a work-queue stream, one consumer shared by every API process and holding one
+//! message at a time), each channel's state (a key-value bucket, written compare-and-set),
+//! the decided events (a stream, de-duplicated by event id), the batches no receiver took
+//! (a dead-letter stream), and the lease that lets one API process deliver at a time.
+//!
+//! Everything is made on first use by [`Lifecycle::ensure`]; nothing exists while webhooks
+//! are off.
+
+use std::time::Duration;
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, AckKind, consumer, kv, stream},
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{error::BusError, topology::Topology};
+use crate::lifecycle::{Delta, Event, State};
+
+/// The decider's durable consumer, shared by every API process.
+const DECIDER: &str = "decider";
+/// The webhook sender's durable consumer, shared by every API process.
+const SENDER: &str = "webhooks";
+/// How long a delivered, unacknowledged message stays with one process before another gets
+/// it (a process that died mid-fold or mid-delivery).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the lease of the webhook sender lasts unless renewed.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// The key of the node instances the decider has seen (a channel's key is its name in hex,
+/// which never spells this).
+const INSTANCES: &str = "instances";
+
+/// The lifecycle's handles. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    pub(super) js: jetstream::Context,
+    pub(super) topology: Topology,
+}
+
+/// A delta as the decider receives it: held (by this process) until acknowledged.
+#[derive(Debug)]
+pub struct Incoming {
+    pub delta: Delta,
+    /// Its stream sequence.
+    pub seq: u64,
+    message: jetstream::Message,
+}
+
+impl Incoming {
+    /// Done with: the next delta comes.
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.message
+            .ack()
+            .await
+            .map_err(|_| BusError::Unavailable("ack lost"))
+    }
+
+    /// Not yet: delivered again after `delay` (a check before its time); the next delta comes
+    /// meanwhile.
+    pub async fn later(&self, delay: Duration) -> Result<(), BusError> {
+        self.message
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|_| BusError::Unavailable("ack lost"))
+    }
+}
+
+/// A batch of decided events held for delivery, until [`Batch::done`].
+#[derive(Debug)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    messages: Vec<jetstream::Message>,
+}
+
+impl Batch {
+    /// The first and last event's stream sequence: the batch's id, the same at each retry.
+    pub fn id(&self) -> String {
+        let seq = |m: &jetstream::Message| m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match (self.messages.first(), self.messages.last()) {
+            (Some(first), Some(last)) => format!("{}-{}", seq(first), seq(last)),
+            _ => String::new(),
+        }
+    }
+
+    /// Still working on it: keeps the messages from going to another process.
+    pub async fn progress(&self) {
+        for message in &self.messages {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    /// Delivered (or dead-lettered): acknowledged, never sent again.
+    pub async fn done(&self) -> Result<(), BusError> {
+        for message in &self.messages {
+            message
+                .double_ack()
+                .await
+                .map_err(|_| BusError::Unavailable("ack lost"))?;
+        }
+        Ok(())
+    }
+}
+
+fn unavailable<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BusError {
+    move |err| {
+        tracing::debug!(%err, what, "lifecycle");
+        BusError::Unavailable(what)
+    }
+}
+
+impl Lifecycle {
+    /// Makes the streams, buckets and consumers (idempotent). `retry` is how long a batch may
+    /// be retried; decided events are kept at least that long, for replays.
+    pub async fn ensure(&self, retry: Duration, batch_max: usize) -> Result<(), BusError> {
+        let t = &self.topology;
+        let keep = retry.max(Duration::from_secs(86_400));
+        let streams = [
+            stream::Config {
+                name: t.life_name("LIFE"),
+                subjects: vec![t.life()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+            stream::Config {
+                name: t.life_name("HOOKS"),
+                subjects: vec![t.hooks()],
+                max_age: keep,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+            stream::Config {
+                name: t.life_name("HOOKS_DEAD"),
+                subjects: vec![t.hooks_dead()],
+                max_age: Duration::from_secs(30 * 86_400),
+                ..Default::default()
+            },
+        ];
+        for config in streams {
+            self.js
+                .get_or_create_stream(config)
+                .await
+                .map_err(unavailable("cannot make a lifecycle stream"))?;
+        }
+        for (bucket, max_age) in [
+            (t.life_name("LIFE_STATE"), Duration::ZERO),
+            (t.life_name("LIFE_LEASE"), LEASE),
+        ] {
+            if self.js.get_key_value(&bucket).await.is_err() {
+                self.js
+                    .create_key_value(kv::Config {
+                        bucket,
+                        history: 1,
+                        max_age,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(unavailable("cannot make a lifecycle bucket"))?;
+            }
+        }
+        let consumers = [
+            (t.life_name("LIFE"), DECIDER, 1),
+            (t.life_name("HOOKS"), SENDER, batch_max as i64),
+        ];
+        for (stream, name, pending) in consumers {
+            let stream = self
+                .js
+                .get_stream(&stream)
+                .await
+                .map_err(unavailable("no lifecycle stream"))?;
+            stream
+                .get_or_create_consumer(
+                    name,
+                    consumer::pull::Config {
+                        durable_name: Some(name.to_string()),
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: ACK_WAIT,
+                        max_ack_pending: pending,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(unavailable("cannot make a lifecycle consumer"))?;
+        }
+        Ok(())
+    }
+
+    /// Records `delta` (a node's, or a check): returns once the stream has it. `once`: an id
+    /// that makes a repeat within two minutes a no-op (a `node_gone` several API processes
+    /// report).
+    pub async fn report(&self, delta: &Delta, once: Option<&str>) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = once {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let payload: Bytes = serde_json::to_vec(delta).expect("a delta is JSON").into();
+        self.js
+            .publish_with_headers(self.topology.life(), headers, payload)
+            .await
+            .map_err(unavailable("lifecycle report not sent"))?
+            .await
+            .map_err(unavailable("lifecycle report not stored"))?;
+        Ok(())
+    }
+
+    /// The deltas, one at a time, for the decider (shared by every API process).
+    pub async fn deltas(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = Incoming> + use<>, BusError> {
+        let stream = self
+            .js
+            .get_stream(self.topology.life_name("LIFE"))
+            .await
+            .map_err(unavailable("no lifecycle stream"))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_consumer(DECIDER)
+            .await
+            .map_err(unavailable("no decider"))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(unavailable("decider not following"))?;
+        Ok(messages.filter_map(|message| async move {
+            let message = message.ok()?;
+            let seq = message.info().ok()?.stream_sequence;
+            match serde_json::from_slice::<Delta>(&message.payload) {
+                Ok(delta) => Some(Incoming {
+                    delta,
+                    seq,
+                    message,
+                }),
+                Err(err) => {
+                    tracing::warn!(%err, seq, "a lifecycle delta that is not one: dropped");
+                    let _ = message.ack_with(AckKind::Term).await;
+                    None
+                }
+            }
+        }))
+    }
+
+    async fn bucket(&self, what: &str) -> Result<kv::Store, BusError> {
+        self.js
+            .get_key_value(self.topology.life_name(what))
+            .await
+            .map_err(unavailable("no lifecycle bucket"))
+    }
+
+    /// `channel`'s state and the revision it was read at (none: not stored).
+    pub async fn state(&self, channel: &str) -> Result<(State, Option<u64>), BusError> {
+        self.read(&hex(channel)).await
+    }
+
+    async fn read<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &str,
+    ) -> Result<(T, Option<u64>), BusError> {
+        let store = self.bucket("LIFE_STATE").await?;
+        match store
+            .entry(key)
+            .await
+            .map_err(unavailable("state not read"))?
+        {
+            Some(entry) if entry.operation == kv::Operation::Put => Ok((
+                serde_json::from_slice(&entry.value).unwrap_or_default(),
+                Some(entry.revision),
+            )),
+            Some(entry) => Ok((T::default(), Some(entry.revision))),
+            None => Ok((T::default(), None)),
+        }
+    }
+
+    /// Writes `channel`'s state if it is still at `revision` (compare-and-set).
+    pub async fn save(
+        &self,
+        channel: &str,
+        state: &State,
+        revision: Option<u64>,
+    ) -> Result<(), BusError> {
+        self.write(&hex(channel), state, revision).await
+    }
+
+    async fn write<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        revision: Option<u64>,
+    ) -> Result<(), BusError> {
+        let store = self.bucket("LIFE_STATE").await?;
+        let value: Bytes = serde_json::to_vec(value).expect("state is JSON").into();
+        match revision {
+            Some(revision) => store
+                .update(key, value, revision)
+                .await
+                .map(drop)
+                .map_err(unavailable("state changed meanwhile (another decider?)")),
+            None => store
+                .create(key, value)
+                .await
+                .map(drop)
+                .map_err(unavailable("state created meanwhile (another decider?)")),
+        }
+    }
+
+    /// The node instances the decider has seen, and the revision.
+    pub async fn instances(
+        &self,
+    ) -> Result<(std::collections::BTreeSet<String>, Option<u64>), BusError> {
+        self.read(INSTANCES).await
+    }
+
+    pub async fn save_instances(
+        &self,
+        instances: &std::collections::BTreeSet<String>,
+        revision: Option<u64>,
+    ) -> Result<(), BusError> {
+        self.write(INSTANCES, instances, revision).await
+    }
+
+    /// Every channel with a state.
+    pub async fn channels(&self) -> Result<Vec<String>, BusError> {
+        let store = self.bucket("LIFE_STATE").await?;
+        let keys = store.keys().await.map_err(unavailable("keys not read"))?;
+        Ok(keys
+            .filter_map(|key| async move { unhex(&key.ok()?) })
+            .collect()
+            .await)
+    }
+
+    /// Records decided events (each de-duplicated by its id), in order.
+    pub async fn record(&self, events: &[Event]) -> Result<(), BusError> {
+        for event in events {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.as_str());
+            let payload: Bytes = serde_json::to_vec(event).expect("an event is JSON").into();
+            self.js
+                .publish_with_headers(self.topology.hooks(), headers, payload)
+                .await
+                .map_err(unavailable("event not sent"))?
+                .await
+                .map_err(unavailable("event not stored"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes or renews the sender's lease as `holder`: true while it is this process's.
+    pub async fn lease(&self, holder: &str) -> bool {
+        let Ok(store) = self.bucket("LIFE_LEASE").await else {
+            return false;
+        };
+        let value = Bytes::from(holder.to_string());
+        match store.entry("sender").await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                entry.value == holder.as_bytes()
+                    && store.update("sender", value, entry.revision).await.is_ok()
+            }
+            Ok(Some(entry)) => store.update("sender", value, entry.revision).await.is_ok(),
+            Ok(None) => store.create("sender", value).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The next batch of decided events, up to `max`, waiting up to `wait` for the first.
+    pub async fn batch(&self, max: usize, wait: Duration) -> Result<Batch, BusError> {
+        let stream = self
+            .js
+            .get_stream(self.topology.life_name("HOOKS"))
+            .await
+            .map_err(unavailable("no events stream"))?;
+        let consumer: consumer::PullConsumer = stream
+            .get_consumer(SENDER)
+            .await
+            .map_err(unavailable("no sender"))?;
+        let mut fetched = consumer
+            .fetch()
+            .max_messages(max)
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(unavailable("events not fetched"))?;
+        let mut batch = Batch {
+            events: Vec::new(),
+            messages: Vec::new(),
+        };
+        while let Some(message) = fetched.next().await {
+            let Ok(message) = message else { break };
+            match serde_json::from_slice::<Event>(&message.payload) {
+                Ok(event) => {
+                    batch.events.push(event);
+                    batch.messages.push(message);
+                }
+                Err(_) => {
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Keeps a batch no receiver took (its JSON body) in the dead-letter stream.
+    pub async fn dead_letter(&self, id: &str, body: Bytes) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("dead-{id}").as_str());
+        self.js
+            .publish_with_headers(self.topology.hooks_dead(), headers, body)
+            .await
+            .map_err(unavailable("dead letter not sent"))?
+            .await
+            .map_err(unavailable("dead letter not stored"))?;
+        Ok(())
+    }
+}
+
+/// A channel name as a key (`[0-9a-f]+`: key-value keys take fewer characters than channels).
+fn hex(channel: &str) -> String {
+    channel.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(key: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
