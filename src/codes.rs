@@ -29,6 +29,7 @@
 //! | `timeout` | HTTP 504 | a session request got no reply in time |
 //! | `profiling_off` | HTTP 404 | `/debug/pprof/profile` without `FANOUT_PROFILING=true` |
 //! | `profiling_busy` | HTTP 409 | a CPU profile is already being taken (`/debug/pprof/profile`) |
+//! | `webhooks_off` | HTTP 404 | `/v1/webhooks/*` without `FANOUT_WEBHOOK_URL` |
 //! | `internal` | frame, HTTP 500 | a bug: never expected |
 
 use serde::Serialize;
@@ -75,12 +76,13 @@ pub enum Code {
     Timeout,
     ProfilingOff,
     ProfilingBusy,
+    WebhooksOff,
     Internal,
 }
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 39] = [
+    pub const ALL: [Code; 40] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -119,6 +121,7 @@ impl Code {
         Code::Timeout,
         Code::ProfilingOff,
         Code::ProfilingBusy,
+        Code::WebhooksOff,
         Code::Internal,
     ];
 
@@ -163,6 +166,7 @@ impl Code {
             Code::Timeout => "timeout",
             Code::ProfilingOff => "profiling_off",
             Code::ProfilingBusy => "profiling_busy",
+            Code::WebhooksOff => "webhooks_off",
             Code::Internal => "internal",
         }
     }

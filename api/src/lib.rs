@@ -99,9 +99,12 @@ pub async fn run(
     let bus = Bus::connect(&config.common).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = %config.common.node_id, "fanout-api listening");
-    let state = routes::AppState::new(bus.clone(), &config);
+    let webhooks = webhooks::Webhooks::new(&config, bus.clone());
+    let state = routes::AppState::new(bus.clone(), &config, webhooks.clone());
     bus.rpc().follow_nodes(state.directory()).await?;
-    webhooks::start(&config, bus.clone(), state.directory(), shutdown.clone());
+    if let Some(webhooks) = webhooks {
+        webhooks::start(webhooks, state.directory(), shutdown.clone());
+    }
     let app = routes::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -75,11 +75,17 @@ pub struct Shared {
     /// The stream's last sequence as `GET /v1/stats` saw it, for the events stored per
     /// second.
     intake: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    /// Lifecycle webhooks (`FANOUT_WEBHOOK_URL`), when on.
+    webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
 }
 
 impl AppState {
     /// `config` must be validated (its `ws_urls` parse).
-    pub fn new(bus: Bus, config: &Config) -> Self {
+    pub fn new(
+        bus: Bus,
+        config: &Config,
+        webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
+    ) -> Self {
         AppState(std::sync::Arc::new(Shared {
             bus,
             body_limit: config.body_limit_bytes,
@@ -95,6 +101,7 @@ impl AppState {
             probe_channel: Channel::canary(&config.common.node_id),
             node_id: config.common.node_id.clone(),
             intake: std::sync::Mutex::default(),
+            webhooks,
         }))
     }
 
@@ -132,6 +139,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/channels/{channel}/presence", get(presence))
         .route("/debug/pprof/profile", get(profile))
+        .route("/v1/webhooks/dead", get(webhooks_dead))
+        .route("/v1/webhooks/replay", post(webhooks_replay))
         .merge(crate::web::router(state.ws_nodes(), state.jaeger_ui()))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -811,6 +820,80 @@ async fn profile(State(state): State<AppState>, uri: axum::http::Uri) -> Respons
             ApiError::new(status, code, err.to_string()).into_response()
         }
     }
+}
+
+/// The webhooks, or the answer that they are off.
+fn webhooks_of(state: &AppState) -> Result<&std::sync::Arc<crate::webhooks::Webhooks>, ApiError> {
+    state.webhooks.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::WebhooksOff,
+            "lifecycle webhooks are off: set FANOUT_WEBHOOK_URL",
+        )
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/webhooks/dead`: the batches no receiver took within the retry window, oldest
+/// first (`?limit=`, default 100, at most 1000).
+async fn webhooks_dead(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let webhooks = webhooks_of(&state)?;
+    let axum::extract::Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidQuery, e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidQuery,
+            "limit is 1 to 1000",
+        ));
+    }
+    let dead = webhooks.dead(limit).await?;
+    let dead: Vec<serde_json::Value> = dead
+        .into_iter()
+        .map(|(seq, body)| serde_json::json!({"seq": seq, "events": body["events"], "time_ms": body["time_ms"]}))
+        .collect();
+    Ok(Json(serde_json::json!({ "dead": dead })))
+}
+
+/// `POST /v1/webhooks/replay` `{"since": <unix ms> | "<event id>"}`: sends the recorded
+/// events again from that time, or after that event, in batches; `202 {"replaying": n}`.
+async fn webhooks_replay(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let webhooks = webhooks_of(&state)?;
+    let invalid = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::InvalidBody,
+            format!(r#"the body is {{"since": <unix ms> | "<event id>"}}: {why}"#),
+        )
+    };
+    let body = body.map_err(|e| invalid(&e.body_text()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| invalid(&e.to_string()))?;
+    let count = match &value["since"] {
+        serde_json::Value::Number(n) => {
+            let since = n
+                .as_u64()
+                .ok_or_else(|| invalid("a time is a non-negative integer"))?;
+            webhooks.replay(since, None).await?
+        }
+        serde_json::Value::String(id) => webhooks.replay(0, Some(id)).await?,
+        _ => return Err(invalid("\"since\" is missing")),
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "replaying": count })),
+    ))
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -41,14 +41,111 @@ struct Settings {
     region: Option<String>,
 }
 
-/// Starts the loops when `FANOUT_WEBHOOK_URL` is set; they end with `shutdown`.
-pub fn start(config: &Config, bus: Bus, directory: Arc<Directory>, shutdown: CancellationToken) {
-    if config.common.webhook_url.is_empty() {
-        return;
+/// The webhooks of this API process: its settings, its HTTP client, the bus.
+#[derive(Debug)]
+pub struct Webhooks {
+    settings: Settings,
+    client: reqwest::Client,
+    bus: Bus,
+}
+
+impl Webhooks {
+    /// `None` unless `FANOUT_WEBHOOK_URL` is set.
+    pub fn new(config: &Config, bus: Bus) -> Option<Arc<Webhooks>> {
+        if config.common.webhook_url.is_empty() {
+            return None;
+        }
+        let settings = settings(config, &bus);
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .build()
+            .expect("an HTTP client");
+        Some(Arc::new(Webhooks {
+            settings,
+            client,
+            bus,
+        }))
     }
-    // The HTTP client's TLS uses ring, like the rest of the workspace.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let settings = Settings {
+
+    /// POSTs `events` as one signed webhook (`id`: `X-Fanout-Webhook-Id`); the body sent and
+    /// the receiver's status (0: no answer in time).
+    async fn post(&self, id: &str, events: &[Event]) -> (Bytes, u16) {
+        let body: Bytes = serde_json::to_vec(&serde_json::json!({
+            "time_ms": now_ms(),
+            "events": events,
+        }))
+        .expect("events are JSON")
+        .into();
+        let t = now_ms() / 1000;
+        let answer = self
+            .client
+            .post(&self.settings.url)
+            .header("content-type", "application/json")
+            .header("x-fanout-webhook-id", id)
+            .header(
+                "x-fanout-signature",
+                signature(&self.settings.secrets, t, &body),
+            )
+            .body(body.clone())
+            .send()
+            .await;
+        let status = answer.map_or(0, |response| response.status().as_u16());
+        (body, status)
+    }
+
+    /// The last `limit` dead letters.
+    pub async fn dead(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, serde_json::Value)>, fanout::BusError> {
+        self.bus.lifecycle().dead(limit).await
+    }
+
+    /// Sends again the recorded events from `since` (unix ms) or after event `after`, in
+    /// batches, in the background; returns how many.
+    pub async fn replay(
+        self: &Arc<Self>,
+        since_ms: u64,
+        after: Option<&str>,
+    ) -> Result<usize, fanout::BusError> {
+        let mut events = self.bus.lifecycle().history(since_ms, 100_000).await?;
+        if let Some(after) = after {
+            match events.iter().position(|e| e.id == after) {
+                Some(i) => {
+                    events.drain(..=i);
+                }
+                None => events.clear(),
+            }
+        }
+        let count = events.len();
+        let webhooks = self.clone();
+        tokio::spawn(async move {
+            for chunk in events.chunks(webhooks.settings.batch_max) {
+                let id = format!("replay-{}", chunk[0].id);
+                let mut attempt = 0;
+                loop {
+                    let (_, status) = webhooks.post(&id, chunk).await;
+                    if (200..300).contains(&status) {
+                        counter!("fanout_webhook_deliveries_total", "outcome" => "delivered")
+                            .increment(1);
+                        break;
+                    }
+                    counter!("fanout_webhook_deliveries_total", "outcome" => "failed").increment(1);
+                    attempt += 1;
+                    if attempt > 10 {
+                        tracing::warn!(%id, status, "replayed webhook refused; replay stopped");
+                        return;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        });
+        Ok(count)
+    }
+}
+
+fn settings(config: &Config, bus: &Bus) -> Settings {
+    Settings {
         url: config.common.webhook_url.clone(),
         secrets: config.webhook_secrets(),
         timeout: Duration::from_millis(config.webhook_timeout_ms),
@@ -57,9 +154,14 @@ pub fn start(config: &Config, bus: Bus, directory: Arc<Directory>, shutdown: Can
         retry: Duration::from_secs(config.webhook_retry_secs),
         debounce: config.common.webhook_debounce_ms,
         region: bus.topology().region().map(|r| r.to_string()),
-    };
+    }
+}
+
+/// Starts the loops; they end with `shutdown`.
+pub fn start(webhooks: Arc<Webhooks>, directory: Arc<Directory>, shutdown: CancellationToken) {
+    let settings = webhooks.settings.clone();
     tokio::spawn(async move {
-        let lifecycle = bus.lifecycle().clone();
+        let lifecycle = webhooks.bus.lifecycle().clone();
         let mut wait = Duration::from_millis(200);
         while let Err(err) = lifecycle.ensure(settings.retry, settings.batch_max).await {
             tracing::warn!(%err, "lifecycle streams not ready; retrying");
@@ -75,7 +177,7 @@ pub fn start(config: &Config, bus: Bus, directory: Arc<Directory>, shutdown: Can
             decide(lifecycle.clone(), settings.clone()),
         ));
         tokio::spawn(until(shutdown.clone(), sweep(lifecycle.clone(), directory)));
-        tokio::spawn(until(shutdown, send(lifecycle, settings)));
+        tokio::spawn(until(shutdown, send(lifecycle, webhooks)));
     });
 }
 
@@ -248,12 +350,9 @@ async fn sweep(lifecycle: Lifecycle, directory: Arc<Directory>) {
 }
 
 /// Delivers recorded events while this process holds the lease.
-async fn send(lifecycle: Lifecycle, settings: Settings) {
+async fn send(lifecycle: Lifecycle, webhooks: Arc<Webhooks>) {
     let holder = uuid::Uuid::new_v4().to_string();
-    let client = reqwest::Client::builder()
-        .timeout(settings.timeout)
-        .build()
-        .expect("an HTTP client");
+    let settings = &webhooks.settings;
     loop {
         if !lifecycle.lease(&holder).await {
             tokio::time::sleep(LEASE / 4).await;
@@ -274,43 +373,20 @@ async fn send(lifecycle: Lifecycle, settings: Settings) {
                 continue;
             }
         };
-        deliver(&lifecycle, &settings, &client, &holder, batch).await;
+        deliver(&lifecycle, &webhooks, &holder, batch).await;
     }
 }
 
 /// One batch, until a receiver takes it or the retry window ends.
-async fn deliver(
-    lifecycle: &Lifecycle,
-    settings: &Settings,
-    client: &reqwest::Client,
-    holder: &str,
-    batch: Batch,
-) {
+async fn deliver(lifecycle: &Lifecycle, webhooks: &Webhooks, holder: &str, batch: Batch) {
+    let settings = &webhooks.settings;
     let id = batch.id();
     let started = tokio::time::Instant::now();
     let mut attempt: u32 = 0;
     loop {
         let oldest = batch.events.iter().map(|e| e.time_ms).min().unwrap_or(0);
         gauge!("fanout_webhook_lag_seconds").set(now_ms().saturating_sub(oldest) as f64 / 1000.0);
-        let body: Bytes = serde_json::to_vec(&serde_json::json!({
-            "time_ms": now_ms(),
-            "events": batch.events,
-        }))
-        .expect("events are JSON")
-        .into();
-        let t = now_ms() / 1000;
-        let answer = client
-            .post(&settings.url)
-            .header("content-type", "application/json")
-            .header("x-fanout-webhook-id", &id)
-            .header("x-fanout-signature", signature(&settings.secrets, t, &body))
-            .body(body.clone())
-            .send()
-            .await;
-        let status = match &answer {
-            Ok(response) => response.status().as_u16(),
-            Err(_) => 0,
-        };
+        let (body, status) = webhooks.post(&id, &batch.events).await;
         if (200..300).contains(&status) {
             counter!("fanout_webhook_deliveries_total", "outcome" => "delivered").increment(1);
             if let Err(err) = batch.done().await {

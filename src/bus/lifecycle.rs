@@ -412,6 +412,80 @@ impl Lifecycle {
     }
 }
 
+impl Lifecycle {
+    /// The last `limit` dead letters, oldest first: each batch's stream sequence and body.
+    pub async fn dead(&self, limit: usize) -> Result<Vec<(u64, serde_json::Value)>, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(self.topology.life_name("HOOKS_DEAD"))
+            .await
+            .map_err(unavailable("no dead-letter stream"))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(unavailable("dead letters not read"))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(out);
+        }
+        let from = last.saturating_sub(limit as u64 - 1).max(first);
+        for seq in from..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                let body = serde_json::from_slice(&message.payload).unwrap_or_default();
+                out.push((seq, body));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The recorded events from `since_ms` (unix ms; 0: the oldest kept), in order, up to
+    /// `limit`.
+    pub async fn history(&self, since_ms: u64, limit: usize) -> Result<Vec<Event>, BusError> {
+        let stream = self
+            .js
+            .get_stream(self.topology.life_name("HOOKS"))
+            .await
+            .map_err(unavailable("no events stream"))?;
+        let deliver_policy = match since_ms {
+            0 => consumer::DeliverPolicy::All,
+            ms => consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(ms) * 1_000_000,
+                )
+                .map_err(unavailable("a time out of range"))?,
+            },
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable("events not read"))?;
+        let mut events = Vec::new();
+        if stream.cached_info().state.messages == 0 {
+            return Ok(events);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(unavailable("events not read"))?;
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+            let Ok(Some(Ok(message))) = next else { break };
+            let pending = message.info().map(|i| i.pending).unwrap_or(0);
+            if let Ok(event) = serde_json::from_slice::<Event>(&message.payload) {
+                events.push(event);
+            }
+            if pending == 0 || events.len() >= limit {
+                break;
+            }
+        }
+        Ok(events)
+    }
+}
+
 /// A channel name as a key (`[0-9a-f]+`: key-value keys take fewer characters than channels).
 fn hex(channel: &str) -> String {
     channel.bytes().map(|b| format!("{b:02x}")).collect()

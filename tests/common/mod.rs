@@ -237,6 +237,16 @@ pub async fn wait_ready_for(server: &Server, bound: Duration) {
     fanout_testkit::http::wait_ready(&server.addr.to_string(), bound).await
 }
 
+/// GETs `path` and returns status and JSON answer.
+pub async fn get_json(server: &Server, path: &str) -> (u16, Value) {
+    let response = reqwest::get(server.url(path)).await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("answer to GET {path} is not JSON ({e}): {text:?}"));
+    (status, value)
+}
+
 /// POSTs `body` (raw bytes) to `path` and returns status and JSON answer.
 pub async fn post_raw(server: &Server, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
     post_typed(server, path, "application/json", body).await

@@ -389,3 +389,56 @@ print("signature ok")
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_no_receiver_takes_are_dead_lettered_and_can_be_replayed() {
+    let receiver = Receiver::default();
+    receiver.failing.store(true, Ordering::SeqCst);
+    let url = receiver.start().await;
+    let nats = NatsServer::start();
+    let api = start_api_with(&nats, |c| {
+        c.common.webhook_url = url.clone();
+        c.common.webhook_debounce_ms = 0;
+        c.webhook_batch_ms = 50;
+        c.webhook_retry_secs = 1;
+    })
+    .await;
+    let node = start_ws(&nats, "ws-1", |c| c.common.webhook_url = url.clone()).await;
+    let client = member(&node, "ada", "lost").await;
+    // Refused for the whole retry window: dead-lettered.
+    let dead = loop {
+        let (status, body) = get_json(&api, "/v1/webhooks/dead").await;
+        assert_eq!(status, 200, "{body}");
+        if body["dead"].as_array().is_some_and(|d| !d.is_empty()) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let events = dead["dead"][0]["events"].as_array().unwrap();
+    assert_eq!(events[0]["name"], "channel_occupied", "{dead}");
+    assert!(receiver.of("lost").is_empty());
+    // Replayed from the start once the receiver is back.
+    receiver.failing.store(false, Ordering::SeqCst);
+    let (status, answer) = post_raw(&api, "/v1/webhooks/replay", r#"{"since":0}"#).await;
+    assert_eq!(status, 202, "{answer}");
+    receiver.until("lost", "member_added", 1).await;
+    assert_eq!(
+        names(&receiver.of("lost")),
+        ["channel_occupied", "member_added"]
+    );
+    let (status, error) = post_raw(&api, "/v1/webhooks/replay", r#"{"from":1}"#).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_body");
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_endpoints_say_when_webhooks_are_off() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let (status, error) = get_json(&api, "/v1/webhooks/dead").await;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"]["code"], "webhooks_off");
+    let (status, error) = post_raw(&api, "/v1/webhooks/replay", r#"{"since":0}"#).await;
+    assert_eq!(status, 404, "{error}");
+}
