@@ -32,6 +32,9 @@ pub struct Config {
     /// The webhook signing secret(s), comma-separated (`FANOUT_WEBHOOK_SECRET`): each gives
     /// a `v1` in `X-Fanout-Signature` (a second one during rotation).
     pub webhook_secret: Secret,
+    /// Extra certificate authorities (PEM file) a webhook receiver's certificate may chain
+    /// to, besides the system's (`FANOUT_WEBHOOK_CA`).
+    pub webhook_ca: String,
     /// How long a webhook receiver has to answer, ms (`FANOUT_WEBHOOK_TIMEOUT_MS`).
     pub webhook_timeout_ms: u64,
     /// Most events in one webhook (`FANOUT_WEBHOOK_BATCH_MAX`).
@@ -63,6 +66,7 @@ impl Default for Config {
             api_keys: Secret::default(),
             public_ping: false,
             webhook_secret: Secret::default(),
+            webhook_ca: String::new(),
             webhook_timeout_ms: 4000,
             webhook_batch_max: 20,
             webhook_batch_ms: 250,
@@ -122,21 +126,21 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        let url = &self.common.webhook_url;
-        if url.starts_with("https://") {
-            return Err(ConfigError::invalid(
-                "webhook_url",
-                "https:// is not supported yet: give an http:// URL (a TLS-terminating proxy \
-                 next to the API, such as the receiver's own load balancer on a private network)",
-            ));
-        }
-        if !(url.is_empty() || url.starts_with("http://")) {
-            return Err(ConfigError::invalid(
-                "webhook_url",
-                "must be an http:// URL",
-            ));
+        if !self.common.webhook_url.is_empty() {
+            self.webhook_poster()
+                .map_err(|why| ConfigError::invalid("webhook_url", why))?;
         }
         Ok(())
+    }
+
+    /// The webhook receiver's client (`FANOUT_WEBHOOK_URL`, `FANOUT_WEBHOOK_CA`,
+    /// `FANOUT_WEBHOOK_TIMEOUT_MS`).
+    pub fn webhook_poster(&self) -> Result<crate::post::Poster, String> {
+        crate::post::Poster::new(
+            &self.common.webhook_url,
+            &self.webhook_ca,
+            std::time::Duration::from_millis(self.webhook_timeout_ms),
+        )
     }
 
     /// The webhook signing secrets.

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod error;
+pub mod post;
 pub mod routes;
 pub mod web;
 pub mod webhooks;

@@ -26,14 +26,13 @@ use futures_util::StreamExt;
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
-use crate::Config;
+use crate::{Config, post::Poster};
 
 /// What the loops need of the settings.
 #[derive(Debug, Clone)]
 struct Settings {
     url: String,
     secrets: Vec<String>,
-    timeout: Duration,
     batch_max: usize,
     batch_wait: Duration,
     retry: Duration,
@@ -45,21 +44,19 @@ struct Settings {
 #[derive(Debug)]
 pub struct Webhooks {
     settings: Settings,
-    client: reqwest::Client,
+    client: Poster,
     bus: Bus,
 }
 
 impl Webhooks {
-    /// `None` unless `FANOUT_WEBHOOK_URL` is set.
+    /// `None` unless `FANOUT_WEBHOOK_URL` is set (`config` validated: the URL and the CA
+    /// file are checked there).
     pub fn new(config: &Config, bus: Bus) -> Option<Arc<Webhooks>> {
         if config.common.webhook_url.is_empty() {
             return None;
         }
         let settings = settings(config, &bus);
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .build()
-            .expect("an HTTP client");
+        let client = config.webhook_poster().ok()?;
         Some(Arc::new(Webhooks {
             settings,
             client,
@@ -77,19 +74,21 @@ impl Webhooks {
         .expect("events are JSON")
         .into();
         let t = now_ms() / 1000;
-        let answer = self
-            .client
-            .post(&self.settings.url)
-            .header("content-type", "application/json")
-            .header("x-fanout-webhook-id", id)
-            .header(
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            ("x-fanout-webhook-id", id.to_string()),
+            (
                 "x-fanout-signature",
                 signature(&self.settings.secrets, t, &body),
-            )
-            .body(body.clone())
-            .send()
-            .await;
-        let status = answer.map_or(0, |response| response.status().as_u16());
+            ),
+        ];
+        let status = match self.client.post(&headers, body.clone()).await {
+            Ok(status) => status,
+            Err(why) => {
+                tracing::debug!(%id, why, "webhook not answered");
+                0
+            }
+        };
         (body, status)
     }
 
@@ -148,7 +147,6 @@ fn settings(config: &Config, bus: &Bus) -> Settings {
     Settings {
         url: config.common.webhook_url.clone(),
         secrets: config.webhook_secrets(),
-        timeout: Duration::from_millis(config.webhook_timeout_ms),
         batch_max: config.webhook_batch_max,
         batch_wait: Duration::from_millis(config.webhook_batch_ms),
         retry: Duration::from_secs(config.webhook_retry_secs),

@@ -442,3 +442,66 @@ async fn webhook_endpoints_say_when_webhooks_are_off() {
     let (status, error) = post_raw(&api, "/v1/webhooks/replay", r#"{"since":0}"#).await;
     assert_eq!(status, 404, "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_receiver_in_python_verifies_every_signature() {
+    // A certificate from a throwaway CA (scripts/certs.sh), which the API trusts through
+    // FANOUT_WEBHOOK_CA.
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let status = std::process::Command::new("bash")
+        .arg(workspace().join("scripts/certs.sh"))
+        .arg(&certs)
+        .arg("receiver")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/certs.sh failed");
+    let mut python = tokio::process::Command::new("python3")
+        .arg(workspace().join("tests/clients/webhook_receiver.py"))
+        .arg(certs.join("receiver.pem"))
+        .arg(certs.join("receiver.key"))
+        .arg("s3cret,0ld-s3cret")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = tokio::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    use tokio::io::AsyncBufReadExt;
+    let first: Value = serde_json::from_str(
+        &within("the receiver's port", lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    let url = format!("https://localhost:{}/hooks", first["port"]);
+
+    let nats = NatsServer::start();
+    let ca = certs.join("ca.pem").display().to_string();
+    let _api = start_api_with(&nats, |c| {
+        c.common.webhook_url = url.clone();
+        c.common.webhook_debounce_ms = 0;
+        c.webhook_secret = "s3cret,0ld-s3cret".into();
+        c.webhook_ca = ca;
+        c.webhook_batch_ms = 50;
+    })
+    .await;
+    let node = start_ws(&nats, "ws-1", |c| c.common.webhook_url = url.clone()).await;
+    let client = member(&node, "ada", "secure").await;
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        let line = within("a webhook over HTTPS", lines.next_line())
+            .await
+            .unwrap()
+            .expect("the receiver runs");
+        let request: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(request["valid"], true, "{request}");
+        for event in request["events"].as_array().unwrap() {
+            names.push(event["name"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(names, ["channel_occupied", "member_added"]);
+    drop(client);
+    python.kill().await.unwrap();
+}
