@@ -25,7 +25,7 @@ const DECIDER: &str = "decider";
 const SENDER: &str = "webhooks";
 /// How long a delivered, unacknowledged message stays with one process before another gets
 /// it (a process that died mid-fold or mid-delivery).
-const ACK_WAIT: Duration = Duration::from_secs(30);
+const ACK_WAIT: Duration = Duration::from_secs(10);
 /// How long the lease of the webhook sender lasts unless renewed.
 pub const LEASE: Duration = Duration::from_secs(10);
 /// The key of the node instances the decider has seen (a channel's key is its name in hex,

@@ -505,3 +505,53 @@ async fn an_https_receiver_in_python_verifies_every_signature() {
     drop(client);
     python.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_process_killed_mid_delivery_leaves_the_batch_to_another() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let nats = NatsServer::start();
+    // API A, a process: it takes the lease (it is the only one), then dies mid-delivery.
+    let env = |node: &str| {
+        vec![
+            ("FANOUT_NATS_URL", nats.url()),
+            ("FANOUT_NODE_ID", node.to_string()),
+            ("FANOUT_LISTEN", "127.0.0.1:0".to_string()),
+            ("FANOUT_WEBHOOK_URL", url.clone()),
+            ("FANOUT_WEBHOOK_DEBOUNCE_MS", "0".to_string()),
+            ("FANOUT_WEBHOOK_BATCH_MS", "50".to_string()),
+        ]
+    };
+    let a = Process::start("fanout-api", &env("api-a"));
+    wait_ready(&a.server()).await;
+    let node = start_ws(&nats, "ws-1", |c| c.common.webhook_url = url.clone()).await;
+    let first = member(&node, "ada", "handover").await;
+    receiver.until("handover", "member_added", 1).await;
+    // API B joins; A keeps the lease while it lives.
+    let _b = start_api_with(&nats, |c| {
+        c.common.webhook_url = url.clone();
+        c.common.webhook_debounce_ms = 0;
+        c.webhook_batch_ms = 50;
+    })
+    .await;
+    receiver.failing.store(true, Ordering::SeqCst);
+    let refused = receiver.refused.load(Ordering::SeqCst);
+    let second = member(&node, "bo", "handover").await;
+    until("A to be refused", || async {
+        receiver.refused.load(Ordering::SeqCst) > refused
+    })
+    .await;
+    a.signal("-KILL");
+    receiver.failing.store(false, Ordering::SeqCst);
+    // B takes over (the lease and the batch A held), and delivers it.
+    receiver.until("handover", "member_added", 2).await;
+    assert_eq!(
+        receiver.of("handover"),
+        [
+            ("channel_occupied".to_string(), None),
+            ("member_added".to_string(), Some("ada".to_string())),
+            ("member_added".to_string(), Some("bo".to_string())),
+        ]
+    );
+    drop((first, second));
+}
