@@ -351,12 +351,26 @@ async fn sweep(lifecycle: Lifecycle, directory: Arc<Directory>) {
 async fn send(lifecycle: Lifecycle, webhooks: Arc<Webhooks>) {
     let holder = uuid::Uuid::new_v4().to_string();
     let settings = &webhooks.settings;
+    let mut events = None;
     loop {
         if !lifecycle.lease(&holder).await {
             tokio::time::sleep(LEASE / 4).await;
             continue;
         }
-        let batch = match lifecycle
+        if events.is_none() {
+            match lifecycle.events().await {
+                Ok(consumer) => events = Some(consumer),
+                Err(err) => {
+                    tracing::warn!(%err, "webhook events not followed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(consumer) = &events else { continue };
+        // Waits up to FANOUT_WEBHOOK_BATCH_MS for a batch to fill: one request per wait while
+        // idle.
+        let batch = match consumer
             .batch(settings.batch_max, settings.batch_wait)
             .await
         {
@@ -367,6 +381,7 @@ async fn send(lifecycle: Lifecycle, webhooks: Arc<Webhooks>) {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(%err, "webhook events not fetched");
+                events = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }

@@ -12,6 +12,7 @@ mod geo;
 mod hist;
 mod http1;
 mod jetstream;
+mod lifecycle;
 mod load;
 mod outcome;
 mod presence;
@@ -176,6 +177,17 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         payload: usize,
     },
+    /// Lifecycle webhooks end to end: joins as fast as they come, then paced leaves; events
+    /// delivered per second and the time from a leave to its `channel_vacated` webhook.
+    Lifecycle {
+        #[arg(long, default_value_t = 2000)]
+        clients: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Leaves per second.
+        #[arg(long, default_value_t = 200)]
+        leave_rate: u64,
+    },
     /// Presence queries over a channel with many members.
     Presence {
         #[arg(long, default_value_t = 100_000)]
@@ -246,6 +258,7 @@ impl Command {
             Command::Publish { .. } => "publish",
             Command::Jetstream { .. } => "jetstream",
             Command::Presence { .. } => "presence",
+            Command::Lifecycle { .. } => "lifecycle",
             Command::Saturate(_) => "saturate",
             Command::Tracing(_) => "tracing",
             Command::Geo { .. } => "geo",
@@ -380,6 +393,15 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             json!(r)
         }
         Command::Presence { members, nodes } => json!(presence::run(members, nodes).await),
+        Command::Lifecycle {
+            clients,
+            nodes,
+            leave_rate,
+        } => {
+            let r = lifecycle::run(&paths, clients, nodes, leave_rate).await;
+            println!("{r:?}");
+            json!(r)
+        }
         Command::Geo {
             delay_ms,
             clients,

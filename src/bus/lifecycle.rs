@@ -67,6 +67,41 @@ impl Incoming {
     }
 }
 
+/// The decided events, as the sender takes them.
+#[derive(Debug)]
+pub struct Events(consumer::PullConsumer);
+
+impl Events {
+    /// The next batch: up to `max` events, or what came within `wait` (none: nothing came).
+    pub async fn batch(&self, max: usize, wait: Duration) -> Result<Batch, BusError> {
+        let mut fetched = self
+            .0
+            .batch()
+            .max_messages(max)
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(unavailable("events not fetched"))?;
+        let mut batch = Batch {
+            events: Vec::new(),
+            messages: Vec::new(),
+        };
+        while let Some(message) = fetched.next().await {
+            let Ok(message) = message else { break };
+            match serde_json::from_slice::<Event>(&message.payload) {
+                Ok(event) => {
+                    batch.events.push(event);
+                    batch.messages.push(message);
+                }
+                Err(_) => {
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        Ok(batch)
+    }
+}
+
 /// A batch of decided events held for delivery, until [`Batch::done`].
 #[derive(Debug)]
 pub struct Batch {
@@ -361,41 +396,18 @@ impl Lifecycle {
         }
     }
 
-    /// The next batch of decided events, up to `max`, waiting up to `wait` for the first.
-    pub async fn batch(&self, max: usize, wait: Duration) -> Result<Batch, BusError> {
+    /// The decided events' consumer, for the sender.
+    pub async fn events(&self) -> Result<Events, BusError> {
         let stream = self
             .js
             .get_stream(self.topology.life_name("HOOKS"))
             .await
             .map_err(unavailable("no events stream"))?;
-        let consumer: consumer::PullConsumer = stream
+        let consumer = stream
             .get_consumer(SENDER)
             .await
             .map_err(unavailable("no sender"))?;
-        let mut fetched = consumer
-            .fetch()
-            .max_messages(max)
-            .expires(wait)
-            .messages()
-            .await
-            .map_err(unavailable("events not fetched"))?;
-        let mut batch = Batch {
-            events: Vec::new(),
-            messages: Vec::new(),
-        };
-        while let Some(message) = fetched.next().await {
-            let Ok(message) = message else { break };
-            match serde_json::from_slice::<Event>(&message.payload) {
-                Ok(event) => {
-                    batch.events.push(event);
-                    batch.messages.push(message);
-                }
-                Err(_) => {
-                    let _ = message.ack_with(AckKind::Term).await;
-                }
-            }
-        }
-        Ok(batch)
+        Ok(Events(consumer))
     }
 
     /// Keeps a batch no receiver took (its JSON body) in the dead-letter stream.

@@ -38,7 +38,7 @@ mod topology;
 
 pub use client::Bus;
 pub use error::{BusError, DecodeError};
-pub use lifecycle::{Batch, Incoming, LEASE, Lifecycle};
+pub use lifecycle::{Batch, Events, Incoming, LEASE, Lifecycle};
 pub use log::{EventLog, Published};
 pub use presence::PresenceChanges;
 pub use provisioner::DUPLICATE_WINDOW;
