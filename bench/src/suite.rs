@@ -340,6 +340,14 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         Some(t) => Some(t.frames_out().await),
         None => None,
     };
+    // FANOUT_BENCH_SETTLE_SECS: a pause between the clients' joins and the measured run, so
+    // that what the joins set off (lifecycle webhooks, say) is over before it.
+    if let Some(secs) = std::env::var("FANOUT_BENCH_SETTLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
     let (server_before, loadgen_before) = (cpu(&servers), workers.cpu_seconds() + self_cpu());
     let each_before: Vec<f64> = servers.iter().copied().map(tier::cpu_seconds).collect();
     let started = std::time::Instant::now();
