@@ -231,10 +231,11 @@ async fn fold(
                 if !holds {
                     continue;
                 }
-                if let Some(due) =
-                    apply(lifecycle, settings, &channel, state, revision, delta, now).await?
+                if apply(lifecycle, settings, &channel, state, revision, delta, now)
+                    .await?
+                    .is_some()
                 {
-                    schedule(lifecycle, &channel, due).await?;
+                    schedule(lifecycle, &channel).await?;
                 }
             }
             let (mut instances, revision) = lifecycle.instances().await?;
@@ -256,8 +257,8 @@ async fn fold(
                 .later(Duration::from_millis(due.saturating_sub(now_ms()).max(1)))
                 .await
         }
-        (_, Some((channel, due))) => {
-            schedule(lifecycle, &channel, due).await?;
+        (_, Some((channel, _))) => {
+            schedule(lifecycle, &channel).await?;
             incoming.ack().await
         }
         (_, None) => incoming.ack().await,
@@ -303,9 +304,9 @@ fn name(event: &Event) -> &'static str {
     }
 }
 
-/// A check of `channel` at `due`: a delta the decider holds back until then.
-async fn schedule(lifecycle: &Lifecycle, channel: &str, due: u64) -> Result<(), fanout::BusError> {
-    let _ = due;
+/// A check of `channel`: a delta the decider holds back until the channel's next removal is
+/// due (it reads when from the state).
+async fn schedule(lifecycle: &Lifecycle, channel: &str) -> Result<(), fanout::BusError> {
     lifecycle
         .report(
             &Delta::Check {

@@ -226,17 +226,28 @@ impl Lifecycle {
     /// that makes a repeat within two minutes a no-op (a `node_gone` several API processes
     /// report).
     pub async fn report(&self, delta: &Delta, once: Option<&str>) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(delta).expect("a delta is JSON").into();
+        self.store(self.topology.life(), once, payload).await
+    }
+
+    /// Publishes `payload` to `subject` (`id`: its `Nats-Msg-Id`, which JetStream
+    /// de-duplicates) and waits until the stream has it.
+    async fn store(
+        &self,
+        subject: String,
+        id: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
         let mut headers = HeaderMap::new();
-        if let Some(id) = once {
+        if let Some(id) = id {
             headers.insert("Nats-Msg-Id", id);
         }
-        let payload: Bytes = serde_json::to_vec(delta).expect("a delta is JSON").into();
         self.js
-            .publish_with_headers(self.topology.life(), headers, payload)
+            .publish_with_headers(subject, headers, payload)
             .await
-            .map_err(unavailable("lifecycle report not sent"))?
+            .map_err(unavailable("not sent"))?
             .await
-            .map_err(unavailable("lifecycle report not stored"))?;
+            .map_err(unavailable("not stored"))?;
         Ok(())
     }
 
@@ -366,15 +377,9 @@ impl Lifecycle {
     /// Records decided events (each de-duplicated by its id), in order.
     pub async fn record(&self, events: &[Event]) -> Result<(), BusError> {
         for event in events {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", event.id.as_str());
-            let payload: Bytes = serde_json::to_vec(event).expect("an event is JSON").into();
-            self.js
-                .publish_with_headers(self.topology.hooks(), headers, payload)
-                .await
-                .map_err(unavailable("event not sent"))?
-                .await
-                .map_err(unavailable("event not stored"))?;
+            let payload = serde_json::to_vec(event).expect("an event is JSON").into();
+            self.store(self.topology.hooks(), Some(&event.id), payload)
+                .await?;
         }
         Ok(())
     }
@@ -412,15 +417,9 @@ impl Lifecycle {
 
     /// Keeps a batch no receiver took (its JSON body) in the dead-letter stream.
     pub async fn dead_letter(&self, id: &str, body: Bytes) -> Result<(), BusError> {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("dead-{id}").as_str());
-        self.js
-            .publish_with_headers(self.topology.hooks_dead(), headers, body)
+        let id = format!("dead-{id}");
+        self.store(self.topology.hooks_dead(), Some(&id), body)
             .await
-            .map_err(unavailable("dead letter not sent"))?
-            .await
-            .map_err(unavailable("dead letter not stored"))?;
-        Ok(())
     }
 }
 
