@@ -13,6 +13,12 @@
 //!    with the revision it read: compare-and-set) and records what follows from it as
 //!    [`Event`]s in a second stream, each with a stable id (the channel and the event's `seq`
 //!    there), which JetStream de-duplicates if the fold is repeated after a crash.
+//!
+//! With regions, the streams and buckets live in the first region's cluster and every
+//! region's nodes and API processes reach them through the gateways: one decision for the
+//! tier. A region cut off from it keeps its nodes' reports (each node retries in order) and
+//! they are decided when it is back; its nodes are not taken for dead meanwhile (the sweep
+//! skips the instances of a region whose stream this region cannot reach).
 //! 3. A vacated channel or a removed member waits `FANOUT_WEBHOOK_DEBOUNCE_MS`: the fold
 //!    records when it is due and schedules a `check` message, which the consumer holds back
 //!    (a delayed negative acknowledgement) until then. A join before it cancels the pending
@@ -101,6 +107,7 @@ pub struct Event {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
+    /// Unused for now: decisions are the tier's, whatever the region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     pub time_ms: u64,
@@ -260,27 +267,21 @@ impl State {
     }
 
     /// `decision`'s events as they are recorded: each with the channel's next `seq`, its id
-    /// (`<region>:<channel>:<seq>`: a fold repeated after a crash, from the state it read,
-    /// makes the same ids, which JetStream then drops), and the time.
-    pub fn stamp(
-        &mut self,
-        decision: Decision,
-        channel: &str,
-        now: u64,
-        region: Option<&str>,
-    ) -> Vec<Event> {
+    /// (`<channel>:<seq>`: a fold repeated after a crash, by any API process, from the state it
+    /// read, makes the same ids, which JetStream then drops), and the time.
+    pub fn stamp(&mut self, decision: Decision, channel: &str, now: u64) -> Vec<Event> {
         decision
             .events
             .into_iter()
             .map(|(name, user, data)| {
                 self.seq += 1;
                 Event {
-                    id: format!("{}:{channel}:{}", region.unwrap_or_default(), self.seq),
+                    id: format!("{channel}:{}", self.seq),
                     name,
                     channel: channel.to_string(),
                     user,
                     data,
-                    region: region.map(String::from),
+                    region: None,
                     time_ms: now,
                     seq: self.seq,
                 }
@@ -429,8 +430,8 @@ mod tests {
             "a second report changes nothing"
         );
         let decision = s.apply(&sub("c"), 4, 0);
-        let events = s.stamp(decision, "c", 4, None);
-        assert_eq!(events[0].id, ":c:1");
+        let events = s.stamp(decision, "c", 4);
+        assert_eq!(events[0].id, "c:1");
         assert_eq!(events[0].seq, 1);
     }
 

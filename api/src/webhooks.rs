@@ -37,7 +37,6 @@ struct Settings {
     batch_wait: Duration,
     retry: Duration,
     debounce: u64,
-    region: Option<String>,
 }
 
 /// The webhooks of this API process: its settings, its HTTP client, the bus.
@@ -55,7 +54,7 @@ impl Webhooks {
         if config.common.webhook_url.is_empty() {
             return None;
         }
-        let settings = settings(config, &bus);
+        let settings = settings(config);
         let client = config.webhook_poster().ok()?;
         Some(Arc::new(Webhooks {
             settings,
@@ -143,7 +142,7 @@ impl Webhooks {
     }
 }
 
-fn settings(config: &Config, bus: &Bus) -> Settings {
+fn settings(config: &Config) -> Settings {
     Settings {
         url: config.common.webhook_url.clone(),
         secrets: config.webhook_secrets(),
@@ -151,7 +150,6 @@ fn settings(config: &Config, bus: &Bus) -> Settings {
         batch_wait: Duration::from_millis(config.webhook_batch_ms),
         retry: Duration::from_secs(config.webhook_retry_secs),
         debounce: config.common.webhook_debounce_ms,
-        region: bus.topology().region().map(|r| r.to_string()),
     }
 }
 
@@ -174,7 +172,10 @@ pub fn start(webhooks: Arc<Webhooks>, directory: Arc<Directory>, shutdown: Cance
             shutdown.clone(),
             decide(lifecycle.clone(), settings.clone()),
         ));
-        tokio::spawn(until(shutdown.clone(), sweep(lifecycle.clone(), directory)));
+        tokio::spawn(until(
+            shutdown.clone(),
+            sweep(webhooks.bus.clone(), directory),
+        ));
         tokio::spawn(until(shutdown, send(lifecycle, webhooks)));
     });
 }
@@ -285,7 +286,7 @@ async fn apply(
         now,
         "lifecycle fold"
     );
-    let events = state.stamp(decision, channel, now, settings.region.as_deref());
+    let events = state.stamp(decision, channel, now);
     lifecycle.record(&events).await?;
     for event in &events {
         counter!("fanout_webhook_events_decided_total", "name" => name(event)).increment(1);
@@ -317,8 +318,11 @@ async fn schedule(lifecycle: &Lifecycle, channel: &str) -> Result<(), fanout::Bu
         .await
 }
 
-/// Reports the node instances discovery has forgotten, every second.
-async fn sweep(lifecycle: Lifecycle, directory: Arc<Directory>) {
+/// Reports the node instances discovery has forgotten, every second: instances
+/// `<id>@<start ms>[@<region>]`. A region this one cannot reach (its stream's copy here is
+/// behind) is cut off, not dead: its instances wait.
+async fn sweep(bus: Bus, directory: Arc<Directory>) {
+    let lifecycle = bus.lifecycle();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
         every.tick().await;
@@ -328,12 +332,22 @@ async fn sweep(lifecycle: Lifecycle, directory: Arc<Directory>) {
         let Ok((instances, _)) = lifecycle.instances().await else {
             continue;
         };
+        let regions = bus.log().regions_state();
+        let reachable = |region: Option<&str>| {
+            region.is_none_or(|region| {
+                regions
+                    .iter()
+                    .any(|(name, state)| &**name == region && matches!(*state, "local" | "current"))
+            })
+        };
         for instance in instances {
-            let alive = instance
-                .rsplit_once('@')
-                .and_then(|(id, started)| Some((id, started.parse::<u64>().ok()?)))
-                .is_some_and(|(id, started)| directory.instance_alive(id, started));
-            if alive {
+            let mut parts = instance.splitn(3, '@');
+            let (id, started, region) = (parts.next(), parts.next(), parts.next());
+            let alive = match (id, started.and_then(|s| s.parse::<u64>().ok())) {
+                (Some(id), Some(started)) => directory.instance_alive(id, started),
+                _ => false,
+            };
+            if alive || !reachable(region) {
                 continue;
             }
             tracing::info!(%instance, "a ws node is gone: releasing its members");

@@ -151,12 +151,18 @@ impl Lifecycle {
     pub async fn ensure(&self, retry: Duration, batch_max: usize) -> Result<(), BusError> {
         let t = &self.topology;
         let keep = retry.max(Duration::from_secs(86_400));
+        // With regions, everything lives in the home region's cluster.
+        let placement = t.life_home().map(|home| stream::Placement {
+            cluster: Some(home.to_string()),
+            ..Default::default()
+        });
         let streams = [
             stream::Config {
                 name: t.life_name("LIFE"),
                 subjects: vec![t.life()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: Duration::from_secs(120),
+                placement: placement.clone(),
                 ..Default::default()
             },
             stream::Config {
@@ -164,12 +170,14 @@ impl Lifecycle {
                 subjects: vec![t.hooks()],
                 max_age: keep,
                 duplicate_window: Duration::from_secs(120),
+                placement: placement.clone(),
                 ..Default::default()
             },
             stream::Config {
                 name: t.life_name("HOOKS_DEAD"),
                 subjects: vec![t.hooks_dead()],
                 max_age: Duration::from_secs(30 * 86_400),
+                placement: placement.clone(),
                 ..Default::default()
             },
         ];
@@ -189,6 +197,7 @@ impl Lifecycle {
                         bucket,
                         history: 1,
                         max_age,
+                        placement: placement.clone(),
                         ..Default::default()
                     })
                     .await

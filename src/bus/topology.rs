@@ -148,11 +148,14 @@ impl Topology {
     }
     /// Lifecycle: the nodes' deltas (and the deciders' checks) into the stream
     /// [`Topology::life_stream`], per region.
+    /// One for the whole tier, whatever the regions: the decision is the tier's.
     pub(super) fn life(&self) -> String {
-        match self.region() {
-            Some(region) => format!("{}.life.{region}", self.0.prefix),
-            None => format!("{}.life", self.0.prefix),
-        }
+        format!("{}.life", self.0.prefix)
+    }
+    /// With regions: the region whose cluster holds the lifecycle's streams and buckets (the
+    /// first one), which every region reaches through the gateways.
+    pub(super) fn life_home(&self) -> Option<&str> {
+        self.0.regions.first().map(String::as_str)
     }
     /// The decided lifecycle events, and the batches no receiver took.
     pub(super) fn hooks(&self) -> String {
@@ -161,9 +164,9 @@ impl Topology {
     pub(super) fn hooks_dead(&self) -> String {
         format!("{}.dead", self.life())
     }
-    /// A lifecycle name (stream or key-value bucket): `<PREFIX>[_<REGION>]_<what>`.
+    /// A lifecycle name (stream or key-value bucket): `<PREFIX>_<what>`, one for the tier.
     pub(super) fn life_name(&self, what: &str) -> String {
-        format!("{}_{what}", self.stream_name())
+        format!("{}_{what}", self.stream_base())
     }
     pub(super) fn stream_base(&self) -> String {
         self.0.prefix.replace('.', "_").to_ascii_uppercase()

@@ -113,9 +113,24 @@ impl Drop for Tier {
 impl Tier {
     /// Starts an API and `nodes` ws nodes in region `name`, and waits until they are ready.
     pub async fn start(cluster: &Supercluster, name: &str, nodes: usize) -> Tier {
-        let api = Process::start("fanout-api", &cluster.env(name, &format!("api-{name}")));
+        Tier::start_with(cluster, name, nodes, &[]).await
+    }
+
+    /// [`Tier::start`] with `extra` settings for every process.
+    pub async fn start_with(
+        cluster: &Supercluster,
+        name: &str,
+        nodes: usize,
+        extra: &[(&'static str, String)],
+    ) -> Tier {
+        let env = |node: String| {
+            let mut env = cluster.env(name, &node);
+            env.extend(extra.iter().cloned());
+            env
+        };
+        let api = Process::start("fanout-api", &env(format!("api-{name}")));
         let ws = (0..nodes)
-            .map(|i| Process::start("fanout-ws", &cluster.env(name, &format!("ws-{name}-{i}"))))
+            .map(|i| Process::start("fanout-ws", &env(format!("ws-{name}-{i}"))))
             .collect::<Vec<_>>();
         let tier = Tier { api, ws };
         tier.wait_ready().await;

@@ -555,3 +555,45 @@ async fn an_api_process_killed_mid_delivery_leaves_the_batch_to_another() {
     );
     drop((first, second));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_occupied_in_two_regions_is_vacated_once() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let cluster = common::geo::Supercluster::start(&["eu", "us"], Duration::from_millis(20)).await;
+    cluster.wait_ready().await;
+    let extra = [
+        ("FANOUT_WEBHOOK_URL", url.clone()),
+        ("FANOUT_WEBHOOK_DEBOUNCE_MS", "0".to_string()),
+        ("FANOUT_WEBHOOK_BATCH_MS", "50".to_string()),
+    ];
+    let eu = common::geo::Tier::start_with(&cluster, "eu", 1, &extra).await;
+    let us = common::geo::Tier::start_with(&cluster, "us", 1, &extra).await;
+    eu.wait_regions_current().await;
+    us.wait_regions_current().await;
+
+    let alice = member(&eu.ws[0].server(), "alice", "global").await;
+    receiver.until("global", "channel_occupied", 1).await;
+    let bob = member(&us.ws[0].server(), "bob", "global").await;
+    receiver.until("global", "member_added", 2).await;
+    drop(alice);
+    receiver.until("global", "member_removed", 1).await;
+    let last = fanout::time::now_ms();
+    drop(bob);
+    receiver.until("global", "channel_vacated", 1).await;
+    receiver.until("global", "member_removed", 2).await;
+    let events = receiver.of("global");
+    assert_eq!(
+        names(&events),
+        [
+            "channel_occupied",
+            "member_added",
+            "member_added",
+            "member_removed",
+            "member_removed",
+            "channel_vacated"
+        ],
+        "{events:?}"
+    );
+    assert!(receiver.time_of("global", "channel_vacated") >= last);
+}

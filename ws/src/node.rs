@@ -155,7 +155,10 @@ impl Node {
         let node_id: Arc<str> = node.id().into();
         // Not on `tracker`: these end with the bus (or the hub), after the connections' leaves.
         if let Some(reports) = lifecycle_rx {
-            let instance = format!("{}@{started_at}", node.id());
+            let instance = match bus.topology().region() {
+                Some(region) => format!("{}@{started_at}@{region}", node.id()),
+                None => format!("{}@{started_at}", node.id()),
+            };
             tokio::spawn(
                 lifecycle::report(bus.clone(), instance, reports).instrument(span.clone()),
             );
