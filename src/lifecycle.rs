@@ -107,9 +107,6 @@ pub struct Event {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
-    /// Unused for now: decisions are the tier's, whatever the region.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
     pub time_ms: u64,
     /// Per channel: 1, 2, 3, ...
     pub seq: u64,
@@ -281,7 +278,6 @@ impl State {
                     channel: channel.to_string(),
                     user,
                     data,
-                    region: None,
                     time_ms: now,
                     seq: self.seq,
                 }
