@@ -308,14 +308,7 @@ fn dockerfile_builds_small_non_root_images_with_health_checks() {
 /// `/certs/` paths pointing there.
 fn with_test_certs(conf: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let certs = dir.join("certs");
-    let status = Command::new("bash")
-        .arg(workspace().join("scripts/certs.sh"))
-        .arg(&certs)
-        .arg("nats")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/certs.sh failed");
+    test_certs(&certs, "nats");
     let text = std::fs::read_to_string(workspace().join(conf))
         .unwrap()
         .replace("/certs/", &format!("{}/", certs.display()));

@@ -237,6 +237,18 @@ pub async fn wait_ready_for(server: &Server, bound: Duration) {
     fanout_testkit::http::wait_ready(&server.addr.to_string(), bound).await
 }
 
+/// Makes a throwaway CA and certificates for `name` (scripts/certs.sh) in `dir`.
+pub fn test_certs(dir: &std::path::Path, name: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(workspace().join("scripts/certs.sh"))
+        .arg(dir)
+        .arg(name)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/certs.sh failed");
+}
+
 /// GETs `path` and returns status and JSON answer.
 pub async fn get_json(server: &Server, path: &str) -> (u16, Value) {
     let response = reqwest::get(server.url(path)).await.unwrap();

@@ -449,14 +449,7 @@ async fn an_https_receiver_in_python_verifies_every_signature() {
     // FANOUT_WEBHOOK_CA.
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    let status = std::process::Command::new("bash")
-        .arg(workspace().join("scripts/certs.sh"))
-        .arg(&certs)
-        .arg("receiver")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/certs.sh failed");
+    test_certs(&certs, "receiver");
     let mut python = tokio::process::Command::new("python3")
         .arg(workspace().join("tests/clients/webhook_receiver.py"))
         .arg(certs.join("receiver.pem"))
