@@ -223,6 +223,66 @@ async fn the_tier_runs_over_tls_with_least_privilege_users() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_webhooks_run_with_least_privilege_users() {
+    use axum::{Router, extract::State, routing::post};
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    async fn take(State(seen): State<Arc<Mutex<Vec<String>>>>, body: String) -> &'static str {
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for event in body["events"].as_array().unwrap() {
+            seen.lock()
+                .unwrap()
+                .push(event["name"].as_str().unwrap().to_string());
+        }
+        "ok"
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hooks", post(take))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let nats = SecureNats::start();
+    let with_hooks = |mut env: Vec<(&'static str, String)>| {
+        env.push(("FANOUT_WEBHOOK_URL", url.clone()));
+        env.push(("FANOUT_WEBHOOK_DEBOUNCE_MS", "0".to_string()));
+        env.push(("FANOUT_WEBHOOK_BATCH_MS", "50".to_string()));
+        env
+    };
+    let api = Process::start(
+        "fanout-api",
+        &with_hooks(nats.env("fanout-api", API_PASSWORD, "api-1")),
+    );
+    let ws = Process::start(
+        "fanout-ws",
+        &with_hooks(nats.env("fanout-ws", WS_PASSWORD, "ws-1")),
+    );
+    wait_ready_for(&api.server(), WAIT).await;
+    wait_ready_for(&ws.server(), WAIT).await;
+    let mut alice = Client::connect_url(&format!("{}?user=alice", ws.server().ws_url())).await;
+    alice.subscribe("room").await;
+    let names = |seen: &Arc<Mutex<Vec<String>>>| seen.lock().unwrap().clone();
+    common::eventually("occupied and added", || async { names(&seen).len() >= 2 }).await;
+    drop(alice);
+    common::eventually("removed and vacated", || async { names(&seen).len() >= 4 }).await;
+    assert_eq!(
+        names(&seen),
+        [
+            "channel_occupied",
+            "member_added",
+            "member_removed",
+            "channel_vacated"
+        ]
+    );
+    let log = nats.log();
+    assert!(
+        !log.contains("Violation"),
+        "a documented permission is missing:\n{log}"
+    );
+}
+
 /// Starts `binary` with `env` and returns its exit code and everything it wrote (it must
 /// exit within [`WAIT`]; it is killed otherwise).
 async fn refused(binary: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
