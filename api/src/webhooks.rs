@@ -189,12 +189,14 @@ async fn until(shutdown: CancellationToken, work: impl Future<Output = ()>) {
 
 /// Folds deltas, one at a time, forever.
 async fn decide(lifecycle: Lifecycle, settings: Settings) {
+    // The node instances this process has seen recorded: each one's first report is enough.
+    let mut known = std::collections::HashSet::new();
     loop {
         match lifecycle.deltas().await {
             Ok(deltas) => {
                 let mut deltas = std::pin::pin!(deltas);
                 while let Some(incoming) = deltas.next().await {
-                    if let Err(err) = fold(&lifecycle, &settings, &incoming).await {
+                    if let Err(err) = fold(&lifecycle, &settings, &incoming, &mut known).await {
                         tracing::warn!(%err, seq = incoming.seq, "lifecycle delta not folded; again in 1 s");
                         let _ = incoming.later(Duration::from_secs(1)).await;
                     }
@@ -213,14 +215,18 @@ async fn fold(
     lifecycle: &Lifecycle,
     settings: &Settings,
     incoming: &Incoming,
+    known: &mut std::collections::HashSet<String>,
 ) -> Result<(), fanout::BusError> {
     let now = now_ms();
     let delta = &incoming.delta;
-    if let Delta::Sub { node, .. } | Delta::Join { node, .. } = delta {
+    if let Delta::Sub { node, .. } | Delta::Join { node, .. } = delta
+        && !known.contains(node)
+    {
         let (mut instances, revision) = lifecycle.instances().await?;
         if instances.insert(node.clone()) {
             lifecycle.save_instances(&instances, revision).await?;
         }
+        known.insert(node.clone());
     }
     let mut next_check: Option<(String, u64)> = None;
     match delta {
@@ -243,6 +249,7 @@ async fn fold(
             if instances.remove(node) {
                 lifecycle.save_instances(&instances, revision).await?;
             }
+            known.remove(node);
         }
         _ => {
             let channel = delta.channel().unwrap_or_default().to_string();

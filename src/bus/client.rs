@@ -115,10 +115,10 @@ impl Bus {
         };
         let mut js = jetstream::new(client.clone());
         js.set_timeout(common.publish_timeout());
-        let lifecycle = Lifecycle {
-            js: js.clone(),
-            topology: Topology::new(&common.prefix, common.regions.to_vec(), &common.region),
-        };
+        let lifecycle = Lifecycle::new(
+            js.clone(),
+            Topology::new(&common.prefix, common.regions.to_vec(), &common.region),
+        );
         let topology = Topology::new(&common.prefix, common.regions.to_vec(), &common.region);
         let log = EventLog::new(
             client.clone(),

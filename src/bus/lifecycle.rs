@@ -7,7 +7,9 @@
 //! Everything is made on first use by [`Lifecycle::ensure`]; nothing exists while webhooks
 //! are off.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::OnceCell;
 
 use async_nats::{
     HeaderMap,
@@ -35,8 +37,11 @@ const INSTANCES: &str = "instances";
 /// The lifecycle's handles. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
-    pub(super) js: jetstream::Context,
-    pub(super) topology: Topology,
+    js: jetstream::Context,
+    topology: Topology,
+    /// The buckets, looked up once (each lookup is a request to the server): the states, the
+    /// lease.
+    buckets: Arc<[OnceCell<kv::Store>; 2]>,
 }
 
 /// A delta as the decider receives it: held (by this process) until acknowledged.
@@ -295,11 +300,27 @@ impl Lifecycle {
         }))
     }
 
-    async fn bucket(&self, what: &str) -> Result<kv::Store, BusError> {
-        self.js
-            .get_key_value(self.topology.life_name(what))
-            .await
-            .map_err(unavailable("no lifecycle bucket"))
+    pub(super) fn new(js: jetstream::Context, topology: Topology) -> Lifecycle {
+        Lifecycle {
+            js,
+            topology,
+            buckets: Arc::default(),
+        }
+    }
+
+    /// Bucket `what` (`LIFE_STATE` or `LIFE_LEASE`), looked up on first use.
+    async fn bucket(&self, what: &str) -> Result<&kv::Store, BusError> {
+        let slot = match what {
+            "LIFE_STATE" => &self.buckets[0],
+            _ => &self.buckets[1],
+        };
+        slot.get_or_try_init(|| async {
+            self.js
+                .get_key_value(self.topology.life_name(what))
+                .await
+                .map_err(unavailable("no lifecycle bucket"))
+        })
+        .await
     }
 
     /// `channel`'s state and the revision it was read at (none: not stored).
