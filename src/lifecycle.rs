@@ -20,8 +20,9 @@
 //! they are decided when it is back; its nodes are not taken for dead meanwhile (the sweep
 //! skips the instances of a region whose stream this region cannot reach).
 //! 3. A vacated channel or a removed member waits `FANOUT_WEBHOOK_DEBOUNCE_MS`: the fold
-//!    records when it is due and schedules a `check` message, which the consumer holds back
-//!    (a delayed negative acknowledgement) until then. A join before it cancels the pending
+//!    records when it is due and schedules a `check` in a stream of its own, whose consumer
+//!    (many messages at a time) holds it back with a delayed negative acknowledgement and then
+//!    reports it to the decider, which is never held up. A join before it cancels the pending
 //!    removal: a move between nodes, or a reconnect, emits nothing.
 //! 4. A node that dies (kill -9) stops announcing itself; once discovery forgets it, an API
 //!    process reports `node_gone` for its instance, and the fold removes everything that

@@ -4,6 +4,8 @@
 //! - the **decider** folds the nodes' deltas into each channel's state, one delta at a time
 //!   across every API process (one durable consumer holding one message), and records the
 //!   events they decide;
+//! - the **checker** holds each scheduled check (a debounce) back until its time, many at
+//!   once, then reports it to the decider;
 //! - the **sweeper** reports node instances discovery has forgotten (kill -9), so that the
 //!   decider releases what they held;
 //! - the **sender** delivers the recorded events in batches, signed, retrying with
@@ -172,6 +174,7 @@ pub fn start(webhooks: Arc<Webhooks>, directory: Arc<Directory>, shutdown: Cance
             shutdown.clone(),
             decide(lifecycle.clone(), settings.clone()),
         ));
+        tokio::spawn(until(shutdown.clone(), check(lifecycle.clone())));
         tokio::spawn(until(
             shutdown.clone(),
             sweep(webhooks.bus.clone(), directory),
@@ -238,11 +241,10 @@ async fn fold(
                 if !holds {
                     continue;
                 }
-                if apply(lifecycle, settings, &channel, state, revision, delta, now)
-                    .await?
-                    .is_some()
+                if let Some(due) =
+                    apply(lifecycle, settings, &channel, state, revision, delta, now).await?
                 {
-                    schedule(lifecycle, &channel).await?;
+                    lifecycle.schedule_check(&channel, due).await?;
                 }
             }
             let (mut instances, revision) = lifecycle.instances().await?;
@@ -258,18 +260,37 @@ async fn fold(
             next_check = due.map(|due| (channel, due));
         }
     }
-    match (delta, next_check) {
-        // A check before its time waits for it.
-        (Delta::Check { .. }, Some((_, due))) => {
-            incoming
-                .later(Duration::from_millis(due.saturating_sub(now_ms()).max(1)))
-                .await
+    if let Some((channel, due)) = next_check {
+        lifecycle.schedule_check(&channel, due).await?;
+    }
+    incoming.ack().await
+}
+
+/// Holds each scheduled check back until its time (many at once, apart from the decider),
+/// then reports it to the decider.
+async fn check(lifecycle: Lifecycle) {
+    loop {
+        match lifecycle.checks().await {
+            Ok(checks) => {
+                let mut checks = std::pin::pin!(checks);
+                while let Some(check) = checks.next().await {
+                    let wait = check.due.unwrap_or(0).saturating_sub(now_ms());
+                    let done = match wait {
+                        0 => match lifecycle.report(&check.delta, None).await {
+                            Ok(()) => check.ack().await,
+                            Err(err) => Err(err),
+                        },
+                        wait => check.later(Duration::from_millis(wait)).await,
+                    };
+                    if let Err(err) = done {
+                        tracing::warn!(%err, "lifecycle check not handled; again in 1 s");
+                        let _ = check.later(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "lifecycle checks not followed"),
         }
-        (_, Some((channel, _))) => {
-            schedule(lifecycle, &channel).await?;
-            incoming.ack().await
-        }
-        (_, None) => incoming.ack().await,
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -310,19 +331,6 @@ fn name(event: &Event) -> &'static str {
         fanout::lifecycle::Name::MemberRemoved => "member_removed",
         fanout::lifecycle::Name::ClientEvent => "client_event",
     }
-}
-
-/// A check of `channel`: a delta the decider holds back until the channel's next removal is
-/// due (it reads when from the state).
-async fn schedule(lifecycle: &Lifecycle, channel: &str) -> Result<(), fanout::BusError> {
-    lifecycle
-        .report(
-            &Delta::Check {
-                channel: channel.to_string(),
-            },
-            None,
-        )
-        .await
 }
 
 /// Reports the node instances discovery has forgotten, every second: instances

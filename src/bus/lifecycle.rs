@@ -25,6 +25,11 @@ use crate::lifecycle::{Delta, Event, State};
 const DECIDER: &str = "decider";
 /// The webhook sender's durable consumer, shared by every API process.
 const SENDER: &str = "webhooks";
+/// The checks' durable consumer, shared by every API process: it holds each check back until
+/// its time, many at once.
+const CHECKER: &str = "checker";
+/// Header of a check: when it is due (unix ms).
+const DUE: &str = "Fanout-Due";
 /// How long a delivered, unacknowledged message stays with one process before another gets
 /// it (a process that died mid-fold or mid-delivery).
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -50,6 +55,8 @@ pub struct Incoming {
     pub delta: Delta,
     /// Its stream sequence.
     pub seq: u64,
+    /// A check's time (unix ms).
+    pub due: Option<u64>,
     message: jetstream::Message,
 }
 
@@ -62,8 +69,7 @@ impl Incoming {
             .map_err(|_| BusError::Unavailable("ack lost"))
     }
 
-    /// Not yet: delivered again after `delay` (a check before its time); the next delta comes
-    /// meanwhile.
+    /// Not yet: delivered again after `delay` (a check before its time, a delta that failed).
     pub async fn later(&self, delay: Duration) -> Result<(), BusError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))
@@ -171,6 +177,13 @@ impl Lifecycle {
                 ..Default::default()
             },
             stream::Config {
+                name: t.life_name("LIFE_CHECKS"),
+                subjects: vec![t.life_checks()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                placement: placement.clone(),
+                ..Default::default()
+            },
+            stream::Config {
                 name: t.life_name("HOOKS"),
                 subjects: vec![t.hooks()],
                 max_age: keep,
@@ -211,6 +224,7 @@ impl Lifecycle {
         }
         let consumers = [
             (t.life_name("LIFE"), DECIDER, 1),
+            (t.life_name("LIFE_CHECKS"), CHECKER, 100_000),
             (t.life_name("HOOKS"), SENDER, batch_max as i64),
         ];
         for (stream, name, pending) in consumers {
@@ -265,19 +279,52 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// A check of `channel` at `due` (unix ms), held back until then by [`Lifecycle::checks`]
+    /// and then reported to the decider.
+    pub async fn schedule_check(&self, channel: &str, due: u64) -> Result<(), BusError> {
+        let check = Delta::Check {
+            channel: channel.to_string(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(DUE, due.to_string().as_str());
+        let payload: Bytes = serde_json::to_vec(&check).expect("a delta is JSON").into();
+        self.js
+            .publish_with_headers(self.topology.life_checks(), headers, payload)
+            .await
+            .map_err(unavailable("check not sent"))?
+            .await
+            .map_err(unavailable("check not stored"))?;
+        Ok(())
+    }
+
     /// The deltas, one at a time, for the decider (shared by every API process).
     pub async fn deltas(
         &self,
     ) -> Result<impl futures_util::Stream<Item = Incoming> + use<>, BusError> {
+        self.follow("LIFE", DECIDER).await
+    }
+
+    /// The scheduled checks, many at a time (shared by every API process).
+    pub async fn checks(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = Incoming> + use<>, BusError> {
+        self.follow("LIFE_CHECKS", CHECKER).await
+    }
+
+    async fn follow(
+        &self,
+        what: &str,
+        name: &str,
+    ) -> Result<impl futures_util::Stream<Item = Incoming> + use<>, BusError> {
         let stream = self
             .js
-            .get_stream(self.topology.life_name("LIFE"))
+            .get_stream(self.topology.life_name(what))
             .await
             .map_err(unavailable("no lifecycle stream"))?;
         let consumer: consumer::PullConsumer = stream
-            .get_consumer(DECIDER)
+            .get_consumer(name)
             .await
-            .map_err(unavailable("no decider"))?;
+            .map_err(unavailable("no lifecycle consumer"))?;
         let messages = consumer
             .messages()
             .await
@@ -285,10 +332,16 @@ impl Lifecycle {
         Ok(messages.filter_map(|message| async move {
             let message = message.ok()?;
             let seq = message.info().ok()?.stream_sequence;
+            let due = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(DUE))
+                .and_then(|v| v.as_str().parse().ok());
             match serde_json::from_slice::<Delta>(&message.payload) {
                 Ok(delta) => Some(Incoming {
                     delta,
                     seq,
+                    due,
                     message,
                 }),
                 Err(err) => {

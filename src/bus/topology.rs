@@ -164,6 +164,11 @@ impl Topology {
     pub(super) fn hooks_dead(&self) -> String {
         format!("{}.dead", self.life())
     }
+    /// Checks waiting for their time (a debounce), apart from the deltas: held back there,
+    /// they never hold up the decider.
+    pub(super) fn life_checks(&self) -> String {
+        format!("{}.checks", self.life())
+    }
     /// A lifecycle name (stream or key-value bucket): `<PREFIX>_<what>`, one for the tier.
     pub(super) fn life_name(&self, what: &str) -> String {
         format!("{}_{what}", self.stream_base())

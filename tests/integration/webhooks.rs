@@ -590,3 +590,32 @@ async fn a_channel_occupied_in_two_regions_is_vacated_once() {
     );
     assert!(receiver.time_of("global", "channel_vacated") >= last);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_within_the_debounce_is_not_held_behind_its_check() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    // One node: its leave is folded before its rejoin, so a check is pending meanwhile, and
+    // the rejoin must be folded before the check's time.
+    let (_nats, _api, nodes) = tier(&url, 5000).await;
+    let first = member(&nodes[0], "cy", "again").await;
+    receiver.until("again", "member_added", 1).await;
+    let left = tokio::time::Instant::now();
+    drop(first);
+    let second = member(&nodes[0], "cy", "again").await;
+    assert!(
+        left.elapsed() < Duration::from_millis(5000),
+        "the reconnect took too long to test"
+    );
+    drop(second);
+    receiver.until("again", "channel_vacated", 1).await;
+    assert_eq!(
+        names(&receiver.of("again")),
+        [
+            "channel_occupied",
+            "member_added",
+            "member_removed",
+            "channel_vacated"
+        ]
+    );
+}
