@@ -20,6 +20,8 @@
 //! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
 
 use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::Channel;
 
@@ -93,4 +95,65 @@ pub struct Envelope {
     pub data: Bytes,
     /// `data` is bytes, not JSON ([`HEADER_ENCODING`]).
     pub binary: bool,
+}
+
+impl Envelope {
+    /// An event's `event` frame: its JSON, encoded once for every recipient, `data` embedded as
+    /// published, without re-encoding, or, when it is bytes, as base64 with
+    /// `"encoding":"base64"`. A volatile event's has `"volatile": true` and no `seq`. With
+    /// `with_trace`, a traced event also carries `"trace": "<trace id>"`. Fails when the event's
+    /// data should be JSON and is not.
+    pub fn frame_json(&self, with_trace: bool) -> Result<String, serde_json::Error> {
+        let envelope = self;
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Data<'a> {
+            Json(&'a RawValue),
+            Base64(String),
+        }
+        #[derive(Serialize)]
+        struct Event<'a> {
+            op: &'static str,
+            channel: &'a Channel,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            volatile: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            region: Option<&'a str>,
+            id: &'a str,
+            ts: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            trace: Option<&'a str>,
+            data: Data<'a>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            encoding: Option<&'static str>,
+        }
+        let data = if envelope.binary {
+            use base64::Engine;
+            Data::Base64(base64::engine::general_purpose::STANDARD.encode(&envelope.data))
+        } else {
+            Data::Json(serde_json::from_slice(&envelope.data)?)
+        };
+        let trace = with_trace
+            .then(|| {
+                envelope
+                    .traceparent
+                    .as_deref()
+                    .and_then(crate::telemetry::trace_id_of)
+            })
+            .flatten();
+        serde_json::to_string(&Event {
+            op: "event",
+            channel: &envelope.channel,
+            seq: (!envelope.volatile).then_some(envelope.seq),
+            volatile: envelope.volatile,
+            region: envelope.region_name.as_deref(),
+            id: &envelope.id,
+            ts: envelope.ts,
+            trace,
+            data,
+            encoding: envelope.binary.then_some("base64"),
+        })
+    }
 }

@@ -10,6 +10,8 @@
 //!   that carry its id and timestamp.
 //! - [`bus`]: the only module that talks to NATS. It builds every subject, owns the
 //!   JetStream stream, publishes events and subscribes to channels ([`Bus`]).
+//! - [`control`]: server-side control of users and connections: the commands every ws node
+//!   carries out, and the rules (blocks, revoked tokens, removed histories) that outlive them.
 //! - [`discovery`]: what ws nodes announce about themselves, and the directory of them.
 //! - [`presence`]: who is in a channel across nodes: the query, the answers, their parts.
 //! - [`stats`]: the tier's live numbers for operators (`GET /v1/stats`): what each node
@@ -28,6 +30,7 @@ pub mod bus;
 pub mod channel;
 pub mod codes;
 pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod envelope;
 pub mod lifecycle;

@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    control::Rules,
     error::BusError,
     lifecycle::Lifecycle,
     link,
@@ -42,6 +43,7 @@ struct Client {
     log: EventLog,
     rpc: Rpc,
     lifecycle: Lifecycle,
+    rules: Rules,
     /// Counts (re)connections to NATS; subscribers catch up on each change.
     connections: Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts [`Bus::resync`]s: subscribers subscribe afresh and catch up on each change.
@@ -120,6 +122,7 @@ impl Bus {
             Topology::new(&common.prefix, common.regions.to_vec(), &common.region),
         );
         let topology = Topology::new(&common.prefix, common.regions.to_vec(), &common.region);
+        let rules = Rules::new(js.clone(), topology.clone());
         let log = EventLog::new(
             client.clone(),
             js,
@@ -148,6 +151,7 @@ impl Bus {
                 topology,
                 log,
                 lifecycle,
+                rules,
                 connections,
                 resyncs: tokio::sync::watch::Sender::new(0),
                 closed,
@@ -164,6 +168,11 @@ impl Bus {
     /// Lifecycle events: deltas, states, decided events, their delivery.
     pub fn lifecycle(&self) -> &Lifecycle {
         &self.inner.lifecycle
+    }
+
+    /// Server-side control's rules: blocks, revoked tokens, removed histories.
+    pub fn rules(&self) -> &Rules {
+        &self.inner.rules
     }
 
     pub fn rpc(&self) -> &Rpc {

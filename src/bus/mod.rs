@@ -15,6 +15,9 @@
 //!   (`discovery.rs`);
 //! - [`Lifecycle`] (`lifecycle.rs`): lifecycle events (the nodes' deltas, each channel's
 //!   state, the decided events, their delivery's lease and dead letters);
+//! - [`Rules`] (`control.rs`): server-side control: commands to every ws node
+//!   (`Rpc::control`) and the rules that outlive them (blocks, revoked tokens, removed
+//!   histories) in a key-value bucket every node follows;
 //! - [`Topology`] (`topology.rs`): the tier's regions, and every subject and stream name,
 //!   derived in one place from the prefix and the regions;
 //! - `link.rs`: how this process reaches NATS (TLS, credentials); `error.rs`: [`BusError`].
@@ -24,6 +27,7 @@
 
 mod acks;
 mod client;
+mod control;
 mod discovery;
 mod error;
 mod lifecycle;
@@ -37,6 +41,7 @@ mod subscription;
 mod topology;
 
 pub use client::Bus;
+pub use control::{RuleChange, Rules};
 pub use error::{BusError, DecodeError};
 pub use lifecycle::{Batch, Events, Incoming, LEASE, Lifecycle};
 pub use log::{EventLog, Published};

@@ -146,6 +146,11 @@ impl Topology {
     pub(super) fn stats_query(&self) -> String {
         format!("{}.stats_query", self.0.prefix)
     }
+    /// Server-side control commands (`POST /v1/users/...`), carried out by every ws node (no
+    /// queue group).
+    pub(super) fn control(&self) -> String {
+        format!("{}.control", self.0.prefix)
+    }
     /// Lifecycle: the nodes' deltas (and the deciders' checks) into the stream
     /// [`Topology::life_stream`], per region.
     /// One for the whole tier, whatever the regions: the decision is the tier's.

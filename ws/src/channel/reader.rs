@@ -22,8 +22,6 @@ use std::{
 use fanout::{Bus, Channel, Envelope, Subscription, telemetry, time::now_ms};
 use futures_util::FutureExt;
 use metrics::{counter, histogram};
-use serde::Serialize;
-use serde_json::value::RawValue;
 use tracing::field::Empty;
 
 use super::log::Log;
@@ -80,62 +78,9 @@ pub struct Target {
     pub totals: Arc<Totals>,
 }
 
-/// An event's `event` frame: its JSON, encoded once for every recipient, `data` embedded as
-/// published, without re-encoding, or, when it is bytes, as base64 with
-/// `"encoding":"base64"`. A volatile event's has `"volatile": true` and no `seq`. With
-/// `with_trace`, a traced event also carries `"trace": "<trace id>"`. Fails when the event's
-/// data should be JSON and is not.
+/// An event's `event` frame ([`Envelope::frame_json`]).
 pub fn encode(envelope: &Envelope, with_trace: bool) -> Result<String, serde_json::Error> {
-    #[derive(Serialize)]
-    #[serde(untagged)]
-    enum Data<'a> {
-        Json(&'a RawValue),
-        Base64(String),
-    }
-    #[derive(Serialize)]
-    struct Event<'a> {
-        op: &'static str,
-        channel: &'a Channel,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        seq: Option<u64>,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        volatile: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        region: Option<&'a str>,
-        id: &'a str,
-        ts: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        trace: Option<&'a str>,
-        data: Data<'a>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        encoding: Option<&'static str>,
-    }
-    let data = if envelope.binary {
-        use base64::Engine;
-        Data::Base64(base64::engine::general_purpose::STANDARD.encode(&envelope.data))
-    } else {
-        Data::Json(serde_json::from_slice(&envelope.data)?)
-    };
-    let trace = with_trace
-        .then(|| {
-            envelope
-                .traceparent
-                .as_deref()
-                .and_then(fanout::telemetry::trace_id_of)
-        })
-        .flatten();
-    serde_json::to_string(&Event {
-        op: "event",
-        channel: &envelope.channel,
-        seq: (!envelope.volatile).then_some(envelope.seq),
-        volatile: envelope.volatile,
-        region: envelope.region_name.as_deref(),
-        id: &envelope.id,
-        ts: envelope.ts,
-        trace,
-        data,
-        encoding: envelope.binary.then_some("base64"),
-    })
+    envelope.frame_json(with_trace)
 }
 
 /// A stored event (read back for a replay) as a frame, its seq marked with its region; none
