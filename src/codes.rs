@@ -30,6 +30,10 @@
 //! | `profiling_off` | HTTP 404 | `/debug/pprof/profile` without `FANOUT_PROFILING=true` |
 //! | `profiling_busy` | HTTP 409 | a CPU profile is already being taken (`/debug/pprof/profile`) |
 //! | `webhooks_off` | HTTP 404 | `/v1/webhooks/*` without `FANOUT_WEBHOOK_URL` |
+//! | `user_blocked` | HTTP 403 | the user is blocked (`POST /v1/users/{user}/block`) |
+//! | `token_revoked` | HTTP 401, frame | the token was revoked (`POST /v1/tokens/revoke`) |
+//! | `proxy_unavailable` | frame, HTTP 502 | the app's backend (a `FANOUT_PROXY_*_URL`) could not be reached, or answered what is not an answer |
+//! | `proxy_timeout` | frame, HTTP 504 | the app's backend did not answer within `FANOUT_PROXY_TIMEOUT_MS` |
 //! | `internal` | frame, HTTP 500 | a bug: never expected |
 
 use serde::Serialize;
@@ -77,12 +81,16 @@ pub enum Code {
     ProfilingOff,
     ProfilingBusy,
     WebhooksOff,
+    UserBlocked,
+    TokenRevoked,
+    ProxyUnavailable,
+    ProxyTimeout,
     Internal,
 }
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 40] = [
+    pub const ALL: [Code; 44] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -122,6 +130,10 @@ impl Code {
         Code::ProfilingOff,
         Code::ProfilingBusy,
         Code::WebhooksOff,
+        Code::UserBlocked,
+        Code::TokenRevoked,
+        Code::ProxyUnavailable,
+        Code::ProxyTimeout,
         Code::Internal,
     ];
 
@@ -167,6 +179,10 @@ impl Code {
             Code::ProfilingOff => "profiling_off",
             Code::ProfilingBusy => "profiling_busy",
             Code::WebhooksOff => "webhooks_off",
+            Code::UserBlocked => "user_blocked",
+            Code::TokenRevoked => "token_revoked",
+            Code::ProxyUnavailable => "proxy_unavailable",
+            Code::ProxyTimeout => "proxy_timeout",
             Code::Internal => "internal",
         }
     }

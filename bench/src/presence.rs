@@ -15,7 +15,7 @@ use std::{
 use fanout::{Bus, Channel, discovery::Directory};
 use fanout_ws::{
     auth::Verifier,
-    hub::Profile,
+    hub::{About, Profile},
     node::Node,
     sink::{Kick, Outbox},
     transport::websocket::WebSocket,
@@ -80,7 +80,11 @@ pub async fn run(members: usize, nodes: usize) -> Presence {
         };
         let hub = node.hub();
         let outbox = Outbox::discarding(WebSocket, Kick::new(CancellationToken::new()));
-        hub.add_conn(conn, Arc::new(outbox), profile);
+        let about = About {
+            user: profile.user.clone(),
+            ..About::default()
+        };
+        hub.add_conn(conn, Arc::new(outbox), profile, about);
         hub.subscribe(conn, &channel, false).unwrap();
     }
     let registered = started.elapsed();

@@ -577,7 +577,50 @@ impl EventLog {
         until: Option<u64>,
     ) -> Result<Vec<Envelope>, BusError> {
         let copy = &self.copy(region).handle;
-        self.read(copy, channel, region, after, until).await
+        self.read(copy, channel, region, after, until, usize::MAX)
+            .await
+    }
+
+    /// At most `limit` stored events of `channel` (of `region`) after `after`, in order: a
+    /// page of `GET /v1/channels/{channel}/history`.
+    pub async fn page(
+        &self,
+        channel: &Channel,
+        region: u8,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Envelope>, BusError> {
+        let copy = &self.copy(region).handle;
+        self.read(copy, channel, region, after, None, limit).await
+    }
+
+    /// Removes `channel`'s stored events from every copy of every region's stream (each
+    /// region's own stream and its mirrors of the others': a mirror does not follow its
+    /// origin's purges). Returns each region's last sequence here afterwards: a position
+    /// before it may have lost events to the removal.
+    pub async fn remove(&self, channel: &Channel) -> Result<Vec<u64>, BusError> {
+        let topology = &self.inner.topology;
+        for origin in 0..topology.count() {
+            let subject = topology.inbound_in(origin, channel);
+            for at in 0..topology.count() {
+                let name = topology.copy_in(origin, at);
+                let stream = self
+                    .inner
+                    .js
+                    .get_stream_no_info(&name)
+                    .await
+                    .map_err(|_| BusError::Unavailable("no stream to remove from"))?;
+                stream.purge().filter(subject.clone()).await.map_err(|err| {
+                    tracing::warn!(%err, stream = name, "cannot remove a channel's history");
+                    BusError::Unavailable("the stream did not remove the history")
+                })?;
+            }
+        }
+        let mut last = Vec::new();
+        for region in 0..topology.count() {
+            last.push(self.sequences(region).await?.1);
+        }
+        Ok(last)
     }
 
     /// The info of this process's region's stream.
@@ -606,9 +649,10 @@ impl EventLog {
         region: u8,
         after: u64,
         until: Option<u64>,
+        max: usize,
     ) -> Result<Vec<Envelope>, BusError> {
         let subject = self.inner.topology.inbound_in(region, channel);
-        let mut events = read_range(channel, after, until, |next| {
+        let mut events = read_range(channel, after, until, max, |next| {
             let subject = subject.clone();
             async move {
                 match stream
@@ -676,7 +720,7 @@ impl EventLog {
     ) -> Result<Vec<Envelope>, BusError> {
         let subject = self.inner.topology.inbound_in(region, channel);
         let copy = &self.copy(region).handle;
-        read_range(channel, after, until, |next| {
+        read_range(channel, after, until, usize::MAX, |next| {
             let subject = subject.clone();
             async move {
                 let found = copy
@@ -755,6 +799,7 @@ async fn read_range<F, Fut>(
     channel: &Channel,
     after: u64,
     until: Option<u64>,
+    max: usize,
     mut fetch: F,
 ) -> Result<Vec<Envelope>, BusError>
 where
@@ -763,7 +808,7 @@ where
 {
     let mut events = Vec::new();
     let mut next = after + 1;
-    while until.is_none_or(|until| next <= until) {
+    while events.len() < max && until.is_none_or(|until| next <= until) {
         let Some((seq, headers, payload)) = fetch(next).await? else {
             break;
         };

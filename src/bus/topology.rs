@@ -201,6 +201,15 @@ impl Topology {
         let here = self.0.regions[self.0.own as usize].to_ascii_uppercase();
         format!("{}_AT_{here}", self.origin_stream(region))
     }
+    /// Where region `at` keeps region `origin`'s events: `origin`'s stream, or `at`'s mirror
+    /// of it.
+    pub(super) fn copy_in(&self, origin: u8, at: u8) -> String {
+        if origin == at || self.0.regions.is_empty() {
+            return self.origin_stream(origin);
+        }
+        let at = self.0.regions[at as usize].to_ascii_uppercase();
+        format!("{}_AT_{at}", self.origin_stream(origin))
+    }
     /// How many regions' events a channel has (1 with one region).
     pub fn count(&self) -> u8 {
         self.0.regions.len().max(1) as u8
@@ -233,6 +242,9 @@ mod tests {
         assert_eq!(s.stream_name(), "FANOUT_US");
         assert_eq!(s.local_copy(0), "FANOUT_EU_AT_US");
         assert_eq!(s.local_copy(1), "FANOUT_US");
+        assert_eq!(s.copy_in(0, 1), "FANOUT_EU_AT_US");
+        assert_eq!(s.copy_in(1, 0), "FANOUT_US_AT_EU");
+        assert_eq!(s.copy_in(1, 1), "FANOUT_US");
         assert_eq!(s.region_of_stream(Some("FANOUT_EU_AT_US")), Some(0));
         assert_eq!(s.region_of_stream(Some("FANOUT_US")), Some(1));
         assert_eq!(s.region_of_stream(Some("FANOUT_EU")), None);

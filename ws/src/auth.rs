@@ -66,6 +66,10 @@ struct Claims {
     channels: Option<Vec<String>>,
     #[serde(default)]
     publish: Option<Vec<String>>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 /// Channel patterns a connection may use; `None` means every channel.
@@ -99,6 +103,9 @@ pub struct Identity {
     pub publish: Patterns,
     /// Unix seconds after which the connection must present a fresh token (or be closed).
     pub expires_at: Option<u64>,
+    /// The token's id (`jti`) and issue time (`iat`, unix seconds), for revocations.
+    pub jti: Option<String>,
+    pub issued_at: Option<u64>,
 }
 
 impl Identity {
@@ -151,6 +158,8 @@ impl Verifier {
                     subscribe: Patterns::all(),
                     publish: Patterns::all(),
                     expires_at: None,
+                    jti: None,
+                    issued_at: None,
                 })
             }
             Verifier::Jwt { key, validation } => {
@@ -195,6 +204,8 @@ impl Verifier {
                     subscribe: Patterns(claims.channels),
                     publish: Patterns(claims.publish.or(Some(Vec::new()))),
                     expires_at: Some(claims.exp),
+                    jti: claims.jti,
+                    issued_at: claims.iat,
                 })
             }
         }

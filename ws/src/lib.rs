@@ -29,6 +29,8 @@
 //!   holding sinks; one observer for first/last member and presence changes.
 //! - [`sink`]: how bytes reach a connection: written straight into its socket, queued (and
 //!   bounded) only when the socket is full.
+//! - [`control`]: server-side control on this node: the app's commands carried out on its
+//!   connections, and the rules it follows (blocks, revoked tokens, removed histories).
 //! - [`lifecycle`]: this node's reports to the tier's lifecycle decider (webhooks).
 //! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
@@ -44,6 +46,7 @@ pub mod budget;
 pub mod canary;
 pub mod channel;
 pub mod config;
+pub mod control;
 pub mod cursor;
 pub mod disconnect;
 #[doc(hidden)]

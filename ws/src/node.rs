@@ -28,7 +28,7 @@ use crate::{
     Config,
     auth::Verifier,
     budget::Budget,
-    canary,
+    canary, control,
     channel::{
         Limits, Logs, Replay, Replayer, Totals,
         interest::{self, Readers, Reports},
@@ -85,6 +85,8 @@ pub struct Node {
     lifecycle: Option<mpsc::UnboundedSender<lifecycle::Report>>,
     /// The hub's totals, sampled every second, for the rates of `GET /v1/stats`.
     sampler: std::sync::Mutex<fanout::stats::Sampler>,
+    /// The tier's rules: blocks, revoked tokens, removed histories.
+    rules: Arc<control::Rules>,
 }
 
 impl Node {
@@ -120,8 +122,10 @@ impl Node {
         let hub = Arc::new(Hub::new(config.max_subscriptions, Arc::new(reports)));
         let directory = Arc::new(Directory::default());
         let totals = Arc::new(Totals::default());
+        let rules = Arc::new(control::Rules::default());
         let replayer = Replayer::new(
             bus.clone(),
+            rules.clone(),
             recovery::Limits {
                 window: Duration::from_secs(config.common.history_max_age_secs),
                 per_channel: config.common.history_max_messages.max(0) as u64,
@@ -149,6 +153,7 @@ impl Node {
             sampler: std::sync::Mutex::default(),
             started_at,
             lifecycle,
+            rules: rules.clone(),
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -184,6 +189,25 @@ impl Node {
             .instrument(span.clone())
         });
         tracker.spawn(sample_totals(Arc::downgrade(&node), shutdown.clone()));
+        tokio::spawn(
+            control::follow(bus.clone(), Arc::downgrade(&hub), rules.clone())
+                .instrument(span.clone()),
+        );
+        tokio::spawn({
+            let (bus, hub, rules, node_id) =
+                (bus.clone(), Arc::downgrade(&hub), rules, node_id.clone());
+            async move {
+                let region = bus.topology().region().cloned();
+                let answer = move |command| {
+                    let hub = hub.upgrade()?;
+                    Some(control::answer(&hub, &rules, &node_id, region.as_deref(), command))
+                };
+                if let Err(err) = bus.rpc().answer_control(answer).await {
+                    tracing::error!(%err, "cannot answer control commands");
+                }
+            }
+            .instrument(span.clone())
+        });
         tokio::spawn({
             let (bus, node) = (bus.clone(), Arc::downgrade(&node));
             async move {
@@ -318,12 +342,18 @@ impl Node {
     }
 
     /// NATS connected, the stream present, `broadcast` subscribed, the canary's probes
-    /// coming back, and not draining.
+    /// coming back, every stored control rule read, and not draining.
     pub fn is_ready(&self) -> bool {
         self.bus.is_ready()
             && self.hub.is_live(&Channel::broadcast())
             && self.canary.is_ok()
+            && self.rules.is_loaded()
             && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// The tier's rules (blocks, revoked tokens, removed histories) as this node knows them.
+    pub fn rules(&self) -> &control::Rules {
+        &self.rules
     }
 
     /// Why the canary finds the delivery path broken, while it does.

@@ -77,7 +77,7 @@ impl Kick {
 
     /// Why the token was cancelled: a kick's reason, else the node is shutting down.
     pub fn reason(&self) -> Disconnect {
-        self.reason.get().copied().unwrap_or(disconnect::GOING_AWAY)
+        self.reason.get().cloned().unwrap_or(disconnect::GOING_AWAY)
     }
 }
 
@@ -252,6 +252,9 @@ pub trait Framing: Send + fmt::Debug + 'static {
 
     /// Whether this framing writes positions (see [`Conduit::tracks_positions`]).
     const TRACKS_POSITIONS: bool = false;
+
+    /// The transport's name, as `GET /v1/users/{user}/connections` lists it.
+    const TRANSPORT: &'static str = "websocket";
 
     /// What a datagram carries for a volatile `frame` ([`Datagrams`]): one frame, unframed.
     fn datagram(frame: &Outgoing) -> Bytes {

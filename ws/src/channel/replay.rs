@@ -13,6 +13,7 @@ use super::{
     recovery::{self, Epoch, Facts, Limits},
 };
 use crate::{
+    control::Rules,
     position::{Mark, Marks, Position, Spots, mark},
     sink::Outgoing,
 };
@@ -48,14 +49,17 @@ pub type Local = (Option<Arc<Log>>, bool);
 #[derive(Debug, Clone)]
 pub struct Replayer {
     bus: Bus,
+    /// Where a channel's history was removed (`DELETE /v1/channels/{channel}/history`).
+    rules: Arc<Rules>,
     limits: Limits,
     with_trace: bool,
 }
 
 impl Replayer {
-    pub fn new(bus: Bus, limits: Limits, with_trace: bool) -> Replayer {
+    pub fn new(bus: Bus, rules: Arc<Rules>, limits: Limits, with_trace: bool) -> Replayer {
         Replayer {
             bus,
+            rules,
             limits,
             with_trace,
         }
@@ -149,11 +153,19 @@ impl Replayer {
         let region = from.region();
         let after = from.seq();
         let one_region = self.bus.topology().count() == 1;
+        // The channel's history was removed after the client's position: whatever is found
+        // now is not everything it missed.
+        let removed = self
+            .rules
+            .removed(channel)
+            .and_then(|last| last.get(region as usize).copied())
+            .is_some_and(|last| after < last);
         // Recent events first: a window that reaches back to the position holds every event
         // after it (up to what was delivered; the rest comes live). (With regions, the
         // windows are off: their sequences are per region.)
         let (recent, live) = local;
         if one_region
+            && !removed
             && let Some(recent) = recent
             && let Some(events) = recent.recent(after, current)
         {
@@ -190,7 +202,7 @@ impl Replayer {
             vouched: at,
             now: now_ms(),
         };
-        let recovered = recovery::recovered(&facts, &self.limits);
+        let recovered = !removed && recovery::recovered(&facts, &self.limits);
         if one_region
             && live
             && let Some(recent) = recent

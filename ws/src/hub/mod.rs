@@ -22,7 +22,7 @@ mod observer;
 mod shard;
 mod subs;
 
-pub use conns::{Conns, SubscribeError};
+pub use conns::{About, Conns, Mailbox, Order, SubscribeError};
 pub use observer::{Interest, Membership, Observer, Profile};
 pub use subs::{BROADCAST_GENERATION, LocalMember, Subs, Subscribed};
 
@@ -54,22 +54,29 @@ impl Hub {
         }
     }
 
-    pub fn add_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile) {
-        self.insert_conn(id, sink, profile, false);
+    pub fn add_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile, about: About) {
+        self.insert_conn(id, sink, profile, false, about);
     }
 
     /// Adds a connection that gets its channels' events but is nobody's member: no presence
     /// change reports it, no presence answer lists it (a long-poll, there only while it
     /// waits).
-    pub fn add_hidden_conn(&self, id: ConnId, sink: Arc<dyn Sink>) {
+    pub fn add_hidden_conn(&self, id: ConnId, sink: Arc<dyn Sink>, about: About) {
         let profile = Profile {
             user: "".into(),
             info: None,
         };
-        self.insert_conn(id, sink, profile, true);
+        self.insert_conn(id, sink, profile, true, about);
     }
 
-    fn insert_conn(&self, id: ConnId, sink: Arc<dyn Sink>, profile: Profile, hidden: bool) {
+    fn insert_conn(
+        &self,
+        id: ConnId,
+        sink: Arc<dyn Sink>,
+        profile: Profile,
+        hidden: bool,
+        about: About,
+    ) {
         self.conns.insert(
             id,
             Conn {
@@ -77,6 +84,7 @@ impl Hub {
                 channels: HashSet::new(),
                 profile: Arc::new(profile),
                 hidden,
+                about,
             },
         );
     }
@@ -295,7 +303,7 @@ mod tests {
             bytes: usize::MAX,
         };
         let outbox = Arc::new(Outbox::new(server, Plain, kick.clone(), bounds));
-        hub.add_conn(id, outbox.clone(), profile);
+        hub.add_conn(id, outbox.clone(), profile, About::default());
         (id, client, kick, outbox)
     }
 
@@ -579,6 +587,7 @@ mod tests {
                 go: Mutex::new(go_rx),
             }),
             profile(),
+            About::default(),
         );
         f.hub.subscribe(blocking, &ch("big"), false).unwrap();
         let pass = {

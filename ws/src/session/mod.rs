@@ -26,7 +26,10 @@ pub use subscribe::{JoinError, Resume};
 
 use fanout::{Channel, Code};
 
-use crate::protocol::{self, Op, Request, RequestId};
+use crate::{
+    hub::Order,
+    protocol::{self, Op, Request, RequestId},
+};
 
 impl Session {
     /// Joins `channel` outside any request (an HTTP stream's channels, as its URL names
@@ -86,11 +89,43 @@ impl Session {
         }
     }
 
+    /// Carries out one of the app's orders (`POST /v1/users/{user}/subscribe`,
+    /// `/unsubscribe`): the client is told with a `subscribed` or `unsubscribed` frame it did
+    /// not ask for (no `id`). A server-side subscription needs no permission of the token:
+    /// the app's backend decided.
+    pub async fn obey(&mut self, order: Order) {
+        match order {
+            Order::Subscribe(channel) => {
+                let joined = subscribe::join(self, &channel, false, None, |replay| {
+                    self.conduit
+                        .send("subscribed", &subscribe::subscribed(&channel, None, replay));
+                })
+                .await;
+                if let Err(err) = joined {
+                    tracing::debug!(%channel, %err, "a server-side subscription failed");
+                }
+            }
+            Order::Unsubscribe(channel) => {
+                self.node.unsubscribe(self.conn, &channel);
+                self.conduit
+                    .send("unsubscribed", &protocol::unsubscribed(&channel, None));
+            }
+        }
+    }
+
     /// `refresh`: a fresh token for the same user; the connection then runs on it (its new
     /// expiry and permissions).
     fn refresh(&mut self, to: ReplyTo, id: Option<RequestId>, token: &str) {
         match self.node.verifier().identify(Some(token), None) {
+            Ok(fresh) if let Some(refused) = self.node.rules().refuses(&fresh) => {
+                self.reject(to, id, "refresh", refused.code, refused.message)
+            }
             Ok(fresh) if fresh.user == self.identity.user => {
+                self.node.hub().conns().set_token(
+                    self.conn,
+                    fresh.jti.as_deref(),
+                    fresh.issued_at,
+                );
                 self.identity = fresh;
                 self.send(
                     to,

@@ -78,6 +78,14 @@ pub(crate) fn admit(
         counter!("fanout_ws_auth_failures_total", "code" => err.code.as_str()).increment(1);
         Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
     })?;
+    if let Some(refused) = node.rules().refuses(&identity) {
+        counter!("fanout_ws_auth_failures_total", "code" => refused.code.as_str()).increment(1);
+        let status = match refused.code {
+            Code::UserBlocked => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        return Err(Refusal::new(status, refused.code, refused.message));
+    }
     let Some(permit) = node.admit(peer.ip()) else {
         return Err(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -21,7 +21,7 @@ use tokio::{net::TcpStream, time::Sleep};
 use crate::{
     auth::Identity,
     disconnect::{self, Disconnect},
-    hub::{ConnId, Profile},
+    hub::{About, ConnId, Mailbox, Profile},
     node::Node,
     protocol,
     session::{self, JoinError, Resume, Session},
@@ -127,6 +127,8 @@ pub(crate) struct Connection<F: Framing> {
     pub outbox: Arc<Outbox<F>>,
     pub session: Session,
     kick: Kick,
+    /// The app's orders (server-side subscriptions); none for a long-poll.
+    mailbox: Option<Arc<Mailbox>>,
 }
 
 impl<F: Framing> Connection<F> {
@@ -180,7 +182,9 @@ impl<F: Framing> Connection<F> {
                 .as_ref()
                 .and_then(|info| serde_json::value::to_raw_value(info).ok()),
         };
-        node.hub().add_conn(conn, outbox.clone(), profile);
+        let mailbox = Arc::new(Mailbox::default());
+        let about = about::<F>(&identity, Some(mailbox.clone()));
+        node.hub().add_conn(conn, outbox.clone(), profile, about);
         counter!("fanout_ws_connections_opened_total").increment(1);
         tracing::debug!("connected");
         let session = Session::new(conn, node.clone(), outbox.clone(), identity);
@@ -190,6 +194,7 @@ impl<F: Framing> Connection<F> {
             outbox,
             session,
             kick,
+            mailbox: Some(mailbox),
         }
     }
 
@@ -200,7 +205,8 @@ impl<F: Framing> Connection<F> {
         let conn = ConnId::new_v4();
         let kick = Kick::new(node.closing_token().child_token());
         let outbox = Arc::new(Outbox::collecting(framing, kick.clone(), bounds));
-        node.hub().add_hidden_conn(conn, outbox.clone());
+        node.hub()
+            .add_hidden_conn(conn, outbox.clone(), about::<F>(&identity, None));
         let session = Session::new(conn, node.clone(), outbox.clone(), identity);
         Hidden(Connection {
             conn,
@@ -208,6 +214,7 @@ impl<F: Framing> Connection<F> {
             outbox,
             session,
             kick,
+            mailbox: None,
         })
     }
 
@@ -333,6 +340,7 @@ impl<F: Framing> Connection<F> {
         let mut stall: Option<(u64, Pin<Box<Sleep>>)> = None;
         let outbox = self.outbox.clone();
         let queued = outbox.is_queued();
+        let mailbox = self.mailbox.clone();
         loop {
             match transport.pending() {
                 None => stall = None,
@@ -359,6 +367,9 @@ impl<F: Framing> Connection<F> {
                     Box::pin(self.flush()).await
                 },
                 input = transport.input(&outbox) => transport.act(input, self).await,
+                _ = async { mailbox.as_ref().unwrap().ready().await }, if mailbox.is_some() => {
+                    self.obey().await
+                }
                 _ = ticker.tick() => match transport.heartbeat(self) {
                     Ok(()) => self.written().await,
                     Err(end) => Err(end),
@@ -373,6 +384,30 @@ impl<F: Framing> Connection<F> {
                 expiry = expires_at.map(deadline);
             }
         }
+    }
+}
+
+impl<F: Framing> Connection<F> {
+    /// Carries out the app's waiting orders, in order.
+    async fn obey(&mut self) -> Result<(), End> {
+        let orders = self.mailbox.as_ref().map(|m| m.take()).unwrap_or_default();
+        for order in orders {
+            self.session.obey(order).await;
+            self.written().await?;
+        }
+        Ok(())
+    }
+}
+
+/// What server-side control knows of a connection of `identity` over `F`.
+fn about<F: Framing>(identity: &Identity, mailbox: Option<Arc<Mailbox>>) -> About {
+    About {
+        user: identity.user.as_str().into(),
+        transport: F::TRANSPORT,
+        since: fanout::time::now_ms(),
+        jti: identity.jti.as_deref().map(Into::into),
+        issued_at: identity.issued_at,
+        mailbox,
     }
 }
 

@@ -174,6 +174,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             None => json!({"ok": true}),
             Some(reason) => json!({"ok": false, "reason": reason}),
         },
+        "control": {"rules_loaded": node.rules().is_loaded()},
     });
     if let Some(regions) = node.bus().log().regions_report() {
         body["region"] = json!(node.bus().topology().region().map(|r| &**r));

@@ -30,7 +30,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use serde_json::{Value, value::RawValue};
+use serde_json::{Value, json, value::RawValue};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -64,6 +64,7 @@ pub struct JsonFraming {
 
 impl Framing for JsonFraming {
     const TRACKS_POSITIONS: bool = true;
+    const TRANSPORT: &'static str = "long_poll";
 
     fn shared(frame: &Outgoing) -> Bytes {
         frame.json().clone()
@@ -198,6 +199,11 @@ async fn answer(
         }
     }
     let (events, cursor) = outbox.take(|framing| framing.positions.encode(fanout::time::now_ms()));
+    // Closed by the app (or the node): the client is told why, as a stream's `disconnect`.
+    let disconnect = outbox.kick().token().is_cancelled().then(|| {
+        let reason = outbox.kick().reason();
+        json!({"code": reason.code, "reason": reason.reason})
+    });
     drop(poll);
     drop(permit);
     let events = events
@@ -208,6 +214,7 @@ async fn answer(
         events,
         cursor,
         resumed,
+        disconnect,
     })
 }
 
@@ -217,6 +224,9 @@ struct Answer {
     events: Vec<Box<RawValue>>,
     cursor: String,
     resumed: Vec<Value>,
+    /// Why the poll was closed early (the app disconnected the user), as SSE's `disconnect`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disconnect: Option<Value>,
 }
 
 /// Most client IPs whose request rate is remembered at once.

@@ -96,6 +96,7 @@ static END: Bytes = Bytes::from_static(b"\n");
 
 impl Framing for Sse {
     const TRACKS_POSITIONS: bool = true;
+    const TRANSPORT: &'static str = "sse";
 
     /// The part of an SSE event that every stream shares: its `event:` and `data:` lines
     /// (the `id:` line and the blank line that ends the event are the stream's own).

@@ -431,7 +431,7 @@ impl<C: Codec> Transport for Frames<C> {
             End::Gone => return,
             // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
             End::ClientClosed(code) => close(code.filter(|&c| may_send(c)).unwrap_or(1000), ""),
-            End::Close(reason) => close(reason.code, reason.reason),
+            End::Close(reason) => close(reason.code, &reason.reason),
         };
         outbox.send_raw(close);
     }

@@ -80,6 +80,8 @@ impl WebTransport {
 }
 
 impl Framing for WebTransport {
+    const TRANSPORT: &'static str = "webtransport";
+
     fn shared(frame: &Outgoing) -> Bytes {
         frame.framed(Self::SLOT, |_, json| prefixed(json)).clone()
     }
@@ -109,6 +111,8 @@ impl WebTransportMsgpack {
 }
 
 impl Framing for WebTransportMsgpack {
+    const TRANSPORT: &'static str = "webtransport";
+
     fn shared(frame: &Outgoing) -> Bytes {
         frame
             .framed(Self::SLOT, |_, json| prefixed(&msgpack::from_json(json)))
@@ -601,7 +605,7 @@ impl<C: Codec> Transport for Stream<C> {
         let (code, reason) = match end {
             End::Gone => return,
             End::ClientClosed(code) => (code.unwrap_or(1000), ""),
-            End::Close(disconnect) => (disconnect.code, disconnect.reason),
+            End::Close(disconnect) => (disconnect.code, &*disconnect.reason),
         };
         // What is still queued (the last replies), within the goodbye's time.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all(outbox)).await;
