@@ -73,6 +73,8 @@ pub enum Rule {
         channel: String,
         at: u64,
         last: Vec<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<u64>,
     },
 }
 
@@ -93,8 +95,8 @@ impl Rule {
         match self {
             Rule::Block { until, .. }
             | Rule::RevokeToken { until, .. }
-            | Rule::RevokeUser { until, .. } => *until,
-            Rule::Removed { .. } => None,
+            | Rule::RevokeUser { until, .. }
+            | Rule::Removed { until, .. } => *until,
         }
     }
 }

@@ -5,11 +5,13 @@
 //! - [`config`]: this binary's settings.
 //! - [`error`]: [`ApiError`], the one JSON error answer.
 //! - [`routes`]: the HTTP endpoints.
+//! - [`control`]: server-side control of users and connections, and the history API.
 //! - [`web`]: the demo page and the JavaScript client, compiled in.
 //!
 //! It holds no state of its own beyond the NATS connection: run as many as you like.
 
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod post;
 pub mod routes;
@@ -106,7 +108,7 @@ pub async fn run(
     if let Some(webhooks) = webhooks {
         webhooks::start(webhooks, state.directory(), shutdown.clone());
     }
-    let app = routes::router(state);
+    let app = routes::router(state, control::router());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

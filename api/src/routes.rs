@@ -77,6 +77,7 @@ pub struct Shared {
     intake: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
     /// Lifecycle webhooks (`FANOUT_WEBHOOK_URL`), when on.
     webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
+    history_max_age_secs: u64,
 }
 
 impl AppState {
@@ -102,7 +103,18 @@ impl AppState {
             node_id: config.common.node_id.clone(),
             intake: std::sync::Mutex::default(),
             webhooks,
+            history_max_age_secs: config.common.history_max_age_secs,
         }))
+    }
+
+    /// The NATS bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// How long the stream keeps an event (`FANOUT_HISTORY_MAX_AGE_SECS`).
+    pub fn history_max_age_secs(&self) -> u64 {
+        self.history_max_age_secs
     }
 
     /// The live ws nodes, fed by their announcements.
@@ -120,7 +132,9 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// Every endpoint: these, and `more` (the control endpoints of `control.rs`), all behind
+/// the API key.
+pub fn router(state: AppState, more: Router<AppState>) -> Router {
     let (limit, batch_max_bytes) = (state.body_limit, state.batch_max_bytes);
     Router::new()
         .route("/v1/channels/{channel}/events", post(publish_event))
@@ -141,6 +155,7 @@ pub fn router(state: AppState) -> Router {
         .route("/debug/pprof/profile", get(profile))
         .route("/v1/webhooks/dead", get(webhooks_dead))
         .route("/v1/webhooks/replay", post(webhooks_replay))
+        .merge(more)
         .merge(crate::web::router(state.ws_nodes(), state.jaeger_ui()))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })

@@ -145,12 +145,13 @@ impl Rules {
                 if let Ok(store) = self.js.get_key_value(&name).await {
                     return Ok(store);
                 }
-                let placement = self.topology.life_home().map(|home| {
-                    jetstream::stream::Placement {
-                        cluster: Some(home.to_string()),
-                        ..Default::default()
-                    }
-                });
+                let placement =
+                    self.topology
+                        .life_home()
+                        .map(|home| jetstream::stream::Placement {
+                            cluster: Some(home.to_string()),
+                            ..Default::default()
+                        });
                 self.js
                     .create_key_value(kv::Config {
                         bucket: name,

@@ -594,6 +594,21 @@ impl EventLog {
         self.read(copy, channel, region, after, None, limit).await
     }
 
+    /// The seq of `channel`'s last stored event of `region` here, if it has one.
+    pub async fn last_of(&self, channel: &Channel, region: u8) -> Result<Option<u64>, BusError> {
+        let subject = self.inner.topology.inbound_in(region, channel);
+        match self
+            .copy(region)
+            .handle
+            .direct_get_last_for_subject(subject)
+            .await
+        {
+            Ok(message) => Ok(Some(message.sequence)),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(err) => Err(BusError::History(err)),
+        }
+    }
+
     /// Removes `channel`'s stored events from every copy of every region's stream (each
     /// region's own stream and its mirrors of the others': a mirror does not follow its
     /// origin's purges). Returns each region's last sequence here afterwards: a position
@@ -610,10 +625,14 @@ impl EventLog {
                     .get_stream_no_info(&name)
                     .await
                     .map_err(|_| BusError::Unavailable("no stream to remove from"))?;
-                stream.purge().filter(subject.clone()).await.map_err(|err| {
-                    tracing::warn!(%err, stream = name, "cannot remove a channel's history");
-                    BusError::Unavailable("the stream did not remove the history")
-                })?;
+                stream
+                    .purge()
+                    .filter(subject.clone())
+                    .await
+                    .map_err(|err| {
+                        tracing::warn!(%err, stream = name, "cannot remove a channel's history");
+                        BusError::Unavailable("the stream did not remove the history")
+                    })?;
             }
         }
         let mut last = Vec::new();

@@ -15,6 +15,7 @@ mod batch;
 mod bus;
 mod canary;
 mod conformance;
+mod control;
 mod discovery;
 mod errors;
 mod faults;

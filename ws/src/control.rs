@@ -34,7 +34,14 @@ pub struct Rules {
     rules: RwLock<HashMap<String, Rule>>,
     /// Every rule stored when the node started following has been read.
     loaded: AtomicBool,
+    /// The last rules applied, with the connections each closed: a rule comes both from the
+    /// bucket and from the API's command, in either order, and the command's answer counts
+    /// what the rule closed, whichever came first.
+    applied: std::sync::Mutex<std::collections::VecDeque<(Rule, usize)>>,
 }
+
+/// Rules whose closes are remembered.
+const APPLIED: usize = 256;
 
 /// Why a rule refuses a connection: its error code and message (on connect) and its close
 /// (for a connection present).
@@ -67,6 +74,24 @@ impl Rules {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(rule, _)| rule.key() != key);
+    }
+
+    /// Counts `closed` connections to `rule`: every connection it closed so far.
+    fn count(&self, rule: &Rule, closed: usize) -> usize {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, count)) = applied.iter_mut().find(|(r, _)| r == rule) {
+            *count += closed;
+            return *count;
+        }
+        if applied.len() >= APPLIED {
+            applied.pop_front();
+        }
+        applied.push_back((rule.clone(), closed));
+        closed
     }
 
     /// Whether a rule refuses a connection of `identity`.
@@ -77,7 +102,11 @@ impl Rules {
         }
         let now = now_ms() / 1000;
         let live = |rule: &&Rule| rule.until().is_none_or(|until| until > now);
-        if rules.get(&key("block", &identity.user)).filter(live).is_some() {
+        if rules
+            .get(&key("block", &identity.user))
+            .filter(live)
+            .is_some()
+        {
             return Some(Refused {
                 code: Code::UserBlocked,
                 message: "this user is blocked",
@@ -176,8 +205,9 @@ fn apply(hub: &Hub, rules: &Rules, rule: Rule) -> usize {
             .count(),
         Rule::Removed { .. } => 0,
     };
+    let closed = rules.count(&rule, kicks);
     rules.set(rule);
-    kicks
+    closed
 }
 
 /// Closes the connections of `user` that `pick` picks with `close`: how many.
@@ -192,7 +222,9 @@ fn kick_user(
         .into_iter()
         .filter(|&id| {
             hub.conns()
-                .with(id, |sink, about, _| pick(about) && sink.kick().kick(close.clone()))
+                .with(id, |sink, about, _| {
+                    pick(about) && sink.kick().kick(close.clone())
+                })
                 .unwrap_or(false)
         })
         .count()
@@ -338,7 +370,10 @@ mod tests {
             until: None,
         });
         assert_eq!(
-            rules.refuses(&identity("bob", Some("t1"), None)).unwrap().close,
+            rules
+                .refuses(&identity("bob", Some("t1"), None))
+                .unwrap()
+                .close,
             disconnect::TOKEN_REVOKED
         );
         assert_eq!(rules.refuses(&identity("bob", Some("t2"), None)), None);

@@ -28,13 +28,14 @@ use crate::{
     Config,
     auth::Verifier,
     budget::Budget,
-    canary, control,
+    canary,
     channel::{
         Limits, Logs, Replay, Replayer, Totals,
         interest::{self, Readers, Reports},
         reader::{self, Target},
         recovery,
     },
+    control,
     hub::{BROADCAST_GENERATION, ConnId, Hub, Membership, SubscribeError},
     lifecycle,
     position::{Position, Spots},
@@ -200,7 +201,13 @@ impl Node {
                 let region = bus.topology().region().cloned();
                 let answer = move |command| {
                     let hub = hub.upgrade()?;
-                    Some(control::answer(&hub, &rules, &node_id, region.as_deref(), command))
+                    Some(control::answer(
+                        &hub,
+                        &rules,
+                        &node_id,
+                        region.as_deref(),
+                        command,
+                    ))
                 };
                 if let Err(err) = bus.rpc().answer_control(answer).await {
                     tracing::error!(%err, "cannot answer control commands");

@@ -176,7 +176,11 @@ impl Conns {
     }
 
     /// Runs `f` on connection `id`'s sink and what is known about it, if it is here.
-    pub fn with<T>(&self, id: ConnId, f: impl FnOnce(&Arc<dyn Sink>, &About, &HashSet<Channel>) -> T) -> Option<T> {
+    pub fn with<T>(
+        &self,
+        id: ConnId,
+        f: impl FnOnce(&Arc<dyn Sink>, &About, &HashSet<Channel>) -> T,
+    ) -> Option<T> {
         let conns = self.shard(&id);
         let conn = conns.get(&id)?;
         Some(f(&conn.sink, &conn.about, &conn.channels))

@@ -121,11 +121,10 @@ impl Session {
                 self.reject(to, id, "refresh", refused.code, refused.message)
             }
             Ok(fresh) if fresh.user == self.identity.user => {
-                self.node.hub().conns().set_token(
-                    self.conn,
-                    fresh.jti.as_deref(),
-                    fresh.issued_at,
-                );
+                self.node
+                    .hub()
+                    .conns()
+                    .set_token(self.conn, fresh.jti.as_deref(), fresh.issued_at);
                 self.identity = fresh;
                 self.send(
                     to,
