@@ -20,7 +20,12 @@ fn now() -> u64 {
 }
 
 /// An HTTP call to the API: (status, JSON answer).
-async fn call(api: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn call(
+    api: &Server,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let mut request = reqwest::Client::new().request(method, api.url(path));
     if let Some(body) = body {
@@ -54,7 +59,7 @@ where
 
 /// Waits until the API knows every node (its discovery has heard each announce): from then
 /// on a command's answer is complete.
-async fn until_complete(api: &Server) {
+pub(crate) async fn until_complete(api: &Server) {
     until("the API to know every node", || async {
         call(api, "GET", "/v1/channels", None).await.1["partial"] == false
     })

@@ -520,3 +520,127 @@ async fn a_region_dies_and_comes_back_with_nothing_lost() {
     );
     drop(us);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_and_history_span_the_regions() {
+    use crate::control::{call, until_complete};
+    let (_cluster, eu, us) = two_regions().await;
+    let (eu_api, us_api) = (eu.api.server(), us.api.server());
+    let mut ada_eu = Client::connect_url(&format!("{}?user=ada", eu.ws[0].server().ws_url())).await;
+    let mut ada_us = Client::connect_url(&format!("{}?user=ada", us.ws[0].server().ws_url())).await;
+    until_complete(&eu_api).await;
+    until_complete(&us_api).await;
+
+    // A server-side subscription from one region reaches the user in both.
+    let (status, answer) = call(
+        &eu_api,
+        "POST",
+        "/v1/users/ada/subscribe",
+        Some(json!({"channel": "news"})),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["subscribed"].as_u64()),
+        (200, Some(2)),
+        "{answer}"
+    );
+    for client in [&mut ada_eu, &mut ada_us] {
+        let frame = client.recv().await;
+        assert_eq!(
+            (frame["op"].as_str(), frame["channel"].as_str()),
+            (Some("subscribed"), Some("news"))
+        );
+    }
+    let (_, listed) = call(&us_api, "GET", "/v1/users/ada/connections", None).await;
+    let mut regions: Vec<&str> = listed["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["region"].as_str().unwrap())
+        .collect();
+    regions.sort();
+    assert_eq!(regions, ["eu", "us"]);
+    let (_, channels) = call(&eu_api, "GET", "/v1/channels?prefix=news", None).await;
+    assert_eq!(
+        channels["channels"],
+        json!([{"channel": "news", "subscribers": 2, "regions": {"eu": 1, "us": 1}}])
+    );
+
+    // History: each region's events, with positions per region.
+    let first_eu = post(&eu, "log", json!({"n": 1})).await["seq"]
+        .as_u64()
+        .unwrap();
+    let second_eu = post(&eu, "log", json!({"n": 2})).await["seq"]
+        .as_u64()
+        .unwrap();
+    let first_us = post(&us, "log", json!({"n": 3})).await["seq"]
+        .as_u64()
+        .unwrap();
+    let page = within("eu's copy to hold us's event", async {
+        loop {
+            let page = call(&eu_api, "GET", "/v1/channels/log/history", None)
+                .await
+                .1;
+            if page["events"].as_array().is_some_and(|e| e.len() == 3) {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        page["first"],
+        json!({"eu": first_eu, "us": first_us}),
+        "{page}"
+    );
+    assert_eq!(
+        page["last"],
+        json!({"eu": second_eu, "us": first_us}),
+        "{page}"
+    );
+    let (_, later) = call(
+        &eu_api,
+        "GET",
+        &format!("/v1/channels/log/history?since=eu:{first_eu},us:{first_us}"),
+        None,
+    )
+    .await;
+    let events = later["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{later}");
+    assert_eq!(
+        (events[0]["region"].as_str(), events[0]["seq"].as_u64()),
+        (Some("eu"), Some(second_eu))
+    );
+    let (status, bad) = call(&eu_api, "GET", "/v1/channels/log/history?since=7", None).await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    // Removed from one region, gone from every copy.
+    let (status, _) = call(&us_api, "DELETE", "/v1/channels/log/history", None).await;
+    assert_eq!(status, 200);
+    for api in [&eu_api, &us_api] {
+        let (_, gone) = call(api, "GET", "/v1/channels/log/history", None).await;
+        assert_eq!(gone["events"], json!([]), "{gone}");
+    }
+
+    // A disconnect from one region closes the user's connections in both.
+    let (_, answer) = call(&us_api, "POST", "/v1/users/ada/disconnect", None).await;
+    assert_eq!(answer["disconnected"], 2, "{answer}");
+    for client in [&mut ada_eu, &mut ada_us] {
+        assert_eq!(
+            client.closed().await,
+            common::Closed::Code(4005, "disconnected by the server".into())
+        );
+    }
+    // A block made in one region refuses the user in the other.
+    let (status, _) = call(&eu_api, "POST", "/v1/users/ada/block", None).await;
+    assert_eq!(status, 200);
+    let url = format!("{}?user=ada", us.ws[0].server().ws_url());
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 403)
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
