@@ -500,3 +500,45 @@ async fn msgpack_sessions_get_bytes_as_bin_on_the_stream_and_in_datagrams() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_subscribes_and_disconnects_a_webtransport_session() {
+    use crate::control::{call, until_complete};
+    let WtTier {
+        _nats,
+        api,
+        node: _node,
+        url,
+        hashes,
+    } = wt_tier(|_| {}).await;
+    let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
+    until_complete(&api).await;
+    let (_, listed) = call(&api, "GET", "/v1/users/ada/connections", None).await;
+    assert_eq!(listed["connections"][0]["transport"], "webtransport", "{listed}");
+    let (_, answer) = call(
+        &api,
+        "POST",
+        "/v1/users/ada/subscribe",
+        Some(json!({"channel": "news"})),
+    )
+    .await;
+    assert_eq!(answer["subscribed"], 1, "{answer}");
+    let frame = client.recv().await;
+    assert_eq!((frame["op"].as_str(), frame["channel"].as_str()), (Some("subscribed"), Some("news")));
+    let seq = publish(&api, "news", &json!({"n": 1})).await;
+    let event = client.recv().await;
+    assert_eq!(event["seq"], seq, "{event}");
+    call(
+        &api,
+        "POST",
+        "/v1/users/ada/disconnect",
+        Some(json!({"reconnect": false, "reason": "bye"})),
+    )
+    .await;
+    match within("the session to close", client.session.closed()).await {
+        web_transport_quinn::SessionError::WebTransportError(
+            web_transport_quinn::WebTransportError::Closed(code, reason),
+        ) => assert_eq!((code, reason.as_str()), (4500, "bye")),
+        other => panic!("closed without a code: {other:?}"),
+    }
+}
