@@ -105,6 +105,7 @@ fn concrete(template: &str) -> String {
     template
         .replace("{channel}", "orders")
         .replace("{conn}", "c0ffee")
+        .replace("{user}", "ada")
 }
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -143,7 +144,7 @@ async fn every_route_is_documented_and_every_documented_operation_exists() {
         (
             "api",
             &live.api,
-            &["api/src/routes.rs", "api/src/web.rs"][..],
+            &["api/src/routes.rs", "api/src/web.rs", "api/src/control.rs"][..],
         ),
         ("ws", &live.ws, &["ws/src/transport/mod.rs"][..]),
     ];
