@@ -186,16 +186,6 @@ impl Rules {
         Ok(())
     }
 
-    /// The rule stored under `key`, if any.
-    pub async fn get(&self, key: &str) -> Result<Option<Rule>, BusError> {
-        let bucket = self.bucket().await?;
-        let value = bucket
-            .get(key)
-            .await
-            .map_err(unavailable("cannot read a rule"))?;
-        Ok(value.and_then(|value| serde_json::from_slice(&value).ok()))
-    }
-
     /// Lifts the rule stored under `key`.
     pub async fn lift(&self, key: &str) -> Result<(), BusError> {
         self.bucket()

@@ -216,6 +216,31 @@ async fn the_tier_runs_over_tls_with_least_privilege_users() {
         .await;
     assert_eq!(reply["recovered"], true, "{reply}");
     assert!(reply["replayed"].as_u64().unwrap() >= 3, "{reply}");
+    // Server-side control: a command to the nodes, a rule in the bucket (a block the node
+    // follows and enforces), history read and removed.
+    use crate::control::call;
+    let (status, answer) = call(
+        &api.server(),
+        "POST",
+        "/v1/users/blocked-one/block",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let url = format!("{}?user=blocked-one", ws.server().ws_url());
+    common::eventually("the node to refuse a blocked user", || async {
+        tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .is_err()
+    })
+    .await;
+    let (_, listed) = call(&api.server(), "GET", "/v1/users/anyone/connections", None).await;
+    assert_eq!(listed["partial"], false, "{listed}");
+    let (status, page) = call(&api.server(), "GET", "/v1/channels/room/history", None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page["events"].as_array().unwrap().len() >= 3, "{page}");
+    let (status, answer) = call(&api.server(), "DELETE", "/v1/channels/room/history", None).await;
+    assert_eq!(status, 200, "{answer}");
     let log = nats.log();
     assert!(
         !log.contains("Violation"),

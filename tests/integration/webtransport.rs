@@ -514,7 +514,10 @@ async fn the_app_subscribes_and_disconnects_a_webtransport_session() {
     let mut client = WtClient::connect(&url, &hashes, "user=ada").await;
     until_complete(&api).await;
     let (_, listed) = call(&api, "GET", "/v1/users/ada/connections", None).await;
-    assert_eq!(listed["connections"][0]["transport"], "webtransport", "{listed}");
+    assert_eq!(
+        listed["connections"][0]["transport"], "webtransport",
+        "{listed}"
+    );
     let (_, answer) = call(
         &api,
         "POST",
@@ -524,7 +527,10 @@ async fn the_app_subscribes_and_disconnects_a_webtransport_session() {
     .await;
     assert_eq!(answer["subscribed"], 1, "{answer}");
     let frame = client.recv().await;
-    assert_eq!((frame["op"].as_str(), frame["channel"].as_str()), (Some("subscribed"), Some("news")));
+    assert_eq!(
+        (frame["op"].as_str(), frame["channel"].as_str()),
+        (Some("subscribed"), Some("news"))
+    );
     let seq = publish(&api, "news", &json!({"n": 1})).await;
     let event = client.recv().await;
     assert_eq!(event["seq"], seq, "{event}");
