@@ -13,6 +13,7 @@
 //! - [`control`]: server-side control of users and connections: the commands every ws node
 //!   carries out, and the rules (blocks, revoked tokens, removed histories) that outlive them.
 //! - [`discovery`]: what ws nodes announce about themselves, and the directory of them.
+//! - [`post`]: the HTTP client of calls to the app's backend (webhooks, proxy hooks).
 //! - [`presence`]: who is in a channel across nodes: the query, the answers, their parts.
 //! - [`stats`]: the tier's live numbers for operators (`GET /v1/stats`): what each node
 //!   answers and how the API adds them up.
@@ -34,6 +35,7 @@ pub mod control;
 pub mod discovery;
 pub mod envelope;
 pub mod lifecycle;
+pub mod post;
 pub mod presence;
 pub mod process;
 pub mod profiling;

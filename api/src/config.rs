@@ -135,10 +135,11 @@ impl Config {
 
     /// The webhook receiver's client (`FANOUT_WEBHOOK_URL`, `FANOUT_WEBHOOK_CA`,
     /// `FANOUT_WEBHOOK_TIMEOUT_MS`).
-    pub fn webhook_poster(&self) -> Result<crate::post::Poster, String> {
-        crate::post::Poster::new(
+    pub fn webhook_poster(&self) -> Result<fanout::post::Poster, String> {
+        fanout::post::Poster::new(
             &self.common.webhook_url,
             &self.webhook_ca,
+            "FANOUT_WEBHOOK_CA",
             std::time::Duration::from_millis(self.webhook_timeout_ms),
         )
     }

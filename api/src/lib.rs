@@ -13,7 +13,6 @@
 pub mod config;
 pub mod control;
 pub mod error;
-pub mod post;
 pub mod routes;
 pub mod web;
 pub mod webhooks;

@@ -28,7 +28,8 @@ use futures_util::StreamExt;
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Config, post::Poster};
+use crate::Config;
+use fanout::post::Poster;
 
 /// What the loops need of the settings.
 #[derive(Debug, Clone)]
