@@ -63,12 +63,7 @@ impl std::fmt::Debug for Poster {
 impl Poster {
     /// For `url` (`http://` or `https://`), trusting the system's roots and the PEM
     /// certificates in `ca` (a file; empty: none; `ca_setting` names it in errors).
-    pub fn new(
-        url: &str,
-        ca: &str,
-        ca_setting: &str,
-        timeout: Duration,
-    ) -> Result<Poster, String> {
+    pub fn new(url: &str, ca: &str, ca_setting: &str, timeout: Duration) -> Result<Poster, String> {
         let (https, rest) = match url.split_once("://") {
             Some(("http", rest)) => (false, rest),
             Some(("https", rest)) => (true, rest),

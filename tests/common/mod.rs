@@ -355,6 +355,12 @@ impl Client {
         )
         .await
         .unwrap();
+        Self::from_socket(socket).await
+    }
+
+    /// A client over a socket already open (a handshake with headers of the test's own),
+    /// once it has read `welcome`.
+    pub async fn from_socket(socket: Socket) -> Client {
         let mut client = Client {
             socket,
             welcome: Value::Null,

@@ -25,6 +25,7 @@ mod http_transports;
 mod layers;
 mod presence;
 mod profiling;
+mod proxy;
 mod regions;
 mod resilience;
 mod resume;

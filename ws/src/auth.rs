@@ -81,6 +81,11 @@ impl Patterns {
         Patterns(None)
     }
 
+    /// No channel.
+    pub fn none() -> Self {
+        Patterns(Some(Vec::new()))
+    }
+
     pub fn allows(&self, channel: &Channel) -> bool {
         let Some(patterns) = &self.0 else { return true };
         let name = channel.as_str();
@@ -106,6 +111,8 @@ pub struct Identity {
     /// The token's id (`jti`) and issue time (`iat`, unix seconds), for revocations.
     pub jti: Option<String>,
     pub issued_at: Option<u64>,
+    /// Channels the app's connect hook subscribes the connection to at once.
+    pub channels: Vec<Channel>,
 }
 
 impl Identity {
@@ -160,6 +167,7 @@ impl Verifier {
                     expires_at: None,
                     jti: None,
                     issued_at: None,
+                    channels: Vec::new(),
                 })
             }
             Verifier::Jwt { key, validation } => {
@@ -206,13 +214,14 @@ impl Verifier {
                     expires_at: Some(claims.exp),
                     jti: claims.jti,
                     issued_at: claims.iat,
+                    channels: Vec::new(),
                 })
             }
         }
     }
 }
 
-fn valid_user(user: &str) -> bool {
+pub(crate) fn valid_user(user: &str) -> bool {
     !user.is_empty() && user.len() <= MAX_USER && !user.chars().any(char::is_control)
 }
 

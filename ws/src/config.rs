@@ -110,6 +110,20 @@ pub struct Config {
     /// certificate, renewed, whose hash the node announces.
     pub tls_cert: String,
     pub tls_key: String,
+    /// Proxy hooks (`crate::proxy`): where the app's backend decides connects, subscribes,
+    /// client publishes, refreshes and answers client `rpc`s. Empty: that hook is off.
+    pub proxy_connect_url: String,
+    pub proxy_subscribe_url: String,
+    pub proxy_publish_url: String,
+    pub proxy_refresh_url: String,
+    pub proxy_rpc_url: String,
+    /// How long a hook may take before the client is told `proxy_timeout`.
+    pub proxy_timeout_ms: u64,
+    /// Which of the client's HTTP headers go to the connect hook (comma-separated names,
+    /// any case; `cookie` forwards the cookies).
+    pub proxy_headers: String,
+    /// PEM certificates trusted for `https://` hooks besides the system's roots.
+    pub proxy_ca: String,
 }
 
 impl Default for Config {
@@ -143,6 +157,14 @@ impl Default for Config {
             webtransport_public_url: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            proxy_connect_url: String::new(),
+            proxy_subscribe_url: String::new(),
+            proxy_publish_url: String::new(),
+            proxy_refresh_url: String::new(),
+            proxy_rpc_url: String::new(),
+            proxy_timeout_ms: 1000,
+            proxy_headers: String::new(),
+            proxy_ca: String::new(),
         }
     }
 }
@@ -188,7 +210,13 @@ impl Config {
 
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 13] = [
+        let ranges: [(&'static str, usize, usize, usize); 14] = [
+            (
+                "proxy_timeout_ms",
+                self.proxy_timeout_ms as usize,
+                1,
+                600_000,
+            ),
             (
                 "max_buffered_bytes",
                 self.max_buffered_bytes,
@@ -247,7 +275,45 @@ impl Config {
                 "FANOUT_TLS_CERT and FANOUT_TLS_KEY go together (neither: a self-signed certificate)",
             ));
         }
+        for (setting, _) in self.proxy_urls() {
+            self.proxy_poster(setting)?;
+        }
         Ok(())
+    }
+
+    /// Each proxy hook's setting and URL (empty: off).
+    pub fn proxy_urls(&self) -> [(&'static str, &str); 5] {
+        [
+            ("proxy_connect_url", &self.proxy_connect_url),
+            ("proxy_subscribe_url", &self.proxy_subscribe_url),
+            ("proxy_publish_url", &self.proxy_publish_url),
+            ("proxy_refresh_url", &self.proxy_refresh_url),
+            ("proxy_rpc_url", &self.proxy_rpc_url),
+        ]
+    }
+
+    /// The client of the hook set by `setting` (`None`: off).
+    pub fn proxy_poster(
+        &self,
+        setting: &'static str,
+    ) -> Result<Option<fanout::post::Poster>, ConfigError> {
+        let url = self
+            .proxy_urls()
+            .into_iter()
+            .find(|(name, _)| *name == setting)
+            .map_or("", |(_, url)| url)
+            .trim();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        fanout::post::Poster::new(
+            url,
+            &self.proxy_ca,
+            "FANOUT_PROXY_CA",
+            Duration::from_millis(self.proxy_timeout_ms),
+        )
+        .map(Some)
+        .map_err(|why| ConfigError::invalid(setting, why))
     }
 
     /// The WebTransport listener's UDP address (`None`: off).

@@ -343,6 +343,7 @@ mod tests {
             expires_at: Some(u64::MAX),
             jti: jti.map(Into::into),
             issued_at: iat,
+            channels: Vec::new(),
         }
     }
 

@@ -31,6 +31,8 @@
 //!   bounded) only when the socket is full.
 //! - [`control`]: server-side control on this node: the app's commands carried out on its
 //!   connections, and the rules it follows (blocks, revoked tokens, removed histories).
+//! - [`proxy`]: the app's proxy hooks (connect, subscribe, publish, refresh, rpc) over HTTP,
+//!   with their timeouts and breakers.
 //! - [`lifecycle`]: this node's reports to the tier's lifecycle decider (webhooks).
 //! - [`canary`]: the node's probe of its own delivery path, behind `/readyz`.
 //! - [`cursor`]: where an HTTP stream is, on every channel (SSE ids, long-poll cursors).
@@ -58,6 +60,7 @@ pub mod node;
 pub mod position;
 pub mod presence;
 pub mod protocol;
+pub mod proxy;
 pub mod session;
 pub mod sink;
 pub mod transport;
@@ -232,6 +235,24 @@ pub const METRICS: &[Metric] = &[
         kind: Kind::Counter,
         help: "Times the canary found the delivery path broken.",
         zero: &[&[]],
+    },
+    Metric {
+        name: "fanout_ws_proxy_duration_seconds",
+        kind: Kind::Histogram,
+        help: "How long the app's backend took to answer a proxy hook, by hook (connect, subscribe, publish, refresh, rpc).",
+        zero: &[],
+    },
+    Metric {
+        name: "fanout_ws_proxy_requests_total",
+        kind: Kind::Counter,
+        help: "Proxy hook calls, by hook and outcome (ok, refused, timeout, unavailable, breaker_open).",
+        zero: &[],
+    },
+    Metric {
+        name: "fanout_ws_proxy_breaker_open",
+        kind: Kind::Gauge,
+        help: "1 while a hook's breaker is open (its backend failed 5 times in a row): calls fail at once for 5 s.",
+        zero: &[],
     },
 ];
 

@@ -88,6 +88,8 @@ pub struct Node {
     sampler: std::sync::Mutex<fanout::stats::Sampler>,
     /// The tier's rules: blocks, revoked tokens, removed histories.
     rules: Arc<control::Rules>,
+    /// The app's proxy hooks.
+    proxy: crate::proxy::Proxy,
 }
 
 impl Node {
@@ -134,6 +136,8 @@ impl Node {
             config.event_trace_id,
         );
         let config_budget = config.max_buffered_bytes;
+        let proxy = crate::proxy::Proxy::from_config(&config)
+            .expect("the proxy settings were validated with the rest");
         let node = Arc::new(Node {
             config,
             hub: hub.clone(),
@@ -155,6 +159,7 @@ impl Node {
             started_at,
             lifecycle,
             rules: rules.clone(),
+            proxy,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -358,6 +363,11 @@ impl Node {
             && !self.draining.load(Ordering::Acquire)
     }
 
+    /// The app's proxy hooks.
+    pub fn proxy(&self) -> &crate::proxy::Proxy {
+        &self.proxy
+    }
+
     /// The tier's rules (blocks, revoked tokens, removed histories) as this node knows them.
     pub fn rules(&self) -> &control::Rules {
         &self.rules
@@ -426,18 +436,19 @@ impl Node {
     }
 
     /// Subscribes connection `conn` to `channel` (with `presence`, to its presence changes
-    /// too) and returns once the node receives them (or after [`LIVE_TIMEOUT`]).
+    /// too; with `info`, a member with that info in it) and returns once the node receives them (or after [`LIVE_TIMEOUT`]).
     /// `broadcast` needs no subscription.
     pub async fn subscribe(
         &self,
         conn: ConnId,
         channel: &Channel,
         presence: bool,
+        info: Option<Box<RawValue>>,
     ) -> Result<(), SubscribeError> {
         if channel.is_broadcast() {
             return Ok(());
         }
-        let mut subscribed = self.hub.subscribe(conn, channel, presence)?;
+        let mut subscribed = self.hub.subscribe_as(conn, channel, presence, info)?;
         // An error means the interest ended meanwhile: nothing to wait for.
         let _ = tokio::time::timeout(LIVE_TIMEOUT, async {
             let _ = subscribed.live.wait_for(|live| *live).await;

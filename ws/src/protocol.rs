@@ -52,7 +52,16 @@ pub enum Op {
     Refresh {
         token: String,
     },
+    /// A request to the app's backend through the connection (`FANOUT_PROXY_RPC_URL`):
+    /// `method` and any JSON `data`; the reply carries the backend's `result`.
+    Rpc {
+        method: String,
+        data: Value,
+    },
 }
+
+/// Longest `rpc` method name.
+pub const MAX_METHOD: usize = 128;
 
 /// A resuming `subscribe`'s position: a seq (one region), or a seq per region.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +93,8 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
     pub code: Code,
+    /// The app's own code (a proxy hook's refusal), sent instead of `code`.
+    pub app_code: Option<String>,
     pub message: String,
     /// The `op` of the offending request, when it had one.
     pub op: Option<String>,
@@ -94,9 +105,18 @@ impl Rejection {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         Rejection {
             code,
+            app_code: None,
             message: message.into(),
             op: None,
             id: None,
+        }
+    }
+
+    /// A refusal with the app's own code (a proxy hook's).
+    pub fn app(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Rejection {
+            app_code: Some(code.into()),
+            ..Rejection::new(Code::Forbidden, message)
         }
     }
 
@@ -110,7 +130,7 @@ impl Rejection {
         #[derive(Serialize)]
         struct ErrorFrame<'a> {
             op: &'static str,
-            code: Code,
+            code: &'a str,
             message: &'a str,
             #[serde(rename = "ref")]
             reference: Option<&'a str>,
@@ -119,7 +139,7 @@ impl Rejection {
         }
         to_json(&ErrorFrame {
             op: "error",
-            code: self.code,
+            code: self.app_code.as_deref().unwrap_or(self.code.as_str()),
             message: &self.message,
             reference: self.op.as_deref(),
             id: self.id.as_ref(),
@@ -279,6 +299,18 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
                 volatile: flag("volatile")?,
             })
         }),
+        "rpc" => match fields.get("method") {
+            Some(Value::String(method)) if !method.is_empty() && method.len() <= MAX_METHOD => {
+                Ok(Op::Rpc {
+                    method: method.clone(),
+                    data: fields.get("data").cloned().unwrap_or(Value::Null),
+                })
+            }
+            _ => Err(Rejection::new(
+                Code::InvalidRequest,
+                format!("\"rpc\" needs \"method\", a string of 1-{MAX_METHOD} bytes"),
+            )),
+        },
         "refresh" => match fields.get("token") {
             Some(Value::String(token)) => Ok(Op::Refresh {
                 token: token.clone(),
@@ -292,7 +324,7 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
             Code::UnknownOp,
             format!(
                 "unknown op {op:?}; expected subscribe, unsubscribe, publish, presence, info, \
-                 refresh or ping"
+                 refresh, rpc or ping"
             ),
         )),
     };
@@ -479,6 +511,22 @@ fn channel_reply(op: &'static str, channel: &Channel, id: Option<&RequestId>) ->
         id: Option<&'a RequestId>,
     }
     to_json(&Reply { op, channel, id })
+}
+
+/// The reply to an `rpc`: the app's backend's `result`.
+pub fn rpc_result(result: &Value, id: Option<&RequestId>) -> String {
+    #[derive(Serialize)]
+    struct Rpc<'a> {
+        op: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        result: &'a Value,
+    }
+    to_json(&Rpc {
+        op: "rpc",
+        id,
+        result,
+    })
 }
 
 pub fn pong(id: Option<&RequestId>) -> String {

@@ -228,6 +228,11 @@ pub trait Conduit: Sink {
         false
     }
 
+    /// The connection's transport ([`Framing::TRANSPORT`]).
+    fn transport(&self) -> &'static str {
+        "websocket"
+    }
+
     /// Channel `key` starts at `position` in the connection's stream.
     fn position(&self, _key: ChannelKey, _position: Position) {}
 }
@@ -925,6 +930,10 @@ impl<F: Framing> Conduit for Outbox<F> {
 
     fn tracks_positions(&self) -> bool {
         F::TRACKS_POSITIONS
+    }
+
+    fn transport(&self) -> &'static str {
+        F::TRANSPORT
     }
 
     fn position(&self, key: ChannelKey, position: Position) {

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicUsize, Ordering},
@@ -29,7 +29,7 @@ use crate::sink::{Kick, Sink};
 pub struct Conns {
     shards: Box<[Mutex<HashMap<ConnId, Conn>>]>,
     /// Each user's connections, sharded by a hash of the user id.
-    users: Box<[Mutex<HashMap<Arc<str>, HashSet<ConnId>>>]>,
+    users: Box<[Mutex<Users>]>,
     hasher: std::hash::RandomState,
     /// Connections, without locking every shard to count them.
     count: AtomicUsize,
@@ -44,6 +44,9 @@ pub(super) struct Conn {
     pub hidden: bool,
     pub about: About,
 }
+
+/// One shard of the users' connections.
+type Users = HashMap<Arc<str>, HashSet<ConnId>>;
 
 /// What server-side control needs to know of a connection.
 #[derive(Debug, Default)]
@@ -133,10 +136,8 @@ impl Conns {
         }
     }
 
-    fn user_shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, HashSet<ConnId>>> {
-        let mut hasher = self.hasher.build_hasher();
-        user.hash(&mut hasher);
-        lock(&self.users[hasher.finish() as usize % SHARDS])
+    fn user_shard(&self, user: &str) -> MutexGuard<'_, Users> {
+        lock(&self.users[self.hasher.hash_one(user) as usize % SHARDS])
     }
 
     fn shard(&self, id: &ConnId) -> MutexGuard<'_, HashMap<ConnId, Conn>> {

@@ -109,7 +109,25 @@ impl Hub {
         channel: &Channel,
         presence: bool,
     ) -> Result<Subscribed, SubscribeError> {
-        let joining = self.conns.join(id, channel, self.max_subscriptions)?;
+        self.subscribe_as(id, channel, presence, None)
+    }
+
+    /// [`Hub::subscribe`], a member with `info` in this channel (the app's subscribe hook's)
+    /// instead of the connection's.
+    pub fn subscribe_as(
+        &self,
+        id: ConnId,
+        channel: &Channel,
+        presence: bool,
+        info: Option<Box<RawValue>>,
+    ) -> Result<Subscribed, SubscribeError> {
+        let mut joining = self.conns.join(id, channel, self.max_subscriptions)?;
+        if let Some(info) = info {
+            joining.profile = Arc::new(Profile {
+                user: joining.profile.user.clone(),
+                info: Some(info),
+            });
+        }
         let key = channel_key(channel.as_str());
         if joining.new {
             // Before it is a member: from its first frame on, the sink takes the channel's.

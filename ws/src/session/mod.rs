@@ -13,10 +13,12 @@
 //! - this file: dispatch, `ping`, `refresh`;
 //! - [`subscribe`] handles `subscribe` (with resume) and `unsubscribe`;
 //! - [`publish`] handles `publish`;
-//! - [`presence`] handles `presence` queries and `info`.
+//! - [`presence`] handles `presence` queries and `info`;
+//! - [`rpc`] handles `rpc`, a request to the app's backend.
 
 mod presence;
 mod publish;
+mod rpc;
 mod state;
 mod subscribe;
 
@@ -41,7 +43,8 @@ impl Session {
         resume: Option<Resume>,
         announce: impl FnOnce(Option<&crate::channel::Replay>),
     ) -> Result<(), JoinError> {
-        subscribe::join(self, channel, false, resume, announce).await
+        let info = subscribe::ask(self, channel).await?;
+        subscribe::join(self, channel, false, info, resume, announce).await
     }
 
     /// Acts on one request (the JSON text of one protocol message) and sends its reply to
@@ -86,6 +89,7 @@ impl Session {
             } => presence::query(self, to, id, channel, count_only),
             Op::Info { info } => presence::info(self, to, id, info),
             Op::Refresh { token } => self.refresh(to, id, &token),
+            Op::Rpc { method, data } => rpc::rpc(self, to, id, method, data).await,
         }
     }
 
@@ -96,7 +100,7 @@ impl Session {
     pub async fn obey(&mut self, order: Order) {
         match order {
             Order::Subscribe(channel) => {
-                let joined = subscribe::join(self, &channel, false, None, |replay| {
+                let joined = subscribe::join(self, &channel, false, None, None, |replay| {
                     self.conduit
                         .send("subscribed", &subscribe::subscribed(&channel, None, replay));
                 })
@@ -110,6 +114,17 @@ impl Session {
                 self.conduit
                     .send("unsubscribed", &protocol::unsubscribed(&channel, None));
             }
+        }
+    }
+
+    /// Extends the connection to `expire_at` (unix seconds; the app's refresh hook's answer),
+    /// with new presence `info` if it gave one.
+    pub fn extend(&mut self, expire_at: u64, info: Option<serde_json::Value>) {
+        self.identity.expires_at = Some(expire_at);
+        if let Some(info) = info {
+            let raw = serde_json::value::to_raw_value(&info).ok();
+            self.identity.info = Some(info);
+            self.node.set_info(self.conn, raw);
         }
     }
 

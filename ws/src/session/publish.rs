@@ -1,11 +1,48 @@
 //! `publish`: a client's event, through the same acknowledged JetStream path as the HTTP API,
 //! or, volatile, straight to the nodes as `POST /v1/channels/{channel}/volatile` does.
 
-use fanout::{Channel, Code};
+use fanout::{Channel, Code, Data};
 use metrics::counter;
+use serde_json::Value;
 
 use super::state::{ReplyTo, Session};
-use crate::protocol::{self, RequestId};
+use crate::{
+    protocol::{self, RequestId},
+    proxy::{Hook, ProxyError, PublishAnswer, PublishRequest},
+};
+
+/// Asks the app's publish hook: the data to publish (the client's, or the hook's instead).
+async fn ask(session: &Session, channel: &Channel, data: Data) -> Result<Data, ProxyError> {
+    use base64::Engine;
+    let (value, encoding) = match data.binary {
+        true => (
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&data.bytes)),
+            Some("base64"),
+        ),
+        false => match serde_json::from_slice(&data.bytes) {
+            Ok(value) => (value, None),
+            Err(err) => {
+                return Err(ProxyError::Unavailable(format!(
+                    "the event's data cannot go to the publish hook: {err}"
+                )));
+            }
+        },
+    };
+    let request = PublishRequest {
+        client: session.conn.to_string(),
+        user: &session.identity.user,
+        channel: channel.as_str(),
+        data: value,
+        encoding,
+    };
+    let answer: PublishAnswer = session.node.proxy().call(Hook::Publish, &request).await?;
+    Ok(match answer.data {
+        Some(replaced) => Data::from(bytes::Bytes::from(
+            serde_json::to_vec(&replaced).expect("JSON serializes"),
+        )),
+        None => data,
+    })
+}
 
 pub(super) async fn publish(
     session: &mut Session,
@@ -15,13 +52,27 @@ pub(super) async fn publish(
     data: fanout::Data,
     volatile: bool,
 ) {
-    if !session.identity.may_publish(&channel) {
+    let proxy = session.node.proxy();
+    let hooked = proxy.has(Hook::Publish);
+    let allowed = match hooked {
+        // The app's hook decides (fanout's own channels are no one's).
+        true => !channel.is_internal(),
+        false => session.identity.may_publish(&channel),
+    };
+    if !allowed {
         let message = format!("your token does not allow publishing to {channel:?}");
         return session.reject(to, id, "publish", Code::Forbidden, message);
     }
     if !session.requests.take() {
         return session.rate_limited(to, id, "publish");
     }
+    let data = match hooked {
+        true => match ask(session, &channel, data).await {
+            Ok(data) => data,
+            Err(err) => return session.refuse(to, id, "publish", err),
+        },
+        false => data,
+    };
     let region = session.node.bus().topology().region().cloned();
     let reported = data.clone();
     let published = if volatile {

@@ -87,6 +87,20 @@ impl Session {
         self.send(to, rejection.encode());
     }
 
+    /// Refuses `op` for the app's hook's reason: its code and message.
+    pub(super) fn refuse(
+        &self,
+        to: ReplyTo,
+        id: Option<RequestId>,
+        op: &str,
+        err: crate::proxy::ProxyError,
+    ) {
+        let mut rejection = Rejection::app(err.code(), err.to_string());
+        rejection.op = Some(op.to_string());
+        rejection.id = id;
+        self.send(to, rejection.encode());
+    }
+
     /// Refuses `op`: the request rate is spent.
     pub(super) fn rate_limited(&self, to: ReplyTo, id: Option<RequestId>, op: &str) {
         let rate = self.node.config().publish_rate_per_sec;
@@ -96,7 +110,7 @@ impl Session {
             op,
             Code::RateLimited,
             format!(
-                "at most {rate} publishes, info updates and presence queries per second \
+                "at most {rate} publishes, info updates, presence queries and rpcs per second \
                  (FANOUT_PUBLISH_RATE_PER_SEC)"
             ),
         );

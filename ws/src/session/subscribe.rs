@@ -7,6 +7,7 @@
 //! held live events go, without those the replay covered: no gap, no duplicate.
 
 use fanout::{Channel, Code};
+use serde_json::value::RawValue;
 
 use super::state::{ReplyTo, Session};
 use crate::{
@@ -14,6 +15,7 @@ use crate::{
     hub::SubscribeError,
     position::{Position, Spots, channel_key, mark},
     protocol::{self, RequestId, Resumed, Since},
+    proxy::{Hook, ProxyError, SubscribeAnswer, SubscribeRequest},
 };
 
 /// A `subscribe` request.
@@ -49,6 +51,33 @@ pub enum JoinError {
     /// channel (it can try again), and nothing is said of what it missed.
     #[error("cannot replay from the stream now: {0}")]
     Replay(#[from] fanout::BusError),
+    /// The app's subscribe hook did not allow it.
+    #[error("{0}")]
+    Refused(#[from] ProxyError),
+}
+
+/// Asks the app's subscribe hook (when it is on) whether the session may join `channel`:
+/// the member's info in it, if the hook gives one. `broadcast` needs no one's leave.
+pub(crate) async fn ask(
+    session: &Session,
+    channel: &Channel,
+) -> Result<Option<Box<RawValue>>, ProxyError> {
+    let proxy = session.node.proxy();
+    if channel.is_broadcast() || !proxy.has(Hook::Subscribe) {
+        return Ok(None);
+    }
+    let request = SubscribeRequest {
+        client: session.conn.to_string(),
+        user: &session.identity.user,
+        channel: channel.as_str(),
+        transport: session.conduit.transport(),
+        node: session.node.id(),
+    };
+    let answer: SubscribeAnswer = proxy.call(Hook::Subscribe, &request).await?;
+    Ok(answer
+        .info
+        .filter(|info| !info.is_null())
+        .and_then(|info| serde_json::value::to_raw_value(&info).ok()))
 }
 
 /// Subscribes the session's connection to `channel` (with `presence`, to its presence
@@ -60,13 +89,14 @@ pub(crate) async fn join(
     session: &Session,
     channel: &Channel,
     presence: bool,
+    info: Option<Box<RawValue>>,
     resume: Option<Resume>,
     announce: impl FnOnce(Option<&Replay>),
 ) -> Result<(), JoinError> {
     let conduit = &session.conduit;
     let node = &session.node;
     conduit.hold();
-    if let Err(err) = node.subscribe(session.conn, channel, presence).await {
+    if let Err(err) = node.subscribe(session.conn, channel, presence, info).await {
         conduit.release_held();
         return Err(err.into());
     }
@@ -139,7 +169,13 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         epoch,
         presence,
     } = request;
-    if !session.identity.may_subscribe(&channel) {
+    let hooked = session.node.proxy().has(Hook::Subscribe);
+    let allowed = match hooked {
+        // The app's hook decides (fanout's own channels are no one's).
+        true => channel.is_broadcast() || !channel.is_internal(),
+        false => session.identity.may_subscribe(&channel),
+    };
+    if !allowed {
         let message = format!("your token does not allow subscribing to {channel:?}");
         return session.reject(to, id, "subscribe", Code::Forbidden, message);
     }
@@ -156,8 +192,12 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         epoch,
         at: None,
     });
+    let info = match ask(session, &channel).await {
+        Ok(info) => info,
+        Err(err) => return session.refuse(to, id, "subscribe", err),
+    };
     let mut to = Some(to);
-    let joined = join(session, &channel, presence, resume, |replay| {
+    let joined = join(session, &channel, presence, info, resume, |replay| {
         let to = to.take().expect("announced once");
         session.send(to, subscribed(&channel, id.as_ref(), replay));
     })
@@ -167,6 +207,7 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
             JoinError::Subscribe(SubscribeError::TooMany(_)) => Code::TooManySubscriptions,
             JoinError::Subscribe(SubscribeError::UnknownConn) => Code::Internal,
             JoinError::Replay(_) => Code::BusUnavailable,
+            JoinError::Refused(_) => Code::Forbidden,
         };
         let to = to.expect("not announced on failure");
         session.reject(to, id, "subscribe", code, err.to_string());

@@ -24,6 +24,7 @@ use crate::{
     hub::{About, ConnId, Mailbox, Profile},
     node::Node,
     protocol,
+    proxy::{Hook, ProxyError, RefreshAnswer, RefreshRequest},
     session::{self, JoinError, Resume, Session},
     sink::{Bounds, Conduit, Datagrams, Framing, Kick, Outbox},
 };
@@ -183,6 +184,10 @@ impl<F: Framing> Connection<F> {
                 .and_then(|info| serde_json::value::to_raw_value(info).ok()),
         };
         let mailbox = Arc::new(Mailbox::default());
+        // The channels the app's connect hook named: joined first thing, by the task.
+        for channel in &identity.channels {
+            mailbox.post(crate::hub::Order::Subscribe(channel.clone()));
+        }
         let about = about::<F>(&identity, Some(mailbox.clone()));
         node.hub().add_conn(conn, outbox.clone(), profile, about);
         counter!("fanout_ws_connections_opened_total").increment(1);
@@ -258,6 +263,13 @@ impl<F: Framing> Connection<F> {
             match joined {
                 Ok(()) => {}
                 Err(err @ JoinError::Replay(_)) => return Err(err),
+                Err(JoinError::Refused(err)) => {
+                    // The app's subscribe hook said no: the client is told, and the others
+                    // go on.
+                    let mut rejection = protocol::Rejection::app(err.code(), err.to_string());
+                    rejection.op = Some(format!("subscribe {channel}"));
+                    self.outbox.send("error", &rejection.encode());
+                }
                 Err(err) => tracing::warn!(%channel, %err, "cannot follow a stream's channel"),
             }
         }
@@ -341,6 +353,8 @@ impl<F: Framing> Connection<F> {
         let outbox = self.outbox.clone();
         let queued = outbox.is_queued();
         let mailbox = self.mailbox.clone();
+        // Failed calls of the refresh hook in a row.
+        let mut refreshes = 0;
         loop {
             match transport.pending() {
                 None => stall = None,
@@ -359,7 +373,7 @@ impl<F: Framing> Connection<F> {
                     Err(End::Close(disconnect::FRAME_TIMEOUT))
                 }
                 _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => {
-                    Err(End::Close(disconnect::TOKEN_EXPIRED))
+                    self.expired(&mut refreshes).await
                 }
                 _ = outbox.waiting() => if queued {
                     transport.write_out(&outbox).await
@@ -387,7 +401,50 @@ impl<F: Framing> Connection<F> {
     }
 }
 
+/// Calls of the refresh hook that may fail in a row (a second apart) before an expired
+/// connection is closed.
+const REFRESH_TRIES: u32 = 3;
+
 impl<F: Framing> Connection<F> {
+    /// The connection's time is up: with the app's refresh hook, its answer extends it and a
+    /// refusal closes it (4004); a backend that fails is asked again a second later, a few
+    /// times. Without the hook, it closes (4004: the client should have sent `refresh`).
+    async fn expired(&mut self, failures: &mut u32) -> Result<(), End> {
+        let proxy = self.node.proxy();
+        if !proxy.has(Hook::Refresh) {
+            return Err(End::Close(disconnect::TOKEN_EXPIRED));
+        }
+        let identity = self.session.identity();
+        let request = RefreshRequest {
+            client: self.conn.to_string(),
+            user: &identity.user,
+            transport: F::TRANSPORT,
+            node: self.node.id(),
+        };
+        let now = fanout::time::now_ms() / 1000;
+        match proxy.call::<RefreshAnswer>(Hook::Refresh, &request).await {
+            Ok(RefreshAnswer {
+                expire_at: Some(expire_at),
+                info,
+            }) if expire_at > now => {
+                *failures = 0;
+                self.session.extend(expire_at, info);
+                Ok(())
+            }
+            Ok(_) | Err(ProxyError::Refused { .. }) => Err(End::Close(disconnect::TOKEN_EXPIRED)),
+            Err(err) if *failures + 1 >= REFRESH_TRIES => {
+                tracing::debug!(%err, "the refresh hook failed; closing");
+                Err(End::Close(disconnect::TOKEN_EXPIRED))
+            }
+            Err(err) => {
+                *failures += 1;
+                tracing::debug!(%err, "the refresh hook failed; asking again");
+                self.session.extend(now + 1, None);
+                Ok(())
+            }
+        }
+    }
+
     /// Carries out the app's waiting orders, in order.
     async fn obey(&mut self) -> Result<(), End> {
         let orders = self.mailbox.as_ref().map(|m| m.take()).unwrap_or_default();

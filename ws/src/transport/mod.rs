@@ -176,6 +176,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
         },
         "control": {"rules_loaded": node.rules().is_loaded()},
     });
+    if let Some(proxy) = node.proxy().report() {
+        body["proxy"] = proxy;
+    }
     if let Some(regions) = node.bus().log().regions_report() {
         body["region"] = json!(node.bus().topology().region().map(|r| &**r));
         body["regions"] = regions;

@@ -141,7 +141,9 @@ async fn answer(
         headers,
         query.token.as_deref(),
         query.user.as_deref(),
-    )?;
+        "long_poll",
+    )
+    .await?;
     // What the query names is what the poll follows; the cursor says where on each.
     let channels = sse::channels(
         node,
@@ -278,7 +280,10 @@ pub(crate) async fn request(
         &headers,
         token.as_deref(),
         query.user.as_deref(),
-    ) {
+        "long_poll",
+    )
+    .await
+    {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
@@ -313,8 +318,9 @@ pub(crate) async fn request(
         Op::Unsubscribe(_) => "unsubscribe",
         Op::Info { .. } => "info",
         Op::Refresh { .. } => "refresh",
+        Op::Rpc { .. } => "rpc",
     };
-    if !matches!(name, "publish" | "presence" | "ping") {
+    if !matches!(name, "publish" | "presence" | "ping" | "rpc") {
         let mut rejection = Rejection::new(
             Code::UnsupportedOp,
             format!(

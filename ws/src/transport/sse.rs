@@ -207,8 +207,14 @@ pub(crate) fn channels(
     }
     let mut seen = HashSet::new();
     wanted.retain(|channel| !channel.is_broadcast() && seen.insert(channel.clone()));
+    // With the app's subscribe hook on, the hook decides as the stream joins each.
+    let hooked = node.proxy().has(crate::proxy::Hook::Subscribe);
     for channel in &wanted {
-        if !identity.may_subscribe(channel) {
+        let allowed = match hooked {
+            true => !channel.is_internal(),
+            false => identity.may_subscribe(channel),
+        };
+        if !allowed {
             let message = format!("your token does not allow subscribing to {channel:?}");
             return bad(StatusCode::FORBIDDEN, Code::Forbidden, message);
         }
@@ -252,7 +258,10 @@ pub(crate) async fn stream(
         &headers,
         query.token.as_deref(),
         query.user.as_deref(),
-    ) {
+        "sse",
+    )
+    .await
+    {
         Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };

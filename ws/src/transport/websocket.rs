@@ -199,10 +199,11 @@ pub(crate) async fn upgrade(
     };
     let token = params.get("token").map(String::as_str);
     let user = params.get("user").map(String::as_str);
-    let Admitted { identity, permit } = match admit(&node, peer, &headers, token, user) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal.into_response(),
-    };
+    let Admitted { identity, permit } =
+        match admit(&node, peer, &headers, token, user, "websocket").await {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal.into_response(),
+        };
     let Some(takeover) = request.extensions().get::<Takeover>() else {
         return error(
             StatusCode::UPGRADE_REQUIRED,

@@ -422,7 +422,15 @@ async fn accept(request: web_transport_quinn::Request, node: Arc<Node>) {
             .find(|(key, _)| key == name)
             .map(|(_, value)| value.as_str())
     };
-    let admitted = admit(&node, peer, &request.headers, param("token"), param("user"));
+    let admitted = admit(
+        &node,
+        peer,
+        &request.headers,
+        param("token"),
+        param("user"),
+        "webtransport",
+    )
+    .await;
     let Admitted { identity, permit } = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
