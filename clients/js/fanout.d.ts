@@ -171,6 +171,12 @@ export interface CloseInfo {
   url: string | null;
 }
 
+/** The app subscribed (or unsubscribed) this connection, server-side. */
+export interface ServerSubscription {
+  channel: string;
+  server: true;
+}
+
 /** What `client.on(name, ...)` delivers for each name. */
 export interface ClientEvents {
   state: StateChange;
@@ -178,6 +184,10 @@ export interface ClientEvents {
   event: EventFrame;
   resumed: Resumed;
   presence: PresenceChange;
+  /** The app subscribed this connection to a channel (it is followed from now on). */
+  subscribed: ServerSubscription;
+  /** The app took this connection out of a channel. */
+  unsubscribed: ServerSubscription;
   close: CloseInfo;
   error: ErrorFrame | Error;
 }
@@ -262,6 +272,11 @@ export declare class FanoutClient {
   publish(channel: string, data: Data | ArrayBuffer, options: { volatile: true }): Promise<VolatilePublishedReply>;
   /** Who is in `channel`, across every node. */
   presence(channel: string, options?: { countOnly?: boolean }): Promise<PresenceAnswer>;
+  /**
+   * A request to the app's backend through this connection (`FANOUT_PROXY_RPC_URL` on the
+   * node): resolves with its `result`, rejects with the error frame.
+   */
+  rpc<T = Json>(method: string, data?: Json): Promise<T>;
   /** What other members see of this connection (kept across reconnects). */
   setInfo(info: { [key: string]: Json } | null): Promise<InfoUpdatedReply | PendingReply>;
   /** Sends a protocol request with a fresh id; resolves with its reply. */

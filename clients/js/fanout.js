@@ -284,9 +284,11 @@ export class FanoutClient {
    * `transport`), `event` (every
    * event frame, `broadcast` included), `resumed` ({channel, recovered, replayed} after a
    * reconnect), `presence` (a `join`, `leave` or `update` frame: {op, channel, user, conn,
-   * node, info, joined_at}), `close` ({code, reason, url}) and `error` (error frames, and
-   * failures). Presence changes are not replayed: after a reconnect (`welcome`), ask
-   * {@link presence} again.
+   * node, info, joined_at}), `subscribed` / `unsubscribed` ({channel}: the app subscribed or
+   * unsubscribed this connection, server-side; a channel the app subscribed is followed, and
+   * resumed after a reconnect, like the client's own), `close` ({code, reason, url}) and
+   * `error` (error frames, and failures). Presence changes are not replayed: after a
+   * reconnect (`welcome`), ask {@link presence} again.
    * Returns a function that removes the listener.
    */
   on(name, callback) {
@@ -403,6 +405,16 @@ export class FanoutClient {
     const frame = { op: "publish", channel, data };
     if (options.volatile) frame.volatile = true;
     return this.request(frame);
+  }
+
+  /**
+   * Asks the app's backend through this connection (the node's `FANOUT_PROXY_RPC_URL`):
+   * resolves with the backend's `result`; rejects with the error frame (the app's own code
+   * and message, `proxy_timeout`, `proxy_unavailable`, or `unsupported_op` on a node without
+   * the hook). Works on every transport.
+   */
+  rpc(method, data = null) {
+    return this.request({ op: "rpc", method, data }).then((reply) => reply.result);
   }
 
   /** Leaves `channel`. Resolves with the `unsubscribed` reply (at once when not connected). */
@@ -693,6 +705,22 @@ export class FanoutClient {
       case "update":
         this._emit("presence", frame);
         return;
+      case "subscribed":
+      case "unsubscribed":
+        if (frame.id === undefined) {
+          // The app's doing (server-side), not a reply: follow (or stop following) it.
+          if (frame.op === "subscribed") {
+            if (!this._channels.has(frame.channel)) this._channels.set(frame.channel, new Set());
+          } else {
+            this._channels.delete(frame.channel);
+            this._watching.delete(frame.channel);
+            this._last.delete(frame.channel);
+            this._after.delete(frame.channel);
+          }
+          this._emit(frame.op, { channel: frame.channel, server: true });
+          return;
+        }
+      // falls through: a reply
       default: {
         const pending = frame.id !== undefined && this._pending.get(frame.id);
         if (pending) {
@@ -1193,7 +1221,7 @@ class SseLink {
       if (this === client._socket && message.lastEventId) client._cursor = message.lastEventId;
       client._received(this, message.data);
     });
-    for (const name of ["resumed", "join", "leave", "update"]) {
+    for (const name of ["resumed", "join", "leave", "update", "subscribed", "unsubscribed", "refused"]) {
       on(name, (message) => {
         try {
           client._received(this, { op: name, ...JSON.parse(message.data) });
@@ -1353,6 +1381,8 @@ class PollLink {
     for (const event of answer.events ?? []) client._received(this, event);
     // Where the events left this client, and where it follows channels that had none.
     if (answer.cursor) client._takeCursor(answer.cursor);
+    // The app closed this client (disconnect, block, revocation): as a stream's close.
+    if (answer.disconnect) this._fail(answer.disconnect.code, answer.disconnect.reason);
   }
 
   _fail(code, reason) {

@@ -412,8 +412,13 @@ async fn subscribe_publish_and_rpc_hooks_answer_on_every_transport() {
         .await
         .ok()
         .unwrap();
-    let error = stream.until("error").await;
-    assert_eq!(error.data["code"], "not_allowed", "{:?}", error.data);
+    let refused = stream.until("refused").await;
+    assert_eq!(
+        (refused.data["code"].as_str(), refused.data["channel"].as_str()),
+        (Some("not_allowed"), Some("secret")),
+        "{:?}",
+        refused.data
+    );
     let seq = publish(&api, "open", &json!(1)).await;
     assert_eq!(stream.until("event").await.data["seq"], seq);
 }

@@ -830,3 +830,39 @@ test("bytes: Uint8Array data over MessagePack (bin) and JSON (base64); published
   json.client.close();
   mock.timers.reset();
 });
+
+test("rpc resolves with the backend's result; the app's subscriptions are followed and resumed", async () => {
+  const { client, last } = setup(["ws://a/ws"]);
+  try {
+    const server = [];
+    client.on("subscribed", (s) => server.push(["subscribed", s]));
+    client.on("unsubscribed", (s) => server.push(["unsubscribed", s]));
+    client.connect();
+    last().welcome("ws-a");
+    const answer = client.rpc("getProfile", { id: 7 });
+    const sent = last().sent.at(-1);
+    assert.deepEqual({ ...sent, id: undefined }, { op: "rpc", method: "getProfile", data: { id: 7 }, id: undefined });
+    last().frame({ op: "rpc", id: sent.id, result: { name: "Ada" } });
+    assert.deepEqual(await answer, { name: "Ada" });
+    const refused = client.rpc("nope");
+    last().frame({ op: "error", code: "bad_input", message: "no", ref: "rpc", id: last().sent.at(-1).id });
+    await assert.rejects(refused, (error) => error.code === "bad_input");
+
+    // The app subscribes this connection: followed, and resumed after a reconnect.
+    last().frame({ op: "subscribed", channel: "news" });
+    assert.deepEqual(server, [["subscribed", { channel: "news", server: true }]]);
+    assert.deepEqual(client.channels, ["news"]);
+    last().frame({ op: "event", channel: "news", seq: 5, id: "e", ts: 1, data: 1 });
+    last().drop(1006);
+    mock.timers.tick(60000);
+    last().welcome("ws-a");
+    const resubscribe = last().sent.find((f) => f.op === "subscribe" && f.channel === "news");
+    assert.equal(resubscribe.since, 5);
+    last().frame({ op: "unsubscribed", channel: "news" });
+    assert.deepEqual(client.channels, []);
+    assert.equal(server.at(-1)[0], "unsubscribed");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});

@@ -264,11 +264,15 @@ impl<F: Framing> Connection<F> {
                 Ok(()) => {}
                 Err(err @ JoinError::Replay(_)) => return Err(err),
                 Err(JoinError::Refused(err)) => {
-                    // The app's subscribe hook said no: the client is told, and the others
-                    // go on.
+                    // The app's subscribe hook said no: the client is told (an error frame; on
+                    // SSE the event `refused`, as `error` is EventSource's own), and the
+                    // others go on.
                     let mut rejection = protocol::Rejection::app(err.code(), err.to_string());
-                    rejection.op = Some(format!("subscribe {channel}"));
-                    self.outbox.send("error", &rejection.encode());
+                    rejection.op = Some("subscribe".into());
+                    let mut frame: serde_json::Value =
+                        serde_json::from_str(&rejection.encode()).expect("an error frame is JSON");
+                    frame["channel"] = json!(channel);
+                    self.outbox.send("refused", &frame.to_string());
                 }
                 Err(err) => tracing::warn!(%channel, %err, "cannot follow a stream's channel"),
             }
