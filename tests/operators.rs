@@ -107,14 +107,17 @@ async fn metrics_dashboard_and_alerts_pass_the_prometheus_tools_and_match_the_bi
     }
     let exposed: HashSet<String> = families(&api).union(&families(&ws)).cloned().collect();
     // The canary's gauge appears with its first probe (a node without the canary has none);
-    // the region mirrors' only with regions; the webhooks' only with FANOUT_WEBHOOK_URL (their
-    // HELP is in the API's table all the same).
+    // the region mirrors' only with regions; the webhooks' only with FANOUT_WEBHOOK_URL, the
+    // proxy hooks' only with a FANOUT_PROXY_*_URL (their HELP is in the tables all the same).
     let later = [
         "fanout_ws_canary_ok",
         "fanout_region_mirror_behind",
         "fanout_webhook_events_decided_total",
         "fanout_webhook_deliveries_total",
         "fanout_webhook_lag_seconds",
+        "fanout_ws_proxy_duration_seconds",
+        "fanout_ws_proxy_requests_total",
+        "fanout_ws_proxy_breaker_open",
     ];
     let known = |metric: &str| exposed.contains(metric) || later.contains(&metric);
 

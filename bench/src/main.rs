@@ -8,6 +8,7 @@
 //! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`), or to
 //! `--out FILE`.
 
+mod control;
 mod geo;
 mod hist;
 mod http1;
@@ -188,6 +189,20 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         leave_rate: u64,
     },
+    /// The app's backend in the loop: connect p50/p99 with the connect hook off and on, rpc
+    /// round trips, and one user's connections over the nodes disconnected at once.
+    Control {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Connects measured (one after another) each way.
+        #[arg(long, default_value_t = 2000)]
+        connects: usize,
+        #[arg(long, default_value_t = 5000)]
+        rpcs: usize,
+        /// Connections of the user disconnected.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+    },
     /// Presence queries over a channel with many members.
     Presence {
         #[arg(long, default_value_t = 100_000)]
@@ -259,6 +274,7 @@ impl Command {
             Command::Jetstream { .. } => "jetstream",
             Command::Presence { .. } => "presence",
             Command::Lifecycle { .. } => "lifecycle",
+            Command::Control { .. } => "control",
             Command::Saturate(_) => "saturate",
             Command::Tracing(_) => "tracing",
             Command::Geo { .. } => "geo",
@@ -393,6 +409,16 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             json!(r)
         }
         Command::Presence { members, nodes } => json!(presence::run(members, nodes).await),
+        Command::Control {
+            nodes,
+            connects,
+            rpcs,
+            users,
+        } => {
+            let r = control::run(&paths, nodes, connects, rpcs, users).await;
+            println!("{r:?}");
+            json!(r)
+        }
         Command::Lifecycle {
             clients,
             nodes,

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValu
 
 /// The app's backend: what it was asked, by hook.
 #[derive(Clone, Default)]
-struct Backend {
+pub(crate) struct Backend {
     asked: Arc<Mutex<Vec<(String, Value)>>>,
 }
 
@@ -36,7 +36,7 @@ impl Backend {
     }
 
     /// What `hook` was asked, in order.
-    fn asked(&self, hook: &str) -> Vec<Value> {
+    pub(crate) fn asked(&self, hook: &str) -> Vec<Value> {
         self.asked
             .lock()
             .unwrap()
@@ -47,7 +47,7 @@ impl Backend {
     }
 
     /// Serves the hooks on a free port: its base URL.
-    async fn start(&self) -> String {
+    pub(crate) async fn start(&self) -> String {
         async fn connect(
             State(b): State<Backend>,
             Json(body): Json<Value>,
@@ -140,7 +140,7 @@ impl Backend {
 }
 
 /// Every hook on, to `base`, with a short timeout.
-fn hooks(base: &str) -> impl Fn(&mut fanout_ws::Config) + '_ {
+pub(crate) fn hooks(base: &str) -> impl Fn(&mut fanout_ws::Config) + '_ {
     move |c| {
         c.proxy_connect_url = format!("{base}/connect");
         c.proxy_subscribe_url = format!("{base}/subscribe");

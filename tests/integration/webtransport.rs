@@ -548,3 +548,35 @@ async fn the_app_subscribes_and_disconnects_a_webtransport_session() {
         other => panic!("closed without a code: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_hooks_answer_a_webtransport_session() {
+    use crate::proxy::{Backend, hooks};
+    let backend = Backend::default();
+    let base = backend.start().await;
+    let tier = wt_tier(hooks(&base)).await;
+    let mut client = WtClient::connect(&tier.url, &tier.hashes, "user=ada").await;
+    assert_eq!(client.welcome["user"], "ada");
+    assert_eq!(backend.asked("connect")[0]["transport"], "webtransport");
+    let frame = client.recv().await;
+    assert_eq!((frame["op"].as_str(), frame["channel"].as_str()), (Some("subscribed"), Some("inbox:ada")));
+    client
+        .send(json!({"op": "rpc", "method": "echo", "data": [1, 2], "id": 1}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply, json!({"op": "rpc", "id": 1, "result": {"echo": [1, 2], "user": "ada"}}));
+    // Refused by the app: no session.
+    let refused = within(
+        "a refusal",
+        ClientBuilder::new()
+            .with_server_certificate_hashes(tier.hashes.clone())
+            .unwrap()
+            .connect({
+                let mut url = tier.url.clone();
+                url.set_query(Some("user=refused"));
+                web_transport_quinn::proto::ConnectRequest::new(url)
+            }),
+    )
+    .await;
+    assert!(refused.is_err(), "the app refused, yet a session");
+}
