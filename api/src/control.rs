@@ -196,21 +196,7 @@ async fn subscribe(
     user: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let user = user_of(user)?;
-    let ChannelBody { channel } = body_of(body)?;
-    let channel = channel_of(&channel)?;
-    if channel.is_broadcast() {
-        return Err(bad(
-            Code::ReservedChannel,
-            "every connection receives \"broadcast\" already",
-        ));
-    }
-    let command = Command::Subscribe {
-        user,
-        channel: channel.as_str().to_string(),
-    };
-    let (answers, partial) = command_of(&state, command).await?;
-    Ok(Json(json!({"subscribed": affected(&answers), "partial": partial})).into_response())
+    membership(&state, user, body, true).await
 }
 
 /// `POST /v1/users/{user}/unsubscribe`: takes every connection of the user out of `channel`.
@@ -219,25 +205,32 @@ async fn unsubscribe(
     user: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    membership(&state, user, body, false).await
+}
+
+/// A server-side subscribe (`join`) or unsubscribe of every connection of the user.
+async fn membership(
+    state: &AppState,
+    user: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+    join: bool,
+) -> Result<Response, ApiError> {
     let user = user_of(user)?;
     let ChannelBody { channel } = body_of(body)?;
     let channel = channel_of(&channel)?;
     if channel.is_broadcast() {
         return Err(bad(
             Code::ReservedChannel,
-            "every connection receives \"broadcast\"; it cannot be unsubscribed",
+            "every connection receives \"broadcast\", always",
         ));
     }
-    let command = Command::Unsubscribe {
-        user,
-        channel: channel.as_str().to_string(),
+    let channel = channel.as_str().to_string();
+    let (command, counted) = match join {
+        true => (Command::Subscribe { user, channel }, "subscribed"),
+        false => (Command::Unsubscribe { user, channel }, "unsubscribed"),
     };
-    let (answers, partial) = command_of(&state, command).await?;
-    Ok(Json(json!({"unsubscribed": affected(&answers), "partial": partial})).into_response())
-}
-
-async fn command_of(state: &AppState, command: Command) -> Result<(Vec<Answer>, bool), ApiError> {
-    self::command(state, &command).await
+    let (answers, partial) = self::command(state, &command).await?;
+    Ok(Json(json!({counted: affected(&answers), "partial": partial})).into_response())
 }
 
 /// `GET /v1/users/{user}/connections`: every connection of the user, on every node.

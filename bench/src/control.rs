@@ -103,14 +103,19 @@ pub async fn run(paths: &Paths, nodes: usize, count: usize, rpcs: usize, users: 
     let (off50, off99) = quantiles(connects(&url, count).await);
     drop(tier);
     let env = [
-        ("FANOUT_PROXY_CONNECT_URL".to_string(), format!("{base}/connect")),
+        (
+            "FANOUT_PROXY_CONNECT_URL".to_string(),
+            format!("{base}/connect"),
+        ),
         ("FANOUT_PROXY_RPC_URL".to_string(), format!("{base}/rpc")),
     ];
     let tier = FanoutTier::start_with(paths, nodes, &env).await;
     let urls = tier.ws_urls();
     connects(&urls[0], 50).await;
     let (on50, on99) = quantiles(connects(&urls[0], count).await);
-    println!("  connect p50/p99: {off50:.2}/{off99:.2} ms without the hook, {on50:.2}/{on99:.2} ms with it");
+    println!(
+        "  connect p50/p99: {off50:.2}/{off99:.2} ms without the hook, {on50:.2}/{on99:.2} ms with it"
+    );
 
     // rpc round trips on one connection.
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("{}?user=rpc", urls[0]))
@@ -164,7 +169,10 @@ pub async fn run(paths: &Paths, nodes: usize, count: usize, rpcs: usize, users: 
         {
             break;
         }
-        assert!(Instant::now() < deadline, "the API never listed {users} connections: {listed}");
+        assert!(
+            Instant::now() < deadline,
+            "the API never listed {users} connections: {listed}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let closed = Arc::new(std::sync::Mutex::new(Vec::with_capacity(users)));
@@ -190,13 +198,21 @@ pub async fn run(paths: &Paths, nodes: usize, count: usize, rpcs: usize, users: 
         .await
         .expect("the API answers");
     let answered = started.elapsed().as_secs_f64() * 1000.0;
-    let body: Value = serde_json::from_str(&answer.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+    let body: Value =
+        serde_json::from_str(&answer.text().await.unwrap_or_default()).unwrap_or(Value::Null);
     for reader in readers {
         let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
     }
     let closed = closed.lock().unwrap();
-    assert_eq!(closed.len(), users, "not every connection was closed: {body}");
-    assert!(closed.iter().all(|(_, code)| *code == 4005), "another close code");
+    assert_eq!(
+        closed.len(),
+        users,
+        "not every connection was closed: {body}"
+    );
+    assert!(
+        closed.iter().all(|(_, code)| *code == 4005),
+        "another close code"
+    );
     let last = closed.iter().map(|(at, _)| *at).max().unwrap();
     let last_ms = last.duration_since(started).as_secs_f64() * 1000.0;
     println!(

@@ -414,7 +414,10 @@ async fn subscribe_publish_and_rpc_hooks_answer_on_every_transport() {
         .unwrap();
     let refused = stream.until("refused").await;
     assert_eq!(
-        (refused.data["code"].as_str(), refused.data["channel"].as_str()),
+        (
+            refused.data["code"].as_str(),
+            refused.data["channel"].as_str()
+        ),
         (Some("not_allowed"), Some("secret")),
         "{:?}",
         refused.data

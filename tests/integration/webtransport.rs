@@ -559,12 +559,18 @@ async fn the_apps_hooks_answer_a_webtransport_session() {
     assert_eq!(client.welcome["user"], "ada");
     assert_eq!(backend.asked("connect")[0]["transport"], "webtransport");
     let frame = client.recv().await;
-    assert_eq!((frame["op"].as_str(), frame["channel"].as_str()), (Some("subscribed"), Some("inbox:ada")));
+    assert_eq!(
+        (frame["op"].as_str(), frame["channel"].as_str()),
+        (Some("subscribed"), Some("inbox:ada"))
+    );
     client
         .send(json!({"op": "rpc", "method": "echo", "data": [1, 2], "id": 1}))
         .await;
     let reply = client.recv().await;
-    assert_eq!(reply, json!({"op": "rpc", "id": 1, "result": {"echo": [1, 2], "user": "ada"}}));
+    assert_eq!(
+        reply,
+        json!({"op": "rpc", "id": 1, "result": {"echo": [1, 2], "user": "ada"}})
+    );
     // Refused by the app: no session.
     let refused = within(
         "a refusal",

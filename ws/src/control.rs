@@ -9,9 +9,9 @@
 //! that the API can answer with the connections it closed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
-        RwLock,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -26,6 +26,7 @@ use crate::{
     auth::Identity,
     disconnect::{self, Disconnect},
     hub::{Hub, Order},
+    sink::Sink,
 };
 
 /// The rules this node knows, by their keys.
@@ -146,7 +147,7 @@ impl Rules {
 
 /// Follows the tier's rules into `rules`, closing the connections a new one refuses, until
 /// the node closes; follows again after a failure (NATS away, the bucket not made yet).
-pub async fn follow(bus: Bus, hub: std::sync::Weak<Hub>, rules: std::sync::Arc<Rules>) {
+pub async fn follow(bus: Bus, hub: std::sync::Weak<Hub>, rules: Arc<Rules>) {
     use futures_util::StreamExt;
     let mut pause = std::time::Duration::from_millis(100);
     loop {
@@ -217,16 +218,21 @@ fn kick_user(
     mut pick: impl FnMut(&crate::hub::About) -> bool,
     close: &Disconnect,
 ) -> usize {
+    each_of(hub, user, |sink, about, _| {
+        pick(about) && sink.kick().kick(close.clone())
+    })
+}
+
+/// How many of `user`'s connections `act` acts on (says true for).
+fn each_of(
+    hub: &Hub,
+    user: &str,
+    mut act: impl FnMut(&Arc<dyn Sink>, &crate::hub::About, &HashSet<Channel>) -> bool,
+) -> usize {
     hub.conns()
         .of_user(user)
         .into_iter()
-        .filter(|&id| {
-            hub.conns()
-                .with(id, |sink, about, _| {
-                    pick(about) && sink.kick().kick(close.clone())
-                })
-                .unwrap_or(false)
-        })
+        .filter(|&id| hub.conns().with(id, &mut act).unwrap_or(false))
         .count()
 }
 
@@ -308,25 +314,13 @@ pub fn answer(
 
 /// Posts the order `make` makes for each of `user`'s connections with a mailbox (given the
 /// channels it is in): how many took one.
-fn order(
-    hub: &Hub,
-    user: &str,
-    mut make: impl FnMut(&std::collections::HashSet<Channel>) -> Option<Order>,
-) -> usize {
-    hub.conns()
-        .of_user(user)
-        .into_iter()
-        .filter(|&id| {
-            hub.conns()
-                .with(id, |_, about, channels| {
-                    match (about.mailbox.as_ref(), make(channels)) {
-                        (Some(mailbox), Some(order)) => mailbox.post(order),
-                        _ => false,
-                    }
-                })
-                .unwrap_or(false)
-        })
-        .count()
+fn order(hub: &Hub, user: &str, mut make: impl FnMut(&HashSet<Channel>) -> Option<Order>) -> usize {
+    each_of(hub, user, |_, about, channels| {
+        match (about.mailbox.as_ref(), make(channels)) {
+            (Some(mailbox), Some(order)) => mailbox.post(order),
+            _ => false,
+        }
+    })
 }
 
 #[cfg(test)]
