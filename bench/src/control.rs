@@ -108,6 +108,11 @@ pub async fn run(paths: &Paths, nodes: usize, count: usize, rpcs: usize, users: 
             format!("{base}/connect"),
         ),
         ("FANOUT_PROXY_RPC_URL".to_string(), format!("{base}/rpc")),
+        // One connection's round trips one after another, not a client's fair share.
+        (
+            "FANOUT_PUBLISH_RATE_PER_SEC".to_string(),
+            "1000000".to_string(),
+        ),
     ];
     let tier = FanoutTier::start_with(paths, nodes, &env).await;
     let urls = tier.ws_urls();

@@ -38,6 +38,9 @@ pub enum Scenario {
     JoinStorm,
     /// A presence count over 100,000 members.
     Presence,
+    /// The app's backend in the loop: connect with the connect hook on against off, rpc
+    /// round trips, one user's 1,000 connections over 3 nodes disconnected at once.
+    Control,
 }
 
 /// What a figure must be.
@@ -282,6 +285,7 @@ impl Suite<'_> {
             Scenario::Storm => self.storm(report).await,
             Scenario::JoinStorm => self.join_storm(report).await,
             Scenario::Presence => self.presence(report).await,
+            Scenario::Control => self.control(report).await,
         }
     }
 
@@ -624,6 +628,39 @@ impl Suite<'_> {
             ],
         );
         report.run("join_storm", j);
+    }
+
+    async fn control(&self, report: &mut Report) {
+        let (connects, rpcs, users) = if self.quick {
+            (200, 500, 100)
+        } else {
+            (2000, 5000, 1000)
+        };
+        println!("control: the connect hook off and on, rpc, a disconnect of {users} connections");
+        let c = crate::control::run(self.paths, 3, connects, rpcs, users).await;
+        report.row(
+            format!("connect, {connects} one after another, hook off → on"),
+            vec![
+                Figure::new("p50 ms", c.connect_ms_p50_on, 2).against("off", c.connect_ms_p50_off),
+                Figure::new("p99 ms", c.connect_ms_p99_on, 2).against("off", c.connect_ms_p99_off),
+                Figure::new("p99 added, ms", c.connect_ms_p99_added, 2).goal(Goal::AtMost(2.0)),
+            ],
+        );
+        report.row(
+            format!("rpc round trip, {rpcs} one after another"),
+            vec![
+                Figure::new("p50 ms", c.rpc_ms_p50, 2),
+                Figure::new("p99 ms", c.rpc_ms_p99, 2),
+            ],
+        );
+        report.row(
+            format!("disconnect of one user's {users} connections over 3 nodes"),
+            vec![
+                Figure::new("API answer, ms", c.disconnect_answer_ms, 1),
+                Figure::new("last closed, ms", c.disconnect_last_closed_ms, 1),
+            ],
+        );
+        report.run("control", c);
     }
 
     async fn presence(&self, report: &mut Report) {

@@ -221,10 +221,14 @@ impl Proxy {
             .expect("a hook request serializes")
             .into();
         let started = Instant::now();
-        let answer = endpoint
-            .poster
-            .call(&[("content-type", "application/json".into())], body)
-            .await;
+        // Boxed: the exchange's state is kilobytes, and every connection's task would
+        // otherwise keep room for it (an rpc, a publish may call a hook) all its life.
+        let answer = Box::pin(
+            endpoint
+                .poster
+                .call(&[("content-type", "application/json".into())], body),
+        )
+        .await;
         histogram!("fanout_ws_proxy_duration_seconds", "hook" => name)
             .record(started.elapsed().as_secs_f64());
         let result = match answer {

@@ -12,6 +12,7 @@ use std::{
     },
 };
 
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 
 use fanout::Channel;
@@ -45,8 +46,9 @@ pub(super) struct Conn {
     pub about: About,
 }
 
-/// One shard of the users' connections.
-type Users = HashMap<Arc<str>, HashSet<ConnId>>;
+/// One shard of the users' connections: most users have one or two (inline, no allocation
+/// of their own); a user with thousands costs a scan of them when one leaves.
+type Users = HashMap<Arc<str>, SmallVec<[ConnId; 1]>>;
 
 /// What server-side control needs to know of a connection.
 #[derive(Debug, Default)]
@@ -149,7 +151,7 @@ impl Conns {
         self.count.fetch_add(1, Ordering::Relaxed);
         let user = conn.about.user.clone();
         self.shard(&id).insert(id, conn);
-        self.user_shard(&user).entry(user).or_default().insert(id);
+        self.user_shard(&user).entry(user).or_default().push(id);
     }
 
     pub(super) fn remove(&self, id: ConnId) -> Option<Conn> {
@@ -157,7 +159,7 @@ impl Conns {
         let user = &conn.about.user;
         let mut users = self.user_shard(user);
         if let Some(conns) = users.get_mut(user) {
-            conns.remove(&id);
+            conns.retain(|c| *c != id);
             if conns.is_empty() {
                 users.remove(user);
             }
@@ -172,7 +174,7 @@ impl Conns {
     pub fn of_user(&self, user: &str) -> Vec<ConnId> {
         self.user_shard(user)
             .get(user)
-            .map(|conns| conns.iter().copied().collect())
+            .map(|conns| conns.to_vec())
             .unwrap_or_default()
     }
 

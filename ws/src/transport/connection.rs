@@ -188,7 +188,9 @@ impl<F: Framing> Connection<F> {
         for channel in &identity.channels {
             mailbox.post(crate::hub::Order::Subscribe(channel.clone()));
         }
-        let about = about::<F>(&identity, Some(mailbox.clone()));
+        let mut about = about::<F>(&identity, Some(mailbox.clone()));
+        // One copy of the user id for both.
+        about.user = profile.user.clone();
         node.hub().add_conn(conn, outbox.clone(), profile, about);
         counter!("fanout_ws_connections_opened_total").increment(1);
         tracing::debug!("connected");
@@ -376,8 +378,10 @@ impl<F: Framing> Connection<F> {
                 _ = async { stall.as_mut().unwrap().1.as_mut().await }, if stall.is_some() => {
                     Err(End::Close(disconnect::FRAME_TIMEOUT))
                 }
+                // Boxed, as the orders below: rare, and their state would otherwise take room
+                // in every connection's task.
                 _ = async { expiry.as_mut().unwrap().await }, if expiry.is_some() => {
-                    self.expired(&mut refreshes).await
+                    Box::pin(self.expired(&mut refreshes)).await
                 }
                 _ = outbox.waiting() => if queued {
                     transport.write_out(&outbox).await
@@ -386,7 +390,7 @@ impl<F: Framing> Connection<F> {
                 },
                 input = transport.input(&outbox) => transport.act(input, self).await,
                 _ = async { mailbox.as_ref().unwrap().ready().await }, if mailbox.is_some() => {
-                    self.obey().await
+                    Box::pin(self.obey()).await
                 }
                 _ = ticker.tick() => match transport.heartbeat(self) {
                     Ok(()) => self.written().await,
