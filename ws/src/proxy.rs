@@ -7,9 +7,9 @@
 //!
 //! A backend that is slow or down is never waited for beyond `FANOUT_PROXY_TIMEOUT_MS`: the
 //! client is told `proxy_timeout` or `proxy_unavailable`. After [`TRIP`] failures in a row a
-//! hook's breaker opens: calls fail at once (`proxy_unavailable`) for [`COOL_DOWN`], then one
-//! call tries the backend again. `/readyz` reports each breaker; the node stays ready (its
-//! clients can still do whatever needs no hook).
+//! hook's breaker opens: calls fail at once (`proxy_unavailable`) for [`COOL_DOWN`], then go to
+//! the backend again, and one more failure opens it again. `/readyz` reports each breaker; the
+//! node stays ready (its clients can still do whatever needs no hook).
 //!
 //! It knows HTTP and the hooks' JSON, not the protocol: the session and the transports say
 //! what to send and act on the answer.

@@ -188,9 +188,8 @@ impl<F: Framing> Connection<F> {
         for channel in &identity.channels {
             mailbox.post(crate::hub::Order::Subscribe(channel.clone()));
         }
-        let mut about = about::<F>(&identity, Some(mailbox.clone()));
         // One copy of the user id for both.
-        about.user = profile.user.clone();
+        let about = about::<F>(profile.user.clone(), &identity, Some(mailbox.clone()));
         node.hub().add_conn(conn, outbox.clone(), profile, about);
         counter!("fanout_ws_connections_opened_total").increment(1);
         tracing::debug!("connected");
@@ -212,8 +211,9 @@ impl<F: Framing> Connection<F> {
         let conn = ConnId::new_v4();
         let kick = Kick::new(node.closing_token().child_token());
         let outbox = Arc::new(Outbox::collecting(framing, kick.clone(), bounds));
+        let user = identity.user.as_str().into();
         node.hub()
-            .add_hidden_conn(conn, outbox.clone(), about::<F>(&identity, None));
+            .add_hidden_conn(conn, outbox.clone(), about::<F>(user, &identity, None));
         let session = Session::new(conn, node.clone(), outbox.clone(), identity);
         Hidden(Connection {
             conn,
@@ -464,10 +464,10 @@ impl<F: Framing> Connection<F> {
     }
 }
 
-/// What server-side control knows of a connection of `identity` over `F`.
-fn about<F: Framing>(identity: &Identity, mailbox: Option<Arc<Mailbox>>) -> About {
+/// What server-side control knows of a connection of `identity` (`user`) over `F`.
+fn about<F: Framing>(user: Arc<str>, identity: &Identity, mailbox: Option<Arc<Mailbox>>) -> About {
     About {
-        user: identity.user.as_str().into(),
+        user,
         transport: F::TRANSPORT,
         since: fanout::time::now_ms(),
         jti: identity.jti.as_deref().map(Into::into),
