@@ -34,6 +34,9 @@ pub const HEADER_VOLATILE: &str = "Fanout-Volatile";
 /// Header naming a volatile event's region (a stored one's is its stream's).
 pub const HEADER_REGION: &str = "Fanout-Region";
 
+/// Header naming the event (a Pusher event's `name`; none for fanout's own publishes).
+pub const HEADER_EVENT: &str = "Fanout-Event";
+
 /// Header marking binary data: `binary` (absent: the payload is JSON).
 pub const HEADER_ENCODING: &str = "Fanout-Encoding";
 /// [`HEADER_ENCODING`]'s value for bytes.
@@ -46,6 +49,8 @@ pub const BINARY: &str = "binary";
 pub struct Data {
     pub bytes: Bytes,
     pub binary: bool,
+    /// The event's name (a Pusher event's), carried in [`HEADER_EVENT`].
+    pub name: Option<std::sync::Arc<str>>,
 }
 
 impl Data {
@@ -54,6 +59,15 @@ impl Data {
         Data {
             bytes: bytes.into(),
             binary: true,
+            name: None,
+        }
+    }
+
+    /// The same data, as the event `name`.
+    pub fn named(self, name: &str) -> Data {
+        Data {
+            name: Some(name.into()),
+            ..self
         }
     }
 }
@@ -64,6 +78,7 @@ impl From<Bytes> for Data {
         Data {
             bytes,
             binary: false,
+            name: None,
         }
     }
 }
@@ -95,6 +110,8 @@ pub struct Envelope {
     pub data: Bytes,
     /// `data` is bytes, not JSON ([`HEADER_ENCODING`]).
     pub binary: bool,
+    /// The event's name, when it has one ([`HEADER_EVENT`]).
+    pub name: Option<String>,
 }
 
 impl Envelope {
@@ -125,6 +142,8 @@ impl Envelope {
             ts: u64,
             #[serde(skip_serializing_if = "Option::is_none")]
             trace: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            name: Option<&'a str>,
             data: Data<'a>,
             #[serde(skip_serializing_if = "Option::is_none")]
             encoding: Option<&'static str>,
@@ -152,6 +171,7 @@ impl Envelope {
             id: &envelope.id,
             ts: envelope.ts,
             trace,
+            name: envelope.name.as_deref(),
             data,
             encoding: envelope.binary.then_some("base64"),
         })

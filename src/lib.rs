@@ -14,6 +14,7 @@
 //!   carries out, and the rules (blocks, revoked tokens, removed histories) that outlive them.
 //! - [`discovery`]: what ws nodes announce about themselves, and the directory of them.
 //! - [`post`]: the HTTP client of calls to the app's backend (webhooks, proxy hooks).
+//! - [`pusher`]: the Pusher protocol's apps and signatures (`FANOUT_PUSHER_APPS`).
 //! - [`presence`]: who is in a channel across nodes: the query, the answers, their parts.
 //! - [`stats`]: the tier's live numbers for operators (`GET /v1/stats`): what each node
 //!   answers and how the API adds them up.
@@ -39,6 +40,7 @@ pub mod post;
 pub mod presence;
 pub mod process;
 pub mod profiling;
+pub mod pusher;
 pub mod secret;
 pub mod shutdown;
 pub mod stats;

@@ -525,10 +525,10 @@ async fn publish_batch(
         .map(|raw| check_event(state.body_limit, &body, raw))
         .collect();
     drop(batch);
-    let outgoing: Vec<(&Channel, Bytes, Option<&str>)> = checked
+    let outgoing: Vec<(&Channel, Data, Option<&str>)> = checked
         .iter()
         .filter_map(|event| event.as_ref().ok())
-        .map(|(channel, data, key)| (channel, data.clone(), key.as_deref()))
+        .map(|(channel, data, key)| (channel, data.clone().into(), key.as_deref()))
         .collect();
     let started = std::time::Instant::now();
     let mut stored = state.bus.log().publish_many(outgoing).await.into_iter();

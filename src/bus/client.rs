@@ -22,7 +22,8 @@ use super::{
 use crate::{
     Channel, Common,
     envelope::{
-        BINARY, Data, HEADER_ENCODING, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE,
+        BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_REGION, HEADER_TS,
+        HEADER_VOLATILE,
     },
     telemetry,
     time::now_ms,
@@ -251,6 +252,7 @@ impl Bus {
         let Data {
             bytes: data,
             binary,
+            name,
         } = data.into();
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected"));
@@ -263,6 +265,9 @@ impl Bus {
         headers.insert(HEADER_VOLATILE, "1");
         if binary {
             headers.insert(HEADER_ENCODING, BINARY);
+        }
+        if let Some(name) = &name {
+            headers.insert(HEADER_EVENT, &**name);
         }
         if let Some(region) = inner.topology.region() {
             headers.insert(HEADER_REGION, &**region);

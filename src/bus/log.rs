@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     Channel, Envelope,
-    envelope::{BINARY, Data, HEADER_ENCODING, HEADER_ID, HEADER_TS},
+    envelope::{BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_TS},
     stats::StreamStats,
     telemetry,
     time::now_ms,
@@ -297,7 +297,7 @@ impl EventLog {
     /// of through async-nats's request per message.
     pub async fn publish_many<'a>(
         &self,
-        events: Vec<(&'a Channel, Bytes, Option<&'a str>)>,
+        events: Vec<(&'a Channel, Data, Option<&'a str>)>,
     ) -> Vec<Result<Published, BusError>> {
         let unavailable = |why| {
             (0..events.len())
@@ -323,14 +323,14 @@ impl EventLog {
             (0..events.len()).map(|_| None).collect();
         let mut waiting = 0;
         for (i, (channel, data, key)) in events.into_iter().enumerate() {
-            let (id, headers, span) = self.headers(channel, key, ts, false);
+            let (id, headers, span) = self.headers(channel, key, ts, &data);
             let reply = batch.reply(i);
             let sent = client
                 .publish_with_reply_and_headers(
                     inner.topology.inbound(channel),
                     reply,
                     headers,
-                    data,
+                    data.bytes,
                 )
                 .await;
             match sent {
@@ -432,14 +432,17 @@ impl EventLog {
         channel: &Channel,
         idempotency_key: Option<&str>,
         ts: u64,
-        binary: bool,
+        data: &Data,
     ) -> (String, HeaderMap, tracing::Span) {
         let id = uuid::Uuid::new_v4().to_string();
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_ID, id.as_str());
         headers.insert(HEADER_TS, ts.to_string().as_str());
-        if binary {
+        if data.binary {
             headers.insert(HEADER_ENCODING, BINARY);
+        }
+        if let Some(name) = &data.name {
+            headers.insert(HEADER_EVENT, &**name);
         }
         // Only a key the publisher gave: JetStream remembers every `Nats-Msg-Id` for the
         // duplicate window, which costs nats-server ~2.5 µs and memory per event (measured
@@ -485,7 +488,7 @@ impl EventLog {
         ts: u64,
     ) -> Result<Pending, BusError> {
         let inner = &self.inner;
-        let (id, headers, span) = self.headers(channel, idempotency_key, ts, data.binary);
+        let (id, headers, span) = self.headers(channel, idempotency_key, ts, &data);
         let data = data.bytes;
         let subject = inner.topology.inbound(channel);
         let publish = inner.js.publish_with_headers(subject, headers, data);

@@ -8,7 +8,8 @@ use super::{error::DecodeError, topology::Topology};
 use crate::{
     Channel,
     envelope::{
-        BINARY, Envelope, HEADER_ENCODING, HEADER_ID, HEADER_REGION, HEADER_TS, HEADER_VOLATILE,
+        BINARY, Envelope, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_REGION, HEADER_TS,
+        HEADER_VOLATILE,
     },
     time::now_ms,
 };
@@ -118,5 +119,6 @@ pub(super) fn envelope(
         tracestate: header("tracestate").map(String::from),
         data,
         binary: header(HEADER_ENCODING) == Some(BINARY),
+        name: header(HEADER_EVENT).map(String::from),
     }
 }

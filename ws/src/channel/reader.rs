@@ -462,6 +462,7 @@ mod tests {
             tracestate: None,
             data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
             binary: false,
+            name: None,
         };
         let frame = encode(&envelope, false).unwrap();
         assert_eq!(

@@ -1,0 +1,265 @@
+//! The Pusher protocol's apps and signatures, as both front doors need them: the apps
+//! (`FANOUT_PUSHER_APPS`: `app_id:key:secret[:prefix]`, comma-separated), the signature of a
+//! request to the HTTP API (Pusher's "auth_signature": HMAC-SHA256 of the method, the path
+//! and the sorted query, with the body's MD5), and the signature of a private or presence
+//! channel's subscription (`key:HMAC-SHA256(secret, "socket_id:channel[:channel_data]")`).
+//!
+//! It knows nothing of HTTP servers or sockets: callers hand it strings.
+
+use md5::{Digest, Md5};
+use ring::hmac;
+
+use crate::ConfigError;
+
+/// How far a request's `auth_timestamp` may be from now (Pusher's rule), seconds.
+pub const MAX_SKEW_SECS: u64 = 600;
+
+/// One Pusher app.
+#[derive(Clone, PartialEq, Eq)]
+pub struct App {
+    pub id: String,
+    pub key: String,
+    secret: String,
+    /// What its channels are called in fanout: the prefix, then the Pusher name (none by
+    /// default: a Pusher client and a fanout client share the channel).
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("secret", &"********")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// Reads `FANOUT_PUSHER_APPS`: `app_id:key:secret[:prefix]`, comma-separated; ids and keys
+/// unique.
+pub fn apps(setting: &str) -> Result<Vec<App>, ConfigError> {
+    let invalid = |why: String| ConfigError::invalid("pusher_apps", why);
+    let mut apps: Vec<App> = Vec::new();
+    for entry in crate::config::list(setting) {
+        let parts: Vec<&str> = entry.split(':').collect();
+        let (id, key, secret, prefix) = match parts[..] {
+            [id, key, secret] => (id, key, secret, ""),
+            [id, key, secret, prefix] => (id, key, secret, prefix),
+            _ => {
+                return Err(invalid(
+                    "each app is app_id:key:secret or app_id:key:secret:prefix".into(),
+                ));
+            }
+        };
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !word(id) || !word(key) || secret.len() < 8 {
+            return Err(invalid(format!(
+                "app {id:?}: the id and key are letters, digits, '-', '_' or '.'; the secret \
+                 at least 8 characters"
+            )));
+        }
+        if apps.iter().any(|a| a.id == id || a.key == key) {
+            return Err(invalid(format!(
+                "app {id:?}: two apps share an id or a key"
+            )));
+        }
+        apps.push(App {
+            id: id.into(),
+            key: key.into(),
+            secret: secret.into(),
+            prefix: prefix.into(),
+        });
+    }
+    Ok(apps)
+}
+
+fn sign(secret: &str, text: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    hex(hmac::sign(&key, text.as_bytes()).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The MD5 of a body, hex, as `body_md5` carries it.
+pub fn body_md5(body: &[u8]) -> String {
+    hex(&Md5::digest(body))
+}
+
+/// Why a request's signature does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("auth_key does not name this app")]
+    UnknownKey,
+    #[error("auth_version must be 1.0")]
+    Version,
+    #[error(
+        "timestamp expired: given timestamp ({given}) not within {MAX_SKEW_SECS}s of server time ({now})"
+    )]
+    Stale { given: u64, now: u64 },
+    #[error("body_md5 does not match the body")]
+    BodyMd5,
+    #[error("invalid signature: the string to sign was {0:?}")]
+    Signature(String),
+}
+
+impl App {
+    /// The signature of a private or presence channel's subscription by `socket_id`:
+    /// `key:hex(HMAC-SHA256(secret, "socket_id:channel[:channel_data]"))`.
+    pub fn channel_auth(
+        &self,
+        socket_id: &str,
+        channel: &str,
+        channel_data: Option<&str>,
+    ) -> String {
+        let mut text = format!("{socket_id}:{channel}");
+        if let Some(data) = channel_data {
+            text.push(':');
+            text.push_str(data);
+        }
+        format!("{}:{}", self.key, sign(&self.secret, &text))
+    }
+
+    /// Whether `auth` is the signature of that subscription (compared in constant time).
+    pub fn verify_channel_auth(
+        &self,
+        auth: &str,
+        socket_id: &str,
+        channel: &str,
+        channel_data: Option<&str>,
+    ) -> bool {
+        let expected = self.channel_auth(socket_id, channel, channel_data);
+        crate::secret::same(expected.as_bytes(), auth.as_bytes())
+    }
+
+    /// Checks a request to the HTTP API: `method` and `path` as sent, `query` its
+    /// parameters (decoded), `body` (empty for a GET), at `now` (unix seconds).
+    pub fn verify_request(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(String, String)],
+        body: &[u8],
+        now: u64,
+    ) -> Result<(), SignatureError> {
+        let get = |name: &'static str| {
+            query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .ok_or(SignatureError::Missing(name))
+        };
+        if get("auth_key")? != self.key {
+            return Err(SignatureError::UnknownKey);
+        }
+        if get("auth_version")? != "1.0" {
+            return Err(SignatureError::Version);
+        }
+        let given: u64 = get("auth_timestamp")?
+            .parse()
+            .map_err(|_| SignatureError::Missing("auth_timestamp"))?;
+        if given.abs_diff(now) > MAX_SKEW_SECS {
+            return Err(SignatureError::Stale { given, now });
+        }
+        if !body.is_empty() && get("body_md5")? != body_md5(body) {
+            return Err(SignatureError::BodyMd5);
+        }
+        let signature = get("auth_signature")?;
+        let mut params: Vec<(String, &str)> = query
+            .iter()
+            .filter(|(k, _)| k != "auth_signature")
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        params.sort();
+        let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let text = format!(
+            "{}\n{path}\n{}",
+            method.to_ascii_uppercase(),
+            query.join("&")
+        );
+        let expected = sign(&self.secret, &text);
+        match crate::secret::same(expected.as_bytes(), signature.as_bytes()) {
+            true => Ok(()),
+            false => Err(SignatureError::Signature(text)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        apps("3:278d425bdf160c739803:7ad3773142a6692b25b8")
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn apps_are_read_and_refused_with_the_setting_named() {
+        let apps = apps("1:k1:secret-one, 2:k2:secret-two:pusher.").unwrap();
+        assert_eq!(apps[1].prefix, "pusher.");
+        assert!(format!("{:?}", apps[0]).contains("********"));
+        for bad in [
+            "1:k1",
+            "1:k1:short",
+            "1:k1:secret-one,1:k2:secret-two",
+            "a b:k:secret-one",
+        ] {
+            let err = super::apps(bad).unwrap_err().to_string();
+            assert!(err.contains("pusher_apps"), "{bad}: {err}");
+        }
+    }
+
+    /// Pusher's documentation's examples ("Generating authentication signatures", "Private
+    /// channels").
+    #[test]
+    fn signatures_are_pushers() {
+        let app = app();
+        assert_eq!(
+            app.channel_auth("1234.1234", "private-foobar", None),
+            "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"
+        );
+        let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        assert_eq!(body_md5(body), "ec365a775a4cd0599faeb73354201b6f");
+        let mut query: Vec<(String, String)> = [
+            ("auth_key", "278d425bdf160c739803"),
+            ("auth_timestamp", "1353088179"),
+            ("auth_version", "1.0"),
+            ("body_md5", "ec365a775a4cd0599faeb73354201b6f"),
+            (
+                "auth_signature",
+                "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c",
+            ),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(
+            app.verify_request("POST", "/apps/3/events", &query, body, 1353088179),
+            Ok(())
+        );
+        assert!(matches!(
+            app.verify_request("POST", "/apps/3/events", &query, body, 1353088179 + 601),
+            Err(SignatureError::Stale { .. })
+        ));
+        assert_eq!(
+            app.verify_request("POST", "/apps/3/events", &query, b"{}", 1353088179),
+            Err(SignatureError::BodyMd5)
+        );
+        query[4].1 = "00".repeat(32);
+        assert!(matches!(
+            app.verify_request("POST", "/apps/3/events", &query, body, 1353088179),
+            Err(SignatureError::Signature(_))
+        ));
+    }
+}
