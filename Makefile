@@ -56,6 +56,12 @@ TSC := $(TOOLS)/npm/node_modules/.bin/tsc
 $(TSC):
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm typescript@$(TYPESCRIPT_VERSION)
 
+# The Pusher protocol's tests use the ecosystem's own code from npm: Pusher's server library,
+# pusher-js and Laravel Echo, installed into .tools/npm.
+PUSHER_NPM := $(TOOLS)/npm/node_modules/pusher/package.json
+$(PUSHER_NPM):
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm pusher@5.3 pusher-js@8.6 laravel-echo@2.5
+
 # promtool (Debian's prometheus package) checks /metrics, the alerts and the dashboard's queries.
 promtool:
 	@if ! command -v promtool >/dev/null; then \
@@ -87,7 +93,7 @@ images: $(NATS_SERVER) docker
 
 # Unit and integration tests: fanout.js under node's test runner, then the Rust tests. The
 # integration tests start real nats-server processes and the built binaries, so build those first.
-test: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
+test: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) $(PUSHER_NPM) promtool
 	node --test clients/js/test/
 	cargo build --workspace --bins
 	cargo test --workspace
@@ -95,7 +101,7 @@ test: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
 # Each test file alone (a module of tests/integration/, or a binary of tests/), RUNS times
 # (default 5; FILES="faults browser" for some); STRESS=1 keeps both cores busy with stress-ng
 # meanwhile. Deterministic tests pass every run (make test-alone STRESS=1).
-test-alone: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) promtool
+test-alone: $(NATS_SERVER) browser docker $(PY_TOOLS) $(VENV_TOOLS) $(TSC) $(PUSHER_NPM) promtool
 	RUNS=$(RUNS) STRESS=$(STRESS) ./scripts/test-alone.sh $(FILES)
 
 RUNS   ?= 5

@@ -415,6 +415,9 @@ pub struct Common {
     /// How long a vacated channel or a removed member waits for a comeback
     /// (`FANOUT_WEBHOOK_DEBOUNCE_MS`).
     pub webhook_debounce_ms: u64,
+    /// The Pusher protocol's apps (`FANOUT_PUSHER_APPS`: `app_id:key:secret[:prefix]`,
+    /// comma-separated; empty: off). A secret: masked wherever settings are shown.
+    pub pusher_apps: crate::secret::Secret,
 }
 
 impl Default for Common {
@@ -441,6 +444,7 @@ impl Default for Common {
             webhook_url: String::new(),
             webhook_client_events: List::default(),
             webhook_debounce_ms: 3000,
+            pusher_apps: crate::secret::Secret::default(),
         }
     }
 }
@@ -528,6 +532,7 @@ impl Common {
             ));
         }
         self.validate_regions()?;
+        crate::pusher::apps(self.pusher_apps.expose())?;
         if self.nats_tls_cert.is_empty() != self.nats_tls_key.is_empty() {
             return Err(ConfigError::invalid(
                 "nats_tls_cert",

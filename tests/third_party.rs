@@ -52,3 +52,72 @@ async fn python_websockets_does_the_whole_protocol() {
 async fn python_msgpack_speaks_the_binary_subprotocol() {
     python("msgpack_client.py", "msgpack").await;
 }
+
+/// Pusher's own server library (npm `pusher`, `make test` installs it into .tools/npm)
+/// publishes through fanout's Pusher API, signed as it signs; a fanout client on the channel
+/// gets each event with its name; a wrong secret and an unknown app are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushers_server_library_publishes_to_fanout_clients() {
+    let nats = NatsServer::start();
+    let api = start_api_with(&nats, |c| {
+        c.common.pusher_apps = "42:app-key:app-secret-1234".into();
+    })
+    .await;
+    let node = start_ws(&nats, "ws-1", |_| {}).await;
+    let mut client = Client::connect(&node).await;
+    client.subscribe("orders").await;
+    let npm = workspace().join(".tools/npm");
+    assert!(
+        npm.join("node_modules/pusher").exists(),
+        "{} has no pusher: `make test` installs it",
+        npm.display()
+    );
+    let script = workspace().join("tests/clients/pusher_server.mjs");
+    let base = format!("http://{}", api.addr);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(&script)
+            .args([base.as_str(), "42", "app-key", "app-secret-1234"])
+            .env("NPM_PREFIX", &npm)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for step in ["trigger", "many", "batch", "channels", "channel"] {
+        assert_eq!(seen[step]["status"], 200, "{step}: {seen}");
+    }
+    assert_eq!(
+        seen["channels"]["body"],
+        serde_json::json!({"channels": {"orders": {}}})
+    );
+    assert_eq!(
+        seen["channel"]["body"],
+        serde_json::json!({"occupied": true, "subscription_count": 1})
+    );
+    assert_eq!(seen["wrongSecret"]["status"], 401, "{seen}");
+    assert_eq!(seen["unknownApp"]["status"], 404, "{seen}");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let event = client.event().await;
+        got.push((event["name"].clone(), event["data"].clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            (
+                serde_json::json!("order-placed"),
+                serde_json::json!("{\"id\":1}")
+            ),
+            (serde_json::json!("note"), serde_json::json!("plain text")),
+            (serde_json::json!("batched"), serde_json::json!("{\"n\":2}")),
+        ]
+    );
+}

@@ -5,6 +5,7 @@
 //! - [`config`]: this binary's settings.
 //! - [`error`]: [`ApiError`], the one JSON error answer.
 //! - [`routes`]: the HTTP endpoints.
+//! - [`pusher`]: the Pusher protocol's HTTP API, for Pusher's server libraries.
 //! - [`control`]: server-side control of users and connections, and the history API.
 //! - [`web`]: the demo page and the JavaScript client, compiled in.
 //!
@@ -13,6 +14,7 @@
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod pusher;
 pub mod routes;
 pub mod web;
 pub mod webhooks;
@@ -107,7 +109,7 @@ pub async fn run(
     if let Some(webhooks) = webhooks {
         webhooks::start(webhooks, state.directory(), shutdown.clone());
     }
-    let app = routes::router(state, control::router());
+    let app = routes::router(state, control::router().merge(pusher::router()));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

@@ -78,6 +78,8 @@ pub struct Shared {
     /// Lifecycle webhooks (`FANOUT_WEBHOOK_URL`), when on.
     webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
     history_max_age_secs: u64,
+    /// The Pusher protocol's apps (`FANOUT_PUSHER_APPS`).
+    pusher_apps: Vec<fanout::pusher::App>,
 }
 
 impl AppState {
@@ -104,12 +106,19 @@ impl AppState {
             intake: std::sync::Mutex::default(),
             webhooks,
             history_max_age_secs: config.common.history_max_age_secs,
+            pusher_apps: fanout::pusher::apps(config.common.pusher_apps.expose())
+                .unwrap_or_default(),
         }))
     }
 
     /// The NATS bus.
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// The Pusher protocol's apps (validated with the settings).
+    pub fn pusher_apps(&self) -> &[fanout::pusher::App] {
+        &self.pusher_apps
     }
 
     /// How long the stream keeps an event (`FANOUT_HISTORY_MAX_AGE_SECS`).
