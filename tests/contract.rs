@@ -28,10 +28,13 @@ struct Live {
 
 async fn live() -> Live {
     let nats = NatsServer::start();
-    let api = Process::start(
-        "fanout-api",
-        &ws_process_env(&nats.url(), "contract-api", 0),
-    );
+    let mut env = ws_process_env(&nats.url(), "contract-api", 0);
+    // A Pusher app, so that its endpoints answer (unsigned requests: 401).
+    env.push((
+        "FANOUT_PUSHER_APPS",
+        "42:contract-key:contract-secret".into(),
+    ));
+    let api = Process::start("fanout-api", &env);
     let ws = Process::start("fanout-ws", &ws_process_env(&nats.url(), "contract-ws", 0));
     let (api_server, ws_server) = (api.server(), ws.server());
     wait_ready(&api_server).await;
@@ -106,6 +109,9 @@ fn concrete(template: &str) -> String {
         .replace("{channel}", "orders")
         .replace("{conn}", "c0ffee")
         .replace("{user}", "ada")
+        .replace("{app_id}", "42")
+        .replace("{name}", "orders")
+        .replace("{user_id}", "ada")
 }
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -144,7 +150,12 @@ async fn every_route_is_documented_and_every_documented_operation_exists() {
         (
             "api",
             &live.api,
-            &["api/src/routes.rs", "api/src/web.rs", "api/src/control.rs"][..],
+            &[
+                "api/src/routes.rs",
+                "api/src/web.rs",
+                "api/src/control.rs",
+                "api/src/pusher.rs",
+            ][..],
         ),
         ("ws", &live.ws, &["ws/src/transport/mod.rs"][..]),
     ];
