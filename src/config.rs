@@ -532,7 +532,8 @@ impl Common {
             ));
         }
         self.validate_regions()?;
-        crate::pusher::apps(self.pusher_apps.expose())?;
+        crate::pusher::apps(self.pusher_apps.expose())
+            .map_err(|why| ConfigError::invalid("pusher_apps", why))?;
         if self.nats_tls_cert.is_empty() != self.nats_tls_key.is_empty() {
             return Err(ConfigError::invalid(
                 "nats_tls_cert",

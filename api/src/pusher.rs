@@ -20,7 +20,10 @@ use std::collections::BTreeMap;
 
 use axum::{
     Json, Router,
-    extract::{Path, RawQuery, State, rejection::BytesRejection},
+    extract::{
+        Path, RawQuery, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{Method, StatusCode, Uri},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -55,6 +58,12 @@ pub fn router() -> Router<AppState> {
             "/apps/{app_id}/users/{user_id}/terminate_connections",
             post(terminate),
         )
+}
+
+/// A path's parts, or the JSON error of a path that cannot be read.
+fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(parts)| parts)
+        .map_err(|e| bad(Code::InvalidRequest, e.body_text()))
 }
 
 fn bad(code: Code, message: impl Into<String>) -> ApiError {
@@ -140,12 +149,8 @@ struct Event {
     channel: Option<String>,
     #[serde(default)]
     channels: Option<Vec<String>>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    socket_id: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    info: Option<String>,
+    // `socket_id` (leave out that connection) and `info` are taken, and not acted on yet:
+    // unknown fields are ignored.
 }
 
 impl Event {
@@ -180,12 +185,13 @@ impl Event {
 
 async fn events(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
+    app_id: Result<Path<String>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let app_id = path_of(app_id)?;
     let signed = signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
     let event: Event = json_of(&signed.body)?;
     let (channels, data) = event.checked(&signed)?;
@@ -204,12 +210,13 @@ struct Batch {
 
 async fn batch_events(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
+    app_id: Result<Path<String>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let app_id = path_of(app_id)?;
     let signed = signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
     let batch: Batch = json_of(&signed.body)?;
     if batch.batch.len() > MAX_BATCH {
@@ -245,11 +252,12 @@ async fn store(
 
 async fn channels(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
+    app_id: Result<Path<String>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let app_id = path_of(app_id)?;
     let signed = signed(
         &state,
         &app_id,
@@ -290,11 +298,12 @@ async fn channels(
 
 async fn channel(
     State(state): State<AppState>,
-    Path((app_id, name)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let (app_id, name) = path_of(path)?;
     let signed = signed(
         &state,
         &app_id,
@@ -315,24 +324,19 @@ async fn channel(
         answer["subscription_count"] = json!(presence.count);
     }
     if info.split(',').any(|i| i == "user_count") {
-        let users: std::collections::BTreeSet<&str> = presence
-            .members
-            .iter()
-            .flatten()
-            .map(|m| m.user.as_str())
-            .collect();
-        answer["user_count"] = json!(users.len());
+        answer["user_count"] = json!(users_of(&presence).len());
     }
     Ok(Json(answer).into_response())
 }
 
 async fn users(
     State(state): State<AppState>,
-    Path((app_id, name)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let (app_id, name) = path_of(path)?;
     let signed = signed(
         &state,
         &app_id,
@@ -353,24 +357,32 @@ async fn users(
         .rpc()
         .presence(&channel, false, &state.directory())
         .await?;
-    let users: std::collections::BTreeSet<&str> = presence
+    let users: Vec<Value> = users_of(&presence)
+        .into_iter()
+        .map(|id| json!({"id": id}))
+        .collect();
+    Ok(Json(json!({"users": users})).into_response())
+}
+
+/// A presence answer's users, each once (a user may have several connections).
+fn users_of(presence: &fanout::presence::Presence) -> std::collections::BTreeSet<&str> {
+    presence
         .members
         .iter()
         .flatten()
         .map(|m| m.user.as_str())
-        .collect();
-    let users: Vec<Value> = users.into_iter().map(|id| json!({"id": id})).collect();
-    Ok(Json(json!({"users": users})).into_response())
+        .collect()
 }
 
 async fn terminate(
     State(state): State<AppState>,
-    Path((app_id, user)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let (app_id, user) = path_of(path)?;
     signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
     let command = Command::Disconnect {
         user,

@@ -314,6 +314,21 @@ pub async fn publish_json(api: &Server, channel: &str, data: &Value) -> Value {
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Tries a WebSocket upgrade that must be refused: the HTTP status and JSON body.
+pub async fn refused(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> (u16, Value) {
+    match within("a refusal", tokio_tungstenite::connect_async(request)).await {
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response.body().clone().unwrap_or_default();
+            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
 /// A WebSocket client that speaks fanout's JSON protocol.
 ///
 /// The protocol orders the events of one channel, and puts `subscribed` before the frames of

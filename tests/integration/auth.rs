@@ -27,20 +27,6 @@ fn hs256(claims: Value) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
 }
-
-/// Tries a WebSocket upgrade; on refusal returns the HTTP status and JSON body.
-async fn refused(url: &str) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(url).await {
-        Ok(_) => panic!("{url} was accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let body = response.body().clone().unwrap_or_default();
-            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-    }
-}
-
 async fn jwt_node(nats: &NatsServer, tweak: impl FnOnce(&mut fanout_ws::Config)) -> Server {
     start_ws(nats, "ws-1", |c| {
         c.auth = fanout_ws::config::AuthMode::Jwt;

@@ -86,20 +86,6 @@ async fn until_listed(api: &Server, user: &str, count: usize) {
 async fn ws(node: &Server, user: &str) -> Client {
     Client::connect_url(&format!("{}?user={user}", node.ws_url())).await
 }
-
-/// Tries a WebSocket upgrade that must be refused: the HTTP status and JSON body.
-async fn refused(url: &str) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(url).await {
-        Ok(_) => panic!("{url} was accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let body = response.body().clone().unwrap_or_default();
-            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_reaches_every_connection_of_the_user_on_every_node_and_transport() {
     let tier = Tier::start(3).await;

@@ -151,20 +151,6 @@ pub(crate) fn hooks(base: &str) -> impl Fn(&mut fanout_ws::Config) + '_ {
         c.proxy_headers = "X-App, cookie".into();
     }
 }
-
-/// A WebSocket connect that must be refused: status and JSON body.
-async fn refused(request: impl IntoClientRequest + Unpin) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => panic!("accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let body = response.body().clone().unwrap_or_default();
-            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-    }
-}
-
 async fn readyz(node: &Server) -> Value {
     reqwest::get(node.url("/readyz"))
         .await

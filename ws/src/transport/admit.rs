@@ -96,10 +96,9 @@ pub(crate) async fn admit(
     let identity = if node.proxy().has(Hook::Connect) {
         connect_hook(node, peer, headers, token, user, transport).await?
     } else {
-        node.verifier().identify(token, user).map_err(|err| {
-            counter!("fanout_ws_auth_failures_total", "code" => err.code.as_str()).increment(1);
-            Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
-        })?
+        node.verifier()
+            .identify(token, user)
+            .map_err(unauthorized)?
     };
     if let Some(refused) = node.rules().refuses(&identity) {
         counter!("fanout_ws_auth_failures_total", "code" => refused.code.as_str()).increment(1);
@@ -123,6 +122,12 @@ pub(crate) async fn admit(
     Ok(Admitted { identity, permit })
 }
 
+/// The refusal of who the client says it is (401), counted.
+fn unauthorized(err: crate::auth::AuthError) -> Refusal {
+    counter!("fanout_ws_auth_failures_total", "code" => err.code.as_str()).increment(1);
+    Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
+}
+
 /// Who the connect hook says the client is. A token, when there is one, is checked first
 /// (and names the user); without one the hook must name the user. Without a token such an
 /// identity may subscribe to any channel that is not fanout's own, and publish only where the
@@ -138,10 +143,7 @@ async fn connect_hook(
     let token = token.filter(|t| !t.is_empty());
     let verified = match (node.verifier(), token) {
         (Verifier::Jwt { .. }, None) => None,
-        (verifier, token) => Some(verifier.identify(token, user).map_err(|err| {
-            counter!("fanout_ws_auth_failures_total", "code" => err.code.as_str()).increment(1);
-            Refusal::new(StatusCode::UNAUTHORIZED, err.code, err.message)
-        })?),
+        (verifier, token) => Some(verifier.identify(token, user).map_err(unauthorized)?),
     };
     let named = match (&verified, token, user) {
         (Some(identity), Some(_), _) => Some(identity.user.as_str()),
