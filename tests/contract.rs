@@ -35,7 +35,12 @@ async fn live() -> Live {
         "42:contract-key:contract-secret".into(),
     ));
     let api = Process::start("fanout-api", &env);
-    let ws = Process::start("fanout-ws", &ws_process_env(&nats.url(), "contract-ws", 0));
+    let mut env = ws_process_env(&nats.url(), "contract-ws", 0);
+    env.push((
+        "FANOUT_PUSHER_APPS",
+        "42:contract-key:contract-secret".into(),
+    ));
+    let ws = Process::start("fanout-ws", &env);
     let (api_server, ws_server) = (api.server(), ws.server());
     wait_ready(&api_server).await;
     wait_ready(&ws_server).await;
@@ -112,6 +117,7 @@ fn concrete(template: &str) -> String {
         .replace("{app_id}", "42")
         .replace("{name}", "orders")
         .replace("{user_id}", "ada")
+        .replace("{key}", "contract-key")
 }
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];

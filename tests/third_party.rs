@@ -121,3 +121,42 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
         ]
     );
 }
+
+/// pusher-js (npm, its Node build) on a fanout node's Pusher endpoint: connected, a public
+/// and a private channel (signed by Pusher's own server library), events published through
+/// fanout's Pusher API received with their names and data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_receives_what_pushers_server_library_publishes() {
+    let nats = NatsServer::start();
+    let apps = "42:app-key:app-secret-1234";
+    let api = start_api_with(&nats, |c| c.common.pusher_apps = apps.into()).await;
+    let node = start_ws(&nats, "ws-1", |c| c.common.pusher_apps = apps.into()).await;
+    let npm = workspace().join(".tools/npm");
+    let script = workspace().join("tests/clients/pusher_js.mjs");
+    let (ws, base) = (node.addr.to_string(), format!("http://{}", api.addr));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(&script)
+            .args([
+                ws.as_str(),
+                base.as_str(),
+                "42",
+                "app-key",
+                "app-secret-1234",
+            ])
+            .env("NPM_PREFIX", &npm)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    assert!(seen.get("error").is_none(), "{seen}");
+    assert_eq!(
+        seen["events"],
+        serde_json::json!([{"id": 1}, "psst"]),
+        "{seen}"
+    );
+}

@@ -90,6 +90,8 @@ pub struct Node {
     rules: Arc<control::Rules>,
     /// The app's proxy hooks.
     proxy: crate::proxy::Proxy,
+    /// The Pusher protocol's apps (`FANOUT_PUSHER_APPS`).
+    pusher_apps: Vec<fanout::pusher::App>,
 }
 
 impl Node {
@@ -138,6 +140,8 @@ impl Node {
         let config_budget = config.max_buffered_bytes;
         let proxy = crate::proxy::Proxy::from_config(&config)
             .expect("the proxy settings were validated with the rest");
+        let pusher_apps =
+            fanout::pusher::apps(config.common.pusher_apps.expose()).unwrap_or_default();
         let node = Arc::new(Node {
             config,
             hub: hub.clone(),
@@ -160,6 +164,7 @@ impl Node {
             lifecycle,
             rules: rules.clone(),
             proxy,
+            pusher_apps,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -361,6 +366,11 @@ impl Node {
             && self.canary.is_ok()
             && self.rules.is_loaded()
             && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// The Pusher protocol's apps.
+    pub fn pusher_apps(&self) -> &[fanout::pusher::App] {
+        &self.pusher_apps
     }
 
     /// The app's proxy hooks.

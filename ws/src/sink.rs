@@ -98,7 +98,7 @@ pub struct Delivery {
 /// one slot per transport whose connections all write the same bytes for a frame
 /// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
 /// frame, WebSocket's MessagePack binary frame, WebTransport's length-prefixed MessagePack).
-pub const SLOTS: usize = 5;
+pub const SLOTS: usize = 6;
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that

@@ -25,6 +25,7 @@ pub mod frame;
 pub mod http;
 pub mod http_session;
 pub mod poll;
+pub mod pusher;
 pub mod sse;
 pub mod websocket;
 pub mod webtransport;
@@ -100,6 +101,7 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new()
         .route("/ws", get(websocket::upgrade))
+        .route("/app/{key}", get(pusher::upgrade))
         .route("/sse", get(sse::stream))
         .route("/poll", get(poll::poll))
         .route("/session/{conn}", post(http_session::request))

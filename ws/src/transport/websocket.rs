@@ -144,25 +144,25 @@ fn encode(opcode: u8, payload: &[u8]) -> Bytes {
 }
 
 /// A text frame.
-fn text(payload: &str) -> Bytes {
+pub(crate) fn text(payload: &str) -> Bytes {
     encode(OP_TEXT, payload.as_bytes())
 }
 
 /// A text frame of `payload`, UTF-8 already (the node's own JSON).
-fn text_bytes(payload: &[u8]) -> Bytes {
+pub(crate) fn text_bytes(payload: &[u8]) -> Bytes {
     encode(OP_TEXT, payload)
 }
 
-fn ping() -> Bytes {
+pub(crate) fn ping() -> Bytes {
     encode(OP_PING, &[])
 }
 
-fn pong(payload: &[u8]) -> Bytes {
+pub(crate) fn pong(payload: &[u8]) -> Bytes {
     encode(OP_PONG, &payload[..payload.len().min(125)])
 }
 
 /// A close frame with `code` and `reason` (cut to fit the 125-byte control frame limit).
-fn close(code: u16, reason: &str) -> Bytes {
+pub(crate) fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = code.to_be_bytes().to_vec();
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
@@ -441,7 +441,7 @@ impl<C: Codec> Transport for Frames<C> {
 /// Reads what the socket has into the decoder, through a buffer on the stack: an idle
 /// connection keeps no read buffer (a 4 KiB one per connection, reserved for a read that
 /// found nothing, was half of an idle connection's memory).
-fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
+pub(crate) fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
     let mut chunk = [0u8; READ_CHUNK];
     let n = stream.try_read(&mut chunk)?;
     decoder.buf.extend_from_slice(&chunk[..n]);
