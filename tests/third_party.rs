@@ -124,7 +124,8 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
 
 /// pusher-js (npm, its Node build) on a fanout node's Pusher endpoint: connected, a public
 /// and a private channel (signed by Pusher's own server library), events published through
-/// fanout's Pusher API received with their names and data.
+/// fanout's Pusher API received with their names and data; a presence channel's members
+/// across two clients, added and removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pusher_js_receives_what_pushers_server_library_publishes() {
     let nats = NatsServer::start();

@@ -47,6 +47,16 @@ impl Session {
         subscribe::join(self, channel, false, info, resume, announce).await
     }
 
+    /// Joins `channel` with its presence changes, as a member with `info` in it (a Pusher
+    /// presence channel's member: its `user_id` and `user_info`, signed by the app).
+    pub async fn join_as(
+        &self,
+        channel: &Channel,
+        info: Box<serde_json::value::RawValue>,
+    ) -> Result<(), JoinError> {
+        subscribe::join(self, channel, true, Some(info), None, |_| {}).await
+    }
+
     /// Acts on one request (the JSON text of one protocol message) and sends its reply to
     /// `to`. A resuming `subscribe` sends its reply, then writes the replayed events, ahead of
     /// the live events it held back meanwhile.

@@ -1,6 +1,8 @@
 //! The Pusher protocol as a dialect over the WebSocket transport (`GET /app/{key}`), for
-//! pusher-js and Laravel Echo. WORK IN PROGRESS (issue 29): public and private channels,
-//! events, pings; presence, client events and `socket_id` exclusion are not there yet.
+//! pusher-js and Laravel Echo. WORK IN PROGRESS (issue 29): public, private and presence
+//! channels (members across nodes: the member's info is Pusher's `{user_id, user_info}`, as
+//! the app signed it), events, pings; client events and `socket_id` exclusion are not there
+//! yet, and members are added and removed per connection, not per user.
 //!
 //! Its requests are translated into the session's (a `pusher:subscribe` is a `subscribe`,
 //! once a private channel's signature holds), and what the node sends is framed Pusher's way:
@@ -79,6 +81,22 @@ fn translate(json: &[u8]) -> Option<String> {
             return Some(
                 json!({"event": "pusher:connection_established", "data": data.to_string()})
                     .to_string(),
+            );
+        }
+        op @ ("join" | "leave") => {
+            // A presence channel's member: its info is Pusher's `{user_id, user_info}`.
+            let info = &frame["info"];
+            let user_id = info.get("user_id")?;
+            let data = match op {
+                "join" => json!({"user_id": user_id, "user_info": info["user_info"]}),
+                _ => json!({"user_id": user_id}),
+            };
+            let event = match op {
+                "join" => "pusher_internal:member_added",
+                _ => "pusher_internal:member_removed",
+            };
+            return Some(
+                json!({"event": event, "channel": channel, "data": data.to_string()}).to_string(),
             );
         }
         "subscribed" => "pusher_internal:subscription_succeeded",
@@ -190,6 +208,69 @@ struct PusherFrames {
 }
 
 impl PusherFrames {
+    /// A presence channel's subscription: the member's info from its signed `channel_data`,
+    /// if the message is one.
+    fn presence(&self, text: &str) -> Option<(String, Value)> {
+        let message: Value = serde_json::from_str(text).ok()?;
+        if message["event"] != "pusher:subscribe" {
+            return None;
+        }
+        let data = match &message["data"] {
+            Value::String(s) => serde_json::from_str(s).ok()?,
+            other => other.clone(),
+        };
+        let channel = data["channel"].as_str()?;
+        if !channel.starts_with("presence-") {
+            return None;
+        }
+        let channel_data: Value = serde_json::from_str(data["channel_data"].as_str()?).ok()?;
+        let user_id = match &channel_data["user_id"] {
+            Value::String(id) => id.clone(),
+            Value::Number(id) => id.to_string(),
+            _ => return None,
+        };
+        let info = json!({"user_id": user_id, "user_info": channel_data["user_info"]});
+        Some((channel.to_string(), info))
+    }
+
+    /// Joins a presence channel as the member the app signed, then answers with every member
+    /// across the nodes (Pusher's `{"presence":{"ids","hash","count"}}`).
+    async fn join_presence(
+        &self,
+        conn: &mut Connection<WebSocketPusher>,
+        name: &str,
+        info: Value,
+    ) -> Result<(), String> {
+        let channel = fanout::Channel::parse(&format!("{}{name}", self.app.prefix))
+            .map_err(|e| e.to_string())?;
+        let raw = serde_json::value::to_raw_value(&info).map_err(|e| e.to_string())?;
+        Box::pin(conn.session.join_as(&channel, raw))
+            .await
+            .map_err(|e| e.to_string())?;
+        let members = Box::pin(conn.node.presence(&channel, false))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut hash = serde_json::Map::new();
+        for member in members.members.into_iter().flatten() {
+            let Some(info) = member
+                .info
+                .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+            else {
+                continue;
+            };
+            if let Some(id) = info["user_id"].as_str() {
+                hash.insert(id.to_string(), info["user_info"].clone());
+            }
+        }
+        let ids: Vec<&String> = hash.keys().collect();
+        let data = json!({"presence": {"ids": ids, "hash": hash, "count": hash.len()}});
+        let frame = json!({"event": "pusher_internal:subscription_succeeded",
+            "channel": name, "data": data.to_string()});
+        conn.outbox
+            .send_raw(text_bytes(frame.to_string().as_bytes()));
+        Ok(())
+    }
+
     /// One Pusher message as the session's request, or a `pusher:error` to send.
     fn request(&self, text: &str) -> Result<Option<String>, String> {
         let message: Value =
@@ -246,6 +327,20 @@ impl PusherFrames {
                 self.messages += 1;
             }
             match message {
+                Incoming::Text(text) if self.presence(&text).is_some() => {
+                    let (name, info) = self.presence(&text).expect("checked");
+                    // The signature first, as for a private channel.
+                    let joined = match self.request(&text) {
+                        Ok(_) => self.join_presence(conn, &name, info).await,
+                        Err(why) => Err(why),
+                    };
+                    if let Err(message) = joined {
+                        let error = json!({"event": "pusher:error",
+                            "data": {"code": null, "message": message}});
+                        conn.outbox
+                            .send_raw(text_bytes(error.to_string().as_bytes()));
+                    }
+                }
                 Incoming::Text(text) => match self.request(&text) {
                     Ok(Some(request)) => {
                         Box::pin(conn.session.handle(&request, ReplyTo::Stream)).await
