@@ -25,13 +25,12 @@ use uuid::Uuid;
 use super::{
     admit::error,
     connection::{Connection, End, Transport},
-    frame::{Decoder, FrameError, Incoming},
+    frame::Incoming,
     http::Takeover,
-    websocket::{accept_key, close, handshake, ping, pong, read_into, text, text_bytes},
+    websocket::{Socket, accept_key, close, handshake, pong, text, text_bytes},
 };
 use crate::{
     auth::{Identity, Patterns},
-    disconnect,
     node::Node,
     position::ChannelKey,
     session::ReplyTo,
@@ -175,15 +174,12 @@ pub(crate) async fn upgrade(
     };
     tokio::spawn(sockets.track_future(async move {
         if let Ok(taken) = socket.await {
-            let mut decoder = Decoder::default();
-            decoder.buf.extend_from_slice(&taken.read_ahead);
+            let socket = Socket::new(&taken.read_ahead);
             let connection = Connection::open(node, conn, identity, taken.stream, WebSocketPusher);
             let transport = PusherFrames {
-                decoder,
+                socket,
                 app,
                 socket_id: socket_id(&conn),
-                awaiting_pong: false,
-                messages: 0,
             };
             connection.run(transport, None).await;
         }
@@ -200,11 +196,9 @@ pub(crate) async fn upgrade(
 
 /// A Pusher connection's own part: the frames it sends, translated.
 struct PusherFrames {
-    decoder: Decoder,
+    socket: Socket,
     app: App,
     socket_id: String,
-    awaiting_pong: bool,
-    messages: u64,
 }
 
 impl PusherFrames {
@@ -314,18 +308,7 @@ impl PusherFrames {
 
     async fn messages(&mut self, conn: &mut Connection<WebSocketPusher>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
-        loop {
-            let message = match self.decoder.next(max) {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(()),
-                Err(FrameError::TooBig(_)) => return Err(End::Close(disconnect::MESSAGE_TOO_BIG)),
-                Err(FrameError::InvalidUtf8) => return Err(End::Close(disconnect::INVALID_DATA)),
-                Err(FrameError::Protocol(_)) => return Err(End::Close(disconnect::PROTOCOL_ERROR)),
-            };
-            self.awaiting_pong = false;
-            if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
-                self.messages += 1;
-            }
+        while let Some(message) = self.socket.next(max)? {
             match message {
                 Incoming::Text(text) if self.presence(&text).is_some() => {
                     let (name, info) = self.presence(&text).expect("checked");
@@ -360,6 +343,7 @@ impl PusherFrames {
             }
             conn.written().await?;
         }
+        Ok(())
     }
 }
 
@@ -372,10 +356,7 @@ impl Transport for PusherFrames {
     }
 
     async fn input(&mut self, outbox: &Outbox<WebSocketPusher>) -> std::io::Result<()> {
-        match outbox.stream() {
-            Some(stream) => stream.readable().await,
-            None => Err(std::io::ErrorKind::NotConnected.into()),
-        }
+        Socket::readable(outbox).await
     }
 
     async fn act(
@@ -383,34 +364,22 @@ impl Transport for PusherFrames {
         readable: std::io::Result<()>,
         conn: &mut Connection<WebSocketPusher>,
     ) -> Result<(), End> {
-        let Some(stream) = conn.outbox.stream() else {
-            return Err(End::Gone);
-        };
-        readable.map_err(|_| End::Gone)?;
-        match read_into(stream, &mut self.decoder) {
-            Ok(0) => return Err(End::Gone),
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(End::Gone),
+        if self.socket.read(readable, &conn.outbox)? {
+            self.messages(conn).await?;
         }
-        self.messages(conn).await
+        Ok(())
     }
 
     fn pending(&self) -> Option<u64> {
-        (!self.decoder.is_idle()).then_some(self.messages)
+        self.socket.pending()
     }
 
     fn held(&self) -> usize {
-        self.decoder.held()
+        self.socket.held()
     }
 
     fn heartbeat(&mut self, conn: &Connection<WebSocketPusher>) -> Result<(), End> {
-        if self.awaiting_pong {
-            return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
-        }
-        self.awaiting_pong = true;
-        conn.outbox.send_raw(ping());
-        Ok(())
+        self.socket.heartbeat(&conn.outbox)
     }
 
     /// Pusher's close codes: 4200 (reconnect at once) for a draining node, 4100 (reconnect

@@ -311,15 +311,12 @@ pub(crate) fn handshake(
 /// encoded by `C` (JSON text, or MessagePack).
 async fn serve<C: Codec>(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) {
     let Taken { stream, read_ahead } = taken;
-    let mut decoder = Decoder::default();
-    decoder.buf.extend_from_slice(&read_ahead);
     // Copied out: these bytes keep the HTTP server's whole read buffer (8 KiB) alive.
+    let socket = Socket::new(&read_ahead);
     drop(read_ahead);
     let connection = Connection::open(node, conn, identity, stream, C::default());
     let transport = Frames::<C> {
-        decoder,
-        awaiting_pong: false,
-        messages: 0,
+        socket,
         codec: std::marker::PhantomData,
     };
     connection.run(transport, None).await;
@@ -328,11 +325,7 @@ async fn serve<C: Codec>(taken: Taken, node: Arc<Node>, conn: ConnId, identity: 
 /// The WebSocket transport's own part of a connection: the frames the client sends, decoded
 /// as they come; pings and pongs; the close frame.
 struct Frames<C> {
-    decoder: Decoder,
-    /// A ping went out and nothing came back since.
-    awaiting_pong: bool,
-    /// Whole messages so far (which one a pending frame belongs to).
-    messages: u64,
+    socket: Socket,
     codec: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -340,22 +333,7 @@ impl<C: Codec> Frames<C> {
     /// Acts on every whole message the decoder holds.
     async fn messages(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
-        loop {
-            let message = match self.decoder.next(max) {
-                Ok(Some(message)) => message,
-                Ok(None) => return Ok(()),
-                Err(FrameError::TooBig(_)) => return Err(End::Close(disconnect::MESSAGE_TOO_BIG)),
-                Err(FrameError::InvalidUtf8) => return Err(End::Close(disconnect::INVALID_DATA)),
-                Err(FrameError::Protocol(why)) => {
-                    tracing::debug!(why, "protocol error");
-                    return Err(End::Close(disconnect::PROTOCOL_ERROR));
-                }
-            };
-            self.awaiting_pong = false;
-            if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
-                // A whole message is progress: the next pending one gets its own time.
-                self.messages += 1;
-            }
+        while let Some(message) = self.socket.next(max)? {
             let outbox = &conn.outbox;
             match message {
                 Incoming::Text(text) => {
@@ -373,6 +351,7 @@ impl<C: Codec> Frames<C> {
             }
             conn.written().await?;
         }
+        Ok(())
     }
 }
 
@@ -386,10 +365,7 @@ impl<C: Codec> Transport for Frames<C> {
     }
 
     async fn input(&mut self, outbox: &Outbox<C>) -> std::io::Result<()> {
-        match outbox.stream() {
-            Some(stream) => stream.readable().await,
-            None => Err(std::io::ErrorKind::NotConnected.into()),
-        }
+        Socket::readable(outbox).await
     }
 
     async fn act(
@@ -397,34 +373,22 @@ impl<C: Codec> Transport for Frames<C> {
         readable: std::io::Result<()>,
         conn: &mut Connection<C>,
     ) -> Result<(), End> {
-        let Some(stream) = conn.outbox.stream() else {
-            return Err(End::Gone);
-        };
-        readable.map_err(|_| End::Gone)?;
-        match read_into(stream, &mut self.decoder) {
-            Ok(0) => return Err(End::Gone),
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(_) => return Err(End::Gone),
+        if self.socket.read(readable, &conn.outbox)? {
+            self.messages(conn).await?;
         }
-        self.messages(conn).await
+        Ok(())
     }
 
     fn pending(&self) -> Option<u64> {
-        (!self.decoder.is_idle()).then_some(self.messages)
+        self.socket.pending()
     }
 
     fn held(&self) -> usize {
-        self.decoder.held()
+        self.socket.held()
     }
 
     fn heartbeat(&mut self, conn: &Connection<C>) -> Result<(), End> {
-        if self.awaiting_pong {
-            return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
-        }
-        self.awaiting_pong = true;
-        conn.outbox.send_raw(ping());
-        Ok(())
+        self.socket.heartbeat(&conn.outbox)
     }
 
     fn goodbye(&self, end: &End, outbox: &Outbox<C>) {
@@ -438,10 +402,98 @@ impl<C: Codec> Transport for Frames<C> {
     }
 }
 
+/// What every WebSocket dialect (fanout's, Pusher's) does the same way with the socket: the
+/// frames the client sends, decoded as they come; which message is pending; pings.
+pub(crate) struct Socket {
+    decoder: Decoder,
+    /// A ping went out and nothing came back since.
+    awaiting_pong: bool,
+    /// Whole messages so far (which one a pending frame belongs to).
+    messages: u64,
+}
+
+impl Socket {
+    /// A socket whose first bytes came with the upgrade request.
+    pub fn new(read_ahead: &[u8]) -> Socket {
+        let mut decoder = Decoder::default();
+        decoder.buf.extend_from_slice(read_ahead);
+        Socket {
+            decoder,
+            awaiting_pong: false,
+            messages: 0,
+        }
+    }
+
+    /// The next whole message the decoder holds (anything counts as an answer to a ping), or
+    /// the end a broken frame calls for.
+    pub fn next(&mut self, max: usize) -> Result<Option<Incoming>, End> {
+        let message = match self.decoder.next(max) {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(None),
+            Err(FrameError::TooBig(_)) => return Err(End::Close(disconnect::MESSAGE_TOO_BIG)),
+            Err(FrameError::InvalidUtf8) => return Err(End::Close(disconnect::INVALID_DATA)),
+            Err(FrameError::Protocol(why)) => {
+                tracing::debug!(why, "protocol error");
+                return Err(End::Close(disconnect::PROTOCOL_ERROR));
+            }
+        };
+        self.awaiting_pong = false;
+        if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
+            // A whole message is progress: the next pending one gets its own time.
+            self.messages += 1;
+        }
+        Ok(Some(message))
+    }
+
+    /// Waits until the outbox's socket has something to read.
+    pub async fn readable<F: Framing>(outbox: &Outbox<F>) -> std::io::Result<()> {
+        match outbox.stream() {
+            Some(stream) => stream.readable().await,
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Reads what the socket has: whether anything came (then the messages are read).
+    pub fn read<F: Framing>(
+        &mut self,
+        readable: std::io::Result<()>,
+        outbox: &Outbox<F>,
+    ) -> Result<bool, End> {
+        let Some(stream) = outbox.stream() else {
+            return Err(End::Gone);
+        };
+        readable.map_err(|_| End::Gone)?;
+        match read_into(stream, &mut self.decoder) {
+            Ok(0) => Err(End::Gone),
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(_) => Err(End::Gone),
+        }
+    }
+
+    pub fn pending(&self) -> Option<u64> {
+        (!self.decoder.is_idle()).then_some(self.messages)
+    }
+
+    pub fn held(&self) -> usize {
+        self.decoder.held()
+    }
+
+    /// Pings the client, or ends the connection when the last ping went unanswered.
+    pub fn heartbeat<F: Framing>(&mut self, outbox: &Outbox<F>) -> Result<(), End> {
+        if self.awaiting_pong {
+            return Err(End::Close(disconnect::HEARTBEAT_TIMEOUT));
+        }
+        self.awaiting_pong = true;
+        outbox.send_raw(ping());
+        Ok(())
+    }
+}
+
 /// Reads what the socket has into the decoder, through a buffer on the stack: an idle
 /// connection keeps no read buffer (a 4 KiB one per connection, reserved for a read that
 /// found nothing, was half of an idle connection's memory).
-pub(crate) fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
+fn read_into(stream: &TcpStream, decoder: &mut Decoder) -> std::io::Result<usize> {
     let mut chunk = [0u8; READ_CHUNK];
     let n = stream.try_read(&mut chunk)?;
     decoder.buf.extend_from_slice(&chunk[..n]);
