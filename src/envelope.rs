@@ -15,6 +15,8 @@
 //! | `Fanout-Volatile` | publisher of a volatile event | `1`: not stored, no sequence, published straight to the ws nodes' subject |
 //! | `Fanout-Region` | publisher of a volatile event | the region it was published in (with regions) |
 //! | `Fanout-Encoding` | publisher of binary data | `binary`: the payload is bytes, not JSON |
+//! | `Fanout-Event` | publisher of a named event (Pusher's) | the event's name |
+//! | `Fanout-Exclude` | publisher (Pusher's `socket_id`, a client event) | the id of the connection that does not get it (only Pusher connections act on it) |
 //!
 //! This module defines the names and the decoded form; [`crate::bus`] does the decoding.
 //! What a WebSocket client sees (the `event` frame) is `fanout-ws`'s business.
@@ -37,6 +39,10 @@ pub const HEADER_REGION: &str = "Fanout-Region";
 /// Header naming the event (a Pusher event's `name`; none for fanout's own publishes).
 pub const HEADER_EVENT: &str = "Fanout-Event";
 
+/// Header naming the connection (its id) that does not get the event: Pusher's `socket_id`
+/// of a publish, a Pusher client's own client event. Only Pusher connections act on it.
+pub const HEADER_EXCLUDE: &str = "Fanout-Exclude";
+
 /// Header marking binary data: `binary` (absent: the payload is JSON).
 pub const HEADER_ENCODING: &str = "Fanout-Encoding";
 /// [`HEADER_ENCODING`]'s value for bytes.
@@ -51,6 +57,8 @@ pub struct Data {
     pub binary: bool,
     /// The event's name (a Pusher event's), carried in [`HEADER_EVENT`].
     pub name: Option<std::sync::Arc<str>>,
+    /// The connection that does not get it, carried in [`HEADER_EXCLUDE`].
+    pub exclude: Option<uuid::Uuid>,
 }
 
 impl Data {
@@ -60,6 +68,7 @@ impl Data {
             bytes: bytes.into(),
             binary: true,
             name: None,
+            exclude: None,
         }
     }
 
@@ -67,6 +76,14 @@ impl Data {
     pub fn named(self, name: &str) -> Data {
         Data {
             name: Some(name.into()),
+            ..self
+        }
+    }
+
+    /// The same data, for every connection but `conn`.
+    pub fn excluding(self, conn: uuid::Uuid) -> Data {
+        Data {
+            exclude: Some(conn),
             ..self
         }
     }
@@ -79,6 +96,7 @@ impl From<Bytes> for Data {
             bytes,
             binary: false,
             name: None,
+            exclude: None,
         }
     }
 }
@@ -112,6 +130,8 @@ pub struct Envelope {
     pub binary: bool,
     /// The event's name, when it has one ([`HEADER_EVENT`]).
     pub name: Option<String>,
+    /// The connection that does not get it ([`HEADER_EXCLUDE`]).
+    pub exclude: Option<uuid::Uuid>,
 }
 
 impl Envelope {

@@ -72,6 +72,26 @@ pub fn apps(setting: &str) -> Result<Vec<App>, String> {
     Ok(apps)
 }
 
+/// A connection's socket id as Pusher's libraries take it (`<digits>.<digits>`): its id's
+/// two halves, so that [`conn_of`] finds the connection again.
+pub fn socket_id(conn: &uuid::Uuid) -> String {
+    let n = conn.as_u128();
+    format!("{}.{}", (n >> 64) as u64, n as u64)
+}
+
+/// The connection a socket id ([`socket_id`]) names; none when it is not one.
+pub fn conn_of(socket_id: &str) -> Option<uuid::Uuid> {
+    let (high, low) = socket_id.split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(high) || !digits(low) {
+        return None;
+    }
+    let (high, low): (u64, u64) = (high.parse().ok()?, low.parse().ok()?);
+    Some(uuid::Uuid::from_u128(
+        (u128::from(high) << 64) | u128::from(low),
+    ))
+}
+
 fn sign(secret: &str, text: &str) -> String {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
     hex(hmac::sign(&key, text.as_bytes()).as_ref())
@@ -253,5 +273,25 @@ mod tests {
             app.verify_request("POST", "/apps/3/events", &query, body, 1353088179),
             Err(SignatureError::Signature(_))
         ));
+    }
+
+    #[test]
+    fn a_socket_id_names_its_connection_again() {
+        let conn = uuid::Uuid::new_v4();
+        let id = socket_id(&conn);
+        assert!(id.split_once('.').is_some(), "{id}");
+        assert_eq!(conn_of(&id), Some(conn));
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.1",
+            "1.2.3",
+            "-1.2",
+            "18446744073709551616.1",
+        ] {
+            assert_eq!(conn_of(bad), None, "{bad:?}");
+        }
     }
 }

@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 
 /// Runs `script` (tests/clients/) with .tools/py's packages against a one-node tier; asserts
 /// it holds every step, and returns what it printed.
@@ -122,42 +123,81 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
     );
 }
 
-/// pusher-js (npm, its Node build) on a fanout node's Pusher endpoint: connected, a public
-/// and a private channel (signed by Pusher's own server library), events published through
-/// fanout's Pusher API received with their names and data; a presence channel's members
-/// across two clients, added and removed.
+/// pusher-js (npm, its Node build) on three fanout nodes' Pusher endpoints
+/// (tests/clients/pusher_js.mjs): a public and a private channel (signed by Pusher's own
+/// server library), events published through fanout's Pusher API received with their names
+/// and data, client events (not echoed), `socket_id` leaving a connection out, a presence
+/// channel's members across the three nodes (by user: a second connection of a user is not a
+/// second member), and a reconnect after fanout closes the connection. A fanout client on
+/// the same public channel gets the same events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pusher_js_receives_what_pushers_server_library_publishes() {
+async fn pusher_js_on_three_nodes_with_pushers_server_library() {
     let nats = NatsServer::start();
     let apps = "42:app-key:app-secret-1234";
     let api = start_api_with(&nats, |c| c.common.pusher_apps = apps.into()).await;
-    let node = start_ws(&nats, "ws-1", |c| c.common.pusher_apps = apps.into()).await;
+    let mut nodes = Vec::new();
+    for id in ["ws-1", "ws-2", "ws-3"] {
+        nodes.push(start_ws(&nats, id, |c| c.common.pusher_apps = apps.into()).await);
+    }
+    let mut fanout_client = Client::connect(&nodes[1]).await;
+    fanout_client.subscribe("orders").await;
     let npm = workspace().join(".tools/npm");
     let script = workspace().join("tests/clients/pusher_js.mjs");
-    let (ws, base) = (node.addr.to_string(), format!("http://{}", api.addr));
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg(&script)
-            .args([
-                ws.as_str(),
-                base.as_str(),
-                "42",
-                "app-key",
-                "app-secret-1234",
-            ])
-            .env("NPM_PREFIX", &npm)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("node runs");
+    let ws: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let (ws, base) = (ws.join(","), format!("http://{}", api.addr));
+    let output = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([
+            ws.as_str(),
+            base.as_str(),
+            "42",
+            "app-key",
+            "app-secret-1234",
+        ])
+        .env("NPM_PREFIX", &npm)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let seen: serde_json::Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
     assert!(seen.get("error").is_none(), "{seen}");
     assert_eq!(
         seen["events"],
-        serde_json::json!([{"id": 1}, "psst"]),
+        json!([{"id": 1}, "psst", {"id": 2}]),
         "{seen}"
     );
+    assert_eq!(seen["clientEvent"], json!({"who": "ada"}), "{seen}");
+    assert_eq!(
+        seen["adaBeforeMarker"],
+        json!([]),
+        "ada's client event came back: {seen}"
+    );
+    assert_eq!(seen["boSkip"], "not for ada", "{seen}");
+    assert_eq!(
+        seen["adaBeforeSkipMarker"],
+        json!([]),
+        "socket_id did not leave ada out: {seen}"
+    );
+    assert_eq!(seen["alone"], 1, "{seen}");
+    assert_eq!(seen["added"], json!(["bo", "cy"]), "{seen}");
+    assert_eq!(seen["boSees"], json!(["ada", "bo"]), "{seen}");
+    assert_eq!(seen["cySees"], json!(["ada", "bo", "cy"]), "{seen}");
+    assert_eq!(seen["cyMe"], "cy", "{seen}");
+    assert_eq!(
+        seen["bo2Count"], 3,
+        "bo's second connection is not a member: {seen}"
+    );
+    assert_eq!(seen["removed"], json!(["cy", "bo"]), "{seen}");
+    assert_eq!(seen["adaCount"], 1, "{seen}");
+    assert_eq!(seen["disconnectStatus"], 200, "{seen}");
+    assert_eq!(seen["newSocketId"], true, "{seen}");
+    // The fanout client on the same channel: the same events, with their names (Pusher's
+    // data is a string: the server library sent JSON text).
+    for id in [1, 2] {
+        let event = fanout_client.event().await;
+        assert_eq!(event["name"], "order-placed", "{event}");
+        assert_eq!(event["data"], json!({"id": id}).to_string(), "{event}");
+    }
 }

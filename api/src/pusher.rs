@@ -149,8 +149,11 @@ struct Event {
     channel: Option<String>,
     #[serde(default)]
     channels: Option<Vec<String>>,
-    // `socket_id` (leave out that connection) and `info` are taken, and not acted on yet:
-    // unknown fields are ignored.
+    /// The Pusher connection that does not get the event (the one whose action caused it).
+    #[serde(default)]
+    socket_id: Option<String>,
+    // `info` (channel attributes in the answer) is taken and not acted on: unknown fields
+    // are ignored, and the answer is `{}`.
 }
 
 impl Event {
@@ -179,7 +182,20 @@ impl Event {
             .map(|name| signed.channel(name))
             .collect::<Result<Vec<_>, _>>()?;
         let bytes = serde_json::to_vec(&self.data).expect("JSON serializes");
-        Ok((channels, Data::from(Bytes::from(bytes)).named(&self.name)))
+        let data = Data::from(Bytes::from(bytes)).named(&self.name);
+        let data = match self.socket_id.as_deref() {
+            None => data,
+            Some(socket_id) => match fanout::pusher::conn_of(socket_id) {
+                Some(conn) => data.excluding(conn),
+                None => {
+                    return Err(bad(
+                        Code::InvalidEvent,
+                        format!("invalid socket_id {socket_id:?}: it is <digits>.<digits>"),
+                    ));
+                }
+            },
+        };
+        Ok((channels, data))
     }
 }
 

@@ -22,8 +22,8 @@ use super::{
 use crate::{
     Channel, Common,
     envelope::{
-        BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_REGION, HEADER_TS,
-        HEADER_VOLATILE,
+        BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_EXCLUDE, HEADER_ID, HEADER_REGION,
+        HEADER_TS, HEADER_VOLATILE,
     },
     telemetry,
     time::now_ms,
@@ -253,6 +253,7 @@ impl Bus {
             bytes: data,
             binary,
             name,
+            exclude,
         } = data.into();
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected"));
@@ -268,6 +269,9 @@ impl Bus {
         }
         if let Some(name) = &name {
             headers.insert(HEADER_EVENT, &**name);
+        }
+        if let Some(conn) = exclude {
+            headers.insert(HEADER_EXCLUDE, conn.to_string().as_str());
         }
         if let Some(region) = inner.topology.region() {
             headers.insert(HEADER_REGION, &**region);

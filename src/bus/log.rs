@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     Channel, Envelope,
-    envelope::{BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_TS},
+    envelope::{BINARY, Data, HEADER_ENCODING, HEADER_EVENT, HEADER_EXCLUDE, HEADER_ID, HEADER_TS},
     stats::StreamStats,
     telemetry,
     time::now_ms,
@@ -443,6 +443,9 @@ impl EventLog {
         }
         if let Some(name) = &data.name {
             headers.insert(HEADER_EVENT, &**name);
+        }
+        if let Some(conn) = data.exclude {
+            headers.insert(HEADER_EXCLUDE, conn.to_string().as_str());
         }
         // Only a key the publisher gave: JetStream remembers every `Nats-Msg-Id` for the
         // duplicate window, which costs nats-server ~2.5 µs and memory per event (measured

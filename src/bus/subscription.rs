@@ -8,8 +8,8 @@ use super::{error::DecodeError, topology::Topology};
 use crate::{
     Channel,
     envelope::{
-        BINARY, Envelope, HEADER_ENCODING, HEADER_EVENT, HEADER_ID, HEADER_REGION, HEADER_TS,
-        HEADER_VOLATILE,
+        BINARY, Envelope, HEADER_ENCODING, HEADER_EVENT, HEADER_EXCLUDE, HEADER_ID, HEADER_REGION,
+        HEADER_TS, HEADER_VOLATILE,
     },
     time::now_ms,
 };
@@ -120,5 +120,6 @@ pub(super) fn envelope(
         data,
         binary: header(HEADER_ENCODING) == Some(BINARY),
         name: header(HEADER_EVENT).map(String::from),
+        exclude: header(HEADER_EXCLUDE).and_then(|v| v.parse().ok()),
     }
 }

@@ -113,6 +113,9 @@ pub struct Outgoing {
     name: &'static str,
     /// A volatile event: a transport with datagrams sends it as one ([`Datagrams`]).
     volatile: bool,
+    /// The connection that does not get it (a Pusher `socket_id`), for the framings that
+    /// act on it.
+    exclude: Option<uuid::Uuid>,
     json: Bytes,
     framed: [OnceCell<Bytes>; SLOTS],
 }
@@ -142,9 +145,21 @@ impl Outgoing {
             prev: 0,
             name,
             volatile: false,
+            exclude: None,
             json,
             framed: Default::default(),
         }
+    }
+
+    /// The same frame, not for connection `conn` ([`fanout::envelope::HEADER_EXCLUDE`]).
+    pub fn excluding(mut self, conn: Option<uuid::Uuid>) -> Outgoing {
+        self.exclude = conn;
+        self
+    }
+
+    /// The connection that does not get it.
+    pub fn exclude(&self) -> Option<uuid::Uuid> {
+        self.exclude
     }
 
     /// The same frame, known to follow the channel's event `prev`.

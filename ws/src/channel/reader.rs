@@ -309,11 +309,13 @@ impl Reader {
         // Encoded once; each transport frames it once, for all its connections.
         let region = envelope.region;
         self.frames.push(
-            Outgoing::event(mark::pack(region, envelope.seq), frame).after(if prev == 0 {
-                0
-            } else {
-                mark::pack(region, prev)
-            }),
+            Outgoing::event(mark::pack(region, envelope.seq), frame)
+                .after(if prev == 0 {
+                    0
+                } else {
+                    mark::pack(region, prev)
+                })
+                .excluding(envelope.exclude),
         );
         if !span.is_none() {
             self.spans.push((span, started));
@@ -355,7 +357,8 @@ impl Reader {
         if !span.is_none() {
             self.spans.push((span, started));
         }
-        self.frames.push(Outgoing::volatile(frame));
+        self.frames
+            .push(Outgoing::volatile(frame).excluding(envelope.exclude));
         self.deliver();
     }
 
@@ -463,6 +466,7 @@ mod tests {
             data: bytes::Bytes::from_static(br#"{"x": [1, 2.50]}"#),
             binary: false,
             name: None,
+            exclude: None,
         };
         let frame = encode(&envelope, false).unwrap();
         assert_eq!(

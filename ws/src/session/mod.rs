@@ -57,6 +57,13 @@ impl Session {
         subscribe::join(self, channel, true, Some(info), None, |_| {}).await
     }
 
+    /// A Pusher client event on `channel` (checked by the dialect: a private or presence
+    /// channel the connection is in): published for every other connection in it, within the
+    /// publish rate.
+    pub async fn client_event(&mut self, channel: Channel, data: fanout::Data) {
+        publish::client_event(self, channel, data).await
+    }
+
     /// Acts on one request (the JSON text of one protocol message) and sends its reply to
     /// `to`. A resuming `subscribe` sends its reply, then writes the replayed events, ahead of
     /// the live events it held back meanwhile.

@@ -101,3 +101,33 @@ pub(super) async fn publish(
         Err(err) => session.reject(to, id, "publish", Code::BusUnavailable, err.to_string()),
     }
 }
+
+/// A Pusher client event (`client-*`), which the dialect has checked (a private or presence
+/// channel the connection is in): stored as any publish, within the same request rate, named,
+/// and for every connection but its sender. Nothing answers a success; a refusal is an error
+/// frame.
+pub(super) async fn client_event(session: &mut Session, channel: Channel, data: Data) {
+    if !session.requests.take() {
+        return session.rate_limited(ReplyTo::Stream, None, "publish");
+    }
+    let reported = data.clone();
+    match session
+        .node
+        .publish(&channel, data.excluding(session.conn))
+        .await
+    {
+        Ok(_) => {
+            counter!("fanout_ws_client_publishes_total").increment(1);
+            session
+                .node
+                .client_event(&channel, &session.identity.user, &reported);
+        }
+        Err(err) => session.reject(
+            ReplyTo::Stream,
+            None,
+            "publish",
+            Code::BusUnavailable,
+            err.to_string(),
+        ),
+    }
+}
