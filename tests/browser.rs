@@ -300,3 +300,66 @@ async fn publish_with_key(api: &Server, channel: &str, n: u64) {
         .unwrap();
     assert_eq!(response.status(), 202);
 }
+
+/// pusher-js's web build in headless Chromium (tests/clients/pusher_page.mjs serves the page
+/// and signs its channels with Pusher's server library): connected to a fanout node, a
+/// public, a private and a presence channel, and the events Pusher's server library
+/// publishes through fanout's API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_in_chromium() {
+    use tokio::io::AsyncBufReadExt;
+    let nats = NatsServer::start();
+    let apps = "42:app-key:app-secret-1234";
+    let api = start_api_with(&nats, |c| c.common.pusher_apps = apps.into()).await;
+    let node = start_ws(&nats, "ws-1", |c| c.common.pusher_apps = apps.into()).await;
+    let mut app = tokio::process::Command::new("node")
+        .arg(workspace().join("tests/clients/pusher_page.mjs"))
+        .args([&node.addr.to_string(), &format!("http://{}", api.addr)])
+        .args(["42", "app-key", "app-secret-1234"])
+        .env("NPM_PREFIX", workspace().join(".tools/npm"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = tokio::io::BufReader::new(app.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the page's server starts")
+        .unwrap()
+        .expect("it prints its URL");
+
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    let tab = Tab::first(&browser, "pusher-js", &url).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let seen = tab.eval("return window.seen ?? null").await;
+        if seen["done"] == true || !seen["errors"].as_array().is_none_or(Vec::is_empty) {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: the page saw {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen["errors"], json!([]), "{seen}");
+    let mut events = seen["events"].as_array().unwrap().clone();
+    events.sort_by_key(|e| e["name"].as_str().unwrap_or_default().to_string());
+    assert_eq!(
+        events,
+        vec![
+            json!({"name": "order-placed", "data": {"id": 7}}),
+            json!({"name": "whisper", "data": "from the server"}),
+        ],
+        "{seen}"
+    );
+    assert_eq!(
+        seen["me"],
+        json!({"id": "chromium", "info": {"browser": true}}),
+        "{seen}"
+    );
+    assert_eq!(seen["count"], 1, "{seen}");
+    browser.close().await.unwrap();
+}

@@ -123,36 +123,46 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
     );
 }
 
-/// pusher-js (npm, its Node build) on three fanout nodes' Pusher endpoints
-/// (tests/clients/pusher_js.mjs): a public and a private channel (signed by Pusher's own
-/// server library), events published through fanout's Pusher API received with their names
-/// and data, client events (not echoed), `socket_id` leaving a connection out, a presence
-/// channel's members across the three nodes (by user: a second connection of a user is not a
-/// second member), and a reconnect after fanout closes the connection. A fanout client on
-/// the same public channel gets the same events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pusher_js_on_three_nodes_with_pushers_server_library() {
-    let nats = NatsServer::start();
-    let apps = "42:app-key:app-secret-1234";
-    let api = start_api_with(&nats, |c| c.common.pusher_apps = apps.into()).await;
-    let mut nodes = Vec::new();
-    for id in ["ws-1", "ws-2", "ws-3"] {
-        nodes.push(start_ws(&nats, id, |c| c.common.pusher_apps = apps.into()).await);
+/// The Pusher app of the Pusher tests (`FANOUT_PUSHER_APPS`).
+const PUSHER_APP: (&str, &str, &str) = ("42", "app-key", "app-secret-1234");
+
+/// A tier with the Pusher app: its API and `nodes` ws nodes.
+async fn pusher_tier(nats: &NatsServer, nodes: usize) -> (Server, Vec<Server>) {
+    let (id, key, secret) = PUSHER_APP;
+    let apps = format!("{id}:{key}:{secret}");
+    let api = start_api_with(nats, |c| c.common.pusher_apps = apps.as_str().into()).await;
+    let mut ws = Vec::new();
+    for n in 1..=nodes {
+        ws.push(
+            start_ws(nats, &format!("ws-{n}"), |c| {
+                c.common.pusher_apps = apps.as_str().into()
+            })
+            .await,
+        );
     }
-    let mut fanout_client = Client::connect(&nodes[1]).await;
-    fanout_client.subscribe("orders").await;
+    (api, ws)
+}
+
+/// Runs Node `script` (tests/clients/, with .tools/npm's packages) against `nodes` and
+/// `api`: what it saw (one JSON line), which names no failed step.
+async fn pusher_script(script: &str, nodes: &[Server], api: &Server) -> serde_json::Value {
     let npm = workspace().join(".tools/npm");
-    let script = workspace().join("tests/clients/pusher_js.mjs");
+    assert!(
+        npm.join("node_modules/pusher-js").exists(),
+        "{} has no pusher-js: `make test` installs it",
+        npm.display()
+    );
+    let (id, key, secret) = PUSHER_APP;
     let ws: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
-    let (ws, base) = (ws.join(","), format!("http://{}", api.addr));
+    // The script bounds each of its own steps (15 s).
     let output = tokio::process::Command::new("node")
-        .arg(&script)
+        .arg(workspace().join("tests/clients").join(script))
         .args([
-            ws.as_str(),
-            base.as_str(),
-            "42",
-            "app-key",
-            "app-secret-1234",
+            &ws.join(","),
+            &format!("http://{}", api.addr),
+            id,
+            key,
+            secret,
         ])
         .env("NPM_PREFIX", &npm)
         .kill_on_drop(true)
@@ -163,6 +173,23 @@ async fn pusher_js_on_three_nodes_with_pushers_server_library() {
     let seen: serde_json::Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
     assert!(seen.get("error").is_none(), "{seen}");
+    seen
+}
+
+/// pusher-js (npm, its Node build) on three fanout nodes' Pusher endpoints
+/// (tests/clients/pusher_js.mjs): a public and a private channel (signed by Pusher's own
+/// server library), events published through fanout's Pusher API received with their names
+/// and data, client events (not echoed), `socket_id` leaving a connection out, a presence
+/// channel's members across the three nodes (by user: a second connection of a user is not a
+/// second member), and a reconnect after fanout closes the connection. A fanout client on
+/// the same public channel gets the same events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_js_on_three_nodes_with_pushers_server_library() {
+    let nats = NatsServer::start();
+    let (api, nodes) = pusher_tier(&nats, 3).await;
+    let mut fanout_client = Client::connect(&nodes[1]).await;
+    fanout_client.subscribe("orders").await;
+    let seen = pusher_script("pusher_js.mjs", &nodes, &api).await;
     assert_eq!(
         seen["events"],
         json!([{"id": 1}, "psst", {"id": 2}]),
@@ -200,4 +227,24 @@ async fn pusher_js_on_three_nodes_with_pushers_server_library() {
         assert_eq!(event["name"], "order-placed", "{event}");
         assert_eq!(event["data"], json!({"id": id}).to_string(), "{event}");
     }
+}
+
+/// Laravel Echo (npm, its Pusher connector over pusher-js) as a Laravel app uses it
+/// (tests/clients/laravel_echo.mjs): an event named as Laravel names it, private channels
+/// signed by an auth endpoint made with Pusher's server library, whispers, and a presence
+/// channel's here / joining / leaving, with two clients on two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn laravel_echo_with_its_pusher_connector() {
+    let nats = NatsServer::start();
+    let (api, nodes) = pusher_tier(&nats, 2).await;
+    let seen = pusher_script("laravel_echo.mjs", &nodes, &api).await;
+    assert_eq!(seen["shipped"], json!({"order": {"id": 3}}), "{seen}");
+    assert_eq!(seen["whisper"], json!({"name": "bo"}), "{seen}");
+    assert_eq!(seen["roomUpdated"], json!({"topic": "fanout"}), "{seen}");
+    assert_eq!(seen["adaHere"], json!(["ada"]), "{seen}");
+    assert_eq!(seen["joining"], "bo", "{seen}");
+    assert_eq!(seen["boHere"], json!(["ada", "bo"]), "{seen}");
+    assert_eq!(seen["leaving"], "bo", "{seen}");
+    // ada's and bo's private channel, and each one's presence channel.
+    assert_eq!(seen["authRequests"], 4, "{seen}");
 }
