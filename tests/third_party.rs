@@ -105,6 +105,14 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
     );
     assert_eq!(seen["wrongSecret"]["status"], 401, "{seen}");
     assert_eq!(seen["unknownApp"]["status"], 404, "{seen}");
+    assert_eq!(seen["stale"]["status"], 401, "{seen}");
+    assert!(
+        seen["stale"]["body"].to_string().contains("timestamp expired"),
+        "{seen}"
+    );
+    assert_eq!(seen["badSocketId"]["status"], 400, "{seen}");
+    assert_eq!(seen["users"]["status"], 200, "{seen}");
+    assert_eq!(seen["users"]["body"], json!({"users": []}), "{seen}");
     let mut got = Vec::new();
     for _ in 0..3 {
         let event = client.event().await;

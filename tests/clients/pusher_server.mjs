@@ -27,4 +27,12 @@ seen.channels = await answer(pusher.get({ path: "/channels" }));
 seen.channel = await answer(pusher.get({ path: "/channels/orders", params: { info: "subscription_count" } }));
 seen.wrongSecret = await answer(new Pusher({ ...options, secret: "not-the-secret" }).trigger("orders", "x", 1));
 seen.unknownApp = await answer(new Pusher({ ...options, appId: "999" }).trigger("orders", "x", 1));
+// A request signed 11 minutes ago (Pusher's window is 600 s).
+const now = Date.now;
+Date.now = () => now() - 660_000;
+seen.stale = await answer(pusher.trigger("orders", "x", 1));
+Date.now = now;
+// The library checks the form; fanout also checks that it names a connection.
+seen.badSocketId = await answer(pusher.trigger("orders", "x", 1, { socket_id: "99999999999999999999999.1" }));
+seen.users = await answer(pusher.get({ path: "/channels/presence-lobby/users" }));
 console.log(JSON.stringify(seen));
