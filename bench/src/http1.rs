@@ -14,6 +14,9 @@ pub struct Http1 {
     stream: TcpStream,
     host: String,
     buf: Vec<u8>,
+    /// The server said `Connection: close` (Sockudo does after every answer): the next
+    /// request goes on a new connection.
+    closing: bool,
 }
 
 impl Http1 {
@@ -26,6 +29,7 @@ impl Http1 {
             stream,
             host: host.to_string(),
             buf: Vec::with_capacity(16 * 1024),
+            closing: false,
         })
     }
 
@@ -38,6 +42,9 @@ impl Http1 {
         )
         .into_bytes();
         request.extend_from_slice(body);
+        if self.closing {
+            *self = Http1::connect(&self.host).await?;
+        }
         self.stream.write_all(&request).await?;
         self.read_answer().await
     }
@@ -57,6 +64,11 @@ impl Http1 {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("no status"))?;
         let length = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
+        self.closing = head.lines().any(|line| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+            })
+        });
         while self.buf.len() < head_end + length {
             self.fill().await?;
         }

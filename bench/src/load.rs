@@ -241,10 +241,36 @@ fn body_at(n: u64, size: usize, t: u64) -> String {
 /// Counts per channel.
 pub type Published = HashMap<String, u64>;
 
+/// The Pusher app of the Pusher benchmarks, as fanout and Sockudo are given it.
+pub const PUSHER_APP: (&str, &str, &str) = ("bench", "bench-key", "bench-secret-0000");
+
+/// [`PUSHER_APP`], to sign requests with.
+pub fn pusher_app() -> fanout::pusher::App {
+    let (id, key, secret) = PUSHER_APP;
+    fanout::pusher::apps(&format!("{id}:{key}:{secret}"))
+        .expect("a valid app")
+        .remove(0)
+}
+
+/// One event as `POST /apps/{id}/events` takes it (its data a string, as Pusher's libraries
+/// send it), and the signed path to post it to.
+pub fn pusher_request(app: &fanout::pusher::App, channel: &str, payload: &str) -> (String, String) {
+    let body = serde_json::json!({"name": "bench", "channel": channel, "data": payload}).to_string();
+    let path = format!("/apps/{}/events", app.id);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let query = app.sign_request("POST", &path, body.as_bytes(), now);
+    (format!("{path}?{query}"), body)
+}
+
 /// Publishes `rate` events per second for `duration`, round-robin over `channels`, through
 /// fanout's HTTP API (open loop: sends on schedule whatever the answers), stopping early once
-/// `stop` turns true; `volatile`: volatile events (`/volatile`) instead of stored ones.
+/// `stop` turns true; `volatile`: volatile events (`/volatile`) instead of stored ones; with
+/// `pusher`, through `POST /apps/{id}/events` (fanout's or another Pusher server's), signed.
 /// Returns how many were acknowledged per channel, and the acknowledgement latency.
+#[allow(clippy::too_many_arguments)]
 pub async fn publish_http_until(
     api: &str,
     channels: &[String],
@@ -253,6 +279,7 @@ pub async fn publish_http_until(
     stop: Option<tokio::sync::watch::Receiver<bool>>,
     size: usize,
     volatile: bool,
+    pusher: Option<&fanout::pusher::App>,
 ) -> (Published, Histogram) {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -275,14 +302,28 @@ pub async fn publish_http_until(
         let c = (k as usize) % channels.len();
         let n = counters[c].fetch_add(1, Ordering::Relaxed);
         let kind = if volatile { "volatile" } else { "events" };
-        let url = format!("{api}/v1/channels/{}/{kind}", channels[c]);
+        let (url, payload, ok) = match pusher {
+            Some(app) => {
+                let (path, request) = pusher_request(app, &channels[c], &body(n, size));
+                (format!("{api}{path}"), request, 200)
+            }
+            None => (
+                format!("{api}/v1/channels/{}/{kind}", channels[c]),
+                body(n, size),
+                202,
+            ),
+        };
         let (http, acked, acks) = (http.clone(), acked.clone(), acks.clone());
         let permit = in_flight.clone().acquire_owned().await.unwrap();
-        let payload = body(n, size);
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            if let Ok(response) = http.post(url).body(payload).send().await
-                && response.status() == 202
+            if let Ok(response) = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(payload)
+                .send()
+                .await
+                && response.status() == ok
             {
                 acked[c].fetch_add(1, Ordering::Relaxed);
                 acks.lock()
@@ -341,10 +382,24 @@ pub async fn publish_closed_loop(
     duration: Duration,
     size: usize,
 ) -> (u64, u64, Histogram) {
+    publish_closed_loop_to(api, publishers, batch, duration, size, None).await
+}
+
+/// [`publish_closed_loop`], or, with `pusher`, one signed `POST /apps/{id}/events` at a time
+/// (fanout's, or another Pusher server's).
+pub async fn publish_closed_loop_to(
+    api: &str,
+    publishers: usize,
+    batch: usize,
+    duration: Duration,
+    size: usize,
+    pusher: Option<fanout::pusher::App>,
+) -> (u64, u64, Histogram) {
     let deadline = Instant::now() + duration;
     let tasks: Vec<_> = (0..publishers)
         .map(|p| {
             let api = api.to_string();
+            let pusher = pusher.clone();
             tokio::spawn(async move {
                 let (mut acked, mut errors, mut hist) = (0, 0, Histogram::default());
                 let mut http = Http1::connect(&api).await.expect("connect to the API");
@@ -356,6 +411,28 @@ pub async fn publish_closed_loop(
                 let mut n = 0;
                 while Instant::now() < deadline {
                     let sent = Instant::now();
+                    if let Some(app) = &pusher {
+                        n += 1;
+                        let (path, request) = pusher_request(app, &format!("pub{p}"), &body(n, size));
+                        match http.post(&path, request.as_bytes()).await {
+                            Ok((200, _)) => {
+                                acked += 1;
+                                hist.record(sent.elapsed().as_micros() as u64);
+                            }
+                            Ok((status, answer)) => {
+                                if errors == 0 && p == 0 {
+                                    let answer = String::from_utf8_lossy(&answer);
+                                    eprintln!("  the first refusal: {status} {answer}");
+                                }
+                                errors += 1;
+                            }
+                            Err(_) => {
+                                errors += 1;
+                                http = Http1::connect(&api).await.expect("reconnect to the API");
+                            }
+                        }
+                        continue;
+                    }
                     let request = if batch == 0 {
                         n += 1;
                         body(n, size)

@@ -21,6 +21,7 @@ mod proxy;
 mod saturate;
 mod scenarios;
 mod soak;
+mod sockudo;
 mod suite;
 mod tier;
 mod worker;
@@ -65,6 +66,11 @@ enum Targets {
     Msgpack,
     /// fanout over WebSocket with JSON frames, then with MessagePack ones.
     Encodings,
+    /// fanout over WebSocket in Pusher's protocol (`/app/{key}`).
+    Pusher,
+    /// fanout's own protocol, then Pusher's, then Sockudo (5.2, Pusher's protocol) with the
+    /// same Pusher clients.
+    Dialects,
 }
 
 impl Targets {
@@ -79,6 +85,8 @@ impl Targets {
             Targets::Wt => vec![Target::FanoutWt],
             Targets::Msgpack => vec![Target::FanoutMsgpack],
             Targets::Encodings => vec![Target::Fanout, Target::FanoutMsgpack],
+            Targets::Pusher => vec![Target::FanoutPusher],
+            Targets::Dialects => vec![Target::Fanout, Target::FanoutPusher, Target::Sockudo],
         }
     }
 }
@@ -165,6 +173,19 @@ enum Command {
         duration: u64,
         #[arg(long, default_value_t = 100)]
         payload: usize,
+    },
+    /// Pusher's publish path: `POST /apps/{id}/events`, signed, `publishers` connections one
+    /// event at a time, against fanout's API (acknowledged when stored) and Sockudo's.
+    PusherPublish {
+        #[arg(long, default_value_t = 16)]
+        publishers: usize,
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// fanout, sockudo, or both (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [String::from("fanout"), String::from("sockudo")])]
+        target: Vec<String>,
     },
     /// JetStream alone: acknowledged publishes/s on one NATS connection (the API's ceiling).
     Jetstream {
@@ -271,6 +292,7 @@ impl Command {
             Command::Storm { .. } => "storm",
             Command::Joinstorm { .. } => "joinstorm",
             Command::Publish { .. } => "publish",
+            Command::PusherPublish { .. } => "pusher-publish",
             Command::Jetstream { .. } => "jetstream",
             Command::Presence { .. } => "presence",
             Command::Lifecycle { .. } => "lifecycle",
@@ -309,6 +331,8 @@ fn label(target: Target) -> &'static str {
         Target::FanoutSse => "fanout SSE",
         Target::FanoutWt => "fanout WT",
         Target::FanoutMsgpack => "fanout msgpack",
+        Target::FanoutPusher => "fanout Pusher",
+        Target::Sockudo => "Sockudo",
         Target::FanoutPoll => "fanout long-poll",
         Target::Nats => "NATS",
     }
@@ -397,6 +421,33 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             let r = suite::publish(&paths, publishers, batch, duration, payload).await;
             println!("{r:?}");
             json!(r)
+        }
+        Command::PusherPublish {
+            publishers,
+            duration,
+            payload,
+            target,
+        } => {
+            let mut rows = serde_json::Map::new();
+            for server in &target {
+                let sockudo = match server.as_str() {
+                    "fanout" => false,
+                    "sockudo" => true,
+                    other => panic!("--target is fanout or sockudo, not {other:?}"),
+                };
+                let r = suite::pusher_publish(&paths, sockudo, publishers, duration, payload).await;
+                println!(
+                    "  {server:<8} {:>8.0} events/s acknowledged ({} errors)  p50 {:.2} p99 {:.2} ms  \
+                     server CPU {:.1} µs/event",
+                    r.acked_per_sec,
+                    r.errors,
+                    r.request_ms.p50,
+                    r.request_ms.p99,
+                    r.server_cpu_us_per_event
+                );
+                rows.insert(server.clone(), json!(r));
+            }
+            Value::Object(rows)
         }
         Command::Jetstream {
             publishers,

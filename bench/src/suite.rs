@@ -11,6 +11,7 @@ use crate::{
     load::{self, Workers},
     outcome::{Idle, JoinStorm, Phase, Publish, Quantiles, Storm},
     tier::{self, NatsCluster, NatsServer, Paths, Process},
+    sockudo::SockudoTier,
     worker::{Mode, Target},
 };
 
@@ -142,6 +143,18 @@ impl FanoutTier {
     pub async fn urls(&self, target: Target) -> Vec<String> {
         match target {
             Target::FanoutWt => self.wt_urls().await,
+            Target::FanoutPusher => {
+                let key = load::PUSHER_APP.1;
+                self.nodes
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "ws://{}/app/{key}?protocol=7&client=fanout-bench&version=1",
+                            n.addr
+                        )
+                    })
+                    .collect()
+            }
             _ => self.ws_urls(),
         }
     }
@@ -154,6 +167,13 @@ pub fn target_env(target: Target) -> Vec<(String, String)> {
             "FANOUT_WEBTRANSPORT_LISTEN".to_string(),
             "127.0.0.1:0".to_string(),
         )],
+        Target::FanoutPusher => {
+            let (id, key, secret) = load::PUSHER_APP;
+            vec![(
+                "FANOUT_PUSHER_APPS".to_string(),
+                format!("{id}:{key}:{secret}"),
+            )]
+        }
         _ => Vec::new(),
     }
 }
@@ -290,12 +310,18 @@ fn expected(spec: &Spec, published: &HashMap<String, u64>) -> u64 {
 }
 
 pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
+    let sockudo = match target {
+        Target::Sockudo => Some(SockudoTier::start(spec.nodes).await),
+        _ => None,
+    };
     let (fanout, nats) = match target {
+        Target::Sockudo => (None, None),
         Target::Fanout
         | Target::FanoutSse
         | Target::FanoutPoll
         | Target::FanoutWt
-        | Target::FanoutMsgpack => {
+        | Target::FanoutMsgpack
+        | Target::FanoutPusher => {
             let mut extra = vec![(
                 "FANOUT_COALESCE_MS".to_string(),
                 spec.coalesce_ms.to_string(),
@@ -308,15 +334,24 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         }
         Target::Nats => (None, Some(nats_tier(spec.nodes, spec.threads))),
     };
-    let urls = match (&fanout, &nats) {
-        (Some(t), _) => t.urls(target).await,
-        (_, Some(n)) => n.ws_urls(),
+    let urls = match (&fanout, &nats, &sockudo) {
+        (Some(t), _, _) => t.urls(target).await,
+        (_, Some(n), _) => n.ws_urls(),
+        (_, _, Some(s)) => s.urls(),
         _ => unreachable!(),
     };
-    let servers: Vec<u32> = match (&fanout, &nats) {
-        (Some(t), _) => t.servers(),
-        (_, Some(n)) => n.pids(),
+    let servers: Vec<u32> = match (&fanout, &nats, &sockudo) {
+        (Some(t), _, _) => t.servers(),
+        (_, Some(n), _) => n.pids(),
+        (_, _, Some(s)) => s.servers(),
         _ => unreachable!(),
+    };
+    // Pusher's clients are published to through `POST /apps/{id}/events`, signed.
+    let pusher = target.is_pusher().then(load::pusher_app);
+    let pusher_api = match (&fanout, &sockudo) {
+        (Some(t), _) => t.api_url(),
+        (_, Some(s)) => s.api_url(),
+        _ => String::new(),
     };
     let (mut workers, _) = Workers::start(
         target,
@@ -352,6 +387,20 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
     let each_before: Vec<f64> = servers.iter().copied().map(tier::cpu_seconds).collect();
     let started = std::time::Instant::now();
     let (published, acks) = match (&fanout, &nats) {
+        _ if pusher.is_some() => {
+            let (p, a) = load::publish_http_until(
+                &pusher_api,
+                &channels,
+                spec.rate,
+                duration,
+                None,
+                spec.payload,
+                false,
+                pusher.as_ref(),
+            )
+            .await;
+            (p, Some(a))
+        }
         (Some(t), _) if spec.tick_ms > 0 => {
             let (p, a) = load::publish_http_ticked(
                 &t.api_url(),
@@ -373,6 +422,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
                 None,
                 spec.payload,
                 spec.volatile,
+                None,
             )
             .await;
             (p, Some(a))
@@ -450,10 +500,12 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
         | Target::FanoutSse
         | Target::FanoutPoll
         | Target::FanoutWt
-        | Target::FanoutMsgpack => (
+        | Target::FanoutMsgpack
+        | Target::FanoutPusher => (
             Some(FanoutTier::start_with(paths, nodes, &target_env(target)).await),
             None,
         ),
+        Target::Sockudo => panic!("Sockudo is measured in fan-out and pusher-publish only"),
         Target::Nats => (None, Some(nats_tier(nodes, 0))),
     };
     let (holders, urls): (Vec<u32>, Vec<String>) = match (&fanout, &nats) {
@@ -498,10 +550,12 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
         | Target::FanoutSse
         | Target::FanoutPoll
         | Target::FanoutWt
-        | Target::FanoutMsgpack => (
+        | Target::FanoutMsgpack
+        | Target::FanoutPusher => (
             Some(FanoutTier::start_with(paths, 1, &target_env(target)).await),
             None,
         ),
+        Target::Sockudo => panic!("Sockudo is measured in fan-out and pusher-publish only"),
         Target::Nats => (None, Some(nats_tier(1, 0))),
     };
     let urls = match (&fanout, &nats) {
@@ -554,6 +608,7 @@ pub async fn join_storm(paths: &Paths, clients: usize, storm: usize, rate: u64) 
             storming.is_some().then_some(stopped),
             100,
             false,
+            None,
         )
         .await;
         let secs = started.elapsed().as_secs_f64();
@@ -612,6 +667,58 @@ pub async fn publish(
     Publish {
         publishers,
         batch,
+        seconds: secs,
+        acked,
+        errors,
+        acked_per_sec: acked as f64 / secs as f64,
+        request_ms: Quantiles::of(&hist),
+        server_cpu_us_per_event: per_event(used),
+        api_cpu_us_per_event: per_event(api),
+        nats_cpu_us_per_event: per_event(used - api),
+        loadgen_cpu_us_per_event: per_event(self_cpu() - loadgen_before),
+    }
+}
+
+/// Pusher's publish path, closed loop: `publishers` connections each POST one signed event at
+/// a time to `/apps/{id}/events` of fanout's API (one ws node behind it), or of one Sockudo
+/// process. The server CPU is the API's and nats-server's, or Sockudo's and nats-server's.
+pub async fn pusher_publish(
+    paths: &Paths,
+    sockudo: bool,
+    publishers: usize,
+    secs: u64,
+    payload: usize,
+) -> Publish {
+    let (fanout, other) = match sockudo {
+        false => (
+            Some(FanoutTier::start_with(paths, 1, &target_env(Target::FanoutPusher)).await),
+            None,
+        ),
+        true => (None, Some(SockudoTier::start(1).await)),
+    };
+    let (url, servers) = match (&fanout, &other) {
+        (Some(t), _) => (t.api_url(), vec![t.api.child.id(), t.nats.pid()]),
+        (_, Some(s)) => (s.api_url(), s.servers()),
+        _ => unreachable!(),
+    };
+    let front = servers[0];
+    let (before, front_before, loadgen_before) =
+        (cpu(&servers), tier::cpu_seconds(front), self_cpu());
+    let (acked, errors, hist) = load::publish_closed_loop_to(
+        &url,
+        publishers,
+        0,
+        Duration::from_secs(secs),
+        payload,
+        Some(load::pusher_app()),
+    )
+    .await;
+    let used = cpu(&servers) - before;
+    let api = tier::cpu_seconds(front) - front_before;
+    let per_event = |cpu: f64| cpu * 1e6 / acked.max(1) as f64;
+    Publish {
+        publishers,
+        batch: 0,
         seconds: secs,
         acked,
         errors,

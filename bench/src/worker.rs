@@ -46,6 +46,19 @@ pub enum Target {
     FanoutWt,
     /// fanout over WebSocket with the `fanout.msgpack` subprotocol (MessagePack frames).
     FanoutMsgpack,
+    /// fanout over WebSocket in Pusher's protocol (`/app/{key}`), publishing through
+    /// `POST /apps/{id}/events`.
+    FanoutPusher,
+    /// Sockudo (a Pusher-protocol server), the same clients and publishes as
+    /// [`Target::FanoutPusher`].
+    Sockudo,
+}
+
+impl Target {
+    /// Speaks Pusher's protocol.
+    pub fn is_pusher(self) -> bool {
+        matches!(self, Target::FanoutPusher | Target::Sockudo)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +203,18 @@ fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
     let end = start + text[start..].iter().position(|&b| b == b'"')?;
     let data = end + text[end..].windows(8).position(|w| w == b"\"data\":{")? + 7;
     let (t, n) = payload(text, data)?;
+    Some((&text[start..end], t, n))
+}
+
+/// A Pusher event frame (fanout's or Sockudo's): (channel, t, n), the payload a JSON string
+/// in `data`. Fast path: no JSON parse.
+fn pusher_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
+    let find = |key: &[u8]| text.windows(key.len()).position(|w| w == key);
+    let start = find(br#""channel":""#)? + br#""channel":""#.len();
+    let end = start + text[start..].iter().position(|&b| b == b'"')?;
+    let data = find(br#""data":""#)?;
+    let (t, at) = number_after(text, br#"{\"t\":"#, data)?;
+    let (n, _) = number_after(text, br#"\"n\":"#, at)?;
     Some((&text[start..end], t, n))
 }
 
@@ -577,11 +602,38 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
             return Ok(Conn::Wt(Box::new(Wt::open(url, &channels).await?)));
         }
         Target::Fanout | Target::FanoutMsgpack | Target::Nats => {}
+        Target::FanoutPusher | Target::Sockudo => {
+            let mut ws = open(url, job.source, false).await?;
+            ws.until(|f| contains(f, b"pusher:connection_established"))
+                .await?;
+            if job.mode != Mode::Storm {
+                let channels = job_channels(job, i);
+                for channel in &channels {
+                    let request = format!(
+                        r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#
+                    );
+                    ws.send(0x1, request.as_bytes()).await?;
+                }
+                let mut left = channels.len();
+                ws.until(|f| {
+                    if contains(f, b"subscription_succeeded") {
+                        left -= 1;
+                    }
+                    left == 0
+                })
+                .await?;
+            }
+            return Ok(Conn::Socket(ws));
+        }
     }
     let mut ws = open(url, job.source, job.target == Target::FanoutMsgpack).await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
-        Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt => unreachable!(),
+        Target::FanoutSse
+        | Target::FanoutPoll
+        | Target::FanoutWt
+        | Target::FanoutPusher
+        | Target::Sockudo => unreachable!(),
         Target::FanoutMsgpack => {
             // MessagePack strings are their UTF-8 bytes: the ops show as they are.
             ws.until(|f| contains(f, b"welcome")).await?;
@@ -657,6 +709,13 @@ fn count(
         (0x8, _) => closed = true,
         (_, Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt) => {
             if let Some((channel, t, n)) = fanout_event(data) {
+                shared.hist.record(now.saturating_sub(t));
+                shared.received += 1;
+                seen.saw(channel, n);
+            }
+        }
+        (_, Target::FanoutPusher | Target::Sockudo) => {
+            if let Some((channel, t, n)) = pusher_event(data) {
                 shared.hist.record(now.saturating_sub(t));
                 shared.received += 1;
                 seen.saw(channel, n);
