@@ -157,7 +157,10 @@ impl App {
     /// The query that signs a request to the HTTP API (`method`, `path`, `body`) at `now`
     /// (unix seconds), as Pusher's server libraries sign it.
     pub fn sign_request(&self, method: &str, path: &str, body: &[u8], now: u64) -> String {
-        let mut query = format!("auth_key={}&auth_timestamp={now}&auth_version=1.0", self.key);
+        let mut query = format!(
+            "auth_key={}&auth_timestamp={now}&auth_version=1.0",
+            self.key
+        );
         if !body.is_empty() {
             query = format!("{query}&body_md5={}", body_md5(body));
         }

@@ -107,7 +107,9 @@ async fn pushers_server_library_publishes_to_fanout_clients() {
     assert_eq!(seen["unknownApp"]["status"], 404, "{seen}");
     assert_eq!(seen["stale"]["status"], 401, "{seen}");
     assert!(
-        seen["stale"]["body"].to_string().contains("timestamp expired"),
+        seen["stale"]["body"]
+            .to_string()
+            .contains("timestamp expired"),
         "{seen}"
     );
     assert_eq!(seen["badSocketId"]["status"], 400, "{seen}");

@@ -66,7 +66,8 @@ impl Http1 {
         let length = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
         self.closing = head.lines().any(|line| {
             line.split_once(':').is_some_and(|(name, value)| {
-                name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+                name.eq_ignore_ascii_case("connection")
+                    && value.trim().eq_ignore_ascii_case("close")
             })
         });
         while self.buf.len() < head_end + length {

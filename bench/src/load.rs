@@ -255,7 +255,8 @@ pub fn pusher_app() -> fanout::pusher::App {
 /// One event as `POST /apps/{id}/events` takes it (its data a string, as Pusher's libraries
 /// send it), and the signed path to post it to.
 pub fn pusher_request(app: &fanout::pusher::App, channel: &str, payload: &str) -> (String, String) {
-    let body = serde_json::json!({"name": "bench", "channel": channel, "data": payload}).to_string();
+    let body =
+        serde_json::json!({"name": "bench", "channel": channel, "data": payload}).to_string();
     let path = format!("/apps/{}/events", app.id);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -413,7 +414,8 @@ pub async fn publish_closed_loop_to(
                     let sent = Instant::now();
                     if let Some(app) = &pusher {
                         n += 1;
-                        let (path, request) = pusher_request(app, &format!("pub{p}"), &body(n, size));
+                        let (path, request) =
+                            pusher_request(app, &format!("pub{p}"), &body(n, size));
                         match http.post(&path, request.as_bytes()).await {
                             Ok((200, _)) => {
                                 acked += 1;

@@ -41,6 +41,9 @@ pub enum Scenario {
     /// The app's backend in the loop: connect with the connect hook on against off, rpc
     /// round trips, one user's 1,000 connections over 3 nodes disconnected at once.
     Control,
+    /// Pusher's protocol: fan-out CPU against fanout's own protocol (3,000 × 100), and
+    /// `POST /apps/{id}/events` with 16 publishers; both against Sockudo 5.2 when installed.
+    Pusher,
 }
 
 /// What a figure must be.
@@ -286,6 +289,7 @@ impl Suite<'_> {
             Scenario::JoinStorm => self.join_storm(report).await,
             Scenario::Presence => self.presence(report).await,
             Scenario::Control => self.control(report).await,
+            Scenario::Pusher => self.pusher(report).await,
         }
     }
 
@@ -661,6 +665,86 @@ impl Suite<'_> {
             ],
         );
         report.run("control", c);
+    }
+
+    async fn pusher(&self, report: &mut Report) {
+        let sockudo = crate::sockudo::available();
+        if !sockudo {
+            println!(
+                "pusher: Sockudo is not installed (cargo install sockudo --version 5.2.0 \
+                 --features nats, or FANOUT_BENCH_SOCKUDO): its rows are left out"
+            );
+        }
+        let cpu = self.one_channel(self.scale(3000), 100, 10);
+        let json = self
+            .fan_out("pusher (fanout's protocol)", cpu, Target::Fanout)
+            .await;
+        let pusher = self
+            .fan_out("pusher (Pusher's)", cpu, Target::FanoutPusher)
+            .await;
+        let q = |run: &FanOut| run.latency.quantile_ms(0.99);
+        report.row(
+            format!("fan-out {}×{} ev/s, Pusher clients", cpu.clients, cpu.rate),
+            vec![
+                Figure::new("server CPU µs per delivery", pusher.cpu_us(), 2)
+                    .against("fanout's protocol", json.cpu_us())
+                    .goal(Goal::AtMostTimesBaseline(1.1)),
+                Figure::new("p99 latency, ms", q(&pusher), 2)
+                    .against("fanout's protocol", q(&json)),
+            ],
+        );
+        let other = match sockudo {
+            true => Some(self.fan_out("pusher (Sockudo)", cpu, Target::Sockudo).await),
+            false => None,
+        };
+        if let Some(other) = &other {
+            report.row(
+                "  the same clients on Sockudo 5.2",
+                vec![
+                    Figure::new("server CPU µs per delivery", pusher.cpu_us(), 2)
+                        .against("Sockudo", other.cpu_us()),
+                    Figure::new("p99 latency, ms", q(&pusher), 2).against("Sockudo", q(other)),
+                ],
+            );
+        }
+        println!("pusher: 16 closed-loop publishers through POST /apps/{{id}}/events");
+        let publish = crate::suite::pusher_publish(self.paths, false, 16, 5, 100).await;
+        println!("  fanout  {publish:?}");
+        let theirs = match sockudo {
+            true => {
+                let r = crate::suite::pusher_publish(self.paths, true, 16, 5, 100).await;
+                println!("  Sockudo {r:?}");
+                Some(r)
+            }
+            false => None,
+        };
+        let mut figures = vec![
+            Figure::new("events/s acknowledged", publish.acked_per_sec, 0),
+            Figure::new(
+                "server CPU µs per event",
+                publish.server_cpu_us_per_event,
+                1,
+            ),
+        ];
+        if let Some(theirs) = &theirs {
+            figures[0] = Figure::new("events/s acknowledged", publish.acked_per_sec, 0)
+                .against("Sockudo", theirs.acked_per_sec);
+            figures[1] = Figure::new(
+                "server CPU µs per event",
+                publish.server_cpu_us_per_event,
+                1,
+            )
+            .against("Sockudo", theirs.server_cpu_us_per_event);
+        }
+        report.row(
+            "POST /apps/{id}/events, 16 publishers (fanout: stored)",
+            figures,
+        );
+        report.run(
+            "pusher",
+            json!({"spec": format!("{cpu:?}"), "fanout": json.json(), "pusher": pusher.json(),
+                "sockudo": other.as_ref().map(FanOut::json), "publish": publish, "sockudo_publish": theirs}),
+        );
     }
 
     async fn presence(&self, report: &mut Report) {

@@ -36,6 +36,16 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("sockudo"))
 }
 
+/// Whether the Sockudo binary is there.
+pub fn available() -> bool {
+    Command::new(binary())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A port free a moment ago.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -63,7 +73,10 @@ impl SockudoTier {
                     .env("SOCKUDO_DEFAULT_APP_KEY", key)
                     .env("SOCKUDO_DEFAULT_APP_SECRET", secret)
                     .env("SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS", "1000000")
-                    .env("SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND", "1000000")
+                    .env(
+                        "SOCKUDO_DEFAULT_APP_MAX_BACKEND_EVENTS_PER_SECOND",
+                        "1000000",
+                    )
                     .env("METRICS_ENABLED", "false")
                     .env("RATE_LIMITER_ENABLED", "false")
                     .env("IDEMPOTENCY_ENABLED", "false")

@@ -10,8 +10,8 @@ use crate::{
     hist::Histogram,
     load::{self, Workers},
     outcome::{Idle, JoinStorm, Phase, Publish, Quantiles, Storm},
-    tier::{self, NatsCluster, NatsServer, Paths, Process},
     sockudo::SockudoTier,
+    tier::{self, NatsCluster, NatsServer, Paths, Process},
     worker::{Mode, Target},
 };
 
