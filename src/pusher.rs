@@ -72,6 +72,32 @@ pub fn apps(setting: &str) -> Result<Vec<App>, String> {
     Ok(apps)
 }
 
+/// How a signed-in user's channel (`#server-to-user-<id>`, where the events the app sends to
+/// the user go) begins in Pusher's names.
+pub const USER_CHANNEL: &str = "#server-to-user-";
+
+/// How it begins in fanout's names: `#` cannot be in a fanout name, and `:` is in no Pusher
+/// name, so no other Pusher channel is called so.
+pub const FANOUT_USER_CHANNEL: &str = "server-to-user:";
+
+/// The fanout name of a Pusher channel name (before the app's prefix): the same, but for a
+/// user's channel ([`USER_CHANNEL`] → [`FANOUT_USER_CHANNEL`]).
+pub fn fanout_name(pusher: &str) -> std::borrow::Cow<'_, str> {
+    match pusher.strip_prefix(USER_CHANNEL) {
+        Some(user) => format!("{FANOUT_USER_CHANNEL}{user}").into(),
+        None => pusher.into(),
+    }
+}
+
+/// The Pusher name of a fanout channel name (the app's prefix taken off): [`fanout_name`]
+/// undone.
+pub fn pusher_name(fanout: &str) -> std::borrow::Cow<'_, str> {
+    match fanout.strip_prefix(FANOUT_USER_CHANNEL) {
+        Some(user) => format!("{USER_CHANNEL}{user}").into(),
+        None => fanout.into(),
+    }
+}
+
 /// A connection's socket id as Pusher's libraries take it (`<digits>.<digits>`): its id's
 /// two halves, so that [`conn_of`] finds the connection again.
 pub fn socket_id(conn: &uuid::Uuid) -> String {
@@ -151,6 +177,19 @@ impl App {
         channel_data: Option<&str>,
     ) -> bool {
         let expected = self.channel_auth(socket_id, channel, channel_data);
+        crate::secret::same(expected.as_bytes(), auth.as_bytes())
+    }
+
+    /// The signature of a user's sign-in on `socket_id` (`pusher:signin`):
+    /// `key:hex(HMAC-SHA256(secret, "socket_id::user::user_data"))`.
+    pub fn user_auth(&self, socket_id: &str, user_data: &str) -> String {
+        let signature = sign(&self.secret, &format!("{socket_id}::user::{user_data}"));
+        format!("{}:{signature}", self.key)
+    }
+
+    /// Whether `auth` is [`App::user_auth`]'s signature.
+    pub fn verify_user_auth(&self, auth: &str, socket_id: &str, user_data: &str) -> bool {
+        let expected = self.user_auth(socket_id, user_data);
         crate::secret::same(expected.as_bytes(), auth.as_bytes())
     }
 
@@ -323,5 +362,24 @@ mod tests {
             app.verify_request("POST", "/apps/3/events", &params, body, 1_353_088_179),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_users_channel_has_a_fanout_name_and_back() {
+        assert_eq!(fanout_name("#server-to-user-ada"), "server-to-user:ada");
+        assert_eq!(pusher_name("server-to-user:ada"), "#server-to-user-ada");
+        assert_eq!(fanout_name("private-room"), "private-room");
+        assert_eq!(pusher_name("private-room"), "private-room");
+        assert!(crate::Channel::parse(&fanout_name("#server-to-user-ada")).is_ok());
+    }
+
+    /// A sign-in signed as Pusher's server library signs it (`authenticateUser`).
+    #[test]
+    fn a_users_sign_in_is_signed_as_pusher_signs_it() {
+        let app = app();
+        let auth = app.user_auth("1234.1234", r#"{"id":"ada"}"#);
+        assert!(auth.starts_with("278d425bdf160c739803:"));
+        assert!(app.verify_user_auth(&auth, "1234.1234", r#"{"id":"ada"}"#));
+        assert!(!app.verify_user_auth(&auth, "1234.1235", r#"{"id":"ada"}"#));
     }
 }

@@ -230,6 +230,9 @@ async fn pusher_js_on_three_nodes_with_pushers_server_library() {
     assert_eq!(seen["adaCount"], 1, "{seen}");
     assert_eq!(seen["disconnectStatus"], 200, "{seen}");
     assert_eq!(seen["newSocketId"], true, "{seen}");
+    assert_eq!(seen["notice"], json!({"hello": "ada"}), "{seen}");
+    assert_eq!(seen["terminate"], 200, "{seen}");
+    assert_ne!(seen["stateAfterTerminate"], "connecting", "{seen}");
     // The fanout client on the same channel: the same events, with their names (Pusher's
     // data is a string: the server library sent JSON text).
     for id in [1, 2] {

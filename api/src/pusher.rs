@@ -87,7 +87,8 @@ impl Signed {
 
     /// The fanout channel of the app's channel `name`.
     fn channel(&self, name: &str) -> Result<Channel, ApiError> {
-        let channel = Channel::parse(&format!("{}{name}", self.app.prefix))
+        let fanout = fanout::pusher::fanout_name(name);
+        let channel = Channel::parse(&format!("{}{fanout}", self.app.prefix))
             .map_err(ApiError::invalid_channel)?;
         if channel.is_internal() || channel.is_broadcast() {
             return Err(bad(
@@ -305,8 +306,12 @@ async fn channels(
     let channels: serde_json::Map<String, Value> = found
         .into_keys()
         .filter_map(|name| {
-            let name = name.strip_prefix(signed.app.prefix.as_str())?.to_string();
-            Some((name, json!({})))
+            let name = name.strip_prefix(signed.app.prefix.as_str())?;
+            // Users' channels are not channels to Pusher's API.
+            if name.starts_with(fanout::pusher::FANOUT_USER_CHANNEL) {
+                return None;
+            }
+            Some((name.to_string(), json!({})))
         })
         .collect();
     Ok(Json(json!({"channels": channels})).into_response())

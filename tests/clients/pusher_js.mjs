@@ -11,7 +11,8 @@ const [, , wsAddrs, api, appId, key, secret] = process.argv;
 const nodes = wsAddrs.split(",");
 const url = new URL(api);
 const server = new Pusher({ appId, key, secret, host: url.hostname, port: url.port, useTLS: false });
-const seen = { events: [], step: "start" };
+const seen = { events: [], step: "start", times: {} };
+const t0 = Date.now();
 // Each wait is bounded; the timers do not keep Node alive once everything is done.
 const bound = (ms, what) =>
   new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms).unref());
@@ -23,6 +24,15 @@ const connect = async (n, user) => {
   const [wsHost, wsPort] = nodes[n].split(":");
   const client = new PusherJs(key, {
     wsHost, wsPort: Number(wsPort), forceTLS: false, enabledTransports: ["ws"], cluster: "local",
+    userAuthentication: {
+      customHandler: ({ socketId }, callback) => {
+        try {
+          callback(null, server.authenticateUser(socketId, { id: user, name: user.toUpperCase() }));
+        } catch (error) {
+          callback(error, null);
+        }
+      },
+    },
     channelAuthorization: {
       customHandler: ({ socketId, channelName }, callback) => {
         try {
@@ -140,6 +150,7 @@ try {
   seen.removed.push((await removed).data.id);
   seen.adaCount = lobby.members.count;
 
+  seen.times.presence = Date.now() - t0;
   seen.step = "reconnect";
   // fanout's API closes ada's connection with "reconnect" (4005; Pusher's 4100): pusher-js
   // connects again, with a new socket id, subscribes again, and gets what comes next.
@@ -166,10 +177,38 @@ try {
   const two = next(orders, "order-placed");
   await server.trigger("orders", "order-placed", { id: 2 });
   seen.events.push((await two).data);
+
+  seen.times.reconnect = Date.now() - t0;
+  seen.step = "sign-in";
+  // Ada signs in: what the app sends her (sendToUser) reaches her; then the app ends her
+  // connections (terminateUserConnections), and pusher-js does not come back.
+  ada.signin();
+  await within(
+    (async () => {
+      while (!ada.user.serverToUserChannel?.subscribed) await new Promise((r) => setTimeout(r, 10));
+    })(),
+    "signed in",
+  );
+  const notice = within(new Promise((resolve) => ada.user.bind("notice", resolve)), "notice");
+  await server.sendToUser("ada", "notice", { hello: "ada" });
+  seen.notice = await notice;
+  const ended = within(
+    new Promise((resolve) =>
+      ada.connection.bind("state_change", ({ current }) => current !== "connected" && resolve(current)),
+    ),
+    "terminated",
+  );
+  const closes = [];
+  ada.connection.bind("error", (error) => closes.push(error?.data?.code ?? error?.type));
+  seen.terminate = (await server.terminateUserConnections("ada")).status;
+  seen.stateAfterTerminate = await ended;
+  seen.times.done = Date.now() - t0;
   seen.step = "done";
   console.log(JSON.stringify(seen));
 } catch (error) {
   console.log(JSON.stringify({ ...seen, error: String(error) }));
 } finally {
   for (const client of clients) client.disconnect();
+  // A connection the app ended leaves pusher-js's timers behind (30 s): done is done.
+  process.exit(0);
 }

@@ -203,6 +203,36 @@ impl Conns {
         out
     }
 
+    /// Connection `id` is `user`'s from now on (a Pusher connection's sign-in): found by
+    /// `user` ([`Conns::of_user`]) and a member as `user` of the channels it joins next.
+    pub fn set_user(&self, id: ConnId, user: &str) {
+        let user: Arc<str> = user.into();
+        let old = {
+            let mut conns = self.shard(&id);
+            let Some(conn) = conns.get_mut(&id) else {
+                return;
+            };
+            conn.profile = Arc::new(Profile {
+                user: user.clone(),
+                info: conn.profile.info.clone(),
+            });
+            std::mem::replace(&mut conn.about.user, user.clone())
+        };
+        if old == user {
+            return;
+        }
+        {
+            let mut users = self.user_shard(&old);
+            if let Some(conns) = users.get_mut(&old) {
+                conns.retain(|c| *c != id);
+                if conns.is_empty() {
+                    users.remove(&old);
+                }
+            }
+        }
+        self.user_shard(&user).entry(user).or_default().push(id);
+    }
+
     /// Records connection `id`'s new token (a `refresh`).
     pub fn set_token(&self, id: ConnId, jti: Option<&str>, issued_at: Option<u64>) {
         if let Some(conn) = self.shard(&id).get_mut(&id) {

@@ -57,6 +57,15 @@ impl Session {
         subscribe::join(self, channel, true, Some(info), None, |_| {}).await
     }
 
+    /// The connection is `user`'s from now on (a Pusher connection's sign-in, checked by the
+    /// dialect): the app's backend reaches it as `user`'s (`POST
+    /// /v1/users/{user}/disconnect`, Pusher's `terminate_connections`), and it joins channels
+    /// as `user`.
+    pub fn sign_in(&mut self, user: &str) {
+        self.identity.user = user.to_string();
+        self.node.hub().conns().set_user(self.conn, user);
+    }
+
     /// A Pusher client event on `channel` (checked by the dialect: a private or presence
     /// channel the connection is in): published for every other connection in it, within the
     /// publish rate.

@@ -1,13 +1,22 @@
 //! The Pusher protocol as a dialect over the WebSocket transport (`GET /app/{key}`), for
-//! pusher-js and Laravel Echo. WORK IN PROGRESS (issue 29): public, private and presence
-//! channels (members across nodes: the member's info is Pusher's `{user_id, user_info}`, as
-//! the app signed it), events, pings; client events and `socket_id` exclusion are not there
-//! yet, and members are added and removed per connection, not per user.
+//! pusher-js and Laravel Echo: public, private and presence channels (members across nodes,
+//! by user: the member's info is Pusher's `{user_id, user_info}`, as the app signed it),
+//! client events (`client-*` on the private and presence channels it signed into, within the
+//! publish rate, never echoed), events that leave a `socket_id` out, the user sign-in
+//! (`pusher:signin`, then `#server-to-user-<id>`), pings, and Pusher's close codes.
 //!
 //! Its requests are translated into the session's (a `pusher:subscribe` is a `subscribe`,
 //! once a private channel's signature holds), and what the node sends is framed Pusher's way:
 //! an event is `{"event","channel","data"}` (`data` a string: a JSON string as is, any other
-//! JSON as its text), made once per event for every Pusher connection.
+//! JSON as its text), made once per event for every Pusher connection; what differs per
+//! connection (left out, a member's first or last connection, an app's prefix) is decided as
+//! each connection writes it ([`WebSocketPusher`]).
+//!
+//! Beyond the dialect it needs of the rest: an event's name and the connection it leaves out
+//! (`Fanout-Event`, `Fanout-Exclude` on the NATS message, [`crate::sink::Outgoing::exclude`]),
+//! [`crate::session::Session::join_as`], `client_event` and `sign_in` (a member's info that
+//! is not the token's, a publish that is not the token's to allow, a user that is not the
+//! token's), and [`crate::hub::Conns::set_user`].
 
 use std::{
     collections::{HashMap, HashSet},
@@ -237,7 +246,17 @@ fn event(json: &[u8]) -> Option<String> {
         other => other.to_string(),
     };
     let name = frame["name"].as_str().unwrap_or("message");
-    let mut out = json!({"event": name, "channel": frame["channel"], "data": data});
+    // A user's channel, as Pusher names it (after the app's prefix, which each connection
+    // takes off).
+    let channel = match frame["channel"].as_str()? {
+        c if c.contains(fanout::pusher::FANOUT_USER_CHANNEL) => Value::from(c.replacen(
+            fanout::pusher::FANOUT_USER_CHANNEL,
+            fanout::pusher::USER_CHANNEL,
+            1,
+        )),
+        c => Value::from(c),
+    };
+    let mut out = json!({"event": name, "channel": channel, "data": data});
     // What fanout needs to resume, for a client that knows it.
     if let Some(seq) = frame.get("seq") {
         out["seq"] = seq.clone();
@@ -264,9 +283,11 @@ fn own_frame(json: &str) -> Option<String> {
             let frame = json!({"event": "pusher:connection_established", "data": data.to_string()});
             Some(frame.to_string())
         }
+        // Its request's id is the channel's Pusher name (a user's channel's differs).
         "subscribed" => Some(
             json!({"event": "pusher_internal:subscription_succeeded",
-                "channel": channel, "data": "{}"})
+                "channel": frame.get("id").filter(|id| id.is_string()).or(channel.as_ref()),
+                "data": "{}"})
             .to_string(),
         ),
         "pong" => Some(json!({"event": "pusher:pong", "data": "{}"}).to_string()),
@@ -431,6 +452,7 @@ pub(crate) async fn upgrade(
                 app,
                 socket_id: socket_id(&conn),
                 channels: HashSet::new(),
+                user: None,
             };
             connection.run(transport, None).await;
         }
@@ -453,6 +475,24 @@ struct PusherFrames {
     /// The private and presence channels it asked for with a valid signature (Pusher names):
     /// where its client events may go.
     channels: HashSet<String>,
+    /// Who signed in on it (`pusher:signin`), if anyone did.
+    user: Option<String>,
+}
+
+/// The fanout channel of app's Pusher channel `name` (letters, digits and `-_=@,.;` as
+/// Pusher has them, or a user's channel; none of fanout's own names with a `:`).
+fn channel_of(app: &App, name: &str) -> Result<fanout::Channel, String> {
+    let pusher = name
+        .strip_prefix(fanout::pusher::USER_CHANNEL)
+        .unwrap_or(name);
+    if let Some(c) = pusher
+        .chars()
+        .find(|c| !c.is_ascii_alphanumeric() && !"-_=@,.;".contains(*c))
+    {
+        return Err(format!("{name:?}: {c:?} is not in Pusher's channel names"));
+    }
+    let fanout = fanout::pusher::fanout_name(name);
+    fanout::Channel::parse(&format!("{}{fanout}", app.prefix)).map_err(|e| format!("{name:?}: {e}"))
 }
 
 /// What one Pusher message asks of the session.
@@ -463,6 +503,8 @@ enum Action {
     Presence(String, Value),
     /// A client event.
     ClientEvent(fanout::Channel, fanout::Data),
+    /// A user signed in (their id, and `user_data` as the app signed it).
+    SignIn(String, String),
     /// Nothing to do.
     Nothing,
 }
@@ -470,8 +512,7 @@ enum Action {
 impl PusherFrames {
     /// The fanout channel of a Pusher channel name.
     fn channel(&self, name: &str) -> Result<fanout::Channel, String> {
-        fanout::Channel::parse(&format!("{}{name}", self.app.prefix))
-            .map_err(|e| format!("{name:?}: {e}"))
+        channel_of(&self.app, name)
     }
 
     /// A private or presence channel's signature, checked.
@@ -557,9 +598,34 @@ impl PusherFrames {
                 let request = json!({"op": "unsubscribe", "channel": channel.as_str()});
                 Ok(Action::Request(request.to_string()))
             }
-            "pusher:signin" => Err(error(
-                "user sign-in (pusher:signin) is not offered here; presence channels name users",
-            )),
+            "pusher:signin" => {
+                if self.user.is_some() {
+                    return Err(error("this connection is signed in already"));
+                }
+                let auth = data["auth"].as_str().unwrap_or_default();
+                let user_data = data["user_data"]
+                    .as_str()
+                    .ok_or_else(|| error("pusher:signin without user_data"))?;
+                if !self.app.verify_user_auth(auth, &self.socket_id, user_data) {
+                    return Err(pusher_error(
+                        Some(4009),
+                        &format!(
+                            "Invalid signature: expected HMAC SHA256 hex digest of \
+                             {}::user::{user_data}",
+                            self.socket_id
+                        ),
+                    ));
+                }
+                let user = serde_json::from_str::<Value>(user_data)
+                    .ok()
+                    .and_then(|d| d["id"].as_str().map(String::from))
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| error("user_data is JSON with an \"id\" string"))?;
+                let channel = format!("{}{user}", fanout::pusher::USER_CHANNEL);
+                self.channel(&channel)
+                    .map_err(|e| error(&format!("the user id cannot name a channel: {e}")))?;
+                Ok(Action::SignIn(user, user_data.to_string()))
+            }
             name if name.starts_with("client-") => {
                 let channel = message["channel"]
                     .as_str()
@@ -636,6 +702,13 @@ impl PusherFrames {
                     }
                     Ok(Action::ClientEvent(channel, data)) => {
                         Box::pin(conn.session.client_event(channel, data)).await
+                    }
+                    Ok(Action::SignIn(user, user_data)) => {
+                        conn.session.sign_in(&user);
+                        self.user = Some(user);
+                        let data = json!({"user_data": user_data}).to_string();
+                        let success = json!({"event": "pusher:signin_success", "data": data});
+                        conn.outbox.send_raw(text(&success.to_string()));
                     }
                     Ok(Action::Nothing) => {}
                     Err(refused) => conn.outbox.send_raw(text(&refused)),
@@ -734,6 +807,39 @@ mod tests {
             if op == "join" { "join" } else { "leave" },
             json.to_string(),
         )
+    }
+
+    #[test]
+    fn pusher_names_are_fanout_channels_and_no_other() {
+        let app = fanout::pusher::apps("1:key:secret-one:acme.")
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            channel_of(&app, "private-room").unwrap().as_str(),
+            "acme.private-room"
+        );
+        assert_eq!(
+            channel_of(&app, "#server-to-user-ada").unwrap().as_str(),
+            "acme.server-to-user:ada"
+        );
+        // A user's channel in fanout's name, a fanout channel Pusher cannot name.
+        assert!(channel_of(&app, "server-to-user:ada").is_err());
+        assert!(channel_of(&app, "room:maths").is_err());
+        assert!(channel_of(&app, "#server-to-user-a:b").is_err());
+    }
+
+    #[test]
+    fn a_users_channel_is_named_as_pusher_names_it() {
+        let frame = Outgoing::event(
+            1,
+            r#"{"op":"event","channel":"acme.server-to-user:ada","seq":1,"name":"notice","data":"x"}"#,
+        );
+        let mut framing = WebSocketPusher::new(Uuid::new_v4(), "acme.");
+        let seen = written(&mut framing, "acme.server-to-user:ada", &frame);
+        assert!(
+            seen[0].contains(r##""channel":"#server-to-user-ada""##),
+            "{seen:?}"
+        );
     }
 
     #[test]
