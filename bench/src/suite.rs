@@ -652,17 +652,28 @@ pub async fn publish(
 ) -> Publish {
     let tier = FanoutTier::start(paths, 1).await;
     let servers = [tier.api.child.id(), tier.nats.pid()];
-    let (before, api_before, loadgen_before) = (cpu(&servers), tier.api.cpu_seconds(), self_cpu());
-    let (acked, errors, hist) = load::publish_closed_loop(
-        &tier.api_url(),
-        publishers,
-        batch,
-        Duration::from_secs(secs),
-        payload,
-    )
-    .await;
-    let used = cpu(&servers) - before;
-    let api = tier.api.cpu_seconds() - api_before;
+    let url = tier.api_url();
+    let publishing =
+        load::publish_closed_loop(&url, publishers, batch, Duration::from_secs(secs), payload);
+    measured(&servers, publishers, batch, secs, publishing).await
+}
+
+/// What `publishing` (closed-loop publishers: events acknowledged, errors, request times)
+/// got and cost `servers` (the front first: the API, or Sockudo; the rest is counted as
+/// nats-server's) and the load generator.
+async fn measured(
+    servers: &[u32],
+    publishers: usize,
+    batch: usize,
+    secs: u64,
+    publishing: impl std::future::Future<Output = (u64, u64, Histogram)>,
+) -> Publish {
+    let front = servers[0];
+    let (before, front_before, loadgen_before) =
+        (cpu(servers), tier::cpu_seconds(front), self_cpu());
+    let (acked, errors, hist) = publishing.await;
+    let used = cpu(servers) - before;
+    let api = tier::cpu_seconds(front) - front_before;
     let per_event = |cpu: f64| cpu * 1e6 / acked.max(1) as f64;
     Publish {
         publishers,
@@ -701,34 +712,15 @@ pub async fn pusher_publish(
         (_, Some(s)) => (s.api_url(), s.servers()),
         _ => unreachable!(),
     };
-    let front = servers[0];
-    let (before, front_before, loadgen_before) =
-        (cpu(&servers), tier::cpu_seconds(front), self_cpu());
-    let (acked, errors, hist) = load::publish_closed_loop_to(
+    let publishing = load::publish_closed_loop_to(
         &url,
         publishers,
         0,
         Duration::from_secs(secs),
         payload,
         Some(load::pusher_app()),
-    )
-    .await;
-    let used = cpu(&servers) - before;
-    let api = tier::cpu_seconds(front) - front_before;
-    let per_event = |cpu: f64| cpu * 1e6 / acked.max(1) as f64;
-    Publish {
-        publishers,
-        batch: 0,
-        seconds: secs,
-        acked,
-        errors,
-        acked_per_sec: acked as f64 / secs as f64,
-        request_ms: Quantiles::of(&hist),
-        server_cpu_us_per_event: per_event(used),
-        api_cpu_us_per_event: per_event(api),
-        nats_cpu_us_per_event: per_event(used - api),
-        loadgen_cpu_us_per_event: per_event(self_cpu() - loadgen_before),
-    }
+    );
+    measured(&servers, publishers, 0, secs, publishing).await
 }
 
 pub fn describe(label: &str, o: &FanOut) {

@@ -607,21 +607,10 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
             ws.until(|f| contains(f, b"pusher:connection_established"))
                 .await?;
             if job.mode != Mode::Storm {
-                let channels = job_channels(job, i);
-                for channel in &channels {
-                    let request = format!(
-                        r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#
-                    );
-                    ws.send(0x1, request.as_bytes()).await?;
-                }
-                let mut left = channels.len();
-                ws.until(|f| {
-                    if contains(f, b"subscription_succeeded") {
-                        left -= 1;
-                    }
-                    left == 0
-                })
-                .await?;
+                let requests = job_channels(job, i).into_iter().map(|channel| {
+                    format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#)
+                });
+                subscribe_all(&mut ws, requests, b"subscription_succeeded").await?;
             }
             return Ok(Conn::Socket(ws));
         }
@@ -656,19 +645,10 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
         Target::Fanout => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
-                let channels = job_channels(job, i);
-                for channel in &channels {
-                    let request = format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#);
-                    ws.send(0x1, request.as_bytes()).await?;
-                }
-                let mut left = channels.len();
-                ws.until(|f| {
-                    if contains(f, b"\"subscribed\"") {
-                        left -= 1;
-                    }
-                    left == 0
-                })
-                .await?;
+                let requests = job_channels(job, i)
+                    .into_iter()
+                    .map(|channel| format!(r#"{{"op":"subscribe","channel":"{channel}"}}"#));
+                subscribe_all(&mut ws, requests, b"\"subscribed\"").await?;
             }
         }
         Target::Nats => {
@@ -688,6 +668,29 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
         }
     }
     Ok(Conn::Socket(ws))
+}
+
+/// Sends each text request (a subscribe) and waits for as many frames holding `answered`.
+async fn subscribe_all(
+    ws: &mut Socket,
+    requests: impl Iterator<Item = String>,
+    answered: &[u8],
+) -> Result<(), String> {
+    let mut left = 0;
+    for request in requests {
+        ws.send(0x1, request.as_bytes()).await?;
+        left += 1;
+    }
+    if left == 0 {
+        return Ok(());
+    }
+    ws.until(|f| {
+        if contains(f, answered) {
+            left -= 1;
+        }
+        left == 0
+    })
+    .await
 }
 
 /// Counts the frames `ws` has read: latency, deliveries and the sequences seen. Returns

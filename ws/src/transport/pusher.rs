@@ -895,35 +895,19 @@ mod tests {
         assert_eq!(data["presence"]["count"], 2, "{data}");
         assert_eq!(data["presence"]["ids"], json!(["ada", "bo"]), "{data}");
         // Ada's own join, late: nothing. Her second connection going: nothing; bo's: removed.
-        let own = change("join", &me.to_string(), "ada");
-        assert!(written(&mut framing, "presence-lobby", &own).is_empty());
-        assert!(
-            written(
-                &mut framing,
-                "presence-lobby",
-                &change("leave", "a2", "ada")
-            )
-            .is_empty()
-        );
-        let removed = written(&mut framing, "presence-lobby", &change("leave", "b1", "bo"));
+        let mut see = |op: &str, conn: &str, user: &str| {
+            written(&mut framing, "presence-lobby", &change(op, conn, user))
+        };
+        assert!(see("join", &me.to_string(), "ada").is_empty());
+        assert!(see("leave", "a2", "ada").is_empty());
+        let removed = see("leave", "b1", "bo");
         assert!(removed[0].contains("member_removed"), "{removed:?}");
         // Dan's first connection adds him, his second does not; his last removes him.
-        let added = written(&mut framing, "presence-lobby", &change("join", "d1", "dan"));
+        let added = see("join", "d1", "dan");
         assert!(added[0].contains("member_added"), "{added:?}");
-        assert!(written(&mut framing, "presence-lobby", &change("join", "d2", "dan")).is_empty());
-        assert!(
-            written(
-                &mut framing,
-                "presence-lobby",
-                &change("leave", "d1", "dan")
-            )
-            .is_empty()
-        );
-        let removed = written(
-            &mut framing,
-            "presence-lobby",
-            &change("leave", "d2", "dan"),
-        );
+        assert!(see("join", "d2", "dan").is_empty());
+        assert!(see("leave", "d1", "dan").is_empty());
+        let removed = see("leave", "d2", "dan");
         assert!(removed[0].contains("member_removed"), "{removed:?}");
     }
 }
