@@ -79,7 +79,7 @@ pub async fn run(members: usize, nodes: usize) -> Presence {
             info,
         };
         let hub = node.hub();
-        let outbox = Outbox::discarding(WebSocket, Kick::new(CancellationToken::new()));
+        let outbox = Outbox::discarding(WebSocket::default(), Kick::new(CancellationToken::new()));
         let about = About {
             user: profile.user.clone(),
             ..About::default()

@@ -82,6 +82,8 @@ pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     /// Where its payload is in the buffer.
     pub payload: Range<usize>,
@@ -112,6 +114,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Parsed>, &'static str> {
     }
     Ok(Some(Parsed {
         fin: buf[0] & 0x80 != 0,
+        rsv1: buf[0] & 0x40 != 0,
         opcode: buf[0] & 0x0F,
         payload: header..header + len,
         len: header + len,
@@ -154,6 +157,8 @@ pub async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -205,6 +210,7 @@ impl Conn {
                 if let Some(p) = parse(&self.buf).unwrap() {
                     let frame = Frame {
                         fin: p.fin,
+                        rsv1: p.rsv1,
                         opcode: p.opcode,
                         payload: self.buf[p.payload].to_vec(),
                     };
@@ -247,6 +253,22 @@ impl Conn {
                 None => return None,
             }
         }
+    }
+}
+
+impl Conn {
+    /// Connects with `request` (a whole upgrade request), and reads its answer's head, which
+    /// must be `HTTP/1.1 101`: the connection and that head.
+    pub async fn upgraded(addr: SocketAddr, request: &str) -> (Conn, String) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        let head = crate::within(
+            "the handshake's answer",
+            read_head(&mut stream, &mut buf, request.as_bytes(), "HTTP/1.1 101"),
+        )
+        .await
+        .unwrap();
+        (Conn { stream, buf }, head)
     }
 }
 

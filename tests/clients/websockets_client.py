@@ -7,6 +7,7 @@ usage: websockets_client.py WS_BASE_URL API_BASE_URL
 import asyncio
 import json
 import sys
+import urllib.request
 
 from websockets.asyncio.client import connect
 
@@ -89,7 +90,41 @@ async def main():
         await ws.send(json.dumps({"op": "subscribe", "channel": "py", "since": last, "epoch": epoch, "id": 8}))
         event = await until(ws, lambda f: f.get("op") == "event")
         assert event["seq"] == missed["seq"] and event["data"] == {"while": "away"}, event
+
+    await compressed()
     print("websockets client: every step held")
+
+
+def bytes_out():
+    """What the ws node wrote to its clients so far (its metric), bytes."""
+    url = WS.replace("ws://", "http://", 1) + "/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("fanout_ws_bytes_out_total "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def compressed():
+    """permessage-deflate, as `websockets` offers it: negotiated without context takeover
+    either way; a large event arrives compressed (fewer bytes written than its JSON) and
+    whole; the client's own compressed publish is inflated and published."""
+    async with connect(f"{WS}/ws?user=pyz", max_size=2**20) as ws:
+        [deflate] = ws.protocol.extensions
+        assert deflate.name == "permessage-deflate", deflate
+        assert deflate.remote_no_context_takeover and deflate.local_no_context_takeover, vars(deflate)
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"op": "subscribe", "channel": "py:zip", "id": 1}))
+        assert (await until(ws, reply(1)))["op"] == "subscribed"
+        big = {"rows": [{"i": i, "name": f"row {i}", "ok": True} for i in range(200)]}
+        before = bytes_out()
+        post("py:zip", big)
+        event = await until(ws, lambda f: f.get("op") == "event")
+        assert event["data"] == big, event
+        written = bytes_out() - before
+        assert 0 < written < len(json.dumps(big)) / 3, (written, len(json.dumps(big)))
+        await ws.send(json.dumps({"op": "publish", "channel": "py:zip", "data": big, "id": 2}))
+        assert (await until(ws, reply(2)))["op"] == "published"
 
 
 asyncio.run(main())

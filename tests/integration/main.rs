@@ -14,6 +14,7 @@ mod auth;
 mod batch;
 mod bus;
 mod canary;
+mod compression;
 mod conformance;
 mod control;
 mod discovery;

@@ -32,6 +32,28 @@ impl TryFrom<String> for AuthMode {
     }
 }
 
+/// Whether WebSocket clients that offer permessage-deflate get it (`FANOUT_COMPRESSION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum Compression {
+    /// Never negotiated: every frame as it is.
+    Off,
+    /// Negotiated with every client that offers it (RFC 7692), each event compressed once.
+    On,
+}
+
+impl Word for Compression {
+    const WORDS: &'static [(&'static str, Compression)] =
+        &[("off", Compression::Off), ("on", Compression::On)];
+}
+
+impl TryFrom<String> for Compression {
+    type Error = String;
+    fn try_from(word: String) -> Result<Compression, String> {
+        Compression::parse(&word)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
@@ -45,7 +67,12 @@ pub struct Config {
     /// Channels one connection may be in at once.
     pub max_subscriptions: usize,
     /// Largest frame a client may send, bytes; larger ones close the connection with 1009.
+    /// A compressed message counts as it inflates.
     pub max_message_bytes: usize,
+    /// permessage-deflate (RFC 7692) with the WebSocket clients that offer it: `on` or `off`.
+    pub compression: Compression,
+    /// Frames smaller than this many bytes go uncompressed (compressing them gains little).
+    pub compression_min_bytes: usize,
     /// Frames waiting for a connection's socket before it counts as a slow consumer and is
     /// closed (4001).
     pub queue_capacity: usize,
@@ -134,6 +161,8 @@ impl Default for Config {
             heartbeat_secs: 25,
             max_subscriptions: 128,
             max_message_bytes: 64 * 1024,
+            compression: Compression::On,
+            compression_min_bytes: 256,
             queue_capacity: 512,
             queue_max_bytes: 1 << 20,
             recent_events: 64,
@@ -210,7 +239,13 @@ impl Config {
 
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 14] = [
+        let ranges: [(&'static str, usize, usize, usize); 15] = [
+            (
+                "compression_min_bytes",
+                self.compression_min_bytes,
+                0,
+                16 << 20,
+            ),
             (
                 "proxy_timeout_ms",
                 self.proxy_timeout_ms as usize,

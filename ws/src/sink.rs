@@ -97,8 +97,9 @@ pub struct Delivery {
 /// How many framings of a frame can be shared between connections ([`Outgoing::framed`]):
 /// one slot per transport whose connections all write the same bytes for a frame
 /// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
-/// frame, WebSocket's MessagePack binary frame, WebTransport's length-prefixed MessagePack).
-pub const SLOTS: usize = 6;
+/// frame, WebSocket's MessagePack binary frame, WebTransport's length-prefixed MessagePack,
+/// Pusher's text frame, and the three WebSocket ones compressed: permessage-deflate).
+pub const SLOTS: usize = 9;
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that
@@ -255,7 +256,7 @@ pub trait Conduit: Sink {
 /// How a socket transport puts frames on the wire.
 pub trait Framing: Send + fmt::Debug + 'static {
     /// The part of `frame` that every connection of this kind shares (a cheap clone).
-    fn shared(frame: &Outgoing) -> Bytes;
+    fn shared(&self, frame: &Outgoing) -> Bytes;
 
     /// Appends what this connection writes for a live or replayed frame of channel `key`
     /// (`shared` as [`Framing::shared`] made it), updating what the connection has seen.
@@ -866,7 +867,7 @@ impl<F: Framing> Outbox<F> {
         if state.broken || state.stopped || frames.is_empty() {
             return;
         }
-        let shared: Parts = frames.iter().map(F::shared).collect();
+        let shared: Parts = frames.iter().map(|f| state.framing.shared(f)).collect();
         let bytes = shared.iter().map(Bytes::len).sum::<usize>();
         if self.over(state, frames.len(), bytes, outcome) {
             return;
@@ -910,7 +911,7 @@ impl<F: Framing> Conduit for Outbox<F> {
         if state.broken || state.stopped {
             return;
         }
-        let shared = F::shared(frame);
+        let shared = state.framing.shared(frame);
         if self.over(&mut state, 1, shared.len(), &mut Delivery::default()) {
             return;
         }
@@ -963,7 +964,7 @@ pub struct Plain;
 
 #[cfg(test)]
 impl Framing for Plain {
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         frame.json().clone()
     }
     fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {

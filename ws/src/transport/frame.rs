@@ -10,6 +10,8 @@
 use bytes::{Buf, BytesMut};
 
 pub const FIN: u8 = 0x80;
+/// The first reserved bit: a compressed message (permessage-deflate, RFC 7692).
+pub const RSV1: u8 = 0x40;
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
@@ -33,6 +35,10 @@ pub enum Incoming {
 pub enum FrameError {
     #[error("a message larger than {0} bytes")]
     TooBig(usize),
+    #[error("a compressed message the node's memory cannot take now")]
+    OverBudget,
+    #[error("a compressed message that does not inflate")]
+    BadDeflate,
     #[error("a text message that is not UTF-8")]
     InvalidUtf8,
     #[error("{0}")]
@@ -45,19 +51,37 @@ pub enum FrameError {
 pub struct Decoder {
     /// Bytes read and not yet decoded.
     pub buf: BytesMut,
-    /// A fragmented message so far: its opcode and payload.
-    partial: Option<(u8, Vec<u8>)>,
+    /// permessage-deflate was negotiated: a message whose first frame has RSV1 set is
+    /// compressed (each on its own: `client_no_context_takeover`).
+    pub deflate: bool,
+    /// A fragmented message so far: its opcode, whether it is compressed, and its payload.
+    partial: Option<(u8, bool, Vec<u8>)>,
 }
 
 impl Decoder {
     /// The next complete message in the buffer, if any; control frames come as soon as they
     /// are complete, even in the middle of a fragmented message.
     pub fn next(&mut self, max: usize) -> Result<Option<Incoming>, FrameError> {
+        self.next_within(max, |_| true)
+    }
+
+    /// [`Decoder::next`], a compressed message inflated only as far as `grow` allows (the
+    /// node's memory budget, asked before each step of growth).
+    pub fn next_within(
+        &mut self,
+        max: usize,
+        mut grow: impl FnMut(usize) -> bool,
+    ) -> Result<Option<Incoming>, FrameError> {
         loop {
             let Some(frame) = self.frame(max)? else {
                 return Ok(None);
             };
-            let (fin, opcode, payload) = frame;
+            let (fin, compressed, opcode, payload) = frame;
+            if compressed && !matches!(opcode, OP_TEXT | OP_BINARY) {
+                return Err(FrameError::Protocol(
+                    "RSV1 set on a frame that does not start a message",
+                ));
+            }
             let message = match opcode {
                 OP_PING => Some(Incoming::Ping(payload)),
                 OP_PONG => Some(Incoming::Pong),
@@ -67,13 +91,15 @@ impl Decoder {
                         "a new message inside a fragmented one",
                     ));
                 }
-                OP_TEXT | OP_BINARY if fin => Some(finish(opcode, payload)?),
+                OP_TEXT | OP_BINARY if fin => {
+                    Some(finish(opcode, compressed, payload, max, &mut grow)?)
+                }
                 OP_TEXT | OP_BINARY => {
-                    self.partial = Some((opcode, payload));
+                    self.partial = Some((opcode, compressed, payload));
                     None
                 }
                 OP_CONTINUATION => {
-                    let Some((first, mut so_far)) = self.partial.take() else {
+                    let Some((first, compressed, mut so_far)) = self.partial.take() else {
                         return Err(FrameError::Protocol("a continuation without a message"));
                     };
                     if so_far.len() + payload.len() > max {
@@ -81,9 +107,9 @@ impl Decoder {
                     }
                     so_far.extend_from_slice(&payload);
                     if fin {
-                        Some(finish(first, so_far)?)
+                        Some(finish(first, compressed, so_far, max, &mut grow)?)
                     } else {
-                        self.partial = Some((first, so_far));
+                        self.partial = Some((first, compressed, so_far));
                         None
                     }
                 }
@@ -106,17 +132,19 @@ impl Decoder {
 
     /// Bytes this decoder holds (what the node's budget is charged).
     pub fn held(&self) -> usize {
-        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, p)| p.capacity())
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, _, p)| p.capacity())
     }
 
-    /// One complete frame: (fin, opcode, unmasked payload).
-    fn frame(&mut self, max: usize) -> Result<Option<(bool, u8, Vec<u8>)>, FrameError> {
+    /// One complete frame: (fin, RSV1, opcode, unmasked payload).
+    #[allow(clippy::type_complexity)]
+    fn frame(&mut self, max: usize) -> Result<Option<(bool, bool, u8, Vec<u8>)>, FrameError> {
         let buf = &self.buf[..];
         if buf.len() < 2 {
             return Ok(None);
         }
         let (fin, rsv, opcode) = (buf[0] & FIN != 0, buf[0] & 0x70, buf[0] & 0x0F);
-        if rsv != 0 {
+        let compressed = rsv == RSV1 && self.deflate;
+        if rsv != 0 && !compressed {
             return Err(FrameError::Protocol("reserved bits set"));
         }
         if buf[1] & 0x80 == 0 {
@@ -154,7 +182,7 @@ impl Decoder {
             .map(|(i, b)| b ^ mask[i % 4])
             .collect();
         self.buf.advance(start + len);
-        Ok(Some((fin, opcode, payload)))
+        Ok(Some((fin, compressed, opcode, payload)))
     }
 }
 
@@ -182,7 +210,22 @@ pub fn may_send(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, FrameError> {
+/// A whole message: inflated first when it came compressed.
+fn finish(
+    opcode: u8,
+    compressed: bool,
+    payload: Vec<u8>,
+    max: usize,
+    grow: impl FnMut(usize) -> bool,
+) -> Result<Incoming, FrameError> {
+    let payload = match compressed {
+        false => payload,
+        true => super::deflate::inflate(&payload, max, grow).map_err(|err| match err {
+            super::deflate::InflateError::TooBig => FrameError::TooBig(max),
+            super::deflate::InflateError::OverBudget => FrameError::OverBudget,
+            super::deflate::InflateError::Invalid => FrameError::BadDeflate,
+        })?,
+    };
     if opcode == OP_BINARY {
         return Ok(Incoming::Binary(payload));
     }

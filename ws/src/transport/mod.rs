@@ -21,6 +21,7 @@
 
 pub mod admit;
 pub mod connection;
+pub mod deflate;
 pub mod frame;
 pub mod http;
 pub mod http_session;

@@ -66,7 +66,7 @@ impl Framing for JsonFraming {
     const TRACKS_POSITIONS: bool = true;
     const TRANSPORT: &'static str = "long_poll";
 
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         frame.json().clone()
     }
 

@@ -42,8 +42,11 @@ use super::{
     admit::error,
     connection::{Connection, End, Transport},
     frame::Incoming,
+    frame::OP_TEXT,
     http::Takeover,
-    websocket::{Socket, accept_key, close, handshake, pong, text, text_bytes},
+    websocket::{
+        Compressing, Socket, accept_key, close, compression, handshake, pong, text, text_bytes,
+    },
 };
 use crate::{
     auth::{Identity, Patterns},
@@ -62,6 +65,9 @@ pub struct WebSocketPusher {
     conn: Uuid,
     /// The app's channel prefix (empty: none).
     prefix: Arc<str>,
+    /// permessage-deflate, when negotiated (and the app has no prefix: a prefixed app's
+    /// frames are made again per connection, and go uncompressed).
+    compressing: Option<Compressing>,
     /// Its presence channels' members.
     rooms: Vec<Room>,
 }
@@ -94,13 +100,19 @@ const MEMBER: u8 = 0x02;
 const MEMBERS: &str = "pusher_members";
 
 impl WebSocketPusher {
-    /// Its slot in [`Outgoing::framed`].
+    /// Its slots in [`Outgoing::framed`]: plain, compressed.
     const SLOT: usize = 5;
+    const DEFLATE_SLOT: usize = 8;
 
-    pub(crate) fn new(conn: Uuid, prefix: &str) -> WebSocketPusher {
+    pub(crate) fn new(
+        conn: Uuid,
+        prefix: &str,
+        compressing: Option<Compressing>,
+    ) -> WebSocketPusher {
         WebSocketPusher {
             conn,
             prefix: prefix.into(),
+            compressing: compressing.filter(|_| prefix.is_empty()),
             rooms: Vec::new(),
         }
     }
@@ -109,6 +121,9 @@ impl WebSocketPusher {
     fn put(&self, frame: Bytes, out: &mut Parts) {
         if frame.is_empty() {
             return;
+        }
+        if let Some(c) = &self.compressing {
+            return out.push(c.fit(frame));
         }
         if self.prefix.is_empty() {
             return out.push(frame);
@@ -331,15 +346,24 @@ fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> 
 const ACTIVITY_TIMEOUT: u64 = 120;
 
 impl Framing for WebSocketPusher {
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         let exclude = frame.exclude();
+        let compressing = self.compressing;
+        let slot = match compressing {
+            Some(_) => Self::DEFLATE_SLOT,
+            None => Self::SLOT,
+        };
+        let framed = |pusher: &str| match &compressing {
+            Some(c) => c.frame(OP_TEXT, pusher.as_bytes()),
+            None => text(pusher),
+        };
         frame
-            .framed(Self::SLOT, |name, json| match name {
+            .framed(slot, |name, json| match name {
                 "event" => match (event(json), exclude) {
                     (None, _) => Bytes::new(),
-                    (Some(pusher), None) => text(&pusher),
+                    (Some(pusher), None) => framed(&pusher),
                     (Some(pusher), Some(conn)) => {
-                        let framed = text(&pusher);
+                        let framed = framed(&pusher);
                         let mut marked = Vec::with_capacity(17 + framed.len());
                         marked.push(EXCLUDE);
                         marked.extend_from_slice(conn.as_bytes());
@@ -432,6 +456,7 @@ pub(crate) async fn upgrade(
     };
     let socket = takeover.claim();
     let conn = Uuid::new_v4();
+    let (compressing, extension) = compression(&node, &headers).unzip();
     let identity = Identity {
         user: format!("pusher-{}", socket_id(&conn)),
         info: None,
@@ -444,8 +469,8 @@ pub(crate) async fn upgrade(
     };
     tokio::spawn(sockets.track_future(async move {
         if let Ok(taken) = socket.await {
-            let socket = Socket::new(&taken.read_ahead);
-            let framing = WebSocketPusher::new(conn, &app.prefix);
+            let socket = Socket::new(&taken.read_ahead, compressing.is_some());
+            let framing = WebSocketPusher::new(conn, &app.prefix, compressing);
             let connection = Connection::open(node, conn, identity, taken.stream, framing);
             let transport = PusherFrames {
                 socket,
@@ -457,11 +482,15 @@ pub(crate) async fn upgrade(
             connection.run(transport, None).await;
         }
     }));
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(&accept))
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(&accept));
+    if let Some(extension) = extension {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, extension);
+    }
+    response
         .body(axum::body::Body::empty())
         .expect("a valid response")
         .into_response()
@@ -687,7 +716,7 @@ impl PusherFrames {
     async fn messages(&mut self, conn: &mut Connection<WebSocketPusher>) -> Result<(), End> {
         let config = conn.node.config();
         let (max, max_channels) = (config.max_message_bytes, config.max_subscriptions);
-        while let Some(message) = self.socket.next(max)? {
+        while let Some(message) = self.socket.next(max, conn.node.budget())? {
             match message {
                 Incoming::Text(message) => match self.action(&message, max_channels) {
                     Ok(Action::Request(request)) => {
@@ -792,7 +821,7 @@ mod tests {
     /// What `framing` writes for `frame` of channel `name`, as text.
     fn written(framing: &mut WebSocketPusher, name: &str, frame: &Outgoing) -> Vec<String> {
         let mut parts = Parts::new();
-        let shared = WebSocketPusher::shared(frame);
+        let shared = framing.shared(frame);
         framing.write(channel_key(name), frame.seq, shared, &mut parts);
         parts
             .iter()
@@ -834,7 +863,7 @@ mod tests {
             1,
             r#"{"op":"event","channel":"acme.server-to-user:ada","seq":1,"name":"notice","data":"x"}"#,
         );
-        let mut framing = WebSocketPusher::new(Uuid::new_v4(), "acme.");
+        let mut framing = WebSocketPusher::new(Uuid::new_v4(), "acme.", None);
         let seen = written(&mut framing, "acme.server-to-user:ada", &frame);
         assert!(
             seen[0].contains(r##""channel":"#server-to-user-ada""##),
@@ -847,8 +876,19 @@ mod tests {
         let (me, other) = (Uuid::new_v4(), Uuid::new_v4());
         let frame = Outgoing::event(7, r#"{"op":"event","channel":"private-room","seq":7,"name":"client-typing","data":{"a":1}}"#)
             .excluding(Some(me));
-        assert!(written(&mut WebSocketPusher::new(me, ""), "private-room", &frame).is_empty());
-        let theirs = written(&mut WebSocketPusher::new(other, ""), "private-room", &frame);
+        assert!(
+            written(
+                &mut WebSocketPusher::new(me, "", None),
+                "private-room",
+                &frame
+            )
+            .is_empty()
+        );
+        let theirs = written(
+            &mut WebSocketPusher::new(other, "", None),
+            "private-room",
+            &frame,
+        );
         let theirs: Value = serde_json::from_str(&theirs[0]).unwrap();
         assert_eq!(
             theirs,
@@ -862,7 +902,7 @@ mod tests {
             1,
             r#"{"op":"event","channel":"acme.orders","seq":1,"data":"x"}"#,
         );
-        let mut framing = WebSocketPusher::new(Uuid::new_v4(), "acme.");
+        let mut framing = WebSocketPusher::new(Uuid::new_v4(), "acme.", None);
         let seen = written(&mut framing, "acme.orders", &frame);
         let seen: Value = serde_json::from_str(&seen[0]).unwrap();
         assert_eq!(seen["channel"], "orders");
@@ -873,7 +913,7 @@ mod tests {
     #[test]
     fn members_are_users_added_with_their_first_connection_removed_with_their_last() {
         let me = Uuid::new_v4();
-        let mut framing = WebSocketPusher::new(me, "");
+        let mut framing = WebSocketPusher::new(me, "", None);
         framing.enter(channel_key("presence-lobby"), "presence-lobby");
         // While the subscription waits for the members: bo comes, cy comes and goes.
         for frame in [

@@ -100,7 +100,7 @@ impl Framing for Sse {
 
     /// The part of an SSE event that every stream shares: its `event:` and `data:` lines
     /// (the `id:` line and the blank line that ends the event are the stream's own).
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         frame.framed(SLOT, fields).clone()
     }
 
@@ -509,10 +509,10 @@ mod tests {
         sse.enter(art, "art"); // already in: keeps its position
         let frame = Outgoing::event(41, r#"{"op":"event"}"#);
         let mut parts = Parts::new();
-        sse.write(maths, 41, Sse::shared(&frame), &mut parts);
+        sse.write(maths, 41, sse.shared(&frame), &mut parts);
         assert_eq!(
-            Sse::shared(&frame).as_ptr(),
-            Sse::shared(&frame).as_ptr(),
+            sse.shared(&frame).as_ptr(),
+            sse.shared(&frame).as_ptr(),
             "the fields are made once for every stream"
         );
         let text: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();

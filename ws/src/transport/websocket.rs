@@ -25,14 +25,16 @@ use uuid::Uuid;
 use super::{
     admit::{Admitted, admit, error},
     connection::{Connection, End, Transport, connection_span},
+    deflate::{self, Deflate},
     frame::{
-        Decoder, FIN, FrameError, Incoming, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
+        Decoder, FIN, FrameError, Incoming, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RSV1,
         may_send,
     },
     http::{Taken, Takeover},
 };
 use crate::{
     auth::Identity,
+    budget::Budget,
     disconnect,
     hub::ConnId,
     msgpack,
@@ -43,22 +45,84 @@ use crate::{
     sink::{Conduit, Framing, Outbox, Outgoing, Parts},
 };
 
-/// WebSocket framing: each frame is one text frame, the same bytes for every connection.
+/// permessage-deflate as one connection has it: what it negotiated, and how small a frame
+/// goes uncompressed (`FANOUT_COMPRESSION_MIN_BYTES`, the same for every connection of the
+/// node, so one compressed framing serves them all).
+#[derive(Debug, Clone, Copy)]
+pub struct Compressing {
+    pub deflate: Deflate,
+    pub min_bytes: usize,
+}
+
+impl Compressing {
+    /// One frame of `payload`, compressed (RSV1 set) when it is at least `min_bytes` and
+    /// compressing makes it smaller.
+    pub fn frame(&self, opcode: u8, payload: &[u8]) -> Bytes {
+        match (payload.len() >= self.min_bytes)
+            .then(|| deflate::compress(payload))
+            .flatten()
+        {
+            Some(compressed) => encode(RSV1 | opcode, &compressed),
+            None => encode(opcode, payload),
+        }
+    }
+
+    /// A shared frame as this connection may receive it: a compressed one whose message is
+    /// longer than the window it asked for (`server_max_window_bits`) goes uncompressed.
+    /// (Only clients that ask for a smaller window pay this, per delivery.)
+    pub fn fit(&self, shared: Bytes) -> Bytes {
+        if self.deflate.server_max_window_bits >= 15 || shared.first().is_none_or(|b| b & RSV1 == 0)
+        {
+            return shared;
+        }
+        let Some((opcode, payload)) = payload_of(&shared) else {
+            return shared;
+        };
+        match deflate::inflate(payload, 16 << 20, |_| true) {
+            Ok(message) if !self.deflate.fits(message.len()) => encode(opcode & 0x0F, &message),
+            _ => shared,
+        }
+    }
+}
+
+/// A frame the node made: its first byte (FIN, RSV1, opcode) and its payload.
+fn payload_of(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let start = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    Some((frame[0], frame.get(start..)?))
+}
+
+/// WebSocket framing: each frame is one text frame, the same bytes for every connection
+/// (compressed once for every connection that negotiated permessage-deflate).
 #[derive(Debug, Default)]
-pub struct WebSocket;
+pub struct WebSocket {
+    compressing: Option<Compressing>,
+}
 
 impl WebSocket {
-    /// Its slot in [`Outgoing::framed`].
+    /// Its slots in [`Outgoing::framed`]: plain, compressed.
     const SLOT: usize = 0;
+    const DEFLATE_SLOT: usize = 6;
 }
 
 impl Framing for WebSocket {
-    fn shared(frame: &Outgoing) -> Bytes {
-        frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone()
+    fn shared(&self, frame: &Outgoing) -> Bytes {
+        match &self.compressing {
+            None => frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone(),
+            Some(c) => frame
+                .framed(Self::DEFLATE_SLOT, |_, json| c.frame(OP_TEXT, json))
+                .clone(),
+        }
     }
 
     fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
-        out.push(shared);
+        out.push(match &self.compressing {
+            Some(c) => c.fit(shared),
+            None => shared,
+        });
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -70,25 +134,38 @@ impl Framing for WebSocket {
 pub const MSGPACK: &str = "fanout.msgpack";
 
 /// WebSocket framing of the `fanout.msgpack` subprotocol: each frame is one binary frame
-/// holding the JSON frame's MessagePack (the same ops and fields), encoded once per frame for
-/// every such connection.
+/// holding the JSON frame's MessagePack (the same ops and fields), encoded (and compressed,
+/// with permessage-deflate) once per frame for every such connection.
 #[derive(Debug, Default)]
-pub struct WebSocketMsgpack;
+pub struct WebSocketMsgpack {
+    compressing: Option<Compressing>,
+}
 
 impl WebSocketMsgpack {
-    /// Its slot in [`Outgoing::framed`].
+    /// Its slots in [`Outgoing::framed`]: plain, compressed.
     const SLOT: usize = 3;
+    const DEFLATE_SLOT: usize = 7;
 }
 
 impl Framing for WebSocketMsgpack {
-    fn shared(frame: &Outgoing) -> Bytes {
-        frame
-            .framed(Self::SLOT, |_, json| binary_msgpack(json))
-            .clone()
+    fn shared(&self, frame: &Outgoing) -> Bytes {
+        match &self.compressing {
+            None => frame
+                .framed(Self::SLOT, |_, json| binary_msgpack(json))
+                .clone(),
+            Some(c) => frame
+                .framed(Self::DEFLATE_SLOT, |_, json| {
+                    c.frame(OP_BINARY, &msgpack::from_json(json))
+                })
+                .clone(),
+        }
     }
 
     fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
-        out.push(shared);
+        out.push(match &self.compressing {
+            Some(c) => c.fit(shared),
+            None => shared,
+        });
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -102,12 +179,19 @@ fn binary_msgpack(json: &[u8]) -> Bytes {
 }
 
 /// How a connection's messages are encoded: JSON text, or (`fanout.msgpack`) MessagePack.
-trait Codec: Framing + Default + Send + 'static {
+trait Codec: Framing + Send + 'static {
+    /// The framing of a connection, compressing or not.
+    fn with(compressing: Option<Compressing>) -> Self;
+
     /// A binary message as the protocol's JSON text, or why it cannot be read.
     fn binary(payload: &[u8]) -> Result<String, Rejection>;
 }
 
 impl Codec for WebSocket {
+    fn with(compressing: Option<Compressing>) -> Self {
+        WebSocket { compressing }
+    }
+
     fn binary(_: &[u8]) -> Result<String, Rejection> {
         Err(Rejection::new(
             Code::UnsupportedFrame,
@@ -117,6 +201,10 @@ impl Codec for WebSocket {
 }
 
 impl Codec for WebSocketMsgpack {
+    fn with(compressing: Option<Compressing>) -> Self {
+        WebSocketMsgpack { compressing }
+    }
+
     fn binary(payload: &[u8]) -> Result<String, Rejection> {
         msgpack::to_json(payload)
     }
@@ -215,6 +303,7 @@ pub(crate) async fn upgrade(
     let conn = Uuid::new_v4();
     let span = connection_span(&node, &conn, &identity.user);
     let msgpack = offers_msgpack(&headers);
+    let (compressing, extension) = compression(&node, &headers).unzip();
     // Taken-over sockets are invisible to the HTTP server's graceful shutdown: the tracker is
     // how shutdown waits for them.
     tokio::spawn(
@@ -222,8 +311,11 @@ pub(crate) async fn upgrade(
             async move {
                 if let Ok(taken) = socket.await {
                     match msgpack {
-                        true => serve::<WebSocketMsgpack>(taken, node, conn, identity).await,
-                        false => serve::<WebSocket>(taken, node, conn, identity).await,
+                        true => {
+                            serve::<WebSocketMsgpack>(taken, node, conn, identity, compressing)
+                                .await
+                        }
+                        false => serve::<WebSocket>(taken, node, conn, identity, compressing).await,
                     }
                 }
                 drop(permit);
@@ -239,7 +331,30 @@ pub(crate) async fn upgrade(
     if msgpack {
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, MSGPACK);
     }
+    if let Some(extension) = extension {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, extension);
+    }
     response.body(Body::empty()).expect("a valid response")
+}
+
+/// permessage-deflate for an upgrade, when the node allows it and the client offers it in a
+/// way fanout accepts: how the connection compresses, and the `Sec-WebSocket-Extensions`
+/// answer.
+pub(crate) fn compression(node: &Node, headers: &HeaderMap) -> Option<(Compressing, String)> {
+    let config = node.config();
+    if config.compression == crate::config::Compression::Off {
+        return None;
+    }
+    let offers = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let (deflate, answer) = deflate::negotiate(offers)?;
+    let compressing = Compressing {
+        deflate,
+        min_bytes: config.compression_min_bytes,
+    };
+    Some((compressing, answer))
 }
 
 /// Whether the client offers the `fanout.msgpack` subprotocol (RFC 6455 4.2.2: the server
@@ -309,12 +424,18 @@ pub(crate) fn handshake(
 
 /// A WebSocket connection's life on the node, from the socket hyper handed over, its frames
 /// encoded by `C` (JSON text, or MessagePack).
-async fn serve<C: Codec>(taken: Taken, node: Arc<Node>, conn: ConnId, identity: Identity) {
+async fn serve<C: Codec>(
+    taken: Taken,
+    node: Arc<Node>,
+    conn: ConnId,
+    identity: Identity,
+    compressing: Option<Compressing>,
+) {
     let Taken { stream, read_ahead } = taken;
     // Copied out: these bytes keep the HTTP server's whole read buffer (8 KiB) alive.
-    let socket = Socket::new(&read_ahead);
+    let socket = Socket::new(&read_ahead, compressing.is_some());
     drop(read_ahead);
-    let connection = Connection::open(node, conn, identity, stream, C::default());
+    let connection = Connection::open(node, conn, identity, stream, C::with(compressing));
     let transport = Frames::<C> {
         socket,
         codec: std::marker::PhantomData,
@@ -333,7 +454,7 @@ impl<C: Codec> Frames<C> {
     /// Acts on every whole message the decoder holds.
     async fn messages(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
-        while let Some(message) = self.socket.next(max)? {
+        while let Some(message) = self.socket.next(max, conn.node.budget())? {
             let outbox = &conn.outbox;
             match message {
                 Incoming::Text(text) => {
@@ -413,9 +534,11 @@ pub(crate) struct Socket {
 }
 
 impl Socket {
-    /// A socket whose first bytes came with the upgrade request.
-    pub fn new(read_ahead: &[u8]) -> Socket {
+    /// A socket whose first bytes came with the upgrade request; `deflate`: it negotiated
+    /// permessage-deflate.
+    pub fn new(read_ahead: &[u8], deflate: bool) -> Socket {
         let mut decoder = Decoder::default();
+        decoder.deflate = deflate;
         decoder.buf.extend_from_slice(read_ahead);
         Socket {
             decoder,
@@ -425,13 +548,24 @@ impl Socket {
     }
 
     /// The next whole message the decoder holds (anything counts as an answer to a ping), or
-    /// the end a broken frame calls for.
-    pub fn next(&mut self, max: usize) -> Result<Option<Incoming>, End> {
-        let message = match self.decoder.next(max) {
+    /// the end a broken frame calls for. A compressed message is charged to `budget` while
+    /// it inflates.
+    pub fn next(&mut self, max: usize, budget: &Arc<Budget>) -> Result<Option<Incoming>, End> {
+        let mut charge = None;
+        let grow = |bytes: usize| {
+            charge
+                .get_or_insert_with(|| budget.charge())
+                .set(bytes)
+                .is_ok()
+        };
+        let message = match self.decoder.next_within(max, grow) {
             Ok(Some(message)) => message,
             Ok(None) => return Ok(None),
             Err(FrameError::TooBig(_)) => return Err(End::Close(disconnect::MESSAGE_TOO_BIG)),
-            Err(FrameError::InvalidUtf8) => return Err(End::Close(disconnect::INVALID_DATA)),
+            Err(FrameError::OverBudget) => return Err(End::Close(disconnect::TRY_AGAIN_LATER)),
+            Err(FrameError::InvalidUtf8 | FrameError::BadDeflate) => {
+                return Err(End::Close(disconnect::INVALID_DATA));
+            }
             Err(FrameError::Protocol(why)) => {
                 tracing::debug!(why, "protocol error");
                 return Err(End::Close(disconnect::PROTOCOL_ERROR));
@@ -517,8 +651,11 @@ mod tests {
     #[test]
     fn msgpack_frames_are_binary_maps_made_once() {
         let event = Outgoing::event(7, r#"{"op":"event","seq":7,"data":{"x":[1,2.5]}}"#);
-        let a = WebSocketMsgpack::shared(&event);
-        assert_eq!(a.as_ptr(), WebSocketMsgpack::shared(&event).as_ptr());
+        let a = WebSocketMsgpack::default().shared(&event);
+        assert_eq!(
+            a.as_ptr(),
+            WebSocketMsgpack::default().shared(&event).as_ptr()
+        );
         assert_eq!(a[0], 0x80 | OP_BINARY);
         let header = if a[1] < 126 { 2 } else { 4 };
         let value: serde_json::Value =
@@ -528,7 +665,7 @@ mod tests {
             serde_json::json!({"op": "event", "seq": 7, "data": {"x": [1, 2.5]}})
         );
         // Text frames are JSON connections' own: a separate framing.
-        assert_ne!(WebSocket::shared(&event)[0], a[0]);
+        assert_ne!(WebSocket::default().shared(&event)[0], a[0]);
         assert!(
             WebSocketMsgpack::binary(&a[header..])
                 .unwrap()
@@ -541,8 +678,8 @@ mod tests {
     #[test]
     fn an_event_is_framed_once_for_every_connection() {
         let event = Outgoing::event(7, r#"{"op":"event"}"#);
-        let a = WebSocket::shared(&event);
-        let b = WebSocket::shared(&event);
+        let a = WebSocket::default().shared(&event);
+        let b = WebSocket::default().shared(&event);
         assert_eq!(
             a.as_ptr(),
             b.as_ptr(),

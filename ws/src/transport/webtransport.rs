@@ -82,7 +82,7 @@ impl WebTransport {
 impl Framing for WebTransport {
     const TRANSPORT: &'static str = "webtransport";
 
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         frame.framed(Self::SLOT, |_, json| prefixed(json)).clone()
     }
 
@@ -113,7 +113,7 @@ impl WebTransportMsgpack {
 impl Framing for WebTransportMsgpack {
     const TRANSPORT: &'static str = "webtransport";
 
-    fn shared(frame: &Outgoing) -> Bytes {
+    fn shared(&self, frame: &Outgoing) -> Bytes {
         frame
             .framed(Self::SLOT, |_, json| prefixed(&msgpack::from_json(json)))
             .clone()
@@ -129,7 +129,7 @@ impl Framing for WebTransportMsgpack {
 
     /// The stream's frame without its length: the same bytes, shared.
     fn datagram(frame: &Outgoing) -> Bytes {
-        let framed = Self::shared(frame);
+        let framed = WebTransportMsgpack.shared(frame);
         let header = read_varint(&framed).map_or(0, |(_, header)| header);
         framed.slice(header..)
     }
@@ -654,8 +654,8 @@ mod tests {
     #[test]
     fn an_event_is_framed_once_for_every_connection() {
         let event = Outgoing::event(7, r#"{"op":"event"}"#);
-        let a = WebTransport::shared(&event);
-        let b = WebTransport::shared(&event);
+        let a = WebTransport.shared(&event);
+        let b = WebTransport.shared(&event);
         assert_eq!(a.as_ptr(), b.as_ptr());
         assert_eq!(&a[..], b"\x0e{\"op\":\"event\"}");
     }

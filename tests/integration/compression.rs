@@ -1,0 +1,210 @@
+//! permessage-deflate (RFC 7692) on the ws node, with a hand-made client: every negotiation
+//! rule (what is accepted, what is declined, what the node answers), events compressed at
+//! and above `FANOUT_COMPRESSION_MIN_BYTES` only, a small `server_max_window_bits` honoured,
+//! the client's compressed messages inflated, and what breaks the extension's rules closed
+//! with its code (a deflate bomb 1009, data that does not inflate 1007, RSV1 where it does not
+//! belong 1002). Python's `websockets` and Chromium negotiate it in their own tests.
+
+use std::io::Write;
+
+use crate::common;
+
+use common::{raw::*, *};
+use serde_json::{Value, json};
+
+/// The upgrade request with `extensions` offered (none: no header).
+fn offering(extensions: Option<&str>) -> String {
+    let mut request = upgrade("x", "/ws?user=zip");
+    if let Some(offer) = extensions {
+        request.truncate(request.len() - 2);
+        request.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n\r\n"));
+    }
+    request
+}
+
+/// The `Sec-WebSocket-Extensions` of an answer's head, if any.
+fn extension_of(head: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-extensions")
+            .then(|| value.trim().to_string())
+    })
+}
+
+/// A client message compressed as RFC 7692 says (raw deflate, the sync flush's tail off).
+fn deflated(message: &[u8]) -> Vec<u8> {
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(message).unwrap();
+    encoder.flush().unwrap();
+    let mut out = encoder.get_ref().clone();
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// A compressed frame's message, inflated.
+fn inflated(payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::new();
+    let mut decoder = flate2::write::DeflateDecoder::new(&mut out);
+    decoder.write_all(&input).unwrap();
+    decoder.flush().unwrap();
+    drop(decoder);
+    out
+}
+
+/// The next event frame: whether it came compressed, and its JSON.
+async fn event(conn: &mut Conn) -> (bool, Value) {
+    loop {
+        let frame = conn.until(TEXT).await;
+        let text = match frame.rsv1 {
+            true => inflated(&frame.payload),
+            false => frame.payload.clone(),
+        };
+        let value: Value = serde_json::from_slice(&text).unwrap();
+        if value["op"] == "event" {
+            return (frame.rsv1, value);
+        }
+    }
+}
+
+/// A connection that negotiated `offer`, subscribed to `channel`.
+async fn subscribed(ws: &Server, offer: &str, channel: &str) -> Conn {
+    let (mut conn, head) = Conn::upgraded(ws.addr, &offering(Some(offer))).await;
+    assert!(extension_of(&head).is_some(), "{head}");
+    conn.until(TEXT).await; // welcome
+    let subscribe = json!({"op": "subscribe", "channel": channel, "id": 1}).to_string();
+    conn.send(&frame(true, TEXT, subscribe.as_bytes(), true))
+        .await;
+    loop {
+        let frame = conn.until(TEXT).await;
+        if frame.text().contains("subscribed") {
+            return conn;
+        }
+    }
+}
+
+/// An event's data of about `bytes` bytes of JSON, compressible.
+fn data_of(bytes: usize) -> Value {
+    let rows: Vec<Value> = (0..bytes / 32)
+        .map(|i| json!({"i": i, "name": format!("row {i}")}))
+        .collect();
+    json!({ "rows": rows })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permessage_deflate_as_rfc_7692_says() {
+    let nats = NatsServer::start();
+    let ws = start_ws(&nats, "ws-1", |_| {}).await;
+    let off = start_ws(&nats, "ws-2", |c| {
+        c.compression = fanout_ws::config::Compression::Off;
+    })
+    .await;
+    let api = start_api(&nats).await;
+    let base = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+    // Negotiation: what each offer gets.
+    let cases: [(Option<&str>, Option<String>); 9] = [
+        (None, None),
+        (Some("permessage-deflate"), Some(base.into())),
+        (
+            Some("permessage-deflate; client_max_window_bits"),
+            Some(base.into()),
+        ),
+        (
+            Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover"),
+            Some(base.into()),
+        ),
+        (
+            Some("permessage-deflate; server_max_window_bits=10"),
+            Some(format!("{base}; server_max_window_bits=10")),
+        ),
+        // The first offer breaks a rule: the second is taken.
+        (
+            Some("permessage-deflate; foo=1, permessage-deflate"),
+            Some(base.into()),
+        ),
+        (Some("permessage-deflate; server_max_window_bits=16"), None),
+        (
+            Some("permessage-deflate; client_no_context_takeover=yes"),
+            None,
+        ),
+        (Some("x-webkit-deflate-frame"), None),
+    ];
+    for (offer, answer) in &cases {
+        let (_, head) = Conn::upgraded(ws.addr, &offering(*offer)).await;
+        assert_eq!(extension_of(&head), *answer, "{offer:?}: {head}");
+    }
+    let (_, head) = Conn::upgraded(off.addr, &offering(Some("permessage-deflate"))).await;
+    assert_eq!(extension_of(&head), None, "FANOUT_COMPRESSION=off: {head}");
+
+    // Events: under FANOUT_COMPRESSION_MIN_BYTES (256) as they are, above it compressed.
+    let mut conn = subscribed(&ws, "permessage-deflate", "zip").await;
+    let mut narrow = subscribed(&ws, "permessage-deflate; server_max_window_bits=10", "zip").await;
+    for (bytes, compressed, narrowly) in
+        [(20, false, false), (600, true, true), (4000, true, false)]
+    {
+        let data = data_of(bytes);
+        publish(&api, "zip", &data).await;
+        let (rsv1, got) = event(&mut conn).await;
+        assert_eq!(got["data"], data, "{bytes} bytes");
+        assert_eq!(rsv1, compressed, "{bytes} bytes");
+        // A 1,024-byte window: a longer message goes uncompressed.
+        let (rsv1, got) = event(&mut narrow).await;
+        assert_eq!(got["data"], data, "{bytes} bytes, window 10");
+        assert_eq!(rsv1, narrowly, "{bytes} bytes, window 10");
+    }
+
+    // The client's compressed messages are inflated, fragmented or not.
+    let ping = br#"{"op":"ping","id":7}"#;
+    conn.send(&frame_with(0xC1, &deflated(ping), Some(MASK)))
+        .await;
+    assert!(conn.until(TEXT).await.text().contains(r#""id":7"#));
+    let big = json!({"op": "ping", "id": 8, "pad": "x".repeat(5000)}).to_string();
+    let packed = deflated(big.as_bytes());
+    let (first, rest) = packed.split_at(packed.len() / 2);
+    conn.send(&frame_with(0x41, first, Some(MASK))).await;
+    conn.send(&frame_with(0x80, rest, Some(MASK))).await;
+    assert!(conn.until(TEXT).await.text().contains(r#""id":8"#));
+
+    // Broken: each on a connection of its own, closed with its code.
+    let bomb = deflated(&vec![b' '; 10 << 20]);
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("a deflate bomb", frame_with(0xC1, &bomb, Some(MASK)), 1009),
+        (
+            "data that does not inflate",
+            frame_with(0xC1, b"\xff\xfe\xfd", Some(MASK)),
+            1007,
+        ),
+        (
+            "RSV1 on a continuation",
+            [
+                frame_with(0x41, &deflated(b"{"), Some(MASK)),
+                frame_with(0xC0, b"x", Some(MASK)),
+            ]
+            .concat(),
+            1002,
+        ),
+        ("RSV1 on a ping", frame_with(0xC9, b"", Some(MASK)), 1002),
+        ("RSV2", frame_with(0xA1, b"{}", Some(MASK)), 1002),
+    ];
+    for (name, bytes, code) in cases {
+        let (mut conn, _) = Conn::upgraded(ws.addr, &offering(Some("permessage-deflate"))).await;
+        conn.until(TEXT).await;
+        conn.send(&bytes).await;
+        assert_eq!(conn.closed().await, Some(code), "{name}");
+    }
+    // Without the extension, RSV1 is a protocol error.
+    let (mut plain, _) = Conn::upgraded(ws.addr, &offering(None)).await;
+    plain.until(TEXT).await;
+    plain
+        .send(&frame_with(0xC1, &deflated(ping), Some(MASK)))
+        .await;
+    assert_eq!(
+        plain.closed().await,
+        Some(1002),
+        "RSV1 without the extension"
+    );
+}
