@@ -68,6 +68,8 @@ enum Targets {
     Encodings,
     /// fanout over WebSocket in Pusher's protocol (`/app/{key}`).
     Pusher,
+    /// fanout over WebSocket with JSON frames, then with permessage-deflate negotiated.
+    Deflate,
     /// fanout's own protocol, then Pusher's, then Sockudo (5.2, Pusher's protocol) with the
     /// same Pusher clients.
     Dialects,
@@ -86,6 +88,7 @@ impl Targets {
             Targets::Msgpack => vec![Target::FanoutMsgpack],
             Targets::Encodings => vec![Target::Fanout, Target::FanoutMsgpack],
             Targets::Pusher => vec![Target::FanoutPusher],
+            Targets::Deflate => vec![Target::Fanout, Target::FanoutDeflate],
             Targets::Dialects => vec![Target::Fanout, Target::FanoutPusher, Target::Sockudo],
         }
     }
@@ -332,6 +335,7 @@ fn label(target: Target) -> &'static str {
         Target::FanoutWt => "fanout WT",
         Target::FanoutMsgpack => "fanout msgpack",
         Target::FanoutPusher => "fanout Pusher",
+        Target::FanoutDeflate => "fanout deflate",
         Target::Sockudo => "Sockudo",
         Target::FanoutPoll => "fanout long-poll",
         Target::Nats => "NATS",

@@ -321,6 +321,7 @@ pub async fn fan_out(paths: &Paths, spec: Spec, target: Target) -> FanOut {
         | Target::FanoutPoll
         | Target::FanoutWt
         | Target::FanoutMsgpack
+        | Target::FanoutDeflate
         | Target::FanoutPusher => {
             let mut extra = vec![(
                 "FANOUT_COALESCE_MS".to_string(),
@@ -501,6 +502,7 @@ pub async fn idle(paths: &Paths, target: Target, connections: usize, nodes: usiz
         | Target::FanoutPoll
         | Target::FanoutWt
         | Target::FanoutMsgpack
+        | Target::FanoutDeflate
         | Target::FanoutPusher => (
             Some(FanoutTier::start_with(paths, nodes, &target_env(target)).await),
             None,
@@ -551,6 +553,7 @@ pub async fn storm(paths: &Paths, target: Target, connections: usize) -> Storm {
         | Target::FanoutPoll
         | Target::FanoutWt
         | Target::FanoutMsgpack
+        | Target::FanoutDeflate
         | Target::FanoutPusher => (
             Some(FanoutTier::start_with(paths, 1, &target_env(target)).await),
             None,

@@ -52,6 +52,8 @@ pub enum Target {
     /// Sockudo (a Pusher-protocol server), the same clients and publishes as
     /// [`Target::FanoutPusher`].
     Sockudo,
+    /// fanout over WebSocket with JSON frames and permessage-deflate negotiated.
+    FanoutDeflate,
 }
 
 impl Target {
@@ -263,6 +265,31 @@ struct Socket {
     sse: bool,
 }
 
+/// A compressed message (RFC 7692: raw deflate, its sync flush's tail taken off), inflated
+/// with one inflater per thread, reset for each message (no context takeover).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    thread_local! {
+        static INFLATER: RefCell<flate2::Decompress> = RefCell::new(flate2::Decompress::new(false));
+    }
+    INFLATER.with_borrow_mut(|inflater| {
+        inflater.reset(false);
+        let mut input = Vec::with_capacity(payload.len() + 4);
+        input.extend_from_slice(payload);
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(payload.len() * 8 + 64);
+        loop {
+            let at = inflater.total_in() as usize;
+            let status =
+                inflater.decompress_vec(&input[at..], &mut out, flate2::FlushDecompress::Sync);
+            let done = inflater.total_in() as usize == input.len() && out.len() < out.capacity();
+            if status.is_err() || done {
+                return out;
+            }
+            out.reserve(out.capacity());
+        }
+    })
+}
+
 /// A frame from the server: (opcode, payload).
 type ServerFrame<'a> = (u8, &'a [u8]);
 
@@ -293,7 +320,12 @@ impl Socket {
         let mut at = 0;
         // A malformed frame (a masked one) ends the parse: the rest never completes.
         while let Ok(Some(frame)) = raw::parse(&buf[at..]) {
-            on((frame.opcode, &buf[at..][frame.payload]));
+            let payload = &buf[at..][frame.payload];
+            match frame.rsv1 {
+                // Compressed (permessage-deflate): inflated, the load generator's cost.
+                true => on((frame.opcode, &inflate(payload))),
+                false => on((frame.opcode, payload)),
+            }
             at += frame.len;
         }
         self.buf.drain(..at);
@@ -383,6 +415,16 @@ impl Socket {
 }
 
 async fn open(url: &str, source: IpAddr, msgpack: bool) -> Result<Socket, String> {
+    open_with(url, source, msgpack, false).await
+}
+
+/// [`open`], offering permessage-deflate when `deflate`.
+async fn open_with(
+    url: &str,
+    source: IpAddr,
+    msgpack: bool,
+    deflate: bool,
+) -> Result<Socket, String> {
     let (mut socket, authority) = dial(url, source).await?;
     let path = url
         .trim_start_matches("ws://")
@@ -392,6 +434,10 @@ async fn open(url: &str, source: IpAddr, msgpack: bool) -> Result<Socket, String
     if msgpack {
         request.truncate(request.len() - 2);
         request.push_str("Sec-WebSocket-Protocol: fanout.msgpack\r\n\r\n");
+    }
+    if deflate {
+        request.truncate(request.len() - 2);
+        request.push_str("Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n");
     }
     socket.head(&request, "HTTP/1.1 101").await?;
     Ok(socket)
@@ -601,7 +647,7 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
             };
             return Ok(Conn::Wt(Box::new(Wt::open(url, &channels).await?)));
         }
-        Target::Fanout | Target::FanoutMsgpack | Target::Nats => {}
+        Target::Fanout | Target::FanoutMsgpack | Target::Nats | Target::FanoutDeflate => {}
         Target::FanoutPusher | Target::Sockudo => {
             let mut ws = open(url, job.source, false).await?;
             ws.until(|f| contains(f, b"pusher:connection_established"))
@@ -615,7 +661,13 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
             return Ok(Conn::Socket(ws));
         }
     }
-    let mut ws = open(url, job.source, job.target == Target::FanoutMsgpack).await?;
+    let mut ws = open_with(
+        url,
+        job.source,
+        job.target == Target::FanoutMsgpack,
+        job.target == Target::FanoutDeflate,
+    )
+    .await?;
     let subscribe = job.mode != Mode::Storm;
     match job.target {
         Target::FanoutSse
@@ -642,7 +694,7 @@ async fn connect(job: &Job, i: usize) -> Result<Conn, String> {
                 .await?;
             }
         }
-        Target::Fanout => {
+        Target::Fanout | Target::FanoutDeflate => {
             ws.until(|f| contains(f, b"\"welcome\"")).await?;
             if subscribe {
                 let requests = job_channels(job, i)
@@ -710,7 +762,14 @@ fn count(
     ws.frames(|(opcode, data)| match (opcode, target) {
         (0x9, _) => pong = true,
         (0x8, _) => closed = true,
-        (_, Target::Fanout | Target::FanoutSse | Target::FanoutPoll | Target::FanoutWt) => {
+        (
+            _,
+            Target::Fanout
+            | Target::FanoutSse
+            | Target::FanoutPoll
+            | Target::FanoutWt
+            | Target::FanoutDeflate,
+        ) => {
             if let Some((channel, t, n)) = fanout_event(data) {
                 shared.hist.record(now.saturating_sub(t));
                 shared.received += 1;
