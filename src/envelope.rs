@@ -141,12 +141,29 @@ impl Envelope {
     /// `with_trace`, a traced event also carries `"trace": "<trace id>"`. Fails when the event's
     /// data should be JSON and is not.
     pub fn frame_json(&self, with_trace: bool) -> Result<String, serde_json::Error> {
+        self.frame(with_trace, None)
+    }
+
+    /// The `event` frame of a client that takes deltas (`"delta":"fossil"`): `data` is
+    /// `text`, a JSON string, with `"delta"`: whether it is a fossil delta of the channel's
+    /// event before this one, or (false) the event's data itself as published.
+    pub fn delta_frame_json(&self, with_trace: bool, text: &str, delta: bool) -> String {
+        self.frame(with_trace, Some((text, delta)))
+            .expect("a string is JSON")
+    }
+
+    fn frame(
+        &self,
+        with_trace: bool,
+        text: Option<(&str, bool)>,
+    ) -> Result<String, serde_json::Error> {
         let envelope = self;
         #[derive(Serialize)]
         #[serde(untagged)]
         enum Data<'a> {
             Json(&'a RawValue),
             Base64(String),
+            Text(&'a str),
         }
         #[derive(Serialize)]
         struct Event<'a> {
@@ -164,15 +181,19 @@ impl Envelope {
             trace: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             name: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            delta: Option<bool>,
             data: Data<'a>,
             #[serde(skip_serializing_if = "Option::is_none")]
             encoding: Option<&'static str>,
         }
-        let data = if envelope.binary {
-            use base64::Engine;
-            Data::Base64(base64::engine::general_purpose::STANDARD.encode(&envelope.data))
-        } else {
-            Data::Json(serde_json::from_slice(&envelope.data)?)
+        let data = match text {
+            Some((text, _)) => Data::Text(text),
+            None if envelope.binary => {
+                use base64::Engine;
+                Data::Base64(base64::engine::general_purpose::STANDARD.encode(&envelope.data))
+            }
+            None => Data::Json(serde_json::from_slice(&envelope.data)?),
         };
         let trace = with_trace
             .then(|| {
@@ -192,8 +213,9 @@ impl Envelope {
             ts: envelope.ts,
             trace,
             name: envelope.name.as_deref(),
+            delta: text.map(|(_, delta)| delta),
             data,
-            encoding: envelope.binary.then_some("base64"),
+            encoding: (envelope.binary && text.is_none()).then_some("base64"),
         })
     }
 }

@@ -208,3 +208,89 @@ async fn permessage_deflate_as_rfc_7692_says() {
         "RSV1 without the extension"
     );
 }
+
+/// The football-match state of Centrifugo's test, re-created: a state object that changes a
+/// few fields per message.
+fn match_state(minute: u64) -> Value {
+    let players = |side: &str| -> Vec<Value> {
+        (1..=11)
+            .map(|n| json!({"name": format!("{side} player {n}"), "number": n, "goals": 0, "cards": []}))
+            .collect()
+    };
+    json!({
+        "id": 42, "minute": minute, "score": {"home": minute / 30, "away": minute / 45},
+        "home": {"name": "Home United", "players": players("Home")},
+        "away": {"name": "Away City", "players": players("Away")},
+    })
+}
+
+/// Deltas (`"delta":"fossil"`) where `FANOUT_DELTA_CHANNELS` allows them: the reply says so;
+/// the first event comes whole (its data as published, as a string), the next as fossil
+/// deltas of the one before, which the fossil-delta crate applies back to each event's data;
+/// a resume starts whole again; a channel that does not allow deltas gets plain events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fossil_deltas_where_the_channel_allows_them() {
+    let nats = NatsServer::start();
+    let ws = start_ws(&nats, "ws-1", |c| c.delta_channels = "scores:*".into()).await;
+    let api = start_api(&nats).await;
+    let mut client = Client::connect(&ws).await;
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "scores:final", "delta": "fossil", "id": 1}))
+        .await;
+    assert_eq!(reply["delta"], "fossil", "{reply}");
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "chat", "delta": "fossil", "id": 2}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    assert!(reply.get("delta").is_none(), "{reply}");
+    let bad = client
+        .request(json!({"op": "subscribe", "channel": "scores:x", "delta": "xdelta", "id": 3}))
+        .await;
+    assert_eq!(bad["code"], "invalid_request", "{bad}");
+
+    let mut base: Vec<u8> = Vec::new();
+    let mut last = 0;
+    for minute in 0..6 {
+        let data = match_state(minute * 10);
+        let seq = publish(&api, "scores:final", &data).await;
+        let event = client.event().await;
+        assert_eq!(event["seq"], seq, "{event}");
+        let text = event["data"].as_str().expect("a string").as_bytes().to_vec();
+        base = match event["delta"].as_bool() {
+            Some(false) => {
+                assert_eq!(minute, 0, "only the first is whole: {event}");
+                text
+            }
+            Some(true) => {
+                assert!(text.len() < serde_json::to_vec(&data).unwrap().len() / 4, "{event}");
+                fossil_delta::apply(&base, &text).expect("a fossil delta")
+            }
+            None => panic!("no \"delta\": {event}"),
+        };
+        assert_eq!(serde_json::from_slice::<Value>(&base).unwrap(), data);
+        last = seq;
+    }
+    // A channel without deltas: plain events.
+    publish(&api, "chat", &json!({"hi": 1})).await;
+    let event = client.event().await;
+    assert_eq!(event["data"], json!({"hi": 1}), "{event}");
+    assert!(event.get("delta").is_none(), "{event}");
+
+    // A resume: the replayed event whole, then deltas from it.
+    let mut again = Client::connect(&ws).await;
+    let missed = publish(&api, "scores:final", &match_state(70)).await;
+    let reply = again
+        .request(json!({"op": "subscribe", "channel": "scores:final", "delta": "fossil",
+            "since": last, "id": 1}))
+        .await;
+    assert_eq!(reply["delta"], "fossil", "{reply}");
+    let replayed = again.event().await;
+    assert_eq!(replayed["seq"], missed, "{replayed}");
+    assert!(replayed.get("delta").is_none(), "a replay is plain: {replayed}");
+    publish(&api, "scores:final", &match_state(80)).await;
+    let next = again.event().await;
+    assert_eq!(next["delta"], false, "the first live one after a replay is whole: {next}");
+    publish(&api, "scores:final", &match_state(90)).await;
+    let next = again.event().await;
+    assert_eq!(next["delta"], true, "{next}");
+}

@@ -86,6 +86,18 @@ impl Patterns {
         Patterns(Some(Vec::new()))
     }
 
+    /// Comma-separated patterns (a setting): a name, or a prefix ending in `*`; empty: none.
+    pub fn list(setting: &str) -> Self {
+        Patterns(Some(
+            setting
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect(),
+        ))
+    }
+
     pub fn allows(&self, channel: &Channel) -> bool {
         let Some(patterns) = &self.0 else { return true };
         let name = channel.as_str();

@@ -73,6 +73,10 @@ pub struct Config {
     pub compression: Compression,
     /// Frames smaller than this many bytes go uncompressed (compressing them gains little).
     pub compression_min_bytes: usize,
+    /// Channels whose events clients may take as fossil deltas (`"delta":"fossil"`),
+    /// comma-separated patterns (`scores:*`); empty: none. The node keeps each such
+    /// channel's last event while it has subscribers.
+    pub delta_channels: String,
     /// Frames waiting for a connection's socket before it counts as a slow consumer and is
     /// closed (4001).
     pub queue_capacity: usize,
@@ -163,6 +167,7 @@ impl Default for Config {
             max_message_bytes: 64 * 1024,
             compression: Compression::On,
             compression_min_bytes: 256,
+            delta_channels: String::new(),
             queue_capacity: 512,
             queue_max_bytes: 1 << 20,
             recent_events: 64,

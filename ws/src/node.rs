@@ -92,6 +92,8 @@ pub struct Node {
     proxy: crate::proxy::Proxy,
     /// The Pusher protocol's apps (`FANOUT_PUSHER_APPS`).
     pusher_apps: Vec<fanout::pusher::App>,
+    /// The channels that keep deltas (`FANOUT_DELTA_CHANNELS`).
+    deltas: Arc<crate::auth::Patterns>,
 }
 
 impl Node {
@@ -140,6 +142,7 @@ impl Node {
         let config_budget = config.max_buffered_bytes;
         let proxy = crate::proxy::Proxy::from_config(&config)
             .expect("the proxy settings were validated with the rest");
+        let deltas = Arc::new(crate::auth::Patterns::list(&config.delta_channels));
         let pusher_apps =
             fanout::pusher::apps(config.common.pusher_apps.expose()).unwrap_or_default();
         let node = Arc::new(Node {
@@ -165,6 +168,7 @@ impl Node {
             rules: rules.clone(),
             proxy,
             pusher_apps,
+            deltas,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -242,6 +246,7 @@ impl Node {
             totals,
             with_trace: node.config.event_trace_id,
             coalesce: Duration::from_millis(node.config.coalesce_ms),
+            deltas: node.deltas.clone(),
         };
         let watch = {
             let (bus, hub, directory) = (bus.clone(), hub.clone(), directory);
@@ -287,6 +292,7 @@ impl Node {
                     log: broadcast_log,
                     generation: BROADCAST_GENERATION,
                     totals: readers.totals.clone(),
+                    deltas: false,
                 };
                 tokio::select! {
                     _ = reader::read(subscription, target, bus, readers.with_trace, readers.coalesce) => {}
@@ -369,6 +375,11 @@ impl Node {
     }
 
     /// The Pusher protocol's apps.
+    /// Whether clients may take `channel`'s events as deltas (`FANOUT_DELTA_CHANNELS`).
+    pub fn deltas_allowed(&self, channel: &Channel) -> bool {
+        !channel.is_broadcast() && self.deltas.allows(channel)
+    }
+
     pub fn pusher_apps(&self) -> &[fanout::pusher::App] {
         &self.pusher_apps
     }

@@ -28,6 +28,9 @@ pub enum Op {
         epoch: Option<String>,
         /// Also receive the channel's `join` / `leave` / `update` frames.
         presence: bool,
+        /// Events as fossil deltas of the one before (`"delta":"fossil"`), where the channel
+        /// allows it (`FANOUT_DELTA_CHANNELS`).
+        delta: bool,
     },
     /// Who is in `channel`, across every node (or only how many).
     Presence {
@@ -259,11 +262,20 @@ pub fn parse(text: &str) -> Result<Request, Rejection> {
     };
     let parsed = match op {
         "subscribe" => channel().and_then(|channel| {
+            let delta = match fields.get("delta") {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::String(kind)) if kind == "fossil" => Ok(true),
+                Some(_) => Err(Rejection::new(
+                    Code::InvalidRequest,
+                    "\"delta\" must be \"fossil\" (the only delta encoding)",
+                )),
+            };
             Ok(Op::Subscribe {
                 channel,
                 since: since?,
                 epoch: epoch?,
                 presence: flag("presence")?,
+                delta: delta?,
             })
         }),
         "presence" => channel().and_then(|channel| {
@@ -559,6 +571,7 @@ mod tests {
                 since: None,
                 epoch: None,
                 presence: false,
+                delta: false,
             }
         );
         assert_eq!(r.id, Some(json!(7)));
@@ -570,10 +583,15 @@ mod tests {
                 since: Some(Since::Seq(41)),
                 epoch: Some("e1".into()),
                 presence: false,
+                delta: false,
             }
         );
         let r = parse(r#"{"op":"subscribe","channel":"maths","presence":true}"#).unwrap();
         assert!(matches!(r.op, Op::Subscribe { presence: true, .. }));
+        let r = parse(r#"{"op":"subscribe","channel":"maths","delta":"fossil"}"#).unwrap();
+        assert!(matches!(r.op, Op::Subscribe { delta: true, .. }));
+        let r = parse(r#"{"op":"subscribe","channel":"maths","delta":"xdelta"}"#).unwrap_err();
+        assert_eq!(r.code, Code::InvalidRequest);
         let r = parse(r#"{"op":"presence","channel":"maths","count_only":true}"#).unwrap();
         assert_eq!(
             r.op,

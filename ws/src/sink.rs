@@ -98,8 +98,20 @@ pub struct Delivery {
 /// one slot per transport whose connections all write the same bytes for a frame
 /// (WebSocket's text frame, SSE's `event:`/`data:` lines, WebTransport's length-prefixed
 /// frame, WebSocket's MessagePack binary frame, WebTransport's length-prefixed MessagePack,
-/// Pusher's text frame, and the three WebSocket ones compressed: permessage-deflate).
-pub const SLOTS: usize = 9;
+/// Pusher's text frame, and the three WebSocket ones compressed: permessage-deflate; then
+/// WebSocket's JSON and MessagePack, plain and compressed, with their deltas).
+pub const SLOTS: usize = 13;
+
+/// What a client that takes a channel's deltas (`"delta":"fossil"`) gets instead of an
+/// event's frame: its data as a string, and, when the channel's event before it is known,
+/// the fossil delta from that one's data. Made once per event by the channel's reader.
+#[derive(Debug)]
+pub struct Deltas {
+    /// The frame with `"delta":false` and the data as published, as a JSON string.
+    pub whole: Bytes,
+    /// The frame with `"delta":true` and the delta as a JSON string.
+    pub delta: Option<Bytes>,
+}
 
 /// One frame on its way to every connection that should get it: its JSON, and each
 /// transport's framing of it, made on first use. Not shared across threads: the task that
@@ -117,6 +129,8 @@ pub struct Outgoing {
     /// The connection that does not get it (a Pusher `socket_id`), for the framings that
     /// act on it.
     exclude: Option<uuid::Uuid>,
+    /// What clients that take the channel's deltas get instead, where the channel keeps them.
+    deltas: Option<Box<Deltas>>,
     json: Bytes,
     framed: [OnceCell<Bytes>; SLOTS],
 }
@@ -147,9 +161,21 @@ impl Outgoing {
             name,
             volatile: false,
             exclude: None,
+            deltas: None,
             json,
             framed: Default::default(),
         }
+    }
+
+    /// The same frame, with what clients that take deltas get instead.
+    pub fn with_deltas(mut self, deltas: Deltas) -> Outgoing {
+        self.deltas = Some(Box::new(deltas));
+        self
+    }
+
+    /// What clients that take deltas get instead, if the channel keeps them.
+    pub fn deltas(&self) -> Option<&Deltas> {
+        self.deltas.as_deref()
     }
 
     /// The same frame, not for connection `conn` ([`fanout::envelope::HEADER_EXCLUDE`]).
@@ -251,6 +277,12 @@ pub trait Conduit: Sink {
 
     /// Channel `key` starts at `position` in the connection's stream.
     fn position(&self, _key: ChannelKey, _position: Position) {}
+
+    /// The connection takes channel `key`'s events as deltas (before it joins it): whether
+    /// its transport can ([`Framing::delta`]).
+    fn delta(&self, _key: ChannelKey) -> bool {
+        false
+    }
 }
 
 /// How a socket transport puts frames on the wire.
@@ -267,6 +299,12 @@ pub trait Framing: Send + fmt::Debug + 'static {
 
     /// The connection is now in channel `key`, called `name`.
     fn enter(&mut self, _key: ChannelKey, _name: &str) {}
+
+    /// The connection takes channel `key`'s events as deltas from now on: whether this
+    /// framing can (none but WebSocket's can).
+    fn delta(&mut self, _key: ChannelKey) -> bool {
+        false
+    }
 
     /// The connection left channel `key`.
     fn leave(&mut self, _key: ChannelKey) {}
@@ -954,6 +992,10 @@ impl<F: Framing> Conduit for Outbox<F> {
 
     fn position(&self, key: ChannelKey, position: Position) {
         self.lock().framing.position(key, position);
+    }
+
+    fn delta(&self, key: ChannelKey) -> bool {
+        self.lock().framing.delta(key)
     }
 }
 

@@ -106,6 +106,8 @@ pub struct Readers {
     pub totals: Arc<Totals>,
     pub with_trace: bool,
     pub coalesce: Duration,
+    /// The channels that keep deltas (`FANOUT_DELTA_CHANNELS`).
+    pub deltas: Arc<crate::auth::Patterns>,
 }
 
 /// Applies the hub's interest reports until `shutdown` (or until the hub is gone). `watch`
@@ -140,6 +142,7 @@ pub async fn follow<W, F>(
                     log,
                     generation,
                     totals: readers.totals.clone(),
+                    deltas: readers.deltas.allows(&channel),
                 };
                 let task = tokio::spawn(
                     subscribe(readers.clone(), channel.clone(), target).in_current_span(),

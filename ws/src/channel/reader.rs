@@ -28,7 +28,7 @@ use super::log::Log;
 use crate::{
     hub::Hub,
     position::{ChannelKey, channel_key, mark},
-    sink::{Outgoing, Recipients, offer_all},
+    sink::{Deltas, Outgoing, Recipients, offer_all},
 };
 
 /// What every reader of the node counted since it started, for `GET /v1/stats` (the
@@ -76,6 +76,8 @@ pub struct Target {
     pub log: Arc<Log>,
     pub generation: u64,
     pub totals: Arc<Totals>,
+    /// The channel keeps deltas for the clients that take them (`FANOUT_DELTA_CHANNELS`).
+    pub deltas: bool,
 }
 
 /// An event's `event` frame ([`Envelope::frame_json`]).
@@ -269,6 +271,9 @@ struct Reader {
     with_trace: bool,
     /// The stream epoch it reads in.
     epoch: String,
+    /// With deltas: the last event pushed (its seq, marked, and its data), what the next
+    /// one's delta is from.
+    base: Option<(u64, bytes::Bytes)>,
     // Metric handles are looked up once, not once per event.
     received: metrics::Counter,
     malformed: metrics::Counter,
@@ -291,6 +296,7 @@ impl Reader {
             target,
             with_trace,
             epoch: String::new(),
+            base: None,
             received: counter!("fanout_ws_events_received_total"),
             malformed: counter!("fanout_ws_events_malformed_total"),
             delivered: counter!("fanout_ws_frames_delivered_total"),
@@ -308,18 +314,55 @@ impl Reader {
         };
         // Encoded once; each transport frames it once, for all its connections.
         let region = envelope.region;
-        self.frames.push(
-            Outgoing::event(mark::pack(region, envelope.seq), frame)
-                .after(if prev == 0 {
-                    0
-                } else {
-                    mark::pack(region, prev)
-                })
-                .excluding(envelope.exclude),
-        );
+        let prev = if prev == 0 {
+            0
+        } else {
+            mark::pack(region, prev)
+        };
+        let outgoing = Outgoing::event(mark::pack(region, envelope.seq), frame)
+            .after(prev)
+            .excluding(envelope.exclude);
+        let outgoing = match self.target.deltas {
+            true => self.deltas(envelope, prev, outgoing),
+            false => outgoing,
+        };
+        self.frames.push(outgoing);
         if !span.is_none() {
             self.spans.push((span, started));
         }
+    }
+
+    /// `outgoing` with what clients that take deltas get instead: the data as a string, and
+    /// the fossil delta from the channel's event before it (`prev`), when that is the one
+    /// this reader pushed last. Made once per event, whoever takes them.
+    fn deltas(&mut self, envelope: &Envelope, prev: u64, outgoing: Outgoing) -> Outgoing {
+        let Ok(text) = std::str::from_utf8(&envelope.data).map(str::to_owned) else {
+            self.base = None;
+            return outgoing; // bytes: no deltas
+        };
+        if envelope.binary {
+            self.base = None;
+            return outgoing;
+        }
+        let delta = match &self.base {
+            Some((seq, base)) if prev != 0 && *seq == prev => {
+                // fossil_delta::delta(target, source): what turns `base` into this data.
+                let delta = fossil_delta::delta(&envelope.data, base);
+                // Only a delta that is text (JSON carries it as a string) and smaller.
+                String::from_utf8(delta)
+                    .ok()
+                    .filter(|d| d.len() < text.len())
+                    .map(|d| envelope.delta_frame_json(self.with_trace, &d, true))
+            }
+            _ => None,
+        };
+        self.base = Some((outgoing.seq, envelope.data.clone()));
+        outgoing.with_deltas(Deltas {
+            whole: envelope
+                .delta_frame_json(self.with_trace, &text, false)
+                .into(),
+            delta: delta.map(Into::into),
+        })
     }
 
     /// An event's frame, with its span and when its encoding began; none (counted, logged)

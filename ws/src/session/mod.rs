@@ -93,6 +93,7 @@ impl Session {
                 since,
                 epoch,
                 presence,
+                delta,
             } => {
                 let request = subscribe::Subscribe {
                     id,
@@ -100,6 +101,7 @@ impl Session {
                     since,
                     epoch,
                     presence,
+                    delta,
                 };
                 subscribe::subscribe(self, to, request).await;
             }

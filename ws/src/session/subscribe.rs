@@ -29,6 +29,8 @@ pub struct Subscribe {
     pub epoch: Option<String>,
     /// Also receive the channel's presence changes.
     pub presence: bool,
+    /// Events as fossil deltas, if the channel allows it.
+    pub delta: bool,
 }
 
 /// Where a joining client resumes from.
@@ -168,6 +170,7 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         since,
         epoch,
         presence,
+        delta,
     } = request;
     let hooked = session.node.proxy().has(Hook::Subscribe);
     let allowed = match hooked {
@@ -196,10 +199,20 @@ pub(super) async fn subscribe(session: &mut Session, to: ReplyTo, request: Subsc
         Ok(info) => info,
         Err(err) => return session.refuse(to, id, "subscribe", err),
     };
+    // Deltas where the channel keeps them and the transport can take them: set before the
+    // join, so that the channel's first frame already counts. The reply says whether.
+    let delta = delta
+        && session.node.deltas_allowed(&channel)
+        && session.conduit.delta(channel_key(channel.as_str()));
     let mut to = Some(to);
     let joined = join(session, &channel, presence, info, resume, |replay| {
         let to = to.take().expect("announced once");
-        session.send(to, subscribed(&channel, id.as_ref(), replay));
+        let mut reply = subscribed(&channel, id.as_ref(), replay);
+        if delta && reply.ends_with('}') {
+            reply.truncate(reply.len() - 1);
+            reply.push_str(r#","delta":"fossil"}"#);
+        }
+        session.send(to, reply);
     })
     .await;
     if let Err(err) = joined {

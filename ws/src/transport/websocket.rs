@@ -95,34 +95,153 @@ fn payload_of(frame: &[u8]) -> Option<(u8, &[u8])> {
     Some((frame[0], frame.get(start..)?))
 }
 
+/// Most channels one connection takes as deltas.
+const MAX_DELTA_CHANNELS: usize = 1024;
+
+/// The first byte of a shared part that holds an event's three frames for a connection that
+/// takes deltas (no WebSocket frame starts with it): [`DeltaChannels::combined`].
+const COMBINED: u8 = 0x00;
+
+/// The channels a connection takes as deltas (`"delta":"fossil"`), each with the seq of its
+/// last event written in a form a delta can build on (0: none: the next one goes whole).
+#[derive(Debug, Default)]
+struct DeltaChannels(Vec<(ChannelKey, u64)>);
+
+impl DeltaChannels {
+    fn add(&mut self, key: ChannelKey) -> bool {
+        if self.0.iter().any(|(k, _)| *k == key) {
+            return true;
+        }
+        if self.0.len() >= MAX_DELTA_CHANNELS {
+            return false;
+        }
+        self.0.push((key, 0));
+        true
+    }
+
+    fn remove(&mut self, key: ChannelKey) {
+        self.0.retain(|(k, _)| *k != key);
+    }
+
+    /// The shared part for this connection: `plain` (the framing's own), or, when the
+    /// connection takes deltas and the event has them, the event's three frames in one
+    /// piece (in `slot`, made once for every such connection): `COMBINED`, the seq of the
+    /// channel's event before it (8 bytes), the plain frame, the whole one (each after its
+    /// length, 4 bytes), the delta (the rest; none: empty).
+    fn combined(
+        &self,
+        frame: &Outgoing,
+        plain: Bytes,
+        slot: usize,
+        make: impl Fn(&[u8]) -> Bytes,
+    ) -> Bytes {
+        let Some(deltas) = frame.deltas().filter(|_| !self.0.is_empty()) else {
+            return plain;
+        };
+        frame
+            .framed(slot, |_, _| {
+                let whole = make(&deltas.whole);
+                let delta = deltas.delta.as_deref().map(&make).unwrap_or_default();
+                let mut out = BytesMut::with_capacity(17 + plain.len() + whole.len() + delta.len());
+                out.extend_from_slice(&[COMBINED]);
+                out.extend_from_slice(&frame.prev.to_be_bytes());
+                out.extend_from_slice(&(plain.len() as u32).to_be_bytes());
+                out.extend_from_slice(&plain);
+                out.extend_from_slice(&(whole.len() as u32).to_be_bytes());
+                out.extend_from_slice(&whole);
+                out.extend_from_slice(&delta);
+                out.freeze()
+            })
+            .clone()
+    }
+
+    /// What this connection writes of a shared part for channel `key`'s event `seq`: the
+    /// plain frame for a channel it does not take as deltas; for one it does, the delta when
+    /// it has the event the delta is from, else the whole frame.
+    fn pick(&mut self, key: ChannelKey, seq: u64, shared: Bytes) -> Bytes {
+        let entry = self.0.iter_mut().find(|(k, _)| *k == key);
+        if shared.first() != Some(&COMBINED) {
+            // A frame without deltas (a replay, a volatile event): the next one goes whole.
+            if let Some(entry) = entry {
+                entry.1 = 0;
+            }
+            return shared;
+        }
+        let number = |at: usize, len: usize| {
+            shared
+                .get(at..at + len)
+                .map_or(0, |b| b.iter().fold(0u64, |n, b| n << 8 | u64::from(*b)))
+        };
+        let prev = number(1, 8);
+        let plain_len = number(9, 4) as usize;
+        let plain = shared.slice(13..13 + plain_len);
+        let whole_at = 13 + plain_len;
+        let whole_len = number(whole_at, 4) as usize;
+        let whole = shared.slice(whole_at + 4..whole_at + 4 + whole_len);
+        let delta = shared.slice(whole_at + 4 + whole_len..);
+        let Some(entry) = entry else {
+            return plain;
+        };
+        let builds = entry.1 != 0 && entry.1 == prev && !delta.is_empty();
+        entry.1 = seq;
+        match builds {
+            true => delta,
+            false => whole,
+        }
+    }
+}
+
 /// WebSocket framing: each frame is one text frame, the same bytes for every connection
-/// (compressed once for every connection that negotiated permessage-deflate).
+/// (compressed once for every connection that negotiated permessage-deflate; a channel's
+/// deltas once for every connection that takes them).
 #[derive(Debug, Default)]
 pub struct WebSocket {
     compressing: Option<Compressing>,
+    deltas: DeltaChannels,
 }
 
 impl WebSocket {
-    /// Its slots in [`Outgoing::framed`]: plain, compressed.
+    /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
     const SLOT: usize = 0;
     const DEFLATE_SLOT: usize = 6;
+    const DELTA_SLOT: usize = 9;
+    const DEFLATE_DELTA_SLOT: usize = 10;
 }
 
 impl Framing for WebSocket {
     fn shared(&self, frame: &Outgoing) -> Bytes {
         match &self.compressing {
-            None => frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone(),
-            Some(c) => frame
-                .framed(Self::DEFLATE_SLOT, |_, json| c.frame(OP_TEXT, json))
-                .clone(),
+            None => {
+                let plain = frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone();
+                self.deltas
+                    .combined(frame, plain, Self::DELTA_SLOT, text_bytes)
+            }
+            Some(c) => {
+                let plain = frame
+                    .framed(Self::DEFLATE_SLOT, |_, json| c.frame(OP_TEXT, json))
+                    .clone();
+                self.deltas
+                    .combined(frame, plain, Self::DEFLATE_DELTA_SLOT, |json| {
+                        c.frame(OP_TEXT, json)
+                    })
+            }
         }
     }
 
-    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+    fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
+        let shared = self.deltas.pick(key, seq, shared);
         out.push(match &self.compressing {
             Some(c) => c.fit(shared),
             None => shared,
         });
+    }
+
+    fn delta(&mut self, key: ChannelKey) -> bool {
+        self.deltas.add(key)
+    }
+
+    fn leave(&mut self, key: ChannelKey) {
+        self.deltas.remove(key);
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -139,33 +258,52 @@ pub const MSGPACK: &str = "fanout.msgpack";
 #[derive(Debug, Default)]
 pub struct WebSocketMsgpack {
     compressing: Option<Compressing>,
+    deltas: DeltaChannels,
 }
 
 impl WebSocketMsgpack {
-    /// Its slots in [`Outgoing::framed`]: plain, compressed.
+    /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
     const SLOT: usize = 3;
     const DEFLATE_SLOT: usize = 7;
+    const DELTA_SLOT: usize = 11;
+    const DEFLATE_DELTA_SLOT: usize = 12;
 }
 
 impl Framing for WebSocketMsgpack {
     fn shared(&self, frame: &Outgoing) -> Bytes {
         match &self.compressing {
-            None => frame
-                .framed(Self::SLOT, |_, json| binary_msgpack(json))
-                .clone(),
-            Some(c) => frame
-                .framed(Self::DEFLATE_SLOT, |_, json| {
-                    c.frame(OP_BINARY, &msgpack::from_json(json))
-                })
-                .clone(),
+            None => {
+                let plain = frame
+                    .framed(Self::SLOT, |_, json| binary_msgpack(json))
+                    .clone();
+                self.deltas
+                    .combined(frame, plain, Self::DELTA_SLOT, binary_msgpack)
+            }
+            Some(c) => {
+                let make = |json: &[u8]| c.frame(OP_BINARY, &msgpack::from_json(json));
+                let plain = frame
+                    .framed(Self::DEFLATE_SLOT, |_, json| make(json))
+                    .clone();
+                self.deltas
+                    .combined(frame, plain, Self::DEFLATE_DELTA_SLOT, make)
+            }
         }
     }
 
-    fn write(&mut self, _: ChannelKey, _: u64, shared: Bytes, out: &mut Parts) {
+    fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
+        let shared = self.deltas.pick(key, seq, shared);
         out.push(match &self.compressing {
             Some(c) => c.fit(shared),
             None => shared,
         });
+    }
+
+    fn delta(&mut self, key: ChannelKey) -> bool {
+        self.deltas.add(key)
+    }
+
+    fn leave(&mut self, key: ChannelKey) {
+        self.deltas.remove(key);
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -189,7 +327,10 @@ trait Codec: Framing + Send + 'static {
 
 impl Codec for WebSocket {
     fn with(compressing: Option<Compressing>) -> Self {
-        WebSocket { compressing }
+        WebSocket {
+            compressing,
+            deltas: DeltaChannels::default(),
+        }
     }
 
     fn binary(_: &[u8]) -> Result<String, Rejection> {
@@ -202,7 +343,10 @@ impl Codec for WebSocket {
 
 impl Codec for WebSocketMsgpack {
     fn with(compressing: Option<Compressing>) -> Self {
-        WebSocketMsgpack { compressing }
+        WebSocketMsgpack {
+            compressing,
+            deltas: DeltaChannels::default(),
+        }
     }
 
     fn binary(payload: &[u8]) -> Result<String, Rejection> {
