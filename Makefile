@@ -57,10 +57,10 @@ $(TSC):
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm typescript@$(TYPESCRIPT_VERSION)
 
 # The Pusher protocol's tests use the ecosystem's own code from npm: Pusher's server library,
-# pusher-js and Laravel Echo, installed into .tools/npm.
-PUSHER_NPM := $(TOOLS)/npm/node_modules/pusher/package.json
+# pusher-js and Laravel Echo, installed into .tools/npm; fossil-delta checks fanout.js's deltas.
+PUSHER_NPM := $(TOOLS)/npm/node_modules/fossil-delta/package.json
 $(PUSHER_NPM):
-	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm pusher@5.3 pusher-js@8.6 laravel-echo@2.5
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/npm pusher@5.3 pusher-js@8.6 laravel-echo@2.5 fossil-delta@2.0
 
 # promtool (Debian's prometheus package) checks /metrics, the alerts and the dashboard's queries.
 promtool:

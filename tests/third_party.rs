@@ -261,3 +261,86 @@ async fn laravel_echo_with_its_pusher_connector() {
     // ada's and bo's private channel, and each one's presence channel.
     assert_eq!(seen["authRequests"], 4, "{seen}");
 }
+
+/// Fossil deltas checked across three implementations: what the node makes (the
+/// fossil-delta crate) applies with fanout.js's `applyDelta` and with npm's fossil-delta
+/// (dchest's port of Fossil's delta.c), and npm's deltas apply with the crate; fanout.js in
+/// Node takes a channel's events as deltas from a live node and gets each one whole
+/// (tests/clients/fossil_deltas.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fossil_deltas_agree_across_the_node_fanout_js_and_npm() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let state = |minute: u32| {
+        json!({"minute": minute, "score": [minute / 30, minute / 45], "note": "é ∆ 中".repeat(minute as usize % 5),
+            "players": (0..22).map(|n| json!({"n": n, "name": format!("player {n}")})).collect::<Vec<_>>()})
+        .to_string()
+    };
+    let pairs: Vec<(String, String)> = vec![
+        (state(0), state(1)),
+        (state(10), state(55)),
+        ("short".into(), "shorter still".into()),
+        (String::new(), "from nothing".into()),
+        (
+            "x".repeat(5000),
+            format!("{}y{}", "x".repeat(2500), "x".repeat(2499)),
+        ),
+        (state(3), state(3)),
+    ];
+    let cases: Vec<serde_json::Value> = pairs
+        .iter()
+        .map(|(base, target)| {
+            let delta = fossil_delta::delta(target, base);
+            json!({"base": b64(base.as_bytes()), "target": b64(target.as_bytes()), "delta": b64(&delta)})
+        })
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&cases).unwrap()).unwrap();
+
+    let nats = NatsServer::start();
+    let ws = start_ws(&nats, "ws-1", |c| c.delta_channels = "match:*".into()).await;
+    let api = start_api(&nats).await;
+    let output = tokio::process::Command::new("node")
+        .arg("--experimental-websocket")
+        .arg(workspace().join("tests/clients/fossil_deltas.mjs"))
+        .arg(file.path())
+        .args([
+            &format!("ws://{}", ws.addr),
+            &format!("http://{}", api.addr),
+        ])
+        .args(["match:final", "12"])
+        .env("NPM_PREFIX", workspace().join(".tools/npm"))
+        .env("FANOUT_JS", workspace().join("clients/js/fanout.js"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    assert!(seen.get("error").is_none(), "{seen}");
+    assert_eq!(seen["cases"], pairs.len(), "{seen}");
+    assert_eq!(
+        seen["fanoutJs"],
+        pairs.len(),
+        "fanout.js applies the node's deltas: {seen}"
+    );
+    assert_eq!(
+        seen["npm"],
+        pairs.len(),
+        "npm's fossil-delta applies them: {seen}"
+    );
+    assert_eq!(seen["wrongBase"], "refused", "{seen}");
+    for ((base, target), delta) in pairs.iter().zip(seen["npmDeltas"].as_array().unwrap()) {
+        let delta = base64::engine::general_purpose::STANDARD
+            .decode(delta.as_str().unwrap())
+            .unwrap();
+        let applied = fossil_delta::apply(base, &delta).expect("npm's delta applies");
+        assert_eq!(applied, target.as_bytes(), "the crate applies npm's delta");
+    }
+    assert_eq!(seen["reply"], "fossil", "{seen}");
+    assert_eq!(
+        seen["same"], true,
+        "fanout.js got every event whole: {seen}"
+    );
+}

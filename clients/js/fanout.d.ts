@@ -111,6 +111,8 @@ export interface SubscribedReply {
   op: "subscribed";
   channel: string;
   id?: number;
+  /** `"fossil"` when the node sends this channel's events as deltas (asked for, and allowed). */
+  delta?: "fossil";
 }
 /** `subscribe` before the connection is open: sent once it is. */
 export interface PendingReply {
@@ -259,11 +261,15 @@ export declare class FanoutClient {
   connect(): this;
   /** Closes for good (no reconnect). */
   close(): void;
-  /** Subscribes to `channel`; `callback` gets its events. Renewed after every reconnect. */
+  /**
+   * Subscribes to `channel`; `callback` gets its events. Renewed after every reconnect. With
+   * `delta: "fossil"` the node sends them as fossil deltas where it allows it (the reply's
+   * `delta`); they reach `callback` whole.
+   */
   subscribe<T = Data>(
     channel: string,
     callback?: (event: EventFrame<T>) => void,
-    options?: { presence?: boolean },
+    options?: { presence?: boolean; delta?: "fossil" },
   ): Promise<SubscribedReply | PendingReply>;
   unsubscribe(channel: string): Promise<UnsubscribedReply>;
   /** Publishes `data` (JSON, or bytes) through the node; resolves once stored. */
@@ -311,6 +317,8 @@ export declare function unpack(bytes: Uint8Array): unknown;
 export declare function toBase64(bytes: Uint8Array): string;
 export declare function fromBase64(text: string): Uint8Array;
 
+/** Applies a fossil delta to `base` (both UTF-8 bytes); throws when it does not apply. */
+export declare function applyDelta(base: Uint8Array, delta: Uint8Array): Uint8Array;
 export declare function shouldReconnect(code: number): boolean;
 /** Whether a refused request may succeed when asked again. */
 export declare function retryable(error: unknown): boolean;

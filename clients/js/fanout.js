@@ -178,6 +178,84 @@ async function roundTrip(url, fetchImpl) {
   return best;
 }
 
+/** The digits of fossil's delta integers: 64 of them, most significant first. */
+const FOSSIL_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
+
+/** Fossil's checksum of `bytes` (delta.c): 32-bit sums of the bytes by position mod 4. */
+function fossilChecksum(bytes) {
+  let [s0, s1, s2, s3] = [0, 0, 0, 0];
+  let z = 0;
+  let n = bytes.length;
+  for (; n >= 16; z += 16, n -= 16) {
+    s0 = (s0 + bytes[z] + bytes[z + 4] + bytes[z + 8] + bytes[z + 12]) | 0;
+    s1 = (s1 + bytes[z + 1] + bytes[z + 5] + bytes[z + 9] + bytes[z + 13]) | 0;
+    s2 = (s2 + bytes[z + 2] + bytes[z + 6] + bytes[z + 10] + bytes[z + 14]) | 0;
+    s3 = (s3 + bytes[z + 3] + bytes[z + 7] + bytes[z + 11] + bytes[z + 15]) | 0;
+  }
+  for (; n >= 4; z += 4, n -= 4) {
+    s0 = (s0 + bytes[z]) | 0;
+    s1 = (s1 + bytes[z + 1]) | 0;
+    s2 = (s2 + bytes[z + 2]) | 0;
+    s3 = (s3 + bytes[z + 3]) | 0;
+  }
+  s3 = (s3 + (s2 << 8) + (s1 << 16) + (s0 << 24)) | 0;
+  if (n === 3) s3 = (s3 + (bytes[z + 2] << 8)) | 0;
+  if (n >= 2) s3 = (s3 + (bytes[z + 1] << 16)) | 0;
+  if (n >= 1) s3 = (s3 + (bytes[z] << 24)) | 0;
+  return s3 >>> 0;
+}
+
+/**
+ * Applies a fossil delta (the format of Fossil SCM's delta.c, which the node makes with the
+ * fossil-delta crate) to `base`; both are bytes (UTF-8). Throws on a delta that does not
+ * apply (a wrong base, a broken delta): the size or the checksum does not match.
+ */
+export function applyDelta(base, delta) {
+  let at = 0;
+  const integer = () => {
+    let value = 0;
+    for (; at < delta.length; at++) {
+      const digit = FOSSIL_DIGITS.indexOf(String.fromCharCode(delta[at]));
+      if (digit < 0) break;
+      value = value * 64 + digit;
+    }
+    return value;
+  };
+  const fail = (why) => {
+    throw new Error(`fanout: a delta that does not apply: ${why}`);
+  };
+  const size = integer();
+  if (delta[at++] !== 0x0a) fail("no size");
+  const out = new Uint8Array(size);
+  let written = 0;
+  while (at < delta.length) {
+    const count = integer();
+    const op = delta[at++];
+    if (op === 0x40) {
+      // "@": copy `count` bytes of the base from `offset`.
+      const offset = integer();
+      if (delta[at++] !== 0x2c) fail("a copy without its ','");
+      if (offset + count > base.length || written + count > size) fail("a copy out of bounds");
+      out.set(base.subarray(offset, offset + count), written);
+      written += count;
+    } else if (op === 0x3a) {
+      // ":": `count` bytes of the delta itself.
+      if (at + count > delta.length || written + count > size) fail("a literal out of bounds");
+      out.set(delta.subarray(at, at + count), written);
+      written += count;
+      at += count;
+    } else if (op === 0x3b) {
+      // ";": the end, with the checksum of the result.
+      if (written !== size) fail("the size does not match");
+      if (count !== fossilChecksum(out)) fail("the checksum does not match");
+      return out;
+    } else {
+      fail("an unknown command");
+    }
+  }
+  return fail("no end");
+}
+
 export function backoff(attempt, minDelay = 500, maxDelay = 15000, random = Math.random) {
   const base = Math.min(maxDelay, minDelay * 2 ** Math.max(0, attempt - 1));
   return Math.round(base / 2 + random() * (base / 2));
@@ -274,6 +352,8 @@ export class FanoutClient {
     this._cursor = null; // the last cursor an HTTP stream gave (SSE event id), not yet read
     this._resuming = new Set(); // channels whose resuming subscribe awaits its reply
     this._watching = new Set(); // channels subscribed with presence: true
+    this._deltas = new Set(); // channels subscribed with delta: "fossil"
+    this._bases = new Map(); // channel -> the last event's data (UTF-8), what a delta is from
     this._info = undefined; // presence info set with setInfo, re-applied on reconnect
     /** The stream epoch the remembered sequences belong to (from `welcome`). */
     this.epoch = null;
@@ -348,14 +428,22 @@ export class FanoutClient {
    * error frame if the node refuses (and the channel is dropped), or with an Error if the
    * connection is lost first (the channel is kept and renewed on reconnect).
    * With `{ presence: true }`, the channel's join/leave/update frames come as `presence` events.
+   * With `{ delta: "fossil" }`, the node sends the channel's events as fossil deltas of the
+   * one before, where it allows it (the reply's `delta` says whether): they arrive whole,
+   * applied here.
    */
-  subscribe(channel, callback, { presence = false } = {}) {
+  subscribe(channel, callback, { presence = false, delta } = {}) {
     if (!this._channels.has(channel)) this._channels.set(channel, new Set());
     if (callback) this._channels.get(channel).add(callback);
     if (presence) this._watching.add(channel);
     else this._watching.delete(channel);
+    if (delta === "fossil") this._deltas.add(channel);
+    else this._deltas.delete(channel);
+    this._bases.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "pending", channel });
-    return this.request({ op: "subscribe", channel, ...(presence ? { presence } : {}) }).catch(
+    const request = { op: "subscribe", channel, ...(presence ? { presence } : {}) };
+    if (this._deltas.has(channel)) request.delta = "fossil";
+    return this.request(request).catch(
       (error) => {
         // Forget the channel only if the node refused it; a lost connection re-subscribes,
         // and so does a node that could not reach the bus now (bus_unavailable).
@@ -421,6 +509,8 @@ export class FanoutClient {
   unsubscribe(channel) {
     this._channels.delete(channel);
     this._watching.delete(channel);
+    this._deltas.delete(channel);
+    this._bases.delete(channel);
     this._last.delete(channel);
     this._after.delete(channel);
     if (this.state !== State.OPEN) return Promise.resolve({ op: "unsubscribed", channel });
@@ -681,6 +771,7 @@ export class FanoutClient {
           if (this._resuming.has(frame.channel) && frame.channel === "broadcast") return;
           const last = this._last.get(frame.channel);
           if (hasEvent(last, frame)) return; // had it already
+          if (!this._undelta(frame)) return;
           this._last.set(frame.channel, advance(last, frame));
           const after = this._after.get(frame.channel);
           if (frame.region !== undefined && typeof after === "object") {
@@ -735,6 +826,35 @@ export class FanoutClient {
   }
 
   /**
+   * An event of a channel taken as deltas, made whole: `data` as published (`"delta":false`)
+   * or the delta applied to the event before (`true`), parsed. An event without `delta` (a
+   * replay) is as it is, and the next one comes whole. False, with an `error` event, when a
+   * delta does not apply (the event is dropped and the channel subscribed again from the last
+   * seq, so nothing is lost).
+   */
+  _undelta(frame) {
+    if (frame.delta === undefined || typeof frame.data !== "string") {
+      this._bases.delete(frame.channel);
+      return true;
+    }
+    const text = new TextEncoder().encode(frame.data);
+    try {
+      const base = this._bases.get(frame.channel);
+      if (frame.delta && base === undefined) throw new Error("no event before it to apply it to");
+      const data = frame.delta ? applyDelta(base, text) : text;
+      this._bases.set(frame.channel, data);
+      frame.data = JSON.parse(new TextDecoder().decode(data));
+      delete frame.delta;
+      return true;
+    } catch (error) {
+      this._bases.delete(frame.channel);
+      this._emit("error", { code: "invalid_delta", message: String(error.message ?? error), channel: frame.channel });
+      this._resubscribe(frame.channel, this.epoch, { quiet: true });
+      return false;
+    }
+  }
+
+  /**
    * Subscribes again after a reconnect, resuming from the last seq received if any (`quiet`:
    * a stream that already follows the channel, asked for its presence changes too: no
    * `resumed` event).
@@ -743,6 +863,8 @@ export class FanoutClient {
     const since = this._last.get(channel);
     const request = { op: "subscribe", channel };
     if (this._watching.has(channel)) request.presence = true;
+    if (this._deltas.has(channel)) request.delta = "fossil";
+    this._bases.delete(channel);
     if (since !== undefined) Object.assign(request, { since, ...(epoch ? { epoch } : {}) });
     if (since !== undefined && !quiet) this._resuming.add(channel);
     const link = this._socket;

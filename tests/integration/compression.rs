@@ -255,14 +255,21 @@ async fn fossil_deltas_where_the_channel_allows_them() {
         let seq = publish(&api, "scores:final", &data).await;
         let event = client.event().await;
         assert_eq!(event["seq"], seq, "{event}");
-        let text = event["data"].as_str().expect("a string").as_bytes().to_vec();
+        let text = event["data"]
+            .as_str()
+            .expect("a string")
+            .as_bytes()
+            .to_vec();
         base = match event["delta"].as_bool() {
             Some(false) => {
                 assert_eq!(minute, 0, "only the first is whole: {event}");
                 text
             }
             Some(true) => {
-                assert!(text.len() < serde_json::to_vec(&data).unwrap().len() / 4, "{event}");
+                assert!(
+                    text.len() < serde_json::to_vec(&data).unwrap().len() / 4,
+                    "{event}"
+                );
                 fossil_delta::apply(&base, &text).expect("a fossil delta")
             }
             None => panic!("no \"delta\": {event}"),
@@ -280,16 +287,24 @@ async fn fossil_deltas_where_the_channel_allows_them() {
     let mut again = Client::connect(&ws).await;
     let missed = publish(&api, "scores:final", &match_state(70)).await;
     let reply = again
-        .request(json!({"op": "subscribe", "channel": "scores:final", "delta": "fossil",
-            "since": last, "id": 1}))
+        .request(
+            json!({"op": "subscribe", "channel": "scores:final", "delta": "fossil",
+            "since": last, "id": 1}),
+        )
         .await;
     assert_eq!(reply["delta"], "fossil", "{reply}");
     let replayed = again.event().await;
     assert_eq!(replayed["seq"], missed, "{replayed}");
-    assert!(replayed.get("delta").is_none(), "a replay is plain: {replayed}");
+    assert!(
+        replayed.get("delta").is_none(),
+        "a replay is plain: {replayed}"
+    );
     publish(&api, "scores:final", &match_state(80)).await;
     let next = again.event().await;
-    assert_eq!(next["delta"], false, "the first live one after a replay is whole: {next}");
+    assert_eq!(
+        next["delta"], false,
+        "the first live one after a replay is whole: {next}"
+    );
     publish(&api, "scores:final", &match_state(90)).await;
     let next = again.event().await;
     assert_eq!(next["delta"], true, "{next}");

@@ -41,6 +41,8 @@ await client.subscribe<Order>("orders", (event: EventFrame<Order>) => {
   console.log(position, event.id, event.ts, event.region ?? "", status);
 });
 await client.subscribe("room:maths", undefined, { presence: true });
+const scores = await client.subscribe<{ minute: number }>("scores:final", (event) => event.data.minute, { delta: "fossil" });
+if (scores.op === "subscribed" && scores.delta === "fossil") console.log("deltas on");
 client.connect();
 
 const published = await client.publish("orders", { order: 17, status: "shipped" });

@@ -866,3 +866,38 @@ test("rpc resolves with the backend's result; the app's subscriptions are follow
     mock.timers.reset();
   }
 });
+
+test("deltas: asked for and renewed; whole, then applied; a replay resets; one that does not apply asks again", () => {
+  const { client, last } = setup("ws://a/ws", { minDelay: 10 });
+  try {
+    const seen = [];
+    const errors = [];
+    client.on("error", (e) => errors.push(e.code));
+    client.connect();
+    client.subscribe("scores", (e) => seen.push(e.data), { delta: "fossil" });
+    last().welcome("ws-1");
+    assert.equal(last().sent[0].delta, "fossil");
+    last().frame({ op: "subscribed", channel: "scores", id: last().sent[0].id, delta: "fossil" });
+    // The first whole (its data as published, a string), then a fossil delta of it (made by
+    // npm's fossil-delta: `createStringDelta`).
+    const first = '{"minute":1,"score":[0,0],"home":"Home United","away":"Away City"}';
+    last().frame({ op: "event", channel: "scores", seq: 1, id: "a", ts: 1, delta: false, data: first });
+    last().frame({ op: "event", channel: "scores", seq: 2, id: "b", ts: 1, delta: true, data: '12\nM:{"minute":2,"score":[1h@M,2ZWSVw;' });
+    // A replayed event comes plain: taken as it is.
+    last().frame({ op: "event", channel: "scores", seq: 3, id: "c", ts: 1, data: { minute: 3 } });
+    assert.deepEqual(seen, [
+      { minute: 1, score: [0, 0], home: "Home United", away: "Away City" },
+      { minute: 2, score: [1, 0], home: "Home United", away: "Away City" },
+      { minute: 3 },
+    ]);
+    // A delta with nothing to apply it to: an error, and the channel asked for again from seq 3.
+    last().frame({ op: "event", channel: "scores", seq: 4, id: "d", ts: 1, delta: true, data: '12\nM:{"minute":2,"score":[1h@M,2ZWSVw;' });
+    assert.deepEqual(errors, ["invalid_delta"]);
+    const again = last().sent.at(-1);
+    assert.deepEqual([again.op, again.channel, again.since, again.delta], ["subscribe", "scores", 3, "fossil"]);
+    assert.equal(seen.length, 3);
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
