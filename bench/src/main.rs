@@ -8,6 +8,7 @@
 //! CPU time from `/proc`. Results go to `target/bench/<command>.json` (and `suite.md`), or to
 //! `--out FILE`.
 
+mod bytes;
 mod control;
 mod geo;
 mod hist;
@@ -190,6 +191,14 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = [String::from("fanout"), String::from("sockudo")])]
         target: Vec<String>,
     },
+    /// Bytes on the wire per delivery, measured on the socket: JSON and MessagePack, each
+    /// with permessage-deflate, fossil deltas and both; the football-match workload
+    /// (re-created) and the usual payload, beside Centrifugo's published percentages.
+    Bytes {
+        /// Events per workload and mode.
+        #[arg(long, default_value_t = 30)]
+        messages: usize,
+    },
     /// JetStream alone: acknowledged publishes/s on one NATS connection (the API's ceiling).
     Jetstream {
         #[arg(long, default_value_t = 16)]
@@ -296,6 +305,7 @@ impl Command {
             Command::Joinstorm { .. } => "joinstorm",
             Command::Publish { .. } => "publish",
             Command::PusherPublish { .. } => "pusher-publish",
+            Command::Bytes { .. } => "bytes",
             Command::Jetstream { .. } => "jetstream",
             Command::Presence { .. } => "presence",
             Command::Lifecycle { .. } => "lifecycle",
@@ -426,6 +436,7 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             println!("{r:?}");
             json!(r)
         }
+        Command::Bytes { messages } => json!(bytes::run(&paths, messages).await),
         Command::PusherPublish {
             publishers,
             duration,
