@@ -363,3 +363,55 @@ async fn pusher_js_in_chromium() {
     assert_eq!(seen["count"], 1, "{seen}");
     browser.close().await.unwrap();
 }
+
+/// Chromium's own WebSocket negotiates permessage-deflate with a node (`ws.extensions`) and
+/// decodes a large event that comes compressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_negotiates_permessage_deflate() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    let node = start_ws(&nats, "ws-1", |_| {}).await;
+    let driver = Driver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = driver.browser(profile.path()).await;
+    let tab = Tab::first(&browser, "deflate", &node.url("/healthz")).await;
+    let script = format!(
+        "window.seen = {{}}; const ws = new WebSocket('ws://{}/ws?user=chromium'); \
+         ws.onmessage = (m) => {{ const f = JSON.parse(m.data); \
+           if (f.op === 'welcome') ws.send(JSON.stringify({{op: 'subscribe', channel: 'zip', id: 1}})); \
+           if (f.op === 'subscribed') window.seen.subscribed = ws.extensions; \
+           if (f.op === 'event') window.seen.data = f.data; }}; return true;",
+        node.addr
+    );
+    tab.eval(&script).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let wait = |key: &'static str| {
+        let tab = &tab;
+        async move {
+            loop {
+                let seen = tab.eval("return window.seen").await;
+                if !seen[key].is_null() {
+                    return seen;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {seen}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let seen = wait("subscribed").await;
+    assert!(
+        seen["subscribed"]
+            .as_str()
+            .unwrap()
+            .contains("permessage-deflate"),
+        "{seen}"
+    );
+    let rows: Vec<Value> = (0..200)
+        .map(|i| json!({"i": i, "name": format!("row {i}")}))
+        .collect();
+    let data = json!({ "rows": rows });
+    publish(&api, "zip", &data).await;
+    let seen = wait("data").await;
+    assert_eq!(seen["data"], data);
+    browser.close().await.unwrap();
+}

@@ -30,14 +30,62 @@ struct Mode {
 }
 
 const MODES: [Mode; 8] = [
-    Mode { name: "JSON", msgpack: false, deflate: false, delta: false, centrifugo: Some(100.0) },
-    Mode { name: "JSON + deflate", msgpack: false, deflate: true, delta: false, centrifugo: Some(38.9) },
-    Mode { name: "JSON + delta", msgpack: false, deflate: false, delta: true, centrifugo: Some(15.0) },
-    Mode { name: "JSON + delta + deflate", msgpack: false, deflate: true, delta: true, centrifugo: Some(13.3) },
-    Mode { name: "MessagePack", msgpack: true, deflate: false, delta: false, centrifugo: None },
-    Mode { name: "MessagePack + deflate", msgpack: true, deflate: true, delta: false, centrifugo: None },
-    Mode { name: "MessagePack + delta", msgpack: true, deflate: false, delta: true, centrifugo: Some(11.0) },
-    Mode { name: "MessagePack + delta + deflate", msgpack: true, deflate: true, delta: true, centrifugo: None },
+    Mode {
+        name: "JSON",
+        msgpack: false,
+        deflate: false,
+        delta: false,
+        centrifugo: Some(100.0),
+    },
+    Mode {
+        name: "JSON + deflate",
+        msgpack: false,
+        deflate: true,
+        delta: false,
+        centrifugo: Some(38.9),
+    },
+    Mode {
+        name: "JSON + delta",
+        msgpack: false,
+        deflate: false,
+        delta: true,
+        centrifugo: Some(15.0),
+    },
+    Mode {
+        name: "JSON + delta + deflate",
+        msgpack: false,
+        deflate: true,
+        delta: true,
+        centrifugo: Some(13.3),
+    },
+    Mode {
+        name: "MessagePack",
+        msgpack: true,
+        deflate: false,
+        delta: false,
+        centrifugo: None,
+    },
+    Mode {
+        name: "MessagePack + deflate",
+        msgpack: true,
+        deflate: true,
+        delta: false,
+        centrifugo: None,
+    },
+    Mode {
+        name: "MessagePack + delta",
+        msgpack: true,
+        deflate: false,
+        delta: true,
+        centrifugo: Some(11.0),
+    },
+    Mode {
+        name: "MessagePack + delta + deflate",
+        msgpack: true,
+        deflate: true,
+        delta: true,
+        centrifugo: None,
+    },
 ];
 
 /// One row of the answer.
@@ -112,7 +160,11 @@ impl Client {
             mode.deflate,
             "{head}"
         );
-        Client { stream, buf, read: 0 }
+        Client {
+            stream,
+            buf,
+            read: 0,
+        }
     }
 
     /// The next message as JSON (inflated, decoded from MessagePack).
@@ -214,8 +266,10 @@ pub async fn run(paths: &Paths, messages: usize) -> Vec<Row> {
     let api = tier.api_url();
     let http = reqwest::Client::new();
     let mut rows = Vec::new();
-    let workloads: [(&'static str, fn(usize) -> Value); 2] =
-        [("football (re-created)", football), ("usual 100-byte payload", usual)];
+    let workloads: [(&'static str, fn(usize) -> Value); 2] = [
+        ("football (re-created)", football),
+        ("usual 100-byte payload", usual),
+    ];
     for (w, (workload, make)) in workloads.iter().enumerate() {
         let published: usize = (0..messages).map(|n| make(n).to_string().len()).sum();
         let mut json_bytes = 0;
@@ -241,8 +295,9 @@ pub async fn run(paths: &Paths, messages: usize) -> Vec<Row> {
             }
             let mut events = 0;
             while events < messages {
-                let frame =
-                    tokio::time::timeout(Duration::from_secs(10), client.next()).await.expect("an event");
+                let frame = tokio::time::timeout(Duration::from_secs(10), client.next())
+                    .await
+                    .expect("an event");
                 if frame["op"] == "event" {
                     events += 1;
                 }

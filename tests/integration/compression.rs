@@ -309,3 +309,55 @@ async fn fossil_deltas_where_the_channel_allows_them() {
     let next = again.event().await;
     assert_eq!(next["delta"], true, "{next}");
 }
+
+/// A long-poll's answer honours `Accept-Encoding`: gzip when asked, as it is when not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_answer_is_compressed_when_the_client_accepts_it() {
+    use std::io::Read;
+    let nats = NatsServer::start();
+    let ws = start_ws(&nats, "ws-1", |_| {}).await;
+    let api = start_api(&nats).await;
+    let (_, first) = poll(&ws, "channel=zip&timeout=0").await;
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    let data = data_of(4000);
+    publish(&api, "zip", &data).await;
+    // The same cursor twice: a poll is stateless, both answers hold the event.
+    let url = ws.url(&format!("/poll?channel=zip&cursor={cursor}&timeout=5"));
+    let get = |encoding: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut request = reqwest::Client::new().get(url);
+            if let Some(encoding) = encoding {
+                request = request.header("accept-encoding", encoding);
+            }
+            let answer = request.send().await.unwrap();
+            let encoding = answer
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                answer.status().as_u16(),
+                encoding,
+                answer.bytes().await.unwrap(),
+            )
+        }
+    };
+    let (status, encoding, plain) = get(None).await;
+    assert_eq!((status, encoding), (200, None));
+    let (status, encoding, gzipped) = get(Some("gzip")).await;
+    assert_eq!((status, encoding.as_deref()), (200, Some("gzip")));
+    assert!(
+        gzipped.len() < plain.len() / 3,
+        "{} of {}",
+        gzipped.len(),
+        plain.len()
+    );
+    let mut text = Vec::new();
+    flate2::read::GzDecoder::new(&gzipped[..])
+        .read_to_end(&mut text)
+        .unwrap();
+    let plain: Value = serde_json::from_slice(&plain).unwrap();
+    let unzipped: Value = serde_json::from_slice(&text).unwrap();
+    assert_eq!(plain["events"], unzipped["events"]);
+    assert_eq!(unzipped["events"][0]["data"], data, "{unzipped}");
+}

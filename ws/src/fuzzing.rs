@@ -16,7 +16,9 @@ use crate::{
 };
 
 /// WebSocket frames as a client sends them. The first byte sets how the rest is cut into
-/// reads (1 to 64 bytes each): no answer may depend on where the reads fall.
+/// reads (1 to 64 bytes each), and, its high bit, whether permessage-deflate was negotiated
+/// (compressed messages inflate within the limit): no answer may depend on where the reads
+/// fall.
 pub fn frames(data: &[u8]) {
     let Some((&cut, bytes)) = data.split_first() else {
         return;
@@ -24,6 +26,7 @@ pub fn frames(data: &[u8]) {
     const MAX: usize = 4096;
     let decode = |chunk: usize| {
         let mut decoder = Decoder::default();
+        decoder.deflate = cut & 0x80 != 0;
         let mut out = Vec::new();
         for piece in bytes.chunks(chunk) {
             decoder.buf.extend_from_slice(piece);
@@ -67,6 +70,17 @@ pub fn upgrade(data: &[u8]) {
     }
     if let Ok(key) = websocket::handshake(&method, &map) {
         assert_eq!(websocket::accept_key(&key).len(), 28);
+    }
+    // The permessage-deflate offers: declined, or answered without context takeover.
+    let offers = map
+        .get_all("sec-websocket-extensions")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if let Some((deflate, answer)) = crate::transport::deflate::negotiate(offers) {
+        assert!(answer.starts_with(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        ));
+        assert!((8..=15).contains(&deflate.server_max_window_bits));
     }
 }
 

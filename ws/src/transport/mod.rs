@@ -104,7 +104,11 @@ pub fn router(node: Arc<Node>, sockets: TaskTracker, shutdown: CancellationToken
         .route("/ws", get(websocket::upgrade))
         .route("/app/{key}", get(pusher::upgrade))
         .route("/sse", get(sse::stream))
-        .route("/poll", get(poll::poll))
+        // A poll's answer honours `Accept-Encoding` (gzip, br): one answer, compressed once.
+        .route(
+            "/poll",
+            get(poll::poll).layer(tower_http::compression::CompressionLayer::new()),
+        )
         .route("/session/{conn}", post(http_session::request))
         .route("/request", post(poll::request))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
