@@ -88,6 +88,9 @@ const MODES: [Mode; 8] = [
     },
 ];
 
+/// A workload: its name, and its `n`th event's data.
+type Workload = (&'static str, fn(usize) -> Value);
+
 /// One row of the answer.
 #[derive(Debug, Serialize)]
 pub struct Row {
@@ -111,7 +114,7 @@ fn football(n: usize) -> Value {
     let team = |side: usize, name: &str| {
         let players: Vec<Value> = (0..11)
             .map(|p| {
-                let scored = usize::from((n + p + side) % 13 == 0 && n > 0);
+                let scored = usize::from((n + p + side).is_multiple_of(13) && n > 0);
                 json!({"id": side * 100 + p, "name": format!("{name} {}", p + 1),
                     "goals": scored + (n / 20) * usize::from(p == 9),
                     "yellow": usize::from(n > 15 && p == 4 + side), "red": 0})
@@ -179,7 +182,7 @@ impl Client {
                 };
                 if frame.opcode == raw::BINARY {
                     let value = rmpv::decode::read_value(&mut &payload[..]).expect("MessagePack");
-                    return serde_json::to_value(&value_of(&value)).unwrap();
+                    return value_of(&value);
                 }
                 if frame.opcode == raw::TEXT {
                     return serde_json::from_slice(&payload).expect("JSON");
@@ -266,7 +269,7 @@ pub async fn run(paths: &Paths, messages: usize) -> Vec<Row> {
     let api = tier.api_url();
     let http = reqwest::Client::new();
     let mut rows = Vec::new();
-    let workloads: [(&'static str, fn(usize) -> Value); 2] = [
+    let workloads: [Workload; 2] = [
         ("football (re-created)", football),
         ("usual 100-byte payload", usual),
     ];
