@@ -912,9 +912,9 @@ impl<F: Framing> Outbox<F> {
         }
         outcome.recipients += 1;
         outcome.delivered += frames.len();
-        outcome.bytes += bytes;
         let state = &mut **state;
         if let Some(held) = &mut state.held {
+            outcome.bytes += bytes;
             held.extend(
                 frames
                     .iter()
@@ -929,6 +929,8 @@ impl<F: Framing> Outbox<F> {
         for (frame, shared) in frames.iter().zip(shared) {
             let mut parts = Parts::new();
             state.framing.write(key, frame.seq, shared, &mut parts);
+            // What the connection writes (a framing may pick a part of what is shared).
+            outcome.bytes += parts.iter().map(Bytes::len).sum::<usize>();
             batch.frame(parts);
         }
         self.write_or_queue(state, batch);
