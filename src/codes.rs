@@ -56,6 +56,9 @@ pub enum Code {
     Forbidden,
     ForbiddenOrigin,
     TooManyConnections,
+    /// The node takes no more connections now (`FANOUT_MAX_CONNECTIONS`, `FANOUT_ACCEPT_RATE`):
+    /// 503 with `Retry-After`; try again then, or another node.
+    OverCapacity,
     Unauthorized,
     MissingToken,
     InvalidToken,
@@ -90,7 +93,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 44] = [
+    pub const ALL: [Code; 45] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -105,6 +108,7 @@ impl Code {
         Code::Forbidden,
         Code::ForbiddenOrigin,
         Code::TooManyConnections,
+        Code::OverCapacity,
         Code::Unauthorized,
         Code::MissingToken,
         Code::InvalidToken,
@@ -154,6 +158,7 @@ impl Code {
             Code::Forbidden => "forbidden",
             Code::ForbiddenOrigin => "forbidden_origin",
             Code::TooManyConnections => "too_many_connections",
+            Code::OverCapacity => "over_capacity",
             Code::Unauthorized => "unauthorized",
             Code::MissingToken => "missing_token",
             Code::InvalidToken => "invalid_token",

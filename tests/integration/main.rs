@@ -9,6 +9,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admission;
 mod all_in_one;
 mod auth;
 mod batch;

@@ -111,6 +111,14 @@ pub struct Config {
     pub allowed_origins: String,
     /// Connections one IP address may hold at once; 0: no limit.
     pub max_connections_per_ip: usize,
+    /// Connections this node holds at most; beyond, new ones are answered 503 with
+    /// `Retry-After` before any work. 0: no limit.
+    pub max_connections: usize,
+    /// New connections this node admits per second (a token bucket; 0: no limit); beyond,
+    /// 503 with `Retry-After`.
+    pub accept_rate: u32,
+    /// The bucket's size: new connections admitted at once (0: as many as `accept_rate`).
+    pub accept_burst: u32,
     /// Events one connection may publish per second (and in a burst); over it: `rate_limited`.
     pub publish_rate_per_sec: u32,
     /// Bytes the node may hold on behalf of all its clients together: incomplete frames and
@@ -181,6 +189,9 @@ impl Default for Config {
             jwt_public_key: String::new(),
             allowed_origins: String::new(),
             max_connections_per_ip: 0,
+            max_connections: 0,
+            accept_rate: 0,
+            accept_burst: 0,
             publish_rate_per_sec: 10,
             public_url: String::new(),
             max_buffered_bytes: 64 << 20,

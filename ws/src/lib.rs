@@ -43,6 +43,7 @@
 //! - [`auth`]: who a connection is (JWT or anonymous) and what it may do.
 //! - [`config`]: this binary's settings.
 
+pub mod admission;
 pub mod auth;
 pub mod budget;
 pub mod canary;

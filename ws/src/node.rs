@@ -94,6 +94,8 @@ pub struct Node {
     pusher_apps: Vec<fanout::pusher::App>,
     /// The channels that keep deltas (`FANOUT_DELTA_CHANNELS`).
     deltas: Arc<crate::auth::Patterns>,
+    /// How many connections it holds and how fast it takes new ones.
+    admission: crate::admission::Admission,
 }
 
 impl Node {
@@ -143,6 +145,7 @@ impl Node {
         let proxy = crate::proxy::Proxy::from_config(&config)
             .expect("the proxy settings were validated with the rest");
         let deltas = Arc::new(crate::auth::Patterns::list(&config.delta_channels));
+        let admission = crate::admission::Admission::new(&config);
         let pusher_apps =
             fanout::pusher::apps(config.common.pusher_apps.expose()).unwrap_or_default();
         let node = Arc::new(Node {
@@ -169,6 +172,7 @@ impl Node {
             proxy,
             pusher_apps,
             deltas,
+            admission,
         });
         let span =
             tracing::info_span!(target: telemetry::LOG_CONTEXT, "node", node_id = %node.id());
@@ -375,6 +379,10 @@ impl Node {
     }
 
     /// The Pusher protocol's apps.
+    pub fn admission(&self) -> &crate::admission::Admission {
+        &self.admission
+    }
+
     /// Whether clients may take `channel`'s events as deltas (`FANOUT_DELTA_CHANNELS`).
     pub fn deltas_allowed(&self, channel: &Channel) -> bool {
         !channel.is_broadcast() && self.deltas.allows(channel)

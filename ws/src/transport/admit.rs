@@ -37,6 +37,8 @@ pub(crate) struct Refusal {
     /// One of [`Code`]'s, or the app's own (a proxy hook's refusal).
     pub code: String,
     pub message: String,
+    /// When to try again (`Retry-After`, and `retry_after_ms` in the body).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -45,6 +47,7 @@ impl Refusal {
             status,
             code: code.as_str().to_string(),
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -54,14 +57,40 @@ impl Refusal {
             status: StatusCode::from_u16(err.status()).unwrap_or(StatusCode::FORBIDDEN),
             code: err.code().to_string(),
             message: err.to_string(),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error_with(self.status, &self.code, &self.message)
+        let Some(after) = self.retry_after else {
+            return error_with(self.status, &self.code, &self.message);
+        };
+        let body = json!({"error": {"code": self.code, "message": self.message,
+            "retry_after_ms": after.as_millis() as u64}});
+        // Whole seconds, rounded up: never sooner than the node said.
+        let seconds = after.as_millis().div_ceil(1000).max(1).to_string();
+        (self.status, [(header::RETRY_AFTER, seconds)], Json(body)).into_response()
     }
+}
+
+/// Admission control, before any other work: 503 with `Retry-After` when the node holds
+/// `FANOUT_MAX_CONNECTIONS` or takes new connections faster than `FANOUT_ACCEPT_RATE`.
+pub(crate) fn gate(node: &Node) -> Result<(), Refusal> {
+    node.admission()
+        .take(node.hub().connections())
+        .map_err(|refused| Refusal {
+            retry_after: Some(refused.retry_after()),
+            ..Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::OverCapacity,
+                format!(
+                    "{}: try again after Retry-After, or another node",
+                    refused.reason()
+                ),
+            )
+        })
 }
 
 /// A client that may connect: who it is, and its slot in the per-IP count.
@@ -82,6 +111,7 @@ pub(crate) async fn admit(
     user: Option<&str>,
     transport: &'static str,
 ) -> Result<Admitted, Refusal> {
+    gate(node)?;
     let origins = node.config().origins();
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');

@@ -167,7 +167,9 @@ fn cors(node: &Node) -> tower_http::cors::CorsLayer {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let node = &state.node;
-    let ready = node.is_ready();
+    let held = node.hub().connections();
+    // A full node is not ready for more: balancers send new clients elsewhere.
+    let ready = node.is_ready() && !node.admission().full(held);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -182,6 +184,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Some(reason) => json!({"ok": false, "reason": reason}),
         },
         "control": {"rules_loaded": node.rules().is_loaded()},
+        "admission": node.admission().report(held),
     });
     if let Some(proxy) = node.proxy().report() {
         body["proxy"] = proxy;

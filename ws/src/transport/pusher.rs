@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::{
-    admit::error,
+    admit::{error, gate},
     connection::{Connection, End, Transport},
     frame::Incoming,
     frame::OP_TEXT,
@@ -440,6 +440,9 @@ pub(crate) async fn upgrade(
         Ok(key) => key,
         Err((status, message)) => return error(status, Code::WebsocketRequired, message),
     };
+    if let Err(refusal) = gate(&node) {
+        return refusal.into_response();
+    }
     let Some(app) = node.pusher_apps().iter().find(|a| a.key == key).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
