@@ -918,7 +918,11 @@ export class FanoutClient {
       this._failures = 0;
       this._transportIndex += 1;
     }
-    const delay = backoff(this.attempt, this.options.minDelay, this.options.maxDelay);
+    // A node over capacity said when to come back: at least that, jittered (up to half as
+    // long again), so that its refused clients do not all come back at once.
+    const floor = this._retryAfter ? this._retryAfter * (1 + Math.random() / 2) : 0;
+    this._retryAfter = 0;
+    const delay = Math.max(backoff(this.attempt, this.options.minDelay, this.options.maxDelay), floor);
     const nextTransport = transports[this._transportIndex % transports.length];
     this._setState(State.RECONNECTING, {
       delay,
@@ -1295,6 +1299,9 @@ async function errorFrame(response, id, op) {
     message: body?.error?.message ?? `HTTP ${response.status}`,
     ref: op,
     id,
+    // A node over capacity says when it takes a client again (`Retry-After`, in ms here).
+    retryAfter:
+      body?.error?.retry_after_ms ?? (Number(response.headers?.get?.("retry-after")) * 1000 || undefined),
   };
 }
 
@@ -1451,6 +1458,7 @@ class PollLink {
       if (this.closed) return;
       if (!response.ok) {
         const frame = await errorFrame(response, undefined, "poll");
+        if (frame.retryAfter) client._retryAfter = frame.retryAfter;
         if (response.status >= 500 || response.status === 429) return this._fail(1011, frame.message);
         // A refusal of what this poll asked: a new channel's subscribe, or the client itself.
         const refused = [...this.waiting.values()].filter(({ channel }) => wanted.has(channel));

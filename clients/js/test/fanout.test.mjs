@@ -901,3 +901,21 @@ test("deltas: asked for and renewed; whole, then applied; a replay resets; one t
     mock.timers.reset();
   }
 });
+
+test("a node over capacity: the next attempt waits at least its Retry-After, jittered, and goes to the next node", async () => {
+  const { fetch, calls } = fakeFetch();
+  const { client, states } = setup(["ws://a/ws", "ws://b/ws"], { minDelay: 10, transports: ["poll"], fetch });
+  try {
+    client.connect();
+    calls.at(-1).answer(503, { error: { code: "over_capacity", message: "full", retry_after_ms: 5000 } });
+    await settle();
+    await settle();
+    const waiting = states.at(-1);
+    assert.equal(waiting.state, "reconnecting");
+    assert.ok(waiting.delay >= 5000 && waiting.delay <= 7500, `${waiting.delay}`);
+    assert.equal(waiting.next, "ws://b/ws");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
