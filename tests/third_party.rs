@@ -165,8 +165,8 @@ async fn pusher_script(script: &str, nodes: &[Server], api: &Server) -> serde_js
     let (id, key, secret) = PUSHER_APP;
     let ws: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
     // The script bounds each of its own steps (15 s).
-    let output = tokio::process::Command::new("node")
-        .arg(workspace().join("tests/clients").join(script))
+    let mut node = tokio::process::Command::new("node");
+    node.arg(workspace().join("tests/clients").join(script))
         .args([
             &ws.join(","),
             &format!("http://{}", api.addr),
@@ -174,7 +174,13 @@ async fn pusher_script(script: &str, nodes: &[Server], api: &Server) -> serde_js
             key,
             secret,
         ])
-        .env("NPM_PREFIX", &npm)
+        .env("NPM_PREFIX", &npm);
+    node_json(node).await
+}
+
+/// What a Node script printed (one JSON line), which names no failed step.
+async fn node_json(mut command: tokio::process::Command) -> serde_json::Value {
+    let output = command
         .kill_on_drop(true)
         .output()
         .await
@@ -300,8 +306,8 @@ async fn fossil_deltas_agree_across_the_node_fanout_js_and_npm() {
     let nats = NatsServer::start();
     let ws = start_ws(&nats, "ws-1", |c| c.delta_channels = "match:*".into()).await;
     let api = start_api(&nats).await;
-    let output = tokio::process::Command::new("node")
-        .arg("--experimental-websocket")
+    let mut node = tokio::process::Command::new("node");
+    node.arg("--experimental-websocket")
         .arg(workspace().join("tests/clients/fossil_deltas.mjs"))
         .arg(file.path())
         .args([
@@ -310,15 +316,8 @@ async fn fossil_deltas_agree_across_the_node_fanout_js_and_npm() {
         ])
         .args(["match:final", "12"])
         .env("NPM_PREFIX", workspace().join(".tools/npm"))
-        .env("FANOUT_JS", workspace().join("clients/js/fanout.js"))
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let seen: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
-    assert!(seen.get("error").is_none(), "{seen}");
+        .env("FANOUT_JS", workspace().join("clients/js/fanout.js"));
+    let seen = node_json(node).await;
     assert_eq!(seen["cases"], pairs.len(), "{seen}");
     assert_eq!(
         seen["fanoutJs"],

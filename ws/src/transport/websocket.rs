@@ -191,14 +191,62 @@ impl DeltaChannels {
     }
 }
 
+/// What a WebSocket connection of fanout's protocol (JSON or MessagePack) does per
+/// connection with what is shared: the channels it takes as deltas, and the deflate it
+/// negotiated.
+#[derive(Debug, Default)]
+struct Wire {
+    compressing: Option<Compressing>,
+    deltas: DeltaChannels,
+}
+
+impl Wire {
+    fn new(compressing: Option<Compressing>) -> Wire {
+        Wire {
+            compressing,
+            deltas: DeltaChannels::default(),
+        }
+    }
+
+    /// The shared part: `plain` (made in `slot`, or `deflate_slot` when compressing), or
+    /// the event's frames with deltas (in `delta_slot` or `deflate_delta_slot`); `encode`
+    /// frames one JSON text (opcode, payload bytes).
+    fn shared(
+        &self,
+        frame: &Outgoing,
+        slots: [usize; 4],
+        opcode: u8,
+        encode: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Bytes {
+        let [slot, deflate_slot, delta_slot, deflate_delta_slot] = slots;
+        let make = |json: &[u8]| match &self.compressing {
+            Some(c) => c.frame(opcode, &encode(json)),
+            None => self::encode(opcode, &encode(json)),
+        };
+        let (plain, delta_slot) = match &self.compressing {
+            None => (frame.framed(slot, |_, json| make(json)).clone(), delta_slot),
+            Some(_) => (
+                frame.framed(deflate_slot, |_, json| make(json)).clone(),
+                deflate_delta_slot,
+            ),
+        };
+        self.deltas.combined(frame, plain, delta_slot, make)
+    }
+
+    fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
+        let shared = self.deltas.pick(key, seq, shared);
+        out.push(match &self.compressing {
+            Some(c) => c.fit(shared),
+            None => shared,
+        });
+    }
+}
+
 /// WebSocket framing: each frame is one text frame, the same bytes for every connection
 /// (compressed once for every connection that negotiated permessage-deflate; a channel's
 /// deltas once for every connection that takes them).
 #[derive(Debug, Default)]
-pub struct WebSocket {
-    compressing: Option<Compressing>,
-    deltas: DeltaChannels,
-}
+pub struct WebSocket(Wire);
 
 impl WebSocket {
     /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
@@ -210,38 +258,25 @@ impl WebSocket {
 
 impl Framing for WebSocket {
     fn shared(&self, frame: &Outgoing) -> Bytes {
-        match &self.compressing {
-            None => {
-                let plain = frame.framed(Self::SLOT, |_, json| text_bytes(json)).clone();
-                self.deltas
-                    .combined(frame, plain, Self::DELTA_SLOT, text_bytes)
-            }
-            Some(c) => {
-                let plain = frame
-                    .framed(Self::DEFLATE_SLOT, |_, json| c.frame(OP_TEXT, json))
-                    .clone();
-                self.deltas
-                    .combined(frame, plain, Self::DEFLATE_DELTA_SLOT, |json| {
-                        c.frame(OP_TEXT, json)
-                    })
-            }
-        }
+        let slots = [
+            Self::SLOT,
+            Self::DEFLATE_SLOT,
+            Self::DELTA_SLOT,
+            Self::DEFLATE_DELTA_SLOT,
+        ];
+        self.0.shared(frame, slots, OP_TEXT, <[u8]>::to_vec)
     }
 
     fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
-        let shared = self.deltas.pick(key, seq, shared);
-        out.push(match &self.compressing {
-            Some(c) => c.fit(shared),
-            None => shared,
-        });
+        self.0.write(key, seq, shared, out);
     }
 
     fn delta(&mut self, key: ChannelKey) -> bool {
-        self.deltas.add(key)
+        self.0.deltas.add(key)
     }
 
     fn leave(&mut self, key: ChannelKey) {
-        self.deltas.remove(key);
+        self.0.deltas.remove(key);
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -256,10 +291,7 @@ pub const MSGPACK: &str = "fanout.msgpack";
 /// holding the JSON frame's MessagePack (the same ops and fields), encoded (and compressed,
 /// with permessage-deflate) once per frame for every such connection.
 #[derive(Debug, Default)]
-pub struct WebSocketMsgpack {
-    compressing: Option<Compressing>,
-    deltas: DeltaChannels,
-}
+pub struct WebSocketMsgpack(Wire);
 
 impl WebSocketMsgpack {
     /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
@@ -271,39 +303,25 @@ impl WebSocketMsgpack {
 
 impl Framing for WebSocketMsgpack {
     fn shared(&self, frame: &Outgoing) -> Bytes {
-        match &self.compressing {
-            None => {
-                let plain = frame
-                    .framed(Self::SLOT, |_, json| binary_msgpack(json))
-                    .clone();
-                self.deltas
-                    .combined(frame, plain, Self::DELTA_SLOT, binary_msgpack)
-            }
-            Some(c) => {
-                let make = |json: &[u8]| c.frame(OP_BINARY, &msgpack::from_json(json));
-                let plain = frame
-                    .framed(Self::DEFLATE_SLOT, |_, json| make(json))
-                    .clone();
-                self.deltas
-                    .combined(frame, plain, Self::DEFLATE_DELTA_SLOT, make)
-            }
-        }
+        let slots = [
+            Self::SLOT,
+            Self::DEFLATE_SLOT,
+            Self::DELTA_SLOT,
+            Self::DEFLATE_DELTA_SLOT,
+        ];
+        self.0.shared(frame, slots, OP_BINARY, msgpack::from_json)
     }
 
     fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
-        let shared = self.deltas.pick(key, seq, shared);
-        out.push(match &self.compressing {
-            Some(c) => c.fit(shared),
-            None => shared,
-        });
+        self.0.write(key, seq, shared, out);
     }
 
     fn delta(&mut self, key: ChannelKey) -> bool {
-        self.deltas.add(key)
+        self.0.deltas.add(key)
     }
 
     fn leave(&mut self, key: ChannelKey) {
-        self.deltas.remove(key);
+        self.0.deltas.remove(key);
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
@@ -327,10 +345,7 @@ trait Codec: Framing + Send + 'static {
 
 impl Codec for WebSocket {
     fn with(compressing: Option<Compressing>) -> Self {
-        WebSocket {
-            compressing,
-            deltas: DeltaChannels::default(),
-        }
+        WebSocket(Wire::new(compressing))
     }
 
     fn binary(_: &[u8]) -> Result<String, Rejection> {
@@ -343,10 +358,7 @@ impl Codec for WebSocket {
 
 impl Codec for WebSocketMsgpack {
     fn with(compressing: Option<Compressing>) -> Self {
-        WebSocketMsgpack {
-            compressing,
-            deltas: DeltaChannels::default(),
-        }
+        WebSocketMsgpack(Wire::new(compressing))
     }
 
     fn binary(payload: &[u8]) -> Result<String, Rejection> {
