@@ -9,7 +9,7 @@
 
 use bytes::{Bytes, BytesMut};
 use fanout::Code;
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, fmt, net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Body,
@@ -242,74 +242,83 @@ impl Wire {
     }
 }
 
-/// WebSocket framing: each frame is one text frame, the same bytes for every connection
-/// (compressed once for every connection that negotiated permessage-deflate; a channel's
-/// deltas once for every connection that takes them).
-#[derive(Debug, Default)]
-pub struct WebSocket(Wire);
+/// How fanout's protocol is encoded on a WebSocket: [`Json`] text frames, or [`Msgpack`]
+/// binary ones (the `fanout.msgpack` subprotocol).
+pub trait Encoding: Send + fmt::Debug + 'static {
+    /// Its slots in [`Outgoing::framed`]: plain, compressed, with deltas, compressed with
+    /// deltas.
+    const SLOTS: [usize; 4];
+    /// Its frames' opcode.
+    const OPCODE: u8;
 
-impl WebSocket {
-    /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
-    const SLOT: usize = 0;
-    const DEFLATE_SLOT: usize = 6;
-    const DELTA_SLOT: usize = 9;
-    const DEFLATE_DELTA_SLOT: usize = 10;
+    /// A frame's payload from the frame's JSON.
+    fn encode(json: &[u8]) -> Vec<u8>;
+
+    /// A binary message as the protocol's JSON text, or why it cannot be read.
+    fn binary(payload: &[u8]) -> Result<String, Rejection>;
 }
 
-impl Framing for WebSocket {
-    fn shared(&self, frame: &Outgoing) -> Bytes {
-        let slots = [
-            Self::SLOT,
-            Self::DEFLATE_SLOT,
-            Self::DELTA_SLOT,
-            Self::DEFLATE_DELTA_SLOT,
-        ];
-        self.0.shared(frame, slots, OP_TEXT, <[u8]>::to_vec)
+/// Text frames of JSON.
+#[derive(Debug)]
+pub struct Json;
+
+impl Encoding for Json {
+    const SLOTS: [usize; 4] = [0, 6, 9, 10];
+    const OPCODE: u8 = OP_TEXT;
+
+    fn encode(json: &[u8]) -> Vec<u8> {
+        json.to_vec()
     }
 
-    fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
-        self.0.write(key, seq, shared, out);
-    }
-
-    fn delta(&mut self, key: ChannelKey) -> bool {
-        self.0.deltas.add(key)
-    }
-
-    fn leave(&mut self, key: ChannelKey) {
-        self.0.deltas.remove(key);
-    }
-
-    fn own(&mut self, _: &str, json: &str) -> Bytes {
-        text(json)
+    fn binary(_: &[u8]) -> Result<String, Rejection> {
+        Err(Rejection::new(
+            Code::UnsupportedFrame,
+            "binary frames need the fanout.msgpack subprotocol; send JSON text frames",
+        ))
     }
 }
+
+/// Binary frames holding the JSON frame's MessagePack (the same ops and fields).
+#[derive(Debug)]
+pub struct Msgpack;
+
+impl Encoding for Msgpack {
+    const SLOTS: [usize; 4] = [3, 7, 11, 12];
+    const OPCODE: u8 = OP_BINARY;
+
+    fn encode(json: &[u8]) -> Vec<u8> {
+        msgpack::from_json(json)
+    }
+
+    fn binary(payload: &[u8]) -> Result<String, Rejection> {
+        msgpack::to_json(payload)
+    }
+}
+
+/// fanout's WebSocket framing in encoding `E`: each frame one WebSocket frame, the same bytes
+/// for every connection (compressed once for every connection that negotiated
+/// permessage-deflate; a channel's deltas once for every connection that takes them).
+#[derive(Debug)]
+pub struct Framed<E>(Wire, std::marker::PhantomData<E>);
+
+impl<E> Default for Framed<E> {
+    fn default() -> Self {
+        Framed(Wire::default(), std::marker::PhantomData)
+    }
+}
+
+/// JSON text frames.
+pub type WebSocket = Framed<Json>;
 
 /// The subprotocol of MessagePack frames (`Sec-WebSocket-Protocol: fanout.msgpack`).
 pub const MSGPACK: &str = "fanout.msgpack";
 
-/// WebSocket framing of the `fanout.msgpack` subprotocol: each frame is one binary frame
-/// holding the JSON frame's MessagePack (the same ops and fields), encoded (and compressed,
-/// with permessage-deflate) once per frame for every such connection.
-#[derive(Debug, Default)]
-pub struct WebSocketMsgpack(Wire);
+/// MessagePack binary frames (`fanout.msgpack`).
+pub type WebSocketMsgpack = Framed<Msgpack>;
 
-impl WebSocketMsgpack {
-    /// Its slots in [`Outgoing::framed`]: plain, compressed, and each with deltas.
-    const SLOT: usize = 3;
-    const DEFLATE_SLOT: usize = 7;
-    const DELTA_SLOT: usize = 11;
-    const DEFLATE_DELTA_SLOT: usize = 12;
-}
-
-impl Framing for WebSocketMsgpack {
+impl<E: Encoding> Framing for Framed<E> {
     fn shared(&self, frame: &Outgoing) -> Bytes {
-        let slots = [
-            Self::SLOT,
-            Self::DEFLATE_SLOT,
-            Self::DELTA_SLOT,
-            Self::DEFLATE_DELTA_SLOT,
-        ];
-        self.0.shared(frame, slots, OP_BINARY, msgpack::from_json)
+        self.0.shared(frame, E::SLOTS, E::OPCODE, E::encode)
     }
 
     fn write(&mut self, key: ChannelKey, seq: u64, shared: Bytes, out: &mut Parts) {
@@ -325,13 +334,8 @@ impl Framing for WebSocketMsgpack {
     }
 
     fn own(&mut self, _: &str, json: &str) -> Bytes {
-        binary_msgpack(json.as_bytes())
+        encode(E::OPCODE, &E::encode(json.as_bytes()))
     }
-}
-
-/// A binary frame of `json`'s MessagePack ([`msgpack::from_json`]).
-fn binary_msgpack(json: &[u8]) -> Bytes {
-    encode(OP_BINARY, &msgpack::from_json(json))
 }
 
 /// How a connection's messages are encoded: JSON text, or (`fanout.msgpack`) MessagePack.
@@ -343,26 +347,13 @@ trait Codec: Framing + Send + 'static {
     fn binary(payload: &[u8]) -> Result<String, Rejection>;
 }
 
-impl Codec for WebSocket {
+impl<E: Encoding> Codec for Framed<E> {
     fn with(compressing: Option<Compressing>) -> Self {
-        WebSocket(Wire::new(compressing))
-    }
-
-    fn binary(_: &[u8]) -> Result<String, Rejection> {
-        Err(Rejection::new(
-            Code::UnsupportedFrame,
-            "binary frames need the fanout.msgpack subprotocol; send JSON text frames",
-        ))
-    }
-}
-
-impl Codec for WebSocketMsgpack {
-    fn with(compressing: Option<Compressing>) -> Self {
-        WebSocketMsgpack(Wire::new(compressing))
+        Framed(Wire::new(compressing), std::marker::PhantomData)
     }
 
     fn binary(payload: &[u8]) -> Result<String, Rejection> {
-        msgpack::to_json(payload)
+        E::binary(payload)
     }
 }
 
