@@ -336,14 +336,15 @@ impl Reader {
     /// the fossil delta from the channel's event before it (`prev`), when that is the one
     /// this reader pushed last. Made once per event, whoever takes them.
     fn deltas(&mut self, envelope: &Envelope, prev: u64, outgoing: Outgoing) -> Outgoing {
-        let Ok(text) = std::str::from_utf8(&envelope.data).map(str::to_owned) else {
-            self.base = None;
-            return outgoing; // bytes: no deltas
+        // Bytes: no deltas.
+        let text = match envelope.binary {
+            true => None,
+            false => std::str::from_utf8(&envelope.data).ok(),
         };
-        if envelope.binary {
+        let Some(text) = text else {
             self.base = None;
             return outgoing;
-        }
+        };
         let delta = match &self.base {
             Some((seq, base)) if prev != 0 && *seq == prev => {
                 // fossil_delta::delta(target, source): what turns `base` into this data.
@@ -359,7 +360,7 @@ impl Reader {
         self.base = Some((outgoing.seq, envelope.data.clone()));
         outgoing.with_deltas(Deltas {
             whole: envelope
-                .delta_frame_json(self.with_trace, &text, false)
+                .delta_frame_json(self.with_trace, text, false)
                 .into(),
             delta: delta.map(Into::into),
         })
