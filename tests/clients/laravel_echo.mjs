@@ -65,10 +65,13 @@ try {
   seen.shipped = await shipped;
 
   seen.step = "private channel and whispers";
+  // Each one's handler bound as its subscription starts (it may succeed while the other waits).
   const adaRoom = ada.private("room");
+  const adaIn = once((done) => adaRoom.subscribed(done), "ada in private-room");
   const boRoom = bo.private("room");
-  await once((done) => adaRoom.subscribed(done), "ada in private-room");
-  await once((done) => boRoom.subscribed(done), "bo in private-room");
+  const boIn = once((done) => boRoom.subscribed(done), "bo in private-room");
+  await adaIn;
+  await boIn;
   const whispered = once((done) => adaRoom.listenForWhisper("typing", done), "whisper");
   boRoom.whisper("typing", { name: "bo" });
   seen.whisper = await whispered;

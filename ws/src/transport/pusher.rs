@@ -40,12 +40,12 @@ use uuid::Uuid;
 
 use super::{
     admit::{error, gate},
-    connection::{Connection, End, Transport},
-    frame::Incoming,
-    frame::OP_TEXT,
+    connection::{Connection, End},
+    frame::{Incoming, OP_TEXT},
     http::Takeover,
     websocket::{
-        Compressing, Socket, accept_key, close, compression, handshake, pong, text, text_bytes,
+        Compressing, Dialect, OverSocket, Socket, accept_key, close, compression, handshake, pong,
+        text, text_bytes,
     },
 };
 use crate::{
@@ -53,7 +53,7 @@ use crate::{
     node::Node,
     position::{ChannelKey, channel_key},
     session::ReplyTo,
-    sink::{Conduit, Framing, Outbox, Outgoing, Parts},
+    sink::{Conduit, Framing, Outgoing, Parts},
 };
 
 /// Pusher framing: each frame one text frame in Pusher's shape. An event's frame is made once
@@ -482,7 +482,7 @@ pub(crate) async fn upgrade(
                 channels: HashSet::new(),
                 user: None,
             };
-            connection.run(transport, None).await;
+            connection.run(OverSocket(transport), None).await;
         }
     }));
     let mut response = Response::builder()
@@ -759,52 +759,35 @@ impl PusherFrames {
     }
 }
 
-impl Transport for PusherFrames {
+impl Dialect for PusherFrames {
     type Framing = WebSocketPusher;
-    type Input = std::io::Result<()>;
 
-    async fn start(&mut self, conn: &mut Connection<WebSocketPusher>) -> Result<(), End> {
-        self.messages(conn).await
+    fn socket(&mut self) -> &mut Socket {
+        &mut self.socket
     }
 
-    async fn input(&mut self, outbox: &Outbox<WebSocketPusher>) -> std::io::Result<()> {
-        Socket::readable(outbox).await
+    fn socket_ref(&self) -> &Socket {
+        &self.socket
     }
 
-    async fn act(
+    fn messages(
         &mut self,
-        readable: std::io::Result<()>,
         conn: &mut Connection<WebSocketPusher>,
-    ) -> Result<(), End> {
-        if self.socket.read(readable, &conn.outbox)? {
-            self.messages(conn).await?;
-        }
-        Ok(())
-    }
-
-    fn pending(&self) -> Option<u64> {
-        self.socket.pending()
-    }
-
-    fn held(&self) -> usize {
-        self.socket.held()
-    }
-
-    fn heartbeat(&mut self, conn: &Connection<WebSocketPusher>) -> Result<(), End> {
-        self.socket.heartbeat(&conn.outbox)
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send {
+        PusherFrames::messages(self, conn)
     }
 
     /// Pusher's close codes: 4200 (reconnect at once) for a draining node, 4100 (reconnect
     /// after a pause) for what fanout asks to reconnect from, 4009 for what it does not.
-    fn goodbye(&self, end: &End, outbox: &Outbox<WebSocketPusher>) {
+    fn close_frame(&self, end: &End) -> Option<Bytes> {
         let (code, reason): (u16, &str) = match end {
-            End::Gone => return,
+            End::Gone => return None,
             End::ClientClosed(_) => (1000, ""),
             End::Close(d) if d.code == 1001 => (4200, &d.reason),
             End::Close(d) if d.reconnect() => (4100, &d.reason),
             End::Close(d) => (4009, &d.reason),
         };
-        outbox.send_raw(close(code, reason));
+        Some(close(code, reason))
     }
 }
 

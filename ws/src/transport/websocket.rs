@@ -587,7 +587,7 @@ async fn serve<C: Codec>(
         socket,
         codec: std::marker::PhantomData,
     };
-    connection.run(transport, None).await;
+    connection.run(OverSocket(transport), None).await;
 }
 
 /// The WebSocket transport's own part of a connection: the frames the client sends, decoded
@@ -623,50 +623,100 @@ impl<C: Codec> Frames<C> {
     }
 }
 
-impl<C: Codec> Transport for Frames<C> {
+impl<C: Codec> Dialect for Frames<C> {
     type Framing = C;
+
+    fn socket(&mut self) -> &mut Socket {
+        &mut self.socket
+    }
+
+    fn socket_ref(&self) -> &Socket {
+        &self.socket
+    }
+
+    fn messages(
+        &mut self,
+        conn: &mut Connection<C>,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send {
+        Frames::messages(self, conn)
+    }
+
+    fn close_frame(&self, end: &End) -> Option<Bytes> {
+        match end {
+            End::Gone => None,
+            // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
+            End::ClientClosed(code) => {
+                Some(close(code.filter(|&c| may_send(c)).unwrap_or(1000), ""))
+            }
+            End::Close(reason) => Some(close(reason.code, &reason.reason)),
+        }
+    }
+}
+
+/// A WebSocket dialect (fanout's protocol, Pusher's): how it reads its messages from a
+/// [`Socket`] and says goodbye; the rest of a WebSocket connection is the same for all
+/// ([`OverSocket`]).
+pub(crate) trait Dialect: Send {
+    type Framing: Framing;
+
+    fn socket(&mut self) -> &mut Socket;
+
+    fn socket_ref(&self) -> &Socket;
+
+    /// Acts on every whole message the socket holds.
+    fn messages(
+        &mut self,
+        conn: &mut Connection<Self::Framing>,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send;
+
+    /// The close frame that ends the connection, if any.
+    fn close_frame(&self, end: &End) -> Option<Bytes>;
+}
+
+/// A dialect's connection over its socket: reading when the socket is readable, the pending
+/// message, what it holds, the heartbeat, the close frame.
+pub(crate) struct OverSocket<D>(pub D);
+
+impl<D: Dialect> Transport for OverSocket<D> {
+    type Framing = D::Framing;
     type Input = std::io::Result<()>;
 
     /// What came with the upgrade request, if anything.
-    async fn start(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
-        self.messages(conn).await
+    async fn start(&mut self, conn: &mut Connection<D::Framing>) -> Result<(), End> {
+        self.0.messages(conn).await
     }
 
-    async fn input(&mut self, outbox: &Outbox<C>) -> std::io::Result<()> {
+    async fn input(&mut self, outbox: &Outbox<D::Framing>) -> std::io::Result<()> {
         Socket::readable(outbox).await
     }
 
     async fn act(
         &mut self,
         readable: std::io::Result<()>,
-        conn: &mut Connection<C>,
+        conn: &mut Connection<D::Framing>,
     ) -> Result<(), End> {
-        if self.socket.read(readable, &conn.outbox)? {
-            self.messages(conn).await?;
+        if self.0.socket().read(readable, &conn.outbox)? {
+            self.0.messages(conn).await?;
         }
         Ok(())
     }
 
     fn pending(&self) -> Option<u64> {
-        self.socket.pending()
+        self.0.socket_ref().pending()
     }
 
     fn held(&self) -> usize {
-        self.socket.held()
+        self.0.socket_ref().held()
     }
 
-    fn heartbeat(&mut self, conn: &Connection<C>) -> Result<(), End> {
-        self.socket.heartbeat(&conn.outbox)
+    fn heartbeat(&mut self, conn: &Connection<D::Framing>) -> Result<(), End> {
+        self.0.socket().heartbeat(&conn.outbox)
     }
 
-    fn goodbye(&self, end: &End, outbox: &Outbox<C>) {
-        let close = match end {
-            End::Gone => return,
-            // Echo the client's code when it is one that may be sent (RFC 6455 7.4).
-            End::ClientClosed(code) => close(code.filter(|&c| may_send(c)).unwrap_or(1000), ""),
-            End::Close(reason) => close(reason.code, &reason.reason),
-        };
-        outbox.send_raw(close);
+    fn goodbye(&self, end: &End, outbox: &Outbox<D::Framing>) {
+        if let Some(frame) = self.0.close_frame(end) {
+            outbox.send_raw(frame);
+        }
     }
 }
 
