@@ -21,10 +21,10 @@ use std::collections::BTreeMap;
 use axum::{
     Json, Router,
     extract::{
-        Path, RawQuery, State,
+        FromRequestParts, Path, State,
         rejection::{BytesRejection, PathRejection},
     },
-    http::{Method, StatusCode, Uri},
+    http::{Method, StatusCode, Uri, request::Parts as RequestParts},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -100,16 +100,34 @@ impl Signed {
     }
 }
 
+/// What a request's signature covers besides its body: its method, path and query.
+struct Signable {
+    method: Method,
+    uri: Uri,
+    query: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Signable {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut RequestParts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Signable {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            query: parts.uri.query().map(String::from),
+        })
+    }
+}
+
 /// Checks a request's app and signature (Pusher's answers: 404 for an unknown app, 401 for a
 /// signature that does not hold, with why).
 fn signed(
     state: &AppState,
     app_id: &str,
-    method: &Method,
-    uri: &Uri,
-    query: Option<&str>,
+    request: &Signable,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Signed, ApiError> {
+    let Signable { method, uri, query } = request;
     let body = body.map_err(|rejection| {
         ApiError::new(rejection.status(), Code::InvalidBody, rejection.body_text())
     })?;
@@ -121,6 +139,7 @@ fn signed(
         ));
     };
     let query: Vec<(String, String)> = query
+        .as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     app.verify_request(method.as_str(), uri.path(), &query, &body, now_ms() / 1000)
@@ -203,13 +222,11 @@ impl Event {
 async fn events(
     State(state): State<AppState>,
     app_id: Result<Path<String>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let app_id = path_of(app_id)?;
-    let signed = signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
+    let signed = signed(&state, &app_id, &request, body)?;
     let event: Event = json_of(&signed.body)?;
     let (channels, data) = event.checked(&signed)?;
     let outgoing = channels
@@ -228,13 +245,11 @@ struct Batch {
 async fn batch_events(
     State(state): State<AppState>,
     app_id: Result<Path<String>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let app_id = path_of(app_id)?;
-    let signed = signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
+    let signed = signed(&state, &app_id, &request, body)?;
     let batch: Batch = json_of(&signed.body)?;
     if batch.batch.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -270,19 +285,10 @@ async fn store(
 async fn channels(
     State(state): State<AppState>,
     app_id: Result<Path<String>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
 ) -> Result<Response, ApiError> {
     let app_id = path_of(app_id)?;
-    let signed = signed(
-        &state,
-        &app_id,
-        &method,
-        &uri,
-        query.as_deref(),
-        Ok(Bytes::new()),
-    )?;
+    let signed = signed(&state, &app_id, &request, Ok(Bytes::new()))?;
     let prefix = format!(
         "{}{}",
         signed.app.prefix,
@@ -320,19 +326,10 @@ async fn channels(
 async fn channel(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
 ) -> Result<Response, ApiError> {
     let (app_id, name) = path_of(path)?;
-    let signed = signed(
-        &state,
-        &app_id,
-        &method,
-        &uri,
-        query.as_deref(),
-        Ok(Bytes::new()),
-    )?;
+    let signed = signed(&state, &app_id, &request, Ok(Bytes::new()))?;
     let channel = signed.channel(&name)?;
     let info = signed.param("info").unwrap_or_default().to_string();
     let presence = state
@@ -353,19 +350,10 @@ async fn channel(
 async fn users(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
 ) -> Result<Response, ApiError> {
     let (app_id, name) = path_of(path)?;
-    let signed = signed(
-        &state,
-        &app_id,
-        &method,
-        &uri,
-        query.as_deref(),
-        Ok(Bytes::new()),
-    )?;
+    let signed = signed(&state, &app_id, &request, Ok(Bytes::new()))?;
     if !name.starts_with("presence-") {
         return Err(bad(
             Code::InvalidChannel,
@@ -398,13 +386,11 @@ fn users_of(presence: &fanout::presence::Presence) -> std::collections::BTreeSet
 async fn terminate(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    request: Signable,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (app_id, user) = path_of(path)?;
-    signed(&state, &app_id, &method, &uri, query.as_deref(), body)?;
+    signed(&state, &app_id, &request, body)?;
     let command = Command::Disconnect {
         user,
         code: 4500,

@@ -476,13 +476,14 @@ pub(crate) async fn upgrade(
             let framing = WebSocketPusher::new(conn, &app.prefix, compressing);
             let connection = Connection::open(node, conn, identity, taken.stream, framing);
             let transport = PusherFrames {
-                socket,
                 app,
                 socket_id: socket_id(&conn),
                 channels: HashSet::new(),
                 user: None,
             };
-            connection.run(OverSocket(transport), None).await;
+            connection
+                .run(OverSocket::new(socket, transport), None)
+                .await;
         }
     }));
     let mut response = Response::builder()
@@ -501,7 +502,6 @@ pub(crate) async fn upgrade(
 
 /// A Pusher connection's own part: the messages it sends, translated.
 struct PusherFrames {
-    socket: Socket,
     app: App,
     socket_id: String,
     /// The private and presence channels it asked for with a valid signature (Pusher names):
@@ -716,10 +716,14 @@ impl PusherFrames {
         Ok(())
     }
 
-    async fn messages(&mut self, conn: &mut Connection<WebSocketPusher>) -> Result<(), End> {
+    async fn messages(
+        &mut self,
+        socket: &mut Socket,
+        conn: &mut Connection<WebSocketPusher>,
+    ) -> Result<(), End> {
         let config = conn.node.config();
         let (max, max_channels) = (config.max_message_bytes, config.max_subscriptions);
-        while let Some(message) = self.socket.next(max, conn.node.budget())? {
+        while let Some(message) = socket.next(max, conn.node.budget())? {
             match message {
                 Incoming::Text(message) => match self.action(&message, max_channels) {
                     Ok(Action::Request(request)) => {
@@ -762,19 +766,12 @@ impl PusherFrames {
 impl Dialect for PusherFrames {
     type Framing = WebSocketPusher;
 
-    fn socket(&mut self) -> &mut Socket {
-        &mut self.socket
-    }
-
-    fn socket_ref(&self) -> &Socket {
-        &self.socket
-    }
-
     fn messages(
         &mut self,
+        socket: &mut Socket,
         conn: &mut Connection<WebSocketPusher>,
     ) -> impl std::future::Future<Output = Result<(), End>> + Send {
-        PusherFrames::messages(self, conn)
+        PusherFrames::messages(self, socket, conn)
     }
 
     /// Pusher's close codes: 4200 (reconnect at once) for a draining node, 4100 (reconnect

@@ -583,25 +583,21 @@ async fn serve<C: Codec>(
     let socket = Socket::new(&read_ahead, compressing.is_some());
     drop(read_ahead);
     let connection = Connection::open(node, conn, identity, stream, C::with(compressing));
-    let transport = Frames::<C> {
-        socket,
-        codec: std::marker::PhantomData,
-    };
-    connection.run(OverSocket(transport), None).await;
+    let transport = Frames::<C>(std::marker::PhantomData);
+    connection
+        .run(OverSocket::new(socket, transport), None)
+        .await;
 }
 
-/// The WebSocket transport's own part of a connection: the frames the client sends, decoded
-/// as they come; pings and pongs; the close frame.
-struct Frames<C> {
-    socket: Socket,
-    codec: std::marker::PhantomData<fn() -> C>,
-}
+/// fanout's protocol as a WebSocket dialect: the messages the client sends, in encoding `C`;
+/// pings and pongs; the close frame.
+struct Frames<C>(std::marker::PhantomData<fn() -> C>);
 
 impl<C: Codec> Frames<C> {
-    /// Acts on every whole message the decoder holds.
-    async fn messages(&mut self, conn: &mut Connection<C>) -> Result<(), End> {
+    /// Acts on every whole message the socket holds.
+    async fn messages(&mut self, socket: &mut Socket, conn: &mut Connection<C>) -> Result<(), End> {
         let max = conn.node.config().max_message_bytes;
-        while let Some(message) = self.socket.next(max, conn.node.budget())? {
+        while let Some(message) = socket.next(max, conn.node.budget())? {
             let outbox = &conn.outbox;
             match message {
                 Incoming::Text(text) => {
@@ -626,19 +622,12 @@ impl<C: Codec> Frames<C> {
 impl<C: Codec> Dialect for Frames<C> {
     type Framing = C;
 
-    fn socket(&mut self) -> &mut Socket {
-        &mut self.socket
-    }
-
-    fn socket_ref(&self) -> &Socket {
-        &self.socket
-    }
-
     fn messages(
         &mut self,
+        socket: &mut Socket,
         conn: &mut Connection<C>,
     ) -> impl std::future::Future<Output = Result<(), End>> + Send {
-        Frames::messages(self, conn)
+        Frames::messages(self, socket, conn)
     }
 
     fn close_frame(&self, end: &End) -> Option<Bytes> {
@@ -659,13 +648,10 @@ impl<C: Codec> Dialect for Frames<C> {
 pub(crate) trait Dialect: Send {
     type Framing: Framing;
 
-    fn socket(&mut self) -> &mut Socket;
-
-    fn socket_ref(&self) -> &Socket;
-
-    /// Acts on every whole message the socket holds.
+    /// Acts on every whole message `socket` holds.
     fn messages(
         &mut self,
+        socket: &mut Socket,
         conn: &mut Connection<Self::Framing>,
     ) -> impl std::future::Future<Output = Result<(), End>> + Send;
 
@@ -675,7 +661,16 @@ pub(crate) trait Dialect: Send {
 
 /// A dialect's connection over its socket: reading when the socket is readable, the pending
 /// message, what it holds, the heartbeat, the close frame.
-pub(crate) struct OverSocket<D>(pub D);
+pub(crate) struct OverSocket<D> {
+    socket: Socket,
+    dialect: D,
+}
+
+impl<D> OverSocket<D> {
+    pub fn new(socket: Socket, dialect: D) -> OverSocket<D> {
+        OverSocket { socket, dialect }
+    }
+}
 
 impl<D: Dialect> Transport for OverSocket<D> {
     type Framing = D::Framing;
@@ -683,7 +678,7 @@ impl<D: Dialect> Transport for OverSocket<D> {
 
     /// What came with the upgrade request, if anything.
     async fn start(&mut self, conn: &mut Connection<D::Framing>) -> Result<(), End> {
-        self.0.messages(conn).await
+        self.dialect.messages(&mut self.socket, conn).await
     }
 
     async fn input(&mut self, outbox: &Outbox<D::Framing>) -> std::io::Result<()> {
@@ -695,26 +690,26 @@ impl<D: Dialect> Transport for OverSocket<D> {
         readable: std::io::Result<()>,
         conn: &mut Connection<D::Framing>,
     ) -> Result<(), End> {
-        if self.0.socket().read(readable, &conn.outbox)? {
-            self.0.messages(conn).await?;
+        if self.socket.read(readable, &conn.outbox)? {
+            self.dialect.messages(&mut self.socket, conn).await?;
         }
         Ok(())
     }
 
     fn pending(&self) -> Option<u64> {
-        self.0.socket_ref().pending()
+        self.socket.pending()
     }
 
     fn held(&self) -> usize {
-        self.0.socket_ref().held()
+        self.socket.held()
     }
 
     fn heartbeat(&mut self, conn: &Connection<D::Framing>) -> Result<(), End> {
-        self.0.socket().heartbeat(&conn.outbox)
+        self.socket.heartbeat(&conn.outbox)
     }
 
     fn goodbye(&self, end: &End, outbox: &Outbox<D::Framing>) {
-        if let Some(frame) = self.0.close_frame(end) {
+        if let Some(frame) = self.dialect.close_frame(end) {
             outbox.send_raw(frame);
         }
     }
