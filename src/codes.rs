@@ -59,6 +59,9 @@ pub enum Code {
     /// The node takes no more connections now (`FANOUT_MAX_CONNECTIONS`, `FANOUT_ACCEPT_RATE`):
     /// 503 with `Retry-After`; try again then, or another node.
     OverCapacity,
+    /// The region is evacuated (`POST /v1/regions/{region}/evacuate`): its ws nodes take no
+    /// new connections and its APIs no publishes, 503 with the regions to go to instead.
+    RegionEvacuated,
     Unauthorized,
     MissingToken,
     InvalidToken,
@@ -93,7 +96,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 45] = [
+    pub const ALL: [Code; 46] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -109,6 +112,7 @@ impl Code {
         Code::ForbiddenOrigin,
         Code::TooManyConnections,
         Code::OverCapacity,
+        Code::RegionEvacuated,
         Code::Unauthorized,
         Code::MissingToken,
         Code::InvalidToken,
@@ -159,6 +163,7 @@ impl Code {
             Code::ForbiddenOrigin => "forbidden_origin",
             Code::TooManyConnections => "too_many_connections",
             Code::OverCapacity => "over_capacity",
+            Code::RegionEvacuated => "region_evacuated",
             Code::Unauthorized => "unauthorized",
             Code::MissingToken => "missing_token",
             Code::InvalidToken => "invalid_token",

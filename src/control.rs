@@ -76,6 +76,14 @@ pub enum Rule {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         until: Option<u64>,
     },
+    /// `region` is evacuated (since `at`, unix ms): its ws nodes send their clients to the
+    /// other regions and take no new ones, its APIs refuse publishes, until it is lifted.
+    Evacuate {
+        region: String,
+        at: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<u64>,
+    },
 }
 
 impl Rule {
@@ -87,6 +95,7 @@ impl Rule {
             Rule::RevokeToken { jti, .. } => key("jti", jti),
             Rule::RevokeUser { user, .. } => key("user", user),
             Rule::Removed { channel, .. } => key("removed", channel),
+            Rule::Evacuate { region, .. } => key("evacuate", region),
         }
     }
 
@@ -96,7 +105,8 @@ impl Rule {
             Rule::Block { until, .. }
             | Rule::RevokeToken { until, .. }
             | Rule::RevokeUser { until, .. }
-            | Rule::Removed { until, .. } => *until,
+            | Rule::Removed { until, .. }
+            | Rule::Evacuate { until, .. } => *until,
         }
     }
 }

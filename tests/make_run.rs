@@ -280,7 +280,7 @@ async fn make_run_serves_every_node_and_ctrl_c_stops_everything() {
     interrupt(&mut child, &tree).await;
     for client in &mut clients {
         assert_eq!(
-            client.closed().await,
+            client.closed().await.said(),
             Closed::Code(1001, "server shutting down: reconnect elsewhere".into())
         );
     }

@@ -14,6 +14,7 @@
 //! | POST | `/v1/tokens/revoke` | `{"revoked", "disconnected", "partial"}` |
 //! | GET | `/v1/channels` | `{"channels":[{"channel","subscribers","regions"?}], "truncated", "partial"}` |
 //! | GET, DELETE | `/v1/channels/{channel}/history` | a page of stored events; their removal |
+//! | POST, DELETE | `/v1/regions/{region}/evacuate` | `{"region", "evacuated", "at"?, "partial"?}` |
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -57,6 +58,122 @@ pub fn router() -> Router<AppState> {
             "/v1/channels/{channel}/history",
             get(history).delete(remove_history),
         )
+        .route(
+            "/v1/regions/{region}/evacuate",
+            post(evacuate).delete(end_evacuation),
+        )
+}
+
+/// The region of a path: one of the tier's, with another to go to.
+fn region_of(
+    state: &AppState,
+    region: Result<Path<String>, PathRejection>,
+) -> Result<String, ApiError> {
+    let Path(region) = region
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, e.body_text()))?;
+    let regions = &state.bus().topology().regions();
+    if !regions.iter().any(|known| **known == *region) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NotFound,
+            format!("no region {region:?} in this tier (FANOUT_REGIONS)"),
+        ));
+    }
+    if regions.len() < 2 {
+        return Err(bad(
+            Code::InvalidRequest,
+            "this tier has one region: there is nowhere to evacuate it to",
+        ));
+    }
+    Ok(region)
+}
+
+/// `POST /v1/regions/{region}/evacuate`: every ws node of the region closes its clients
+/// towards the other regions (1001 with `regions`, spread as a drain) and takes no new ones
+/// (503 `region_evacuated`); the region's APIs refuse publishes (503 `region_evacuated`,
+/// with the other regions), until `DELETE` ends it.
+async fn evacuate(
+    State(state): State<AppState>,
+    region: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let region = region_of(&state, region)?;
+    let at = now_ms();
+    let rule = Rule::Evacuate {
+        region: region.clone(),
+        at,
+        until: None,
+    };
+    state.bus().rules().set(&rule).await?;
+    if state.region() == region {
+        state.set_evacuated(true);
+    }
+    // The nodes follow the bucket; the command only makes them start now.
+    let (_, partial) = command(&state, &Command::Apply { rule }).await?;
+    tracing::warn!(%region, "region evacuated");
+    Ok(
+        Json(json!({"region": region, "evacuated": true, "at": at, "partial": partial}))
+            .into_response(),
+    )
+}
+
+/// `DELETE /v1/regions/{region}/evacuate`: the region takes clients and publishes again
+/// (its clients stay where they went until they reconnect).
+async fn end_evacuation(
+    State(state): State<AppState>,
+    region: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let region = region_of(&state, region)?;
+    state
+        .bus()
+        .rules()
+        .lift(&fanout::control::key("evacuate", &region))
+        .await?;
+    if state.region() == region {
+        state.set_evacuated(false);
+    }
+    tracing::warn!(%region, "region evacuation ended");
+    Ok(Json(json!({"region": region, "evacuated": false})).into_response())
+}
+
+/// Follows the evacuations of this API's region (the tier's rules) until `shutdown`: while
+/// one lasts, publishes are refused. Follows again after a failure.
+pub async fn follow_evacuations(state: AppState, shutdown: tokio_util::sync::CancellationToken) {
+    use futures_util::StreamExt;
+    if state.region().is_empty() {
+        return;
+    }
+    let key = fanout::control::key("evacuate", state.region());
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match state.bus().rules().follow().await {
+            Ok(changes) => {
+                futures_util::pin_mut!(changes);
+                loop {
+                    let change = tokio::select! {
+                        change = changes.next() => change,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    let Some(change) = change else { break };
+                    pause = std::time::Duration::from_millis(100);
+                    match change {
+                        fanout::bus::RuleChange::Set(rule) if rule.key() == key => {
+                            state.set_evacuated(true);
+                        }
+                        fanout::bus::RuleChange::Gone(gone) if gone == key => {
+                            state.set_evacuated(false);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(err) => tracing::debug!(%err, "cannot follow the control rules yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+    }
 }
 
 fn bad(code: Code, message: impl Into<String>) -> ApiError {

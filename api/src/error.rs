@@ -14,6 +14,10 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: Code,
     pub message: String,
+    /// `Retry-After` (seconds), when the client should come back.
+    pub retry_after: Option<u64>,
+    /// More for the client to act on, in the error object (`"regions"` of an evacuation).
+    pub hint: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -22,6 +26,8 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+            hint: None,
         }
     }
 
@@ -76,7 +82,18 @@ impl From<BusError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("fanout_api_errors_total", "code" => self.code.as_str()).increment(1);
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some((name, hint)) = self.hint {
+            body["error"][name] = hint;
+        }
+        match self.retry_after {
+            Some(after) => (
+                self.status,
+                [(axum::http::header::RETRY_AFTER, after.to_string())],
+                Json(body),
+            )
+                .into_response(),
+            None => (self.status, Json(body)).into_response(),
+        }
     }
 }

@@ -109,6 +109,7 @@ pub async fn run(
     if let Some(webhooks) = webhooks {
         webhooks::start(webhooks, state.directory(), shutdown.clone());
     }
+    tokio::spawn(control::follow_evacuations(state.clone(), shutdown.clone()));
     let app = routes::router(state, control::router().merge(pusher::router()));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -276,6 +276,7 @@ async fn store(
     state: &AppState,
     outgoing: Vec<(&Channel, Data, Option<&str>)>,
 ) -> Result<(), ApiError> {
+    state.evacuated()?;
     for stored in state.bus().log().publish_many(outgoing).await {
         stored?;
     }

@@ -80,6 +80,11 @@ pub struct Shared {
     history_max_age_secs: u64,
     /// The Pusher protocol's apps (`FANOUT_PUSHER_APPS`).
     pusher_apps: Vec<fanout::pusher::App>,
+    /// This API's region, and the tier's others.
+    region: String,
+    other_regions: Vec<String>,
+    /// Its region is evacuated: publishes are refused (see [`AppState::evacuated`]).
+    evacuated: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -108,7 +113,47 @@ impl AppState {
             history_max_age_secs: config.common.history_max_age_secs,
             pusher_apps: fanout::pusher::apps(config.common.pusher_apps.expose())
                 .unwrap_or_default(),
+            region: config.common.region.trim().to_string(),
+            other_regions: config
+                .common
+                .regions
+                .iter()
+                .filter(|region| **region != config.common.region.trim())
+                .map(ToString::to_string)
+                .collect(),
+            evacuated: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// This API's region (empty with one region).
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Says whether this API's region is evacuated.
+    pub fn set_evacuated(&self, evacuated: bool) {
+        self.evacuated
+            .store(evacuated, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Refuses a publish while this API's region is evacuated: 503 `region_evacuated`, with
+    /// the regions to publish to instead (`"regions"`) and `Retry-After`.
+    pub fn evacuated(&self) -> Result<(), ApiError> {
+        if !self.evacuated.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::RegionEvacuated,
+            format!(
+                "region {} is evacuated: publish to another region's API ({})",
+                self.region,
+                self.other_regions.join(", ")
+            ),
+        );
+        error.retry_after = Some(30);
+        error.hint = Some(("regions", json!(self.other_regions)));
+        Err(error)
     }
 
     /// The NATS bus.
@@ -297,6 +342,7 @@ async fn publish_volatile(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let channel = publishable(channel)?;
+    state.evacuated()?;
     let data = data_of(&state, &headers, body)?;
     let id = state.bus.publish_volatile(&channel, data).await?;
     metrics::counter!("fanout_api_events_accepted_total", "class" => "volatile", "duplicate" => "false")
@@ -336,6 +382,7 @@ async fn publish(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    state.evacuated()?;
     let data = data_of(state, headers, body)?;
     let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
@@ -492,6 +539,7 @@ async fn publish_batch(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    state.evacuated()?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

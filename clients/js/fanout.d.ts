@@ -171,6 +171,12 @@ export interface CloseInfo {
   code: number;
   reason: string;
   url: string | null;
+  /** A close the server decided: how long the client waits before it reconnects (ms). */
+  reconnectAfter?: number;
+  /** Nodes the server sent it to (their announced URLs), best first. */
+  nodes?: string[];
+  /** Regions the server sent it to (its own is evacuated); it goes to the nearest. */
+  regions?: string[];
 }
 
 /** The app subscribed (or unsubscribed) this connection, server-side. */
@@ -320,6 +326,12 @@ export declare function fromBase64(text: string): Uint8Array;
 /** Applies a fossil delta to `base` (both UTF-8 bytes); throws when it does not apply. */
 export declare function applyDelta(base: Uint8Array, delta: Uint8Array): Uint8Array;
 export declare function shouldReconnect(code: number): boolean;
+/** What a close the server decided says of the reconnect, or null. */
+export declare function directive(
+  event: { code?: number; reason?: string; reconnect_after_ms?: number; nodes?: string[]; regions?: string[] },
+): { reason: string; after: number; nodes: string[]; regions: string[] } | null;
+/** A node's announced URL with `{host}` as the host of `current`; null if `current` does not parse. */
+export declare function nodeUrl(announced: string, current: string): string | null;
 /** Whether a refused request may succeed when asked again. */
 export declare function retryable(error: unknown): boolean;
 /** Reconnect delay for attempt `attempt` (1, 2, ...): exponential, capped, jittered. */

@@ -48,6 +48,48 @@ export function shouldReconnect(code) {
   return !(code === 1000 || (code >= 4500 && code <= 4999));
 }
 
+/**
+ * What a close the server decided says of the reconnect (docs/protocol.md, "Server-directed
+ * reconnects"): `{reason, after, nodes, regions}`, or null. A WebSocket's or WebTransport's
+ * close reason is then JSON (`{"reason", "reconnect_after_ms", "nodes"?, "regions"?}`); SSE's
+ * `disconnect` event and a poll's `disconnect` carry the same fields.
+ */
+export function directive(event) {
+  let said = event;
+  if (typeof event?.reconnect_after_ms !== "number") {
+    if (typeof event?.reason !== "string" || !event.reason.startsWith("{")) return null;
+    try {
+      said = JSON.parse(event.reason);
+    } catch {
+      return null;
+    }
+    if (typeof said?.reconnect_after_ms !== "number") return null;
+  }
+  const names = (list) => (Array.isArray(list) ? list.filter((x) => typeof x === "string") : []);
+  return {
+    reason: typeof said.reason === "string" ? said.reason : "",
+    after: Math.max(0, said.reconnect_after_ms),
+    nodes: names(said.nodes),
+    regions: names(said.regions),
+  };
+}
+
+/**
+ * A node's announced URL (`ws://{host}:8082/ws`) for a client that reached `current`: `{host}`
+ * is the host it reached.
+ */
+export function nodeUrl(announced, current) {
+  if (!announced.includes("{host}")) return announced;
+  let host;
+  try {
+    host = new URL(current, globalThis.location?.href).hostname;
+  } catch {
+    return null;
+  }
+  if (host.includes(":")) host = `[${host}]`;
+  return announced.replaceAll("{host}", host);
+}
+
 /** Whether a refused request may succeed when asked again (the node lost the bus for now). */
 export function retryable(error) {
   return error?.code === "bus_unavailable";
@@ -555,7 +597,8 @@ export class FanoutClient {
 
   _open() {
     this._timer = null;
-    this.url = this.urls[this._urlIndex % this.urls.length];
+    this.url = this._nextUrl ?? this.urls[this._urlIndex % this.urls.length];
+    this._nextUrl = null;
     const { transports } = this.options;
     this.transport = transports[this._transportIndex % transports.length];
     this._setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING);
@@ -899,18 +942,53 @@ export class FanoutClient {
     clearTimeout(this._refreshTimer);
     if (!opened) this._failures += 1;
     this._failPending(new Error("fanout: connection lost"));
-    this._emit("close", { code: event.code, reason: event.reason, url: this.url, transport: this.transport });
+    const directed = shouldReconnect(event.code) ? directive(event) : null;
+    const reason = directed ? directed.reason : event.reason;
+    const told = directed ? { reconnectAfter: directed.after, nodes: directed.nodes, regions: directed.regions } : {};
+    this._emit("close", { code: event.code, reason, url: this.url, transport: this.transport, ...told });
     if (!this._wanted) return;
     if (!shouldReconnect(event.code)) {
       this._wanted = false;
-      this._setState(State.CLOSED, { code: event.code, reason: event.reason });
+      this._setState(State.CLOSED, { code: event.code, reason });
       return;
     }
-    this._scheduleReconnect();
+    this._scheduleReconnect(directed);
   }
 
-  _scheduleReconnect() {
+  /**
+   * Where the server told the client to go (`directed`): the first node it named, or the
+   * nearest of the regions it named (and the client's list reordered so that those regions'
+   * URLs come first: later fail-overs stay out of the region it left). Null: anywhere.
+   */
+  _directedUrl(directed) {
+    if (directed.nodes.length) return nodeUrl(directed.nodes[0], this.url);
+    if (!directed.regions.length || !this._groups) return null;
+    const order = (this.regions ?? []).map(({ region }) => region);
+    for (const region of Object.keys(this._groups)) if (!order.includes(region)) order.push(region);
+    const to = order.filter((region) => directed.regions.includes(region) && this._groups[region]?.length);
+    if (!to.length) return null;
+    const rest = order.filter((region) => !to.includes(region));
+    this.urls = [...to, ...rest].flatMap((region) => this._groups[region] ?? []);
+    this._urlIndex = 0;
+    return this.urls[0];
+  }
+
+  _scheduleReconnect(directed = null) {
     this.attempt += 1;
+    if (directed) {
+      // The server said when (already jittered) and maybe where: obeyed as it is. Sent off
+      // the list, the client fails over from where it was if that node fails.
+      this._nextUrl = this._directedUrl(directed);
+      if (!this._nextUrl) this._urlIndex += 1;
+      const nextTransport = this.options.transports[this._transportIndex % this.options.transports.length];
+      this._setState(State.RECONNECTING, {
+        delay: directed.after,
+        next: this._nextUrl ?? this.urls[this._urlIndex % this.urls.length],
+        nextTransport,
+      });
+      this._timer = setTimeout(() => this._open(), directed.after);
+      return;
+    }
     this._urlIndex += 1; // fail over: the next attempt goes to the next URL of the list
     const { transports, fallbackAfter } = this.options;
     if (this._failures >= fallbackAfter && transports.length > 1) {
@@ -1512,13 +1590,13 @@ class PollLink {
     // Where the events left this client, and where it follows channels that had none.
     if (answer.cursor) client._takeCursor(answer.cursor);
     // The app closed this client (disconnect, block, revocation): as a stream's close.
-    if (answer.disconnect) this._fail(answer.disconnect.code, answer.disconnect.reason);
+    if (answer.disconnect) this._fail(answer.disconnect.code, answer.disconnect.reason, answer.disconnect);
   }
 
-  _fail(code, reason) {
+  _fail(code, reason, said = {}) {
     if (this.closed) return;
     this.closed = true;
-    this.client._closed(this, { code, reason });
+    this.client._closed(this, { ...said, code, reason });
   }
 
   /** The poll asks afresh (a subscription changed). */

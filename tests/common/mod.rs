@@ -350,6 +350,28 @@ pub enum Closed {
     Reset,
 }
 
+impl Closed {
+    /// A close the server decided, whose reason is JSON (`{"reason", "reconnect_after_ms",
+    /// "nodes"?, "regions"?}`): as the code and the reason's text, once checked that it
+    /// says when to come back (within a minute).
+    pub fn said(self) -> Closed {
+        self.directed().0
+    }
+
+    /// [`Closed::said`], and the whole JSON reason.
+    pub fn directed(self) -> (Closed, Value) {
+        let Closed::Code(code, reason) = self else {
+            panic!("closed without a code: {self:?}");
+        };
+        let said: Value = serde_json::from_str(&reason)
+            .unwrap_or_else(|e| panic!("{code}'s reason is not JSON ({e}): {reason:?}"));
+        let after = said["reconnect_after_ms"].as_u64();
+        assert!(after.is_some_and(|ms| ms < 60_000), "{said}");
+        let text = said["reason"].as_str().unwrap_or_default().to_string();
+        (Closed::Code(code, text), said)
+    }
+}
+
 /// Frames the server sends on its own (events and presence changes), as opposed to replies.
 pub fn is_push(frame: &Value) -> bool {
     matches!(

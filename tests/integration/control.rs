@@ -181,11 +181,14 @@ async fn disconnect_reaches_every_connection_of_the_user_on_every_node_and_trans
     )
     .await;
     assert_eq!(answer["disconnected"], 1);
-    assert_eq!(ada.closed().await, Closed::Code(4100, "moved".into()));
+    assert_eq!(
+        ada.closed().await.said(),
+        Closed::Code(4100, "moved".into())
+    );
     let mut ada = ws(&tier.nodes[2], "ada").await;
     call(api, "POST", "/v1/users/ada/disconnect", None).await;
     assert_eq!(
-        ada.closed().await,
+        ada.closed().await.said(),
         Closed::Code(4005, "disconnected by the server".into())
     );
     // Nobody to disconnect is not an error.

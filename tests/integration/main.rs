@@ -28,6 +28,7 @@ mod layers;
 mod presence;
 mod profiling;
 mod proxy;
+mod reconnects;
 mod regions;
 mod resilience;
 mod resume;

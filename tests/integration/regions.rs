@@ -629,7 +629,7 @@ async fn control_and_history_span_the_regions() {
     assert_eq!(answer["disconnected"], 2, "{answer}");
     for client in [&mut ada_eu, &mut ada_us] {
         assert_eq!(
-            client.closed().await,
+            client.closed().await.said(),
             common::Closed::Code(4005, "disconnected by the server".into())
         );
     }
@@ -643,4 +643,116 @@ async fn control_and_history_span_the_regions() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+}
+
+/// A publish through `api`: its status, `Retry-After` and body.
+async fn publish_answer(api: &common::Server, channel: &str) -> (u16, Option<String>, Value) {
+    let response = reqwest::Client::new()
+        .post(api.url(&format!("/v1/channels/{channel}/events")))
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry, response.json().await.unwrap())
+}
+
+/// The status of a WebSocket upgrade at `url` (101 when it connects).
+async fn upgrade_status(url: &str) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP answer, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evacuated_region_sends_its_clients_away_and_refuses_publishes_until_it_ends() {
+    use crate::control::{call, until_complete};
+    let (_cluster, eu, us) = two_regions().await;
+    let (eu_api, us_api) = (eu.api.server(), us.api.server());
+    let (eu_ws, us_ws) = (eu.ws[0].server(), us.ws[0].server());
+    until_complete(&us_api).await;
+    let mut client = Client::connect_url(&eu_ws.ws_url()).await;
+    let epoch = client.welcome["epoch"].as_str().unwrap().to_string();
+    client.subscribe("room").await;
+    // A position in each region.
+    let before = publish_both(&eu, &us, 1, "before").await;
+    let mut positions = serde_json::Map::new();
+    for _ in &before {
+        advance(
+            &mut positions,
+            &within("the events", next_event(&mut client)).await,
+        );
+    }
+
+    // Unknown regions are not evacuated.
+    let (status, answer) = call(&us_api, "POST", "/v1/regions/ap/evacuate", None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, answer) = call(&us_api, "POST", "/v1/regions/eu/evacuate", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["region"].as_str(), answer["evacuated"].as_bool()),
+        (Some("eu"), Some(true))
+    );
+
+    // The client is sent to the other region, told when.
+    let (closed, said) = client.closed().await.directed();
+    assert_eq!(
+        closed,
+        common::Closed::Code(1001, "region evacuated: reconnect to another region".into())
+    );
+    assert_eq!(said["regions"], json!(["us"]), "{said}");
+    // The region's nodes take no one new, and its API no publishes, saying where to go.
+    eventually("eu's node to refuse new clients", || async {
+        upgrade_status(&eu_ws.ws_url()).await == 503
+    })
+    .await;
+    eventually("eu's API to refuse publishes", || async {
+        publish_answer(&eu_api, "room").await.0 == 503
+    })
+    .await;
+    let (_, retry, body) = publish_answer(&eu_api, "room").await;
+    assert_eq!(body["error"]["code"], "region_evacuated", "{body}");
+    assert_eq!(body["error"]["regions"], json!(["us"]), "{body}");
+    assert_eq!(retry.as_deref(), Some("30"));
+
+    // In `us` the client resumes from where it was: nothing missed.
+    let during = post(&us, "room", json!("during")).await;
+    let mut client = Client::connect_url(&us_ws.ws_url()).await;
+    let reply = client
+        .request(json!({"op": "subscribe", "channel": "room", "id": 1,
+                        "since": positions, "epoch": epoch}))
+        .await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    // (eu's publishes stored before its API heard of the evacuation come too, in any order.)
+    loop {
+        let event = within("the event published meanwhile", next_event(&mut client)).await;
+        advance(&mut positions, &event);
+        if event["region"] == "us" {
+            assert_eq!(event["seq"], during["seq"], "{event}");
+            break;
+        }
+    }
+
+    // Ended (from the region itself): clients and publishes are taken again.
+    let (status, answer) = call(&eu_api, "DELETE", "/v1/regions/eu/evacuate", None).await;
+    assert_eq!(
+        (status, answer["evacuated"].as_bool()),
+        (200, Some(false)),
+        "{answer}"
+    );
+    assert_eq!(publish_answer(&eu_api, "room").await.0, 202);
+    eventually("eu's node to take clients again", || async {
+        upgrade_status(&eu_ws.ws_url()).await == 101
+    })
+    .await;
 }

@@ -109,7 +109,7 @@ async fn binaries_read_the_environment_and_stop_cleanly_on_sigterm() {
     // SIGTERM: the client is told "going away", the process exits 0.
     ws.signal("-TERM");
     assert_eq!(
-        client.closed().await,
+        client.closed().await.said(),
         Closed::Code(1001, "server shutting down: reconnect elsewhere".into())
     );
     assert_eq!(ws.exit_code().await, 0);

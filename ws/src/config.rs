@@ -96,6 +96,11 @@ pub struct Config {
     /// On shutdown, clients are closed (1001) spread over this window, milliseconds, so they
     /// reconnect to the other nodes gradually. 0 closes them all at once.
     pub drain_window_ms: u64,
+    /// The most clients per second a drain sends to the rest of the tier: a node with more
+    /// than `drain_rate × drain_window_ms` clients still closes them within the window, but
+    /// tells them (`reconnect_after_ms`) to come back spread over `clients / drain_rate`
+    /// seconds, so the nodes that take them see at most this rate of connects and resumes.
+    pub drain_rate: u64,
     /// How long shutdown waits for connections to close after the drain, seconds.
     pub shutdown_timeout_secs: u64,
     /// Put the trace id in `event` frames (`"trace"`), so a page can link to the trace.
@@ -182,6 +187,7 @@ impl Default for Config {
             recent_max_bytes: 64 << 20,
             coalesce_ms: 0,
             drain_window_ms: 3000,
+            drain_rate: 2000,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
             auth: AuthMode::None,
@@ -255,7 +261,7 @@ impl Config {
 
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 15] = [
+        let ranges: [(&'static str, usize, usize, usize); 16] = [
             (
                 "compression_min_bytes",
                 self.compression_min_bytes,
@@ -300,6 +306,7 @@ impl Config {
                 3600,
             ),
             ("drain_window_ms", self.drain_window_ms as usize, 0, 600_000),
+            ("drain_rate", self.drain_rate as usize, 1, 1_000_000),
             ("coalesce_ms", self.coalesce_ms as usize, 0, 1000),
         ];
         if self.canary_interval_ms != 0 && !(100..=600_000).contains(&self.canary_interval_ms) {

@@ -9,7 +9,7 @@
 //! that the API can answer with the connections it closed.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -39,6 +39,8 @@ pub struct Rules {
     /// bucket and from the API's command, in either order, and the command's answer counts
     /// what the rule closed, whichever came first.
     applied: std::sync::Mutex<std::collections::VecDeque<(Rule, usize)>>,
+    /// The evacuated regions, as the rules say.
+    evacuated: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 /// Rules whose closes are remembered.
@@ -68,13 +70,36 @@ impl Rules {
         // Forget the rules whose time is over (the bucket forgets them too).
         let now = now_ms() / 1000;
         rules.retain(|_, rule| rule.until().is_none_or(|until| until > now));
+        self.evacuated_now(&rules);
+    }
+
+    /// Tells the evacuations' followers what `rules` evacuate, when it changed.
+    fn evacuated_now(&self, rules: &HashMap<String, Rule>) {
+        let regions: BTreeSet<String> = rules
+            .values()
+            .filter_map(|rule| match rule {
+                Rule::Evacuate { region, .. } => Some(region.clone()),
+                _ => None,
+            })
+            .collect();
+        self.evacuated.send_if_modified(|now| {
+            let changed = *now != regions;
+            *now = regions;
+            changed
+        });
+    }
+
+    /// The evacuated regions, followed.
+    pub fn evacuations(&self) -> tokio::sync::watch::Receiver<BTreeSet<String>> {
+        self.evacuated.subscribe()
     }
 
     fn lift(&self, key: &str) {
-        self.rules
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        {
+            let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+            rules.remove(key);
+            self.evacuated_now(&rules);
+        }
         self.applied
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -204,7 +229,8 @@ fn apply(hub: &Hub, rules: &Rules, rule: Rule) -> usize {
             .iter()
             .filter(|sink| sink.kick().kick(disconnect::TOKEN_REVOKED))
             .count(),
-        Rule::Removed { .. } => 0,
+        // The node follows evacuations itself (`Node::evacuations`), spread over its window.
+        Rule::Removed { .. } | Rule::Evacuate { .. } => 0,
     };
     let closed = rules.count(&rule, kicks);
     rules.set(rule);

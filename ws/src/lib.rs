@@ -52,6 +52,7 @@ pub mod config;
 pub mod control;
 pub mod cursor;
 pub mod disconnect;
+pub mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;

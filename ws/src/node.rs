@@ -35,7 +35,7 @@ use crate::{
         reader::{self, Target},
         recovery,
     },
-    control,
+    control, drain,
     hub::{BROADCAST_GENERATION, ConnId, Hub, Membership, SubscribeError},
     lifecycle,
     position::{Position, Spots},
@@ -60,6 +60,8 @@ pub struct Node {
     closing: CancellationToken,
     /// Set while draining: `/readyz` answers 503 so load balancers move on.
     draining: AtomicBool,
+    /// Its region is evacuated (`POST /v1/regions/{region}/evacuate`).
+    evacuating: AtomicBool,
     verifier: Verifier,
     /// What this node announces for discovery, once it knows its address.
     announcement: std::sync::Mutex<Option<NodeInfo>>,
@@ -155,6 +157,7 @@ impl Node {
             started: Instant::now(),
             closing: shutdown.clone(),
             draining: AtomicBool::new(false),
+            evacuating: AtomicBool::new(false),
             verifier,
             announcement: std::sync::Mutex::new(None),
             per_ip: Arc::default(),
@@ -212,6 +215,7 @@ impl Node {
             control::follow(bus.clone(), Arc::downgrade(&hub), rules.clone())
                 .instrument(span.clone()),
         );
+        tracker.spawn(node.clone().evacuations().instrument(span.clone()));
         tokio::spawn({
             let (bus, hub, rules, node_id) =
                 (bus.clone(), Arc::downgrade(&hub), rules, node_id.clone());
@@ -346,14 +350,89 @@ impl Node {
             self.bus.rpc().announce(&info).await;
         }
         let kicks = self.hub.kicks();
-        tracing::info!(connections = kicks.len(), ?window, "draining");
+        let plan = drain::Plan::new(kicks.len(), window, self.config.drain_rate);
+        let region = self.config.common.region.trim();
+        let region = (!region.is_empty()).then_some(region);
+        let mut targets = drain::Targets::new(self.directory.live(), self.id(), region);
+        tracing::info!(
+            connections = kicks.len(),
+            ?window,
+            arrivals_ms = plan.arrivals(),
+            "draining"
+        );
         let start = tokio::time::Instant::now();
-        let count = kicks.len() as u32;
         for (i, kick) in kicks.into_iter().enumerate() {
-            tokio::time::sleep_until(start + window * i as u32 / count.max(1)).await;
-            kick.kick(crate::disconnect::GOING_AWAY);
+            tokio::time::sleep_until(start + plan.close_at(i)).await;
+            kick.kick(drain::going_away(&plan, i, &mut targets));
         }
         self.closing.cancel();
+    }
+
+    /// Whether this node's region is evacuated: it sends its clients to the other regions
+    /// and takes no new ones.
+    pub fn evacuating(&self) -> bool {
+        self.evacuating.load(Ordering::Acquire)
+    }
+
+    /// Follows the evacuations of this node's region: while one lasts, closes every client
+    /// towards the other regions (spread as a drain is) and refuses new ones.
+    async fn evacuations(self: Arc<Self>) {
+        let region = self.config.common.region.trim().to_string();
+        if region.is_empty() {
+            return;
+        }
+        let others: Vec<String> = self
+            .config
+            .common
+            .regions
+            .iter()
+            .filter(|other| **other != region)
+            .map(ToString::to_string)
+            .collect();
+        let mut evacuated = self.rules.evacuations();
+        loop {
+            let now = evacuated.borrow_and_update().contains(&region);
+            if now != self.evacuating.swap(now, Ordering::AcqRel) {
+                tracing::info!(%region, evacuated = now, "region evacuation");
+            }
+            if now {
+                let window = Duration::from_millis(self.config.drain_window_ms);
+                let kicks = self.hub.kicks();
+                let plan = drain::Plan::new(kicks.len(), window, self.config.drain_rate);
+                let start = tokio::time::Instant::now();
+                let mut changed = false;
+                for (i, kick) in kicks.into_iter().enumerate() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(start + plan.close_at(i)) => {}
+                        // Lifted (the rest stay), or another region's changed: look again.
+                        result = evacuated.changed() => {
+                            if result.is_err() { return }
+                            changed = true;
+                            break;
+                        }
+                        _ = self.closing.cancelled() => return,
+                    }
+                    kick.kick(drain::evacuated(&plan, i, &others));
+                }
+                if changed {
+                    continue;
+                }
+            }
+            tokio::select! {
+                changed = evacuated.changed() => if changed.is_err() { return },
+                _ = self.closing.cancelled() => return,
+            }
+        }
+    }
+
+    /// The other live nodes this node has heard from (where a drain sends its clients).
+    pub fn peers(&self) -> Vec<String> {
+        self.directory
+            .live()
+            .into_iter()
+            .map(|node| node.id)
+            .filter(|id| id != self.id())
+            .collect()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -376,6 +455,7 @@ impl Node {
             && self.canary.is_ok()
             && self.rules.is_loaded()
             && !self.draining.load(Ordering::Acquire)
+            && !self.evacuating()
     }
 
     /// The Pusher protocol's apps.
@@ -419,6 +499,8 @@ impl Node {
         let channels = self.hub.channels();
         let (state, reason) = if self.draining.load(Ordering::Acquire) {
             ("draining", None)
+        } else if self.evacuating() {
+            ("evacuating", None)
         } else if self.is_ready() {
             ("ready", None)
         } else {

@@ -1,7 +1,7 @@
 // Unit tests for fanout.js with a fake WebSocket and fake timers: `node --test web/`.
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
-import { FanoutClient, backoff, decodeCursor, defaultTransports, encodeCursor, endpoint, pack, shouldReconnect, unframe, unpack, varint } from "../fanout.js";
+import { FanoutClient, backoff, decodeCursor, defaultTransports, directive, encodeCursor, endpoint, nodeUrl, pack, shouldReconnect, unframe, unpack, varint } from "../fanout.js";
 
 /** A WebSocket stand-in that records what is sent and lets the test play the server. */
 class FakeSocket {
@@ -914,6 +914,80 @@ test("a node over capacity: the next attempt waits at least its Retry-After, jit
     assert.equal(waiting.state, "reconnecting");
     assert.ok(waiting.delay >= 5000 && waiting.delay <= 7500, `${waiting.delay}`);
     assert.equal(waiting.next, "ws://b/ws");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("server-directed reconnects: the close reason's JSON (or SSE's fields) says when and where", () => {
+  assert.equal(directive({ code: 1001, reason: "server shutting down" }), null);
+  assert.equal(directive({ code: 1001, reason: "{not json" }), null);
+  assert.deepEqual(directive({ code: 1001, reason: '{"reason":"bye","reconnect_after_ms":1200,"nodes":["ws://{host}:8082/ws"]}' }), {
+    reason: "bye", after: 1200, nodes: ["ws://{host}:8082/ws"], regions: [],
+  });
+  // SSE's `disconnect` event and a poll's `disconnect` carry the fields as they are.
+  assert.deepEqual(directive({ code: 1001, reason: "region evacuated", reconnect_after_ms: 5, regions: ["us"] }), {
+    reason: "region evacuated", after: 5, nodes: [], regions: ["us"],
+  });
+  assert.equal(nodeUrl("ws://{host}:8082/ws", "ws://10.0.0.7:8081/ws"), "ws://10.0.0.7:8082/ws");
+  assert.equal(nodeUrl("wss://b.example/ws", "ws://a/ws"), "wss://b.example/ws");
+});
+
+test("a drained node's client waits as told and goes to the node it was sent to, then back to its list", () => {
+  const { client, states, last } = setup(["ws://127.0.0.1:8081/ws", "ws://127.0.0.1:8082/ws"], { minDelay: 100 });
+  const closes = [];
+  client.on("close", (c) => closes.push(c));
+  try {
+    client.connect();
+    last().welcome("ws-1");
+    last().drop(1001, JSON.stringify({ reason: "server shutting down", reconnect_after_ms: 4321, nodes: ["ws://{host}:8083/ws"] }));
+    assert.equal(closes.at(-1).reason, "server shutting down");
+    assert.equal(closes.at(-1).reconnectAfter, 4321);
+    const waiting = states.at(-1);
+    assert.equal(waiting.delay, 4321);
+    assert.equal(waiting.next, "ws://127.0.0.1:8083/ws");
+    mock.timers.tick(4320);
+    assert.equal(last().url, "ws://127.0.0.1:8081/ws", "not before it was told");
+    mock.timers.tick(1);
+    assert.equal(last().url, "ws://127.0.0.1:8083/ws");
+    last().drop(1006); // that node is gone too: the list again
+    mock.timers.tick(200);
+    assert.equal(last().url, "ws://127.0.0.1:8082/ws");
+    // A terminal close is never directed, whatever its reason says.
+    last().welcome("ws-2");
+    last().drop(4500, JSON.stringify({ reason: "go", reconnect_after_ms: 1 }));
+    assert.equal(client.state, "closed");
+  } finally {
+    client.close();
+    mock.timers.reset();
+  }
+});
+
+test("an evacuated region's client goes to the nearest of the regions it is sent to, and stays out", async () => {
+  FakeSocket.all = [];
+  const rtts = { "ws://eu-1/ws": 10, "ws://us-1/ws": 50, "ws://ap-1/ws": 30 };
+  const client = new FanoutClient(
+    { eu: ["ws://eu-1/ws", "ws://eu-2/ws"], us: ["ws://us-1/ws"], ap: ["ws://ap-1/ws"] },
+    { WebSocket: FakeSocket, measure: async (url) => rtts[url], minDelay: 100 },
+  );
+  const states = [];
+  client.on("state", (s) => states.push(s));
+  try {
+    client.connect();
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    assert.equal(FakeSocket.all.at(-1).url, "ws://eu-1/ws");
+    mock.timers.enable({ apis: ["setTimeout"] });
+    FakeSocket.all.at(-1).welcome("eu-1");
+    const reason = { reason: "region evacuated", reconnect_after_ms: 700, regions: ["us", "ap"] };
+    FakeSocket.all.at(-1).drop(1001, JSON.stringify(reason));
+    assert.equal(states.at(-1).next, "ws://ap-1/ws", "ap is nearer than us");
+    mock.timers.tick(700);
+    assert.equal(FakeSocket.all.at(-1).url, "ws://ap-1/ws");
+    assert.deepEqual(client.urls, ["ws://ap-1/ws", "ws://us-1/ws", "ws://eu-1/ws", "ws://eu-2/ws"]);
+    FakeSocket.all.at(-1).drop(1006); // ap fails: us next, not back to eu
+    mock.timers.tick(200);
+    assert.equal(FakeSocket.all.at(-1).url, "ws://us-1/ws");
   } finally {
     client.close();
     mock.timers.reset();

@@ -1,7 +1,7 @@
 //! What every transport checks before it answers (the browser origin, who the client is,
 //! the per-IP limit), and the JSON errors it answers with when it refuses.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use axum::{
     Json,
@@ -75,9 +75,34 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// How long a client refused by an evacuated region is told to wait (it tries another node
+/// meanwhile): an evacuation lasts minutes.
+const EVACUATED_RETRY: Duration = Duration::from_secs(30);
+
 /// Admission control, before any other work: 503 with `Retry-After` when the node holds
 /// `FANOUT_MAX_CONNECTIONS` or takes new connections faster than `FANOUT_ACCEPT_RATE`.
 pub(crate) fn gate(node: &Node) -> Result<(), Refusal> {
+    if node.evacuating() {
+        let common = &node.config().common;
+        let others: Vec<&str> = common
+            .regions
+            .iter()
+            .map(|region| &**region)
+            .filter(|region| *region != common.region.trim())
+            .collect();
+        return Err(Refusal {
+            retry_after: Some(EVACUATED_RETRY),
+            ..Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::RegionEvacuated,
+                format!(
+                    "region {} is evacuated: connect to another region ({})",
+                    common.region.trim(),
+                    others.join(", ")
+                ),
+            )
+        });
+    }
     node.admission()
         .take(node.hub().connections())
         .map_err(|refused| Refusal {

@@ -323,6 +323,11 @@ impl<F: Framing> Connection<F> {
                 Ok(()) => conn.serve(&mut transport).await,
                 Err(end) => end,
             };
+            // A close the server decided says when to come back (jittered).
+            let end = match end {
+                End::Close(disconnect) => End::Close(disconnect.directed()),
+                end => end,
+            };
             conn.node.hub().remove_conn(conn.conn);
             counter!("fanout_ws_connections_closed_total", "reason" => end.reason()).increment(1);
             tracing::debug!(?end, "closing");

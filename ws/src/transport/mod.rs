@@ -242,6 +242,8 @@ async fn debug_state(State(state): State<AppState>) -> Response {
         "node": node.id(),
         "uptime_secs": node.uptime().as_secs(),
         "connections": node.hub().connections(),
+        "peers": node.peers(),
+        "evacuating": node.evacuating(),
         "buffered_bytes": node.budget().used(),
         "max_buffered_bytes": node.budget().limit(),
         "channels": channels,

@@ -30,7 +30,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use serde_json::{Value, json, value::RawValue};
+use serde_json::{Value, value::RawValue};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -202,10 +202,11 @@ async fn answer(
     }
     let (events, cursor) = outbox.take(|framing| framing.positions.encode(fanout::time::now_ms()));
     // Closed by the app (or the node): the client is told why, as a stream's `disconnect`.
-    let disconnect = outbox.kick().token().is_cancelled().then(|| {
-        let reason = outbox.kick().reason();
-        json!({"code": reason.code, "reason": reason.reason})
-    });
+    let disconnect = outbox
+        .kick()
+        .token()
+        .is_cancelled()
+        .then(|| outbox.kick().reason().directed().json());
     drop(poll);
     drop(permit);
     let events = events

@@ -23,7 +23,6 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use fanout::{Channel, Code, time::now_ms};
-use serde_json::json;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -483,7 +482,7 @@ impl Transport for Events {
 
     fn goodbye(&self, end: &End, outbox: &Outbox<Sse>) {
         if let End::Close(disconnect) = end {
-            let data = json!({"code": disconnect.code, "reason": disconnect.reason}).to_string();
+            let data = disconnect.json().to_string();
             outbox.send("disconnect", &data);
         }
     }

@@ -637,7 +637,7 @@ impl<C: Codec> Dialect for Frames<C> {
             End::ClientClosed(code) => {
                 Some(close(code.filter(|&c| may_send(c)).unwrap_or(1000), ""))
             }
-            End::Close(reason) => Some(close(reason.code, &reason.reason)),
+            End::Close(reason) => Some(close(reason.code, &reason.close_reason())),
         }
     }
 }

@@ -612,8 +612,8 @@ impl<C: Codec> Transport for Stream<C> {
     async fn close(&mut self, end: &End, outbox: &Outbox<C>) {
         let (code, reason) = match end {
             End::Gone => return,
-            End::ClientClosed(code) => (code.unwrap_or(1000), ""),
-            End::Close(disconnect) => (disconnect.code, &*disconnect.reason),
+            End::ClientClosed(code) => (code.unwrap_or(1000), "".into()),
+            End::Close(disconnect) => (disconnect.code, disconnect.close_reason()),
         };
         // What is still queued (the last replies), within the goodbye's time.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.write_all(outbox)).await;
