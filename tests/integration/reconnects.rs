@@ -8,7 +8,7 @@ use crate::common;
 use std::collections::HashSet;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The nodes `node` has heard from (`/v1/debug/state`'s `peers`).
 async fn peers(node: &Server) -> Vec<String> {
@@ -94,4 +94,40 @@ async fn an_apps_kick_says_when_to_come_back() {
         "{said}"
     );
     assert!(said.get("nodes").is_none(), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_read_the_stream_a_few_at_a_time_and_every_one_recovers() {
+    let nats = NatsServer::start();
+    let api = start_api(&nats).await;
+    // One stream read at a time, and no recent events in memory: every resume queues.
+    let node = start_ws(&nats, "ws-1", |c| {
+        c.replay_concurrency = 1;
+        c.recent_events = 0;
+    })
+    .await;
+    let first = publish(&api, "storm", &json!(0)).await;
+    for i in 1..=3 {
+        publish(&api, "storm", &json!(i)).await;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(Client::connect(&node).await);
+    }
+    // All at once: they wait their turn, and each gets exactly what it missed.
+    let resumes = clients.iter_mut().map(|client| async move {
+        let reply = client
+            .request(json!({"op": "subscribe", "channel": "storm", "id": 1, "since": first}))
+            .await;
+        assert_eq!(reply["recovered"], true, "{reply}");
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(within("the replay", client.event()).await["data"].clone());
+        }
+        assert_eq!(got, [json!(1), json!(2), json!(3)]);
+    });
+    within("every resume", futures_util::future::join_all(resumes)).await;
+    // Each resume read the stream, in turn (the canary's reads count too).
+    let waits = metric(&node, "fanout_ws_replay_wait_seconds_count").await;
+    assert!(waits.is_some_and(|n| n >= 12.0), "{waits:?}");
 }

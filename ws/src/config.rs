@@ -122,6 +122,10 @@ pub struct Config {
     /// New connections this node admits per second (a token bucket; 0: no limit); beyond,
     /// 503 with `Retry-After`.
     pub accept_rate: u32,
+    /// Resume replays that read the stream at once on this node (each channel of a resuming
+    /// subscribe is one); more wait their turn. Replays from the recent events in memory do
+    /// not count. Bounds what a reconnect storm asks of NATS.
+    pub replay_concurrency: usize,
     /// The bucket's size: new connections admitted at once (0: as many as `accept_rate`).
     pub accept_burst: u32,
     /// Events one connection may publish per second (and in a burst); over it: `rate_limited`.
@@ -188,6 +192,7 @@ impl Default for Config {
             coalesce_ms: 0,
             drain_window_ms: 3000,
             drain_rate: 2000,
+            replay_concurrency: 32,
             shutdown_timeout_secs: 10,
             event_trace_id: false,
             auth: AuthMode::None,
@@ -261,7 +266,7 @@ impl Config {
 
     /// Checks the settings only this binary has (see [`Settings::load`] for the rest).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ranges: [(&'static str, usize, usize, usize); 16] = [
+        let ranges: [(&'static str, usize, usize, usize); 17] = [
             (
                 "compression_min_bytes",
                 self.compression_min_bytes,
@@ -307,6 +312,7 @@ impl Config {
             ),
             ("drain_window_ms", self.drain_window_ms as usize, 0, 600_000),
             ("drain_rate", self.drain_rate as usize, 1, 1_000_000),
+            ("replay_concurrency", self.replay_concurrency, 1, 10_000),
             ("coalesce_ms", self.coalesce_ms as usize, 0, 1000),
         ];
         if self.canary_interval_ms != 0 && !(100..=600_000).contains(&self.canary_interval_ms) {

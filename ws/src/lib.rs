@@ -179,6 +179,12 @@ pub const METRICS: &[Metric] = &[
         zero: &[&[]],
     },
     Metric {
+        name: "fanout_ws_replay_wait_seconds",
+        kind: Kind::Histogram,
+        help: "How long a resume's replay waited for a stream read (FANOUT_REPLAY_CONCURRENCY at once).",
+        zero: &[],
+    },
+    Metric {
         name: "fanout_ws_event_latency_seconds",
         kind: Kind::Histogram,
         help: "From an event's publish (its ts) to its arrival at this node.",

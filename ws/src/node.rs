@@ -142,6 +142,7 @@ impl Node {
                 per_channel: config.common.history_max_messages.max(0) as u64,
             },
             config.event_trace_id,
+            config.replay_concurrency,
         );
         let config_budget = config.max_buffered_bytes;
         let proxy = crate::proxy::Proxy::from_config(&config)

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use fanout::{Bus, BusError, Channel, time::now_ms};
-use metrics::counter;
+use metrics::{counter, histogram};
 
 use super::{
     log::Log,
@@ -53,15 +53,24 @@ pub struct Replayer {
     rules: Arc<Rules>,
     limits: Limits,
     with_trace: bool,
+    /// The node's stream reads for replays at once (`FANOUT_REPLAY_CONCURRENCY`).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Replayer {
-    pub fn new(bus: Bus, rules: Arc<Rules>, limits: Limits, with_trace: bool) -> Replayer {
+    pub fn new(
+        bus: Bus,
+        rules: Arc<Rules>,
+        limits: Limits,
+        with_trace: bool,
+        concurrency: usize,
+    ) -> Replayer {
         Replayer {
             bus,
             rules,
             limits,
             with_trace,
+            reads: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
         }
     }
 
@@ -174,6 +183,15 @@ impl Replayer {
             let skip = events.last().map_or(after, |e| e.seq.max(after));
             return Ok((events, true, skip));
         }
+        // From the stream: at most `FANOUT_REPLAY_CONCURRENCY` at once on this node, so that
+        // a storm of resumes queues here instead of swamping NATS.
+        let waited = std::time::Instant::now();
+        let _read = self
+            .reads
+            .acquire()
+            .await
+            .expect("the replays' semaphore is never closed");
+        histogram!("fanout_ws_replay_wait_seconds").record(waited.elapsed().as_secs_f64());
         let live = *live;
         let sequences = match live {
             true => log.sequences(region).await.ok(),
