@@ -18,6 +18,8 @@
 //! | `forbidden` | frame, HTTP 403 | the token or key does not allow it |
 //! | `forbidden_origin` | HTTP 403 | a browser origin not in `FANOUT_ALLOWED_ORIGINS` |
 //! | `too_many_connections` | HTTP 429 | over `FANOUT_MAX_CONNECTIONS_PER_IP` |
+//! | `over_capacity` | HTTP 503 | the node holds `FANOUT_MAX_CONNECTIONS` or is over `FANOUT_ACCEPT_RATE` |
+//! | `region_evacuated`, `unknown_region` | HTTP 503, 404 | the region is evacuated (connect or publish elsewhere); no such region |
 //! | `unauthorized` | HTTP 401 | no API key where one is needed |
 //! | `missing_token`, `invalid_token`, `invalid_signature`, `wrong_algorithm`, `token_expired`, `invalid_user` | HTTP 401, frame | who the client is could not be told |
 //! | `invalid_session`, `unknown_session` | HTTP 401, 404 | a session request without its secret, or for no live session |
@@ -62,6 +64,8 @@ pub enum Code {
     /// The region is evacuated (`POST /v1/regions/{region}/evacuate`): its ws nodes take no
     /// new connections and its APIs no publishes, 503 with the regions to go to instead.
     RegionEvacuated,
+    /// A region that is not one of the tier's (`FANOUT_REGIONS`).
+    UnknownRegion,
     Unauthorized,
     MissingToken,
     InvalidToken,
@@ -96,7 +100,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the table's order.
-    pub const ALL: [Code; 46] = [
+    pub const ALL: [Code; 47] = [
         Code::InvalidJson,
         Code::InvalidRequest,
         Code::UnknownOp,
@@ -113,6 +117,7 @@ impl Code {
         Code::TooManyConnections,
         Code::OverCapacity,
         Code::RegionEvacuated,
+        Code::UnknownRegion,
         Code::Unauthorized,
         Code::MissingToken,
         Code::InvalidToken,
@@ -164,6 +169,7 @@ impl Code {
             Code::TooManyConnections => "too_many_connections",
             Code::OverCapacity => "over_capacity",
             Code::RegionEvacuated => "region_evacuated",
+            Code::UnknownRegion => "unknown_region",
             Code::Unauthorized => "unauthorized",
             Code::MissingToken => "missing_token",
             Code::InvalidToken => "invalid_token",

@@ -75,7 +75,7 @@ fn region_of(
     if !regions.iter().any(|known| **known == *region) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            Code::NotFound,
+            Code::UnknownRegion,
             format!("no region {region:?} in this tier (FANOUT_REGIONS)"),
         ));
     }

@@ -695,7 +695,7 @@ async fn an_evacuated_region_sends_its_clients_away_and_refuses_publishes_until_
     let (status, answer) = call(&us_api, "POST", "/v1/regions/ap/evacuate", None).await;
     assert_eq!(
         (status, answer["error"]["code"].as_str()),
-        (404, Some("not_found"))
+        (404, Some("unknown_region"))
     );
     let (status, answer) = call(&us_api, "POST", "/v1/regions/eu/evacuate", None).await;
     assert_eq!(status, 200, "{answer}");
