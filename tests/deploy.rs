@@ -585,6 +585,11 @@ fn kubernetes_manifests_validate_and_cover_readiness_drain_budgets_and_settings(
         setting("FANOUT_HISTORY_REPLICAS")
     );
     assert_eq!(nats["config"]["jetstream"]["enabled"], Value::Bool(true));
+    // Acknowledged means fsynced (README.md, "What a 202 means").
+    assert_eq!(
+        text(&nats["config"]["jetstream"]["merge"]["sync_interval"]),
+        "always"
+    );
     assert_eq!(
         text(&nats["container"]["image"]["tag"]),
         format!("{}-alpine", tested_nats_version())

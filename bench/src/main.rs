@@ -10,6 +10,7 @@
 
 mod bytes;
 mod control;
+mod durability;
 mod geo;
 mod hist;
 mod http1;
@@ -199,6 +200,13 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         messages: usize,
     },
+    /// What an acknowledgement costs on disk: the API's publish rate and latency with
+    /// nats-server's `sync_interval` default and `always`, R1 and R3, single and batched.
+    Durability {
+        /// Seconds per measurement (three per configuration, four configurations).
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+    },
     /// JetStream alone: acknowledged publishes/s on one NATS connection (the API's ceiling).
     Jetstream {
         #[arg(long, default_value_t = 16)]
@@ -307,6 +315,7 @@ impl Command {
             Command::PusherPublish { .. } => "pusher-publish",
             Command::Bytes { .. } => "bytes",
             Command::Jetstream { .. } => "jetstream",
+            Command::Durability { .. } => "durability",
             Command::Presence { .. } => "presence",
             Command::Lifecycle { .. } => "lifecycle",
             Command::Control { .. } => "control",
@@ -475,6 +484,7 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             json!(r)
         }
         Command::Presence { members, nodes } => json!(presence::run(members, nodes).await),
+        Command::Durability { duration } => json!(durability::run(&paths, duration).await),
         Command::Control {
             nodes,
             connects,

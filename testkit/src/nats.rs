@@ -63,6 +63,8 @@ pub struct NatsServer {
     pub child: Option<Child>,
     dir: TempDir,
     env: Vec<(String, String)>,
+    /// Settings in a configuration file beside the flags (`jetstream { sync_interval: always }`).
+    conf: Option<String>,
     pub port: u16,
     pub monitor_port: u16,
 }
@@ -74,10 +76,17 @@ impl NatsServer {
 
     /// With extra environment (`GOMAXPROCS`).
     pub fn start_with(env: &[(String, String)]) -> Self {
+        NatsServer::start_conf(env, None)
+    }
+
+    /// With extra environment and settings `conf` in a configuration file (the flags that
+    /// set ports and the store win over it).
+    pub fn start_conf(env: &[(String, String)], conf: Option<&str>) -> Self {
         let mut server = NatsServer {
             child: None,
             dir: tempfile::tempdir().expect("a temp dir"),
             env: env.to_vec(),
+            conf: conf.map(str::to_string),
             port: 0,
             monitor_port: 0,
         };
@@ -90,7 +99,13 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("the ports dir");
         let store = self.dir.path().join("js");
-        let args = [
+        let conf = self.dir.path().join("nats.conf");
+        let mut args = Vec::new();
+        if let Some(text) = &self.conf {
+            std::fs::write(&conf, text).expect("a config file");
+            args.extend(["-c", conf.to_str().expect("a UTF-8 temp dir")]);
+        }
+        args.extend([
             "-a",
             "127.0.0.1",
             "-p",
@@ -102,7 +117,7 @@ impl NatsServer {
             store.to_str().expect("a UTF-8 temp dir"),
             "--ports_file_dir",
             ports_dir.to_str().expect("a UTF-8 temp dir"),
-        ];
+        ]);
         self.child = Some(spawn(&args, &self.env, &self.dir.path().join("nats.log")));
         // nats-server writes its ports to a file once it listens.
         let mut ports = Value::Null;
@@ -178,6 +193,8 @@ pub struct ClusterOptions {
     pub websocket: bool,
     /// Extra environment (`GOMAXPROCS`).
     pub env: Vec<(String, String)>,
+    /// Extra settings inside each server's `jetstream { }` block (`sync_interval: always`).
+    pub jetstream_extra: String,
 }
 
 /// nats-servers clustered over loopback routes, started and formed (every server routes to
@@ -232,7 +249,11 @@ impl NatsCluster {
                 }
                 if options.jetstream {
                     let store = dir.path().join(format!("js-{i}"));
-                    conf.push_str(&format!("jetstream {{ store_dir: \"{}\" }}\n", store.display()));
+                    conf.push_str(&format!(
+                        "jetstream {{ store_dir: \"{}\", {} }}\n",
+                        store.display(),
+                        options.jetstream_extra
+                    ));
                 }
                 let file = dir.path().join(format!("n{i}.conf"));
                 std::fs::write(&file, conf).expect("a config file");
