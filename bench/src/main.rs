@@ -9,6 +9,7 @@
 //! `--out FILE`.
 
 mod bytes;
+mod chaos;
 mod control;
 mod durability;
 mod geo;
@@ -24,6 +25,7 @@ mod saturate;
 mod scenarios;
 mod soak;
 mod sockudo;
+mod storm;
 mod suite;
 mod tier;
 mod worker;
@@ -151,8 +153,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Targets::Both)]
         target: Targets,
     },
+    /// A node's clients thrown at the rest of the tier: `kill -9` of the busiest node, then a
+    /// rolling restart, with 100,000 clients by default; time until every client is back and
+    /// resumed, events missed, bystanders' latency, every node's RSS.
+    Storm(storm::Params),
+    /// A tier in network namespaces (3 NATS R3, 2 APIs, 4 ws nodes) under a seeded random
+    /// schedule of kills, pauses, partitions and restarts; a checker of every acknowledged
+    /// event, presence and memory. Needs root.
+    Chaos(chaos::Params),
     /// Connect storm: clients connecting as fast as they can.
-    Storm {
+    ConnectStorm {
         #[arg(long, default_value_t = 15_000)]
         clients: usize,
         #[arg(long, value_enum, default_value_t = Targets::Both)]
@@ -301,6 +311,9 @@ enum Command {
     /// A worker process holding clients (started by the coordinator with its job as JSON).
     #[command(hide = true)]
     Worker { job: String },
+    /// A worker of `storm`: clients that reconnect and resume (its job as JSON).
+    #[command(hide = true)]
+    StormWorker { job: String },
 }
 
 impl Command {
@@ -309,7 +322,10 @@ impl Command {
             Command::Suite { .. } => "suite",
             Command::Fanout { .. } => "fanout",
             Command::Idle { .. } => "idle",
-            Command::Storm { .. } => "storm",
+            Command::Storm(_) => "storm",
+            Command::Chaos(_) => "chaos",
+            Command::ConnectStorm { .. } => "connect-storm",
+            Command::StormWorker { .. } => "storm-worker",
             Command::Joinstorm { .. } => "joinstorm",
             Command::Publish { .. } => "publish",
             Command::PusherPublish { .. } => "pusher-publish",
@@ -336,6 +352,10 @@ fn main() {
         Command::Worker { job } => {
             let job = serde_json::from_str(&job).expect("a worker needs its job as JSON");
             worker::run(job);
+        }
+        Command::StormWorker { job } => {
+            let job = serde_json::from_str(&job).expect("a worker needs its job as JSON");
+            storm::work(job);
         }
         command => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -421,7 +441,9 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             }
             Value::Object(results)
         }
-        Command::Storm { clients, target } => {
+        Command::Storm(params) => json!(storm::run(&paths, params).await),
+        Command::Chaos(params) => json!(chaos::run(&paths, params).await),
+        Command::ConnectStorm { clients, target } => {
             let mut results = serde_json::Map::new();
             for target in target.each() {
                 let r = suite::storm(&paths, target, clients).await;
@@ -523,7 +545,9 @@ async fn coordinate(command: Command, out: Option<PathBuf>) {
             connections,
             announce,
         } => soak::hostile(&paths, connections, announce).await,
-        Command::DelayProxy { .. } | Command::Worker { .. } => unreachable!("handled above"),
+        Command::DelayProxy { .. } | Command::Worker { .. } | Command::StormWorker { .. } => {
+            unreachable!("handled above")
+        }
     };
     let text = serde_json::to_string_pretty(&json!(results)).expect("JSON");
     let file = match out {

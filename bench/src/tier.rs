@@ -39,13 +39,24 @@ impl Paths {
 /// Starts a fanout binary with `env`, as `name` on a free port, and waits for the address it
 /// logs. Its log goes to `target/bench/logs/<name>.log`, for a look after the run.
 pub fn start_fanout(paths: &Paths, binary: &str, name: &str, env: &[(String, String)]) -> Process {
+    start_fanout_at(paths, binary, name, env, "127.0.0.1:0")
+}
+
+/// [`start_fanout`] listening on `listen` (a fixed port: a restart keeps it).
+pub fn start_fanout_at(
+    paths: &Paths,
+    binary: &str,
+    name: &str,
+    env: &[(String, String)],
+    listen: &str,
+) -> Process {
     let logs = paths.bin.join("../bench/logs");
     let _ = std::fs::create_dir_all(&logs);
     Process::launch(binary)
         .env("RUST_LOG", "warn,fanout_api=info,fanout_ws=info")
         .envs(env.iter().cloned())
         .env("FANOUT_NODE_ID", name)
-        .env("FANOUT_LISTEN", "127.0.0.1:0")
+        .env("FANOUT_LISTEN", listen)
         .log_to(logs.join(format!("{name}.log")))
         .start()
 }

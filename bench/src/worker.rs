@@ -136,21 +136,31 @@ pub fn now_us() -> u64 {
 
 /// What one client saw, per channel.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     channels: Vec<(String, Vec<u64>, u64)>, // name, bitset of n, distinct
     received: u64,
     duplicates: u64,
 }
 
 impl Seen {
-    fn new(channels: Vec<String>) -> Seen {
+    pub(crate) fn new(channels: Vec<String>) -> Seen {
         Seen {
             channels: channels.into_iter().map(|c| (c, Vec::new(), 0)).collect(),
             ..Seen::default()
         }
     }
 
-    fn saw(&mut self, channel: &[u8], n: u64) {
+    /// Each channel with the distinct events seen on it, and the duplicates over all.
+    pub(crate) fn counts(&self) -> (Vec<(&str, u64)>, u64) {
+        let distinct = self
+            .channels
+            .iter()
+            .map(|(name, _, distinct)| (name.as_str(), *distinct))
+            .collect();
+        (distinct, self.duplicates)
+    }
+
+    pub(crate) fn saw(&mut self, channel: &[u8], n: u64) {
         self.received += 1;
         let Some((_, bits, distinct)) = self
             .channels
@@ -179,7 +189,7 @@ struct Shared {
 }
 
 /// Finds `key` (e.g. `"n":`) in `text` from `from` and parses the number after it.
-fn number_after(text: &[u8], key: &[u8], from: usize) -> Option<(u64, usize)> {
+pub(crate) fn number_after(text: &[u8], key: &[u8], from: usize) -> Option<(u64, usize)> {
     let at = from + text[from..].windows(key.len()).position(|w| w == key)? + key.len();
     let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     let n = std::str::from_utf8(&text[at..at + digits])
@@ -197,7 +207,7 @@ fn payload(text: &[u8], from: usize) -> Option<(u64, u64)> {
 }
 
 /// A fanout event frame: (channel, t, n). Fast path: no JSON parse.
-fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
+pub(crate) fn fanout_event(text: &[u8]) -> Option<(&[u8], u64, u64)> {
     if !text.starts_with(br#"{"op":"event","channel":""#) {
         return None;
     }
@@ -256,7 +266,7 @@ fn msgpack_request(fields: &[(&str, &str)]) -> Vec<u8> {
 /// A client's socket after the WebSocket handshake, read and written without a WebSocket
 /// library: the load generator shares the cores with the servers, and parsing unmasked server
 /// frames by hand costs a fraction of a general-purpose stream's per-message work.
-struct Socket {
+pub(crate) struct Socket {
     stream: TcpStream,
     /// Bytes read and not yet parsed.
     buf: Vec<u8>,
@@ -295,7 +305,7 @@ type ServerFrame<'a> = (u8, &'a [u8]);
 
 impl Socket {
     /// Sends one masked client frame (the mask is all zeros: allowed, and free to apply).
-    async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<(), String> {
+    pub(crate) async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<(), String> {
         let frame = raw::frame_with(0x80 | opcode, payload, Some([0; 4]));
         self.stream
             .write_all(&frame)
@@ -304,7 +314,7 @@ impl Socket {
     }
 
     /// Reads more bytes; false when the connection ended.
-    async fn fill(&mut self) -> bool {
+    pub(crate) async fn fill(&mut self) -> bool {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(16 * 1024);
         }
@@ -312,7 +322,7 @@ impl Socket {
     }
 
     /// Calls `on` for each complete frame in the buffer, then drops them from it.
-    fn frames(&mut self, mut on: impl FnMut(ServerFrame<'_>)) {
+    pub(crate) fn frames(&mut self, mut on: impl FnMut(ServerFrame<'_>)) {
         if self.sse {
             return self.sse_events(on);
         }
@@ -365,7 +375,10 @@ impl Socket {
     }
 
     /// Reads until `done` accepts a frame's payload (answering pings meanwhile).
-    async fn until(&mut self, mut done: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
+    pub(crate) async fn until(
+        &mut self,
+        mut done: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), String> {
         loop {
             let mut found = false;
             let mut ping = false;
@@ -414,7 +427,7 @@ impl Socket {
     }
 }
 
-async fn open(url: &str, source: IpAddr, msgpack: bool) -> Result<Socket, String> {
+pub(crate) async fn open(url: &str, source: IpAddr, msgpack: bool) -> Result<Socket, String> {
     open_with(url, source, msgpack, false).await
 }
 
@@ -523,7 +536,7 @@ impl Poller {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
