@@ -75,6 +75,9 @@ pub struct Params {
     /// Skip the rolling restart.
     #[arg(long)]
     pub no_rolling: bool,
+    /// `FANOUT_ACCEPT_RATE` of every ws node (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub accept_rate: u32,
 }
 
 /// One worker's job.
@@ -519,6 +522,8 @@ pub struct Storm {
     pub clients: usize,
     pub nodes: usize,
     pub rate: u64,
+    /// Every node's `FANOUT_ACCEPT_RATE` (0: none).
+    pub accept_rate: u32,
     pub connect_secs: f64,
     pub published: u64,
     /// The probes' latency (the bystanders' reference), and every client's.
@@ -536,11 +541,12 @@ pub struct Storm {
     pub rss: Vec<(u64, usize, u64)>,
 }
 
-/// A node's memory budget (KiB) for `connections`: the client bytes it may hold
-/// (`FANOUT_MAX_BUFFERED_BYTES`, 64 MiB), 8 KiB per connection (twice the measured idle
-/// cost, for the outbox, the subscriptions and a replay in flight), and 64 MiB for the rest.
-pub fn budget_kib(connections: usize) -> u64 {
-    64 * 1024 + 8 * connections as u64 + 64 * 1024
+/// A node's memory budget (KiB) for `connections`: what a connection costs it in the quiet
+/// phase (`per_connection`, KiB, everything in: its own RSS over its connections), and the
+/// client bytes it may buffer on top (`FANOUT_MAX_BUFFERED_BYTES`, 64 MiB): a storm may fill
+/// the buffers, not grow what each connection holds.
+pub fn budget_kib(connections: usize, per_connection: f64) -> u64 {
+    (per_connection * connections as f64) as u64 + 64 * 1024
 }
 
 /// A ws node of the run: its process and its fixed port (a restart keeps it).
@@ -590,6 +596,7 @@ pub async fn run(paths: &Paths, params: Params) -> Storm {
         shared,
         quiet,
         no_rolling,
+        accept_rate,
     } = params;
     let nats = NatsServer::start();
     let env = vec![
@@ -598,6 +605,10 @@ pub async fn run(paths: &Paths, params: Params) -> Storm {
     ];
     let api = tier::start_fanout(paths, "fanout-api", "api-storm", &env);
     tier::wait_ready(&api.addr).await;
+    let mut env = env;
+    if accept_rate > 0 {
+        env.push(("FANOUT_ACCEPT_RATE".into(), accept_rate.to_string()));
+    }
     let mut ws: Vec<Node> = (0..nodes)
         .map(|k| {
             let port = fanout_testkit::free_port();
@@ -905,8 +916,9 @@ pub async fn run(paths: &Paths, params: Params) -> Storm {
     let mut quiet_all = merged[QUIET][0].clone();
     quiet_all.merge(&merged[QUIET][1]);
     let storm = Storm {
+        accept_rate,
         quiet_all_ms: Quantiles::of(&quiet_all),
-        quiet_rss,
+        quiet_rss: quiet_rss.clone(),
         clients: connected,
         nodes,
         rate,
@@ -923,7 +935,10 @@ pub async fn run(paths: &Paths, params: Params) -> Storm {
             .lock()
             .unwrap()
             .iter()
-            .map(|&(kib, held)| (kib, held, budget_kib(held)))
+            .zip(&quiet_rss)
+            .map(|(&(kib, held), &(quiet_kib, quiet_held))| {
+                (kib, held, budget_kib(held, quiet_kib as f64 / quiet_held.max(1) as f64))
+            })
             .collect(),
     };
     print_table(&storm);

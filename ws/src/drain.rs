@@ -11,7 +11,10 @@
 //!
 //! Each client is sent to the live node of its region holding the fewest connections,
 //! counting the ones sent there already, instead of every client of the node trying the same
-//! next URL of its list; in an evacuation, to the other regions (the client picks the nearest).
+//! next URL of its list; but no node takes more than twice its even share of the drain's
+//! clients: a node that just restarted (empty) would otherwise take them all, and every one's
+//! resume (read from the stream: it holds no channel yet) with them. In an evacuation, the
+//! clients go to the other regions (the client picks the nearest).
 
 use std::{cmp::Reverse, collections::BinaryHeap, time::Duration};
 
@@ -70,28 +73,45 @@ impl Plan {
 /// Where a drain sends its clients: the nodes of its region, fewest connections first.
 #[derive(Debug, Default)]
 pub struct Targets {
-    /// (connections, counting those sent, its order, its URL), the fewest on top.
-    heap: BinaryHeap<Reverse<(usize, usize, String)>>,
+    /// (connections, counting those sent, its order, its URL, how many sent), the fewest on
+    /// top.
+    heap: BinaryHeap<Reverse<(usize, usize, String, usize)>>,
+    /// The most clients of this drain one node takes: twice its even share.
+    cap: usize,
+    /// The nodes that took their cap, for when every node has.
+    full: Vec<Reverse<(usize, usize, String, usize)>>,
 }
 
 impl Targets {
-    /// The nodes of `live` that a client of node `me` (in `region`) may go to: live, not
-    /// leaving, in its region.
-    pub fn new(live: Vec<NodeInfo>, me: &str, region: Option<&str>) -> Targets {
-        let heap = live
+    /// The nodes of `live` that the `clients` of node `me` (in `region`) may go to: live,
+    /// not leaving, in its region.
+    pub fn new(live: Vec<NodeInfo>, me: &str, region: Option<&str>, clients: usize) -> Targets {
+        let heap: BinaryHeap<_> = live
             .into_iter()
             .filter(|node| node.id != me && !node.leaving && node.region.as_deref() == region)
             .enumerate()
-            .map(|(order, node)| Reverse((node.connections, order, node.url)))
+            .map(|(order, node)| Reverse((node.connections, order, node.url, 0)))
             .collect();
-        Targets { heap }
+        let cap = (2 * clients).div_ceil(heap.len().max(1)).max(1);
+        Targets {
+            heap,
+            cap,
+            full: Vec::new(),
+        }
     }
 
     /// The node the next client goes to (counted as one more there), if there is one.
     pub fn take(&mut self) -> Option<String> {
-        let Reverse((connections, order, url)) = self.heap.pop()?;
-        self.heap
-            .push(Reverse((connections + 1, order, url.clone())));
+        if self.heap.is_empty() {
+            // (Never with `clients` right: the caps add up to twice as many.)
+            self.heap.extend(self.full.drain(..));
+        }
+        let Reverse((connections, order, url, sent)) = self.heap.pop()?;
+        let next = Reverse((connections + 1, order, url.clone(), sent + 1));
+        match sent + 1 >= self.cap {
+            true => self.full.push(next),
+            false => self.heap.push(next),
+        }
         Some(url)
     }
 }
@@ -161,11 +181,23 @@ mod tests {
             node("gone", 0, None, true),
             node("far", 0, Some("us"), false),
         ];
-        let mut targets = Targets::new(live, "me", None);
+        let mut targets = Targets::new(live.clone(), "me", None, 7);
         let sent: Vec<String> = (0..7).map(|_| targets.take().unwrap()).collect();
-        let to = |id: &str| sent.iter().filter(|url| url.ends_with(id)).count();
+        let to = |sent: &[String], id: &str| sent.iter().filter(|url| url.ends_with(id)).count();
         // a fills up to b's 13, then they take turns: 10+5 and 13+2.
-        assert_eq!((to("/a"), to("/b")), (5, 2));
-        assert_eq!(Targets::new(vec![], "me", None).take(), None);
+        assert_eq!((to(&sent, "/a"), to(&sent, "/b")), (5, 2));
+        assert_eq!(Targets::new(vec![], "me", None, 1).take(), None);
+
+        // A just-restarted node (empty) beside full ones takes at most twice its even share
+        // of a large drain, not all of it.
+        let live = vec![
+            node("a", 10_000, None, false),
+            node("b", 13_000, None, false),
+            node("new", 0, None, false),
+        ];
+        let mut targets = Targets::new(live, "me", None, 3000);
+        let sent: Vec<String> = (0..3000).map(|_| targets.take().unwrap()).collect();
+        assert_eq!(to(&sent, "/new"), 2000);
+        assert_eq!(to(&sent, "/a") + to(&sent, "/b"), 1000);
     }
 }

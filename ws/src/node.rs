@@ -354,7 +354,8 @@ impl Node {
         let plan = drain::Plan::new(kicks.len(), window, self.config.drain_rate);
         let region = self.config.common.region.trim();
         let region = (!region.is_empty()).then_some(region);
-        let mut targets = drain::Targets::new(self.directory.live(), self.id(), region);
+        let mut targets =
+            drain::Targets::new(self.directory.live(), self.id(), region, kicks.len());
         tracing::info!(
             connections = kicks.len(),
             ?window,
