@@ -19,8 +19,8 @@ use serde_json::Value;
 /// One at a time: each loads both cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Runs `fanout-bench` with `args`; its results (the JSON it writes).
-fn bench(args: &[&str]) -> Value {
+/// Runs `fanout-bench` with `args`; its results (the JSON it writes) and what it printed.
+fn bench(args: &[&str]) -> (Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.json");
     let output = Command::new(binary("fanout-bench"))
@@ -38,7 +38,7 @@ fn bench(args: &[&str]) -> Value {
     let text = std::fs::read_to_string(&out)
         .unwrap_or_else(|e| panic!("no results from fanout-bench {args:?} ({e}):\n{said}"));
     println!("{said}");
-    serde_json::from_str(&text).unwrap()
+    (serde_json::from_str(&text).unwrap(), said)
 }
 
 fn is_root() -> bool {
@@ -55,7 +55,7 @@ async fn a_short_chaos_run_loses_nothing_and_leaves_no_ghost() {
         is_root(),
         "chaos makes network namespaces: run the tests as root (CI does)"
     );
-    let result = tokio::task::spawn_blocking(|| {
+    let (result, said) = tokio::task::spawn_blocking(|| {
         bench(&["chaos", "--minutes", "1", "--short", "--seed", "7"])
     })
     .await
@@ -72,19 +72,33 @@ async fn a_short_chaos_run_loses_nothing_and_leaves_no_ghost() {
         assert_eq!(result[zero], 0, "{zero}: {result}");
     }
     assert_eq!(result["over_budget"], serde_json::json!([]), "{result}");
-    // Nothing left behind: no namespace or bridge of the run.
+    // Nothing left behind: no namespace or bridge of the run (named after its process id,
+    // which its logs' directory carries: /tmp/fanout-chaos-<pid>).
+    let pid: u32 = said
+        .split("fanout-chaos-")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no logs' directory in:\n{said}"));
+    let prefix = format!("fc{}-", pid % 10_000);
     let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&namespaces.stdout).to_string();
     assert!(
-        !left.lines().any(|l| l.contains("-nats1") || l.contains("-ws1")),
-        "{left}"
+        !left.lines().any(|l| l.starts_with(&prefix)),
+        "{prefix}: {left}"
+    );
+    let links = Command::new("ip").args(["link", "show"]).output().unwrap();
+    let bridge = format!("fcbr{}:", pid % 10_000);
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(&bridge),
+        "{bridge} left behind"
     );
 }
 
 #[tokio::test]
 async fn a_short_storm_brings_every_client_back_with_nothing_missed() {
     let _one = SERIAL.lock().await;
-    let result = tokio::task::spawn_blocking(|| {
+    let (result, _) = tokio::task::spawn_blocking(|| {
         bench(&[
             "storm",
             "--clients",
@@ -106,6 +120,9 @@ async fn a_short_storm_brings_every_client_back_with_nothing_missed() {
     }
     // Every client came back after each fault (a time, not a timeout's NaN: null in JSON).
     assert!(result["kill"]["recovery_secs"].is_f64(), "{result}");
-    assert!(result["kill"]["reconnects"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        result["kill"]["reconnects"].as_u64().unwrap() > 0,
+        "{result}"
+    );
     assert!(result["rolling"]["recovery_secs"].is_f64(), "{result}");
 }

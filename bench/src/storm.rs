@@ -136,7 +136,6 @@ struct Hists {
     reconnects: u64,
 }
 
-
 struct State {
     phases: Vec<Hists>,
     live: usize,
@@ -937,7 +936,11 @@ pub async fn run(paths: &Paths, params: Params) -> Storm {
             .iter()
             .zip(&quiet_rss)
             .map(|(&(kib, held), &(quiet_kib, quiet_held))| {
-                (kib, held, budget_kib(held, quiet_kib as f64 / quiet_held.max(1) as f64))
+                (
+                    kib,
+                    held,
+                    budget_kib(held, quiet_kib as f64 / quiet_held.max(1) as f64),
+                )
             })
             .collect(),
     };
