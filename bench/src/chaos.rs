@@ -906,6 +906,12 @@ pub struct Chaos {
     pub publish_retries: u64,
     /// Per fault kind, how many.
     pub kinds: BTreeMap<String, usize>,
+    /// Per subscriber: (name, events lost, received, live at the end).
+    pub per_subscriber: Vec<(String, u64, usize, bool)>,
+    /// Of the lost events checked against the stream (up to 50): how many the stream still
+    /// holds (the subscriber missed them) and how many it does not (the store lost them).
+    pub lost_in_stream: u64,
+    pub lost_from_stream: u64,
 }
 
 /// The presence channel's members' connections, from an API that answers.
@@ -1202,21 +1208,56 @@ pub async fn run(paths: &Paths, params: Params) -> Chaos {
     }
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
+    let mut samples: Vec<(String, u64)> = Vec::new();
     for sub in &subscribers {
         let r = sub.received.lock().unwrap();
         result.unrecovered += r.unrecovered;
+        let mut lost = 0;
+        let mut received = 0;
         for (channel, seqs) in &expected {
             let got = r.seqs.get(*channel).cloned().unwrap_or_default();
             let distinct: HashSet<u64> = got.iter().copied().collect();
-            result.lost += seqs.difference(&distinct).count() as u64;
+            let mut missing: Vec<u64> = seqs.difference(&distinct).copied().collect();
+            missing.sort_unstable();
+            lost += missing.len() as u64;
+            received += got.len();
+            for seq in missing.iter().step_by((missing.len() / 8).max(1)).take(8) {
+                samples.push((channel.to_string(), *seq));
+            }
             result.duplicated += (got.len() - distinct.len()) as u64;
             result.reordered += got.windows(2).filter(|w| w[1] < w[0]).count() as u64;
+        }
+        result.lost += lost;
+        result.per_subscriber.push((sub.name.clone(), lost, received, r.live));
+    }
+    // Lost where? A sample of the lost events, looked up in the stream (the API's history).
+    for (channel, seq) in samples.iter().take(50) {
+        let url = format!("{}/v1/channels/{channel}/history?since={}&limit=1", apis[0], seq - 1);
+        let found = match reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await {
+            Ok(response) => response.bytes().await.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
+            Err(_) => None,
+        };
+        let stored = found
+            .as_ref()
+            .and_then(|page| page["events"].as_array().and_then(|e| e.first().cloned()))
+            .is_some_and(|event| event["seq"].as_u64() == Some(*seq));
+        match stored {
+            true => result.lost_in_stream += 1,
+            false => result.lost_from_stream += 1,
         }
     }
     result.over_budget = over.lock().unwrap().iter().cloned().collect();
     print_table(&result);
     drop(tier);
-    let _ = std::fs::remove_dir_all(&dir);
+    let clean = result.lost + result.duplicated + result.reordered + result.unrecovered
+        + result.presence_errors
+        == 0;
+    match clean {
+        true => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        false => println!("chaos: the processes' logs are kept in {}", dir.display()),
+    }
     result
 }
 
@@ -1256,4 +1297,10 @@ fn print_table(r: &Chaos) {
         "publish retries {}; presence exact at most {} ms after a fault healed",
         r.publish_retries, r.presence_settle_ms
     );
+    if r.lost > 0 {
+        println!(
+            "lost per subscriber (name, lost, received, live): {:?}; of a sample of the lost, {} are in the stream (missed by the subscriber), {} are not (lost by the store)",
+            r.per_subscriber, r.lost_in_stream, r.lost_from_stream
+        );
+    }
 }

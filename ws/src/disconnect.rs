@@ -13,7 +13,7 @@
 //! | 4000–4499 | fanout, transient | reconnect with backoff (and resume) |
 //! | 4001 | slow consumer | the client did not read fast enough and its queue overflowed |
 //! | 4002 | heartbeat timeout | the client did not answer a ping within one heartbeat |
-//! | 4003 | unavailable | the stream's history could not be read to resume the client: reconnect and resume |
+//! | 4003 | unavailable | the stream's history could not be read to resume the client, or to fill a gap in one of its channels: reconnect and resume |
 //! | 4004 | token expired | get a new token (and reconnect with it); send `refresh` before `exp` to avoid this |
 //! | 4005 | disconnected | the app's backend closed it (`POST /v1/users/{user}/disconnect` with `"reconnect": true`): reconnect with backoff |
 //! | 4000–4499, other | the app's | a code the app's backend chose with `"reconnect": true`: reconnect with backoff |

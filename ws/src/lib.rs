@@ -173,6 +173,12 @@ pub const METRICS: &[Metric] = &[
         zero: &[&[]],
     },
     Metric {
+        name: "fanout_ws_gap_closes_total",
+        kind: Kind::Counter,
+        help: "Connections closed with 4003 because a gap in their channel could not be repaired from the stream (they resume instead).",
+        zero: &[&[]],
+    },
+    Metric {
         name: "fanout_ws_replayed_events_total",
         kind: Kind::Counter,
         help: "Events replayed to resuming clients.",

@@ -216,7 +216,16 @@ pub async fn read(
                             prev = event.seq;
                         }
                     }
-                    Err(err) => tracing::warn!(%channel, %err, "cannot repair a gap"),
+                    Err(err) => {
+                        // What the members missed cannot be read now: delivering past the gap
+                        // would lose it silently. Close them (4003: reconnect and resume:
+                        // their resume reads it, or says `recovered: false`) and hold the
+                        // channel at the gap: the next event tries the repair again.
+                        reader.flush();
+                        let closed = reader.unavailable();
+                        tracing::warn!(%channel, %err, closed, "cannot repair a gap; closed its members with 4003");
+                        continue;
+                    }
                 }
             }
         }
@@ -419,6 +428,31 @@ impl Reader {
         // Recorded before the members are copied (see `Log`).
         self.target.log.record(&self.frames, &self.epoch);
         self.deliver();
+    }
+
+    /// Closes the channel's members with 4003 (reconnect and resume): they cannot be given
+    /// what they missed now. How many.
+    fn unavailable(&mut self) -> usize {
+        let Target {
+            hub, generation, ..
+        } = &self.target;
+        if self.channel.is_broadcast() {
+            hub.conns().sinks(&mut self.recipients);
+        } else {
+            hub.memberships().recipients(
+                &self.channel,
+                self.key,
+                *generation,
+                &mut self.recipients,
+            );
+        }
+        let closed = self
+            .recipients
+            .drain(..)
+            .filter(|sink| sink.kick().kick(crate::disconnect::UNAVAILABLE))
+            .count();
+        counter!("fanout_ws_gap_closes_total").increment(closed as u64);
+        closed
     }
 
     /// Offers the frames pushed to the channel's members, now.
