@@ -1228,13 +1228,28 @@ pub async fn run(paths: &Paths, params: Params) -> Chaos {
             result.reordered += got.windows(2).filter(|w| w[1] < w[0]).count() as u64;
         }
         result.lost += lost;
-        result.per_subscriber.push((sub.name.clone(), lost, received, r.live));
+        result
+            .per_subscriber
+            .push((sub.name.clone(), lost, received, r.live));
     }
     // Lost where? A sample of the lost events, looked up in the stream (the API's history).
     for (channel, seq) in samples.iter().take(50) {
-        let url = format!("{}/v1/channels/{channel}/history?since={}&limit=1", apis[0], seq - 1);
-        let found = match reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await {
-            Ok(response) => response.bytes().await.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
+        let url = format!(
+            "{}/v1/channels/{channel}/history?since={}&limit=1",
+            apis[0],
+            seq - 1
+        );
+        let found = match reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(response) => response
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
             Err(_) => None,
         };
         let stored = found
@@ -1249,7 +1264,10 @@ pub async fn run(paths: &Paths, params: Params) -> Chaos {
     result.over_budget = over.lock().unwrap().iter().cloned().collect();
     print_table(&result);
     drop(tier);
-    let clean = result.lost + result.duplicated + result.reordered + result.unrecovered
+    let clean = result.lost
+        + result.duplicated
+        + result.reordered
+        + result.unrecovered
         + result.presence_errors
         == 0;
     match clean {
