@@ -123,6 +123,10 @@ pub async fn read(
     // Events that arrived together, delivered together: each recipient gets them with one
     // write. Nothing waits for a batch to fill: it is whatever NATS has already handed over.
     let mut ready: VecDeque<Envelope> = VecDeque::new();
+    // A catch-up that could not read the stream is tried again (from 250 ms, doubling to 4 s)
+    // until it can: a channel that gets no further event would otherwise never be told what
+    // it missed.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         let envelope = if let Some(envelope) = ready.pop_front() {
             envelope
@@ -135,6 +139,12 @@ pub async fn read(
             let first = tokio::select! {
                 _ = tokio::time::sleep_until(due), if reader.has_frames() => {
                     reader.flush();
+                    continue;
+                }
+                _ = tokio::time::sleep_until(retry.map_or(due, |(at, _)| at)), if retry.is_some() => {
+                    let pause = retry.map_or(RETRY_FIRST, |(_, pause)| pause);
+                    retry = (!catch_up(&bus, &mut reader, &mut cursors).await)
+                        .then(|| (tokio::time::Instant::now() + pause, (pause * 2).min(RETRY_MOST)));
                     continue;
                 }
             event = subscription.next() => match event {
@@ -151,7 +161,9 @@ pub async fn read(
                     break;
                 }
                 // Reconnected: nothing published meanwhile reached this subscription.
-                catch_up(&bus, &mut reader, &mut cursors).await;
+                if !catch_up(&bus, &mut reader, &mut cursors).await {
+                    retry = Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST * 2));
+                }
                 continue;
             }
             changed = resyncs.changed() => {
@@ -164,7 +176,9 @@ pub async fn read(
                     Ok(fresh) => subscription = fresh,
                     Err(err) => tracing::warn!(%channel, %err, "cannot subscribe afresh"),
                 }
-                catch_up(&bus, &mut reader, &mut cursors).await;
+                if !catch_up(&bus, &mut reader, &mut cursors).await {
+                    retry = Some((tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST * 2));
+                }
                 continue;
             }
             };
@@ -236,9 +250,15 @@ pub async fn read(
     reader.flush();
 }
 
-/// Delivers what each region stored after the last event delivered from it.
-async fn catch_up(bus: &Bus, reader: &mut Reader, cursors: &mut [Option<u64>]) {
+/// The first retry of a catch-up that could not read the stream, and the longest pause.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MOST: Duration = Duration::from_secs(4);
+
+/// Delivers what each region stored after the last event delivered from it; false when the
+/// stream could not be read (for one region or more).
+async fn catch_up(bus: &Bus, reader: &mut Reader, cursors: &mut [Option<u64>]) -> bool {
     let channel = reader.channel.clone();
+    let mut read = true;
     for (region, cursor) in cursors.iter_mut().enumerate() {
         let region = region as u8;
         let Some(last) = *cursor else { continue };
@@ -255,9 +275,15 @@ async fn catch_up(bus: &Bus, reader: &mut Reader, cursors: &mut [Option<u64>]) {
                 }
             }
             Ok(_) => {}
-            Err(err) => tracing::warn!(%channel, %err, "cannot catch up"),
+            Err(err) => {
+                tracing::warn!(%channel, %err, "cannot catch up; trying again");
+                read = false;
+            }
         }
     }
+    // Delivered now: a retry may come with no further event to flush it.
+    reader.flush();
+    read
 }
 
 /// Most events delivered together.
