@@ -667,3 +667,36 @@ async fn bytes_reach_every_json_transport_as_base64() {
     assert_eq!(status, 400, "{error}");
     assert_eq!(error["error"]["code"], "invalid_json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_far_behind_gets_everything_over_several_polls() {
+    let tier = Tier::start(1).await;
+    let (_, first) = poll(&tier.nodes[0], "channel=backlog&timeout=0").await;
+    let mut cursor = cursor_of(&first);
+    // More than a connection's queue holds (FANOUT_QUEUE_CAPACITY, 512).
+    let mut acked = Vec::new();
+    for i in 0..700 {
+        acked.push(publish(&tier.api, "backlog", &json!(i)).await);
+    }
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        let (status, answer) = poll(
+            &tier.nodes[0],
+            &format!("channel=backlog&cursor={cursor}&timeout=0"),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        got.extend(
+            answer["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap()),
+        );
+        cursor = cursor_of(&answer);
+        if got.len() >= acked.len() {
+            break;
+        }
+    }
+    assert_eq!(got, acked, "every event once, in order, over the polls");
+}
