@@ -1239,13 +1239,24 @@ pub async fn run(paths: &Paths, params: Params) -> Chaos {
         .map(|c| {
             let got = subscribers
                 .iter()
-                .flat_map(|s| s.received.lock().unwrap().seqs.get(c).cloned().unwrap_or_default())
+                .flat_map(|s| {
+                    s.received
+                        .lock()
+                        .unwrap()
+                        .seqs
+                        .get(c)
+                        .cloned()
+                        .unwrap_or_default()
+                })
                 .collect();
             (c.as_str(), got)
         })
         .collect();
     for (channel, seq) in &samples {
-        match everyone.get(channel.as_str()).is_some_and(|got| got.contains(seq)) {
+        match everyone
+            .get(channel.as_str())
+            .is_some_and(|got| got.contains(seq))
+        {
             true => result.lost_in_stream += 1,
             false => result.lost_from_stream += 1,
         }

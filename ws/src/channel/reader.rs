@@ -459,6 +459,19 @@ impl Reader {
     /// Closes the channel's members with 4003 (reconnect and resume): they cannot be given
     /// what they missed now. How many.
     fn unavailable(&mut self) -> usize {
+        self.members();
+        let closed = self
+            .recipients
+            .drain(..)
+            .filter(|sink| sink.kick().kick(crate::disconnect::UNAVAILABLE))
+            .count();
+        counter!("fanout_ws_gap_closes_total").increment(closed as u64);
+        closed
+    }
+
+    /// The channel's members now, into `recipients`: every connection for broadcast; nobody
+    /// when this stretch of interest has ended (this reader is being stopped).
+    fn members(&mut self) {
         let Target {
             hub, generation, ..
         } = &self.target;
@@ -472,34 +485,12 @@ impl Reader {
                 &mut self.recipients,
             );
         }
-        let closed = self
-            .recipients
-            .drain(..)
-            .filter(|sink| sink.kick().kick(crate::disconnect::UNAVAILABLE))
-            .count();
-        counter!("fanout_ws_gap_closes_total").increment(closed as u64);
-        closed
     }
 
     /// Offers the frames pushed to the channel's members, now.
     fn deliver(&mut self) {
-        let Target {
-            hub,
-            generation,
-            totals,
-            ..
-        } = &self.target;
-        if self.channel.is_broadcast() {
-            hub.conns().sinks(&mut self.recipients);
-        } else {
-            // Nobody when this stretch of interest has ended (this reader is being stopped).
-            hub.memberships().recipients(
-                &self.channel,
-                self.key,
-                *generation,
-                &mut self.recipients,
-            );
-        }
+        self.members();
+        let totals = &self.target.totals;
         let outcome = offer_all(self.key, &self.frames, &mut self.recipients);
         let events = self.frames.len() as u64;
         self.frames.clear();
