@@ -8,7 +8,7 @@ use crate::common;
 use std::collections::HashSet;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The nodes `node` has heard from (`/v1/debug/state`'s `peers`).
 async fn peers(node: &Server) -> Vec<String> {
@@ -74,16 +74,12 @@ async fn an_apps_kick_says_when_to_come_back() {
     let api = start_api(&nats).await;
     let node = start_ws(&nats, "ws-1", |_| {}).await;
     let mut ada = Client::connect_url(&format!("{}?user=ada", node.ws_url())).await;
-    let client = reqwest::Client::new();
-    let answer: Value = client
-        .post(api.url("/v1/users/ada/disconnect"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(answer["disconnected"], 1, "{answer}");
+    let (status, answer) = post_raw(&api, "/v1/users/ada/disconnect", "").await;
+    assert_eq!(
+        (status, answer["disconnected"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
     let (closed, said) = ada.closed().await.directed();
     assert_eq!(
         closed,
